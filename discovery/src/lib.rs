@@ -1,0 +1,1 @@
+//! Finding the management server (being written).

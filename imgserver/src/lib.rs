@@ -1,0 +1,1 @@
+//! The reference management server (being written).

@@ -3,7 +3,7 @@
 //! allocation maps.
 
 /// A byte range `[offset, offset + len)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Extent {
     pub offset: u64,
     pub len: u64,

@@ -1,1 +1,217 @@
-//! Shared harness for the end-to-end suites (being written).
+//! Shared harness for the end-to-end suites: where the built binaries are, running real
+//! tools with their stderr in the error, scratch folders that clean up after themselves, and
+//! a real HTTP server (nginx, with Range support) on loopback.
+//!
+//! The suites use real peers made by others (mkfs.fat, mtools, mkntfs, ntfs-3g tools,
+//! sgdisk, sfdisk, nginx, dnsmasq, curl); a missing tool fails the test with a message that
+//! says to run `scripts/install-deps.sh`, never a silent skip.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `img` binary under test: `$IMG_BIN`, else the debug build (built on demand).
+pub fn img_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("IMG_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join("debug").join("img");
+    ensure_built(&bin, "agent");
+    bin
+}
+
+/// A workspace binary by name, built on demand (e.g. `imgserver`).
+pub fn workspace_bin(name: &str, package: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join("debug").join(name);
+    ensure_built(&bin, package);
+    bin
+}
+
+fn ensure_built(bin: &Path, package: &str) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Always ask cargo: it is a no-op when up to date and rebuilds a stale binary.
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package])
+        .current_dir(workspace_root())
+        .status()
+        .expect("running cargo build");
+    assert!(st.success(), "cargo build -p {package} failed");
+    assert!(bin.exists(), "{} missing after build", bin.display());
+}
+
+/// Fail with a clear message when a peer tool is not installed.
+pub fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(found, "`{name}` is not installed: run `bash scripts/install-deps.sh` as root");
+}
+
+/// Run a command to completion; panics with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            tail(&String::from_utf8_lossy(&out.stderr), 40)
+        );
+    }
+    out
+}
+
+/// Run a shell snippet (`bash -euo pipefail -c`), panicking with its stderr on failure.
+pub fn sh(script: &str) -> String {
+    let out = run(Command::new("bash").args(["-euo", "pipefail", "-c", script]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A scratch folder under the system temp dir, removed when dropped (kept when
+/// `KEEP_SCRATCH` is set, for looking at a failure).
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("creating scratch dir");
+        Scratch { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_SCRATCH").is_none() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the listener is closed before returning).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding a free port")
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: &str, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listening on {addr} after {timeout:?}");
+}
+
+/// A real nginx serving `root` on 127.0.0.1 (Range requests included), with an access log
+/// that records the bytes sent per request; stopped when dropped.
+pub struct Nginx {
+    child: Child,
+    pub port: u16,
+    pub access_log: PathBuf,
+    _dir: Scratch,
+}
+
+impl Nginx {
+    pub fn serve(root: &Path) -> Nginx {
+        require_tool("nginx");
+        let dir = Scratch::new("nginx");
+        let port = free_port();
+        let access_log = dir.join("access.log");
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{\n  log_format bytes '$request $status $body_bytes_sent';\n  access_log {log} bytes;\n\
+                 client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
+                 types {{ application/octet-stream img; }}\n\
+                 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+                pid = dir.join("nginx.pid").display(),
+                err = dir.join("error.log").display(),
+                log = access_log.display(),
+                tmp = dir.path().display(),
+                root = root.display(),
+            ),
+        )
+        .expect("writing nginx.conf");
+        let child = Command::new("nginx")
+            .args(["-c".as_ref(), conf.as_os_str(), "-p".as_ref(), dir.path().as_os_str()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nginx");
+        wait_for_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        Nginx { child, port, access_log, _dir: dir }
+    }
+
+    pub fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+
+    /// Total body bytes nginx has sent so far (from its access log).
+    pub fn bytes_sent(&self) -> u64 {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Files with the given content, made deterministically from a seed: half compressible
+/// text, half pseudo-random bytes, like a real OS partition.
+pub fn sample_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut out = Vec::with_capacity(len);
+    let text = b"thin client image line: the quick brown fox jumps over the lazy dog 0123456789\n";
+    while out.len() < len {
+        if (out.len() / 65536) % 2 == 0 {
+            out.extend_from_slice(text);
+        } else {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}

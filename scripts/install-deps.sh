@@ -13,6 +13,7 @@ need_pkgs=(
   python3               # http.server for simple serving
   dnsmasq-base busybox-static iproute2 nftables  # discovery tests in network namespaces
   udpcast
+  time bc               # GNU time (wall, CPU, peak RSS) and bc for the benchmark ratios
 )
 
 missing=()

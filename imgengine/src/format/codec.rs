@@ -1,0 +1,194 @@
+//! One chunk in, one chunk out: compression into an independent zstd frame with its CRC32
+//! and SHA-256, and the reverse with the checks in the order the format promises (CRC of
+//! the payload first, so transport damage is found before spending time in zstd; SHA-256 of
+//! the result last, so nothing unverified reaches the target).
+
+use sha2::{Digest, Sha256};
+
+use super::layout::{ChunkHeader, ChunkKind, Compression};
+use crate::error::{Error, ErrorKind, Result};
+
+/// The user's compression level 0..9 as a zstd level (0 = stored, no zstd). The steps are
+/// spread over zstd's useful range: 1-3 fast (deploy-bound networks), 4-6 balanced, 7-9
+/// slow captures for images deployed many times. zstd 19 is the top of the non-"ultra"
+/// range, whose window sizes would not matter for 4 MiB chunks anyway.
+pub fn zstd_level(comp: u8) -> Result<i32> {
+    Ok(match comp {
+        0 => 0,
+        1 => 1,
+        2 => 2,
+        3 => 3,
+        4 => 5,
+        5 => 7,
+        6 => 9,
+        7 => 12,
+        8 => 15,
+        9 => 19,
+        other => {
+            return Err(Error::invalid(format!(
+                "compression level {other}: use 0 (none) to 9 (smallest)"
+            )))
+        }
+    })
+}
+
+/// Compress `data` (disk bytes at `disk_offset`) into chunk `index`; `zstd_level` 0 stores.
+pub fn encode_chunk(
+    index: u64,
+    kind: ChunkKind,
+    disk_offset: u64,
+    data: &[u8],
+    zstd_level: i32,
+) -> Result<(ChunkHeader, Vec<u8>)> {
+    let sha256: [u8; 32] = Sha256::digest(data).into();
+    let (compression, payload) = if zstd_level == 0 {
+        (Compression::Stored, data.to_vec())
+    } else {
+        let p = zstd::bulk::compress(data, zstd_level).map_err(|e| {
+            Error::io(
+                format!("compressing chunk {index} at disk offset {disk_offset}"),
+                e,
+            )
+        })?;
+        (Compression::Zstd, p)
+    };
+    let comp_len = u32::try_from(payload.len()).map_err(|_| {
+        Error::invalid(format!(
+            "chunk {index}: {} bytes is too large for one chunk",
+            data.len()
+        ))
+    })?;
+    let header = ChunkHeader {
+        index,
+        kind,
+        compression,
+        raw_len: data.len() as u64,
+        disk_offset,
+        comp_len,
+        crc32: crc32fast::hash(&payload),
+        sha256,
+    };
+    header.check_bounds()?;
+    Ok((header, payload))
+}
+
+/// The header of a zero run: no payload, nothing to hash.
+pub fn zero_chunk(index: u64, disk_offset: u64, len: u64) -> ChunkHeader {
+    ChunkHeader {
+        index,
+        kind: ChunkKind::Zero,
+        compression: Compression::Stored,
+        raw_len: len,
+        disk_offset,
+        comp_len: 0,
+        crc32: 0,
+        sha256: [0; 32],
+    }
+}
+
+/// Check and decode a chunk's payload: CRC32, then decompression bounded by `raw_len`,
+/// then SHA-256. Returns the disk bytes (empty for Zero chunks).
+pub fn decode_chunk(h: &ChunkHeader, payload: Vec<u8>) -> Result<Vec<u8>> {
+    let what = h.describe();
+    if payload.len() as u64 != u64::from(h.comp_len) {
+        return Err(Error::new(
+            ErrorKind::Truncated,
+            format!(
+                "{what}: payload is {} bytes, header says {}",
+                payload.len(),
+                h.comp_len
+            ),
+        ));
+    }
+    if h.kind == ChunkKind::Zero {
+        return Ok(Vec::new());
+    }
+    if crc32fast::hash(&payload) != h.crc32 {
+        return Err(Error::corrupt(format!(
+            "{what}: CRC32 mismatch (damaged in transit or on disk); re-download the image"
+        )));
+    }
+    let data = match h.compression {
+        Compression::Stored => payload,
+        Compression::Zstd => {
+            // raw_len is bounded by MAX_CHUNK_RAW in check_bounds, so this capacity is too.
+            let out = zstd::bulk::decompress(&payload, h.raw_len as usize).map_err(|e| {
+                Error::corrupt(format!("{what}: zstd frame does not decode")).with_source(e)
+            })?;
+            out
+        }
+    };
+    if data.len() as u64 != h.raw_len {
+        return Err(Error::corrupt(format!(
+            "{what}: decodes to {} bytes, header says {}",
+            data.len(),
+            h.raw_len
+        )));
+    }
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    if sha != h.sha256 {
+        return Err(Error::corrupt(format!(
+            "{what}: SHA-256 mismatch; the image is corrupt, re-create or re-download it"
+        )));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_all_levels() {
+        let data = sample();
+        for comp in 0..=9 {
+            let lvl = zstd_level(comp).unwrap();
+            let (h, p) = encode_chunk(3, ChunkKind::Data, 4096, &data, lvl).unwrap();
+            assert_eq!(
+                h.compression,
+                if comp == 0 {
+                    Compression::Stored
+                } else {
+                    Compression::Zstd
+                }
+            );
+            assert_eq!(decode_chunk(&h, p).unwrap(), data);
+        }
+        assert!(zstd_level(10).is_err());
+    }
+
+    #[test]
+    fn crc_then_sha_are_checked() {
+        let data = sample();
+        let (h, p) = encode_chunk(3, ChunkKind::Data, 4096, &data, 3).unwrap();
+        let mut bad = p.clone();
+        bad[10] ^= 0x40;
+        let e = decode_chunk(&h, bad).unwrap_err();
+        assert!(
+            e.to_string().contains("CRC32")
+                && e.to_string().contains("chunk 3 at disk offset 4096"),
+            "{e}"
+        );
+        // A payload that matches its CRC but not the content hash (forged or mixed-up chunk).
+        let (other, op) = encode_chunk(3, ChunkKind::Data, 4096, &data[..1000], 3).unwrap();
+        let mut h2 = other;
+        h2.sha256 = h.sha256;
+        let e = decode_chunk(&h2, op).unwrap_err();
+        assert!(e.to_string().contains("SHA-256"), "{e}");
+        let e = decode_chunk(&h, p[..5].to_vec()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Truncated);
+    }
+
+    #[test]
+    fn zero_chunk_has_no_payload() {
+        let h = zero_chunk(1, 0, 1 << 30);
+        h.check_bounds().unwrap();
+        assert!(decode_chunk(&h, Vec::new()).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,351 @@
+//! Reading an image front to back from any `Read` (pipe, HTTP body, file): the preamble,
+//! the sealed manifest and signature when present, then one chunk record at a time with
+//! its header checked against the manifest (sealed) or against the running chunk index
+//! (streaming), and finally the end records. The reader checks structure only; payload
+//! CRC/SHA-256 checks happen in [`super::codec::decode_chunk`] on worker threads.
+
+use std::io::{self, Read};
+
+use super::layout::{
+    ChunkHeader, Footer, Layout, Preamble, SignatureBlock, CHUNK_HEADER_LEN, CHUNK_MAGIC,
+    FOOTER_LEN, FOOTER_MAGIC, MANIFEST_MAGIC, PREAMBLE_FIXED_LEN, SIGNATURE_BLOCK_LEN,
+};
+use super::manifest::{Manifest, ManifestEntry, MANIFEST_HEADER_LEN};
+use super::ImageMeta;
+use crate::error::{Error, ErrorKind, Result};
+
+/// One chunk record as read from the image: header, where it was, and its raw payload.
+#[derive(Debug)]
+pub struct ChunkRecord {
+    pub header: ChunkHeader,
+    pub image_offset: u64,
+    pub payload: Vec<u8>,
+}
+
+/// The manifest and signature a sealed image carries before its chunks.
+#[derive(Debug, Clone)]
+pub struct SealedHead {
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub signature: SignatureBlock,
+}
+
+/// Read exactly `buf.len()` bytes; end of stream becomes `Truncated` with `what` as context.
+pub(crate) fn read_exact_or(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        let kind = if e.kind() == io::ErrorKind::UnexpectedEof {
+            ErrorKind::Truncated
+        } else {
+            ErrorKind::Io
+        };
+        Error::new(kind, what()).with_source(e)
+    })
+}
+
+/// Read a `len`-byte payload without allocating it all up front (a truncated stream with a
+/// large claimed length must not cost that much memory before failing).
+pub(crate) fn read_payload(
+    r: &mut impl Read,
+    len: u64,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(len.min(1 << 20) as usize);
+    let got = match r.take(len).read_to_end(&mut v) {
+        Ok(n) => n,
+        Err(e) => return Err(Error::new(ErrorKind::Io, what()).with_source(e)),
+    };
+    if got as u64 != len {
+        return Err(Error::new(
+            ErrorKind::Truncated,
+            format!(
+                "{}: image ends {} bytes into a {len}-byte payload",
+                what(),
+                got
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+/// Read the preamble: returns it, its raw bytes and the parsed metadata.
+pub fn read_preamble(r: &mut impl Read) -> Result<(Preamble, Vec<u8>, ImageMeta)> {
+    let mut fixed = [0u8; PREAMBLE_FIXED_LEN];
+    read_exact_or(r, &mut fixed, || "image preamble".into())?;
+    let (_, _, _, meta_len) = Preamble::decode_fixed(&fixed)?;
+    let mut bytes = fixed.to_vec();
+    bytes.resize(PREAMBLE_FIXED_LEN + meta_len as usize + 4, 0);
+    read_exact_or(r, &mut bytes[PREAMBLE_FIXED_LEN..], || {
+        "image metadata".into()
+    })?;
+    let preamble = Preamble::decode(&bytes)?;
+    let meta = ImageMeta::from_json(&preamble.meta_json)?;
+    Ok((preamble, bytes, meta))
+}
+
+/// Read a manifest block whose 4-byte magic has already been consumed (`magic_read`) or not.
+pub fn read_manifest(r: &mut impl Read, magic_read: bool) -> Result<(Manifest, Vec<u8>)> {
+    let mut head = [0u8; MANIFEST_HEADER_LEN];
+    let start = if magic_read {
+        head[..4].copy_from_slice(&MANIFEST_MAGIC);
+        4
+    } else {
+        0
+    };
+    read_exact_or(r, &mut head[start..], || "manifest header".into())?;
+    let count = Manifest::decode_count(&head)?;
+    let len =
+        Manifest::encoded_len(count).ok_or_else(|| Error::corrupt("manifest size overflows"))?;
+    let mut bytes = head.to_vec();
+    bytes.extend(read_payload(r, len - MANIFEST_HEADER_LEN as u64, || {
+        format!("manifest of {count} chunks")
+    })?);
+    let m = Manifest::decode(&bytes)?;
+    Ok((m, bytes))
+}
+
+/// Read one chunk record at the current position and check it is exactly `expected`.
+pub fn read_expected_chunk(r: &mut impl Read, expected: &ManifestEntry) -> Result<ChunkRecord> {
+    let what = expected.header.describe();
+    let mut hb = [0u8; CHUNK_HEADER_LEN];
+    read_exact_or(r, &mut hb, || format!("{what}: header"))?;
+    let header = ChunkHeader::decode(&hb, &format!("where {what} was expected"))?;
+    if header != expected.header {
+        return Err(Error::corrupt(format!(
+            "{what}: found chunk {} (disk offset {}) that does not match the manifest: chunks swapped or replaced",
+            header.index, header.disk_offset
+        )));
+    }
+    let payload = read_payload(r, u64::from(header.comp_len), || format!("{what}: payload"))?;
+    Ok(ChunkRecord {
+        header,
+        image_offset: expected.image_offset,
+        payload,
+    })
+}
+
+/// A front-to-back reader of one image.
+pub struct ImageReader<R> {
+    r: R,
+    pos: u64,
+    pub preamble: Preamble,
+    pub preamble_bytes: Vec<u8>,
+    pub meta: ImageMeta,
+    pub sealed: Option<SealedHead>,
+    next: u64,
+    seen: Vec<ManifestEntry>,
+    trailing: Option<(Manifest, Vec<u8>)>,
+    finished: bool,
+}
+
+impl<R: Read> ImageReader<R> {
+    /// Read the preamble (and, sealed, the manifest and signature block).
+    pub fn open(mut r: R) -> Result<Self> {
+        let (preamble, preamble_bytes, meta) = read_preamble(&mut r)?;
+        let mut pos = preamble_bytes.len() as u64;
+        let sealed = if preamble.layout == Layout::Sealed {
+            let (manifest, manifest_bytes) = read_manifest(&mut r, false)?;
+            let mut sb = [0u8; SIGNATURE_BLOCK_LEN];
+            read_exact_or(&mut r, &mut sb, || "signature block".into())?;
+            let signature = SignatureBlock::decode(&sb)?;
+            pos += manifest_bytes.len() as u64 + SIGNATURE_BLOCK_LEN as u64;
+            if let Some(first) = manifest.entries.first() {
+                if first.image_offset != pos {
+                    return Err(Error::corrupt(format!(
+                        "manifest: chunk 0 placed at image offset {}, expected {pos}",
+                        first.image_offset
+                    )));
+                }
+            }
+            Some(SealedHead {
+                manifest,
+                manifest_bytes,
+                signature,
+            })
+        } else {
+            None
+        };
+        Ok(ImageReader {
+            r,
+            pos,
+            preamble,
+            preamble_bytes,
+            meta,
+            sealed,
+            next: 0,
+            seen: Vec::new(),
+            trailing: None,
+            finished: false,
+        })
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The manifest: from the front (sealed) or, after the last chunk, from the end.
+    pub fn manifest(&self) -> Option<(&Manifest, &[u8])> {
+        if let Some(s) = &self.sealed {
+            return Some((&s.manifest, &s.manifest_bytes));
+        }
+        self.trailing.as_ref().map(|(m, b)| (m, b.as_slice()))
+    }
+
+    fn after(&self) -> String {
+        match self.seen.last() {
+            Some(e) => format!(
+                "after chunk {} (disk offset {})",
+                e.header.index, e.header.disk_offset
+            ),
+            None => "before the first chunk".into(),
+        }
+    }
+
+    fn expected_next(&self) -> String {
+        match &self.sealed {
+            Some(s) => match s.manifest.entries.get(self.next as usize) {
+                Some(e) => format!("expected {}", e.header.describe()),
+                None => "expected the end record".into(),
+            },
+            None => format!("expected chunk {} or the end records", self.next),
+        }
+    }
+
+    /// The next chunk, or `None` once the end records have been read and checked.
+    pub fn next_chunk(&mut self) -> Result<Option<ChunkRecord>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let mut magic = [0u8; 4];
+        let (after, expected) = (self.after(), self.expected_next());
+        read_exact_or(&mut self.r, &mut magic, || {
+            format!("image ends {after}; {expected}")
+        })?;
+        match magic {
+            CHUNK_MAGIC => {
+                let rec = if let Some(s) = &self.sealed {
+                    let Some(entry) = s.manifest.entries.get(self.next as usize).copied() else {
+                        return Err(Error::corrupt(format!(
+                            "more chunks than the manifest lists ({after})"
+                        )));
+                    };
+                    if entry.image_offset != self.pos {
+                        return Err(Error::corrupt(format!(
+                            "{}: not at the image offset the manifest gives",
+                            entry.header.describe()
+                        )));
+                    }
+                    let mut chained = io::Cursor::new(CHUNK_MAGIC).chain(&mut self.r);
+                    read_expected_chunk(&mut chained, &entry)?
+                } else {
+                    let mut hb = [0u8; CHUNK_HEADER_LEN];
+                    hb[..4].copy_from_slice(&CHUNK_MAGIC);
+                    read_exact_or(&mut self.r, &mut hb[4..], || {
+                        format!("chunk header {after}")
+                    })?;
+                    let header = ChunkHeader::decode(&hb, &after)?;
+                    if header.index != self.next {
+                        return Err(Error::corrupt(format!(
+                            "{}: found where chunk {} should be ({after}): chunks out of order or missing",
+                            header.describe(),
+                            self.next
+                        )));
+                    }
+                    let payload = read_payload(&mut self.r, u64::from(header.comp_len), || {
+                        format!("{}: payload", header.describe())
+                    })?;
+                    ChunkRecord {
+                        header,
+                        image_offset: self.pos,
+                        payload,
+                    }
+                };
+                self.pos += CHUNK_HEADER_LEN as u64 + u64::from(rec.header.comp_len);
+                self.next += 1;
+                self.seen.push(ManifestEntry {
+                    header: rec.header,
+                    image_offset: rec.image_offset,
+                });
+                Ok(Some(rec))
+            }
+            MANIFEST_MAGIC if self.sealed.is_none() => {
+                let manifest_offset = self.pos;
+                let (m, bytes) = read_manifest(&mut self.r, true)?;
+                if m.entries != self.seen {
+                    return Err(Error::corrupt(format!(
+                        "the manifest at the end lists {} chunks that differ from the {} chunks read",
+                        m.entries.len(),
+                        self.seen.len()
+                    )));
+                }
+                self.pos += bytes.len() as u64;
+                let footer = self.read_footer()?;
+                if footer.manifest_offset != manifest_offset
+                    || footer.manifest_len != bytes.len() as u64
+                {
+                    return Err(Error::corrupt(
+                        "image footer does not point at the manifest",
+                    ));
+                }
+                self.trailing = Some((m, bytes));
+                self.finished = true;
+                Ok(None)
+            }
+            FOOTER_MAGIC if self.sealed.is_some() => {
+                let count = self
+                    .sealed
+                    .as_ref()
+                    .map(|s| s.manifest.entries.len() as u64)
+                    .unwrap_or(0);
+                if self.next != count {
+                    return Err(Error::new(
+                        ErrorKind::Truncated,
+                        format!("image ends {after}; {expected}"),
+                    ));
+                }
+                let footer = self.read_footer_with_magic()?;
+                if footer.manifest_offset != self.preamble_bytes.len() as u64 {
+                    return Err(Error::corrupt(
+                        "image footer does not point at the manifest",
+                    ));
+                }
+                self.finished = true;
+                Ok(None)
+            }
+            _ => Err(Error::corrupt(format!(
+                "unknown record {after} at image offset {}; {expected}",
+                self.pos
+            ))),
+        }
+    }
+
+    fn read_footer(&mut self) -> Result<Footer> {
+        let mut magic = [0u8; 4];
+        read_exact_or(&mut self.r, &mut magic, || {
+            "image footer (image truncated after the manifest)".into()
+        })?;
+        if magic != FOOTER_MAGIC {
+            return Err(Error::corrupt("image footer: bad magic"));
+        }
+        self.read_footer_with_magic()
+    }
+
+    fn read_footer_with_magic(&mut self) -> Result<Footer> {
+        let mut b = [0u8; FOOTER_LEN];
+        b[..4].copy_from_slice(&FOOTER_MAGIC);
+        read_exact_or(&mut self.r, &mut b[4..], || "image footer".into())?;
+        let f = Footer::decode(&b)?;
+        if f.chunk_count != self.next {
+            return Err(Error::corrupt(format!(
+                "image footer counts {} chunks, the image has {}",
+                f.chunk_count, self.next
+            )));
+        }
+        self.pos += FOOTER_LEN as u64;
+        Ok(f)
+    }
+}

@@ -1,0 +1,191 @@
+//! An ordered parallel map: one producer thread reads (disk blocks for a capture, chunk
+//! records for a deploy), `threads` workers do the CPU work (compress; check, decompress,
+//! hash), and the caller's thread consumes the results strictly in production order
+//! (write the image; write the target). At most `depth` items are in flight, so memory is
+//! bounded by `depth` chunks whatever the image size.
+//!
+//! Each item gets a one-slot result channel whose receiver is queued, in order, to the
+//! consumer; the bounded queue of receivers is what limits the items in flight. When the
+//! consumer stops (an error, in order: nothing after a bad chunk is consumed) it drops the
+//! queue and the producer's next send fails, which tells it to stop.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// What a producer hands over: work for a worker, or a result that needs no work (a zero
+/// chunk, or the producer's own error, which must reach the consumer in order).
+pub enum Item<J, R> {
+    Job(J),
+    Ready(Result<R>),
+}
+
+/// Run the pipeline. `produce` gets an emitter that returns `false` once the consumer has
+/// stopped (the producer should then return). Returns the first error in production order.
+pub fn run_ordered<J, R, P, W, C>(
+    threads: usize,
+    depth: usize,
+    produce: P,
+    work: W,
+    mut consume: C,
+) -> Result<()>
+where
+    J: Send,
+    R: Send,
+    P: FnOnce(&mut dyn FnMut(Item<J, R>) -> bool) -> Result<()> + Send,
+    W: Fn(J) -> Result<R> + Sync,
+    C: FnMut(R) -> Result<()>,
+{
+    let threads = threads.max(1);
+    let depth = depth.max(1);
+    let (order_tx, order_rx) = sync_channel::<Receiver<Result<R>>>(depth);
+    let (job_tx, job_rx) = sync_channel::<(J, SyncSender<Result<R>>)>(depth);
+    let job_rx = Mutex::new(job_rx);
+    let (job_rx, work) = (&job_rx, &work);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(move || loop {
+                // The lock is held only while waiting for the next job, not while working.
+                let next = match job_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                match next {
+                    Ok((job, tx)) => {
+                        let _ = tx.send(work(job));
+                    }
+                    Err(_) => return,
+                }
+            });
+        }
+        let producer = s.spawn(move || {
+            let mut emit = |item: Item<J, R>| -> bool {
+                let (tx, rx) = sync_channel(1);
+                if order_tx.send(rx).is_err() {
+                    return false;
+                }
+                match item {
+                    Item::Job(j) => job_tx.send((j, tx)).is_ok(),
+                    Item::Ready(r) => tx.send(r).is_ok(),
+                }
+            };
+            produce(&mut emit)
+        });
+        let mut result = Ok(());
+        for rx in order_rx.iter() {
+            let r = match rx.recv() {
+                Ok(Ok(r)) => consume(r),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::new(
+                    crate::error::ErrorKind::Io,
+                    "a pipeline worker stopped unexpectedly",
+                )),
+            };
+            if let Err(e) = r {
+                result = Err(e);
+                break;
+            }
+        }
+        drop(order_rx);
+        let produced = producer.join().unwrap_or_else(|_| {
+            Err(Error::new(
+                crate::error::ErrorKind::Io,
+                "the pipeline reader stopped unexpectedly",
+            ))
+        });
+        result.and(produced)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn results_arrive_in_order() {
+        let mut out = Vec::new();
+        run_ordered(
+            4,
+            3,
+            |emit| {
+                for i in 0..200u64 {
+                    let item = if i % 10 == 0 {
+                        Item::Ready(Ok(i * 2))
+                    } else {
+                        Item::Job(i)
+                    };
+                    if !emit(item) {
+                        break;
+                    }
+                }
+                Ok(())
+            },
+            |i| {
+                // Uneven work so workers finish out of order.
+                std::thread::sleep(std::time::Duration::from_micros((i % 7) * 50));
+                Ok(i * 2)
+            },
+            |r| {
+                out.push(r);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(out, (0..200u64).map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn first_error_in_order_stops_everything() {
+        let mut consumed = Vec::new();
+        let e = run_ordered(
+            2,
+            2,
+            |emit| {
+                for i in 0..1_000_000u64 {
+                    if !emit(Item::Job(i)) {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            },
+            |i| {
+                if i == 5 {
+                    Err(Error::corrupt(format!("item {i}")))
+                } else {
+                    Ok(i)
+                }
+            },
+            |r| {
+                consumed.push(r);
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert_eq!(consumed, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn producer_error_is_delivered_in_place() {
+        let mut consumed = 0;
+        let e = run_ordered(
+            2,
+            2,
+            |emit| {
+                emit(Item::Job(1u32));
+                emit(Item::Ready(Err(Error::new(ErrorKind::Truncated, "cut"))));
+                Ok(())
+            },
+            |i| Ok(i),
+            |_| {
+                consumed += 1;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Truncated);
+        assert_eq!(consumed, 1);
+    }
+}

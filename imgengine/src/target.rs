@@ -293,7 +293,7 @@ impl Target {
     }
 
     fn write_zeros(&self, mut abs: u64, len: u64) -> Result<()> {
-        const Z: [u8; 64 * 1024] = [0; 64 * 1024];
+        static Z: [u8; 64 * 1024] = [0; 64 * 1024];
         let end = abs + len;
         while abs < end {
             let n = (end - abs).min(Z.len() as u64) as usize;

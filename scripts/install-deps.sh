@@ -14,6 +14,10 @@ need_pkgs=(
   dnsmasq-base busybox-static iproute2 nftables  # discovery tests in network namespaces
   udpcast
   time bc               # GNU time (wall, CPU, peak RSS) and bc for the benchmark ratios
+  ipxe                  # iPXE ROMs/undionly.kpxe for the QEMU PXE-boot test (issue 5)
+  ovmf grub-efi-amd64-bin  # UEFI firmware and GRUB EFI modules for the flash-install boot test
+  cpio                  # listing initramfs archives in tests and by hand
+  kmod                  # depmod: builds modules.dep for the fetched kernel (scripts/fetch-kernel.sh)
 )
 
 missing=()
@@ -26,6 +30,27 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# --- bookworm-backports (issue 5: QEMU boot tests) -----------------------------------------
+# qemu-system-x86 must match the preinstalled qemu-utils, which comes from bookworm-backports.
+# The suite is added once (same mirror and key as debian.sources) and only QEMU is taken from it.
+bpo_sources=/etc/apt/sources.list.d/backports.sources
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  cat >"$bpo_sources" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+  apt-get update -qq
+fi
+if ! dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "ok installed"; then
+  echo "install-deps: installing qemu-system-x86 from bookworm-backports"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports qemu-system-x86 >/dev/null
+fi
+# --- end of bookworm-backports block --------------------------------------------------------
+
 # nginx-light's package starts a system nginx on port 80; the tests start their own.
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
 

@@ -1,1 +1,1054 @@
-//! (being written)
+//! Deploy: an image from a file, a pipe or an HTTP(S) URL onto a disk or a partition,
+//! verified before written, and `verify`, the same pipeline without a target.
+//!
+//! The order of events is the safety argument:
+//! 1. the preamble (and, sealed, the manifest and signature) is read and, when the agent
+//!    has trusted keys, the signature is checked: nothing has been opened for writing yet;
+//! 2. the target is opened and checked against the image (size, whole disk or partition),
+//!    a resume journal is written, and for a whole disk the partition-table regions are
+//!    zeroed, so a deploy that dies from here on leaves a disk that does not look valid;
+//! 3. chunks stream through: a reader thread parses records and checks each header against
+//!    the manifest, workers check CRC32, decompress and check SHA-256, and the caller's
+//!    thread writes them in image order; the first bad chunk stops everything, so the
+//!    target is never written past it;
+//! 4. the table chunks, held back, are written last, the target synced, the journal removed.
+//!
+//! Resume: with the manifest known up front (sealed, or a streaming image on a source that
+//! can read ranges), the target's chunk regions are hashed in parallel and only the chunks
+//! that differ are fetched, neighbours coalesced into one range request.
+//!
+//! Raw images (.img, .img.zst, .img.gz, .img.xz) are recognised by their magic bytes and
+//! written with holes for zero blocks.
+
+use std::fs;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::capture::worker_threads;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::{
+    self, reader::read_expected_chunk, ChunkHeader, ChunkKind, Content, ImageHead, ImageInfo,
+    ImageReader, Layout, Manifest, ManifestEntry,
+};
+use crate::io::ordered::{run_ordered, Item};
+use crate::io::{PeekReader, Progress};
+use crate::sign::{self, VerifyingKey};
+use crate::source::{HttpConfig, Location, Source};
+use crate::target::Target;
+
+/// Whether to pick up an interrupted deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeMode {
+    /// Resume when a journal says the same image was being deployed to the same target.
+    Auto,
+    /// Always compare the target with the manifest and fetch only what differs.
+    Always,
+    /// Always write everything.
+    Never,
+}
+
+/// How to deploy.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    /// Non-empty: only sealed images signed by one of these keys are deployed.
+    pub trusted_keys: Vec<VerifyingKey>,
+    pub resume: ResumeMode,
+    /// Where resume journals live.
+    pub state_dir: PathBuf,
+    /// Verification threads; 0 = one per CPU.
+    pub threads: usize,
+    pub http: HttpConfig,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            trusted_keys: Vec::new(),
+            resume: ResumeMode::Auto,
+            state_dir: PathBuf::from("/var/lib/img"),
+            threads: 0,
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeploySummary {
+    /// Chunks written (data, table and zero chunks).
+    pub chunks_written: u64,
+    /// Chunks found intact on the target and not fetched (resume).
+    pub chunks_skipped: u64,
+    /// Bytes of data written (zero ranges not counted).
+    pub bytes_written: u64,
+    /// Bytes read from the source.
+    pub bytes_fetched: u64,
+    /// The image was a raw disk image, not ours.
+    pub raw: bool,
+    /// Addition: the target was compared with the manifest and only differences fetched.
+    pub resumed: bool,
+    /// Addition: things the user should know (why a resume did not happen, ...).
+    pub notes: Vec<String>,
+}
+
+/// Table chunks are held in memory until the end: a GPT is 33 sectors at each end, so
+/// 16 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
+const MAX_HELD_TABLE_BYTES: u64 = 16 << 20;
+/// Raw images are written in blocks of this size.
+const RAW_BLOCK: usize = 4 << 20;
+
+/// What the magic bytes say a source holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceFormat {
+    Ours,
+    Zstd,
+    Gzip,
+    Xz,
+    Raw,
+}
+
+fn sniff(head: &[u8]) -> SourceFormat {
+    if head.starts_with(&format::MAGIC) {
+        SourceFormat::Ours
+    } else if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
+        SourceFormat::Zstd
+    } else if head.starts_with(&[0x1F, 0x8B]) {
+        SourceFormat::Gzip
+    } else if head.starts_with(&[0xFD, 0x37, 0x7A, 0x58, 0x5A, 0x00]) {
+        SourceFormat::Xz
+    } else {
+        SourceFormat::Raw
+    }
+}
+
+/// A verified chunk ready for the target.
+struct Verified {
+    header: ChunkHeader,
+    data: Vec<u8>,
+}
+
+/// The resume journal: which image was going where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Journal {
+    manifest_digest: String,
+    target: String,
+    part: Option<String>,
+    target_len: u64,
+}
+
+impl Journal {
+    fn path(state_dir: &Path, target: &str, part: Option<&str>) -> PathBuf {
+        let key = Sha256::digest(format!("{target}\0{}", part.unwrap_or("")).as_bytes());
+        state_dir.join(format!("deploy-{}.json", hex::encode(&key[..8])))
+    }
+
+    fn load(path: &Path) -> Option<Journal> {
+        serde_json::from_slice(&fs::read(path).ok()?).ok()
+    }
+
+    fn store(&self, path: &Path) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).ctx(|| format!("creating state directory {}", dir.display()))?;
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::invalid("encoding the resume journal").with_source(e))?;
+        fs::write(&tmp, body).ctx(|| format!("writing resume journal {}", tmp.display()))?;
+        fs::rename(&tmp, path).ctx(|| format!("writing resume journal {}", path.display()))
+    }
+}
+
+/// Check the signature of a sealed head against `trusted` (or only its own key when
+/// `trusted` is empty); refuse unsigned images when `trusted` is not empty.
+fn check_trust(
+    layout: Layout,
+    preamble: &[u8],
+    manifest: Option<&[u8]>,
+    sig: Option<&format::SignatureBlock>,
+    trusted: &[VerifyingKey],
+) -> Result<Option<String>> {
+    match (layout, manifest, sig) {
+        (Layout::Sealed, Some(m), Some(s)) => Ok(Some(sign::verify_image(preamble, m, s, trusted)?.to_string())),
+        _ if trusted.is_empty() => Ok(None),
+        _ => Err(Error::new(
+            ErrorKind::Signature,
+            "image is not signed (streaming layout) and this agent only deploys signed images: seal it with `img seal -key <secret>`",
+        )),
+    }
+}
+
+/// Open the target the image's content asks for and check it fits.
+fn open_target(
+    target: &Path,
+    part: Option<&str>,
+    content: &Content,
+    min_size: u64,
+) -> Result<Target> {
+    let t = match (part, content) {
+        (Some(_), Content::Disk { .. }) => {
+            return Err(Error::invalid(format!(
+                "the image holds a whole disk; deploy it to {} without a partition",
+                target.display()
+            )))
+        }
+        (Some(spec), Content::Partition { .. }) => Target::open_partition(target, spec)?.0,
+        (None, _) => Target::open_disk(target, Some(min_size))?,
+    };
+    if t.len() < min_size {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!("{} has {} bytes but the image needs at least {min_size}; use a larger disk or partition", target.display(), t.len()),
+        ));
+    }
+    Ok(t)
+}
+
+/// Zero the partition-table regions of a whole-disk target (the image's and the ones
+/// the target has now), so a deploy that fails part-way leaves no valid-looking table.
+fn invalidate_tables(t: &Target, content: &Content) -> Result<()> {
+    let Content::Disk { layout } = content else {
+        return Ok(());
+    };
+    let mut regions = layout.table_extents.clone();
+    if let Ok(current) = crate::disk::read_layout(t, t.len()) {
+        regions.extend(current.table_extents);
+    }
+    for e in crate::extent::normalize(regions, 0) {
+        if let Some(e) = e.clip(t.len()) {
+            t.zero_range(e.offset, e.len)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes verified chunks to the target in order, holding table chunks back.
+struct ChunkSink<'a> {
+    target: &'a Target,
+    held_tables: Vec<Verified>,
+    held_bytes: u64,
+    summary: DeploySummary,
+    progress: &'a dyn Progress,
+}
+
+impl ChunkSink<'_> {
+    fn put(&mut self, v: Verified) -> Result<()> {
+        let h = v.header;
+        match h.kind {
+            ChunkKind::Table => {
+                self.held_bytes += h.raw_len;
+                if self.held_bytes > MAX_HELD_TABLE_BYTES {
+                    return Err(Error::corrupt(format!(
+                        "{}: partition-table chunks exceed {MAX_HELD_TABLE_BYTES} bytes",
+                        h.describe()
+                    )));
+                }
+                self.held_tables.push(v);
+                return Ok(());
+            }
+            ChunkKind::Zero => self.target.zero_range(h.disk_offset, h.raw_len)?,
+            ChunkKind::Data => {
+                self.target.write_sparse_at(&v.data, h.disk_offset)?;
+                self.summary.bytes_written += h.raw_len;
+            }
+        }
+        self.summary.chunks_written += 1;
+        self.progress.advance(h.raw_len);
+        Ok(())
+    }
+
+    /// Write the held table chunks and sync.
+    fn finish(mut self) -> Result<DeploySummary> {
+        for v in std::mem::take(&mut self.held_tables) {
+            self.target.write_at(&v.data, v.header.disk_offset)?;
+            self.summary.bytes_written += v.header.raw_len;
+            self.summary.chunks_written += 1;
+        }
+        self.target.sync()?;
+        Ok(self.summary)
+    }
+}
+
+fn decode(rec: format::ChunkRecord) -> Result<Verified> {
+    let header = rec.header;
+    let data = format::decode_chunk(&header, rec.payload)?;
+    Ok(Verified { header, data })
+}
+
+/// Stream every chunk of `reader` through verification into `sink` (`None`: verify only).
+/// `expected`: the manifest known before the chunks (sealed, or read from the end).
+fn stream_chunks<R: Read + Send>(
+    reader: &mut ImageReader<R>,
+    expected: Option<&Manifest>,
+    threads: usize,
+    mut sink: Option<&mut ChunkSink<'_>>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    run_ordered(
+        threads,
+        threads + 2,
+        |emit| {
+            loop {
+                match reader.next_chunk() {
+                    Ok(Some(rec)) => {
+                        if let Some(m) = expected {
+                            let want = m.entries.get(rec.header.index as usize);
+                            if want
+                                != Some(&ManifestEntry {
+                                    header: rec.header,
+                                    image_offset: rec.image_offset,
+                                })
+                            {
+                                emit(Item::Ready(Err(Error::corrupt(format!(
+                                    "{}: does not match the manifest (chunks swapped, replaced or moved)",
+                                    rec.header.describe()
+                                )))));
+                                return Ok(());
+                            }
+                        }
+                        if !emit(Item::Job(rec)) {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        emit(Item::Ready(Err(e)));
+                        return Ok(());
+                    }
+                }
+            }
+            if let (Some(m), Some((got, _))) = (expected, reader.manifest()) {
+                if got != m {
+                    emit(Item::Ready(Err(Error::corrupt(
+                        "the manifest at the end of the image differs from the one read first",
+                    ))));
+                }
+            }
+            Ok(())
+        },
+        decode,
+        |v: Verified| match sink.as_deref_mut() {
+            Some(s) => s.put(v),
+            None => {
+                progress.advance(v.header.raw_len);
+                Ok(())
+            }
+        },
+    )
+}
+
+/// Hash the target's regions of the manifest's data chunks in parallel; returns, per entry,
+/// whether the target already holds it.
+fn intact_chunks(
+    t: &Target,
+    manifest: &Manifest,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<bool>> {
+    let total = manifest
+        .entries
+        .iter()
+        .filter(|e| e.header.kind == ChunkKind::Data)
+        .map(|e| e.header.raw_len)
+        .sum();
+    progress.begin("checking target", Some(total));
+    let mut intact = Vec::with_capacity(manifest.entries.len());
+    run_ordered(
+        threads,
+        threads + 2,
+        |emit| {
+            for e in &manifest.entries {
+                let item = if e.header.kind == ChunkKind::Data {
+                    Item::Job(e.header)
+                } else {
+                    Item::Ready(Ok(false))
+                };
+                if !emit(item) {
+                    break;
+                }
+            }
+            Ok(())
+        },
+        |h: ChunkHeader| {
+            let mut buf = vec![0u8; h.raw_len as usize];
+            if h.disk_offset
+                .checked_add(h.raw_len)
+                .is_none_or(|end| end > t.len())
+            {
+                return Ok(false);
+            }
+            t.read_at(&mut buf, h.disk_offset)?;
+            progress.advance(h.raw_len);
+            Ok(<[u8; 32]>::from(Sha256::digest(&buf)) == h.sha256)
+        },
+        |ok| {
+            intact.push(ok);
+            Ok(())
+        },
+    )?;
+    progress.end();
+    Ok(intact)
+}
+
+/// Fetch and write only the chunks not `intact`, runs of neighbours in one range request.
+fn fetch_missing(
+    src: &Source,
+    manifest: &Manifest,
+    intact: &[bool],
+    threads: usize,
+    sink: &mut ChunkSink<'_>,
+) -> Result<()> {
+    // Zero chunks need no fetching.
+    let mut groups: Vec<Vec<ManifestEntry>> = Vec::new();
+    for (e, &ok) in manifest.entries.iter().zip(intact) {
+        if ok {
+            sink.summary.chunks_skipped += 1;
+            continue;
+        }
+        if e.header.kind == ChunkKind::Zero {
+            sink.put(Verified {
+                header: e.header,
+                data: Vec::new(),
+            })?;
+            continue;
+        }
+        match groups.last_mut() {
+            Some(g)
+                if g.last()
+                    .is_some_and(|l| l.header.index + 1 == e.header.index) =>
+            {
+                g.push(*e)
+            }
+            _ => groups.push(vec![*e]),
+        }
+    }
+    run_ordered(
+        threads,
+        threads + 2,
+        |emit| {
+            for g in &groups {
+                let (first, last) = (g[0], g[g.len() - 1]);
+                let len = last.image_offset + last.record_len() - first.image_offset;
+                let stream = match src.read_range(first.image_offset, len) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        emit(Item::Ready(Err(e)));
+                        return Ok(());
+                    }
+                };
+                let mut r = BufReader::with_capacity(256 << 10, stream);
+                for e in g {
+                    match read_expected_chunk(&mut r, e) {
+                        Ok(rec) => {
+                            if !emit(Item::Job(rec)) {
+                                return Ok(());
+                            }
+                        }
+                        Err(err) => {
+                            emit(Item::Ready(Err(err)));
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+        decode,
+        |v| sink.put(v),
+    )
+}
+
+/// Deploy the image at `src` onto `target` (a block device or a disk-image file), or onto
+/// its partition `part` (number, GPT name or FS label) for a partition image.
+pub fn deploy(
+    src: &Location,
+    target: &Path,
+    part: Option<&str>,
+    opts: &DeployOptions,
+    progress: &dyn Progress,
+) -> Result<DeploySummary> {
+    let mut source = Source::open(src, &opts.http)?;
+    let threads = worker_threads(opts.threads);
+    let ranges = source.supports_ranges() && source.len().is_some();
+    let mut notes = Vec::new();
+
+    // Step 1: what is it, and is it trusted? Nothing is opened for writing before this.
+    let mut head: Option<ImageHead> = None;
+    if ranges {
+        let mut magic = Vec::new();
+        source
+            .read_range(0, source.len().unwrap_or(0).min(8))?
+            .read_to_end(&mut magic)
+            .ctx(|| format!("reading {src}"))?;
+        let kind = sniff(&magic);
+        if kind != SourceFormat::Ours {
+            let stream = PeekReader::new(source.stream()?, 0).ctx(|| format!("reading {src}"))?;
+            return deploy_raw(stream, kind, &source, target, part, opts, progress);
+        }
+        head = Some(format::fetch_head(&source)?);
+    }
+    // Without ranges, the stream is all there is: the preamble (and a sealed manifest) come
+    // from its front. With ranges the head was read above and the stream is opened only if
+    // the chunks are to be read in sequence.
+    let mut reader: Option<ImageReader<PeekReader<Box<dyn Read + Send>>>> = None;
+    let head = match head {
+        Some(h) => h,
+        None => {
+            let stream = PeekReader::new(source.stream()?, 8).ctx(|| format!("reading {src}"))?;
+            let kind = sniff(stream.peek());
+            if kind != SourceFormat::Ours {
+                return deploy_raw(stream, kind, &source, target, part, opts, progress);
+            }
+            let r = ImageReader::open(stream)?;
+            let h = ImageHead {
+                preamble_bytes: r.preamble_bytes.clone(),
+                meta: r.meta.clone(),
+                layout: r.preamble.layout,
+                manifest: r
+                    .sealed
+                    .as_ref()
+                    .map(|s| s.manifest.clone())
+                    .unwrap_or_default(),
+                manifest_bytes: r
+                    .sealed
+                    .as_ref()
+                    .map(|s| s.manifest_bytes.clone())
+                    .unwrap_or_default(),
+                signature: r.sealed.as_ref().map(|s| s.signature),
+                image_len: 0,
+            };
+            reader = Some(r);
+            h
+        }
+    };
+    // The manifest is known up front unless this is a streaming image on a pipe.
+    let manifest_known = ranges || head.layout == Layout::Sealed;
+    let manifest_bytes = manifest_known.then_some(head.manifest_bytes.as_slice());
+    check_trust(
+        head.layout,
+        &head.preamble_bytes,
+        manifest_bytes,
+        head.signature.as_ref(),
+        &opts.trusted_keys,
+    )?;
+    let manifest: Option<Manifest> = manifest_known.then(|| head.manifest.clone());
+
+    // Step 2: the target.
+    let meta = head.meta.clone();
+    let t = open_target(target, part, &meta.content, meta.min_target_size)?;
+    let journal_path = Journal::path(&opts.state_dir, &target.display().to_string(), part);
+    let journal = manifest.as_ref().map(|m| Journal {
+        manifest_digest: m.digest(),
+        target: target.display().to_string(),
+        part: part.map(str::to_string),
+        target_len: t.len(),
+    });
+    let resume = match (opts.resume, &journal) {
+        (ResumeMode::Never, _) => false,
+        (_, None) => {
+            if opts.resume == ResumeMode::Always || Journal::load(&journal_path).is_some() {
+                notes.push(format!("{src} is a stream without a manifest up front: cannot resume, deploying everything"));
+            }
+            false
+        }
+        (ResumeMode::Always, Some(_)) => true,
+        (ResumeMode::Auto, Some(j)) => Journal::load(&journal_path).as_ref() == Some(j),
+    };
+    let resume = if resume && !ranges {
+        notes.push(format!(
+            "{src} cannot be read at an offset (a pipe): cannot resume, deploying everything"
+        ));
+        false
+    } else {
+        resume
+    };
+    if let Some(j) = &journal {
+        j.store(&journal_path)?;
+    }
+    invalidate_tables(&t, &meta.content)?;
+
+    // Step 3: the chunks.
+    let total = manifest
+        .as_ref()
+        .map(|m| m.entries.iter().map(|e| e.header.raw_len).sum());
+    let mut sink = ChunkSink {
+        target: &t,
+        held_tables: Vec::new(),
+        held_bytes: 0,
+        summary: DeploySummary::default(),
+        progress,
+    };
+    match (&manifest, resume) {
+        (Some(m), true) => {
+            drop(reader);
+            let intact = intact_chunks(&t, m, threads, progress)?;
+            progress.begin("deploying", total);
+            fetch_missing(&source, m, &intact, threads, &mut sink)?;
+            sink.summary.resumed = true;
+        }
+        _ => {
+            let mut reader = match reader {
+                Some(r) => r,
+                None => {
+                    let r = ImageReader::open(
+                        PeekReader::new(source.stream()?, 0).ctx(|| format!("reading {src}"))?,
+                    )?;
+                    let same_manifest = r
+                        .sealed
+                        .as_ref()
+                        .is_none_or(|s| s.manifest_bytes == head.manifest_bytes);
+                    if r.preamble_bytes != head.preamble_bytes || !same_manifest {
+                        return Err(Error::corrupt(format!(
+                            "{src}: the image changed while it was being read"
+                        )));
+                    }
+                    r
+                }
+            };
+            progress.begin("deploying", total);
+            stream_chunks(
+                &mut reader,
+                manifest.as_ref(),
+                threads,
+                Some(&mut sink),
+                progress,
+            )?;
+        }
+    }
+
+    // Step 4: tables last, sync, forget the journal.
+    let mut summary = sink.finish()?;
+    progress.end();
+    if journal.is_some() {
+        let _ = fs::remove_file(&journal_path);
+    }
+    summary.bytes_fetched = source.bytes_fetched();
+    summary.notes = notes;
+    Ok(summary)
+}
+
+/// The target for a raw image: grows a regular file as the image needs (the size of a
+/// compressed raw image is unknown until its end).
+struct RawTarget {
+    t: Target,
+    path: PathBuf,
+    grown: bool,
+    orig_len: u64,
+}
+
+impl RawTarget {
+    fn ensure(&mut self, end: u64) -> Result<()> {
+        if end <= self.t.len() {
+            return Ok(());
+        }
+        if self.t.is_block_device() || self.t.base() != 0 {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "the image is larger than {} ({} bytes); use a larger disk",
+                    self.path.display(),
+                    self.t.len()
+                ),
+            ));
+        }
+        let want = end.max(self.t.len().saturating_mul(2)).max(64 << 20);
+        self.t = Target::open_disk(&self.path, Some(want))?;
+        self.grown = true;
+        Ok(())
+    }
+}
+
+/// Deploy an ordinary raw image (possibly zstd/gzip/xz compressed).
+fn deploy_raw<R: Read + Send + 'static>(
+    stream: PeekReader<R>,
+    kind: SourceFormat,
+    source: &Source,
+    target: &Path,
+    part: Option<&str>,
+    opts: &DeployOptions,
+    progress: &dyn Progress,
+) -> Result<DeploySummary> {
+    if !opts.trusted_keys.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Signature,
+            format!("{} is a raw disk image, which cannot carry a signature, and this agent only deploys signed images", source.location()),
+        ));
+    }
+    let what = source.location().to_string();
+    let mut dec: Box<dyn Read + Send> = match kind {
+        SourceFormat::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(stream).ctx(|| format!("starting zstd on {what}"))?,
+        ),
+        SourceFormat::Gzip => Box::new(flate2::read::MultiGzDecoder::new(stream)),
+        SourceFormat::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(stream)),
+        _ => Box::new(stream),
+    };
+    let known_len = if kind == SourceFormat::Raw {
+        source.len()
+    } else {
+        None
+    };
+    let t = match part {
+        Some(spec) => Target::open_partition(target, spec)?.0,
+        None => Target::open_disk(target, known_len)?,
+    };
+    let orig_len = t.len();
+    let mut rt = RawTarget {
+        t,
+        path: target.to_path_buf(),
+        grown: false,
+        orig_len,
+    };
+    progress.begin("deploying raw image", known_len);
+    let mut summary = DeploySummary {
+        raw: true,
+        ..Default::default()
+    };
+    let mut end = 0u64;
+    run_ordered(
+        1,
+        2,
+        |emit| {
+            let mut off = 0u64;
+            loop {
+                let mut buf = vec![0u8; RAW_BLOCK];
+                let mut got = 0;
+                while got < buf.len() {
+                    match dec.read(&mut buf[got..]) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let kind = if matches!(kind, SourceFormat::Raw) {
+                                ErrorKind::Io
+                            } else {
+                                ErrorKind::Corrupt
+                            };
+                            emit(Item::Ready(Err(Error::new(
+                                kind,
+                                format!(
+                                    "{what}: reading at uncompressed offset {}",
+                                    off + got as u64
+                                ),
+                            )
+                            .with_source(e))));
+                            return Ok(());
+                        }
+                    }
+                }
+                if got == 0 {
+                    return Ok(());
+                }
+                buf.truncate(got);
+                if !emit(Item::<(), _>::Ready(Ok((off, buf)))) {
+                    return Ok(());
+                }
+                off += got as u64;
+            }
+        },
+        |_: ()| Err(Error::invalid("no work")),
+        |(off, buf): (u64, Vec<u8>)| {
+            let n = buf.len() as u64;
+            rt.ensure(off + n)?;
+            rt.t.write_sparse_at(&buf, off)?;
+            summary.chunks_written += 1;
+            summary.bytes_written += n;
+            end = off + n;
+            progress.advance(n);
+            Ok(())
+        },
+    )?;
+    if rt.grown {
+        // Trim the over-allocation back to the image's end (never below the file's size).
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&rt.path)
+            .ctx(|| format!("opening {}", rt.path.display()))?;
+        f.set_len(end.max(rt.orig_len))
+            .ctx(|| format!("setting the size of {}", rt.path.display()))?;
+    }
+    rt.t.sync()?;
+    progress.end();
+    summary.bytes_fetched = source.bytes_fetched();
+    Ok(summary)
+}
+
+/// Read the whole image, check every chunk, the manifest and the signature (against
+/// `opts.trusted_keys` when there are any), write nothing; returns what `img info` shows.
+pub fn verify(src: &Location, opts: &DeployOptions, progress: &dyn Progress) -> Result<ImageInfo> {
+    let mut source = Source::open(src, &opts.http)?;
+    let stream = PeekReader::new(source.stream()?, 8).ctx(|| format!("reading {src}"))?;
+    if sniff(stream.peek()) != SourceFormat::Ours {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{src} is a raw disk image: it has no checksums to verify"),
+        ));
+    }
+    let mut reader = ImageReader::open(stream)?;
+    let (mb, sig) = match &reader.sealed {
+        Some(s) => (Some(s.manifest_bytes.clone()), Some(s.signature)),
+        None => (None, None),
+    };
+    let signed_by = check_trust(
+        reader.preamble.layout,
+        &reader.preamble_bytes,
+        mb.as_deref(),
+        sig.as_ref(),
+        &opts.trusted_keys,
+    )?;
+    let expected = reader.sealed.as_ref().map(|s| s.manifest.clone());
+    progress.begin(
+        "verifying",
+        expected
+            .as_ref()
+            .map(|m| m.entries.iter().map(|e| e.header.raw_len).sum()),
+    );
+    stream_chunks(
+        &mut reader,
+        expected.as_ref(),
+        worker_threads(opts.threads),
+        None,
+        progress,
+    )?;
+    progress.end();
+    let (manifest, _) = reader
+        .manifest()
+        .ok_or_else(|| Error::new(ErrorKind::Truncated, format!("{src}: no manifest")))?;
+    Ok(ImageInfo {
+        meta: reader.meta.clone(),
+        sealed: reader.preamble.layout == Layout::Sealed,
+        signed_by,
+        chunks: manifest.entries.len() as u64,
+        data_bytes: manifest.data_bytes(),
+        image_bytes: Some(reader.position()),
+        manifest_digest: manifest.digest(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::testimg;
+    use crate::io::NoProgress;
+    use crate::sign::SigningKey;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let d = std::env::temp_dir()
+                .join(format!("imgengine-deploy-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+        fn p(&self, n: &str) -> PathBuf {
+            self.0.join(n)
+        }
+        fn opts(&self) -> DeployOptions {
+            DeployOptions {
+                state_dir: self.p("state"),
+                threads: 2,
+                ..Default::default()
+            }
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const LEN: usize = 1 << 20;
+    const CHUNK: usize = 64 << 10;
+
+    fn setup(d: &Dir, sealed_with: Option<&SigningKey>) -> (PathBuf, Vec<u8>) {
+        let disk = testimg::disk(LEN);
+        let img = d.p("a.img");
+        fs::write(&img, testimg::image(&disk, CHUNK)).unwrap();
+        if let Some(k) = sealed_with {
+            sign::seal_and_sign(&img, &img, k).unwrap();
+        }
+        (img, disk)
+    }
+
+    fn entries(img: &Path) -> Vec<ManifestEntry> {
+        let bytes = fs::read(img).unwrap();
+        let mut r = ImageReader::open(&bytes[..]).unwrap();
+        while r.next_chunk().unwrap().is_some() {}
+        r.manifest().unwrap().0.entries.clone()
+    }
+
+    #[test]
+    fn deploys_streaming_and_sealed_onto_junk() {
+        let d = Dir::new("basic");
+        let key = SigningKey::generate();
+        for sealed in [false, true] {
+            let (img, disk) = setup(&d, sealed.then_some(&key));
+            let tgt = d.p("t.raw");
+            fs::write(&tgt, vec![0xAAu8; LEN]).unwrap();
+            let s = deploy(
+                &Location::File(img.clone()),
+                &tgt,
+                None,
+                &d.opts(),
+                &NoProgress,
+            )
+            .unwrap();
+            assert_eq!(fs::read(&tgt).unwrap(), disk, "sealed={sealed}");
+            assert!(!s.raw && !s.resumed && s.chunks_written == 16, "{s:?}");
+            let info = verify(&Location::File(img), &d.opts(), &NoProgress).unwrap();
+            assert_eq!(info.sealed, sealed);
+            assert_eq!(info.signed_by.is_some(), sealed);
+        }
+    }
+
+    #[test]
+    fn trusted_keys_refuse_unsigned_and_wrong_key_before_writing() {
+        let d = Dir::new("trust");
+        let key = SigningKey::generate();
+        let (img, _) = setup(&d, None);
+        let tgt = d.p("t.raw");
+        let junk = vec![0x55u8; LEN];
+        fs::write(&tgt, &junk).unwrap();
+        let mut opts = d.opts();
+        opts.trusted_keys = vec![key.verifying_key()];
+        let e = deploy(&Location::File(img.clone()), &tgt, None, &opts, &NoProgress).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Signature, "{e}");
+        sign::seal_and_sign(&img, &img, &SigningKey::generate()).unwrap();
+        let e = deploy(&Location::File(img.clone()), &tgt, None, &opts, &NoProgress).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Signature, "{e}");
+        assert!(e.to_string().contains("not trusted"), "{e}");
+        assert_eq!(fs::read(&tgt).unwrap(), junk, "nothing written");
+        sign::seal_and_sign(&img, &img, &key).unwrap();
+        deploy(&Location::File(img), &tgt, None, &opts, &NoProgress).unwrap();
+    }
+
+    #[test]
+    fn corrupt_chunk_stops_before_it() {
+        let d = Dir::new("corrupt");
+        let (img, disk) = setup(&d, None);
+        let es = entries(&img);
+        let bad = es[5];
+        let mut bytes = fs::read(&img).unwrap();
+        bytes[(bad.image_offset + 76 + 3) as usize] ^= 0x20;
+        fs::write(&img, &bytes).unwrap();
+        let tgt = d.p("t.raw");
+        let junk = vec![0x55u8; LEN];
+        fs::write(&tgt, &junk).unwrap();
+        let e = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(
+            e.to_string().contains(&format!(
+                "chunk 5 at disk offset {}",
+                bad.header.disk_offset
+            )),
+            "{e}"
+        );
+        let got = fs::read(&tgt).unwrap();
+        let cut = bad.header.disk_offset as usize;
+        assert_eq!(
+            &got[..cut],
+            &disk[..cut],
+            "chunks before the bad one are written"
+        );
+        assert_eq!(
+            &got[cut..],
+            &junk[cut..],
+            "nothing at or after the bad chunk"
+        );
+    }
+
+    #[test]
+    fn interrupted_deploy_resumes_fetching_only_the_rest() {
+        let d = Dir::new("resume");
+        let key = SigningKey::generate();
+        let (img, disk) = setup(&d, Some(&key));
+        let full = fs::read(&img).unwrap();
+        let es = entries(&img);
+        // The first attempt sees the image cut in chunk 9 (a dead connection).
+        let cut = es[9].image_offset + 100;
+        fs::write(&img, &full[..cut as usize]).unwrap();
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0x55u8; LEN]).unwrap();
+        let e = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &d.opts(),
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Truncated, "{e}");
+        assert!(e.to_string().contains("chunk 9"), "{e}");
+        // Second attempt with the whole image: chunks 0..9 are on the target already.
+        fs::write(&img, &full).unwrap();
+        let s = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &d.opts(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(s.resumed, "{s:?}");
+        assert_eq!(fs::read(&tgt).unwrap(), disk);
+        let zero_before = es[..9]
+            .iter()
+            .filter(|e| e.header.kind == ChunkKind::Zero)
+            .count() as u64;
+        assert_eq!(s.chunks_skipped, 9 - zero_before, "{s:?}");
+        let later: u64 = es[9..].iter().map(|e| e.record_len()).sum();
+        assert!(
+            s.bytes_fetched < later + 4096,
+            "fetched {} for {} bytes of later chunks",
+            s.bytes_fetched,
+            later
+        );
+        // The journal is gone after success: a third run deploys fully.
+        let s = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap();
+        assert!(!s.resumed);
+    }
+
+    #[test]
+    fn raw_images_plain_and_compressed() {
+        let d = Dir::new("raw");
+        let disk = testimg::disk(LEN);
+        let plain = d.p("r.img");
+        fs::write(&plain, &disk).unwrap();
+        let zst = d.p("r.img.zst");
+        fs::write(&zst, zstd::bulk::compress(&disk, 3).unwrap()).unwrap();
+        let gz = d.p("r.img.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, &disk).unwrap();
+        fs::write(&gz, enc.finish().unwrap()).unwrap();
+        let xz = d.p("r.img.xz");
+        let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
+        std::io::Write::write_all(&mut enc, &disk).unwrap();
+        fs::write(&xz, enc.finish().unwrap()).unwrap();
+        for src in [plain, zst, gz, xz] {
+            let tgt = d.p("t.raw");
+            let _ = fs::remove_file(&tgt);
+            let s = deploy(
+                &Location::File(src.clone()),
+                &tgt,
+                None,
+                &d.opts(),
+                &NoProgress,
+            )
+            .unwrap();
+            assert!(s.raw);
+            assert_eq!(fs::read(&tgt).unwrap(), disk, "{}", src.display());
+        }
+    }
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(sniff(&format::MAGIC), SourceFormat::Ours);
+        assert_eq!(sniff(&[0x28, 0xB5, 0x2F, 0xFD, 0]), SourceFormat::Zstd);
+        assert_eq!(sniff(&[0x1F, 0x8B]), SourceFormat::Gzip);
+        assert_eq!(sniff(&[0xFD, b'7', b'z', b'X', b'Z', 0]), SourceFormat::Xz);
+        assert_eq!(sniff(b"\xEB\x58\x90MSDOS"), SourceFormat::Raw);
+        assert_eq!(sniff(b""), SourceFormat::Raw);
+    }
+}

@@ -1,1 +1,28 @@
-//! The reference management server (being written).
+//! The reference management server: devices check in over HTTPS, are told what to do, and
+//! report back; administrators register images and schedule jobs from the command line.
+//!
+//! The pieces, in the order a check-in meets them:
+//! - [`protocol`]: the versioned wire format (`docs/protocol.md`), the only module built
+//!   without the `server` feature, so the agent shares these types without the server stack;
+//! - [`api`]: the axum routes (check-in, progress, results, capture uploads) and the image
+//!   repository served with Range support;
+//! - [`store`]: the narrow storage interface and its SQLite implementation with migrations;
+//! - [`model`]: seed 003's job model (validation, batches, device states), pure functions;
+//! - [`repo`]: registering images by reading their own metadata;
+//! - [`tls`]: the device CA and server certificate made by `imgserver init`;
+//! - [`cli`]: the administrator's commands and their tables.
+
+pub mod protocol;
+
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
+pub mod model;
+#[cfg(feature = "server")]
+pub mod repo;
+#[cfg(feature = "server")]
+pub mod store;
+#[cfg(feature = "server")]
+pub mod tls;

@@ -1,0 +1,414 @@
+//! The check-in protocol, version 1: HTTP(S) with JSON bodies, documented in
+//! `docs/protocol.md`. These types are the one definition shared by the server, the agent
+//! (which links this module alone, with the crate's default features off) and the load
+//! benchmark, so the two ends cannot drift apart.
+//!
+//! The shape follows seed 000's imaging process: the device checks in with its identity and
+//! state, the server answers "nothing, check in again in N s" or hands it a task; while the
+//! task runs the device posts progress, and at the end a final result with the transcript.
+//! Every message that changes state carries an id so a retry is never applied twice: tasks
+//! have server ids, results carry a report id chosen by the device.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change; the server answers 400 to versions it does not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// `POST`: a [`CheckIn`] body, a [`CheckInReply`] answer.
+pub const CHECKIN_PATH: &str = "/api/v1/checkin";
+
+/// `GET /api/v1/tasks/{id}`: the task again (only the device it belongs to may read it).
+pub fn task_path(task: u64) -> String {
+    format!("/api/v1/tasks/{task}")
+}
+
+/// `POST`: a [`ProgressReport`], a [`ProgressReply`] answer.
+pub fn progress_path(task: u64) -> String {
+    format!("/api/v1/tasks/{task}/progress")
+}
+
+/// `POST`: a [`TaskResult`], a [`ResultReply`] answer.
+pub fn result_path(task: u64) -> String {
+    format!("/api/v1/tasks/{task}/result")
+}
+
+/// What a device sends at every check-in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckIn {
+    pub protocol: u32,
+    pub device: DeviceIdentity,
+    /// Disks and partitions as the device sees them now (the server validates jobs against
+    /// this inventory: target exists, space).
+    #[serde(default)]
+    pub disks: Vec<DiskReport>,
+    /// Seed 000's autogenic flags.
+    #[serde(default)]
+    pub autogenic: Autogenic,
+    /// A task the device was running when it stopped (power cut, agent restart): the server
+    /// sends it again so the device resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_task: Option<u64>,
+    /// Final results that could not be delivered before (kept on the boot partition).
+    #[serde(default)]
+    pub results: Vec<TaskResult>,
+}
+
+/// Who the device is. The MAC of the boot NIC is the key the administrator schedules by.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceIdentity {
+    /// Boot NIC MAC, lowercase `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub ram_bytes: u64,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// One disk of the device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskReport {
+    /// How the device names it (`/dev/mmcblk0`, or the disk-image path in tests).
+    pub name: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `gpt`, `mbr` or `none`.
+    #[serde(default)]
+    pub table: String,
+    #[serde(default)]
+    pub partitions: Vec<PartitionReport>,
+    /// The image last written to the whole disk, if the last deploy was a disk image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageStamp>,
+}
+
+/// One partition of a disk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionReport {
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+    /// File system as the engine detected it (`fat32`, `ntfs`, `unknown`, ...).
+    #[serde(default)]
+    pub fs: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The image name and version last written here by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageStamp>,
+}
+
+/// An image name and version, as stamped by the agent after a successful deploy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStamp {
+    pub name: String,
+    pub version: String,
+}
+
+/// Seed 000's autogenic flags, spelled on the wire as the original agent spelled them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Autogenic {
+    #[serde(rename = "SupportImgBackup", default)]
+    pub support_img_backup: bool,
+    #[serde(rename = "BackupImagePresent", default)]
+    pub backup_image_present: bool,
+    #[serde(rename = "BackImageVer", default, skip_serializing_if = "Option::is_none")]
+    pub back_image_ver: Option<String>,
+}
+
+/// The server's answer to a check-in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckInReply {
+    pub protocol: u32,
+    /// The server's number for this device.
+    pub device: u64,
+    /// Set once, at enrolment: the device's credential. Store it on the boot partition and
+    /// send it as `Authorization: Bearer <credential>` from now on; the server keeps only
+    /// its hash and cannot show it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// Report ids from `CheckIn::results` that are now recorded (drop them from the outbox).
+    #[serde(default)]
+    pub acked: Vec<String>,
+    pub action: Action,
+}
+
+/// What the device is to do next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Nothing to do: check in again in `seconds` (a boot agent boots the guest OS now).
+    Wait { seconds: u32 },
+    /// Run this task.
+    Run { task: Task },
+}
+
+/// One device's share of an administrator's job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Unique per device and job; progress and results name it.
+    pub id: u64,
+    /// The administrator's job number (`imgserver job N`).
+    pub job: u64,
+    #[serde(flatten)]
+    pub kind: TaskKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskKind {
+    Deploy(DeploySpec),
+    Capture(CaptureSpec),
+    Reboot,
+    BootGuest,
+}
+
+impl TaskKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskKind::Deploy(_) => "deploy",
+            TaskKind::Capture(_) => "capture",
+            TaskKind::Reboot => "reboot",
+            TaskKind::BootGuest => "boot_guest",
+        }
+    }
+}
+
+/// Write an image onto the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploySpec {
+    pub image: ImageRef,
+    /// Disk to write (a name from the device's inventory); None: the device's system disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Partition (number or label) for a partition image; None: the whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Partitions (numbers or labels) whose content must survive ("Preserve Data Partition(s)").
+    #[serde(default)]
+    pub preserve: Vec<String>,
+    /// Capture what is there now into the device's backup location first (seed 003, default yes).
+    #[serde(default)]
+    pub backup_first: bool,
+    #[serde(default)]
+    pub after: After,
+}
+
+/// The image a deploy fetches: from the server's repository or any HTTP(S) server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub name: String,
+    pub version: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// What to do once the image is written (seed 003's install options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum After {
+    /// Install and reboot into the new image.
+    #[default]
+    Reboot,
+    /// Install, then carry on without rebooting.
+    NoReboot,
+    /// Only copy the image into the device's backup location (seed 001's BI): no install.
+    CopyOnly,
+}
+
+impl After {
+    pub fn parse(s: &str) -> Option<After> {
+        match s {
+            "reboot" => Some(After::Reboot),
+            "no-reboot" | "no_reboot" => Some(After::NoReboot),
+            "copy-only" | "copy_only" => Some(After::CopyOnly),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            After::Reboot => "reboot",
+            After::NoReboot => "no-reboot",
+            After::CopyOnly => "copy-only",
+        }
+    }
+}
+
+/// Capture a partition or the disk and upload it into the server's repository.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptureSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Compression level 0..9 (seed 002's `-comp`).
+    #[serde(default = "default_comp")]
+    pub comp: u8,
+    /// Where to PUT the image; carries a one-time key for this task, so the plain HTTP
+    /// upload needs no other credential.
+    pub upload_url: String,
+}
+
+fn default_comp() -> u8 {
+    1
+}
+
+/// Progress of a running task, posted every few seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    /// Increases with every report of this task; older or repeated ones are ignored.
+    pub seq: u64,
+    /// What the device is doing ("backup", "deploy", "capture", "verify").
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f32>,
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// Bytes per second over the last interval.
+    pub rate: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReply {
+    /// False when the report was older than one already recorded.
+    pub recorded: bool,
+    /// The administrator aborted the job. Seed 003: a started device still runs to the
+    /// end; the flag is informative.
+    #[serde(default)]
+    pub abort: bool,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    /// The device refused the task before starting it (validation on the device).
+    Rejected,
+}
+
+/// The final status of a task, with its transcript.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: u64,
+    /// Chosen by the device once per result (random hex); a result sent twice under the
+    /// same id is recorded once.
+    pub report: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The log lines of this task, oldest first.
+    #[serde(default)]
+    pub transcript: Vec<String>,
+    /// What is now on the target (deploy) or what was uploaded (capture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageStamp>,
+    #[serde(default)]
+    pub bytes: u64,
+    /// Unix seconds on the device's clock.
+    #[serde(default)]
+    pub finished: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResultReply {
+    /// False when this report id had been recorded before (a retry).
+    pub recorded: bool,
+}
+
+/// Every non-2xx answer carries this body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// Normalise a MAC to lowercase colon form; None if it is not six hex octets.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    let seps = s.chars().filter(|c| !c.is_ascii_hexdigit()).all(|c| matches!(c, ':' | '-' | '.'));
+    if hex.len() != 12 || !seps {
+        return None;
+    }
+    let lower = hex.to_ascii_lowercase();
+    let octets: Vec<&str> = (0..6).map(|i| &lower[i * 2..i * 2 + 2]).collect();
+    Some(octets.join(":"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkin_round_trips_with_seed_flag_names() {
+        let c = CheckIn {
+            protocol: PROTOCOL_VERSION,
+            device: DeviceIdentity { mac: "52:54:00:12:34:56".into(), ..Default::default() },
+            autogenic: Autogenic {
+                support_img_backup: true,
+                backup_image_present: true,
+                back_image_ver: Some("7.1".into()),
+            },
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains("\"SupportImgBackup\":true"), "{text}");
+        assert!(text.contains("\"BackImageVer\":\"7.1\""), "{text}");
+        assert_eq!(serde_json::from_str::<CheckIn>(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn actions_are_tagged() {
+        let wait = serde_json::to_value(Action::Wait { seconds: 60 }).unwrap();
+        assert_eq!(wait, serde_json::json!({"action": "wait", "seconds": 60}));
+        let run = Action::Run { task: Task { id: 7, job: 2, kind: TaskKind::Reboot } };
+        let v = serde_json::to_value(&run).unwrap();
+        assert_eq!(v, serde_json::json!({"action": "run", "task": {"id": 7, "job": 2, "kind": "reboot"}}));
+        assert_eq!(serde_json::from_value::<Action>(v).unwrap(), run);
+    }
+
+    #[test]
+    fn deploy_task_round_trips() {
+        let t = Task {
+            id: 1,
+            job: 1,
+            kind: TaskKind::Deploy(DeploySpec {
+                image: ImageRef { name: "os".into(), version: "2".into(), url: "https://s/repo/os.img".into(), size: Some(5) },
+                disk: None,
+                partition: Some("2".into()),
+                preserve: vec!["3".into()],
+                backup_first: true,
+                after: After::NoReboot,
+            }),
+        };
+        let text = serde_json::to_string(&t).unwrap();
+        assert!(text.contains("\"after\":\"no_reboot\""), "{text}");
+        assert_eq!(serde_json::from_str::<Task>(&text).unwrap(), t);
+    }
+
+    #[test]
+    fn macs_normalise() {
+        assert_eq!(normalize_mac("52-54-00-AB-cd-EF").as_deref(), Some("52:54:00:ab:cd:ef"));
+        assert_eq!(normalize_mac("525400abcdef").as_deref(), Some("52:54:00:ab:cd:ef"));
+        assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
+        assert_eq!(normalize_mac("52:54:00:ab:cd:eg"), None);
+    }
+}

@@ -363,6 +363,33 @@ mod tests {
         assert!(s.contains("offset 4096") && s.contains("-raw"), "{s}");
     }
 
+    /// FAT12/16/32 volumes made by mkfs.fat with files from mcopy, then mutated where the
+    /// parser looks (boot sector, FSInfo, backup boot sector, start of the FAT).
+    #[test]
+    fn mutated_mkfs_fat_volumes_never_panic() {
+        let mut rng = TestRng(0xFA7);
+        for (fat, kb, extra) in [(12, 2048, ""), (16, 20000, ""), (32, 40000, "-s 1")] {
+            let script = format!(
+                "mkfs.fat -C -F {fat} {extra} -n VOL{fat} v.img {kb} >/dev/null
+                 head -c 70000 /dev/zero | tr '\\0' x > a
+                 mcopy -i v.img a ::A; mmd -i v.img ::D; mcopy -i v.img a ::D/B"
+            );
+            let mut img = crate::fs::made_by(&script, "v.img");
+            let len = img.len() as u64;
+            let m = used_map(img.as_slice(), 0, len).unwrap();
+            let want = format!("VOL{fat}");
+            assert_eq!(m.label.as_deref(), Some(want.as_str()));
+            let bs = BootSector::parse(&img[..512], len).unwrap();
+            let fat_at = bs.reserved_sectors as usize * 512;
+            let hot = [(0, 512), (512, 1536), (6 * 512, 512), (fat_at, 512)];
+            for _ in 0..1000 {
+                let undo = rng.mutate_in(&mut img, &hot);
+                crate::fs::fuzz_used_map(&img);
+                crate::fs::restore(&mut img, undo);
+            }
+        }
+    }
+
     #[test]
     fn mutated_boot_sectors_never_panic() {
         let base = fat16_image();

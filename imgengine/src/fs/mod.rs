@@ -235,22 +235,72 @@ impl TestRng {
     /// Flip, overwrite or extreme-value a few bytes of `data`, preferring the first sectors
     /// where the parsers look.
     pub(crate) fn mutate(&mut self, data: &mut [u8], hot: usize) {
+        self.mutate_in(data, &[(0, hot)]);
+    }
+
+    /// Mutate a few bytes, mostly inside the `hot` (offset, len) regions; returns what to
+    /// restore, so big images need not be cloned per iteration.
+    pub(crate) fn mutate_in(
+        &mut self,
+        data: &mut [u8],
+        hot: &[(usize, usize)],
+    ) -> Vec<(usize, u8)> {
+        let mut undo = Vec::new();
+        if data.is_empty() {
+            return undo;
+        }
         let edits = 1 + self.below(8);
         for _ in 0..edits {
-            let range = if self.below(4) == 0 {
-                data.len()
+            let i = if hot.is_empty() || self.below(4) == 0 {
+                self.below(data.len() as u64) as usize
             } else {
-                hot.min(data.len())
+                let (at, n) = hot[self.below(hot.len() as u64) as usize];
+                (at + self.below(n.max(1) as u64) as usize).min(data.len() - 1)
             };
-            let i = self.below(range as u64) as usize;
-            match self.below(4) {
+            undo.push((i, data[i]));
+            match self.below(5) {
                 0 => data[i] ^= 1 << self.below(8),
                 1 => data[i] = self.next() as u8,
                 2 => data[i] = 0xff,
+                3 => data[i] = data[i].wrapping_add(1),
                 _ => data[i] = 0,
             }
         }
+        undo
     }
+}
+
+/// Undo a `mutate_in`, newest edit first.
+#[cfg(test)]
+pub(crate) fn restore(data: &mut [u8], undo: Vec<(usize, u8)>) {
+    for (i, b) in undo.into_iter().rev() {
+        data[i] = b;
+    }
+}
+
+/// An image made by real tools: runs `script` (bash) in a fresh temp dir and returns the
+/// bytes of `file` there. The tools (dosfstools, mtools, ntfs-3g, gdisk, fdisk) come from
+/// scripts/install-deps.sh.
+#[cfg(test)]
+pub(crate) fn made_by(script: &str, file: &str) -> Vec<u8> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("imgengine-made-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(&dir)
+        .output()
+        .expect("running bash");
+    assert!(
+        out.status.success(),
+        "{script}\nfailed: {}\nrun scripts/install-deps.sh if a tool is missing",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(dir.join(file)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    data
 }
 
 #[cfg(test)]

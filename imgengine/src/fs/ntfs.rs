@@ -141,6 +141,31 @@ mod tests {
     use super::*;
     use crate::fs::TestRng;
 
+    /// A small NTFS made by mkntfs with a file from ntfscp, then mutated in the boot
+    /// sector and the first MFT records ($MFT, $Volume, $Bitmap).
+    #[test]
+    fn mutated_mkntfs_volumes_never_panic() {
+        let mut img = crate::fs::made_by(
+            "truncate -s 2M n.img; mkntfs -F -q -L SMALL n.img >/dev/null 2>&1
+             head -c 20000 /dev/zero | tr '\\0' y > f; ntfscp -f n.img f f >/dev/null 2>&1",
+            "n.img",
+        );
+        let len = img.len() as u64;
+        let m = crate::fs::used_map(img.as_slice(), 0, len).unwrap();
+        assert_eq!(m.kind, crate::fs::FsKind::Ntfs);
+        assert_eq!(m.label.as_deref(), Some("SMALL"));
+        // MFT position: LCN at 0x30 times the cluster size (sectors/cluster at 0x0D).
+        let lcn = u64::from_le_bytes(img[0x30..0x38].try_into().unwrap());
+        let mft = (lcn * 512 * u64::from(img[0x0D])) as usize;
+        let hot = [(0, 512), (mft, 8 * 1024)];
+        let mut rng = TestRng(0x17F5);
+        for _ in 0..1500 {
+            let undo = rng.mutate_in(&mut img, &hot);
+            fuzz_ntfs(&img);
+            crate::fs::restore(&mut img, undo);
+        }
+    }
+
     #[test]
     fn ntfs_signature_without_a_volume_is_an_error_not_a_panic() {
         let mut img = vec![0u8; 1 << 20];

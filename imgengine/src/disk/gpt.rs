@@ -279,6 +279,51 @@ mod tests {
         assert_eq!(l.partitions.len(), 2);
     }
 
+    /// A GPT made by sgdisk (with a FAT partition from mkfs.fat, so read_layout's probes
+    /// run too), mutated in the protective MBR, both headers and both entry arrays.
+    #[test]
+    fn mutated_sgdisk_tables_never_panic() {
+        let mut img = crate::fs::made_by(
+            "truncate -s 8M d.img
+             sgdisk -n 1:2048:+3M -t 1:ef00 -c 1:ESP -n 2:0:0 -t 2:0700 -c 2:data d.img >/dev/null
+             mkfs.fat --offset 2048 -F 12 -n ESP d.img 3072 >/dev/null 2>&1",
+            "d.img",
+        );
+        let size = img.len();
+        let l = read_layout(img.as_slice(), size as u64).unwrap();
+        assert_eq!(l.partitions.len(), 2);
+        assert_eq!(l.find("ESP").unwrap().fs, crate::fs::FsKind::Fat12);
+        let hot = [
+            (446, 66),
+            (512, 92),
+            (1024, 256),
+            (size - 33 * 512, 256),
+            (size - 512, 92),
+            (2048 * 512, 512),
+        ];
+        let mut rng = TestRng(0x6E7);
+        for i in 0..2000 {
+            let undo = rng.mutate_in(&mut img, &hot);
+            if i % 2 == 0 {
+                // Re-seal both header CRCs so mutations of the header fields get past the
+                // CRC check and reach the entry-count, entry-size and bounds checks.
+                for at in [512, size - 512] {
+                    let mut h = img[at..at + 92].to_vec();
+                    h[16..20].fill(0);
+                    let c = crc32fast::hash(&h).to_le_bytes();
+                    let old: Vec<(usize, u8)> =
+                        (0..4).map(|k| (at + 16 + k, img[at + 16 + k])).collect();
+                    img[at + 16..at + 20].copy_from_slice(&c);
+                    fuzz_read_layout(&img);
+                    crate::fs::restore(&mut img, old);
+                }
+            } else {
+                fuzz_read_layout(&img);
+            }
+            crate::fs::restore(&mut img, undo);
+        }
+    }
+
     #[test]
     fn mutated_tables_never_panic() {
         let base = gpt_image();

@@ -242,6 +242,31 @@ mod tests {
         assert!(e.to_string().contains("partition 3"), "{e}");
     }
 
+    /// An MBR made by sfdisk with an extended partition and two logical ones, mutated in
+    /// the MBR and both EBRs.
+    #[test]
+    fn mutated_sfdisk_tables_never_panic() {
+        let mut img = crate::fs::made_by(
+            "truncate -s 16M m.img
+             printf 'label: dos\\nstart=2048, size=4M, type=c\\nstart=10240, type=5\\nsize=3M, type=83\\nsize=2M, type=7\\n' | sfdisk -q m.img",
+            "m.img",
+        );
+        let l = read_layout(img.as_slice(), img.len() as u64).unwrap();
+        let numbers: Vec<u32> = l.partitions.iter().map(|p| p.number).collect();
+        assert_eq!(numbers, vec![1, 5, 6]);
+        let hot: Vec<(usize, usize)> = l
+            .table_extents
+            .iter()
+            .map(|e| (e.offset as usize + 446, 66))
+            .collect();
+        let mut rng = TestRng(0x3B3);
+        for _ in 0..3000 {
+            let undo = rng.mutate_in(&mut img, &hot);
+            fuzz_read_layout(&img);
+            crate::fs::restore(&mut img, undo);
+        }
+    }
+
     #[test]
     fn mutated_tables_never_panic() {
         let base = mbr_image();

@@ -170,12 +170,47 @@ pub fn fetch_head(src: &Source) -> Result<ImageHead> {
             "image size unknown: cannot read its manifest without reading it all",
         ));
     };
-    let front = src.read_range(0, image_len)?;
-    let mut front = ImageReader::open(front)?;
-    if let Some(s) = front.sealed.take() {
+    // Small range requests, not one open-ended read: over HTTP a dropped connection would
+    // still have made the server push the whole image into the socket.
+    let range = |off: u64, len: u64, what: &str| read_all(src.read_range(off, len)?, len, what);
+    let first = range(0, image_len.min(4096), "image preamble")?;
+    let fixed: &[u8; layout::PREAMBLE_FIXED_LEN] = first
+        .get(..layout::PREAMBLE_FIXED_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::new(ErrorKind::Truncated, "image preamble"))?;
+    let (_, _, layout, meta_len) = layout::Preamble::decode_fixed(fixed)?;
+    let preamble_len = (layout::PREAMBLE_FIXED_LEN + meta_len as usize + 4) as u64;
+    let preamble_bytes = match first.get(..preamble_len as usize) {
+        Some(b) => b.to_vec(),
+        None => range(0, preamble_len, "image preamble")?,
+    };
+    let (_, _, meta) = reader::read_preamble(&mut &preamble_bytes[..])?;
+    if layout == Layout::Sealed {
+        let mh = range(
+            preamble_len,
+            manifest::MANIFEST_HEADER_LEN as u64,
+            "manifest header",
+        )?;
+        let count = Manifest::decode_count(
+            mh.as_slice()
+                .try_into()
+                .map_err(|_| Error::corrupt("manifest header"))?,
+        )?;
+        let mlen = Manifest::encoded_len(count)
+            .ok_or_else(|| Error::corrupt("manifest size overflows"))?;
+        let rest = range(
+            preamble_len,
+            mlen + SIGNATURE_BLOCK_LEN as u64,
+            "manifest and signature",
+        )?;
+        let mut r = ImageReader::open(preamble_bytes.as_slice().chain(rest.as_slice()))?;
+        let s = r
+            .sealed
+            .take()
+            .ok_or_else(|| Error::corrupt("sealed image without a manifest"))?;
         return Ok(ImageHead {
-            preamble_bytes: front.preamble_bytes,
-            meta: front.meta,
+            preamble_bytes,
+            meta,
             layout: Layout::Sealed,
             manifest: s.manifest,
             manifest_bytes: s.manifest_bytes,
@@ -183,7 +218,6 @@ pub fn fetch_head(src: &Source) -> Result<ImageHead> {
             image_len,
         });
     }
-    let preamble_len = front.preamble_bytes.len() as u64;
     let footer_at = image_len
         .checked_sub(FOOTER_LEN as u64)
         .filter(|&o| o >= preamble_len)
@@ -231,8 +265,8 @@ pub fn fetch_head(src: &Source) -> Result<ImageHead> {
         ));
     }
     Ok(ImageHead {
-        preamble_bytes: front.preamble_bytes,
-        meta: front.meta,
+        preamble_bytes,
+        meta,
         layout: Layout::Streaming,
         manifest,
         manifest_bytes,

@@ -299,11 +299,14 @@ fn agent(http: &HttpConfig) -> Result<Agent> {
 }
 
 fn net_error(url: &str, doing: &str, e: ureq::Error) -> Error {
-    let hint = match &e {
-        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => {
-            "; if the server uses a private CA, give its certificate with the CA file option"
-        }
-        _ => "; check the URL and the network",
+    // rustls reports certificate failures through the I/O error of the TLS stream, so
+    // the variant alone does not tell; the message does ("invalid peer certificate").
+    let tls = matches!(e, ureq::Error::Tls(_) | ureq::Error::Rustls(_))
+        || e.to_string().contains("certificate");
+    let hint = if tls {
+        ": the server's certificate is not trusted; if it comes from a private CA, give the CA's certificate with the CA file option"
+    } else {
+        ": check the URL and the network"
     };
     Error::new(ErrorKind::Network, format!("{doing} {url}{hint}")).with_source(e)
 }

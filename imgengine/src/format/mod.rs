@@ -238,6 +238,7 @@ pub fn fetch_head(src: &Source) -> Result<ImageHead> {
     if footer.manifest_offset < preamble_len
         || footer.manifest_offset.checked_add(footer.manifest_len) != Some(footer_at)
         || Manifest::encoded_len(footer.chunk_count) != Some(footer.manifest_len)
+        || footer.chunk_count > reader::plausible_chunks(meta.min_target_size)
     {
         return Err(Error::corrupt(
             "image footer: manifest position inconsistent with the image size",
@@ -337,7 +338,7 @@ pub fn fuzz_parse_manifest(data: &[u8]) {
         let _ = m.digest();
         let _ = sealed_manifest(&m, 100);
     }
-    let _ = reader::read_manifest(&mut &data[..], false);
+    let _ = reader::read_manifest(&mut &data[..], false, 1 << 12);
     if let Some(fb) = data
         .get(..FOOTER_LEN)
         .and_then(|b| <[u8; FOOTER_LEN]>::try_from(b).ok())

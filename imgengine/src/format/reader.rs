@@ -87,7 +87,13 @@ pub fn read_preamble(r: &mut impl Read) -> Result<(Preamble, Vec<u8>, ImageMeta)
 }
 
 /// Read a manifest block whose 4-byte magic has already been consumed (`magic_read`) or not.
-pub fn read_manifest(r: &mut impl Read, magic_read: bool) -> Result<(Manifest, Vec<u8>)> {
+/// `max_entries` bounds the count by what the image can plausibly hold (see
+/// [`plausible_chunks`]) before anything is allocated for it.
+pub fn read_manifest(
+    r: &mut impl Read,
+    magic_read: bool,
+    max_entries: u64,
+) -> Result<(Manifest, Vec<u8>)> {
     let mut head = [0u8; MANIFEST_HEADER_LEN];
     let start = if magic_read {
         head[..4].copy_from_slice(&MANIFEST_MAGIC);
@@ -105,6 +111,12 @@ pub fn read_manifest(r: &mut impl Read, magic_read: bool) -> Result<(Manifest, V
     })?);
     let m = Manifest::decode(&bytes)?;
     Ok((m, bytes))
+}
+
+/// The most chunks an image for a target of `min_target_size` bytes can have: every chunk
+/// covers at least one 512-byte sector (the smallest FAT cluster), plus slack for tables.
+pub fn plausible_chunks(min_target_size: u64) -> u64 {
+    (min_target_size / 512).saturating_add(64)
 }
 
 /// Read one chunk record at the current position and check it is exactly `expected`.
@@ -147,7 +159,8 @@ impl<R: Read> ImageReader<R> {
         let (preamble, preamble_bytes, meta) = read_preamble(&mut r)?;
         let mut pos = preamble_bytes.len() as u64;
         let sealed = if preamble.layout == Layout::Sealed {
-            let (manifest, manifest_bytes) = read_manifest(&mut r, false)?;
+            let (manifest, manifest_bytes) =
+                read_manifest(&mut r, false, plausible_chunks(meta.min_target_size))?;
             let mut sb = [0u8; SIGNATURE_BLOCK_LEN];
             read_exact_or(&mut r, &mut sb, || "signature block".into())?;
             let signature = SignatureBlock::decode(&sb)?;
@@ -274,7 +287,11 @@ impl<R: Read> ImageReader<R> {
             }
             MANIFEST_MAGIC if self.sealed.is_none() => {
                 let manifest_offset = self.pos;
-                let (m, bytes) = read_manifest(&mut self.r, true)?;
+                let (m, bytes) = read_manifest(
+                    &mut self.r,
+                    true,
+                    plausible_chunks(self.meta.min_target_size),
+                )?;
                 if m.entries != self.seen {
                     return Err(Error::corrupt(format!(
                         "the manifest at the end lists {} chunks that differ from the {} chunks read",

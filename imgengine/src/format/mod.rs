@@ -536,8 +536,25 @@ mod tests {
     fn fuzz_entry_points_survive_random_and_mutated_input() {
         let valid = image(&disk(50_000), 8192);
         let mut r = ImageReader::open(&valid[..]).unwrap();
-        while r.next_chunk().unwrap().is_some() {}
-        let manifest = r.manifest().unwrap().1.to_vec();
+        let mut records = Vec::new();
+        while let Some(rec) = r.next_chunk().unwrap() {
+            records.push(rec);
+        }
+        let (streaming_manifest, manifest) =
+            r.manifest().map(|(m, b)| (m.clone(), b.to_vec())).unwrap();
+        // The same chunks in the sealed layout (the parser does not check the signature).
+        let pre = layout::Preamble::new(Layout::Sealed, r.meta.to_json().unwrap()).encode();
+        let sm = sealed_manifest(&streaming_manifest, pre.len() as u64).unwrap();
+        let sig = SignatureBlock {
+            public_key: [0; 32],
+            signature: [0; 64],
+        };
+        let mut w = ImageWriter::sealed(Vec::new(), &pre, &sm.encode(), &sig).unwrap();
+        for rec in &records {
+            w.write_chunk(&rec.header, &rec.payload).unwrap();
+        }
+        let sealed = w.finish().unwrap().2;
+        assert_eq!(replay(&sealed, 50_000).unwrap(), disk(50_000));
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut rnd = || {
             x ^= x << 13;
@@ -550,7 +567,7 @@ mod tests {
             let random: Vec<u8> = (0..n).map(|_| rnd() as u8).collect();
             fuzz_parse_image(&random);
             fuzz_parse_manifest(&random);
-            for base in [&valid, &manifest] {
+            for base in [&valid, &manifest, &sealed] {
                 let mut m = base.clone();
                 for _ in 0..1 + i % 4 {
                     let p = (rnd() as usize) % m.len();

@@ -94,14 +94,43 @@ impl Target {
     /// shorter, extended (sparse) to it. Block device: size from BLKGETSIZE64; too small →
     /// `ErrorKind::Target`.
     pub fn open_disk(path: &Path, min_len: Option<u64>) -> Result<Target> {
+        Target::open_with(path, true, min_len)
+    }
+
+    /// Whole disk opened for reading only, for capture and `img -dump` (addition): works on
+    /// read-only media and never creates or extends a file.
+    pub fn open_disk_read_only(path: &Path) -> Result<Target> {
+        Target::open_with(path, false, None)
+    }
+
+    /// One partition, read only (addition; see `open_partition`).
+    pub fn open_partition_read_only(path: &Path, spec: &str) -> Result<(Target, PartitionInfo)> {
+        Target::open_disk_read_only(path)?.partition(path, spec)
+    }
+
+    fn open_with(path: &Path, write: bool, min_len: Option<u64>) -> Result<Target> {
         let shown = path.display();
+        let exists = path.exists();
+        // A mistyped /dev/sdX must not become a regular file on devtmpfs that swallows a
+        // whole image in RAM.
+        if !exists && (path.starts_with("/dev") || !write) {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!("{shown} does not exist; list the disks with img -dump"),
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(!path.exists())
+            .write(write)
+            .create(write && !exists)
             .truncate(false)
             .open(path)
-            .ctx(|| format!("opening {shown} for writing"))?;
+            .ctx(|| {
+                format!(
+                    "opening {shown} for {}",
+                    if write { "writing" } else { "reading" }
+                )
+            })?;
         let meta = file.metadata().ctx(|| format!("examining {shown}"))?;
         let blockdev = meta.file_type().is_block_device();
         let (len, sector_size) = if blockdev {
@@ -142,7 +171,11 @@ impl Target {
 
     /// One partition of a disk found by spec (number or label) through `disk::read_layout`.
     pub fn open_partition(path: &Path, spec: &str) -> Result<(Target, PartitionInfo)> {
-        let disk = Target::open_disk(path, None)?;
+        Target::open_disk(path, None)?.partition(path, spec)
+    }
+
+    fn partition(self, path: &Path, spec: &str) -> Result<(Target, PartitionInfo)> {
+        let disk = self;
         let layout = disk::read_layout(&disk, disk.len)?;
         let part = layout
             .find(spec)
@@ -457,6 +490,30 @@ mod tests {
         let f = File::create(&p).unwrap();
         assert!(ioctl::blkgetsize64(&f).is_err());
         assert!(ioctl::blkzeroout(&f, 0, 4096).is_err());
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn missing_devices_are_not_created() {
+        let e =
+            Target::open_disk(Path::new("/dev/imgengine-no-such-disk"), Some(4096)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Target);
+        assert!(!Path::new("/dev/imgengine-no-such-disk").exists());
+        let p = tmp("ro-missing");
+        let _ = std::fs::remove_file(&p);
+        assert!(Target::open_disk_read_only(&p).is_err());
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn read_only_target_reads_but_cannot_write() {
+        let p = tmp("ro");
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        let t = Target::open_disk_read_only(&p).unwrap();
+        let mut b = [0u8; 2];
+        t.read_at(&mut b, 8190).unwrap();
+        assert_eq!(b, [7, 7]);
+        assert!(t.write_at(b"x", 0).is_err());
         std::fs::remove_file(&p).unwrap();
     }
 

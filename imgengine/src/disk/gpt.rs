@@ -272,6 +272,29 @@ mod tests {
     }
 
     #[test]
+    fn native_4k_sector_disk() {
+        let size = 8 << 20;
+        let mut cur = std::io::Cursor::new(vec![0u8; size]);
+        let mbr = ::gpt::mbr::ProtectiveMBR::with_lb_size(((size / 4096) - 1) as u32);
+        mbr.overwrite_lba0(&mut cur).unwrap();
+        let mut disk = GptConfig::new()
+            .writable(true)
+            .logical_block_size(LogicalBlockSize::Lb4096)
+            .create_from_device(cur, None)
+            .unwrap();
+        disk.update_partitions(std::collections::BTreeMap::new())
+            .unwrap();
+        disk.add_partition("data", 2 << 20, types::LINUX_FS, 0, None)
+            .unwrap();
+        let img = disk.write().unwrap().into_inner();
+        let l = read_layout(img.as_slice(), size as u64).unwrap();
+        assert_eq!((l.table, l.sector_size), (TableKind::Gpt, 4096));
+        assert_eq!(l.partitions[0].len, 2 << 20);
+        assert_eq!(l.partitions[0].start % 4096, 0);
+        assert_eq!(l.partitions[0].type_name, "Linux filesystem");
+    }
+
+    #[test]
     fn broken_primary_falls_back_to_backup() {
         let mut img = gpt_image();
         img[512 + 20] ^= 0xff; // primary header CRC no longer matches

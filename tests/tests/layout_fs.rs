@@ -322,3 +322,67 @@ fn broken_fat_is_an_error_with_the_way_out() {
         "{s}"
     );
 }
+
+/// Large (sparse) volumes: the maps stay correct and the time to read them is printed as
+/// a figure for the report (not asserted: machines differ).
+#[test]
+fn large_volumes_map_in_one_pass() {
+    for t in ["mkfs.fat", "fsck.fat", "mkntfs", "ntfscluster", "ntfsinfo"] {
+        require_tool(t);
+    }
+    let dir = Scratch::new("layout-large");
+    let fat = dir.join("fat32.img");
+    let ntfs = dir.join("ntfs.img");
+    fs::write(dir.join("f"), sample_bytes(99, 3 << 20)).unwrap();
+    sh(&format!(
+        "cd {d}; mkfs.fat -C -F 32 -s 8 {fat} 4194304 >/dev/null; mcopy -i {fat} f ::F
+         truncate -s 4G {ntfs}; mkntfs -F -Q -q {ntfs} >/dev/null 2>&1; ntfscp -f {ntfs} f f >/dev/null 2>&1",
+        d = dir.path().display(),
+        fat = fat.display(),
+        ntfs = ntfs.display()
+    ));
+    let t0 = std::time::Instant::now();
+    let m = map_of(&fat);
+    let fat_time = t0.elapsed();
+    let fsck = sh(&format!("fsck.fat -n -v {}", fat.display()));
+    let used: u64 = fsck
+        .lines()
+        .last()
+        .unwrap()
+        .rsplit(", ")
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let data_line = fsck
+        .lines()
+        .find(|l| l.contains("Data area starts at byte"))
+        .unwrap();
+    let data_start: u64 = data_line
+        .split_whitespace()
+        .nth(5)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(m.used_bytes, data_start + used * 4096);
+
+    let t0 = std::time::Instant::now();
+    let n = map_of(&ntfs);
+    let ntfs_time = t0.elapsed();
+    let info = sh(&format!("ntfsinfo -m -f {} 2>/dev/null", ntfs.display()));
+    let clusters = number_after(&info, "Volume Size in Clusters");
+    let csize = number_after(&info, "Cluster Size");
+    let free = number_after(
+        &sh(&format!("ntfscluster -f {} 2>/dev/null", ntfs.display())),
+        "clusters of free space",
+    );
+    assert_eq!(n.used_bytes, (clusters - free) * csize + 512);
+    println!(
+        "4 GiB FAT32 (1 Mi clusters): used map in {fat_time:?}, {} bytes used; 4 GiB NTFS ({clusters} clusters): used map in {ntfs_time:?}, {} bytes used",
+        m.used_bytes,
+        n.used_bytes
+    );
+}

@@ -179,19 +179,34 @@ pub fn decode_server_address(v: &[u8], where_: &str, notes: &mut Vec<String>) ->
 }
 
 /// Options 190/192/187: a 16-bit word in network order ("word form" or "2-byte array form",
-/// the same two octets on the wire). Port 0 is refused.
+/// the same two octets on the wire). Administrators also produce other widths with common
+/// DHCP servers — dnsmasq sends `dhcp-option=192,80` as one byte and `190,00:01:bb` as three,
+/// Windows' "Long" type is four — so any 1–4 byte big-endian integer whose value is a valid
+/// port (1–65535) is read, with a note when it is not the standard two bytes. Empty or longer
+/// values, port 0 and values above 65535 are ignored.
 pub fn decode_port(code: u8, v: &[u8], where_: &str, notes: &mut Vec<String>) -> Option<u16> {
-    let Ok(b) = <[u8; 2]>::try_from(v) else {
+    if v.is_empty() || v.len() > 4 {
         notes.push(format!(
             "{where_}option {code} ignored: {} bytes, a port needs 2",
             v.len()
         ));
         return None;
+    }
+    let value = v.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b));
+    let port = match u16::try_from(value) {
+        Ok(0) | Err(_) => {
+            notes.push(format!(
+                "{where_}option {code} ignored: {value} is not a port (1-65535)"
+            ));
+            return None;
+        }
+        Ok(p) => p,
     };
-    let port = u16::from_be_bytes(b);
-    if port == 0 {
-        notes.push(format!("{where_}option {code} ignored: port 0"));
-        return None;
+    if v.len() != 2 {
+        notes.push(format!(
+            "{where_}option {code}: {} bytes instead of 2, read as port {port}",
+            v.len()
+        ));
     }
     Some(port)
 }
@@ -247,7 +262,7 @@ mod tests {
     #[test]
     fn malformed_values_are_ignored_with_a_note() {
         let (o, _) = opts(&[
-            186, 3, 10, 0, 0, 190, 1, 5, 192, 2, 0, 0, 187, 4, 0, 80, 0, 0,
+            186, 3, 10, 0, 0, 190, 5, 0, 0, 0, 1, 187, 192, 2, 0, 0, 187, 4, 0, 1, 0, 0,
         ]);
         let mut n = Vec::new();
         let v = VxcmOptions::from_options(&o, &mut n);
@@ -258,6 +273,18 @@ mod tests {
         assert_eq!(notes.len(), 1);
         let (_, notes) = opts(&[186]);
         assert_eq!(notes.len(), 1);
+    }
+
+    #[test]
+    fn other_port_widths_are_read_with_a_note() {
+        let mut n = Vec::new();
+        assert_eq!(decode_port(192, &[80], "", &mut n), Some(80));
+        assert_eq!(decode_port(190, &[0, 1, 0xbb], "", &mut n), Some(443));
+        assert_eq!(decode_port(190, &[0, 0, 1, 0xbb], "", &mut n), Some(443));
+        assert_eq!(n.len(), 3);
+        assert_eq!(decode_port(190, &[1, 0xbb], "", &mut n), Some(443));
+        assert_eq!(n.len(), 3, "the standard form adds no note");
+        assert_eq!(decode_port(190, &[], "", &mut n), None);
     }
 
     #[test]

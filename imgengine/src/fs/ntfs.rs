@@ -113,7 +113,7 @@ pub fn used_extents(dev: &(impl ReadAt + ?Sized), offset: u64, len: u64) -> Resu
     // Boot sector (cluster 0 is always allocated, but do not rely on a map we just read)
     // and the backup boot sector(s) described in the module docs.
     out.push(Extent::new(0, ssize.max(512)));
-    if vol + ssize <= len {
+    if vol.checked_add(ssize).is_some_and(|end| end <= len) {
         out.push(Extent::new(vol, ssize));
     }
     if len >= ssize {

@@ -1,0 +1,81 @@
+//! The boot agent personality: what init starts after PID-1 set-up. It finds the management
+//! server (or falls back as seed 000 says), checks in, runs what the server hands out, and
+//! tells init through its exit code what should happen next.
+
+use std::path::PathBuf;
+
+use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
+
+/// Exit codes from the agent to init (init.rs acts on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum AgentExit {
+    /// The work is done; init does what `img.after=` says (reboot by default).
+    Done = 0,
+    /// The agent failed; init shows the message and reboots after the delay.
+    Failed = 1,
+    /// The operator asked for the console (Esc/N at the no-server question).
+    Console = 10,
+    /// Boot the guest OS already on flash.
+    GuestOs = 11,
+}
+
+/// Settings of the boot agent from its environment (init passes the kernel parameters as
+/// `IMG_*` variables): `IMG_SERVER` skips discovery, `IMG_CONFIG_DIR` is the boot
+/// partition's configuration folder, `IMG_DISK` the disk to image.
+pub fn run() -> i32 {
+    match run_inner() {
+        Ok(code) => code as i32,
+        Err(e) => {
+            eprintln!("agent: {e:#}");
+            AgentExit::Failed as i32
+        }
+    }
+}
+
+fn run_inner() -> anyhow::Result<AgentExit> {
+    let mut cfg = discovery::Config::default();
+    if let Some(dir) = std::env::var_os("IMG_CONFIG_DIR") {
+        cfg.config_dir = PathBuf::from(dir);
+    }
+    let server = match std::env::var("IMG_SERVER").ok().filter(|s| !s.trim().is_empty()) {
+        Some(s) => {
+            eprintln!("agent: server given on the kernel command line: {s}");
+            s
+        }
+        None => {
+            let mut console = TtyConsole::stdio();
+            match bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)? {
+                BootOutcome::Server { chosen, .. } => chosen.url,
+                BootOutcome::GuestOs => return Ok(AgentExit::GuestOs),
+                BootOutcome::OperatorConsole => return Ok(AgentExit::Console),
+            }
+        }
+    };
+    eprintln!("agent: management server {server}");
+    checkin_and_work(&server)
+}
+
+fn checkin_and_work(server: &str) -> anyhow::Result<AgentExit> {
+    use crate::checkin::{self, AgentConfig, LoopOutcome};
+    let mut acfg = AgentConfig::default();
+    if let Some(d) = std::env::var_os("IMG_DISK") {
+        acfg.disk = Some(PathBuf::from(d));
+    }
+    Ok(match checkin::agent_loop(server, &acfg)? {
+        LoopOutcome::Reboot => AgentExit::Done,
+        LoopOutcome::Idle { .. } | LoopOutcome::BootGuest => AgentExit::GuestOs,
+        LoopOutcome::TaskLimit { .. } => AgentExit::Done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_distinct_and_stable() {
+        let codes = [AgentExit::Done, AgentExit::Failed, AgentExit::Console, AgentExit::GuestOs].map(|c| c as i32);
+        assert_eq!(codes, [0, 1, 10, 11]);
+    }
+}

@@ -1,0 +1,355 @@
+//! `img -install`: prepare a device's boot-agent partition so it boots the agent.
+//!
+//! MISSION §3: the first partition of a managed device is a small FAT32 "boot agent"
+//! partition holding GRUB, our kernel and initrd. This verb formats that partition (found in
+//! the disk's GPT or MBR by number or label) and writes into it, through the `fatfs` crate,
+//! without mounting anything, so it works the same on a block device (`/dev/mmcblk0`) and on
+//! a disk-image file (a thin-client image being prepared on a build machine):
+//!
+//! - `/boot/vmlinuz`, `/boot/initrd.img`: the kernel and our initrd;
+//! - `/boot/grub/grub.cfg` (and `/EFI/BOOT/grub.cfg` for a standalone EFI GRUB): the
+//!   configuration from the `grub` crate (agent by default, guest OS, console only);
+//! - `/EFI/BOOT/BOOTX64.EFI` when `-efi=` names a GRUB EFI image (e.g. made by
+//!   `grub-mkstandalone -O x86_64-efi`), so UEFI firmware boots the partition directly.
+//!
+//! The partition table itself is not changed: partitioning belongs to the image or to
+//! `sgdisk`/`sfdisk`, and a wrong table written by a boot-loader installer is the kind of
+//! mistake that bricks a room of devices.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+pub const USAGE: &str = "\
+  -install DISK -kernel=VMLINUZ -initrd=INITRD [-part=N|LABEL] [-cmdline=TEXT] [-efi=GRUBX64.EFI]
+                                    format the boot-agent partition (default 1) as FAT32 and write
+                                    the kernel, the initrd and grub.cfg into it (no mounting)";
+
+/// The verbs this module answers; `None` for any other verb.
+pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
+    match verb {
+        "install" => Some(parse_install(args).and_then(|req| install(&req)).map(|_| 0)),
+        _ => None,
+    }
+}
+
+/// What `-install` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallRequest {
+    pub disk: PathBuf,
+    pub part: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub efi: Option<PathBuf>,
+}
+
+/// Default kernel command line: both consoles, reboot 10 s after a kernel panic.
+pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=10 quiet";
+
+fn parse_install(args: Vec<OsString>) -> anyhow::Result<InstallRequest> {
+    let mut disk = None;
+    let mut req = InstallRequest {
+        disk: PathBuf::new(),
+        part: "1".into(),
+        kernel: PathBuf::new(),
+        initrd: PathBuf::new(),
+        cmdline: DEFAULT_CMDLINE.into(),
+        efi: None,
+    };
+    let (mut kernel, mut initrd) = (None, None);
+    for a in args {
+        let s = a
+            .to_str()
+            .with_context(|| format!("argument {a:?} is not UTF-8"))?
+            .to_owned();
+        let opt = s.strip_prefix("--").or_else(|| s.strip_prefix('-'));
+        match opt.and_then(|o| o.split_once('=')) {
+            Some(("kernel", v)) => kernel = Some(PathBuf::from(v)),
+            Some(("initrd", v)) => initrd = Some(PathBuf::from(v)),
+            Some(("part", v)) => req.part = v.to_owned(),
+            Some(("cmdline", v)) => req.cmdline = v.to_owned(),
+            Some(("efi", v)) => req.efi = Some(PathBuf::from(v)),
+            Some((k, _)) => bail!("-install: unknown option -{k}\n{USAGE}"),
+            None if opt.is_some() => bail!("-install: unknown option {s}\n{USAGE}"),
+            None if disk.is_none() => disk = Some(PathBuf::from(s)),
+            None => bail!("-install: one DISK only (got {s} too)\n{USAGE}"),
+        }
+    }
+    req.disk = disk.with_context(|| format!("-install: DISK is missing\n{USAGE}"))?;
+    req.kernel = kernel.with_context(|| format!("-install: -kernel= is missing\n{USAGE}"))?;
+    req.initrd = initrd.with_context(|| format!("-install: -initrd= is missing\n{USAGE}"))?;
+    Ok(req)
+}
+
+/// A partition of a disk as a file of its own: reads, writes and seeks stay inside
+/// `[start, start + len)`, so nothing fatfs does can touch the partition table or the
+/// neighbouring OS partition.
+pub struct PartitionWindow {
+    file: File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl PartitionWindow {
+    pub fn new(file: File, start: u64, len: u64) -> PartitionWindow {
+        PartitionWindow {
+            file,
+            start,
+            len,
+            pos: 0,
+        }
+    }
+
+    fn room(&self, want: usize) -> usize {
+        want.min(
+            self.len
+                .saturating_sub(self.pos)
+                .try_into()
+                .unwrap_or(usize::MAX),
+        )
+    }
+
+    fn absolute(&self) -> io::Result<u64> {
+        self.start.checked_add(self.pos).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "partition offset overflows")
+        })
+    }
+
+    pub fn into_file(self) -> File {
+        self.file
+    }
+}
+
+impl Read for PartitionWindow {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.room(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = std::os::unix::fs::FileExt::read_at(&self.file, &mut buf[..n], self.absolute()?)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for PartitionWindow {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.room(buf.len());
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("write past the end of the {}-byte partition", self.len),
+            ));
+        }
+        let n = std::os::unix::fs::FileExt::write_at(&self.file, &buf[..n], self.absolute()?)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Seek for PartitionWindow {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(o) => Some(o),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(p) if p <= self.len => {
+                self.pos = p;
+                Ok(p)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("seek outside the {}-byte partition", self.len),
+            )),
+        }
+    }
+}
+
+/// Size of a disk-image file or block device (lseek to the end works for both).
+fn disk_size(file: &mut File) -> io::Result<u64> {
+    let size = file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
+/// Format the partition and write the boot files.
+pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
+    let kernel = std::fs::read(&req.kernel)
+        .with_context(|| format!("reading the kernel {}", req.kernel.display()))?;
+    let initrd = std::fs::read(&req.initrd)
+        .with_context(|| format!("reading the initrd {}", req.initrd.display()))?;
+    let efi = match &req.efi {
+        Some(p) => Some(
+            std::fs::read(p)
+                .with_context(|| format!("reading the GRUB EFI image {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&req.disk)
+        .with_context(|| format!("opening {}", req.disk.display()))?;
+    let size = disk_size(&mut file)
+        .with_context(|| format!("finding the size of {}", req.disk.display()))?;
+    let layout = imgengine::disk::read_layout(&file, size)
+        .with_context(|| format!("reading the partition table of {}", req.disk.display()))?;
+    let part = layout
+        .find(&req.part)
+        .with_context(|| format!("finding the boot-agent partition on {}", req.disk.display()))?
+        .clone();
+    let needed = (kernel.len() + initrd.len() + efi.as_ref().map_or(0, Vec::len)) as u64;
+    // FAT overhead and the slack of the last cluster of each file: 1 MiB is plenty.
+    if needed.saturating_add(1 << 20) > part.len {
+        bail!(
+            "partition {} of {} is {} bytes; the kernel, initrd and GRUB need {} bytes plus 1 MiB: make the boot-agent partition larger",
+            part.number,
+            req.disk.display(),
+            part.len,
+            needed
+        );
+    }
+    let mut window = PartitionWindow::new(file, part.start, part.len);
+    format_fat(&mut window, part.len).with_context(|| {
+        format!(
+            "formatting partition {} of {} as FAT",
+            part.number,
+            req.disk.display()
+        )
+    })?;
+    window.seek(SeekFrom::Start(0))?;
+    let cfg =
+        grub::BootConfig::boot_agent("/boot/vmlinuz", "/boot/initrd.img", &req.cmdline).render();
+    {
+        let fs = fatfs::FileSystem::new(&mut window, fatfs::FsOptions::new())
+            .context("opening the new FAT file system")?;
+        {
+            let root = fs.root_dir();
+            let write = |path: &str, data: &[u8]| -> anyhow::Result<()> {
+                let mut f = root
+                    .create_file(path)
+                    .with_context(|| format!("creating {path}"))?;
+                f.truncate().with_context(|| format!("truncating {path}"))?;
+                f.write_all(data)
+                    .with_context(|| format!("writing {path}"))?;
+                f.flush().with_context(|| format!("writing {path}"))?;
+                Ok(())
+            };
+            for dir in ["boot", "boot/grub", "EFI", "EFI/BOOT"] {
+                root.create_dir(dir)
+                    .with_context(|| format!("creating /{dir}"))?;
+            }
+            write("boot/vmlinuz", &kernel)?;
+            write("boot/initrd.img", &initrd)?;
+            write("boot/grub/grub.cfg", cfg.as_bytes())?;
+            // A standalone GRUB EFI image looks for grub.cfg next to itself first.
+            write("EFI/BOOT/grub.cfg", cfg.as_bytes())?;
+            if let Some(efi) = &efi {
+                write("EFI/BOOT/BOOTX64.EFI", efi)?;
+            }
+        }
+        fs.unmount().context("closing the FAT file system")?;
+    }
+    let file = window.into_file();
+    file.sync_all()
+        .with_context(|| format!("syncing {}", req.disk.display()))?;
+    println!(
+        "installed the boot agent on partition {} of {}: kernel {} bytes, initrd {} bytes{}",
+        part.number,
+        req.disk.display(),
+        kernel.len(),
+        initrd.len(),
+        if efi.is_some() { ", GRUB EFI" } else { "" }
+    );
+    Ok(())
+}
+
+/// FAT32 as MISSION §3 asks; a partition too small for FAT32's minimum cluster count
+/// (about 32 MiB with 512-byte clusters) gets FAT16, which GRUB, UEFI and Linux read alike.
+fn format_fat(window: &mut PartitionWindow, len: u64) -> anyhow::Result<()> {
+    let label = *b"BOOTAGENT  ";
+    let fat32 = fatfs::FormatVolumeOptions::new()
+        .fat_type(fatfs::FatType::Fat32)
+        .volume_label(label);
+    if len >= 64 << 20 {
+        fatfs::format_volume(&mut *window, fat32)?;
+        return Ok(());
+    }
+    window.seek(SeekFrom::Start(0))?;
+    match fatfs::format_volume(&mut *window, fat32) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            window.seek(SeekFrom::Start(0))?;
+            fatfs::format_volume(
+                &mut *window,
+                fatfs::FormatVolumeOptions::new()
+                    .fat_type(fatfs::FatType::Fat16)
+                    .volume_label(label),
+            )?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn install_arguments_parse() {
+        let r = parse_install(os(&[
+            "/dev/vda",
+            "-kernel=/k",
+            "--initrd=/i",
+            "-part=BOOT",
+            "-efi=/g.efi",
+        ]))
+        .unwrap();
+        assert_eq!(r.disk, PathBuf::from("/dev/vda"));
+        assert_eq!(r.part, "BOOT");
+        assert_eq!(r.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(r.efi, Some(PathBuf::from("/g.efi")));
+        assert!(parse_install(os(&["/dev/vda", "-kernel=/k"])).is_err());
+        assert!(
+            parse_install(os(&["/dev/vda", "-kernel=/k", "-initrd=/i", "-colour=red"])).is_err()
+        );
+        assert!(dispatch("frobnicate", vec![]).is_none());
+    }
+
+    #[test]
+    fn window_keeps_io_inside_the_partition() {
+        let path = std::env::temp_dir().join(format!("install-window-{}", std::process::id()));
+        std::fs::write(&path, vec![0xaa; 4096]).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut w = PartitionWindow::new(f, 1024, 1024);
+        w.write_all(&[1; 1024]).unwrap();
+        assert!(w.write_all(&[2]).is_err(), "writing past the end fails");
+        assert!(w.seek(SeekFrom::Start(1025)).is_err());
+        w.seek(SeekFrom::End(-4)).unwrap();
+        let mut b = [0; 8];
+        assert_eq!(w.read(&mut b).unwrap(), 4);
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[..1024].iter().all(|&b| b == 0xaa) && disk[2048..].iter().all(|&b| b == 0xaa));
+        assert!(disk[1024..2048].iter().all(|&b| b == 1));
+        let _ = std::fs::remove_file(&path);
+    }
+}

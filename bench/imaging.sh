@@ -35,7 +35,7 @@ fill() {
   mkdir -p "$dir"
   while [ $((i * 16)) -lt "$total" ]; do
     if [ $((i % 2)) -eq 0 ]; then
-      seq -f "record %g of the thin client image: settings, logs and text" 1 400000 | head -c 16M > "$dir/text$i.txt"
+      head -c 16M < <(seq -f "record %g of the thin client image: settings, logs and text" 1 400000) > "$dir/text$i.txt"
     else
       head -c 16M /dev/urandom > "$dir/blob$i.bin"
     fi

@@ -29,6 +29,7 @@
 //! | `img.after=ACTION`     | when the agent finishes: `reboot` (default), `poweroff`, `console` |
 //! | `img.delay=SECONDS`    | pause before a reboot after a failure (default 10, max 3600)   |
 //! | `img.modules=a,b`      | load only these modules (and their dependencies); `none` for none |
+//! | `img.disk=DEVICE`      | the disk the agent images (`IMG_DISK`); default: the fixed disks |
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -49,6 +50,13 @@ const DEVICE_SETTLE: Duration = Duration::from_secs(5);
 const MODULES_ROOT: &str = "/lib/modules";
 /// Where the CA bundle lives in the initramfs (the builder's `--ca`).
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The management server's own CA, when the initramfs carries one (mkinitrd
+/// `--file ca.pem:etc/img/server-ca.pem`): the agent then trusts only it (`IMG_CA_FILE`).
+const SERVER_CA: &str = "/etc/img/server-ca.pem";
+
+/// Exit codes of the agent personality that ask init for something (agent/src/bootagent.rs).
+const AGENT_EXIT_CONSOLE: i32 = 10;
+const AGENT_EXIT_GUEST_OS: i32 = 11;
 
 /// What to do when the agent has finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +76,8 @@ pub struct BootParams {
     pub reboot_delay: Duration,
     /// `None`: every module the initramfs carries; `Some(list)`: only these (empty: none).
     pub modules: Option<Vec<String>>,
+    /// The disk to image (`img.disk=`), for the agent.
+    pub disk: Option<String>,
     /// Parameters we did not understand, for a warning on the console.
     pub unknown: Vec<String>,
 }
@@ -81,6 +91,7 @@ impl Default for BootParams {
             after: AfterAgent::Reboot,
             reboot_delay: DEFAULT_REBOOT_DELAY,
             modules: None,
+            disk: None,
             unknown: Vec::new(),
         }
     }
@@ -167,6 +178,10 @@ pub fn parse_cmdline(cmdline: &str) -> BootParams {
                 }
                 _ => false,
             },
+            ("disk", Some(v)) if v.starts_with('/') => {
+                p.disk = Some(v.to_owned());
+                true
+            }
             ("modules", Some(v)) => {
                 p.modules = Some(if v == "none" {
                     Vec::new()
@@ -188,6 +203,14 @@ pub fn parse_cmdline(cmdline: &str) -> BootParams {
 }
 
 impl BootParams {
+    /// After the agent chose the guest OS: reboot, unless told to power off.
+    fn after_guest(&self) -> AfterAgent {
+        match self.after {
+            AfterAgent::PowerOff => AfterAgent::PowerOff,
+            _ => AfterAgent::Reboot,
+        }
+    }
+
     /// The environment the agent and the console commands get.
     pub fn agent_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![
@@ -198,6 +221,12 @@ impl BootParams {
         ];
         if let Some(s) = &self.server {
             env.push(("IMG_SERVER", s.clone()));
+        }
+        if let Some(d) = &self.disk {
+            env.push(("IMG_DISK", d.clone()));
+        }
+        if Path::new(SERVER_CA).exists() {
+            env.push(("IMG_CA_FILE", SERVER_CA.to_owned()));
         }
         if Path::new(CA_BUNDLE).exists() {
             env.push(("SSL_CERT_FILE", CA_BUNDLE.to_owned()));
@@ -647,22 +676,32 @@ fn supervise(params: &BootParams, console: &Arc<Console>, reaper: &Reaper) {
         }
     };
     console.wait_prompt_closed();
-    if code == 0 {
-        say("agent finished");
-    } else {
-        say(&format!("agent stopped with exit code {code}"));
-    }
-    let action = if code == 0 {
-        params.after
-    } else {
-        AfterAgent::Reboot
+    let action = match code {
+        0 => {
+            say("agent finished");
+            params.after
+        }
+        AGENT_EXIT_CONSOLE => {
+            say("the agent hands over to the console");
+            AfterAgent::Console
+        }
+        AGENT_EXIT_GUEST_OS => {
+            // Booting the guest OS means leaving this kernel: reboot, and the device's
+            // boot order (flash after network, or GRUB's guest entry) takes it there.
+            say("booting the guest OS on flash (through a reboot)");
+            params.after_guest()
+        }
+        _ => {
+            say(&format!("agent stopped with exit code {code}"));
+            AfterAgent::Reboot
+        }
     };
     if action == AfterAgent::Console {
-        say("staying at the console (img.after=console): press any key for the img prompt");
+        say("staying at the console: press any key for the img prompt");
         console.stay();
         park_forever();
     }
-    let delay = if code == 0 {
+    let delay = if code == 0 || code == AGENT_EXIT_GUEST_OS {
         Duration::from_secs(1)
     } else {
         params.reboot_delay
@@ -696,7 +735,7 @@ mod tests {
     fn cmdline_reads_every_parameter() {
         let p = parse_cmdline(
             "console=ttyS0 img.server=\"https://srv.example:8443; http://10.0.0.1:80\" img.log=debug \
-             img.console img.after=poweroff img.delay=30 img.modules=virtio_blk,virtio_net",
+             img.console img.after=poweroff img.delay=30 img.modules=virtio_blk,virtio_net img.disk=/dev/vda",
         );
         assert_eq!(
             p.server.as_deref(),
@@ -710,6 +749,10 @@ mod tests {
             p.modules,
             Some(vec!["virtio_blk".to_string(), "virtio_net".to_string()])
         );
+        assert_eq!(p.disk.as_deref(), Some("/dev/vda"));
+        assert!(p
+            .agent_env()
+            .contains(&("IMG_DISK", "/dev/vda".to_string())));
         assert!(p.unknown.is_empty());
     }
 

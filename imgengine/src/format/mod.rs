@@ -196,6 +196,13 @@ pub fn fetch_head(src: &Source) -> Result<ImageHead> {
                 .try_into()
                 .map_err(|_| Error::corrupt("manifest header"))?,
         )?;
+        if count > reader::plausible_chunks(meta.min_target_size)
+            || count.saturating_mul(76) > image_len
+        {
+            return Err(Error::corrupt(format!(
+                "manifest: {count} chunks is more than this image can hold"
+            )));
+        }
         let mlen = Manifest::encoded_len(count)
             .ok_or_else(|| Error::corrupt("manifest size overflows"))?;
         let rest = range(
@@ -528,6 +535,18 @@ mod tests {
         let e = ImageReader::open(&img[..]).err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("upgrade img"));
+    }
+
+    #[test]
+    fn manifest_count_is_bounded_by_the_target_size_before_allocating() {
+        let mut m = meta(4096);
+        m.min_target_size = 4096;
+        let mut img = layout::Preamble::new(Layout::Sealed, m.to_json().unwrap()).encode();
+        img.extend_from_slice(b"IMAN\0\0\0\0");
+        img.extend_from_slice(&1_000_000u64.to_le_bytes());
+        let e = ImageReader::open(&img[..]).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 
     /// Deterministic pseudo-random and mutated-valid inputs for the fuzz entry points, so

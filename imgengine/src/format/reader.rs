@@ -103,6 +103,11 @@ pub fn read_manifest(
     };
     read_exact_or(r, &mut head[start..], || "manifest header".into())?;
     let count = Manifest::decode_count(&head)?;
+    if count > max_entries {
+        return Err(Error::corrupt(format!(
+            "manifest: {count} chunks is more than an image of this size can hold ({max_entries})"
+        )));
+    }
     let len =
         Manifest::encoded_len(count).ok_or_else(|| Error::corrupt("manifest size overflows"))?;
     let mut bytes = head.to_vec();

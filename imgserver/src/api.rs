@@ -22,10 +22,12 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::protocol::{
-    Action, CaptureSpec, CheckIn, CheckInReply, DeploySpec, ErrorReply, ImageRef, ProgressReply, ProgressReport,
-    ResultReply, Task, TaskKind, TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
+    Action, CaptureSpec, CheckIn, CheckInReply, DeploySpec, ErrorReply, ImageRef, ProgressReply,
+    ProgressReport, ResultReply, Task, TaskKind, TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
 };
-use crate::store::{CheckInSecrets, DeviceRow, ImageRow, JobRow, Policy, Store, StoreError, TaskRow};
+use crate::store::{
+    CheckInSecrets, DeviceRow, ImageRow, JobRow, Policy, Store, StoreError, TaskRow,
+};
 
 /// What every handler shares.
 pub struct AppState {
@@ -86,25 +88,43 @@ pub fn new_secret() -> String {
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    let token = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?;
     Some(token.trim().to_string())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> ApiResult<T> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("storage task: {e}")))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("storage task: {e}"),
+            )
+        })?
         .map_err(ApiError::from)
 }
 
 async fn authenticate(st: &AppState, headers: &HeaderMap) -> ApiResult<DeviceRow> {
     let Some(token) = bearer(headers) else {
-        return Err(ApiError(StatusCode::UNAUTHORIZED, "no device credential: check in first to enrol".into()));
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "no device credential: check in first to enrol".into(),
+        ));
     };
     let store = st.store.clone();
     let hash = hash_secret(&token);
@@ -117,12 +137,21 @@ fn base_url(st: &AppState, headers: &HeaderMap) -> String {
     if let Some(u) = &st.public_url {
         return u.trim_end_matches('/').to_string();
     }
-    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
     format!("{}://{host}", st.scheme)
 }
 
 /// The protocol message for a task row.
-fn wire_task(task: &TaskRow, job: &JobRow, image: Option<&ImageRow>, base: &str, upload_key: Option<&str>) -> Option<Task> {
+fn wire_task(
+    task: &TaskRow,
+    job: &JobRow,
+    image: Option<&ImageRow>,
+    base: &str,
+    upload_key: Option<&str>,
+) -> Option<Task> {
     let o = &job.options;
     let kind = match job.kind.as_str() {
         "deploy" => {
@@ -133,7 +162,12 @@ fn wire_task(task: &TaskRow, job: &JobRow, image: Option<&ImageRow>, base: &str,
                 (None, None) => return None,
             };
             TaskKind::Deploy(DeploySpec {
-                image: ImageRef { name: img.name.clone(), version: img.version.clone(), url, size: img.size },
+                image: ImageRef {
+                    name: img.name.clone(),
+                    version: img.version.clone(),
+                    url,
+                    size: img.size,
+                },
                 disk: o.disk.clone(),
                 partition: o.partition.clone(),
                 preserve: o.preserve.clone(),
@@ -144,8 +178,14 @@ fn wire_task(task: &TaskRow, job: &JobRow, image: Option<&ImageRow>, base: &str,
         "capture" => TaskKind::Capture(CaptureSpec {
             disk: o.disk.clone(),
             partition: o.partition.clone(),
-            name: o.capture_name.clone().unwrap_or_else(|| format!("capture-{}", task.mac.replace(':', ""))),
-            version: o.capture_version.clone().unwrap_or_else(|| task.id.to_string()),
+            name: o
+                .capture_name
+                .clone()
+                .unwrap_or_else(|| format!("capture-{}", task.mac.replace(':', ""))),
+            version: o
+                .capture_version
+                .clone()
+                .unwrap_or_else(|| task.id.to_string()),
             models: Vec::new(),
             description: Some(format!("captured from {} by job {}", task.mac, job.id)),
             comp: o.comp.unwrap_or(1),
@@ -158,14 +198,25 @@ fn wire_task(task: &TaskRow, job: &JobRow, image: Option<&ImageRow>, base: &str,
         "boot_guest" => TaskKind::BootGuest,
         _ => return None,
     };
-    Some(Task { id: task.id, job: job.id, kind })
+    Some(Task {
+        id: task.id,
+        job: job.id,
+        kind,
+    })
 }
 
-async fn checkin(State(st): State<Arc<AppState>>, headers: HeaderMap, Json(req): Json<CheckIn>) -> ApiResult<Json<CheckInReply>> {
+async fn checkin(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(req): Json<CheckIn>,
+) -> ApiResult<Json<CheckInReply>> {
     if req.protocol != PROTOCOL_VERSION {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            format!("protocol version {} is not spoken here (this server speaks {PROTOCOL_VERSION})", req.protocol),
+            format!(
+                "protocol version {} is not spoken here (this server speaks {PROTOCOL_VERSION})",
+                req.protocol
+            ),
         ));
     }
     let credential = new_secret();
@@ -178,9 +229,15 @@ async fn checkin(State(st): State<Arc<AppState>>, headers: HeaderMap, Json(req):
     let base = base_url(&st, &headers);
     let (store, policy) = (st.store.clone(), st.policy.clone());
     let d = blocking(move || store.checkin(&req, &secrets, now(), &policy)).await?;
-    let action = match d.task.as_ref().and_then(|(t, j, img)| wire_task(t, j, img.as_ref(), &base, Some(&upload_key))) {
+    let action = match d
+        .task
+        .as_ref()
+        .and_then(|(t, j, img)| wire_task(t, j, img.as_ref(), &base, Some(&upload_key)))
+    {
         Some(task) => Action::Run { task },
-        None => Action::Wait { seconds: st.policy.checkin_interval },
+        None => Action::Wait {
+            seconds: st.policy.checkin_interval,
+        },
     };
     Ok(Json(CheckInReply {
         protocol: PROTOCOL_VERSION,
@@ -191,14 +248,25 @@ async fn checkin(State(st): State<Arc<AppState>>, headers: HeaderMap, Json(req):
     }))
 }
 
-async fn get_task(State(st): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Json<Task>> {
+async fn get_task(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<Task>> {
     let dev = authenticate(&st, &headers).await?;
     let store = st.store.clone();
     let found = blocking(move || store.task_of_device(dev.id, id)).await?;
-    let not_found = || ApiError(StatusCode::NOT_FOUND, format!("task {id} is not a task of this device"));
+    let not_found = || {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("task {id} is not a task of this device"),
+        )
+    };
     let (t, j, img) = found.ok_or_else(not_found)?;
     // A capture's upload key is handed out only in check-in replies.
-    wire_task(&t, &j, img.as_ref(), &base_url(&st, &headers), None).map(Json).ok_or_else(not_found)
+    wire_task(&t, &j, img.as_ref(), &base_url(&st, &headers), None)
+        .map(Json)
+        .ok_or_else(not_found)
 }
 
 async fn progress(
@@ -220,7 +288,10 @@ async fn result(
     Json(r): Json<TaskResult>,
 ) -> ApiResult<Json<ResultReply>> {
     if r.task != id {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("result for task {} posted to task {id}", r.task)));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("result for task {} posted to task {id}", r.task),
+        ));
     }
     let dev = authenticate(&st, &headers).await?;
     let store = st.store.clone();
@@ -235,18 +306,35 @@ struct UploadQuery {
 
 /// A capture's image arrives here (chunked PUT from `imgengine::source::upload`), is
 /// written to a hidden file, checked by reading its metadata, and registered.
-async fn upload(State(st): State<Arc<AppState>>, Path(id): Path<u64>, Query(q): Query<UploadQuery>, body: Body) -> ApiResult<Response> {
-    let key = q.key.ok_or_else(|| ApiError(StatusCode::FORBIDDEN, "upload without key: use the URL from the capture task".into()))?;
+async fn upload(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    let key = q.key.ok_or_else(|| {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "upload without key: use the URL from the capture task".into(),
+        )
+    })?;
     let store = st.store.clone();
     let hash = hash_secret(&key);
     let found = blocking(move || store.upload_task(id, &hash)).await?;
     if found.is_none() {
-        return Err(ApiError(StatusCode::FORBIDDEN, format!("no running capture task {id} with this upload key")));
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("no running capture task {id} with this upload key"),
+        ));
     }
     let incoming = st.repo.join(".incoming");
-    tokio::fs::create_dir_all(&incoming).await.with_context(|| format!("creating {}", incoming.display()))?;
+    tokio::fs::create_dir_all(&incoming)
+        .await
+        .with_context(|| format!("creating {}", incoming.display()))?;
     let part = incoming.join(format!("task-{id}.part"));
-    let mut f = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
+    let mut f = tokio::fs::File::create(&part)
+        .await
+        .with_context(|| format!("creating {}", part.display()))?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -254,26 +342,51 @@ async fn upload(State(st): State<Arc<AppState>>, Path(id): Path<u64>, Query(q): 
             Ok(c) => c,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&part).await;
-                return Err(ApiError(StatusCode::BAD_REQUEST, format!("upload of task {id} broke off after {total} bytes: {e}")));
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("upload of task {id} broke off after {total} bytes: {e}"),
+                ));
             }
         };
         total += chunk.len() as u64;
-        f.write_all(&chunk).await.with_context(|| format!("writing {}", part.display()))?;
+        f.write_all(&chunk)
+            .await
+            .with_context(|| format!("writing {}", part.display()))?;
     }
-    f.sync_all().await.with_context(|| format!("syncing {}", part.display()))?;
+    f.sync_all()
+        .await
+        .with_context(|| format!("syncing {}", part.display()))?;
     drop(f);
     let (store, repo, p) = (st.store.clone(), st.repo.clone(), part.clone());
-    let added = tokio::task::spawn_blocking(move || crate::repo::add_file(&*store, &repo, &p, true, 0))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("registering the upload: {e}")))?;
+    let added =
+        tokio::task::spawn_blocking(move || crate::repo::add_file(&*store, &repo, &p, true, 0))
+            .await
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("registering the upload: {e}"),
+                )
+            })?;
     match added {
         Ok(img) => {
-            eprintln!("imgserver: task {id} uploaded image {} {} ({total} bytes)", img.name, img.version);
-            Ok((StatusCode::CREATED, Json(serde_json::json!({"image": img.name, "version": img.version, "bytes": total}))).into_response())
+            eprintln!(
+                "imgserver: task {id} uploaded image {} {} ({total} bytes)",
+                img.name, img.version
+            );
+            Ok((
+                StatusCode::CREATED,
+                Json(
+                    serde_json::json!({"image": img.name, "version": img.version, "bytes": total}),
+                ),
+            )
+                .into_response())
         }
         Err(e) => {
             let _ = tokio::fs::remove_file(&part).await;
-            Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("uploaded image of task {id} was not registered: {e:#}")))
+            Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("uploaded image of task {id} was not registered: {e:#}"),
+            ))
         }
     }
 }
@@ -286,7 +399,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/progress", post(progress))
         .route("/api/v1/tasks/{id}/result", post(result))
-        .route("/api/v1/tasks/{id}/upload", put(upload).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/api/v1/tasks/{id}/upload",
+            put(upload).layer(DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/health", get(|| async { "ok\n" }))
         .nest_service("/repo", repo)
         .with_state(st)
@@ -294,12 +410,17 @@ pub fn router(st: Arc<AppState>) -> Router {
 
 /// Serve until SIGINT/SIGTERM. Prints `listening on <addr>` once bound (tests read it when
 /// they ask for port 0).
-pub async fn serve(st: Arc<AppState>, listen: SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> anyhow::Result<()> {
+pub async fn serve(
+    st: Arc<AppState>,
+    listen: SocketAddr,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
     let app = router(st).into_make_service();
     let handle = axum_server::Handle::new();
     let h = handle.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -320,11 +441,25 @@ pub async fn serve(st: Arc<AppState>, listen: SocketAddr, tls: Option<(PathBuf, 
             let _ = rustls::crypto::ring::default_provider().install_default();
             let cfg = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
                 .await
-                .with_context(|| format!("loading {} and {}: run `imgserver init` first", cert.display(), key.display()))?;
-            axum_server::bind_rustls(listen, cfg).handle(handle).serve(app).await.with_context(|| format!("serving on {listen}"))?;
+                .with_context(|| {
+                    format!(
+                        "loading {} and {}: run `imgserver init` first",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            axum_server::bind_rustls(listen, cfg)
+                .handle(handle)
+                .serve(app)
+                .await
+                .with_context(|| format!("serving on {listen}"))?;
         }
         None => {
-            axum_server::bind(listen).handle(handle).serve(app).await.with_context(|| format!("serving on {listen}"))?;
+            axum_server::bind(listen)
+                .handle(handle)
+                .serve(app)
+                .await
+                .with_context(|| format!("serving on {listen}"))?;
         }
     }
     Ok(())

@@ -39,19 +39,54 @@ DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Init { names: Vec<String>, renew: bool },
-    Serve { listen: String, public_url: Option<String>, plain: bool, interval: u32, reload_wait: u64 },
-    ImageAdd { what: String, min_ram: u64, ca: Option<PathBuf> },
+    Init {
+        names: Vec<String>,
+        renew: bool,
+    },
+    Serve {
+        listen: String,
+        public_url: Option<String>,
+        plain: bool,
+        interval: u32,
+        reload_wait: u64,
+    },
+    ImageAdd {
+        what: String,
+        min_ram: u64,
+        ca: Option<PathBuf>,
+    },
     ImageList,
-    ImageRemove { spec: String },
-    ScheduleAdd { selector: String, kind: String, image: Option<String>, options: JobOptions, note: Option<String> },
-    ScheduleRemove { job: u64 },
+    ImageRemove {
+        spec: String,
+    },
+    ScheduleAdd {
+        selector: String,
+        kind: String,
+        image: Option<String>,
+        options: JobOptions,
+        note: Option<String>,
+    },
+    ScheduleRemove {
+        job: u64,
+    },
     Devices,
-    Device { mac: String, operational: bool, group: Option<Option<String>> },
+    Device {
+        mac: String,
+        operational: bool,
+        group: Option<Option<String>>,
+    },
     Jobs,
-    Job { id: u64, action: Option<String> },
-    Forget { mac: String },
-    Transcript { mac: String, task: Option<u64> },
+    Job {
+        id: u64,
+        action: Option<String>,
+    },
+    Forget {
+        mac: String,
+    },
+    Transcript {
+        mac: String,
+        task: Option<u64>,
+    },
     Help,
 }
 
@@ -66,14 +101,17 @@ fn mac(s: &str) -> anyhow::Result<String> {
 }
 
 fn num<T: std::str::FromStr>(what: &str, s: &str) -> anyhow::Result<T> {
-    s.parse().map_err(|_| anyhow!("{what}: {s:?} is not a number"))
+    s.parse()
+        .map_err(|_| anyhow!("{what}: {s:?} is not a number"))
 }
 
 /// Stage one: argv to [`Args`], no side effects.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     use lexopt::prelude::*;
     let mut p = lexopt::Parser::from_iter(std::iter::once(OsString::from("imgserver")).chain(args));
-    let mut data = std::env::var_os("IMGSERVER_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/imgserver"));
+    let mut data = std::env::var_os("IMGSERVER_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/imgserver"));
     let mut words: Vec<String> = Vec::new();
     // Options of every command, collected flat; each command takes the ones it knows.
     let mut names = Vec::new();
@@ -99,7 +137,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
         }
         Ok(())
     };
-    let set_kind = |k: &mut Option<(String, Option<String>)>, v: (String, Option<String>)| -> anyhow::Result<()> {
+    let set_kind = |k: &mut Option<(String, Option<String>)>,
+                    v: (String, Option<String>)|
+     -> anyhow::Result<()> {
         if k.replace(v).is_some() {
             bail!("give one of --image, --capture, --reboot, --boot-guest");
         }
@@ -108,7 +148,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     while let Some(arg) = p.next()? {
         match arg {
             Long("data") => data = p.value()?.into(),
-            Long("help") | Short('h') => return Ok(Args { data, command: Command::Help }),
+            Long("help") | Short('h') => {
+                return Ok(Args {
+                    data,
+                    command: Command::Help,
+                })
+            }
             Long("name") => names.push(p.value()?.string()?),
             Long("renew") => renew = true,
             Long("listen") => listen = p.value()?.string()?,
@@ -118,8 +163,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("reload-wait") => reload_wait = num("--reload-wait", &p.value()?.string()?)?,
             Long("min-ram") => min_ram = num("--min-ram", &p.value()?.string()?)?,
             Long("ca") => ca = Some(PathBuf::from(p.value()?)),
-            Long("mac") => set_sel(&mut selector, format!("mac:{}", mac(&p.value()?.string()?)?))?,
-            Long("group") if words.first().map(String::as_str) == Some("device") => group = Some(Some(p.value()?.string()?)),
+            Long("mac") => set_sel(
+                &mut selector,
+                format!("mac:{}", mac(&p.value()?.string()?)?),
+            )?,
+            Long("group") if words.first().map(String::as_str) == Some("device") => {
+                group = Some(Some(p.value()?.string()?))
+            }
             Long("no-group") => group = Some(None),
             Long("group") => set_sel(&mut selector, format!("group:{}", p.value()?.string()?))?,
             Long("all") => set_sel(&mut selector, "all".into())?,
@@ -133,7 +183,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("no-backup") => o.backup_first = false,
             Long("then") => {
                 let v = p.value()?.string()?;
-                o.after = After::parse(&v).ok_or_else(|| anyhow!("--then {v:?}: use reboot, no-reboot or copy-only"))?;
+                o.after = After::parse(&v)
+                    .ok_or_else(|| anyhow!("--then {v:?}: use reboot, no-reboot or copy-only"))?;
             }
             Long("on-error") => {
                 o.on_error = match p.value()?.string()?.as_str() {
@@ -165,26 +216,58 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     let command = match w.as_slice() {
         [] | ["help"] => Command::Help,
         ["init"] => Command::Init { names, renew },
-        ["serve"] => Command::Serve { listen, public_url, plain, interval, reload_wait },
-        ["image", "add", what] => Command::ImageAdd { what: what.to_string(), min_ram, ca },
+        ["serve"] => Command::Serve {
+            listen,
+            public_url,
+            plain,
+            interval,
+            reload_wait,
+        },
+        ["image", "add", what] => Command::ImageAdd {
+            what: what.to_string(),
+            min_ram,
+            ca,
+        },
         ["image", "list"] | ["images"] => Command::ImageList,
-        ["image", "remove", spec] => Command::ImageRemove { spec: spec.to_string() },
+        ["image", "remove", spec] => Command::ImageRemove {
+            spec: spec.to_string(),
+        },
         ["schedule", "add"] => {
-            let selector = selector.ok_or_else(|| anyhow!("schedule add needs --mac MAC, --group NAME or --all"))?;
-            let (kind, image) = kind.ok_or_else(|| anyhow!("schedule add needs --image, --capture, --reboot or --boot-guest"))?;
+            let selector = selector
+                .ok_or_else(|| anyhow!("schedule add needs --mac MAC, --group NAME or --all"))?;
+            let (kind, image) = kind.ok_or_else(|| {
+                anyhow!("schedule add needs --image, --capture, --reboot or --boot-guest")
+            })?;
             if kind == "capture" {
                 let spec = image.clone().unwrap_or_default();
-                let (n, v) = spec.split_once(':').ok_or_else(|| anyhow!("--capture {spec:?}: give NAME:VERSION for the new image"))?;
+                let (n, v) = spec.split_once(':').ok_or_else(|| {
+                    anyhow!("--capture {spec:?}: give NAME:VERSION for the new image")
+                })?;
                 o.capture_name = Some(n.to_string());
                 o.capture_version = Some(v.to_string());
             }
-            Command::ScheduleAdd { selector, kind, image, options: o, note }
+            Command::ScheduleAdd {
+                selector,
+                kind,
+                image,
+                options: o,
+                note,
+            }
         }
-        ["schedule", "remove", n] => Command::ScheduleRemove { job: num("job", n)? },
+        ["schedule", "remove", n] => Command::ScheduleRemove {
+            job: num("job", n)?,
+        },
         ["devices"] => Command::Devices,
-        ["device", m] => Command::Device { mac: mac(m)?, operational, group },
+        ["device", m] => Command::Device {
+            mac: mac(m)?,
+            operational,
+            group,
+        },
         ["jobs"] => Command::Jobs,
-        ["job", n] => Command::Job { id: num("job", n)?, action },
+        ["job", n] => Command::Job {
+            id: num("job", n)?,
+            action,
+        },
         ["forget", m] => Command::Forget { mac: mac(m)? },
         ["transcript", m] => Command::Transcript { mac: mac(m)?, task },
         _ => bail!("unknown command {:?}\n{USAGE}", words.join(" ")),
@@ -196,7 +279,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
 pub fn utc(t: u64) -> String {
     let (y, m, d) = crate::tls::civil_from_days((t / 86_400) as i64);
     let s = t % 86_400;
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// A plain text table, columns as wide as their widest cell.
@@ -207,7 +295,10 @@ struct Table {
 
 impl Table {
     fn new(head: &[&'static str]) -> Table {
-        Table { head: head.to_vec(), rows: Vec::new() }
+        Table {
+            head: head.to_vec(),
+            rows: Vec::new(),
+        }
     }
 
     fn row(&mut self, cells: Vec<String>) {
@@ -243,7 +334,8 @@ impl Table {
 }
 
 fn open_store(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
-    std::fs::create_dir_all(data).with_context(|| format!("creating the data directory {}", data.display()))?;
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating the data directory {}", data.display()))?;
     let db = data.join("imgserver.db");
     SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))
 }
@@ -262,7 +354,9 @@ fn find_image(store: &dyn Store, spec: &str) -> anyhow::Result<crate::store::Ima
         Some((n, v)) => (n, Some(v)),
         None => (spec, None),
     };
-    store.image(name, version)?.ok_or_else(|| anyhow!("no image {spec}: see `imgserver image list`"))
+    store
+        .image(name, version)?
+        .ok_or_else(|| anyhow!("no image {spec}: see `imgserver image list`"))
 }
 
 fn print_validation(report: &[(String, model::Validation)]) {
@@ -305,20 +399,37 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Init { names, renew } => {
-            std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-            let names = if names.is_empty() { crate::tls::default_names() } else { names };
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("creating {}", data.display()))?;
+            let names = if names.is_empty() {
+                crate::tls::default_names()
+            } else {
+                names
+            };
             let pki = crate::tls::Pki::in_dir(&data);
             crate::tls::init(&pki, &names, renew)?;
             open_store(&data)?;
             std::fs::create_dir_all(data.join("repo"))?;
-            println!("server certificate for {} written to {}", names.join(", "), pki.server_cert.display());
+            println!(
+                "server certificate for {} written to {}",
+                names.join(", "),
+                pki.server_cert.display()
+            );
             println!("device CA: {}", pki.ca_cert.display());
             println!("put the CA on every device's boot partition and pass it to the agent (img -checkin -ca=PATH)");
             Ok(0)
         }
-        Command::Serve { listen, public_url, plain, interval, reload_wait } => {
+        Command::Serve {
+            listen,
+            public_url,
+            plain,
+            interval,
+            reload_wait,
+        } => {
             let store = open_store(&data)?;
-            let addr: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen {listen}: give ADDRESS:PORT"))?;
+            let addr: std::net::SocketAddr = listen
+                .parse()
+                .with_context(|| format!("--listen {listen}: give ADDRESS:PORT"))?;
             let pki = crate::tls::Pki::in_dir(&data);
             let tls = if plain {
                 None
@@ -332,47 +443,93 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             std::fs::create_dir_all(&repo)?;
             let st = Arc::new(crate::api::AppState {
                 store: Arc::new(store),
-                policy: Policy { checkin_interval: interval, reload_wait },
+                policy: Policy {
+                    checkin_interval: interval,
+                    reload_wait,
+                },
                 repo,
                 public_url,
                 scheme: if plain { "http" } else { "https" },
             });
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
             rt.block_on(crate::api::serve(st, addr, tls))?;
             Ok(0)
         }
         Command::ImageAdd { what, min_ram, ca } => {
             let store = open_store(&data)?;
             let img = if what.starts_with("http://") || what.starts_with("https://") {
-                let http = imgengine::source::HttpConfig { ca_file: ca, timeout: None, retries: 2 };
+                let http = imgengine::source::HttpConfig {
+                    ca_file: ca,
+                    timeout: None,
+                    retries: 2,
+                };
                 crate::repo::add_url(&store, &what, &http, min_ram)?
             } else {
-                crate::repo::add_file(&store, &data.join("repo"), std::path::Path::new(&what), false, min_ram)?
+                crate::repo::add_file(
+                    &store,
+                    &data.join("repo"),
+                    std::path::Path::new(&what),
+                    false,
+                    min_ram,
+                )?
             };
             println!(
                 "registered image {} {} (id {}, {}{})",
                 img.name,
                 img.version,
                 img.id,
-                if img.facts.whole_disk { "whole disk" } else { "partition" },
+                if img.facts.whole_disk {
+                    "whole disk"
+                } else {
+                    "partition"
+                },
                 if img.sealed { ", sealed" } else { "" }
             );
             Ok(0)
         }
         Command::ImageList => {
             let store = open_store(&data)?;
-            let mut t = Table::new(&["ID", "NAME", "VERSION", "KIND", "SIZE", "MIN TARGET", "MODELS", "SIGNED", "WHERE"]);
+            let mut t = Table::new(&[
+                "ID",
+                "NAME",
+                "VERSION",
+                "KIND",
+                "SIZE",
+                "MIN TARGET",
+                "MODELS",
+                "SIGNED",
+                "WHERE",
+            ]);
             for i in store.images()? {
                 t.row(vec![
                     i.id.to_string(),
                     i.name,
                     i.version,
-                    if i.facts.whole_disk { "disk".into() } else { "partition".into() },
+                    if i.facts.whole_disk {
+                        "disk".into()
+                    } else {
+                        "partition".into()
+                    },
                     i.size.map(fmt_bytes).unwrap_or_else(|| "-".into()),
                     fmt_bytes(i.facts.min_target_size),
-                    if i.facts.models.is_empty() { "any".into() } else { i.facts.models.join(",") },
-                    i.signed_by.unwrap_or_else(|| if i.sealed { "sealed".into() } else { "no".into() }),
-                    i.url.or(i.file.map(|f| format!("repo/{f}"))).unwrap_or_default(),
+                    if i.facts.models.is_empty() {
+                        "any".into()
+                    } else {
+                        i.facts.models.join(",")
+                    },
+                    i.signed_by.unwrap_or_else(|| {
+                        if i.sealed {
+                            "sealed".into()
+                        } else {
+                            "no".into()
+                        }
+                    }),
+                    i.url
+                        .or(i.file.map(|f| format!("repo/{f}")))
+                        .unwrap_or_default(),
                 ]);
             }
             print!("{}", t.render());
@@ -385,19 +542,36 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             println!("unregistered image {} {}", img.name, img.version);
             Ok(0)
         }
-        Command::ScheduleAdd { selector, kind, image, options, note } => {
+        Command::ScheduleAdd {
+            selector,
+            kind,
+            image,
+            options,
+            note,
+        } => {
             let store = open_store(&data)?;
             let image_id = match (kind.as_str(), &image) {
                 ("deploy", Some(spec)) => Some(find_image(&store, spec)?.id),
                 _ => None,
             };
-            let job = NewJob { kind, image: image_id, options, selector, devices: Vec::new(), note };
+            let job = NewJob {
+                kind,
+                image: image_id,
+                options,
+                selector,
+                devices: Vec::new(),
+                note,
+            };
             let (id, report) = store.add_job(&job, now())?;
             println!("job {id} scheduled for {}", job.selector);
             if !report.is_empty() {
                 print_validation(&report);
             }
-            Ok(if report.iter().any(|(_, v)| !v.ok()) { 3 } else { 0 })
+            Ok(if report.iter().any(|(_, v)| !v.ok()) {
+                3
+            } else {
+                0
+            })
         }
         Command::ScheduleRemove { job } => {
             open_store(&data)?.remove_job(job)?;
@@ -407,14 +581,35 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Command::Devices => {
             let store = open_store(&data)?;
             let policy = Policy::default();
-            let mut t = Table::new(&["MAC", "STATE", "IMAGE", "MODEL", "SERIAL", "GROUP", "LAST CHECK-IN", "NOTE"]);
+            let mut t = Table::new(&[
+                "MAC",
+                "STATE",
+                "IMAGE",
+                "MODEL",
+                "SERIAL",
+                "GROUP",
+                "LAST CHECK-IN",
+                "NOTE",
+            ]);
             let now = now();
             for d in store.devices()? {
-                let state = model::effective_state(d.state, d.last_seen.unwrap_or(0), d.trouble_since, now, policy.reload_wait);
+                let state = model::effective_state(
+                    d.state,
+                    d.last_seen.unwrap_or(0),
+                    d.trouble_since,
+                    now,
+                    policy.reload_wait,
+                );
                 t.row(vec![
                     d.mac,
-                    if d.enrolled || d.last_seen.is_some() { state.title().into() } else { "(not enrolled)".into() },
-                    d.image.map(|i| format!("{} {}", i.name, i.version)).unwrap_or_else(|| "-".into()),
+                    if d.enrolled || d.last_seen.is_some() {
+                        state.title().into()
+                    } else {
+                        "(not enrolled)".into()
+                    },
+                    d.image
+                        .map(|i| format!("{} {}", i.name, i.version))
+                        .unwrap_or_else(|| "-".into()),
                     d.model.unwrap_or_else(|| "-".into()),
                     d.serial.unwrap_or_else(|| "-".into()),
                     d.group.unwrap_or_else(|| "-".into()),
@@ -425,7 +620,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             print!("{}", t.render());
             Ok(0)
         }
-        Command::Device { mac, operational, group } => {
+        Command::Device {
+            mac,
+            operational,
+            group,
+        } => {
             let store = open_store(&data)?;
             if let Some(g) = &group {
                 store.set_group(&mac, g.as_deref())?;
@@ -436,13 +635,34 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 store.set_device_state(&mac, DeviceState::Operational, None)?;
                 println!("{mac}: Operational");
             }
-            let d = store.device(&mac)?.ok_or_else(|| anyhow!("no device {mac}: see `imgserver devices`"))?;
+            let d = store
+                .device(&mac)?
+                .ok_or_else(|| anyhow!("no device {mac}: see `imgserver devices`"))?;
             println!("device {} (#{})", d.mac, d.id);
-            println!("  state:   {}{}", d.state.title(), d.state_reason.map(|r| format!(" ({r})")).unwrap_or_default());
-            println!("  image:   {}", d.image.map(|i| format!("{} {}", i.name, i.version)).unwrap_or_else(|| "-".into()));
-            println!("  model:   {}  serial: {}  RAM: {}", d.model.unwrap_or_default(), d.serial.unwrap_or_default(), fmt_bytes(d.ram_bytes));
+            println!(
+                "  state:   {}{}",
+                d.state.title(),
+                d.state_reason
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "  image:   {}",
+                d.image
+                    .map(|i| format!("{} {}", i.name, i.version))
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!(
+                "  model:   {}  serial: {}  RAM: {}",
+                d.model.unwrap_or_default(),
+                d.serial.unwrap_or_default(),
+                fmt_bytes(d.ram_bytes)
+            );
             println!("  agent:   {}", d.agent_version.unwrap_or_default());
-            println!("  seen:    {}", d.last_seen.map(utc).unwrap_or_else(|| "never".into()));
+            println!(
+                "  seen:    {}",
+                d.last_seen.map(utc).unwrap_or_else(|| "never".into())
+            );
             if let Some(inv) = d.inventory {
                 let a = &inv.autogenic;
                 println!(
@@ -460,7 +680,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                         fmt_bytes(disk.size),
                         disk.table.clone(),
                         disk.model.clone().unwrap_or_default(),
-                        disk.image.as_ref().map(|i| format!("{} {}", i.name, i.version)).unwrap_or_default(),
+                        disk.image
+                            .as_ref()
+                            .map(|i| format!("{} {}", i.name, i.version))
+                            .unwrap_or_default(),
                     ]);
                     for p in &disk.partitions {
                         t.row(vec![
@@ -470,7 +693,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                             fmt_bytes(p.size),
                             p.fs.clone(),
                             p.label.clone().unwrap_or_default(),
-                            p.image.as_ref().map(|i| format!("{} {}", i.name, i.version)).unwrap_or_default(),
+                            p.image
+                                .as_ref()
+                                .map(|i| format!("{} {}", i.name, i.version))
+                                .unwrap_or_default(),
                         ]);
                     }
                 }
@@ -480,11 +706,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
         Command::Jobs => {
             let store = open_store(&data)?;
-            let mut t = Table::new(&["JOB", "KIND", "IMAGE", "TARGET", "STATE", "CREATED", "PENDING", "RUNNING", "OK", "FAILED", "NOTE"]);
+            let mut t = Table::new(&[
+                "JOB", "KIND", "IMAGE", "TARGET", "STATE", "CREATED", "PENDING", "RUNNING", "OK",
+                "FAILED", "NOTE",
+            ]);
             for (j, tasks) in store.jobs()? {
-                let count = |f: &dyn Fn(TaskState) -> bool| tasks.iter().filter(|t| f(t.state)).count().to_string();
+                let count = |f: &dyn Fn(TaskState) -> bool| {
+                    tasks.iter().filter(|t| f(t.state)).count().to_string()
+                };
                 let image = match j.image {
-                    Some(id) => store.image_by_id(id)?.map(|i| format!("{} {}", i.name, i.version)).unwrap_or_else(|| format!("#{id}")),
+                    Some(id) => store
+                        .image_by_id(id)?
+                        .map(|i| format!("{} {}", i.name, i.version))
+                        .unwrap_or_else(|| format!("#{id}")),
                     None => match (&j.options.capture_name, &j.options.capture_version) {
                         (Some(n), Some(v)) => format!("-> {n} {v}"),
                         _ => "-".into(),
@@ -500,7 +734,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     count(&|s| s == TaskState::Pending),
                     count(&|s| matches!(s, TaskState::Sent | TaskState::Running)),
                     count(&|s| s == TaskState::Succeeded),
-                    count(&|s| matches!(s, TaskState::Failed | TaskState::Rejected | TaskState::Aborted)),
+                    count(&|s| {
+                        matches!(
+                            s,
+                            TaskState::Failed | TaskState::Rejected | TaskState::Aborted
+                        )
+                    }),
                     j.note.clone().unwrap_or_default(),
                 ]);
             }
@@ -519,29 +758,52 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 Some("rollback") => return rollback(&store, id),
                 _ => {}
             }
-            let (j, tasks) = store.job(id)?.ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
+            let (j, tasks) = store
+                .job(id)?
+                .ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
             let image = match j.image {
-                Some(i) => store.image_by_id(i)?.map(|i| format!("{} {}", i.name, i.version)).unwrap_or_default(),
+                Some(i) => store
+                    .image_by_id(i)?
+                    .map(|i| format!("{} {}", i.name, i.version))
+                    .unwrap_or_default(),
                 None => "-".into(),
             };
             let o = &j.options;
-            println!("job {} ({}), {} for {}, state {}", j.id, j.kind, image, j.selector, j.state);
+            println!(
+                "job {} ({}), {} for {}, state {}",
+                j.id, j.kind, image, j.selector, j.state
+            );
             println!(
                 "  options: partition {}, backup first {}, then {}, on error {}, {}",
                 o.partition.as_deref().unwrap_or("(whole disk)"),
                 if o.backup_first { "yes" } else { "no" },
                 o.after.name(),
-                if o.on_error == OnError::Stop { "stop" } else { "continue" },
+                if o.on_error == OnError::Stop {
+                    "stop"
+                } else {
+                    "continue"
+                },
                 match o.batch {
                     0 => "all in parallel".to_string(),
                     1 => "sequential".to_string(),
                     n => format!("parallel in batches of {n}"),
                 }
             );
-            let ok = tasks.iter().filter(|t| t.state == TaskState::Succeeded).count();
-            let bad = tasks.iter().filter(|t| matches!(t.state, TaskState::Failed | TaskState::Rejected)).count();
-            println!("  devices to be deployed: {}, deployed successfully: {ok}, with errors: {bad}", tasks.len());
-            let mut t = Table::new(&["TASK", "DEVICE", "STATE", "PROGRESS", "PREVIOUS", "UPDATED", "MESSAGE"]);
+            let ok = tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Succeeded)
+                .count();
+            let bad = tasks
+                .iter()
+                .filter(|t| matches!(t.state, TaskState::Failed | TaskState::Rejected))
+                .count();
+            println!(
+                "  devices to be deployed: {}, deployed successfully: {ok}, with errors: {bad}",
+                tasks.len()
+            );
+            let mut t = Table::new(&[
+                "TASK", "DEVICE", "STATE", "PROGRESS", "PREVIOUS", "UPDATED", "MESSAGE",
+            ]);
             for task in &tasks {
                 let prog = match &task.progress {
                     Some(p) => format!(
@@ -554,14 +816,21 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 };
                 let mut msg = task.message.clone().unwrap_or_default();
                 if !task.validation.warnings.is_empty() {
-                    msg = format!("{msg}{}warnings: {}", if msg.is_empty() { "" } else { "; " }, task.validation.warnings.join("; "));
+                    msg = format!(
+                        "{msg}{}warnings: {}",
+                        if msg.is_empty() { "" } else { "; " },
+                        task.validation.warnings.join("; ")
+                    );
                 }
                 t.row(vec![
                     task.id.to_string(),
                     task.mac.clone(),
                     task.state.as_str().into(),
                     prog,
-                    task.prev_image.as_ref().map(|i| format!("{} {}", i.name, i.version)).unwrap_or_else(|| "-".into()),
+                    task.prev_image
+                        .as_ref()
+                        .map(|i| format!("{} {}", i.name, i.version))
+                        .unwrap_or_else(|| "-".into()),
                     utc(task.updated),
                     msg,
                 ]);
@@ -581,7 +850,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Command::Transcript { mac, task } => {
             let store = open_store(&data)?;
             for (at, t, line) in store.transcript(&mac, task)? {
-                println!("{} {} {line}", utc(at), t.map(|t| format!("[task {t}]")).unwrap_or_else(|| "[device]".into()));
+                println!(
+                    "{} {} {line}",
+                    utc(at),
+                    t.map(|t| format!("[task {t}]"))
+                        .unwrap_or_else(|| "[device]".into())
+                );
             }
             Ok(0)
         }
@@ -590,10 +864,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 
 /// Seed 003: retry a failed job as a new job over the devices that did not succeed.
 fn retry(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
-    let (j, tasks) = store.job(id)?.ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
+    let (j, tasks) = store
+        .job(id)?
+        .ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
     let devices: Vec<u64> = tasks
         .iter()
-        .filter(|t| matches!(t.state, TaskState::Failed | TaskState::Rejected | TaskState::Aborted))
+        .filter(|t| {
+            matches!(
+                t.state,
+                TaskState::Failed | TaskState::Rejected | TaskState::Aborted
+            )
+        })
         .map(|t| t.device)
         .collect();
     if devices.is_empty() {
@@ -616,14 +897,19 @@ fn retry(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
 /// Seed 003: roll a deployed job back by deploying, on each device it changed, the image
 /// that was there before (recorded when the task was sent), as new jobs.
 fn rollback(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
-    let (j, tasks) = store.job(id)?.ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
+    let (j, tasks) = store
+        .job(id)?
+        .ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
     if j.kind != "deploy" {
         bail!("job {id} is a {} job: only deploy jobs roll back", j.kind);
     }
     let mut by_image: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
     for t in tasks.iter().filter(|t| t.state == TaskState::Succeeded) {
         match &t.prev_image {
-            Some(p) => by_image.entry((p.name.clone(), p.version.clone())).or_default().push(t.device),
+            Some(p) => by_image
+                .entry((p.name.clone(), p.version.clone()))
+                .or_default()
+                .push(t.device),
             None => println!("{}: no previous image recorded, not rolled back", t.mac),
         }
     }
@@ -646,7 +932,10 @@ fn rollback(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
             note: Some(format!("rollback of job {id}")),
         };
         let (nid, report) = store.add_job(&new, now())?;
-        println!("job {nid} rolls {} device(s) back to {name} {version}", report.len());
+        println!(
+            "job {nid} rolls {} device(s) back to {name} {version}",
+            report.len()
+        );
         print_validation(&report);
     }
     Ok(0)
@@ -681,7 +970,16 @@ mod tests {
     #[test]
     fn schedule_add_parses_seed_options() {
         let c = p("schedule add --mac 52-54-00-AA-BB-CC --image os:7.2 --partition 2 --no-backup --then no-reboot --on-error continue --batch 5").unwrap();
-        let Command::ScheduleAdd { selector, kind, image, options, .. } = c else { panic!("{c:?}") };
+        let Command::ScheduleAdd {
+            selector,
+            kind,
+            image,
+            options,
+            ..
+        } = c
+        else {
+            panic!("{c:?}")
+        };
         assert_eq!(selector, "mac:52:54:00:aa:bb:cc");
         assert_eq!(kind, "deploy");
         assert_eq!(image.as_deref(), Some("os:7.2"));
@@ -698,18 +996,40 @@ mod tests {
         assert!(p("schedule add --all").is_err());
         assert!(p("schedule add --all --mac 52:54:00:00:00:01 --reboot").is_err());
         assert!(p("schedule add --all --capture noversion").is_err());
-        let Command::ScheduleAdd { options, .. } = p("schedule add --group lab --capture gold:3 --sequential").unwrap() else { panic!() };
+        let Command::ScheduleAdd { options, .. } =
+            p("schedule add --group lab --capture gold:3 --sequential").unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(options.capture_name.as_deref(), Some("gold"));
         assert_eq!(options.batch, 1);
     }
 
     #[test]
     fn other_commands() {
-        assert_eq!(p("job 4 --rollback").unwrap(), Command::Job { id: 4, action: Some("rollback".into()) });
-        assert_eq!(p("device 525400000001 --group lab").unwrap(), Command::Device { mac: "52:54:00:00:00:01".into(), operational: false, group: Some(Some("lab".into())) });
+        assert_eq!(
+            p("job 4 --rollback").unwrap(),
+            Command::Job {
+                id: 4,
+                action: Some("rollback".into())
+            }
+        );
+        assert_eq!(
+            p("device 525400000001 --group lab").unwrap(),
+            Command::Device {
+                mac: "52:54:00:00:00:01".into(),
+                operational: false,
+                group: Some(Some("lab".into()))
+            }
+        );
         assert!(p("forget nonsense").is_err());
         assert!(p("frobnicate").is_err());
-        assert_eq!(parse(["--data", "/x", "devices"].map(OsString::from)).unwrap().data, PathBuf::from("/x"));
+        assert_eq!(
+            parse(["--data", "/x", "devices"].map(OsString::from))
+                .unwrap()
+                .data,
+            PathBuf::from("/x")
+        );
     }
 
     #[test]

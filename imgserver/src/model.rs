@@ -58,11 +58,21 @@ pub const DEFAULT_RELOAD_WAIT_SECS: u64 = 15 * 60;
 
 /// The state to show now: a device that failed (or went silent mid-task) and has not been
 /// seen since for longer than the reload wait is in Maintenance.
-pub fn effective_state(stored: DeviceState, last_seen: u64, trouble_since: Option<u64>, now: u64, reload_wait: u64) -> DeviceState {
+pub fn effective_state(
+    stored: DeviceState,
+    last_seen: u64,
+    trouble_since: Option<u64>,
+    now: u64,
+    reload_wait: u64,
+) -> DeviceState {
     match (stored, trouble_since) {
         (DeviceState::Maintenance, _) => DeviceState::Maintenance,
-        (_, Some(t)) if last_seen <= t && now.saturating_sub(t) > reload_wait => DeviceState::Maintenance,
-        (DeviceState::UpgradeInProgress, None) if now.saturating_sub(last_seen) > reload_wait => DeviceState::Maintenance,
+        (_, Some(t)) if last_seen <= t && now.saturating_sub(t) > reload_wait => {
+            DeviceState::Maintenance
+        }
+        (DeviceState::UpgradeInProgress, None) if now.saturating_sub(last_seen) > reload_wait => {
+            DeviceState::Maintenance
+        }
         (s, _) => s,
     }
 }
@@ -111,7 +121,10 @@ impl TaskState {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, TaskState::Rejected | TaskState::Succeeded | TaskState::Failed | TaskState::Aborted)
+        matches!(
+            self,
+            TaskState::Rejected | TaskState::Succeeded | TaskState::Failed | TaskState::Aborted
+        )
     }
 }
 
@@ -205,17 +218,27 @@ impl Validation {
 /// "デバイスで提案されたイメージの更新を検証する"): missing install location and too little
 /// space are errors; too little RAM, an incompatible model, a backup the device cannot hold
 /// and a same-or-older version are warnings, as in the seed.
-pub fn validate_deploy(image: &ImageFacts, opts: &JobOptions, device: Option<&CheckIn>) -> Validation {
+pub fn validate_deploy(
+    image: &ImageFacts,
+    opts: &JobOptions,
+    device: Option<&CheckIn>,
+) -> Validation {
     let mut v = Validation::default();
     let Some(dev) = device else {
-        v.warnings.push("device has not checked in yet: validated again when it does".into());
+        v.warnings
+            .push("device has not checked in yet: validated again when it does".into());
         return v;
     };
     let disk = pick_disk(&dev.disks, opts.disk.as_deref());
     let Some(disk) = disk else {
         match &opts.disk {
-            Some(d) => v.errors.push(format!("disk {d} does not exist on the device (it reports: {})", disk_names(&dev.disks))),
-            None => v.errors.push("the device reports no disk to install on".into()),
+            Some(d) => v.errors.push(format!(
+                "disk {d} does not exist on the device (it reports: {})",
+                disk_names(&dev.disks)
+            )),
+            None => v
+                .errors
+                .push("the device reports no disk to install on".into()),
         }
         return v;
     };
@@ -226,7 +249,11 @@ pub fn validate_deploy(image: &ImageFacts, opts: &JobOptions, device: Option<&Ch
         match find_partition(disk, spec) {
             Some(p) => Some(p.size),
             None => {
-                let have: Vec<String> = disk.partitions.iter().map(|p| p.number.to_string()).collect();
+                let have: Vec<String> = disk
+                    .partitions
+                    .iter()
+                    .map(|p| p.number.to_string())
+                    .collect();
                 v.errors.push(format!(
                     "partition {spec} does not exist on {} (partitions: {}): fix the layout or choose another",
                     disk.name,
@@ -247,35 +274,54 @@ pub fn validate_deploy(image: &ImageFacts, opts: &JobOptions, device: Option<&Ch
         }
     }
     if opts.partition.is_some() && image.whole_disk && !copy_only {
-        v.errors.push("a whole-disk image cannot be written to one partition: leave out --partition".into());
+        v.errors.push(
+            "a whole-disk image cannot be written to one partition: leave out --partition".into(),
+        );
     }
     if opts.partition.is_none() && !image.whole_disk && !copy_only {
-        v.errors.push("a partition image needs a target partition: add --partition".into());
+        v.errors
+            .push("a partition image needs a target partition: add --partition".into());
     }
     for keep in &opts.preserve {
         if find_partition(disk, keep).is_none() {
-            v.errors.push(format!("partition {keep} to preserve does not exist on {}", disk.name));
+            v.errors.push(format!(
+                "partition {keep} to preserve does not exist on {}",
+                disk.name
+            ));
         }
     }
     if image.min_ram > 0 && dev.device.ram_bytes < image.min_ram {
-        v.warnings.push(format!("device has {} bytes of RAM, the image wants {}", dev.device.ram_bytes, image.min_ram));
+        v.warnings.push(format!(
+            "device has {} bytes of RAM, the image wants {}",
+            dev.device.ram_bytes, image.min_ram
+        ));
     }
     if !image.models.is_empty() {
         match &dev.device.model {
             Some(m) if image.models.iter().any(|x| x.eq_ignore_ascii_case(m)) => {}
-            Some(m) => v.warnings.push(format!("image is made for {}, device is a {m}", image.models.join(", "))),
-            None => v.warnings.push(format!("device reports no model; image is made for {}", image.models.join(", "))),
+            Some(m) => v.warnings.push(format!(
+                "image is made for {}, device is a {m}",
+                image.models.join(", ")
+            )),
+            None => v.warnings.push(format!(
+                "device reports no model; image is made for {}",
+                image.models.join(", ")
+            )),
         }
     }
     if (opts.backup_first || copy_only) && !dev.autogenic.support_img_backup {
-        v.warnings.push("device has no backup partition (SupportImgBackup=0): the backup is skipped".into());
+        v.warnings.push(
+            "device has no backup partition (SupportImgBackup=0): the backup is skipped".into(),
+        );
     }
     let current = match &opts.partition {
         Some(spec) => find_partition(disk, spec).and_then(|p| p.image.clone()),
         None => disk.image.clone(),
     };
     if let Some(cur) = current {
-        if cur.name == image.name && compare_versions(&image.version, &cur.version) != std::cmp::Ordering::Greater {
+        if cur.name == image.name
+            && compare_versions(&image.version, &cur.version) != std::cmp::Ordering::Greater
+        {
             v.warnings.push(format!(
                 "version {} is the same as or older than the installed {}",
                 image.version, cur.version
@@ -289,15 +335,20 @@ pub fn validate_deploy(image: &ImageFacts, opts: &JobOptions, device: Option<&Ch
 pub fn validate_capture(opts: &JobOptions, device: Option<&CheckIn>) -> Validation {
     let mut v = Validation::default();
     let Some(dev) = device else {
-        v.warnings.push("device has not checked in yet: validated again when it does".into());
+        v.warnings
+            .push("device has not checked in yet: validated again when it does".into());
         return v;
     };
     match pick_disk(&dev.disks, opts.disk.as_deref()) {
-        None => v.errors.push(format!("no disk to capture (the device reports: {})", disk_names(&dev.disks))),
+        None => v.errors.push(format!(
+            "no disk to capture (the device reports: {})",
+            disk_names(&dev.disks)
+        )),
         Some(disk) => {
             if let Some(spec) = &opts.partition {
                 if find_partition(disk, spec).is_none() {
-                    v.errors.push(format!("partition {spec} does not exist on {}", disk.name));
+                    v.errors
+                        .push(format!("partition {spec} does not exist on {}", disk.name));
                 }
             }
         }
@@ -309,7 +360,11 @@ fn disk_names(disks: &[DiskReport]) -> String {
     if disks.is_empty() {
         "no disks".into()
     } else {
-        disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+        disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -320,10 +375,16 @@ fn pick_disk<'a>(disks: &'a [DiskReport], name: Option<&str>) -> Option<&'a Disk
     }
 }
 
-fn find_partition<'a>(disk: &'a DiskReport, spec: &str) -> Option<&'a crate::protocol::PartitionReport> {
+fn find_partition<'a>(
+    disk: &'a DiskReport,
+    spec: &str,
+) -> Option<&'a crate::protocol::PartitionReport> {
     match spec.parse::<u32>() {
         Ok(n) => disk.partitions.iter().find(|p| p.number == n),
-        Err(_) => disk.partitions.iter().find(|p| p.label.as_deref() == Some(spec)),
+        Err(_) => disk
+            .partitions
+            .iter()
+            .find(|p| p.label.as_deref() == Some(spec)),
     }
 }
 
@@ -332,7 +393,12 @@ fn find_partition<'a>(disk: &'a DiskReport, spec: &str) -> Option<&'a crate::pro
 /// newer ("8.3.1" > "8.3").
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
-    let split = |s: &str| s.split(['.', '-', '_', '(', ')']).filter(|p| !p.is_empty()).map(str::to_string).collect::<Vec<_>>();
+    let split = |s: &str| {
+        s.split(['.', '-', '_', '(', ')'])
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
     let (pa, pb) = (split(a), split(b));
     for (x, y) in pa.iter().zip(pb.iter()) {
         let o = match (x.parse::<u64>(), y.parse::<u64>()) {
@@ -371,32 +437,57 @@ mod tests {
 
     fn device() -> CheckIn {
         CheckIn {
-            device: DeviceIdentity { mac: "52:54:00:00:00:01".into(), model: Some("Z90".into()), ram_bytes: 1 << 30, ..Default::default() },
+            device: DeviceIdentity {
+                mac: "52:54:00:00:00:01".into(),
+                model: Some("Z90".into()),
+                ram_bytes: 1 << 30,
+                ..Default::default()
+            },
             disks: vec![DiskReport {
                 name: "/dev/sda".into(),
                 size: 1 << 30,
                 partitions: vec![
-                    PartitionReport { number: 1, size: 16 << 20, label: Some("AGENT".into()), ..Default::default() },
+                    PartitionReport {
+                        number: 1,
+                        size: 16 << 20,
+                        label: Some("AGENT".into()),
+                        ..Default::default()
+                    },
                     PartitionReport {
                         number: 2,
                         size: 512 << 20,
-                        image: Some(ImageStamp { name: "os".into(), version: "7.2".into() }),
+                        image: Some(ImageStamp {
+                            name: "os".into(),
+                            version: "7.2".into(),
+                        }),
                         ..Default::default()
                     },
                 ],
                 ..Default::default()
             }],
-            autogenic: Autogenic { support_img_backup: true, ..Default::default() },
+            autogenic: Autogenic {
+                support_img_backup: true,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
 
     fn image(version: &str) -> ImageFacts {
-        ImageFacts { name: "os".into(), version: version.into(), min_target_size: 100 << 20, models: vec!["Z90".into()], ..Default::default() }
+        ImageFacts {
+            name: "os".into(),
+            version: version.into(),
+            min_target_size: 100 << 20,
+            models: vec!["Z90".into()],
+            ..Default::default()
+        }
     }
 
     fn part(p: &str) -> JobOptions {
-        JobOptions { partition: Some(p.into()), ..Default::default() }
+        JobOptions {
+            partition: Some(p.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -422,7 +513,10 @@ mod tests {
         img.models = vec!["Other".into()];
         img.min_ram = 4 << 30;
         let v = validate_deploy(&img, &part("AGENT"), Some(&device()));
-        assert!(v.errors[0].contains("not enough space"), "partitions are found by label too: {v:?}");
+        assert!(
+            v.errors[0].contains("not enough space"),
+            "partitions are found by label too: {v:?}"
+        );
         let v = validate_deploy(&img, &part("2"), Some(&device()));
         assert!(v.ok(), "{v:?}");
         assert_eq!(v.warnings.len(), 3, "{v:?}");
@@ -458,9 +552,21 @@ mod tests {
     #[test]
     fn maintenance_after_reload_wait() {
         let w = DEFAULT_RELOAD_WAIT_SECS;
-        assert_eq!(effective_state(DeviceState::Operational, 100, Some(100), 100 + w + 1, w), DeviceState::Maintenance);
-        assert_eq!(effective_state(DeviceState::Operational, 200, Some(100), 100 + w + 1, w), DeviceState::Operational);
-        assert_eq!(effective_state(DeviceState::UpgradeInProgress, 100, None, 100 + w / 2, w), DeviceState::UpgradeInProgress);
-        assert_eq!(effective_state(DeviceState::UpgradeInProgress, 100, None, 101 + w, w), DeviceState::Maintenance);
+        assert_eq!(
+            effective_state(DeviceState::Operational, 100, Some(100), 100 + w + 1, w),
+            DeviceState::Maintenance
+        );
+        assert_eq!(
+            effective_state(DeviceState::Operational, 200, Some(100), 100 + w + 1, w),
+            DeviceState::Operational
+        );
+        assert_eq!(
+            effective_state(DeviceState::UpgradeInProgress, 100, None, 100 + w / 2, w),
+            DeviceState::UpgradeInProgress
+        );
+        assert_eq!(
+            effective_state(DeviceState::UpgradeInProgress, 100, None, 101 + w, w),
+            DeviceState::Maintenance
+        );
     }
 }

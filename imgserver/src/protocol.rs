@@ -120,7 +120,11 @@ pub struct Autogenic {
     pub support_img_backup: bool,
     #[serde(rename = "BackupImagePresent", default)]
     pub backup_image_present: bool,
-    #[serde(rename = "BackImageVer", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackImageVer",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub back_image_ver: Option<String>,
 }
 
@@ -344,7 +348,10 @@ pub struct ErrorReply {
 /// Normalise a MAC to lowercase colon form; None if it is not six hex octets.
 pub fn normalize_mac(s: &str) -> Option<String> {
     let hex: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-    let seps = s.chars().filter(|c| !c.is_ascii_hexdigit()).all(|c| matches!(c, ':' | '-' | '.'));
+    let seps = s
+        .chars()
+        .filter(|c| !c.is_ascii_hexdigit())
+        .all(|c| matches!(c, ':' | '-' | '.'));
     if hex.len() != 12 || !seps {
         return None;
     }
@@ -361,7 +368,10 @@ mod tests {
     fn checkin_round_trips_with_seed_flag_names() {
         let c = CheckIn {
             protocol: PROTOCOL_VERSION,
-            device: DeviceIdentity { mac: "52:54:00:12:34:56".into(), ..Default::default() },
+            device: DeviceIdentity {
+                mac: "52:54:00:12:34:56".into(),
+                ..Default::default()
+            },
             autogenic: Autogenic {
                 support_img_backup: true,
                 backup_image_present: true,
@@ -379,9 +389,18 @@ mod tests {
     fn actions_are_tagged() {
         let wait = serde_json::to_value(Action::Wait { seconds: 60 }).unwrap();
         assert_eq!(wait, serde_json::json!({"action": "wait", "seconds": 60}));
-        let run = Action::Run { task: Task { id: 7, job: 2, kind: TaskKind::Reboot } };
+        let run = Action::Run {
+            task: Task {
+                id: 7,
+                job: 2,
+                kind: TaskKind::Reboot,
+            },
+        };
         let v = serde_json::to_value(&run).unwrap();
-        assert_eq!(v, serde_json::json!({"action": "run", "task": {"id": 7, "job": 2, "kind": "reboot"}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"action": "run", "task": {"id": 7, "job": 2, "kind": "reboot"}})
+        );
         assert_eq!(serde_json::from_value::<Action>(v).unwrap(), run);
     }
 
@@ -391,7 +410,12 @@ mod tests {
             id: 1,
             job: 1,
             kind: TaskKind::Deploy(DeploySpec {
-                image: ImageRef { name: "os".into(), version: "2".into(), url: "https://s/repo/os.img".into(), size: Some(5) },
+                image: ImageRef {
+                    name: "os".into(),
+                    version: "2".into(),
+                    url: "https://s/repo/os.img".into(),
+                    size: Some(5),
+                },
                 disk: None,
                 partition: Some("2".into()),
                 preserve: vec!["3".into()],
@@ -406,8 +430,14 @@ mod tests {
 
     #[test]
     fn macs_normalise() {
-        assert_eq!(normalize_mac("52-54-00-AB-cd-EF").as_deref(), Some("52:54:00:ab:cd:ef"));
-        assert_eq!(normalize_mac("525400abcdef").as_deref(), Some("52:54:00:ab:cd:ef"));
+        assert_eq!(
+            normalize_mac("52-54-00-AB-cd-EF").as_deref(),
+            Some("52:54:00:ab:cd:ef")
+        );
+        assert_eq!(
+            normalize_mac("525400abcdef").as_deref(),
+            Some("52:54:00:ab:cd:ef")
+        );
         assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
         assert_eq!(normalize_mac("52:54:00:ab:cd:eg"), None);
     }

@@ -35,7 +35,15 @@ pub fn facts(info: &ImageInfo, min_ram: u64) -> ImageFacts {
 /// outside `[A-Za-z0-9._-]` replaced so a name can never walk out of the directory.
 pub fn file_name(name: &str, version: &str) -> String {
     let clean = |s: &str| -> String {
-        s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect()
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
     };
     let f = format!("{}-{}.img", clean(name), clean(version));
     if f.starts_with('.') {
@@ -46,13 +54,25 @@ pub fn file_name(name: &str, version: &str) -> String {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Register an image file: copied (or moved, for uploads) into the repository directory.
-pub fn add_file(store: &dyn Store, repo: &Path, file: &Path, move_it: bool, min_ram: u64) -> anyhow::Result<ImageRow> {
+pub fn add_file(
+    store: &dyn Store,
+    repo: &Path,
+    file: &Path,
+    move_it: bool,
+    min_ram: u64,
+) -> anyhow::Result<ImageRow> {
     let info = inspect(&Location::File(file.to_path_buf()), &HttpConfig::default())?;
-    if store.image(&info.meta.name, Some(&info.meta.version))?.is_some() {
+    if store
+        .image(&info.meta.name, Some(&info.meta.version))?
+        .is_some()
+    {
         bail!(
             "image {} {} is already registered: `imgserver image remove {}:{}` first, or capture with another version",
             info.meta.name,
@@ -65,13 +85,18 @@ pub fn add_file(store: &dyn Store, repo: &Path, file: &Path, move_it: bool, min_
     let name = file_name(&info.meta.name, &info.meta.version);
     let dest: PathBuf = repo.join(&name);
     if dest.exists() {
-        bail!("{} exists but is not registered: move it away first", dest.display());
+        bail!(
+            "{} exists but is not registered: move it away first",
+            dest.display()
+        );
     }
     let tmp = repo.join(format!(".{name}.part"));
     if move_it {
-        std::fs::rename(file, &dest).with_context(|| format!("moving {} to {}", file.display(), dest.display()))?;
+        std::fs::rename(file, &dest)
+            .with_context(|| format!("moving {} to {}", file.display(), dest.display()))?;
     } else {
-        std::fs::copy(file, &tmp).with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
+        std::fs::copy(file, &tmp)
+            .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
         std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {}", tmp.display()))?;
     }
     let size = std::fs::metadata(&dest).map(|m| m.len()).ok();
@@ -99,12 +124,19 @@ pub fn add_file(store: &dyn Store, repo: &Path, file: &Path, move_it: bool, min_
 }
 
 /// Register an image that stays on another HTTP(S) server.
-pub fn add_url(store: &dyn Store, url: &str, http: &HttpConfig, min_ram: u64) -> anyhow::Result<ImageRow> {
+pub fn add_url(
+    store: &dyn Store,
+    url: &str,
+    http: &HttpConfig,
+    min_ram: u64,
+) -> anyhow::Result<ImageRow> {
     let loc = Location::parse(url);
     let info = inspect(&loc, http)?;
     let src = Source::open(&loc, http).with_context(|| format!("opening {url}"))?;
     if !src.supports_ranges() {
-        eprintln!("warning: {url} does not answer Range requests: an interrupted deploy starts over");
+        eprintln!(
+            "warning: {url} does not answer Range requests: an interrupted deploy starts over"
+        );
     }
     let mut row = ImageRow {
         id: 0,
@@ -144,7 +176,10 @@ mod tests {
     #[test]
     fn file_names_stay_in_the_repository() {
         assert_eq!(file_name("os", "7.2"), "os-7.2.img");
-        assert_eq!(file_name("../../etc/passwd", "1"), "_.._.._etc_passwd-1.img");
+        assert_eq!(
+            file_name("../../etc/passwd", "1"),
+            "_.._.._etc_passwd-1.img"
+        );
         assert!(!file_name("a/b", "c/d").contains('/'));
         assert!(!file_name(".hidden", "1").starts_with('.'));
     }

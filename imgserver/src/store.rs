@@ -49,7 +49,10 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { checkin_interval: 300, reload_wait: model::DEFAULT_RELOAD_WAIT_SECS }
+        Policy {
+            checkin_interval: 300,
+            reload_wait: model::DEFAULT_RELOAD_WAIT_SECS,
+        }
     }
 }
 
@@ -157,11 +160,27 @@ pub struct NewJob {
 /// The narrow storage interface.
 pub trait Store: Send + Sync {
     // The device side.
-    fn checkin(&self, req: &CheckIn, secrets: &CheckInSecrets, now: u64, policy: &Policy) -> Result<CheckInDecision>;
+    fn checkin(
+        &self,
+        req: &CheckIn,
+        secrets: &CheckInSecrets,
+        now: u64,
+        policy: &Policy,
+    ) -> Result<CheckInDecision>;
     fn device_by_credential(&self, hash: &str) -> Result<Option<DeviceRow>>;
     /// The task if it belongs to `device`; None otherwise (a device never sees another's).
-    fn task_of_device(&self, device: u64, task: u64) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>>;
-    fn record_progress(&self, device: u64, task: u64, p: &ProgressReport, now: u64) -> Result<(bool, bool)>;
+    fn task_of_device(
+        &self,
+        device: u64,
+        task: u64,
+    ) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>>;
+    fn record_progress(
+        &self,
+        device: u64,
+        task: u64,
+        p: &ProgressReport,
+        now: u64,
+    ) -> Result<(bool, bool)>;
     /// Record a final result; false if this report id was recorded before.
     fn record_result(&self, device: u64, r: &TaskResult, now: u64) -> Result<bool>;
     /// The capture task whose upload key hashes to `key_hash`.
@@ -272,14 +291,17 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        let store = SqliteStore { conn: Mutex::new(conn) };
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+        };
         store.migrate()?;
         Ok(store)
     }
 
     fn migrate(&self) -> Result<()> {
         let mut conn = self.lock();
-        let have: usize = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+        let have: usize =
+            conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
         if have > MIGRATIONS.len() {
             return Err(StoreError::Invalid(format!(
                 "the database has schema version {have}, this imgserver knows {}: use a newer imgserver",
@@ -336,7 +358,8 @@ fn device_row(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
     })
 }
 
-const IMAGE_COLS: &str = "id, name, version, file, url, size, facts, sealed, signed_by, description, added";
+const IMAGE_COLS: &str =
+    "id, name, version, file, url, size, facts, sealed, signed_by, description, added";
 
 fn image_row(r: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
     let facts: String = r.get(6)?;
@@ -394,29 +417,48 @@ fn task_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     })
 }
 
-fn transcript(tx: &Transaction, device: u64, task: Option<u64>, now: u64, line: &str) -> Result<()> {
-    tx.prepare_cached("INSERT INTO transcript (device_id, task_id, at, line) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![i(device), task.map(i), i(now), line])?;
+fn transcript(
+    tx: &Transaction,
+    device: u64,
+    task: Option<u64>,
+    now: u64,
+    line: &str,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO transcript (device_id, task_id, at, line) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![i(device), task.map(i), i(now), line])?;
     Ok(())
 }
 
 fn load_task(tx: &Connection, id: u64) -> Result<Option<TaskRow>> {
     Ok(tx
-        .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks t JOIN devices d ON d.id = t.device_id WHERE t.id = ?1"))?
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks t JOIN devices d ON d.id = t.device_id WHERE t.id = ?1"
+        ))?
         .query_row([i(id)], task_row)
         .optional()?)
 }
 
 fn load_job(tx: &Connection, id: u64) -> Result<Option<JobRow>> {
-    Ok(tx.prepare_cached(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"))?.query_row([i(id)], job_row).optional()?)
+    Ok(tx
+        .prepare_cached(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"))?
+        .query_row([i(id)], job_row)
+        .optional()?)
 }
 
 fn load_image(tx: &Connection, id: u64) -> Result<Option<ImageRow>> {
-    Ok(tx.prepare_cached(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"))?.query_row([i(id)], image_row).optional()?)
+    Ok(tx
+        .prepare_cached(&format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1"))?
+        .query_row([i(id)], image_row)
+        .optional()?)
 }
 
 fn load_device(tx: &Connection, id: u64) -> Result<Option<DeviceRow>> {
-    Ok(tx.prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"))?.query_row([i(id)], device_row).optional()?)
+    Ok(tx
+        .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"))?
+        .query_row([i(id)], device_row)
+        .optional()?)
 }
 
 /// The image stamp currently on the target a job writes (for rollback).
@@ -431,7 +473,10 @@ fn current_stamp(inv: Option<&CheckIn>, opts: &JobOptions) -> Option<ImageStamp>
         Some(spec) => {
             let p = match spec.parse::<u32>() {
                 Ok(n) => disk.partitions.iter().find(|p| p.number == n),
-                Err(_) => disk.partitions.iter().find(|p| p.label.as_deref() == Some(spec.as_str())),
+                Err(_) => disk
+                    .partitions
+                    .iter()
+                    .find(|p| p.label.as_deref() == Some(spec.as_str())),
             };
             p.and_then(|p| p.image.clone())
         }
@@ -441,7 +486,10 @@ fn current_stamp(inv: Option<&CheckIn>, opts: &JobOptions) -> Option<ImageStamp>
 fn validate(job: &JobRow, image: Option<&ImageRow>, inv: Option<&CheckIn>) -> Validation {
     match (job.kind.as_str(), image) {
         ("deploy", Some(img)) => model::validate_deploy(&img.facts, &job.options, inv),
-        ("deploy", None) => Validation { errors: vec!["the job's image was unregistered".into()], ..Default::default() },
+        ("deploy", None) => Validation {
+            errors: vec!["the job's image was unregistered".into()],
+            ..Default::default()
+        },
         ("capture", _) => model::validate_capture(&job.options, inv),
         _ => Validation::default(),
     }
@@ -450,7 +498,10 @@ fn validate(job: &JobRow, image: Option<&ImageRow>, inv: Option<&CheckIn>) -> Va
 /// Stop a job after a failure or rejection when its policy says so (seed 003: on error stop).
 fn on_task_error(tx: &Transaction, job: &JobRow, now: u64) -> Result<()> {
     if job.options.on_error == OnError::Stop && job.state == "active" {
-        tx.execute("UPDATE jobs SET state = 'stopped' WHERE id = ?1", [i(job.id)])?;
+        tx.execute(
+            "UPDATE jobs SET state = 'stopped' WHERE id = ?1",
+            [i(job.id)],
+        )?;
         let n = tx.execute(
             "UPDATE tasks SET state = 'aborted', message = 'job stopped: another device failed (on error: stop)', updated = ?2, finished = ?2
              WHERE job_id = ?1 AND state = 'pending'",
@@ -462,9 +513,19 @@ fn on_task_error(tx: &Transaction, job: &JobRow, now: u64) -> Result<()> {
 }
 
 impl SqliteStore {
-    fn enrol_or_authenticate(&self, tx: &Transaction, req: &CheckIn, secrets: &CheckInSecrets, now: u64) -> Result<(u64, bool)> {
-        let mac = crate::protocol::normalize_mac(&req.device.mac)
-            .ok_or_else(|| StoreError::Invalid(format!("device MAC {:?} is not six hex octets", req.device.mac)))?;
+    fn enrol_or_authenticate(
+        &self,
+        tx: &Transaction,
+        req: &CheckIn,
+        secrets: &CheckInSecrets,
+        now: u64,
+    ) -> Result<(u64, bool)> {
+        let mac = crate::protocol::normalize_mac(&req.device.mac).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "device MAC {:?} is not six hex octets",
+                req.device.mac
+            ))
+        })?;
         if let Some(hash) = &secrets.presented {
             let row: Option<(i64, String)> = tx
                 .prepare_cached("SELECT id, mac FROM devices WHERE credential = ?1")?
@@ -485,7 +546,10 @@ impl SqliteStore {
         match row {
             Some((_, true)) => Err(StoreError::AlreadyEnrolled(mac)),
             Some((id, false)) => {
-                tx.execute("UPDATE devices SET credential = ?2, enrolled = ?3 WHERE id = ?1", params![id, secrets.new_credential, i(now)])?;
+                tx.execute(
+                    "UPDATE devices SET credential = ?2, enrolled = ?3 WHERE id = ?1",
+                    params![id, secrets.new_credential, i(now)],
+                )?;
                 transcript(tx, u(id), None, now, "enrolled (first contact)")?;
                 Ok((u(id), true))
             }
@@ -512,7 +576,10 @@ impl SqliteStore {
         }
         let task = load_task(tx, r.task)?;
         let Some(task) = task.filter(|t| t.device == device) else {
-            return Err(StoreError::NotFound(format!("task {} is not a task of this device", r.task)));
+            return Err(StoreError::NotFound(format!(
+                "task {} is not a task of this device",
+                r.task
+            )));
         };
         if task.state.is_final() {
             // A second, different result for a finished task (the device lost its outbox
@@ -522,7 +589,17 @@ impl SqliteStore {
                 "INSERT INTO results (report, task_id, device_id, received, body) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![r.report, i(r.task), i(device), i(now), serde_json::to_string(r)?],
             )?;
-            transcript(tx, device, Some(r.task), now, &format!("ignored a second result for task {} (already {})", r.task, task.state.as_str()))?;
+            transcript(
+                tx,
+                device,
+                Some(r.task),
+                now,
+                &format!(
+                    "ignored a second result for task {} (already {})",
+                    r.task,
+                    task.state.as_str()
+                ),
+            )?;
             return Ok(false);
         }
         tx.execute(
@@ -532,7 +609,8 @@ impl SqliteStore {
         for line in &r.transcript {
             transcript(tx, device, Some(r.task), now, &format!("device: {line}"))?;
         }
-        let job = load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound(format!("job {} is gone", task.job)))?;
+        let job = load_job(tx, task.job)?
+            .ok_or_else(|| StoreError::NotFound(format!("job {} is gone", task.job)))?;
         let state = match r.outcome {
             Outcome::Succeeded => TaskState::Succeeded,
             Outcome::Failed => TaskState::Failed,
@@ -546,7 +624,10 @@ impl SqliteStore {
             "task {} {}{}",
             r.task,
             state.as_str(),
-            r.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+            r.message
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
         );
         transcript(tx, device, Some(r.task), now, &summary)?;
         match state {
@@ -580,25 +661,37 @@ impl SqliteStore {
 
     /// Pick the task to hand to `device` now (see the trait docs): resend an unfinished one,
     /// else the oldest pending one its job's batch rule lets start and validation accepts.
-    fn next_task(tx: &Transaction, device: u64, secrets: &CheckInSecrets, now: u64) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>> {
+    fn next_task(
+        tx: &Transaction,
+        device: u64,
+        secrets: &CheckInSecrets,
+        now: u64,
+    ) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>> {
         let running: Option<i64> = tx
             .prepare_cached("SELECT id FROM tasks WHERE device_id = ?1 AND state IN ('sent', 'running') ORDER BY id LIMIT 1")?
             .query_row([i(device)], |r| r.get(0))
             .optional()?;
         if let Some(id) = running {
             let task = load_task(tx, u(id))?.expect("task row just seen");
-            let job = load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
+            let job =
+                load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
             let image = match job.image {
                 Some(img) => load_image(tx, img)?,
                 None => None,
             };
             if job.kind == "capture" {
-                tx.execute("UPDATE tasks SET upload_key = ?2 WHERE id = ?1", params![id, secrets.new_upload_key])?;
+                tx.execute(
+                    "UPDATE tasks SET upload_key = ?2 WHERE id = ?1",
+                    params![id, secrets.new_upload_key],
+                )?;
             }
             return Ok(Some((task, job, image)));
         }
         // Jobs for all devices or a group reach devices that enrolled after scheduling.
-        let group: Option<String> = tx.query_row("SELECT grp FROM devices WHERE id = ?1", [i(device)], |r| r.get(0))?;
+        let group: Option<String> =
+            tx.query_row("SELECT grp FROM devices WHERE id = ?1", [i(device)], |r| {
+                r.get(0)
+            })?;
         tx.prepare_cached(
             "INSERT INTO tasks (job_id, device_id, created, updated)
              SELECT j.id, ?1, ?3, ?3 FROM jobs j
@@ -610,10 +703,12 @@ impl SqliteStore {
             .prepare_cached("SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.device_id = ?1 AND t.state = 'pending' AND j.state = 'active' ORDER BY t.id")?
             .query_map([i(device)], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let device_row = load_device(tx, device)?.ok_or_else(|| StoreError::NotFound("device gone".into()))?;
+        let device_row =
+            load_device(tx, device)?.ok_or_else(|| StoreError::NotFound("device gone".into()))?;
         for id in pending {
             let task = load_task(tx, u(id))?.expect("pending task row");
-            let job = load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
+            let job =
+                load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
             // The batch rule over the job's tasks in id order.
             let states: Vec<(i64, String)> = tx
                 .prepare_cached("SELECT id, state FROM tasks WHERE job_id = ?1 ORDER BY id")?
@@ -621,7 +716,10 @@ impl SqliteStore {
                 .collect::<rusqlite::Result<_>>()?;
             let pos = states.iter().position(|(t, _)| *t == id).unwrap_or(0);
             let start = model::batch_start(job.options.batch, pos);
-            let unfinished = states[..start].iter().filter(|(_, s)| !TaskState::parse(s).is_final()).count();
+            let unfinished = states[..start]
+                .iter()
+                .filter(|(_, s)| !TaskState::parse(s).is_final())
+                .count();
             if !model::batch_allows(job.options.batch, pos, unfinished) {
                 continue;
             }
@@ -641,7 +739,13 @@ impl SqliteStore {
                     "UPDATE devices SET state = 'configuration_required', state_reason = ?2 WHERE id = ?1 AND state != 'maintenance'",
                     params![i(device), format!("job {}: {msg}", job.id)],
                 )?;
-                transcript(tx, device, Some(u(id)), now, &format!("task {id} of job {} rejected: {msg}", job.id))?;
+                transcript(
+                    tx,
+                    device,
+                    Some(u(id)),
+                    now,
+                    &format!("task {id} of job {} rejected: {msg}", job.id),
+                )?;
                 on_task_error(tx, &job, now)?;
                 continue;
             }
@@ -664,9 +768,21 @@ impl SqliteStore {
                 Some(img) => format!("{} {} {}", job.kind, img.name, img.version),
                 None => job.kind.clone(),
             };
-            transcript(tx, device, Some(u(id)), now, &format!("task {id} of job {} sent: {what}", job.id))?;
+            transcript(
+                tx,
+                device,
+                Some(u(id)),
+                now,
+                &format!("task {id} of job {} sent: {what}", job.id),
+            )?;
             for w in &v.warnings {
-                transcript(tx, device, Some(u(id)), now, &format!("validation warning: {w}"))?;
+                transcript(
+                    tx,
+                    device,
+                    Some(u(id)),
+                    now,
+                    &format!("validation warning: {w}"),
+                )?;
             }
             let task = load_task(tx, u(id))?.expect("task row just updated");
             return Ok(Some((task, job, image)));
@@ -683,7 +799,13 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn checkin(&self, req: &CheckIn, secrets: &CheckInSecrets, now: u64, _policy: &Policy) -> Result<CheckInDecision> {
+    fn checkin(
+        &self,
+        req: &CheckIn,
+        secrets: &CheckInSecrets,
+        now: u64,
+        _policy: &Policy,
+    ) -> Result<CheckInDecision> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let (device, enrolled) = self.enrol_or_authenticate(&tx, req, secrets, now)?;
@@ -723,21 +845,34 @@ impl Store for SqliteStore {
         tx.execute("UPDATE devices SET trouble_since = NULL WHERE id = ?1 AND state != 'maintenance' AND trouble_since IS NOT NULL AND trouble_since < ?2", params![i(device), i(now)])?;
         let task = Self::next_task(&tx, device, secrets, now)?;
         tx.commit()?;
-        Ok(CheckInDecision { device, enrolled, acked, task })
+        Ok(CheckInDecision {
+            device,
+            enrolled,
+            acked,
+            task,
+        })
     }
 
     fn device_by_credential(&self, hash: &str) -> Result<Option<DeviceRow>> {
         let conn = self.lock();
         let row = conn
-            .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE credential = ?1"))?
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLS} FROM devices WHERE credential = ?1"
+            ))?
             .query_row([hash], device_row)
             .optional()?;
         Ok(row)
     }
 
-    fn task_of_device(&self, device: u64, task: u64) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>> {
+    fn task_of_device(
+        &self,
+        device: u64,
+        task: u64,
+    ) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>> {
         let conn = self.lock();
-        let Some(t) = load_task(&conn, task)?.filter(|t| t.device == device) else { return Ok(None) };
+        let Some(t) = load_task(&conn, task)?.filter(|t| t.device == device) else {
+            return Ok(None);
+        };
         let job = load_job(&conn, t.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
         let image = match job.image {
             Some(img) => load_image(&conn, img)?,
@@ -746,7 +881,13 @@ impl Store for SqliteStore {
         Ok(Some((t, job, image)))
     }
 
-    fn record_progress(&self, device: u64, task: u64, p: &ProgressReport, now: u64) -> Result<(bool, bool)> {
+    fn record_progress(
+        &self,
+        device: u64,
+        task: u64,
+        p: &ProgressReport,
+        now: u64,
+    ) -> Result<(bool, bool)> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let row: Option<(i64, i64, String, String)> = tx
@@ -754,7 +895,9 @@ impl Store for SqliteStore {
             .query_row([i(task)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?;
         let Some((owner, seq, state, job_state)) = row.filter(|r| u(r.0) == device) else {
-            return Err(StoreError::NotFound(format!("task {task} is not a task of this device")));
+            return Err(StoreError::NotFound(format!(
+                "task {task} is not a task of this device"
+            )));
         };
         let _ = owner;
         let abort = job_state == "aborted";
@@ -764,7 +907,8 @@ impl Store for SqliteStore {
         }
         tx.prepare_cached("UPDATE tasks SET progress = ?2, progress_seq = ?3, state = 'running', updated = ?4 WHERE id = ?1")?
             .execute(params![i(task), serde_json::to_string(p)?, i(p.seq), i(now)])?;
-        tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?.execute(params![i(device), i(now)])?;
+        tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?
+            .execute(params![i(device), i(now)])?;
         tx.commit()?;
         Ok((true, abort))
     }
@@ -773,7 +917,10 @@ impl Store for SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let recorded = Self::apply_result(&tx, device, r, now)?;
-        tx.execute("UPDATE devices SET last_seen = ?2 WHERE id = ?1", params![i(device), i(now)])?;
+        tx.execute(
+            "UPDATE devices SET last_seen = ?2 WHERE id = ?1",
+            params![i(device), i(now)],
+        )?;
         tx.commit()?;
         Ok(recorded)
     }
@@ -798,7 +945,11 @@ impl Store for SqliteStore {
     fn add_image(&self, img: &ImageRow) -> Result<u64> {
         let conn = self.lock();
         let exists: Option<i64> = conn
-            .query_row("SELECT id FROM images WHERE name = ?1 AND version = ?2", params![img.name, img.version], |r| r.get(0))
+            .query_row(
+                "SELECT id FROM images WHERE name = ?1 AND version = ?2",
+                params![img.name, img.version],
+                |r| r.get(0),
+            )
             .optional()?;
         if let Some(id) = exists {
             return Err(StoreError::Conflict(format!(
@@ -827,7 +978,9 @@ impl Store for SqliteStore {
     fn images(&self) -> Result<Vec<ImageRow>> {
         let conn = self.lock();
         let rows = conn
-            .prepare(&format!("SELECT {IMAGE_COLS} FROM images ORDER BY name, id"))?
+            .prepare(&format!(
+                "SELECT {IMAGE_COLS} FROM images ORDER BY name, id"
+            ))?
             .query_map([], image_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
@@ -867,10 +1020,15 @@ impl Store for SqliteStore {
                 "image {id} is used by unfinished job {job}: `imgserver schedule remove {job}` first"
             )));
         }
-        conn.execute("UPDATE jobs SET image_id = NULL WHERE image_id = ?1", [i(id)])?;
+        conn.execute(
+            "UPDATE jobs SET image_id = NULL WHERE image_id = ?1",
+            [i(id)],
+        )?;
         let n = conn.execute("DELETE FROM images WHERE id = ?1", [i(id)])?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no image {id}: see `imgserver image list`")));
+            return Err(StoreError::NotFound(format!(
+                "no image {id}: see `imgserver image list`"
+            )));
         }
         Ok(())
     }
@@ -886,7 +1044,9 @@ impl Store for SqliteStore {
         // Materialise tasks for the devices known now; `all` and groups also reach devices
         // that enrol later (next_task).
         let devices: Vec<i64> = if let Some(mac) = job.selector.strip_prefix("mac:") {
-            let existing: Option<i64> = tx.query_row("SELECT id FROM devices WHERE mac = ?1", [mac], |r| r.get(0)).optional()?;
+            let existing: Option<i64> = tx
+                .query_row("SELECT id FROM devices WHERE mac = ?1", [mac], |r| r.get(0))
+                .optional()?;
             match existing {
                 Some(d) => vec![d],
                 None => {
@@ -896,9 +1056,13 @@ impl Store for SqliteStore {
                 }
             }
         } else if let Some(g) = job.selector.strip_prefix("group:") {
-            tx.prepare("SELECT id FROM devices WHERE grp = ?1 ORDER BY id")?.query_map([g], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            tx.prepare("SELECT id FROM devices WHERE grp = ?1 ORDER BY id")?
+                .query_map([g], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
         } else if job.selector == "all" {
-            tx.prepare("SELECT id FROM devices ORDER BY id")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            tx.prepare("SELECT id FROM devices ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
         } else {
             job.devices.iter().map(|d| i(*d)).collect()
         };
@@ -914,7 +1078,10 @@ impl Store for SqliteStore {
             let (state, msg) = if v.ok() {
                 ("pending", None)
             } else {
-                ("rejected", Some(format!("validation failed: {}", v.errors.join("; "))))
+                (
+                    "rejected",
+                    Some(format!("validation failed: {}", v.errors.join("; "))),
+                )
             };
             tx.execute(
                 "INSERT INTO tasks (job_id, device_id, state, validation, message, created, updated, finished) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
@@ -929,7 +1096,11 @@ impl Store for SqliteStore {
     fn remove_job(&self, id: u64) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let running: i64 = tx.query_row("SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND state IN ('sent', 'running')", [i(id)], |r| r.get(0))?;
+        let running: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND state IN ('sent', 'running')",
+            [i(id)],
+            |r| r.get(0),
+        )?;
         if running > 0 {
             return Err(StoreError::Conflict(format!(
                 "job {id} has {running} device(s) imaging now: `imgserver job {id} abort` stops the rest; remove it when they are done"
@@ -937,9 +1108,14 @@ impl Store for SqliteStore {
         }
         let n = tx.execute("UPDATE jobs SET state = 'removed' WHERE id = ?1", [i(id)])?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no job {id}: see `imgserver jobs`")));
+            return Err(StoreError::NotFound(format!(
+                "no job {id}: see `imgserver jobs`"
+            )));
         }
-        tx.execute("DELETE FROM tasks WHERE job_id = ?1 AND state = 'pending'", [i(id)])?;
+        tx.execute(
+            "DELETE FROM tasks WHERE job_id = ?1 AND state = 'pending'",
+            [i(id)],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -947,9 +1123,14 @@ impl Store for SqliteStore {
     fn abort_job(&self, id: u64, now: u64) -> Result<usize> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let n = tx.execute("UPDATE jobs SET state = 'aborted' WHERE id = ?1 AND state IN ('active', 'stopped')", [i(id)])?;
+        let n = tx.execute(
+            "UPDATE jobs SET state = 'aborted' WHERE id = ?1 AND state IN ('active', 'stopped')",
+            [i(id)],
+        )?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no active job {id}: see `imgserver jobs`")));
+            return Err(StoreError::NotFound(format!(
+                "no active job {id}: see `imgserver jobs`"
+            )));
         }
         // Seed 003: devices already imaging run to the end; those not started are aborted.
         let aborted = tx.execute(
@@ -963,15 +1144,21 @@ impl Store for SqliteStore {
     fn jobs(&self) -> Result<Vec<(JobRow, Vec<TaskRow>)>> {
         let conn = self.lock();
         let jobs: Vec<JobRow> = conn
-            .prepare(&format!("SELECT {JOB_COLS} FROM jobs WHERE state != 'removed' ORDER BY id"))?
+            .prepare(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE state != 'removed' ORDER BY id"
+            ))?
             .query_map([], job_row)?
             .collect::<rusqlite::Result<_>>()?;
-        jobs.into_iter().map(|j| Ok((j.clone(), Self::job_tasks(&conn, j.id)?))).collect()
+        jobs.into_iter()
+            .map(|j| Ok((j.clone(), Self::job_tasks(&conn, j.id)?)))
+            .collect()
     }
 
     fn job(&self, id: u64) -> Result<Option<(JobRow, Vec<TaskRow>)>> {
         let conn = self.lock();
-        let Some(j) = load_job(&conn, id)? else { return Ok(None) };
+        let Some(j) = load_job(&conn, id)? else {
+            return Ok(None);
+        };
         let tasks = Self::job_tasks(&conn, id)?;
         Ok(Some((j, tasks)))
     }
@@ -987,7 +1174,10 @@ impl Store for SqliteStore {
 
     fn device(&self, mac: &str) -> Result<Option<DeviceRow>> {
         let conn = self.lock();
-        let row = conn.prepare(&format!("SELECT {DEVICE_COLS} FROM devices WHERE mac = ?1"))?.query_row([mac], device_row).optional()?;
+        let row = conn
+            .prepare(&format!("SELECT {DEVICE_COLS} FROM devices WHERE mac = ?1"))?
+            .query_row([mac], device_row)
+            .optional()?;
         Ok(row)
     }
 
@@ -998,16 +1188,24 @@ impl Store for SqliteStore {
             params![mac, state.as_str(), reason],
         )?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no device {mac}: see `imgserver devices`")));
+            return Err(StoreError::NotFound(format!(
+                "no device {mac}: see `imgserver devices`"
+            )));
         }
         Ok(())
     }
 
     fn set_group(&self, mac: &str, group: Option<&str>) -> Result<()> {
         let conn = self.lock();
-        let n = conn.execute("UPDATE devices SET grp = ?2 WHERE mac = ?1", params![mac, group])?;
+        let n = conn.execute(
+            "UPDATE devices SET grp = ?2 WHERE mac = ?1",
+            params![mac, group],
+        )?;
         if n == 0 {
-            conn.execute("INSERT INTO devices (mac, grp) VALUES (?1, ?2)", params![mac, group])?;
+            conn.execute(
+                "INSERT INTO devices (mac, grp) VALUES (?1, ?2)",
+                params![mac, group],
+            )?;
         }
         Ok(())
     }
@@ -1015,7 +1213,9 @@ impl Store for SqliteStore {
     fn forget(&self, mac: &str) -> Result<bool> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let id: Option<i64> = tx.query_row("SELECT id FROM devices WHERE mac = ?1", [mac], |r| r.get(0)).optional()?;
+        let id: Option<i64> = tx
+            .query_row("SELECT id FROM devices WHERE mac = ?1", [mac], |r| r.get(0))
+            .optional()?;
         let Some(id) = id else { return Ok(false) };
         tx.execute("DELETE FROM transcript WHERE device_id = ?1", [id])?;
         tx.execute("DELETE FROM results WHERE device_id = ?1", [id])?;
@@ -1039,7 +1239,11 @@ impl Store for SqliteStore {
 
     fn result_count(&self) -> Result<u64> {
         let conn = self.lock();
-        Ok(u(conn.query_row("SELECT COUNT(*) FROM results", [], |r| r.get(0))?))
+        Ok(u(conn.query_row(
+            "SELECT COUNT(*) FROM results",
+            [],
+            |r| r.get(0),
+        )?))
     }
 }
 
@@ -1049,7 +1253,11 @@ mod tests {
     use crate::protocol::{DeviceIdentity, DiskReport, PartitionReport, PROTOCOL_VERSION};
 
     fn store() -> (SqliteStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("imgserver-store-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "imgserver-store-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         (SqliteStore::open(&dir.join("db")).unwrap(), dir)
     }
@@ -1063,11 +1271,18 @@ mod tests {
     fn checkin(mac: &str) -> CheckIn {
         CheckIn {
             protocol: PROTOCOL_VERSION,
-            device: DeviceIdentity { mac: mac.into(), ..Default::default() },
+            device: DeviceIdentity {
+                mac: mac.into(),
+                ..Default::default()
+            },
             disks: vec![DiskReport {
                 name: "disk0".into(),
                 size: 1 << 30,
-                partitions: vec![PartitionReport { number: 1, size: 1 << 29, ..Default::default() }],
+                partitions: vec![PartitionReport {
+                    number: 1,
+                    size: 1 << 29,
+                    ..Default::default()
+                }],
                 ..Default::default()
             }],
             ..Default::default()
@@ -1075,7 +1290,11 @@ mod tests {
     }
 
     fn secrets(presented: Option<&str>, new: &str) -> CheckInSecrets {
-        CheckInSecrets { presented: presented.map(str::to_string), new_credential: new.into(), new_upload_key: format!("k{new}") }
+        CheckInSecrets {
+            presented: presented.map(str::to_string),
+            new_credential: new.into(),
+            new_upload_key: format!("k{new}"),
+        }
     }
 
     fn image(s: &SqliteStore) -> u64 {
@@ -1086,7 +1305,12 @@ mod tests {
             file: Some("os-2.img".into()),
             url: None,
             size: Some(10),
-            facts: ImageFacts { name: "os".into(), version: "2".into(), min_target_size: 1 << 20, ..Default::default() },
+            facts: ImageFacts {
+                name: "os".into(),
+                version: "2".into(),
+                min_target_size: 1 << 20,
+                ..Default::default()
+            },
             sealed: true,
             signed_by: None,
             description: None,
@@ -1099,7 +1323,12 @@ mod tests {
         NewJob {
             kind: "deploy".into(),
             image: Some(img),
-            options: JobOptions { partition: Some("1".into()), batch, on_error, ..Default::default() },
+            options: JobOptions {
+                partition: Some("1".into()),
+                batch,
+                on_error,
+                ..Default::default()
+            },
             selector: selector.into(),
             devices: vec![],
             note: None,
@@ -1113,7 +1342,10 @@ mod tests {
             outcome,
             message: None,
             transcript: vec!["line".into()],
-            image: Some(ImageStamp { name: "os".into(), version: "2".into() }),
+            image: Some(ImageStamp {
+                name: "os".into(),
+                version: "2".into(),
+            }),
             bytes: 0,
             finished: 0,
         }
@@ -1131,21 +1363,51 @@ mod tests {
     fn enrol_once_then_credential_required() {
         let (s, _d) = store();
         let p = Policy::default();
-        let d = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "h1"), 10, &p).unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "h1"), 10, &p)
+            .unwrap();
         assert!(d.enrolled);
-        let e = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "h2"), 11, &p).unwrap_err();
+        let e = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "h2"), 11, &p)
+            .unwrap_err();
         assert!(matches!(e, StoreError::AlreadyEnrolled(_)), "{e}");
-        let e = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(Some("bogus"), "h3"), 11, &p).unwrap_err();
+        let e = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("bogus"), "h3"),
+                11,
+                &p,
+            )
+            .unwrap_err();
         assert!(matches!(e, StoreError::BadCredential));
-        let d2 = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(Some("h1"), "h4"), 12, &p).unwrap();
+        let d2 = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("h1"), "h4"),
+                12,
+                &p,
+            )
+            .unwrap();
         assert!(!d2.enrolled);
         assert_eq!(d2.device, d.device);
         // Another device's credential with this MAC is refused.
-        s.checkin(&checkin("52:54:00:00:00:02"), &secrets(None, "h5"), 12, &p).unwrap();
-        let e = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(Some("h5"), "h6"), 13, &p).unwrap_err();
+        s.checkin(&checkin("52:54:00:00:00:02"), &secrets(None, "h5"), 12, &p)
+            .unwrap();
+        let e = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("h5"), "h6"),
+                13,
+                &p,
+            )
+            .unwrap_err();
         assert!(matches!(e, StoreError::Conflict(_)));
         assert!(s.forget("52:54:00:00:00:01").unwrap());
-        assert!(s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "h7"), 14, &p).unwrap().enrolled);
+        assert!(
+            s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "h7"), 14, &p)
+                .unwrap()
+                .enrolled
+        );
     }
 
     #[test]
@@ -1153,20 +1415,51 @@ mod tests {
         let (s, _d) = store();
         let p = Policy::default();
         let img = image(&s);
-        let (job, v) = s.add_job(&deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop), 1).unwrap();
+        let (job, v) = s
+            .add_job(
+                &deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop),
+                1,
+            )
+            .unwrap();
         assert_eq!(v.len(), 1);
-        let d = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "c1"), 2, &p).unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "c1"), 2, &p)
+            .unwrap();
         let (task, j, _) = d.task.expect("a task");
         assert_eq!(j.id, job);
         // Re-sent while unfinished: the same task.
-        let again = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(Some("c1"), "x"), 3, &p).unwrap();
+        let again = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("c1"), "x"),
+                3,
+                &p,
+            )
+            .unwrap();
         assert_eq!(again.task.unwrap().0.id, task.id);
-        assert_eq!(s.device("52:54:00:00:00:01").unwrap().unwrap().state, DeviceState::UpgradeInProgress);
-        let pr = ProgressReport { seq: 2, bytes: 5, ..Default::default() };
-        assert_eq!(s.record_progress(d.device, task.id, &pr, 4).unwrap(), (true, false));
-        assert_eq!(s.record_progress(d.device, task.id, &pr, 4).unwrap(), (false, false));
-        assert!(s.record_result(d.device, &result(task.id, "r1", Outcome::Succeeded), 5).unwrap());
-        assert!(!s.record_result(d.device, &result(task.id, "r1", Outcome::Succeeded), 6).unwrap());
+        assert_eq!(
+            s.device("52:54:00:00:00:01").unwrap().unwrap().state,
+            DeviceState::UpgradeInProgress
+        );
+        let pr = ProgressReport {
+            seq: 2,
+            bytes: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            s.record_progress(d.device, task.id, &pr, 4).unwrap(),
+            (true, false)
+        );
+        assert_eq!(
+            s.record_progress(d.device, task.id, &pr, 4).unwrap(),
+            (false, false)
+        );
+        assert!(s
+            .record_result(d.device, &result(task.id, "r1", Outcome::Succeeded), 5)
+            .unwrap());
+        assert!(!s
+            .record_result(d.device, &result(task.id, "r1", Outcome::Succeeded), 6)
+            .unwrap());
         // The same result again through the check-in outbox: acknowledged, not applied.
         let mut c = checkin("52:54:00:00:00:01");
         c.results.push(result(task.id, "r1", Outcome::Succeeded));
@@ -1176,9 +1469,19 @@ mod tests {
         assert_eq!(s.result_count().unwrap(), 1);
         let dev = s.device("52:54:00:00:00:01").unwrap().unwrap();
         assert_eq!(dev.state, DeviceState::Operational);
-        assert_eq!(dev.image, Some(ImageStamp { name: "os".into(), version: "2".into() }));
+        assert_eq!(
+            dev.image,
+            Some(ImageStamp {
+                name: "os".into(),
+                version: "2".into()
+            })
+        );
         let lines = s.transcript("52:54:00:00:00:01", Some(task.id)).unwrap();
-        assert_eq!(lines.iter().filter(|l| l.2 == "device: line").count(), 1, "{lines:?}");
+        assert_eq!(
+            lines.iter().filter(|l| l.2 == "device: line").count(),
+            1,
+            "{lines:?}"
+        );
     }
 
     #[test]
@@ -1186,15 +1489,37 @@ mod tests {
         let (s, _d) = store();
         let p = Policy::default();
         let img = image(&s);
-        s.add_job(&deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop), 1).unwrap();
-        let a = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "a"), 2, &p).unwrap();
-        let b = s.checkin(&checkin("52:54:00:00:00:02"), &secrets(None, "b"), 2, &p).unwrap();
+        s.add_job(
+            &deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop),
+            1,
+        )
+        .unwrap();
+        let a = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "a"), 2, &p)
+            .unwrap();
+        let b = s
+            .checkin(&checkin("52:54:00:00:00:02"), &secrets(None, "b"), 2, &p)
+            .unwrap();
         let task = a.task.unwrap().0.id;
         assert!(b.task.is_none());
         assert!(s.task_of_device(b.device, task).unwrap().is_none());
         assert!(s.task_of_device(a.device, task).unwrap().is_some());
-        assert!(matches!(s.record_progress(b.device, task, &ProgressReport { seq: 1, ..Default::default() }, 3), Err(StoreError::NotFound(_))));
-        assert!(matches!(s.record_result(b.device, &result(task, "rb", Outcome::Failed), 3), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.record_progress(
+                b.device,
+                task,
+                &ProgressReport {
+                    seq: 1,
+                    ..Default::default()
+                },
+                3
+            ),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.record_result(b.device, &result(task, "rb", Outcome::Failed), 3),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -1203,19 +1528,58 @@ mod tests {
         let p = Policy::default();
         let img = image(&s);
         for n in 1..=3 {
-            s.checkin(&checkin(&format!("52:54:00:00:00:0{n}")), &secrets(None, &format!("s{n}")), 1, &p).unwrap();
+            s.checkin(
+                &checkin(&format!("52:54:00:00:00:0{n}")),
+                &secrets(None, &format!("s{n}")),
+                1,
+                &p,
+            )
+            .unwrap();
         }
-        let (job, _) = s.add_job(&deploy_job(img, "all", 1, OnError::Stop), 2).unwrap();
-        let second = s.checkin(&checkin("52:54:00:00:00:02"), &secrets(Some("s2"), "z"), 3, &p).unwrap();
-        assert!(second.task.is_none(), "sequential: device 2 waits for device 1");
-        let first = s.checkin(&checkin("52:54:00:00:00:01"), &secrets(Some("s1"), "z"), 4, &p).unwrap();
+        let (job, _) = s
+            .add_job(&deploy_job(img, "all", 1, OnError::Stop), 2)
+            .unwrap();
+        let second = s
+            .checkin(
+                &checkin("52:54:00:00:00:02"),
+                &secrets(Some("s2"), "z"),
+                3,
+                &p,
+            )
+            .unwrap();
+        assert!(
+            second.task.is_none(),
+            "sequential: device 2 waits for device 1"
+        );
+        let first = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("s1"), "z"),
+                4,
+                &p,
+            )
+            .unwrap();
         let t1 = first.task.unwrap().0.id;
-        s.record_result(first.device, &result(t1, "f1", Outcome::Failed), 5).unwrap();
-        let second = s.checkin(&checkin("52:54:00:00:00:02"), &secrets(Some("s2"), "z"), 6, &p).unwrap();
+        s.record_result(first.device, &result(t1, "f1", Outcome::Failed), 5)
+            .unwrap();
+        let second = s
+            .checkin(
+                &checkin("52:54:00:00:00:02"),
+                &secrets(Some("s2"), "z"),
+                6,
+                &p,
+            )
+            .unwrap();
         assert!(second.task.is_none(), "on error stop: the rest is aborted");
         let (j, tasks) = s.job(job).unwrap().unwrap();
         assert_eq!(j.state, "stopped");
-        assert_eq!(tasks.iter().filter(|t| t.state == TaskState::Aborted).count(), 2);
+        assert_eq!(
+            tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Aborted)
+                .count(),
+            2
+        );
     }
 
     #[test]
@@ -1223,7 +1587,8 @@ mod tests {
         let (s, _d) = store();
         let p = Policy::default();
         let img = image(&s);
-        s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "v"), 1, &p).unwrap();
+        s.checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "v"), 1, &p)
+            .unwrap();
         let mut job = deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Continue);
         job.options.partition = Some("4".into());
         let (_, report) = s.add_job(&job, 2).unwrap();
@@ -1232,8 +1597,13 @@ mod tests {
         let mut job = deploy_job(img, "mac:52:54:00:00:00:09", 0, OnError::Continue);
         job.options.partition = Some("4".into());
         s.add_job(&job, 2).unwrap();
-        let d = s.checkin(&checkin("52:54:00:00:00:09"), &secrets(None, "w"), 3, &p).unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:09"), &secrets(None, "w"), 3, &p)
+            .unwrap();
         assert!(d.task.is_none());
-        assert_eq!(s.device("52:54:00:00:00:09").unwrap().unwrap().state, DeviceState::ConfigurationRequired);
+        assert_eq!(
+            s.device("52:54:00:00:00:09").unwrap().unwrap().state,
+            DeviceState::ConfigurationRequired
+        );
     }
 }

@@ -9,7 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 
 pub struct Pki {
     pub ca_cert: PathBuf,
@@ -36,7 +39,11 @@ impl Pki {
 /// Names the server certificate is valid for when the administrator gives none: the
 /// loopback names and this host's name.
 pub fn default_names() -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim();
         if !h.is_empty() && !names.iter().any(|n| n == h) {
@@ -56,7 +63,8 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Create the CA (unless it exists and `renew` only asks for a new server certificate) and
@@ -69,8 +77,10 @@ pub fn init(pki: &Pki, names: &[String], renew: bool) -> anyhow::Result<()> {
         );
     }
     let (ca, ca_key) = if pki.ca_cert.exists() {
-        let key_pem = std::fs::read_to_string(&pki.ca_key).with_context(|| format!("reading {}", pki.ca_key.display()))?;
-        let cert_pem = std::fs::read_to_string(&pki.ca_cert).with_context(|| format!("reading {}", pki.ca_cert.display()))?;
+        let key_pem = std::fs::read_to_string(&pki.ca_key)
+            .with_context(|| format!("reading {}", pki.ca_key.display()))?;
+        let cert_pem = std::fs::read_to_string(&pki.ca_cert)
+            .with_context(|| format!("reading {}", pki.ca_cert.display()))?;
         let key = KeyPair::from_pem(&key_pem).context("parsing the CA key")?;
         let _ = cert_pem;
         // The same subject and key as the certificate on the devices: what we sign with it
@@ -79,18 +89,29 @@ pub fn init(pki: &Pki, names: &[String], renew: bool) -> anyhow::Result<()> {
         (cert, key)
     } else {
         let key = KeyPair::generate().context("generating the CA key")?;
-        let cert = ca_params()?.self_signed(&key).context("signing the CA certificate")?;
+        let cert = ca_params()?
+            .self_signed(&key)
+            .context("signing the CA certificate")?;
         write_secret(&pki.ca_key, &key.serialize_pem())?;
-        std::fs::write(&pki.ca_cert, cert.pem()).with_context(|| format!("writing {}", pki.ca_cert.display()))?;
+        std::fs::write(&pki.ca_cert, cert.pem())
+            .with_context(|| format!("writing {}", pki.ca_cert.display()))?;
         (cert, key)
     };
     let mut params = CertificateParams::new(names.to_vec()).context("server certificate names")?;
-    params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "imgserver".into()));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names.first().cloned().unwrap_or_else(|| "imgserver".into()),
+    );
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     set_validity(&mut params, 5);
     let key = KeyPair::generate().context("generating the server key")?;
-    let cert = params.signed_by(&key, &ca, &ca_key).context("signing the server certificate")?;
+    let cert = params
+        .signed_by(&key, &ca, &ca_key)
+        .context("signing the server certificate")?;
     write_secret(&pki.server_key, &key.serialize_pem())?;
     // The chain the server presents: its certificate, then the CA's.
     std::fs::write(&pki.server_cert, format!("{}{}", cert.pem(), ca.pem()))
@@ -100,17 +121,28 @@ pub fn init(pki: &Pki, names: &[String], renew: bool) -> anyhow::Result<()> {
 
 fn ca_params() -> anyhow::Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, "imgserver device CA");
-    params.distinguished_name.push(DnType::OrganizationName, "imgserver");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "imgserver device CA");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "imgserver");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     set_validity(&mut params, 20);
     Ok(params)
 }
 
 /// From a day ago (clock skew on devices without an RTC battery) for `years`.
 fn set_validity(params: &mut CertificateParams, years: i64) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let (y, m, d) = civil_from_days(now / 86_400 - 1);
     params.not_before = rcgen::date_time_ymd(y as i32, m as u8, d as u8);
     params.not_after = rcgen::date_time_ymd((y + years) as i32, m as u8, d.min(28) as u8);
@@ -154,7 +186,11 @@ mod tests {
         assert!(init(&pki, &default_names(), false).is_err());
         let ca_before = std::fs::read(&pki.ca_cert).unwrap();
         init(&pki, &["imgserver.example".to_string()], true).unwrap();
-        assert_eq!(std::fs::read(&pki.ca_cert).unwrap(), ca_before, "renew keeps the CA devices trust");
+        assert_eq!(
+            std::fs::read(&pki.ca_cert).unwrap(),
+            ca_before,
+            "renew keeps the CA devices trust"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

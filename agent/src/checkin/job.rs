@@ -1,0 +1,693 @@
+//! Carrying out one task from the server: deploy (optionally backing up what is there
+//! first, or only copying the image into the backup location), capture with upload into the
+//! server's repository, reboot, boot the guest OS.
+//!
+//! While a task runs, a reporter thread posts progress (phase, bytes, percent, rate) every
+//! few seconds; the lines of the task's transcript are collected as it goes and sent with
+//! the final result. Progress is best effort (a lost server does not stop imaging); the
+//! final result is kept in the outbox until the server has it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use imgengine::capture::{self, CaptureOptions};
+use imgengine::deploy::{self, DeployOptions, ResumeMode};
+use imgengine::io::progress::Progress;
+use imgengine::source::{HttpConfig, Location, Source};
+use imgengine::ErrorKind;
+use imgserver::protocol::{
+    progress_path, After, CaptureSpec, DeploySpec, ImageStamp, Outcome, ProgressReply,
+    ProgressReport, Task, TaskKind, TaskResult,
+};
+
+use super::client::Client;
+use super::state::{new_report_id, stamp_key, StateDir};
+use super::AgentConfig;
+
+/// What the agent does after the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskEnd {
+    /// Check in again (more work may be waiting).
+    Continue,
+    Reboot,
+    BootGuest,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn stamp_time(t: u64) -> String {
+    let s = t % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+struct Phase {
+    what: String,
+    total: Option<u64>,
+    done: u64,
+    /// Bytes and time at the last progress post (for the rate).
+    last_bytes: u64,
+    last_at: Instant,
+}
+
+/// Progress sink and transcript of one task.
+pub struct Reporter {
+    phase: Mutex<Phase>,
+    transcript: Mutex<Vec<String>>,
+    quiet: bool,
+}
+
+impl Reporter {
+    pub fn new(quiet: bool) -> Reporter {
+        Reporter {
+            phase: Mutex::new(Phase {
+                what: String::new(),
+                total: None,
+                done: 0,
+                last_bytes: 0,
+                last_at: Instant::now(),
+            }),
+            transcript: Mutex::new(Vec::new()),
+            quiet,
+        }
+    }
+
+    /// Add a line to the transcript (and the console).
+    pub fn log(&self, line: impl Into<String>) {
+        let line = format!("{} {}", stamp_time(unix_now()), line.into());
+        if !self.quiet {
+            eprintln!("img: {line}");
+        }
+        self.transcript
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.transcript
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A progress report of the current phase; `seq` orders reports across restarts.
+    fn snapshot(&self) -> ProgressReport {
+        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        let secs = p.last_at.elapsed().as_secs_f64().max(1e-3);
+        let rate = (p.done.saturating_sub(p.last_bytes) as f64 / secs) as u64;
+        p.last_bytes = p.done;
+        p.last_at = Instant::now();
+        let seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        ProgressReport {
+            seq,
+            phase: p.what.clone(),
+            percent: p
+                .total
+                .filter(|t| *t > 0)
+                .map(|t| (p.done as f64 * 100.0 / t as f64).min(100.0) as f32),
+            bytes: p.done,
+            total: p.total,
+            rate,
+        }
+    }
+}
+
+impl Progress for Reporter {
+    fn begin(&self, what: &str, total: Option<u64>) {
+        {
+            let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            *p = Phase {
+                what: what.to_string(),
+                total,
+                done: 0,
+                last_bytes: 0,
+                last_at: Instant::now(),
+            };
+        }
+        self.log(match total {
+            Some(t) => format!("{what}: {t} bytes"),
+            None => format!("{what}"),
+        });
+    }
+
+    fn advance(&self, bytes: u64) {
+        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        p.done = p.done.saturating_add(bytes);
+    }
+
+    fn end(&self) {
+        let (what, done) = {
+            let p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            (p.what.clone(), p.done)
+        };
+        self.log(format!("{what}: done, {done} bytes"));
+    }
+}
+
+/// Run `task` and build its final result. Never fails: every failure becomes a Failed
+/// result with the error in the message and the transcript.
+pub fn run(
+    client: &Client,
+    token: &str,
+    state: &StateDir,
+    cfg: &AgentConfig,
+    task: &Task,
+    attempt: u32,
+) -> (TaskResult, TaskEnd) {
+    let rep = Reporter::new(cfg.quiet);
+    rep.log(format!(
+        "task {} of job {}: {}{}",
+        task.id,
+        task.job,
+        task.kind.name(),
+        if attempt > 1 {
+            format!(" (attempt {attempt}, resuming)")
+        } else {
+            String::new()
+        }
+    ));
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<()>();
+    let outcome = std::thread::scope(|s| {
+        // The progress reporter: every `progress_interval` until the task ends.
+        let (rep, stop) = (&rep, &stop);
+        s.spawn(move || {
+            let mut warned = false;
+            loop {
+                match rx.recv_timeout(cfg.progress_interval) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let snap = rep.snapshot();
+                match client.post::<_, ProgressReply>(&progress_path(task.id), Some(token), &snap) {
+                    Ok(r) if r.abort && !warned => {
+                        rep.log("the administrator aborted the job; a started device finishes its task (seed 003)");
+                        warned = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) if !warned => {
+                        rep.log(format!("progress not delivered ({e}); imaging goes on"));
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        let r = execute(client, state, cfg, task, rep);
+        stop.store(true, Ordering::Relaxed);
+        let _ = tx.send(());
+        r
+    });
+    let (outcome, message, image, bytes, end) = match outcome {
+        Ok(done) => {
+            rep.log(format!("task {} succeeded", task.id));
+            (
+                Outcome::Succeeded,
+                done.message,
+                done.image,
+                done.bytes,
+                done.end,
+            )
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            rep.log(format!("task {} failed: {msg}", task.id));
+            let rejected = e.chain().any(|c| c.downcast_ref::<Rejection>().is_some());
+            (
+                if rejected {
+                    Outcome::Rejected
+                } else {
+                    Outcome::Failed
+                },
+                Some(msg),
+                None,
+                0,
+                TaskEnd::Continue,
+            )
+        }
+    };
+    let result = TaskResult {
+        task: task.id,
+        report: new_report_id(),
+        outcome,
+        message,
+        transcript: rep.lines(),
+        image,
+        bytes,
+        finished: unix_now(),
+    };
+    (result, end)
+}
+
+/// The device refuses a task it cannot carry out as asked (nothing was changed).
+#[derive(Debug)]
+struct Rejection(String);
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+struct Done {
+    message: Option<String>,
+    image: Option<ImageStamp>,
+    bytes: u64,
+    end: TaskEnd,
+}
+
+fn execute(
+    client: &Client,
+    state: &StateDir,
+    cfg: &AgentConfig,
+    task: &Task,
+    rep: &Reporter,
+) -> anyhow::Result<Done> {
+    match &task.kind {
+        TaskKind::Deploy(spec) => deploy_task(client, state, cfg, spec, rep),
+        TaskKind::Capture(spec) => capture_task(client, cfg, spec, rep),
+        TaskKind::Reboot => {
+            rep.log("rebooting as the server asks");
+            Ok(Done {
+                message: None,
+                image: None,
+                bytes: 0,
+                end: TaskEnd::Reboot,
+            })
+        }
+        TaskKind::BootGuest => {
+            rep.log("booting the guest OS as the server asks");
+            Ok(Done {
+                message: None,
+                image: None,
+                bytes: 0,
+                end: TaskEnd::BootGuest,
+            })
+        }
+    }
+}
+
+/// The disk a task names, or the device's one system disk.
+fn target_disk(cfg: &AgentConfig, named: Option<&str>) -> anyhow::Result<PathBuf> {
+    if let Some(n) = named {
+        let p = PathBuf::from(n);
+        let known = super::inventory::disks(cfg)
+            .into_iter()
+            .any(|(d, _)| d == p);
+        if !known {
+            return Err(Rejection(format!("disk {n} is not one of this device's disks")).into());
+        }
+        return Ok(p);
+    }
+    let disks = super::inventory::disks(cfg);
+    match disks.as_slice() {
+        [(one, _)] => Ok(one.clone()),
+        [] => Err(Rejection("this device has no disk to image".into()).into()),
+        many => Ok(many[0].0.clone()),
+    }
+}
+
+/// HTTP settings for a URL: the server's own CA for the server's URLs; the system's web PKI
+/// for images on other servers (a CDN has a public certificate).
+fn http_for(client: &Client, cfg: &AgentConfig, url: &str) -> HttpConfig {
+    let ours = url.starts_with(client.base());
+    HttpConfig {
+        ca_file: if ours { cfg.ca_file.clone() } else { None },
+        timeout: Some(cfg.timeout),
+        retries: 5,
+    }
+}
+
+fn trusted_keys(cfg: &AgentConfig) -> anyhow::Result<Vec<imgengine::sign::VerifyingKey>> {
+    match &cfg.trusted_dir {
+        Some(d) if d.is_dir() => imgengine::sign::load_trusted_dir(d)
+            .with_context(|| format!("loading trusted keys from {}", d.display())),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Run `f` again after network failures (the server restarting, a cable pulled), with a
+/// growing pause; the engine resumes from its journal, so nothing already written is
+/// fetched again.
+fn with_retries<T>(
+    cfg: &AgentConfig,
+    rep: &Reporter,
+    what: &str,
+    mut f: impl FnMut() -> imgengine::Result<T>,
+) -> anyhow::Result<T> {
+    let mut wait = cfg.retry_wait;
+    let mut attempt = 1u32;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.kind() == ErrorKind::Network && attempt <= cfg.job_retries => {
+                rep.log(format!(
+                    "{what} interrupted ({e}); retrying in {}s (attempt {}/{})",
+                    wait.as_secs(),
+                    attempt + 1,
+                    cfg.job_retries + 1
+                ));
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(cfg.max_retry_wait);
+                attempt += 1;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(what.to_string())),
+        }
+    }
+}
+
+fn deploy_task(
+    client: &Client,
+    state: &StateDir,
+    cfg: &AgentConfig,
+    spec: &DeploySpec,
+    rep: &Reporter,
+) -> anyhow::Result<Done> {
+    let disk = target_disk(cfg, spec.disk.as_deref())?;
+    let disk_name = disk.display().to_string();
+    if !spec.preserve.is_empty() && spec.partition.is_none() {
+        return Err(Rejection(format!(
+            "preserving partitions {} while writing a whole-disk image is not supported: deploy partition images instead",
+            spec.preserve.join(", ")
+        ))
+        .into());
+    }
+    let stamp = ImageStamp {
+        name: spec.image.name.clone(),
+        version: spec.image.version.clone(),
+    };
+    let http = http_for(client, cfg, &spec.image.url);
+    let opts = DeployOptions {
+        trusted_keys: trusted_keys(cfg)?,
+        resume: ResumeMode::Auto,
+        state_dir: state.journal_dir(),
+        threads: 0,
+        http: http.clone(),
+    };
+    let src = Location::parse(&spec.image.url);
+    if spec.after == After::CopyOnly {
+        return copy_to_backup(cfg, &src, &http, &opts, &stamp, rep);
+    }
+    if spec.backup_first {
+        backup_current(state, cfg, &disk, spec.partition.as_deref(), rep)?;
+    }
+    rep.log(format!(
+        "deploying {} {} from {} onto {}{}",
+        stamp.name,
+        stamp.version,
+        spec.image.url,
+        disk_name,
+        spec.partition
+            .as_ref()
+            .map(|p| format!(" partition {p}"))
+            .unwrap_or_default()
+    ));
+    if !spec.preserve.is_empty() {
+        rep.log(format!(
+            "partitions {} are preserved (a partition image touches no other partition)",
+            spec.preserve.join(", ")
+        ));
+    }
+    let summary = with_retries(cfg, rep, "deploy", || {
+        deploy::deploy(&src, &disk, spec.partition.as_deref(), &opts, rep)
+    })?;
+    for n in &summary.notes {
+        rep.log(n.clone());
+    }
+    rep.log(format!(
+        "{} chunks written, {} already intact, {} bytes written, {} bytes fetched{}",
+        summary.chunks_written,
+        summary.chunks_skipped,
+        summary.bytes_written,
+        summary.bytes_fetched,
+        if summary.resumed { " (resumed)" } else { "" }
+    ));
+    if spec.partition.is_none() {
+        // A whole-disk image replaces every partition: their old stamps no longer hold.
+        let prefix = format!("{disk_name}#");
+        for k in state.stamps()?.keys().filter(|k| k.starts_with(&prefix)) {
+            state.set_stamp(k, None)?;
+        }
+    }
+    let key = match &spec.partition {
+        Some(p) => stamp_key(
+            &disk_name,
+            Some(&partition_number(&disk, p).unwrap_or_else(|| p.clone())),
+        ),
+        None => stamp_key(&disk_name, None),
+    };
+    state.set_stamp(&key, Some(&stamp))?;
+    let end = match spec.after {
+        After::Reboot => TaskEnd::Reboot,
+        After::NoReboot | After::CopyOnly => TaskEnd::Continue,
+    };
+    Ok(Done {
+        message: None,
+        image: Some(stamp),
+        bytes: summary.bytes_written,
+        end,
+    })
+}
+
+/// The partition number for a spec that may be a label (stamps are kept by number, as the
+/// inventory reports partitions by number).
+fn partition_number(disk: &Path, spec: &str) -> Option<String> {
+    if spec.parse::<u32>().is_ok() {
+        return Some(spec.to_string());
+    }
+    let t = imgengine::target::Target::open_disk(disk, None).ok()?;
+    let layout = imgengine::disk::read_layout(&t, t.len()).ok()?;
+    layout.find(spec).ok().map(|p| p.number.to_string())
+}
+
+/// Seed 003 "back up the current image first": capture the target into the backup
+/// location. A device without one (no SupportImgBackup) skips it, as the server's
+/// validation warned; a target with nothing to back up (never imaged) is skipped too.
+fn backup_current(
+    state: &StateDir,
+    cfg: &AgentConfig,
+    disk: &Path,
+    part: Option<&str>,
+    rep: &Reporter,
+) -> anyhow::Result<()> {
+    let Some(dir) = &cfg.backup_dir else {
+        rep.log("no backup location on this device: backup skipped");
+        return Ok(());
+    };
+    let name = disk.display().to_string();
+    let key = stamp_key(&name, part);
+    let current = state.stamps()?.get(&key).cloned();
+    let Some(current) = current else {
+        rep.log("the target holds no image written by this agent: nothing to back up");
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join("backup.img.part");
+    let mut out =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let opts = CaptureOptions {
+        comp: 1,
+        name: current.name.clone(),
+        version: current.version.clone(),
+        description: Some("backup taken before a deploy".into()),
+        ..CaptureOptions::default()
+    };
+    rep.log(format!(
+        "backing up {} {} from {name}{} first",
+        current.name,
+        current.version,
+        part.map(|p| format!(" partition {p}")).unwrap_or_default()
+    ));
+    capture::capture(disk, part, &mut out, &opts, rep)
+        .map_err(anyhow::Error::new)
+        .context("backing up the current image (schedule with --no-backup to skip it)")?;
+    out.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join("backup.img"))
+        .with_context(|| format!("renaming {}", tmp.display()))?;
+    std::fs::write(dir.join("backup.json"), serde_json::to_vec(&current)?)
+        .with_context(|| format!("writing {}", dir.display()))?;
+    Ok(())
+}
+
+/// Seed 001's BI / seed 003's "copy only": fetch the image into the backup location and
+/// check every chunk; nothing is installed.
+fn copy_to_backup(
+    cfg: &AgentConfig,
+    src: &Location,
+    http: &HttpConfig,
+    opts: &DeployOptions,
+    stamp: &ImageStamp,
+    rep: &Reporter,
+) -> anyhow::Result<Done> {
+    let dir = cfg
+        .backup_dir
+        .as_ref()
+        .ok_or_else(|| Rejection("copy only: this device has no backup location".into()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join("backup.img.part");
+    let bytes = with_retries(cfg, rep, "copy", || {
+        let mut source = Source::open(src, http)?;
+        rep.begin("copying into the backup location", source.len());
+        let mut input = source.stream()?;
+        let mut out = std::fs::File::create(&tmp)
+            .map_err(|e| imgengine::Error::io(format!("creating {}", tmp.display()), e))?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut n = 0u64;
+        loop {
+            let k = input.read(&mut buf).map_err(|e| {
+                imgengine::Error::new(ErrorKind::Network, "reading the image").with_source(e)
+            })?;
+            if k == 0 {
+                break;
+            }
+            std::io::Write::write_all(&mut out, &buf[..k])
+                .map_err(|e| imgengine::Error::io(format!("writing {}", tmp.display()), e))?;
+            rep.advance(k as u64);
+            n += k as u64;
+        }
+        out.sync_all()
+            .map_err(|e| imgengine::Error::io(format!("syncing {}", tmp.display()), e))?;
+        rep.end();
+        Ok(n)
+    })?;
+    let local = Location::File(tmp.clone());
+    deploy::verify(&local, opts, rep)
+        .map_err(anyhow::Error::new)
+        .context("verifying the copied image")?;
+    std::fs::rename(&tmp, dir.join("backup.img"))
+        .with_context(|| format!("renaming {}", tmp.display()))?;
+    std::fs::write(dir.join("backup.json"), serde_json::to_vec(stamp)?)
+        .with_context(|| format!("writing {}", dir.display()))?;
+    rep.log(format!(
+        "{} {} copied into the backup location and verified",
+        stamp.name, stamp.version
+    ));
+    Ok(Done {
+        message: Some("copied only".into()),
+        image: Some(stamp.clone()),
+        bytes,
+        end: TaskEnd::Continue,
+    })
+}
+
+use std::io::Read;
+
+fn capture_task(
+    client: &Client,
+    cfg: &AgentConfig,
+    spec: &CaptureSpec,
+    rep: &Reporter,
+) -> anyhow::Result<Done> {
+    let disk = target_disk(cfg, spec.disk.as_deref())?;
+    if !spec.upload_url.contains("key=") && spec.upload_url.starts_with(client.base()) {
+        bail!("the capture task has no upload key (fetched with GET?): check in again to get a fresh one");
+    }
+    let opts = CaptureOptions {
+        comp: spec.comp.min(9),
+        name: spec.name.clone(),
+        version: spec.version.clone(),
+        models: spec.models.clone(),
+        description: spec.description.clone(),
+        ..CaptureOptions::default()
+    };
+    rep.log(format!(
+        "capturing {}{} as {} {}",
+        disk.display(),
+        spec.partition
+            .as_ref()
+            .map(|p| format!(" partition {p}"))
+            .unwrap_or_default(),
+        spec.name,
+        spec.version
+    ));
+    let http = http_for(client, cfg, &spec.upload_url);
+    let (reader, mut writer) = std::io::pipe().context("creating the upload pipe")?;
+    let url = spec.upload_url.clone();
+    let uploader = std::thread::spawn(move || imgengine::source::upload(&url, &http, reader));
+    let captured = capture::capture(&disk, spec.partition.as_deref(), &mut writer, &opts, rep);
+    drop(writer);
+    let uploaded = uploader
+        .join()
+        .map_err(|_| anyhow!("the upload thread panicked"))?;
+    let summary = captured.map_err(anyhow::Error::new).context("capturing")?;
+    uploaded
+        .map_err(anyhow::Error::new)
+        .context("uploading the image to the server")?;
+    rep.log(format!(
+        "{} chunks, {} bytes of data, {} bytes uploaded",
+        summary.chunks, summary.data_bytes, summary.image_bytes
+    ));
+    Ok(Done {
+        message: None,
+        image: Some(ImageStamp {
+            name: spec.name.clone(),
+            version: spec.version.clone(),
+        }),
+        bytes: summary.image_bytes,
+        end: TaskEnd::Continue,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reporter_reports_percent_and_keeps_transcript() {
+        let r = Reporter::new(true);
+        r.begin("deploying", Some(200));
+        r.advance(50);
+        let s = r.snapshot();
+        assert_eq!(s.phase, "deploying");
+        assert_eq!(s.bytes, 50);
+        assert_eq!(s.percent, Some(25.0));
+        let later = r.snapshot();
+        assert!(later.seq >= s.seq);
+        r.end();
+        let lines = r.lines();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].ends_with("deploying: done, 50 bytes"), "{lines:?}");
+    }
+
+    #[test]
+    fn retries_only_network_errors() {
+        let cfg = AgentConfig {
+            retry_wait: Duration::from_millis(1),
+            job_retries: 2,
+            quiet: true,
+            ..AgentConfig::default()
+        };
+        let rep = Reporter::new(true);
+        let mut calls = 0;
+        let r: anyhow::Result<()> = with_retries(&cfg, &rep, "x", || {
+            calls += 1;
+            Err(imgengine::Error::new(ErrorKind::Network, "down"))
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 3);
+        let mut calls = 0;
+        let r: anyhow::Result<()> = with_retries(&cfg, &rep, "x", || {
+            calls += 1;
+            Err(imgengine::Error::new(ErrorKind::Corrupt, "bad"))
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+    }
+}

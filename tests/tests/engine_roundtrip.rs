@@ -727,3 +727,89 @@ fn resume_over_http_uses_range_requests() {
     deploy_file(&f.img, &fresh, None, &opts(&f.dir)).unwrap();
     assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
 }
+
+// ---------------------------------------------------------------------------------------
+// Standard input: a real pipe into a child process (this test binary, re-run in child mode).
+
+const CHILD_ENV: &str = "ENGINE_STDIN_CHILD_TARGET";
+
+/// Child mode: deploy from standard input onto `$ENGINE_STDIN_CHILD_TARGET` and print one
+/// `RESULT` line. Parent mode: drive the child through a pipe.
+#[test]
+fn stdin_pipe_deploys_and_an_interrupted_pipe_resumes_from_the_file() {
+    if let Some(target) = std::env::var_os(CHILD_ENV) {
+        let o = DeployOptions {
+            state_dir: PathBuf::from(std::env::var_os("ENGINE_STDIN_CHILD_STATE").unwrap()),
+            threads: 2,
+            ..Default::default()
+        };
+        match deploy(&Location::Stdin, Path::new(&target), None, &o, &NoProgress) {
+            Ok(s) => println!("RESULT ok written={} notes={:?}", s.chunks_written, s.notes),
+            Err(e) => println!("RESULT err kind={:?} {e}", e.kind()),
+        }
+        return;
+    }
+    let f = fixture("engine-stdin");
+    let sealed = f.dir.join("sealed.img");
+    seal_and_sign(&f.img, &sealed, &SigningKey::generate()).unwrap();
+    let target = f.dir.join("target.raw");
+    let state = f.dir.join("state");
+    let pipe = |image: &Path, bytes: Option<usize>| -> String {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "stdin_pipe_deploys_and_an_interrupted_pipe_resumes_from_the_file",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, &target)
+            .env("ENGINE_STDIN_CHILD_STATE", &state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let data = fs::read(image).unwrap();
+        let n = bytes.unwrap_or(data.len());
+        let mut stdin = child.stdin.take().unwrap();
+        // The child may stop reading early (an error): a broken pipe is fine then.
+        let _ = stdin.write_all(&data[..n]);
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("RESULT"))
+            .unwrap_or_else(|| panic!("child said:\n{text}"))
+            .to_string()
+    };
+
+    // A streaming image through a pipe deploys like from a file.
+    junk_file(&target, f.vol_len);
+    let r = pipe(&f.img, None);
+    assert!(r.starts_with("RESULT ok"), "{r}");
+    let fresh = f.dir.join("fresh.raw");
+    deploy_file(&f.img, &fresh, None, &opts(&f.dir)).unwrap();
+    assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
+
+    // A sealed image through a pipe that dies half-way: Truncated, journal left behind.
+    junk_file(&target, f.vol_len);
+    let len = fs::metadata(&sealed).unwrap().len() as usize;
+    let r = pipe(&sealed, Some(len / 2));
+    assert!(r.contains("kind=Truncated"), "{r}");
+    // The rerun from standard input cannot resume and says so, then deploys everything.
+    let r = pipe(&sealed, None);
+    assert!(
+        r.starts_with("RESULT ok") && r.contains("cannot resume"),
+        "{r}"
+    );
+    assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
+
+    // Interrupted again; this time the rerun reads the file, and resumes.
+    junk_file(&target, f.vol_len);
+    let r = pipe(&sealed, Some(len * 2 / 3));
+    assert!(r.contains("kind=Truncated"), "{r}");
+    let s = deploy_file(&sealed, &target, None, &opts(&f.dir)).unwrap();
+    assert!(s.resumed && s.chunks_skipped > 0, "{s:?}");
+    assert!(s.bytes_fetched < len as u64 / 2 + 8192, "{s:?}");
+    assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
+}

@@ -23,7 +23,10 @@ pub(crate) fn looks_like_ntfs(head: &[u8]) -> bool {
 
 /// The volume label (`$Volume`'s `$VOLUME_NAME`), if the volume parses and has one.
 pub(crate) fn read_label(dev: &(impl ReadAt + ?Sized), offset: u64, len: u64) -> Option<String> {
-    let mut win = Window::new(dev, offset, len);
+    if len < 512 {
+        return None;
+    }
+    let mut win = Window::new(dev, offset, len).zero_padded();
     let ntfs = Ntfs::new(&mut win).ok()?;
     let name = ntfs.volume_name(&mut win)?.ok()?;
     let s = name.name().to_string_lossy();
@@ -35,7 +38,14 @@ const BITMAP_BLOCK: usize = 1 << 20;
 
 /// Used extents (relative to the partition start) of the NTFS at `offset`.
 pub fn used_extents(dev: &(impl ReadAt + ?Sized), offset: u64, len: u64) -> Result<Vec<Extent>> {
-    let mut win = Window::new(dev, offset, len);
+    if len < 512 {
+        return Err(broken(
+            "NTFS",
+            offset,
+            format!("a {len}-byte partition cannot hold a boot sector"),
+        ));
+    }
+    let mut win = Window::new(dev, offset, len).zero_padded();
     let ntfs = Ntfs::new(&mut win).map_err(|e| broken("NTFS", offset, e))?;
     let csize = u64::from(ntfs.cluster_size());
     let ssize = u64::from(ntfs.sector_size());
@@ -158,6 +168,25 @@ mod tests {
         let lcn = u64::from_le_bytes(img[0x30..0x38].try_into().unwrap());
         let mft = (lcn * 512 * u64::from(img[0x0D])) as usize;
         let hot = [(0, 512), (mft, 8 * 1024)];
+        // Truncated volumes: the ntfs crate panicked (unreachable!) on end-of-file inside a
+        // structure until Window::zero_padded (found by cargo fuzz on the empty input).
+        for cut in [
+            0,
+            1,
+            100,
+            511,
+            512,
+            513,
+            4096,
+            mft,
+            mft + 100,
+            mft + 1024,
+            mft + 6 * 1024 + 7,
+            img.len() / 2,
+        ] {
+            fuzz_ntfs(&img[..cut.min(img.len())]);
+            let _ = crate::fs::used_map(&img[..cut.min(img.len())], 0, len);
+        }
         let mut rng = TestRng(0x17F5);
         for _ in 0..1500 {
             let undo = rng.mutate_in(&mut img, &hot);

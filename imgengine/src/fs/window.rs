@@ -13,6 +13,7 @@ pub(crate) struct Window<'a, D: ReadAt + ?Sized> {
     base: u64,
     len: u64,
     pos: u64,
+    zero_padded: bool,
 }
 
 impl<'a, D: ReadAt + ?Sized> Window<'a, D> {
@@ -22,7 +23,21 @@ impl<'a, D: ReadAt + ?Sized> Window<'a, D> {
             base,
             len,
             pos: 0,
+            zero_padded: false,
         }
+    }
+
+    /// Reads past the end of the window return zeros instead of end-of-file.
+    ///
+    /// For the `ntfs` crate: it parses structures with binrw, and its conversion of binrw
+    /// errors hits `unreachable!()` for an I/O error wrapped in binrw's parse context, so
+    /// an end-of-file in the middle of a structure (a truncated volume, a data run pointing
+    /// past the partition) would panic instead of returning an error. Zeros past the end
+    /// never validate as NTFS structures, so the crate reports them as bad data instead;
+    /// the used map itself is clipped to the partition.
+    pub(crate) fn zero_padded(mut self) -> Self {
+        self.zero_padded = true;
+        self
     }
 }
 
@@ -38,8 +53,16 @@ impl<D: ReadAt + ?Sized> std::fmt::Debug for Window<'_, D> {
 
 impl<D: ReadAt + ?Sized> Read for Window<'_, D> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pos >= self.len || buf.is_empty() {
+        if buf.is_empty() {
             return Ok(0);
+        }
+        if self.pos >= self.len {
+            if !self.zero_padded {
+                return Ok(0);
+            }
+            buf.fill(0);
+            self.pos = self.pos.saturating_add(buf.len() as u64);
+            return Ok(buf.len());
         }
         let n = (buf.len() as u64).min(self.len - self.pos) as usize;
         let abs = self
@@ -95,5 +118,10 @@ mod tests {
         assert_eq!(w.seek(SeekFrom::End(-2)).unwrap(), 18);
         assert!(w.seek(SeekFrom::Current(-100)).is_err());
         assert!(w.write(&[1]).is_err());
+        let mut p = Window::new(data.as_slice(), 90, 10).zero_padded();
+        let mut big = [1u8; 16];
+        assert_eq!(p.read(&mut big).unwrap(), 10);
+        assert_eq!(p.read(&mut big).unwrap(), 16);
+        assert_eq!(big, [0; 16]);
     }
 }

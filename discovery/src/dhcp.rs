@@ -127,7 +127,9 @@ impl DhcpReply {
             xid: msg.xid(),
             yiaddr: msg.yiaddr(),
             siaddr: msg.siaddr(),
-            chaddr: msg.chaddr().to_vec(),
+            // Not `msg.chaddr()`: it slices by the untrusted hlen and panics above 16 (found
+            // by the dhcp_reply fuzz target). RFC 2131 §2: chaddr is bytes 28..44.
+            chaddr: header[28..28 + usize::from(header[2]).min(16)].to_vec(),
             options,
             notes,
         })
@@ -818,6 +820,15 @@ mod tests {
     }
 
     #[test]
+    fn hardware_address_length_above_16_is_not_trusted() {
+        let mut b = reply(MessageType::Ack, 9, &[]);
+        b[2] = 200;
+        let r = DhcpReply::parse(&b).unwrap();
+        assert_eq!(r.chaddr.len(), 16);
+        fuzz_decode_reply(&b);
+    }
+
+    #[test]
     fn fuzz_inputs_never_panic() {
         let valid = reply(
             MessageType::Ack,
@@ -835,8 +846,12 @@ mod tests {
             }
             for k in 0..(state % 6) {
                 let r = state.rotate_left(k as u32 * 11);
-                let pos =
-                    OPTIONS_OFFSET + (r as usize % (b.len().saturating_sub(OPTIONS_OFFSET).max(1)));
+                // Mostly the options, sometimes the fixed header (hlen, op, cookie).
+                let pos = if k % 3 == 2 {
+                    r as usize % b.len().max(1)
+                } else {
+                    OPTIONS_OFFSET + (r as usize % (b.len().saturating_sub(OPTIONS_OFFSET).max(1)))
+                };
                 if pos < b.len() {
                     b[pos] = (r >> 32) as u8;
                 }

@@ -100,6 +100,13 @@ const MAX_HELD_TABLE_BYTES: u64 = 16 << 20;
 /// Raw images are written in blocks of this size.
 const RAW_BLOCK: usize = 4 << 20;
 
+/// Reads from the source go through one 256 KiB buffer: chunk headers are 76 bytes and
+/// would otherwise each cost a read system call (or an HTTP body read); payloads larger
+/// than the buffer bypass it.
+fn buffered(r: Box<dyn Read + Send>) -> BufReader<Box<dyn Read + Send>> {
+    BufReader::with_capacity(256 << 10, r)
+}
+
 /// What the magic bytes say a source holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SourceFormat {
@@ -483,7 +490,8 @@ pub fn deploy(
             .ctx(|| format!("reading {src}"))?;
         let kind = sniff(&magic);
         if kind != SourceFormat::Ours {
-            let stream = PeekReader::new(source.stream()?, 0).ctx(|| format!("reading {src}"))?;
+            let stream =
+                PeekReader::new(buffered(source.stream()?), 0).ctx(|| format!("reading {src}"))?;
             return deploy_raw(stream, kind, &source, target, part, opts, progress);
         }
         head = Some(format::fetch_head(&source)?);
@@ -491,11 +499,12 @@ pub fn deploy(
     // Without ranges, the stream is all there is: the preamble (and a sealed manifest) come
     // from its front. With ranges the head was read above and the stream is opened only if
     // the chunks are to be read in sequence.
-    let mut reader: Option<ImageReader<PeekReader<Box<dyn Read + Send>>>> = None;
+    let mut reader: Option<ImageReader<PeekReader<BufReader<Box<dyn Read + Send>>>>> = None;
     let head = match head {
         Some(h) => h,
         None => {
-            let stream = PeekReader::new(source.stream()?, 8).ctx(|| format!("reading {src}"))?;
+            let stream =
+                PeekReader::new(buffered(source.stream()?), 8).ctx(|| format!("reading {src}"))?;
             let kind = sniff(stream.peek());
             if kind != SourceFormat::Ours {
                 return deploy_raw(stream, kind, &source, target, part, opts, progress);
@@ -592,7 +601,8 @@ pub fn deploy(
                 Some(r) => r,
                 None => {
                     let r = ImageReader::open(
-                        PeekReader::new(source.stream()?, 0).ctx(|| format!("reading {src}"))?,
+                        PeekReader::new(buffered(source.stream()?), 0)
+                            .ctx(|| format!("reading {src}"))?,
                     )?;
                     let same_manifest = r
                         .sealed
@@ -778,7 +788,7 @@ fn deploy_raw<R: Read + Send + 'static>(
 /// `opts.trusted_keys` when there are any), write nothing; returns what `img info` shows.
 pub fn verify(src: &Location, opts: &DeployOptions, progress: &dyn Progress) -> Result<ImageInfo> {
     let mut source = Source::open(src, &opts.http)?;
-    let stream = PeekReader::new(source.stream()?, 8).ctx(|| format!("reading {src}"))?;
+    let stream = PeekReader::new(buffered(source.stream()?), 8).ctx(|| format!("reading {src}"))?;
     if sniff(stream.peek()) != SourceFormat::Ours {
         return Err(Error::new(
             ErrorKind::Unsupported,

@@ -289,7 +289,7 @@ pub fn read_info(src: &mut Source) -> Result<ImageInfo> {
     if src.supports_ranges() && src.len().is_some() {
         return fetch_head(src)?.info();
     }
-    let stream = src.stream()?;
+    let stream = std::io::BufReader::with_capacity(256 << 10, src.stream()?);
     let mut r = ImageReader::open(stream)?;
     while r.next_chunk()?.is_some() {}
     let (manifest, manifest_bytes) = r

@@ -77,6 +77,15 @@ pub mod ioctl {
 /// BLKZEROOUT work in file-system blocks / device sectors, and 4 KiB is both the page
 /// size and the usual file-system block.
 const SPARSE_BLOCK: u64 = 4096;
+/// Zero runs shorter than this inside written data are written, not punched.
+const MIN_HOLE: u64 = 64 << 10;
+
+/// True when `block` is all zeros; compares against a static zero page so the check runs
+/// as one vectorised memcmp instead of a byte loop.
+fn is_zero_block(block: &[u8]) -> bool {
+    static ZERO: [u8; SPARSE_BLOCK as usize] = [0; SPARSE_BLOCK as usize];
+    block.len() <= ZERO.len() && block == &ZERO[..block.len()]
+}
 
 /// A window on a block device or a disk-image file.
 #[derive(Debug)]
@@ -261,32 +270,33 @@ impl Target {
     /// reads the same.
     pub fn write_sparse_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let abs = self.check(offset, buf.len() as u64)?;
+        let block = SPARSE_BLOCK as usize;
         let mut i = 0usize; // start of the pending data run in buf
-        let mut pos = 0usize;
         // Align block boundaries to the device, not to the buffer.
-        let first = ((SPARSE_BLOCK - abs % SPARSE_BLOCK) % SPARSE_BLOCK) as usize;
-        pos = pos.max(first.min(buf.len()));
-        while pos < buf.len() {
-            let end = (pos + SPARSE_BLOCK as usize).min(buf.len());
-            if end - pos == SPARSE_BLOCK as usize && buf[pos..end].iter().all(|&b| b == 0) {
-                // Extend the zero run as far as it goes.
-                let mut zend = end;
-                while zend + SPARSE_BLOCK as usize <= buf.len()
-                    && buf[zend..zend + SPARSE_BLOCK as usize]
-                        .iter()
-                        .all(|&b| b == 0)
-                {
-                    zend += SPARSE_BLOCK as usize;
-                }
-                if i < pos {
-                    self.write_at(&buf[i..pos], offset + i as u64)?;
-                }
-                self.zero_abs(abs + pos as u64, (zend - pos) as u64)?;
-                i = zend;
-                pos = zend;
-            } else {
-                pos = end;
+        let mut pos = (((SPARSE_BLOCK - abs % SPARSE_BLOCK) % SPARSE_BLOCK) as usize).min(buf.len());
+        while pos + block <= buf.len() {
+            if !is_zero_block(&buf[pos..pos + block]) {
+                pos += block;
+                continue;
             }
+            // Extend the zero run as far as it goes.
+            let mut zend = pos + block;
+            while zend + block <= buf.len() && is_zero_block(&buf[zend..zend + block]) {
+                zend += block;
+            }
+            // A short zero run stays in the data write: one pwrite of a few zero pages is
+            // cheaper than splitting the write and a journaled hole punch for each of them
+            // (NTFS and FAT metadata areas are full of isolated zero blocks).
+            if ((zend - pos) as u64) < MIN_HOLE {
+                pos = zend;
+                continue;
+            }
+            if i < pos {
+                self.write_at(&buf[i..pos], offset + i as u64)?;
+            }
+            self.zero_abs(abs + pos as u64, (zend - pos) as u64)?;
+            i = zend;
+            pos = zend;
         }
         if i < buf.len() {
             self.write_at(&buf[i..], offset + i as u64)?;
@@ -462,6 +472,27 @@ mod tests {
         let mut z = vec![1u8; 100_000];
         t.read_at(&mut z, 5).unwrap();
         assert!(z.iter().all(|&b| b == 0));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn short_zero_runs_are_written_over_old_data() {
+        let p = tmp("shortzero");
+        let _ = std::fs::remove_file(&p);
+        let t = Target::open_disk(&p, Some(1 << 20)).unwrap();
+        t.write_at(&vec![0xAA; 1 << 20], 0).unwrap();
+        // Data, an 8 KiB zero run (below MIN_HOLE: written as data), data, a 128 KiB zero
+        // run (punched), data.
+        let mut buf = vec![1u8; 4096];
+        buf.extend(vec![0u8; 8192]);
+        buf.extend(vec![2u8; 4096]);
+        buf.extend(vec![0u8; 128 << 10]);
+        buf.extend(vec![3u8; 4096]);
+        t.write_sparse_at(&buf, 0).unwrap();
+        let mut back = vec![0xFFu8; buf.len()];
+        t.read_at(&mut back, 0).unwrap();
+        assert!(back == buf, "old 0xAA bytes must not survive in zero runs of any length");
+        assert!(is_zero_block(&[0u8; 4096]) && !is_zero_block(&buf[..4096]));
         std::fs::remove_file(&p).unwrap();
     }
 

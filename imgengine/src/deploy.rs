@@ -100,6 +100,9 @@ const MAX_HELD_TABLE_BYTES: u64 = 16 << 20;
 /// Raw images are written in blocks of this size.
 const RAW_BLOCK: usize = 4 << 20;
 
+/// The sequential read of a source, as the image reader sees it.
+type SourceStream = PeekReader<BufReader<Box<dyn Read + Send>>>;
+
 /// Reads from the source go through one 256 KiB buffer: chunk headers are 76 bytes and
 /// would otherwise each cost a read system call (or an HTTP body read); payloads larger
 /// than the buffer bypass it.
@@ -499,7 +502,7 @@ pub fn deploy(
     // Without ranges, the stream is all there is: the preamble (and a sealed manifest) come
     // from its front. With ranges the head was read above and the stream is opened only if
     // the chunks are to be read in sequence.
-    let mut reader: Option<ImageReader<PeekReader<BufReader<Box<dyn Read + Send>>>>> = None;
+    let mut reader: Option<ImageReader<SourceStream>> = None;
     let head = match head {
         Some(h) => h,
         None => {

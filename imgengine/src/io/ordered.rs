@@ -178,7 +178,7 @@ mod tests {
                 emit(Item::Ready(Err(Error::new(ErrorKind::Truncated, "cut"))));
                 Ok(())
             },
-            |i| Ok(i),
+            Ok,
             |_| {
                 consumed += 1;
                 Ok(())

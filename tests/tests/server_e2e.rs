@@ -641,3 +641,56 @@ fn device_cannot_read_or_report_another_devices_task() {
     // The task is untouched: still waiting for device A.
     assert_eq!(task_state(&srv, 1), "sent");
 }
+
+#[test]
+fn img_checkin_by_hand_runs_one_cycle() {
+    tools();
+    let dir = Scratch::new("server-img-checkin");
+    let srv = Server::start(&dir.join("srv"), 0);
+    let disk = blank_disk(&dir, "d.img");
+    let img = |extra: &[&str]| {
+        let out = Command::new(e2e::img_bin())
+            .arg("-checkin")
+            .arg(format!("-server={}", srv.url))
+            .arg(format!("-ca={}", srv.data.join("ca.pem").display()))
+            .arg(format!("-state={}", dir.join("st").display()))
+            .arg(format!("-disk={}", disk.display()))
+            .arg(format!("-mac={MAC_A}"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // First contact: enrolment, nothing to do.
+    let (code, text) = img(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("enrolled") && text.contains("nothing to do"),
+        "{text}"
+    );
+    assert!(device_line(&srv, MAC_A).contains("Operational"));
+    // A reboot task: reported, and the command says what the task asks for.
+    srv.admin(&["schedule", "add", "--mac", MAC_A, "--reboot"]);
+    let (code, text) = img(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("asks for a reboot"), "{text}");
+    assert_eq!(task_state(&srv, 1), "succeeded");
+    // Without the CA the private certificate is not trusted.
+    let out = Command::new(e2e::img_bin())
+        .args([
+            "-checkin",
+            &format!("-server={}", srv.url),
+            &format!("-state={}", dir.join("st2").display()),
+            &format!("-mac={MAC_B}"),
+        ])
+        .env_remove("IMG_CA_FILE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text.contains("not trusted"), "{text}");
+}

@@ -92,10 +92,6 @@ impl StateDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn journal_dir(&self) -> PathBuf {
         self.dir.join("journal")
     }

@@ -659,8 +659,9 @@ impl LeaseKeeper {
         let handle = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let lease = c.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let t1 = lease.obtained + Duration::from_secs(lease.renew_secs.max(10) as u64);
-                let t2 = lease.obtained + Duration::from_secs(lease.rebind_secs.max(10) as u64);
+                // A floor of 2 s keeps a server sending T1 = 0 from making us spin.
+                let t1 = lease.obtained + Duration::from_secs(u64::from(lease.renew_secs.max(2)));
+                let t2 = lease.obtained + Duration::from_secs(u64::from(lease.rebind_secs.max(2)));
                 while Instant::now() < t1 && !s.load(Ordering::Relaxed) {
                     thread::sleep(Duration::from_millis(200));
                 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2e::{img_bin, require_tool, run, Scratch};
+use e2e::{require_tool, run, Scratch};
 use serde_json::Value;
 
 /// The server side of every lab: 10.77.0.1 runs dnsmasq; .10/.11/.12/.13 carry servers.
@@ -59,6 +59,12 @@ while True:
 "#;
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The `img` under test, located (and built) once per test binary rather than per call.
+fn img_bin() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(e2e::img_bin)
+}
 
 /// Two namespaces joined by a veth pair (`eth0` on both sides), with the processes started
 /// in them; everything is torn down on drop.
@@ -273,8 +279,8 @@ impl Lab {
     }
 
     /// A second client NIC `name`, linked to a new empty namespace (a network without any
-    /// DHCP server).
-    fn add_dead_nic(&mut self, name: &str) {
+    /// DHCP server); with `carrier` false the far end stays down (an unplugged cable).
+    fn add_dead_nic(&mut self, name: &str, carrier: bool) {
         let ns = format!("{}d{}", self.client_ns, self.extra_ns.len());
         ip(&["netns", "add", &ns]);
         self.extra_ns.push(ns.clone());
@@ -292,7 +298,9 @@ impl Lab {
             "netns",
             &ns,
         ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        if carrier {
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        }
     }
 }
 
@@ -645,14 +653,17 @@ fn unreachable_first_candidates_are_logged_and_skipped() {
 #[test]
 fn several_nics_the_one_with_a_dhcp_server_wins() {
     let mut lab = Lab::new();
-    lab.add_dead_nic("eth1");
-    lab.add_dead_nic("eth2");
+    lab.add_dead_nic("eth1", true);
+    lab.add_dead_nic("eth2", false);
     lab.http("10.77.0.10", 80);
     lab.dnsmasq("dhcp-option=186,10.77.0.10\ndhcp-option=192,80s");
     let (v, code) = lab.discover(&["-dhcp-timeout=5"]);
     assert_eq!(code, 0);
     assert_eq!(v["lease"]["iface"], "eth0");
     assert_eq!(chosen(&v).0, "http://10.77.0.10:80");
+    // The unplugged NIC is skipped and said so.
+    let log = v["log"].to_string();
+    assert!(log.contains("eth2") && log.contains("no link"), "{log}");
 }
 
 // ---- no DHCP: static configuration, and nothing at all ------------------------------------
@@ -735,4 +746,76 @@ fn nothing_anywhere_esc_returns_to_the_operator_console() {
     assert!(out.lines().any(|l| l == SEED_MESSAGE), "{out}");
     assert!(out.contains("outcome: operator-console"), "{out}");
     assert_eq!(code, 9);
+}
+
+// ---- lease renewal for long jobs ------------------------------------------------------------
+
+/// Runs `f` on a thread that has entered the network namespace `ns` (threads it spawns stay
+/// in it too), so the library's DHCP client can be driven in-process.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("opening the netns");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        #[allow(unsafe_code)]
+        // SAFETY: setns(2) on a valid namespace fd we hold open; it only changes this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+#[test]
+fn lease_renewal_and_rebinding_keep_the_address() {
+    use discovery::dhcp::{DhcpParams, DhcpSocket};
+    use discovery::{LeaseKeeper, NetworkSetup, Nic, SystemNetwork};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let mut lab = Lab::new();
+    lab.dnsmasq("");
+    let link = e2e::sh(&format!("ip -n {} -br link show eth0", lab.client_ns));
+    let mac = discovery::netif::parse_mac(link.split_whitespace().nth(2).unwrap()).unwrap();
+    let (first, renewed, rebound, kept_ip, renewals) = in_netns(&lab.client_ns, move || {
+        let net = SystemNetwork::default();
+        net.set_up("eth0").unwrap();
+        let nic = Nic {
+            name: "eth0".into(),
+            mac,
+        };
+        let params = DhcpParams::default();
+        let sock = DhcpSocket::open(&nic).unwrap();
+        let lease = sock.obtain_lease(&params, &AtomicBool::new(false)).unwrap();
+        lease.configure(&net).unwrap();
+        let renewed = sock.renew(&lease, &params, false).unwrap();
+        let rebound = sock.renew(&lease, &params, true).unwrap();
+        drop(sock);
+        // The keeper renews at T1; pretend the server asked for T1 = 2 s.
+        let mut short = rebound.clone();
+        short.renew_secs = 2;
+        short.rebind_secs = 3;
+        let start = short.obtained;
+        let keeper = LeaseKeeper::spawn(short, params, Arc::new(SystemNetwork::default()));
+        let end = Instant::now() + Duration::from_secs(20);
+        while keeper.lease().obtained == start && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let after = keeper.lease();
+        keeper.stop();
+        (
+            lease.ip,
+            renewed.ip,
+            rebound.ip,
+            after.ip,
+            after.obtained != start,
+        )
+    });
+    assert_eq!(renewed, first);
+    assert_eq!(rebound, first);
+    assert_eq!(kept_ip, first);
+    assert!(renewals, "the lease keeper did not renew");
+    // dnsmasq saw the unicast renewals and the broadcast rebinding as DHCPREQUESTs.
+    let requests = lab.log().matches("DHCPREQUEST").count();
+    assert!(requests >= 4, "{}", lab.log());
 }

@@ -295,7 +295,8 @@ fn new_xid() -> u32 {
     h.finish() as u32
 }
 
-/// Builds a client message.
+/// Builds a client message. The arguments are the BOOTP/DHCP fields a client sets, one each.
+#[allow(clippy::too_many_arguments)]
 pub fn build_message(
     kind: MessageType,
     xid: u32,

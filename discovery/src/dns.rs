@@ -119,7 +119,7 @@ impl SplitMix {
         SplitMix(h.finish())
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -146,7 +146,7 @@ pub fn order_srv(targets: &mut Vec<SrvTarget>, rng: &mut SplitMix) {
                 out.append(&mut group);
                 break;
             }
-            let mut pick = rng.next() % sum;
+            let mut pick = rng.next_u64() % sum;
             let idx = group
                 .iter()
                 .position(|t| {
@@ -200,7 +200,7 @@ impl Resolver {
         let n = Name::from_str(&fqdn).map_err(|_| DnsError::BadName(name.into()))?;
         let mut last = String::new();
         for server in &self.servers {
-            let id = (SplitMix::from_clock().next() & 0xffff) as u16;
+            let id = (SplitMix::from_clock().next_u64() & 0xffff) as u16;
             let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
             msg.metadata.recursion_desired = true;
             msg.add_query(Query::query(n.clone(), qtype));
@@ -396,12 +396,12 @@ mod tests {
         let mut rng = SplitMix(99);
         for i in 0..3000 {
             let mut b = valid.clone();
-            let r = rng.next();
+            let r = rng.next_u64();
             if i % 7 == 0 {
                 b.truncate((r % valid.len() as u64) as usize);
             }
             for k in 0..(r % 5) {
-                let x = rng.next();
+                let x = rng.next_u64();
                 if !b.is_empty() {
                     let pos = (x as usize) % b.len();
                     b[pos] = (x >> (8 + k)) as u8;

@@ -509,25 +509,25 @@ pub fn discover_with(cfg: &Config, net: &dyn NetworkSetup) -> Result<Discovery, 
             None => run
                 .log
                 .push("source 2 (server URL list): none configured".into()),
-            Some(list) => match {
+            Some(list) => {
                 if let Err(e) = urllist::check_url_list_len(list) {
                     run.log.push(format!(
                         "source 2 (server URL list): {e}; reading it anyway"
                     ));
                 }
-                urllist::parse_url_list(list, domain.as_deref())
-            } {
-                Err(e) => run.log.push(format!("source 2 (server URL list): {e}")),
-                Ok(urls) => {
-                    for (i, u) in urls.into_iter().enumerate() {
-                        run.try_candidate(
-                            u,
-                            CandidateSource::UrlList,
-                            format!("URL list entry {}", i + 1),
-                        );
+                match urllist::parse_url_list(list, domain.as_deref()) {
+                    Err(e) => run.log.push(format!("source 2 (server URL list): {e}")),
+                    Ok(urls) => {
+                        for (i, u) in urls.into_iter().enumerate() {
+                            run.try_candidate(
+                                u,
+                                CandidateSource::UrlList,
+                                format!("URL list entry {}", i + 1),
+                            );
+                        }
                     }
                 }
-            },
+            }
         }
     }
 

@@ -119,7 +119,7 @@ pub fn client_hello(host: &str) -> Vec<u8> {
     // The client random: not secret here (no key is ever derived), but vary it anyway.
     let mut rng = crate::dns::SplitMix::from_clock();
     for _ in 0..4 {
-        body.extend_from_slice(&rng.next().to_be_bytes());
+        body.extend_from_slice(&rng.next_u64().to_be_bytes());
     }
     body.push(0); // session id
     body.extend_from_slice(&((suites.len() * 2) as u16).to_be_bytes());

@@ -135,7 +135,7 @@ fn tools() {
 /// A 48 MiB GPT disk with one FAT16 partition (1 MiB .. 33 MiB, name SYSTEM) holding
 /// VERSION.TXT = `version` and a `payload`-byte file of noise.
 fn make_source_disk(dir: &Scratch, name: &str, version: &str, payload: usize) -> PathBuf {
-    let disk = dir.join(format!("{name}-source.img"));
+    let disk = dir.join(format!("{name}-{version}-source.img"));
     fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
     fs::write(
         dir.join("BLOB.BIN"),
@@ -693,4 +693,81 @@ fn img_checkin_by_hand_runs_one_cycle() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
     assert!(text.contains("not trusted"), "{text}");
+}
+
+#[test]
+fn backup_first_rollback_and_copy_only_with_autogenic_flags() {
+    tools();
+    let dir = Scratch::new("server-rollback");
+    let srv = Server::start(&dir.join("srv"), 0);
+    for v in ["1", "2"] {
+        let src = make_source_disk(&dir, "os", v, 50_000);
+        register_image(&srv, &dir, &src, "os", v);
+    }
+    let target = blank_disk(&dir, "device-a.img");
+    let mut cfg = agent_cfg(&srv, &dir, MAC_A, &target);
+    cfg.backup_dir = Some(dir.join("backup-part"));
+    // Version 1 onto a blank disk: nothing to back up yet.
+    srv.admin(&[
+        "schedule",
+        "add",
+        "--mac",
+        MAC_A,
+        "--image",
+        "os:1",
+        "--then",
+        "no-reboot",
+    ]);
+    checkin::agent_loop(&srv.url, &cfg).unwrap();
+    check_deployed(&dir, &target, "os 1");
+    // Version 2 with the default "back up the current image first".
+    srv.admin(&[
+        "schedule",
+        "add",
+        "--mac",
+        MAC_A,
+        "--image",
+        "os:2",
+        "--then",
+        "no-reboot",
+    ]);
+    checkin::agent_loop(&srv.url, &cfg).unwrap();
+    check_deployed(&dir, &target, "os 2");
+    assert!(dir.join("backup-part/backup.img").exists());
+    let dev = srv.admin(&["device", MAC_A]);
+    assert!(
+        dev.contains("SupportImgBackup=1 BackupImagePresent=1 BackImageVer=1"),
+        "{dev}"
+    );
+    assert!(dev.contains("os 2"), "{dev}");
+    // Roll job 2 back: a new job deploys what was there before (os 1).
+    let out = srv.admin(&["job", "2", "--rollback"]);
+    assert!(
+        out.contains("job 3 rolls 1 device(s) back to os 1"),
+        "{out}"
+    );
+    checkin::agent_loop(&srv.url, &cfg).unwrap();
+    check_deployed(&dir, &target, "os 1");
+    assert!(device_line(&srv, MAC_A).contains("os 1"));
+    // Copy only (seed 001's BI): version 2 lands in the backup location, not on the disk.
+    srv.admin(&[
+        "schedule",
+        "add",
+        "--mac",
+        MAC_A,
+        "--image",
+        "os:2",
+        "--then",
+        "copy-only",
+    ]);
+    checkin::agent_loop(&srv.url, &cfg).unwrap();
+    check_deployed(&dir, &target, "os 1");
+    let dev = srv.admin(&["device", MAC_A]);
+    assert!(dev.contains("BackupImagePresent=1 BackImageVer=2"), "{dev}");
+    let jobs = srv.admin(&["jobs"]);
+    assert_eq!(
+        jobs.lines().filter(|l| l.contains("deploy")).count(),
+        4,
+        "{jobs}"
+    );
 }

@@ -208,8 +208,10 @@ fn wire_task(
 async fn checkin(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    Json(req): Json<CheckIn>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<CheckInReply>> {
+    let req: CheckIn = crate::protocol::decode_checkin(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     if req.protocol != PROTOCOL_VERSION {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -293,6 +295,7 @@ async fn result(
             format!("result for task {} posted to task {id}", r.task),
         ));
     }
+    crate::protocol::check_result(&r).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     let dev = authenticate(&st, &headers).await?;
     let store = st.store.clone();
     let recorded = blocking(move || store.record_result(dev.id, &r, now())).await?;

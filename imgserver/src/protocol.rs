@@ -345,6 +345,92 @@ pub struct ErrorReply {
     pub error: String,
 }
 
+/// Limits on what a check-in may carry: a device's message is untrusted input, and the
+/// server stores it. Generous for real devices (a thin client has one to three disks).
+pub const MAX_DISKS: usize = 64;
+pub const MAX_PARTITIONS: usize = 256;
+pub const MAX_RESULTS: usize = 256;
+pub const MAX_TRANSCRIPT_LINES: usize = 20_000;
+pub const MAX_TEXT: usize = 4096;
+
+/// Why a message was refused.
+#[derive(Debug)]
+pub struct DecodeError(pub String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn limit(what: &str, n: usize, max: usize) -> Result<(), DecodeError> {
+    if n > max {
+        return Err(DecodeError(format!(
+            "{what}: {n} is more than the {max} allowed"
+        )));
+    }
+    Ok(())
+}
+
+fn text(what: &str, s: &Option<String>) -> Result<(), DecodeError> {
+    limit(what, s.as_ref().map_or(0, String::len), MAX_TEXT)
+}
+
+/// Check the counts and lengths of a final result.
+pub fn check_result(r: &TaskResult) -> Result<(), DecodeError> {
+    limit("result report id length", r.report.len(), 128)?;
+    if r.report.is_empty() {
+        return Err(DecodeError("result without a report id".into()));
+    }
+    text("result message length", &r.message)?;
+    limit("transcript lines", r.transcript.len(), MAX_TRANSCRIPT_LINES)?;
+    for l in &r.transcript {
+        limit("transcript line length", l.len(), MAX_TEXT)?;
+    }
+    Ok(())
+}
+
+/// Decode a check-in body and check its counts and lengths: the server's entry point for
+/// device input (and the fuzz target's).
+pub fn decode_checkin(bytes: &[u8]) -> Result<CheckIn, DecodeError> {
+    let c: CheckIn = serde_json::from_slice(bytes).map_err(|e| {
+        DecodeError(format!(
+            "check-in is not protocol v{PROTOCOL_VERSION} JSON: {e}"
+        ))
+    })?;
+    limit("MAC length", c.device.mac.len(), 64)?;
+    for (what, v) in [
+        ("serial", &c.device.serial),
+        ("uuid", &c.device.uuid),
+        ("model", &c.device.model),
+        ("hostname", &c.device.hostname),
+    ] {
+        text(what, v)?;
+    }
+    limit("agent version length", c.device.agent_version.len(), 256)?;
+    limit("disks", c.disks.len(), MAX_DISKS)?;
+    for d in &c.disks {
+        limit("disk name length", d.name.len(), MAX_TEXT)?;
+        limit("partitions", d.partitions.len(), MAX_PARTITIONS)?;
+    }
+    limit("results", c.results.len(), MAX_RESULTS)?;
+    for r in &c.results {
+        check_result(r)?;
+    }
+    Ok(c)
+}
+
+/// Decode the server's answer (the agent's entry point for server input).
+pub fn decode_reply(bytes: &[u8]) -> Result<CheckInReply, DecodeError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        DecodeError(format!(
+            "check-in answer is not protocol v{PROTOCOL_VERSION} JSON: {e}"
+        ))
+    })
+}
+
 /// Normalise a MAC to lowercase colon form; None if it is not six hex octets.
 pub fn normalize_mac(s: &str) -> Option<String> {
     let hex: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
@@ -426,6 +512,54 @@ mod tests {
         let text = serde_json::to_string(&t).unwrap();
         assert!(text.contains("\"after\":\"no_reboot\""), "{text}");
         assert_eq!(serde_json::from_str::<Task>(&text).unwrap(), t);
+    }
+
+    /// The fuzz entry points never panic on pseudo-random or mutated valid input.
+    #[test]
+    fn decoders_survive_random_and_mutated_input() {
+        let valid = serde_json::to_vec(&CheckIn {
+            protocol: 1,
+            device: DeviceIdentity {
+                mac: "52:54:00:00:00:01".into(),
+                ..Default::default()
+            },
+            disks: vec![DiskReport {
+                name: "d".into(),
+                partitions: vec![PartitionReport::default()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(decode_checkin(&valid).is_ok());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..4000 {
+            let mut buf = valid.clone();
+            if i % 2 == 0 {
+                for _ in 0..(next() % 8 + 1) {
+                    let at = (next() as usize) % buf.len();
+                    buf[at] = next() as u8;
+                }
+            } else {
+                buf = (0..(next() % 300)).map(|_| next() as u8).collect();
+            }
+            let _ = decode_checkin(&buf);
+            let _ = decode_reply(&buf);
+        }
+        let many = format!(
+            "{{\"protocol\":1,\"device\":{{\"mac\":\"x\"}},\"disks\":[{}]}}",
+            vec!["{\"name\":\"d\",\"size\":1}"; 65].join(",")
+        );
+        assert!(decode_checkin(many.as_bytes())
+            .unwrap_err()
+            .0
+            .contains("disks: 65"));
     }
 
     #[test]

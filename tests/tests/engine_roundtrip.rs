@@ -17,10 +17,11 @@ use e2e::{require_tool, sample_bytes, sh, Nginx, Scratch};
 use imgengine::capture::{capture, CaptureOptions, CaptureSummary};
 use imgengine::deploy::{deploy, verify, DeployOptions, DeploySummary, ResumeMode};
 use imgengine::disk::{read_layout, TableKind};
+use imgengine::format::read_info;
 use imgengine::format::{ChunkKind, ImageReader, ManifestEntry};
 use imgengine::io::NoProgress;
 use imgengine::sign::{seal_and_sign, SigningKey};
-use imgengine::source::Location;
+use imgengine::source::{HttpConfig, Location, Source};
 use imgengine::ErrorKind;
 
 const MIB: u64 = 1 << 20;
@@ -681,6 +682,7 @@ fn interrupted_deploy_resumes_without_refetching_written_chunks() {
 
 #[test]
 fn resume_over_http_uses_range_requests() {
+    tools(&["zstd", "nginx"]);
     let f = fixture("engine-http");
     let www = f.dir.join("www");
     fs::create_dir_all(&www).unwrap();
@@ -726,6 +728,37 @@ fn resume_over_http_uses_range_requests() {
     let fresh = f.dir.join("fresh.raw");
     deploy_file(&f.img, &fresh, None, &opts(&f.dir)).unwrap();
     assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
+
+    // read_info over HTTP reads the head and the manifest only.
+    let sent_before = nginx.bytes_sent();
+    let mut src = Source::open(&url, &HttpConfig::default()).unwrap();
+    let info = read_info(&mut src).unwrap();
+    assert_eq!(info.chunks as usize, f.entries.len());
+    assert!(!info.sealed && info.signed_by.is_none());
+    assert_eq!(info.image_bytes, Some(full.len() as u64));
+    assert_eq!(info.meta.name, "e2e");
+    assert!(
+        nginx.bytes_sent() - sent_before < 64 << 10,
+        "read_info fetched the whole image"
+    );
+
+    // An ordinary .img.zst over HTTP is recognised and deployed raw.
+    sh(&format!(
+        "zstd -q -3 {} -o {}",
+        fresh.display(),
+        www.join("plain.img.zst").display()
+    ));
+    let raw_target = f.dir.join("raw-target.raw");
+    let s = deploy(
+        &Location::Url(nginx.url("plain.img.zst")),
+        &raw_target,
+        None,
+        &opts(&f.dir),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(s.raw, "{s:?}");
+    assert!(fs::read(&raw_target).unwrap() == fs::read(&fresh).unwrap());
 }
 
 // ---------------------------------------------------------------------------------------

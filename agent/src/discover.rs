@@ -26,6 +26,7 @@ use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
 pub const USAGE: &str = "\
   -discover [-json] [-all] [-v] [-iface=NAME].. [-config=DIR] [-srv=NAME] [-host=NAME]
         [-vendorclass=ID] [-dhcp-timeout=S] [-link-timeout=S] [-probe-timeout=S] [-noconfigure]
+        [-resolvconf=PATH]
                                     find the management server: DHCP options 186/190/192, the
                                     URL list, RTIAgent options, DNS SRV, DNS host name
   -serverurl [\"URL;URL..\"|clear] [-config=DIR]
@@ -59,7 +60,8 @@ struct Args {
 }
 
 /// Options that take a value even when written `-name value`.
-const VALUED: [&str; 9] = [
+const VALUED: [&str; 10] = [
+    "resolvconf",
     "iface",
     "config",
     "srv",
@@ -181,11 +183,13 @@ impl Args {
         if let Some(d) = self.secs("rti-timeout")? {
             cfg.rti_timeout = d;
         }
+        cfg.resolv_conf = self.value("resolvconf").map(PathBuf::from);
         Ok(cfg)
     }
 }
 
-const DISCOVER_OPTS: [&str; 14] = [
+const DISCOVER_OPTS: [&str; 15] = [
+    "resolvconf",
     "json",
     "all",
     "v",

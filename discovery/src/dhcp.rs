@@ -208,6 +208,8 @@ pub struct Lease {
     pub raw_options: Vec<RawOption>,
     /// Malformed options that were ignored.
     pub notes: Vec<String>,
+    /// proxyDHCP servers that answered the DISCOVER without an address.
+    pub proxy_servers: Vec<Ipv4Addr>,
     #[serde(skip)]
     pub obtained: Instant,
     #[serde(skip)]
@@ -272,9 +274,23 @@ impl Lease {
             vxcm,
             raw_options: ack.options.clone(),
             notes,
+            proxy_servers: Vec::new(),
             obtained: Instant::now(),
             mac_bytes: mac,
         })
+    }
+
+    /// The lease's DNS servers and domain in resolv.conf(5) form, for the libc resolver that
+    /// later steps (the check-in's HTTP client) use.
+    pub fn resolv_conf(&self) -> String {
+        let mut out = String::from("# written by the boot agent from its DHCP lease\n");
+        if let Some(d) = &self.domain {
+            out.push_str(&format!("search {d}\n"));
+        }
+        for s in &self.dns_servers {
+            out.push_str(&format!("nameserver {s}\n"));
+        }
+        out
     }
 
     /// Applies the lease to the interface: address, netmask, default route.
@@ -437,6 +453,7 @@ impl DhcpSocket {
         let bcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, SERVER_PORT);
         let secs = || start.elapsed().as_secs().min(u16::MAX as u64) as u16;
         let mut retry = params.first_retry;
+        let mut proxies = Vec::new();
         while Instant::now() < give_up && !stop.load(Ordering::Relaxed) {
             let xid = new_xid();
             let discover = build_message(
@@ -451,7 +468,16 @@ impl DhcpSocket {
             );
             self.send(&discover, bcast)?;
             let wait_until = (Instant::now() + retry).min(give_up);
+            // An offer without an address is a proxyDHCP announcing itself (PXE style):
+            // remember it for the RTIAgent exchange on port 4011.
             let offer = self.receive(xid, wait_until, stop, |r| {
+                if r.msg_type == Some(MessageType::Offer) && r.yiaddr.is_unspecified() {
+                    if let Some(sid) = r.server_id() {
+                        if !proxies.contains(&sid) {
+                            proxies.push(sid);
+                        }
+                    }
+                }
                 r.msg_type == Some(MessageType::Offer) && !r.yiaddr.is_unspecified()
             });
             let Some(offer) = offer else {
@@ -478,7 +504,8 @@ impl DhcpSocket {
                 });
                 match answer {
                     Some(r) if r.msg_type == Some(MessageType::Ack) => {
-                        if let Some(lease) = Lease::from_ack(&self.nic.name, mac, &r) {
+                        if let Some(mut lease) = Lease::from_ack(&self.nic.name, mac, &r) {
+                            lease.proxy_servers = proxies;
                             return Ok(lease);
                         }
                         break;

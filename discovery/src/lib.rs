@@ -80,6 +80,10 @@ pub struct Config {
     pub probe_all: bool,
     /// Apply the lease / static address to the interface (false only for dry runs).
     pub configure: bool,
+    /// Write the lease's DNS servers and domain here (the boot agent uses
+    /// `/etc/resolv.conf` so the check-in can resolve names; `None` leaves the system alone,
+    /// which is the right thing for `img -discover` on a configured host).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -98,6 +102,7 @@ impl Default for Config {
             probe_timeout: Duration::from_secs(2),
             probe_all: false,
             configure: true,
+            resolv_conf: None,
         }
     }
 }
@@ -477,6 +482,14 @@ pub fn discover_with(cfg: &Config, net: &dyn NetworkSetup) -> Result<Discovery, 
                             source,
                         })?;
                 }
+                if let (true, Some(path)) = (cfg.configure, &cfg.resolv_conf) {
+                    match std::fs::write(path, l.resolv_conf()) {
+                        Ok(()) => run
+                            .log
+                            .push(format!("DNS settings written to {}", path.display())),
+                        Err(e) => run.log.push(format!("writing {}: {e}", path.display())),
+                    }
+                }
                 interface = Some(l.iface.clone());
                 run.resolver = (!l.dns_servers.is_empty())
                     .then(|| dns::Resolver::new(l.dns_servers.clone(), cfg.dns_timeout));
@@ -534,7 +547,7 @@ pub fn discover_with(cfg: &Config, net: &dyn NetworkSetup) -> Result<Discovery, 
     // 3. RTIAgent options (ordinary or proxy DHCP).
     if !run.done() {
         if let (Some(l), Some(sock)) = (&lease, &dhcp_sock) {
-            let replies = sock.inform(l, RTI_VENDOR_CLASS, &[], cfg.rti_timeout);
+            let replies = sock.inform(l, RTI_VENDOR_CLASS, &l.proxy_servers, cfg.rti_timeout);
             let mut found = false;
             for r in &replies {
                 let mut notes = Vec::new();

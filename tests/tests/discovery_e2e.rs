@@ -364,9 +364,15 @@ fn dhcp_options_186_190_192_secure_port_first() {
     lab.https("10.77.0.10", 443);
     lab.http("10.77.0.10", 80);
     lab.dnsmasq("dhcp-option=186,10.77.0.10\ndhcp-option=190,00:01:bb\ndhcp-option=192,80s");
-    let (v, code) = lab.discover(&["-all"]);
+    let resolv = lab.dir.join("resolv.conf");
+    let (v, code) = lab.discover(&["-all", &format!("-resolvconf={}", resolv.display())]);
     assert_eq!(code, 0);
     assert_eq!(chosen(&v), (s("https://10.77.0.10:443"), s("dhcp-options")));
+    let resolv = std::fs::read_to_string(resolv).unwrap();
+    assert!(
+        resolv.contains("search lab.example") && resolv.contains("nameserver 10.77.0.1"),
+        "{resolv}"
+    );
     assert_eq!(
         candidates(&v)[..2],
         [

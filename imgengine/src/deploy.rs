@@ -270,6 +270,11 @@ impl ChunkSink<'_> {
 
     /// Write the held table chunks and sync.
     fn finish(mut self) -> Result<DeploySummary> {
+        if !self.held_tables.is_empty() {
+            // Data first on stable storage, then the table: after a power cut the disk
+            // either has no table or a table over complete data, never a table over holes.
+            self.target.sync()?;
+        }
         for v in std::mem::take(&mut self.held_tables) {
             self.target.write_at(&v.data, v.header.disk_offset)?;
             self.summary.bytes_written += v.header.raw_len;

@@ -1,0 +1,675 @@
+//! Boots the agent for real: a Debian kernel (linux-image-cloud-amd64, fetched by
+//! scripts/fetch-kernel.sh) with our initramfs under QEMU (TCG: no KVM on these machines),
+//! driven by waiting for lines on the serial console, as u-root and rauc test boot code.
+//!
+//! - `pid1_mounts_loads_virtio_and_finds_disk_and_nic`: `-kernel`/`-initrd`, the agent as
+//!   `/init`; PID 1 mounts, loads the virtio modules in modules.dep order, sees the virtio
+//!   disk and NIC, starts the agent; Esc gives the `img>` prompt while the agent works and
+//!   `reboot` there reboots cleanly (QEMU `-no-reboot` then exits).
+//! - `console_prompt_runs_img_commands`: `img.console` on the kernel command line gives the
+//!   `img>` prompt; typed command lines run `img` (this binary re-executed).
+//! - `pxe_boot_through_dnsmasq_tftp_and_ipxe`: no `-kernel`: the virtio NIC's iPXE ROM
+//!   boots from the network, dnsmasq (in a network namespace, on a bridge with QEMU's tap)
+//!   gives the lease with options 186/190/192 and serves pxe/boot.ipxe, the kernel and the
+//!   initrd over TFTP; the test sees our PID 1 start with the server URL from the script.
+//! - `device_gets_lease_finds_server_checks_in_deploys_and_reboots`: the whole loop with
+//!   dnsmasq (options 186/192) and the reference server in a network namespace.
+//!
+//! These take tens of seconds each: `QUICK=1` skips them (scripts/test.sh documents it).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::{require_tool, run, workspace_bin, workspace_root, Scratch};
+
+/// A boot under TCG takes about 5 s; iPXE's TFTP of a 14 MiB kernel a little more.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn quick() -> bool {
+    if std::env::var_os("QUICK").is_some() {
+        eprintln!("QUICK is set: skipping the QEMU boot test");
+        return true;
+    }
+    false
+}
+
+/// The kernel cache: vmlinuz and lib/modules/<version>.
+struct Kernel {
+    vmlinuz: PathBuf,
+    modules: PathBuf,
+}
+
+fn kernel() -> Kernel {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = workspace_root().join("target/kernel");
+    run(Command::new("bash")
+        .arg(workspace_root().join("scripts/fetch-kernel.sh"))
+        .arg(&cache));
+    let version = std::fs::read_to_string(cache.join("version"))
+        .expect("kernel version")
+        .trim()
+        .to_owned();
+    Kernel {
+        vmlinuz: cache.join("vmlinuz"),
+        modules: cache.join("modules/lib/modules").join(version),
+    }
+}
+
+/// The static agent: `$IMG_STATIC_BIN`, else the release musl build (what scripts/test.sh
+/// builds first; a no-op here then).
+fn static_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("IMG_STATIC_BIN") {
+        return PathBuf::from(p);
+    }
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    run(Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-musl",
+            "-p",
+            "agent",
+        ])
+        .current_dir(workspace_root()));
+    workspace_root().join("target/x86_64-unknown-linux-musl/release/img")
+}
+
+/// Build the initrd with the real builder (mkinitrd), as an administrator would.
+fn initrd(dir: &Path, k: &Kernel) -> PathBuf {
+    let out = dir.join("initrd.img");
+    let mkinitrd = workspace_bin("mkinitrd", "initramfs");
+    let o = run(Command::new(mkinitrd)
+        .arg("-o")
+        .arg(&out)
+        .arg("--agent")
+        .arg(static_agent())
+        .arg("--kernel-modules")
+        .arg(&k.modules)
+        .arg("--ca")
+        .arg("/etc/ssl/certs/ca-certificates.crt"));
+    eprint!("{}", String::from_utf8_lossy(&o.stdout));
+    out
+}
+
+/// QEMU with its serial console on a pipe: a reader thread collects everything it prints.
+struct Qemu {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl Qemu {
+    fn start(mut cmd: Command) -> Qemu {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let out = Arc::new(Mutex::new(String::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Qemu {
+            child,
+            stdin,
+            out,
+            started: Instant::now(),
+        }
+    }
+
+    fn text(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Wait for `needle` on the console; the time since QEMU started when it appeared.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> Duration {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.text().contains(needle) {
+                return self.started.elapsed();
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                // One last look: QEMU may have printed it just before exiting.
+                if self.text().contains(needle) {
+                    return self.started.elapsed();
+                }
+                panic!(
+                    "`{needle}` did not appear on the serial console; console so far:\n{}",
+                    e2e::tail(&self.text(), 60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn send(&mut self, s: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        stdin.write_all(s.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Wait for QEMU to exit by itself (the guest rebooted or powered off under `-no-reboot`).
+    fn wait_exit(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "QEMU did not stop; console:\n{}",
+            e2e::tail(&self.text(), 40)
+        );
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The common QEMU command line: q35, TCG, 512 MiB, serial console on stdio, no reboot.
+fn qemu_base() -> Command {
+    require_tool("qemu-system-x86_64");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+    ])
+    .args(["-serial", "stdio", "-no-reboot"]);
+    cmd
+}
+
+fn disk_file(dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    disk
+}
+
+#[test]
+fn pid1_mounts_loads_virtio_and_finds_disk_and_nic() {
+    if quick() {
+        return;
+    }
+    let dir = Scratch::new("qemu-pid1");
+    let k = kernel();
+    let initrd = initrd(dir.path(), &k);
+    let disk = disk_file(dir.path());
+    let mut cmd = qemu_base();
+    cmd.arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd);
+    cmd.args([
+        "-append",
+        "console=ttyS0 panic=-1 img.delay=1 img.log=debug img.server=http://10.0.2.2:9",
+    ]);
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    cmd.args(["-nic", "user,model=virtio-net-pci,mac=52:54:00:12:34:56"]);
+    let mut q = Qemu::start(cmd);
+    let t_kernel = q.wait_for("Linux version", BOOT_TIMEOUT);
+    let t_init = q.wait_for(
+        "starting as PID 1; mounted /proc /sys /dev /run",
+        BOOT_TIMEOUT,
+    );
+    q.wait_for("kernel modules in", BOOT_TIMEOUT);
+    let console = q.text();
+    let modules_line = console
+        .lines()
+        .find(|l| l.contains("kernel modules in"))
+        .unwrap()
+        .to_owned();
+    for m in [
+        "virtio_ring",
+        "virtio",
+        "virtio_pci_modern_dev",
+        "virtio_pci",
+        "virtio_blk",
+        "failover",
+        "net_failover",
+        "virtio_net",
+    ] {
+        assert!(
+            modules_line.split_whitespace().any(|w| w == m),
+            "{m} not loaded: {modules_line}"
+        );
+    }
+    let pos = |m: &str| {
+        modules_line
+            .split_whitespace()
+            .position(|w| w == m)
+            .unwrap()
+    };
+    assert!(
+        pos("virtio_ring") < pos("virtio") && pos("virtio") < pos("virtio_blk"),
+        "{modules_line}"
+    );
+    assert!(pos("net_failover") < pos("virtio_net"), "{modules_line}");
+    q.wait_for("disks: vda (64 MiB)", BOOT_TIMEOUT);
+    q.wait_for("eth0 (52:54:00:12:34:56)", BOOT_TIMEOUT);
+    let t_agent = q.wait_for("agent started", BOOT_TIMEOUT);
+    // The agent keeps trying its unreachable server; the operator presses Esc, gets the img
+    // prompt while it works, and reboots the clean way from there.
+    q.send("\x1b");
+    q.wait_for("-- img console", Duration::from_secs(30));
+    q.send("reboot\r");
+    q.wait_for("init: rebooting", Duration::from_secs(30));
+    q.wait_exit(Duration::from_secs(60));
+    let console = q.text();
+    assert!(
+        !console.contains("Kernel panic"),
+        "{}",
+        e2e::tail(&console, 30)
+    );
+    eprintln!(
+        "boot figures (TCG): kernel banner at {:.1} s, PID 1 at {:.1} s, agent started at {:.1} s after QEMU start",
+        t_kernel.as_secs_f64(),
+        t_init.as_secs_f64(),
+        t_agent.as_secs_f64()
+    );
+}
+
+#[test]
+fn console_prompt_runs_img_commands() {
+    if quick() {
+        return;
+    }
+    let dir = Scratch::new("qemu-console");
+    let k = kernel();
+    let initrd = initrd(dir.path(), &k);
+    let disk = disk_file(dir.path());
+    let mut cmd = qemu_base();
+    cmd.arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd);
+    cmd.args(["-append", "console=ttyS0 panic=-1 quiet img.console"]);
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    let mut q = Qemu::start(cmd);
+    q.wait_for("staying at the console", BOOT_TIMEOUT);
+    q.wait_for("img> ", BOOT_TIMEOUT);
+    q.send("img -version\r");
+    q.wait_for(
+        &format!("img {}", env!("CARGO_PKG_VERSION")),
+        Duration::from_secs(30),
+    );
+    // A quoted argument and a failing command: the exit code is shown, the prompt stays.
+    q.send("img -info '/no such image'\r");
+    q.wait_for("(exit code", Duration::from_secs(30));
+    q.send("exit\r");
+    q.wait_for("staying at the console", Duration::from_secs(10));
+    q.send("poweroff\r");
+    q.wait_for("init: powering off", Duration::from_secs(30));
+    q.wait_exit(Duration::from_secs(60));
+}
+
+/// Remove the network namespace even when the test fails.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
+    if quick() {
+        return;
+    }
+    require_tool("dnsmasq");
+    require_tool("ip");
+    let dir = Scratch::new("qemu-pxe");
+    let k = kernel();
+    let tftp = dir.join("tftp");
+    std::fs::create_dir_all(&tftp).unwrap();
+    std::fs::copy(&k.vmlinuz, tftp.join("vmlinuz")).unwrap();
+    let initrd = initrd(dir.path(), &k);
+    std::fs::rename(&initrd, tftp.join("initrd.img")).unwrap();
+    // The shipped iPXE script, with this network's server address in it.
+    let script = std::fs::read_to_string(workspace_root().join("pxe/boot.ipxe")).unwrap();
+    let script = script.replace(
+        "img.server=http://192.168.1.10:8080",
+        "img.server=http://10.77.0.1:8080 img.delay=1",
+    );
+    assert!(
+        script.contains("10.77.0.1"),
+        "pxe/boot.ipxe no longer has the example server URL to replace"
+    );
+    std::fs::write(tftp.join("boot.ipxe"), script).unwrap();
+    let disk = disk_file(dir.path());
+
+    let ns = Netns(format!("imgpxe{}", std::process::id()));
+    let netns = |args: &str| {
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(args.split_whitespace()));
+    };
+    run(Command::new("ip").args(["netns", "add", &ns.0]));
+    netns("ip link set lo up");
+    netns("ip link add br0 type bridge");
+    netns("ip addr add 10.77.0.1/24 dev br0");
+    netns("ip link set br0 up");
+    netns("ip tuntap add dev tap0 mode tap");
+    netns("ip link set tap0 master br0");
+    netns("ip link set tap0 up");
+
+    // dnsmasq as DHCP + TFTP, the directives of pxe/dnsmasq-dhcp.conf on its command line.
+    let conf = std::fs::read_to_string(workspace_root().join("pxe/dnsmasq-dhcp.conf")).unwrap();
+    let conf = conf
+        .replace("interface=eth0", "interface=br0")
+        .replace("192.168.1.100,192.168.1.200", "10.77.0.50,10.77.0.99")
+        .replace("192.168.1.10", "10.77.0.1")
+        .replace("/srv/tftp", &tftp.display().to_string());
+    let conf_path = dir.join("dnsmasq.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let leases = dir.join("leases");
+    let mut dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--log-dhcp",
+            "--log-facility=-",
+            "--port=0",
+        ])
+        .arg(format!("--conf-file={}", conf_path.display()))
+        .arg(format!("--dhcp-leasefile={}", leases.display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting dnsmasq");
+    let dnsmasq_log = Arc::new(Mutex::new(String::new()));
+    {
+        let log = dnsmasq_log.clone();
+        let mut err = dnsmasq.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            log.lock().unwrap().push_str(&s);
+        });
+    }
+
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, "qemu-system-x86_64"]);
+    cmd.args([
+        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+    ])
+    .args(["-serial", "stdio", "-no-reboot", "-boot", "n"]);
+    cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+    cmd.args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:77:01"]);
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    let mut q = Qemu::start(cmd);
+    let t_pid1 = q.wait_for("starting as PID 1", BOOT_TIMEOUT);
+    q.wait_for("virtio_net", BOOT_TIMEOUT);
+    q.wait_for("agent started", BOOT_TIMEOUT);
+    drop(q);
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    std::thread::sleep(Duration::from_millis(200));
+    let log = dnsmasq_log.lock().unwrap().clone();
+    assert!(
+        log.contains("DHCPACK"),
+        "dnsmasq gave no lease:\n{}",
+        e2e::tail(&log, 40)
+    );
+    assert!(
+        log.contains("sent") && log.contains("vmlinuz") && log.contains("initrd.img"),
+        "TFTP did not serve kernel and initrd:\n{}",
+        e2e::tail(&log, 40)
+    );
+    // The lease carried our options: dnsmasq --log-dhcp lists them by number.
+    assert!(
+        log.lines().any(|l| l.contains("sent") && l.contains("186")),
+        "option 186 not sent:\n{}",
+        e2e::tail(&log, 60)
+    );
+    eprintln!(
+        "PXE boot figure (TCG): PID 1 started {:.1} s after QEMU start",
+        t_pid1.as_secs_f64()
+    );
+}
+
+/// The address plan of the end-to-end network namespace.
+const E2E_SERVER_IP: &str = "10.78.0.1";
+const E2E_MAC: &str = "52:54:00:00:78:02";
+
+/// Run `imgserver --data DATA ARGS` (inside the namespace when given) and return its output.
+fn imgserver_admin(data: &Path, args: &[&str]) -> String {
+    let out = run(Command::new(workspace_bin("imgserver", "imgserver"))
+        .arg("--data")
+        .arg(data)
+        .args(args));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The whole loop of issue 5: a device with a blank virtio disk boots our kernel + initrd, gets
+/// a lease from dnsmasq with options 186/192, finds the reference server from them, checks in,
+/// deploys the scheduled image onto its disk, reports, and reboots. The disk-image file is
+/// then checked with sgdisk, fsck.fat and mtools, and the server's record of the device.
+#[test]
+fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
+    if quick() {
+        return;
+    }
+    for t in [
+        "dnsmasq", "ip", "sgdisk", "mkfs.fat", "fsck.fat", "mcopy", "mtype",
+    ] {
+        require_tool(t);
+    }
+    let dir = Scratch::new("qemu-e2e");
+    let k = kernel();
+    let initrd = initrd(dir.path(), &k);
+
+    // The image: a GPT disk with a FAT16 partition holding VERSION.TXT, captured by img.
+    let src = dir.join("source.img");
+    e2e::sh(&format!(
+        "cd {d}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT; head -c 300000 /dev/urandom > BLOB.BIN
+         truncate -s 48M {src}
+         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
+         mcopy -i {src}@@1048576 VERSION.TXT ::VERSION.TXT
+         mcopy -i {src}@@1048576 BLOB.BIN ::BLOB.BIN",
+        d = dir.path().display(),
+        src = src.display()
+    ));
+    let image = dir.join("os-2.1.img");
+    run(Command::new(e2e::img_bin()).env("IMG_QUIET", "1").args([
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-name=os",
+        "-version=2.1",
+    ]));
+
+    let ns = Netns(format!("imge2e{}", std::process::id()));
+    let netns = |args: &str| {
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(args.split_whitespace()));
+    };
+    run(Command::new("ip").args(["netns", "add", &ns.0]));
+    netns("ip link set lo up");
+    netns("ip link add br0 type bridge");
+    netns(&format!("ip addr add {E2E_SERVER_IP}/24 dev br0"));
+    netns("ip link set br0 up");
+    netns("ip tuntap add dev tap0 mode tap");
+    netns("ip link set tap0 master br0");
+    netns("ip link set tap0 up");
+
+    // The reference server on the bridge, plain HTTP on 8080 (option 192).
+    let data = dir.join("srv");
+    imgserver_admin(&data, &["init"]);
+    let out = imgserver_admin(&data, &["image", "add", image.to_str().unwrap()]);
+    assert!(out.contains("registered image os 2.1"), "{out}");
+    let out = imgserver_admin(
+        &data,
+        &["schedule", "add", "--mac", E2E_MAC, "--image", "os:2.1"],
+    );
+    assert!(out.contains("scheduled"), "{out}");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(workspace_bin("imgserver", "imgserver"))
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "serve",
+            "--plain",
+            "--listen",
+            &format!("{E2E_SERVER_IP}:8080"),
+            "--public-url",
+            &format!("http://{E2E_SERVER_IP}:8080"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting imgserver");
+    let mut first = [0u8; 64];
+    let n = server.stdout.as_mut().unwrap().read(&mut first).unwrap();
+    assert!(
+        String::from_utf8_lossy(&first[..n]).contains("listening on"),
+        "imgserver said {:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+
+    // dnsmasq: a lease with options 186 (server address) and 192 (HTTP port 8080).
+    let mut dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--log-dhcp",
+            "--log-facility=-",
+            "--port=0",
+            "--conf-file=/dev/null",
+        ])
+        .args([
+            "--interface=br0",
+            "--bind-interfaces",
+            "--dhcp-range=10.78.0.50,10.78.0.99,1h",
+            "--dhcp-authoritative",
+        ])
+        .arg(format!("--dhcp-option-force=186,{E2E_SERVER_IP}"))
+        .arg("--dhcp-option-force=192,1f:90")
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting dnsmasq");
+
+    let disk = dir.join("device.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, "qemu-system-x86_64"]);
+    cmd.args([
+        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+    ])
+    .args(["-serial", "stdio", "-no-reboot"]);
+    cmd.arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd);
+    cmd.args([
+        "-append",
+        "console=ttyS0 panic=-1 img.disk=/dev/vda img.delay=3",
+    ]);
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+    cmd.args([
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={E2E_MAC}"),
+    ]);
+    let mut q = Qemu::start(cmd);
+    let t_kernel = q.wait_for("Linux version", BOOT_TIMEOUT);
+    q.wait_for("agent started", BOOT_TIMEOUT);
+    let t_checkin = q.wait_for("img: enrolled as device", Duration::from_secs(180));
+    let t_written = q.wait_for("succeeded", Duration::from_secs(300));
+    q.wait_for("init: rebooting", Duration::from_secs(120));
+    q.wait_exit(Duration::from_secs(60));
+    let console = q.text();
+    drop(q);
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        !console.contains("Kernel panic"),
+        "{}",
+        e2e::tail(&console, 30)
+    );
+
+    // The device's disk now carries the image: table, file system, content.
+    let table = e2e::sh(&format!("sgdisk -p {}", disk.display()));
+    assert!(
+        table.contains("SYSTEM"),
+        "partition table after the deploy:\n{table}"
+    );
+    let vol = dir.join("vol.img");
+    e2e::sh(&format!(
+        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
+        disk.display(),
+        vol.display(),
+        vol.display()
+    ));
+    let version = e2e::sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
+        vol.display()
+    ));
+    assert_eq!(version.trim(), "os 2.1");
+    // The server recorded the device and its result.
+    let devices = imgserver_admin(&data, &["devices"]);
+    let line = devices
+        .lines()
+        .find(|l| l.to_lowercase().starts_with(E2E_MAC))
+        .unwrap_or_else(|| panic!("device not listed:\n{devices}"));
+    assert!(line.contains("2.1"), "{line}");
+    let transcript = imgserver_admin(&data, &["transcript", E2E_MAC]);
+    assert!(transcript.contains("succeeded"), "{transcript}");
+    eprintln!(
+        "end-to-end figures (TCG): kernel start → check-in {:.1} s, check-in → image written {:.1} s",
+        (t_checkin - t_kernel).as_secs_f64(),
+        (t_written - t_checkin).as_secs_f64()
+    );
+}

@@ -19,7 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::extent::{self, Extent};
 use crate::format::{self, ChunkHeader, ChunkKind, Content, ImageMeta, ImageWriter};
 use crate::fs;
-use crate::io::ordered::{run_ordered, Item};
+use crate::io::ordered::{pipeline_depth, run_ordered, Item};
 use crate::io::Progress;
 
 /// Zero runs shorter than this stay inside a data chunk (zstd makes them nearly free); a
@@ -282,7 +282,7 @@ pub fn capture(
     let unknown_nonzero_ref = &mut unknown_nonzero;
     run_ordered(
         threads,
-        threads + 2,
+        pipeline_depth(threads),
         move |emit| {
             produce(
                 dev_ref,

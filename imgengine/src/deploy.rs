@@ -33,7 +33,7 @@ use crate::format::{
     self, reader::read_expected_chunk, ChunkHeader, ChunkKind, Content, ImageHead, ImageInfo,
     ImageReader, Layout, Manifest, ManifestEntry,
 };
-use crate::io::ordered::{run_ordered, Item};
+use crate::io::ordered::{pipeline_depth, run_ordered, Item};
 use crate::io::{PeekReader, Progress};
 use crate::sign::{self, VerifyingKey};
 use crate::source::{HttpConfig, Location, Source};
@@ -302,7 +302,7 @@ fn stream_chunks<R: Read + Send>(
 ) -> Result<()> {
     run_ordered(
         threads,
-        threads + 2,
+        pipeline_depth(threads),
         |emit| {
             loop {
                 match reader.next_chunk() {
@@ -371,7 +371,7 @@ fn intact_chunks(
     let mut intact = Vec::with_capacity(manifest.entries.len());
     run_ordered(
         threads,
-        threads + 2,
+        pipeline_depth(threads),
         |emit| {
             for e in &manifest.entries {
                 let item = if e.header.kind == ChunkKind::Data {
@@ -440,7 +440,7 @@ fn fetch_missing(
     }
     run_ordered(
         threads,
-        threads + 2,
+        pipeline_depth(threads),
         |emit| {
             for g in &groups {
                 let (first, last) = (g[0], g[g.len() - 1]);

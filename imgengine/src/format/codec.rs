@@ -50,7 +50,13 @@ pub fn encode_chunk(
                 e,
             )
         })?;
-        (Compression::Zstd, p)
+        // Incompressible data (already compressed files, encrypted volumes) is stored: the
+        // image is no larger, and the deploy skips zstd and a second buffer for it.
+        if p.len() >= data.len() {
+            (Compression::Stored, data.to_vec())
+        } else {
+            (Compression::Zstd, p)
+        }
     };
     let comp_len = u32::try_from(payload.len()).map_err(|_| {
         Error::invalid(format!(
@@ -183,6 +189,20 @@ mod tests {
         assert!(e.to_string().contains("SHA-256"), "{e}");
         let e = decode_chunk(&h, p[..5].to_vec()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Truncated);
+    }
+
+    #[test]
+    fn incompressible_data_is_stored() {
+        let mut x = 1u32;
+        let data: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (x >> 24) as u8
+            })
+            .collect();
+        let (h, p) = encode_chunk(0, ChunkKind::Data, 0, &data, 19).unwrap();
+        assert_eq!(h.compression, Compression::Stored);
+        assert_eq!(decode_chunk(&h, p).unwrap(), data);
     }
 
     #[test]

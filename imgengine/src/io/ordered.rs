@@ -14,6 +14,13 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
+/// Items in flight for `threads` workers: two more than the workers so none waits for the
+/// reader, but at most 6, so that with 4 MiB chunks (a few MiB of payload plus 4 MiB
+/// decoded each) the pipelines stay near 32 MiB however many threads are asked for.
+pub fn pipeline_depth(threads: usize) -> usize {
+    (threads + 2).min(6)
+}
+
 /// What a producer hands over: work for a worker, or a result that needs no work (a zero
 /// chunk, or the producer's own error, which must reach the consumer in order).
 pub enum Item<J, R> {

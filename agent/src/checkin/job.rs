@@ -137,7 +137,7 @@ impl Progress for Reporter {
         }
         self.log(match total {
             Some(t) => format!("{what}: {t} bytes"),
-            None => format!("{what}"),
+            None => what.to_string(),
         });
     }
 
@@ -184,11 +184,8 @@ pub fn run(
         let (rep, stop) = (&rep, &stop);
         s.spawn(move || {
             let mut warned = false;
-            loop {
-                match rx.recv_timeout(cfg.progress_interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => break,
-                }
+            // A message (or the sender gone) ends it; a timeout is the next tick.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(cfg.progress_interval) {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }

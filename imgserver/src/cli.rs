@@ -28,7 +28,7 @@ usage: imgserver [--data DIR] COMMAND
                --then reboot|no-reboot|copy-only  --on-error stop|continue
                --batch N | --sequential  --comp 0..9  --note TEXT
   schedule remove JOB
-  devices                             devices with state, image, last check-in
+  devices [--reload-wait SECS]        devices with state, image, last check-in
   device MAC [--operational | --group NAME | --no-group]
   jobs                                jobs with their devices' progress
   job N [--abort | --retry | --rollback]
@@ -69,7 +69,10 @@ pub enum Command {
     ScheduleRemove {
         job: u64,
     },
-    Devices,
+    /// `reload_wait`: seed 003's reload wait for showing Maintenance (as `serve` was given).
+    Devices {
+        reload_wait: u64,
+    },
     Device {
         mac: String,
         operational: bool,
@@ -257,7 +260,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
         ["schedule", "remove", n] => Command::ScheduleRemove {
             job: num("job", n)?,
         },
-        ["devices"] => Command::Devices,
+        ["devices"] => Command::Devices { reload_wait },
         ["device", m] => Command::Device {
             mac: mac(m)?,
             operational,
@@ -578,9 +581,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             println!("job {job} removed");
             Ok(0)
         }
-        Command::Devices => {
+        Command::Devices { reload_wait } => {
             let store = open_store(&data)?;
-            let policy = Policy::default();
+            let policy = Policy {
+                reload_wait,
+                ..Policy::default()
+            };
             let mut t = Table::new(&[
                 "MAC",
                 "STATE",

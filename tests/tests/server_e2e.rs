@@ -771,3 +771,65 @@ fn backup_first_rollback_and_copy_only_with_autogenic_flags() {
         "{jobs}"
     );
 }
+
+#[test]
+fn failed_device_that_does_not_come_back_goes_to_maintenance() {
+    tools();
+    let dir = Scratch::new("server-maintenance");
+    let srv = Server::start(&dir.join("srv"), 0);
+    let src = make_source_disk(&dir, "os", "8", 10_000);
+    let img = register_image(&srv, &dir, &src, "os", "8");
+    // The repository serves images with Range (resumable deploys).
+    let agent =
+        checkin::client::http_agent(Some(&srv.data.join("ca.pem")), Duration::from_secs(10))
+            .unwrap();
+    let resp = agent
+        .get(&format!("{}/repo/os-8.img", srv.url))
+        .header("Range", "bytes=10-109")
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 206);
+    let part = resp.into_body().read_to_vec().unwrap();
+    assert_eq!(part, fs::read(&img).unwrap()[10..110]);
+
+    fs::remove_file(srv.data.join("repo/os-8.img")).unwrap();
+    srv.admin(&[
+        "schedule",
+        "add",
+        "--mac",
+        MAC_A,
+        "--image",
+        "os:8",
+        "--then",
+        "no-reboot",
+    ]);
+    let target = blank_disk(&dir, "device-a.img");
+    let mut cfg = agent_cfg(&srv, &dir, MAC_A, &target);
+    cfg.job_retries = 0;
+    // One task, as `img -checkin` runs it: the device reports the failure and is not heard of again.
+    cfg.max_tasks = Some(1);
+    let outcome = checkin::agent_loop(&srv.url, &cfg).unwrap();
+    assert_eq!(
+        outcome,
+        LoopOutcome::TaskLimit {
+            last: Outcome::Failed
+        }
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    let list = srv.admin(&["devices", "--reload-wait", "1"]);
+    let line = list.lines().find(|l| l.starts_with(MAC_A)).unwrap();
+    assert!(line.contains("Maintenance"), "{line}");
+    // Within the default 15 minutes it is not yet.
+    assert!(device_line(&srv, MAC_A).contains("Operational"));
+    // Seed 003's "Make Device Operational".
+    let out = srv.admin(&["device", MAC_A, "--operational"]);
+    assert!(out.contains("state:   Operational"), "{out}");
+    let list = srv.admin(&["devices", "--reload-wait", "1"]);
+    assert!(
+        list.lines()
+            .find(|l| l.starts_with(MAC_A))
+            .unwrap()
+            .contains("Operational"),
+        "{list}"
+    );
+}

@@ -42,6 +42,8 @@ pub struct SrvTarget {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DnsAnswer {
     pub truncated: bool,
+    /// The answer came over TCP after a truncated UDP answer.
+    pub via_tcp: bool,
     pub rcode_ok: bool,
     pub a: Vec<(String, Ipv4Addr)>,
     pub cnames: Vec<(String, String)>,
@@ -270,7 +272,10 @@ impl Resolver {
         s.read_exact(&mut lb).map_err(|e| e.to_string())?;
         let mut resp = vec![0u8; u16::from_be_bytes(lb) as usize];
         s.read_exact(&mut resp).map_err(|e| e.to_string())?;
-        decode_response(&resp, Some(id))
+        decode_response(&resp, Some(id)).map(|mut a| {
+            a.via_tcp = true;
+            a
+        })
     }
 
     /// IPv4 addresses of `name`, following CNAMEs given in the same answer.
@@ -302,8 +307,12 @@ impl Resolver {
         })
     }
 
-    /// SRV targets of `name` in RFC 2782 order.
-    pub fn lookup_srv(&self, name: &str, rng: &mut SplitMix) -> Result<Vec<SrvTarget>, DnsError> {
+    /// SRV targets of `name` in RFC 2782 order, and whether TCP was needed.
+    pub fn lookup_srv(
+        &self,
+        name: &str,
+        rng: &mut SplitMix,
+    ) -> Result<(Vec<SrvTarget>, bool), DnsError> {
         let mut a = self.query(name, RecordType::SRV)?;
         if a.srv.is_empty() {
             return Err(DnsError::Failed {
@@ -317,7 +326,7 @@ impl Resolver {
             });
         }
         order_srv(&mut a.srv, rng);
-        Ok(a.srv)
+        Ok((a.srv, a.via_tcp))
     }
 }
 

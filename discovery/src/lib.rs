@@ -583,7 +583,13 @@ pub fn discover_with(cfg: &Config, net: &dyn NetworkSetup) -> Result<Discovery, 
             (Some(r), Some(d)) => {
                 let name = format!("{}.{d}", cfg.srv_name.trim_matches('.'));
                 match r.lookup_srv(&name, &mut dns::SplitMix::from_clock()) {
-                    Ok(targets) => {
+                    Ok((targets, via_tcp)) => {
+                        if via_tcp {
+                            run.log.push(format!(
+                                "DNS SRV {name}: UDP answer truncated, {} targets read over TCP",
+                                targets.len()
+                            ));
+                        }
                         for t in targets {
                             let scheme = if t.port == 80 {
                                 Scheme::Http

@@ -204,7 +204,7 @@ impl Lab {
             "dnsmasq.conf",
             &format!(
                 "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={DHCP_IP}\n\
-                 no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\nlog-queries\n\
+                 no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\nlog-queries=extra\n\
                  log-facility={log}\n\
                  dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h\ndomain=lab.example\n{extra}\n",
                 log = self.dir.join("dnsmasq.log").display()
@@ -824,4 +824,55 @@ fn lease_renewal_and_rebinding_keep_the_address() {
     // dnsmasq saw the unicast renewals and the broadcast rebinding as DHCPREQUESTs.
     let requests = lab.log().matches("DHCPREQUEST").count();
     assert!(requests >= 4, "{}", lab.log());
+}
+
+#[test]
+fn dns_answers_too_big_for_udp_are_fetched_over_tcp() {
+    let mut lab = Lab::new();
+    lab.http("10.77.0.11", 80);
+    // 24 SRV targets with long names: far over the 512 bytes of a plain UDP answer, so
+    // dnsmasq sets TC and the resolver must repeat the query over TCP.
+    let mut conf = String::new();
+    for i in 0..24 {
+        let name =
+            format!("a-rather-long-target-name-for-the-management-server-{i:02}.lab.example");
+        conf.push_str(&format!(
+            "srv-host=_VXCMServer._tcp.lab.example,{name},80,{},0\n",
+            10 + i
+        ));
+        let host = if i == 23 { "10.77.0.11" } else { "10.77.0.13" };
+        conf.push_str(&format!("host-record={name},{host}\n"));
+    }
+    lab.dnsmasq(&conf);
+    let (v, code) = lab.discover(&["-probe-timeout=0.3", "-all"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(chosen(&v).1, "dns-srv");
+    let srv = candidates(&v)
+        .into_iter()
+        .filter(|c| c.1 == "dns-srv")
+        .count();
+    assert_eq!(srv, 24);
+    let log = v["log"].to_string();
+    assert!(log.contains("read over TCP"), "{log}");
+    // dnsmasq saw the query twice: over UDP, then over TCP.
+    assert!(lab.log().matches("query[SRV]").count() >= 2);
+}
+
+#[test]
+fn esc_at_start_up_clears_the_static_configuration() {
+    let lab = Lab::new();
+    let out = lab.img(&[
+        "-netconfig",
+        "ip=10.77.0.50",
+        "mask=255.255.255.0",
+        "server=10.77.0.10",
+    ]);
+    assert!(out.status.success());
+    // Esc in the start-up window, then an empty client address: "use DHCP from now on".
+    let (out, code) = findserver(&lab, b"\x1b\n");
+    assert!(out.contains("Static configuration cleared"), "{out}");
+    assert!(!lab.config_dir().join("netconfig.conf").exists());
+    // No DHCP server either: the fallback, and with no more keys the guest OS.
+    assert!(out.contains("outcome: guest-os"), "{out}");
+    assert_eq!(code, 9);
 }

@@ -100,7 +100,8 @@ fn run() -> Result<(), String> {
     }
     let (bytes, report) = build(&spec).map_err(|e| e.to_string())?;
     std::fs::write(&out, &bytes).map_err(|e| format!("writing {}: {e}", out.display()))?;
-    print!("{report}");
-    println!("written to {}", out.display());
+    // The report goes to stdout; a closed pipe (`| head`) is not an error of the build.
+    use std::io::Write;
+    let _ = write!(std::io::stdout(), "{report}written to {}\n", out.display());
     Ok(())
 }

@@ -297,7 +297,7 @@ pub fn capture(
         },
         |job: Job| {
             let (header, payload) =
-                format::encode_chunk(job.index, job.kind, job.disk_offset, &job.data, zstd_level)?;
+                format::encode_chunk(job.index, job.kind, job.disk_offset, job.data, zstd_level)?;
             Ok(Encoded { header, payload })
         },
         |enc: Encoded| writer.write_chunk(&enc.header, &enc.payload),

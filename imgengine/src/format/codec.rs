@@ -33,18 +33,20 @@ pub fn zstd_level(comp: u8) -> Result<i32> {
 }
 
 /// Compress `data` (disk bytes at `disk_offset`) into chunk `index`; `zstd_level` 0 stores.
+/// Takes the buffer so a stored chunk's payload is the buffer itself, not a copy.
 pub fn encode_chunk(
     index: u64,
     kind: ChunkKind,
     disk_offset: u64,
-    data: &[u8],
+    data: Vec<u8>,
     zstd_level: i32,
 ) -> Result<(ChunkHeader, Vec<u8>)> {
-    let sha256: [u8; 32] = Sha256::digest(data).into();
+    let sha256: [u8; 32] = Sha256::digest(&data).into();
+    let raw_len = data.len() as u64;
     let (compression, payload) = if zstd_level == 0 {
-        (Compression::Stored, data.to_vec())
+        (Compression::Stored, data)
     } else {
-        let p = zstd::bulk::compress(data, zstd_level).map_err(|e| {
+        let p = zstd::bulk::compress(&data, zstd_level).map_err(|e| {
             Error::io(
                 format!("compressing chunk {index} at disk offset {disk_offset}"),
                 e,
@@ -53,22 +55,21 @@ pub fn encode_chunk(
         // Incompressible data (already compressed files, encrypted volumes) is stored: the
         // image is no larger, and the deploy skips zstd and a second buffer for it.
         if p.len() >= data.len() {
-            (Compression::Stored, data.to_vec())
+            (Compression::Stored, data)
         } else {
             (Compression::Zstd, p)
         }
     };
     let comp_len = u32::try_from(payload.len()).map_err(|_| {
         Error::invalid(format!(
-            "chunk {index}: {} bytes is too large for one chunk",
-            data.len()
+            "chunk {index}: {raw_len} bytes is too large for one chunk"
         ))
     })?;
     let header = ChunkHeader {
         index,
         kind,
         compression,
-        raw_len: data.len() as u64,
+        raw_len,
         disk_offset,
         comp_len,
         crc32: crc32fast::hash(&payload),
@@ -155,7 +156,7 @@ mod tests {
         let data = sample();
         for comp in 0..=9 {
             let lvl = zstd_level(comp).unwrap();
-            let (h, p) = encode_chunk(3, ChunkKind::Data, 4096, &data, lvl).unwrap();
+            let (h, p) = encode_chunk(3, ChunkKind::Data, 4096, data.clone(), lvl).unwrap();
             assert_eq!(
                 h.compression,
                 if comp == 0 {
@@ -172,7 +173,7 @@ mod tests {
     #[test]
     fn crc_then_sha_are_checked() {
         let data = sample();
-        let (h, p) = encode_chunk(3, ChunkKind::Data, 4096, &data, 3).unwrap();
+        let (h, p) = encode_chunk(3, ChunkKind::Data, 4096, data.clone(), 3).unwrap();
         let mut bad = p.clone();
         bad[10] ^= 0x40;
         let e = decode_chunk(&h, bad).unwrap_err();
@@ -182,7 +183,7 @@ mod tests {
             "{e}"
         );
         // A payload that matches its CRC but not the content hash (forged or mixed-up chunk).
-        let (other, op) = encode_chunk(3, ChunkKind::Data, 4096, &data[..1000], 3).unwrap();
+        let (other, op) = encode_chunk(3, ChunkKind::Data, 4096, data[..1000].to_vec(), 3).unwrap();
         let mut h2 = other;
         h2.sha256 = h.sha256;
         let e = decode_chunk(&h2, op).unwrap_err();
@@ -200,7 +201,7 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect();
-        let (h, p) = encode_chunk(0, ChunkKind::Data, 0, &data, 19).unwrap();
+        let (h, p) = encode_chunk(0, ChunkKind::Data, 0, data.clone(), 19).unwrap();
         assert_eq!(h.compression, Compression::Stored);
         assert_eq!(decode_chunk(&h, p).unwrap(), data);
     }

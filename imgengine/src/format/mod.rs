@@ -420,7 +420,8 @@ pub(crate) mod testimg {
                 w.write_chunk(&zero_chunk(i as u64, off, piece.len() as u64), &[])
                     .unwrap();
             } else {
-                let (h, p) = encode_chunk(i as u64, ChunkKind::Data, off, piece, 3).unwrap();
+                let (h, p) =
+                    encode_chunk(i as u64, ChunkKind::Data, off, piece.to_vec(), 3).unwrap();
                 w.write_chunk(&h, &p).unwrap();
             }
         }

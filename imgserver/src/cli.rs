@@ -735,7 +735,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     j.kind.clone(),
                     image,
                     j.selector.clone(),
-                    j.state.clone(),
+                    shown_state(&j, &tasks),
                     utc(j.created),
                     count(&|s| s == TaskState::Pending),
                     count(&|s| matches!(s, TaskState::Sent | TaskState::Running)),
@@ -777,7 +777,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             let o = &j.options;
             println!(
                 "job {} ({}), {} for {}, state {}",
-                j.id, j.kind, image, j.selector, j.state
+                j.id,
+                j.kind,
+                image,
+                j.selector,
+                shown_state(&j, &tasks)
             );
             println!(
                 "  options: partition {}, backup first {}, then {}, on error {}, {}",
@@ -865,6 +869,22 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+/// A job for fixed devices whose tasks all ended is shown as done (or failed); jobs for
+/// all devices or a group stay active for devices that enrol later.
+fn shown_state(j: &crate::store::JobRow, tasks: &[crate::store::TaskRow]) -> String {
+    let fixed = j.selector.starts_with("mac:") || j.selector == "list";
+    if j.state == "active" && fixed && !tasks.is_empty() && tasks.iter().all(|t| t.state.is_final())
+    {
+        if tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            "done".into()
+        } else {
+            "done with errors".into()
+        }
+    } else {
+        j.state.clone()
     }
 }
 

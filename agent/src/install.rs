@@ -259,8 +259,22 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
                 write("EFI/BOOT/BOOTX64.EFI", efi)?;
             }
         }
+        // Counting the free clusters fills in FAT32's FSInfo summary, which unmount writes
+        // (a fresh fatfs volume leaves it "unknown", and fsck.fat reports that).
+        fs.stats().context("counting free clusters")?;
         fs.unmount().context("closing the FAT file system")?;
     }
+    fix_dot_entries(
+        &mut window,
+        &[&["BOOT"], &["BOOT", "GRUB"], &["EFI"], &["EFI", "BOOT"]],
+    )
+    .with_context(|| {
+        format!(
+            "tidying the directories of partition {} of {}",
+            part.number,
+            req.disk.display()
+        )
+    })?;
     let file = window.into_file();
     file.sync_all()
         .with_context(|| format!("syncing {}", req.disk.display()))?;
@@ -302,6 +316,150 @@ fn format_fat(window: &mut PartitionWindow, len: u64) -> anyhow::Result<()> {
     }
 }
 
+/// FAT geometry from the boot sector, as far as directory fixing needs it.
+struct FatGeometry {
+    cluster_bytes: u64,
+    first_data: u64,
+    /// FAT12/16: the fixed root directory (offset, bytes); FAT32: None.
+    fixed_root: Option<(u64, u64)>,
+    root_cluster: u32,
+}
+
+impl FatGeometry {
+    fn read(w: &mut PartitionWindow) -> io::Result<FatGeometry> {
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("FAT boot sector: {what}"),
+            )
+        };
+        let mut bs = [0u8; 512];
+        w.seek(SeekFrom::Start(0))?;
+        w.read_exact(&mut bs)?;
+        let u16_at = |o: usize| u64::from(u16::from_le_bytes([bs[o], bs[o + 1]]));
+        let u32_at = |o: usize| u32::from_le_bytes([bs[o], bs[o + 1], bs[o + 2], bs[o + 3]]);
+        let bps = u16_at(11);
+        let spc = u64::from(bs[13]);
+        if !(512..=4096).contains(&bps) || spc == 0 {
+            return Err(bad("sector or cluster size"));
+        }
+        let reserved = u16_at(14);
+        let nfats = u64::from(bs[16]);
+        let root_entries = u16_at(17);
+        let fat_size = if u16_at(22) != 0 {
+            u16_at(22)
+        } else {
+            u64::from(u32_at(36))
+        };
+        let fats_end = reserved + nfats * fat_size;
+        let root_sectors = (root_entries * 32).div_ceil(bps);
+        Ok(FatGeometry {
+            cluster_bytes: bps * spc,
+            first_data: (fats_end + root_sectors) * bps,
+            fixed_root: (root_entries != 0).then(|| (fats_end * bps, root_entries * 32)),
+            root_cluster: u32_at(44),
+        })
+    }
+
+    fn cluster_offset(&self, cluster: u32) -> io::Result<u64> {
+        u64::from(cluster)
+            .checked_sub(2)
+            .and_then(|c| c.checked_mul(self.cluster_bytes))
+            .and_then(|o| o.checked_add(self.first_data))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("FAT cluster {cluster} is out of range"),
+                )
+            })
+    }
+}
+
+/// 8.3 directory-entry name of `name` (upper case, space padded).
+fn short_name(name: &str) -> [u8; 11] {
+    let mut out = [b' '; 11];
+    let (base, ext) = name.split_once('.').unwrap_or((name, ""));
+    for (i, b) in base.bytes().take(8).enumerate() {
+        out[i] = b.to_ascii_uppercase();
+    }
+    for (i, b) in ext.bytes().take(3).enumerate() {
+        out[8 + i] = b.to_ascii_uppercase();
+    }
+    out
+}
+
+/// fatfs 0.3 writes long-name entries in front of a new directory's `.` and `..`, and
+/// points a top-level `..` at the FAT32 root cluster instead of 0. Linux, GRUB and UEFI read
+/// such a directory, but fsck.fat (rightly, per the FAT specification: `.` and `..` are the
+/// first two entries, `..` is 0 for the root) calls it damaged. Rewrite the first four
+/// slots of each directory we created as `.`, `..` and two deleted entries.
+fn fix_dot_entries(w: &mut PartitionWindow, dirs: &[&[&str]]) -> io::Result<()> {
+    let geo = FatGeometry::read(w)?;
+    for path in dirs {
+        // Walk from the root to the directory, reading the first cluster of each level.
+        let (mut off, mut len) = match geo.fixed_root {
+            Some(root) => root,
+            None => (geo.cluster_offset(geo.root_cluster)?, geo.cluster_bytes),
+        };
+        let mut cluster = 0u32;
+        let mut parent = 0u32;
+        for (depth, part) in path.iter().enumerate() {
+            let want = short_name(part);
+            let mut buf = vec![
+                0u8;
+                usize::try_from(len)
+                    .map_err(|_| io::Error::other("directory too large"))?
+            ];
+            w.seek(SeekFrom::Start(off))?;
+            w.read_exact(&mut buf)?;
+            let found = buf
+                .chunks_exact(32)
+                .find(|e| e[..11] == want && e[11] & 0x10 != 0 && e[11] != 0x0f);
+            let Some(e) = found else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "directory {} not found in the new file system",
+                        path[..=depth].join("/")
+                    ),
+                ));
+            };
+            parent = if depth == 0 { 0 } else { cluster };
+            cluster = u32::from(u16::from_le_bytes([e[20], e[21]])) << 16
+                | u32::from(u16::from_le_bytes([e[26], e[27]]));
+            off = geo.cluster_offset(cluster)?;
+            len = geo.cluster_bytes;
+        }
+        let mut head = [0u8; 128];
+        w.seek(SeekFrom::Start(off))?;
+        w.read_exact(&mut head)?;
+        let (lfn_dot, dot, lfn_dotdot, dotdot) =
+            (&head[0..32], &head[32..64], &head[64..96], &head[96..128]);
+        let is_lfn = |e: &[u8]| e[11] == 0x0f;
+        if !(is_lfn(lfn_dot)
+            && dot[..11] == *b".          "
+            && is_lfn(lfn_dotdot)
+            && dotdot[..11] == *b"..         ")
+        {
+            continue; // already in the standard form
+        }
+        let mut fixed = [0u8; 128];
+        fixed[0..32].copy_from_slice(dot);
+        fixed[32..64].copy_from_slice(dotdot);
+        // `..` of a top-level directory is cluster 0, whatever the root's cluster.
+        fixed[32 + 20..32 + 22].copy_from_slice(&((parent >> 16) as u16).to_le_bytes());
+        fixed[32 + 26..32 + 28].copy_from_slice(&(parent as u16).to_le_bytes());
+        fixed[64..96].copy_from_slice(lfn_dot);
+        fixed[96..128].copy_from_slice(lfn_dotdot);
+        // Deleted entries: first byte 0xE5.
+        fixed[64] = 0xe5;
+        fixed[96] = 0xe5;
+        w.seek(SeekFrom::Start(off))?;
+        w.write_all(&fixed)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +487,8 @@ mod tests {
             parse_install(os(&["/dev/vda", "-kernel=/k", "-initrd=/i", "-colour=red"])).is_err()
         );
         assert!(dispatch("frobnicate", vec![]).is_none());
+        assert_eq!(&short_name("grub.cfg"), b"GRUB    CFG");
+        assert_eq!(&short_name("EFI"), b"EFI        ");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub enum DhcpError {
     NoLease { ifaces: String, secs: f64 },
     #[error("{0}: DHCPNAK from the server, restarting")]
     Nak(String),
+    #[error("{iface}: renewing the lease of {ip}: no answer from the DHCP server (the lease stays valid until it expires; rebinding follows at T2)")]
+    RenewFailed { iface: String, ip: Ipv4Addr },
 }
 
 /// Timing and identity of the client.
@@ -612,9 +614,9 @@ impl DhcpSocket {
                 None => wait = (wait * 2).min(Duration::from_secs(8)),
             }
         }
-        Err(DhcpError::NoLease {
-            ifaces: self.nic.name.clone(),
-            secs: 0.0,
+        Err(DhcpError::RenewFailed {
+            iface: self.nic.name.clone(),
+            ip: lease.ip,
         })
     }
 }

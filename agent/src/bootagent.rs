@@ -35,6 +35,9 @@ pub fn run() -> i32 {
 
 fn run_inner() -> anyhow::Result<AgentExit> {
     let mut cfg = discovery::Config::default();
+    // In the initramfs the agent owns /etc: the lease's DNS servers go to resolv.conf so the
+    // check-in can resolve the server's name. (`img -discover` on a host never writes it.)
+    cfg.resolv_conf = Some(PathBuf::from("/etc/resolv.conf"));
     if let Some(dir) = std::env::var_os("IMG_CONFIG_DIR") {
         cfg.config_dir = PathBuf::from(dir);
     }

@@ -833,3 +833,55 @@ fn failed_device_that_does_not_come_back_goes_to_maintenance() {
         "{list}"
     );
 }
+
+#[test]
+fn group_job_in_sequence_images_one_device_after_the_other() {
+    tools();
+    let dir = Scratch::new("server-group");
+    let srv = Server::start(&dir.join("srv"), 0);
+    let src = make_source_disk(&dir, "os", "6", 10_000);
+    register_image(&srv, &dir, &src, "os", "6");
+    for mac in [MAC_A, MAC_B] {
+        srv.admin(&["device", mac, "--group", "lab"]);
+    }
+    srv.admin(&[
+        "schedule",
+        "add",
+        "--group",
+        "lab",
+        "--image",
+        "os:6",
+        "--sequential",
+        "--then",
+        "no-reboot",
+    ]);
+    let (disk_a, disk_b) = (blank_disk(&dir, "a.img"), blank_disk(&dir, "b.img"));
+    let (cfg_a, cfg_b) = (
+        agent_cfg(&srv, &dir, MAC_A, &disk_a),
+        agent_cfg(&srv, &dir, MAC_B, &disk_b),
+    );
+    // B is second in the sequence: it waits while A has not imaged.
+    assert!(matches!(
+        checkin::agent_loop(&srv.url, &cfg_b).unwrap(),
+        LoopOutcome::Idle { .. }
+    ));
+    assert!(fs::read(&disk_b).unwrap().iter().all(|b| *b == 0));
+    checkin::agent_loop(&srv.url, &cfg_a).unwrap();
+    check_deployed(&dir, &disk_a, "os 6");
+    checkin::agent_loop(&srv.url, &cfg_b).unwrap();
+    check_deployed(&dir, &disk_b, "os 6");
+    let job = srv.admin(&["job", "1"]);
+    assert!(
+        job.contains("sequential") && job.contains("deployed successfully: 2"),
+        "{job}"
+    );
+    let devices = srv.admin(&["devices"]);
+    assert_eq!(
+        devices
+            .lines()
+            .filter(|l| l.contains("Operational") && l.contains("os 6") && l.contains("lab"))
+            .count(),
+        2,
+        "{devices}"
+    );
+}

@@ -430,17 +430,15 @@ fn read_line() -> LineInput {
                     return LineInput::Escape;
                 }
             }
-            0x7f | 0x08 => {
-                if line.pop().is_some() {
-                    let _ = write!(err, "\x08 \x08");
-                }
+            0x7f | 0x08 if line.pop().is_some() => {
+                let _ = write!(err, "\x08 \x08");
             }
             // Ctrl-C and Ctrl-U: forget the line.
             0x03 | 0x15 => {
                 line.clear();
                 let _ = write!(err, "^C\n{PROMPT}");
             }
-            b if b >= 0x20 && b < 0x7f => {
+            b if (0x20..0x7f).contains(&b) => {
                 line.push(b as char);
                 let _ = err.write_all(&[b]);
             }

@@ -126,9 +126,8 @@ fn cmdline_words(cmdline: &str) -> Vec<String> {
     if in_word {
         words.push(cur);
     }
-    match words.iter().position(|w| w == "--") {
-        Some(i) => words.truncate(i),
-        None => {}
+    if let Some(i) = words.iter().position(|w| w == "--") {
+        words.truncate(i);
     }
     words
 }

@@ -102,6 +102,6 @@ fn run() -> Result<(), String> {
     std::fs::write(&out, &bytes).map_err(|e| format!("writing {}: {e}", out.display()))?;
     // The report goes to stdout; a closed pipe (`| head`) is not an error of the build.
     use std::io::Write;
-    let _ = write!(std::io::stdout(), "{report}written to {}\n", out.display());
+    let _ = writeln!(std::io::stdout(), "{report}written to {}", out.display());
     Ok(())
 }

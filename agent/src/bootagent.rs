@@ -6,6 +6,10 @@ use std::path::PathBuf;
 
 use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
 
+/// Where the boot-agent partition is mounted (the same folder discovery reads its
+/// configuration from: `discovery::DEFAULT_CONFIG_DIR` is `<this>/config`).
+const BOOT_PARTITION: &str = "/bootagent";
+
 /// Exit codes from the agent to init (init.rs acts on them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
@@ -64,6 +68,16 @@ fn checkin_and_work(server: &str) -> anyhow::Result<AgentExit> {
     let mut acfg = AgentConfig::default();
     if let Some(d) = std::env::var_os("IMG_DISK") {
         acfg.disk = Some(PathBuf::from(d));
+    }
+    // The credential, the outbox of unsent results and the resume journal must survive a
+    // reboot: keep them on the boot-agent partition when it is mounted, and trust the CA
+    // stored there (put there by `img -install` or the administrator).
+    let boot = std::path::Path::new(BOOT_PARTITION);
+    if std::env::var_os("IMG_AGENT_STATE").is_none() && boot.is_dir() {
+        acfg.state_dir = boot.join("state");
+    }
+    if acfg.ca_file.is_none() && boot.join("ca.pem").is_file() {
+        acfg.ca_file = Some(boot.join("ca.pem"));
     }
     Ok(match checkin::agent_loop(server, &acfg)? {
         LoopOutcome::Reboot => AgentExit::Done,

@@ -143,6 +143,12 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn serve(root: &Path) -> Nginx {
+        Nginx::serve_with(root, "")
+    }
+
+    /// Like [`Nginx::serve`], with extra directives for the `server` block, e.g.
+    /// `limit_rate 2m;` to make a transfer slow enough to interrupt.
+    pub fn serve_with(root: &Path, server_directives: &str) -> Nginx {
         require_tool("nginx");
         let dir = Scratch::new("nginx");
         let port = free_port();
@@ -156,7 +162,7 @@ impl Nginx {
                  http {{\n  log_format bytes '$request $status $body_bytes_sent';\n  access_log {log} bytes;\n\
                  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
                  types {{ application/octet-stream img; }}\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+                 server {{ listen 127.0.0.1:{port}; root {root}; {server_directives} }}\n}}\n",
                 pid = dir.join("nginx.pid").display(),
                 err = dir.join("error.log").display(),
                 log = access_log.display(),

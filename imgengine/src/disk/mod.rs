@@ -206,8 +206,10 @@ impl DiskLayout {
                 }
             }
         }
+        // The disk lacks what the job needs: a target problem (exit 5), not a typo in the
+        // command line, because the same name is right on a correctly laid-out device.
         Err(Error::new(
-            ErrorKind::InvalidInput,
+            ErrorKind::Target,
             format!(
                 "no partition \"{spec}\" on this disk; it has: {}",
                 self.describe_partitions()

@@ -159,6 +159,17 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
     let tftp = dir.join("tftp");
     std::fs::create_dir_all(&tftp).unwrap();
     std::fs::copy(&k.vmlinuz, tftp.join("vmlinuz")).unwrap();
+    // The TFTP root as docs/boot.md lays it out: iPXE from Debian's `ipxe` package for PXE
+    // ROMs that are not iPXE already (QEMU's virtio ROM is iPXE and goes to boot.ipxe).
+    for rom in ["undionly.kpxe", "ipxe.efi"] {
+        let src = Path::new("/usr/lib/ipxe").join(rom);
+        assert!(
+            src.exists(),
+            "{} missing: run `bash scripts/install-deps.sh` as root",
+            src.display()
+        );
+        std::fs::copy(&src, tftp.join(rom)).unwrap();
+    }
     let initrd = initrd(dir.path(), &k);
     std::fs::rename(&initrd, tftp.join("initrd.img")).unwrap();
     // The shipped iPXE script, with this network's server address in it.

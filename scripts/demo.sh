@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The demo: builds a small thin-client disk (GPT: a 16 MiB FAT32 boot-agent partition and a
-# FAT32 OS partition with files), captures it with `img -make`, serves the image over HTTP on
+# The demo: builds a small thin-client disk (GPT: a 16 MiB boot-agent partition and a FAT32
+# OS partition with files), captures it with `img -make`, serves the image over HTTP on
 # loopback, deploys it with `img -restore` into a fresh disk-image file, and checks the copy
-# with the real tools. Everything stays in ./demo-out and on 127.0.0.1.
+# with the real tools. Then the whole management loop: the reference server `imgserver`
+# (TLS with its own CA) registers the image and schedules it for a device; the agent checks
+# in, deploys, reports; the server shows the device Operational with the new image.
+# Everything stays in ./demo-out and on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-echo "== building the static agent"
+echo "== building the static agent and the reference server"
 cargo build --locked --release --target x86_64-unknown-linux-musl -p agent 2>&1 | tail -1
+cargo build --locked -p imgserver 2>&1 | tail -1
 img="$PWD/target/x86_64-unknown-linux-musl/release/img"
+imgserver="$PWD/target/debug/imgserver"
 
 out="$PWD/demo-out"
 rm -rf "$out"; mkdir -p "$out/www" "$out/files"
@@ -46,7 +51,8 @@ echo "== serving it over HTTP on 127.0.0.1 (python3 http.server)"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 python3 -m http.server --bind 127.0.0.1 --directory www "$port" >/dev/null 2>&1 &
 srv=$!
-trap 'kill $srv 2>/dev/null || true' EXIT
+mgmt=
+trap 'kill $srv $mgmt 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 
 echo "== img -restore http://127.0.0.1:$port/device.fimg -disk=new-device.img"
@@ -64,4 +70,25 @@ mcopy -n -i "new-device.img@@$p1" ::/grub.cfg .
 cmp system.bin files/system.bin && cmp config.txt files/config.txt && cmp grub.cfg files/grub.cfg \
   && echo "   every file read back with mtools is byte-identical"
 du -k new-device.img | awk '{print "   new-device.img occupies " $1 " KiB on disk (unused space left as holes)"}'
+
+echo "== the management loop: imgserver on https://127.0.0.1, one device checking in"
+kill $srv 2>/dev/null || true
+mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$imgserver" --data srv init | sed 's/^/   /'
+"$imgserver" --data srv serve --listen "127.0.0.1:$mport" > server.log 2>&1 &
+mgmt=$!
+for _ in $(seq 100); do curl -s -o /dev/null --cacert srv/ca.pem "https://127.0.0.1:$mport/" && break; sleep 0.1; done
+"$img" -make os-2.fimg -disk=device.img -name=demo-os -version=2.0 -model=DEMO 2>/dev/null
+"$imgserver" --data srv image add os-2.fimg | sed 's/^/   /'
+"$imgserver" --data srv schedule add --mac 52:54:00:12:34:56 --image demo-os:2.0 --then no-reboot | sed 's/^/   /'
+truncate -s 256M fleet-device.img
+echo "== img -checkin (the agent's loop, as the boot agent runs it after discovery)"
+"$img" -checkin -server="https://127.0.0.1:$mport" -ca=srv/ca.pem -state=agent-state \
+  -disk=fleet-device.img -mac=52:54:00:12:34:56 -model=DEMO -loop
+echo "== what the server recorded"
+"$imgserver" --data srv devices | sed 's/^/   /'
+"$imgserver" --data srv devices | grep 52:54:00:12:34:56 | grep -q Operational \
+  && echo "   the device is Operational with demo-os 2.0"
+mcopy -n -i "fleet-device.img@@$p2" ::/Windows/system.bin fleet-system.bin
+cmp fleet-system.bin files/system.bin && echo "   the fleet device's files are byte-identical to the source"
 echo "== demo done: see $out"

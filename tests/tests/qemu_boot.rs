@@ -11,7 +11,7 @@
 //! - `pxe_boot_through_dnsmasq_tftp_and_ipxe`: no `-kernel`: the virtio NIC's iPXE ROM
 //!   boots from the network, dnsmasq (in a network namespace, on a bridge with QEMU's tap)
 //!   gives the lease with options 186/190/192 and serves pxe/boot.ipxe, the kernel and the
-//!   initrd over TFTP; the test sees our PID 1 start with the server URL from the script.
+//!   initrd over TFTP; our PID 1 starts and the agent goes through the whole loop below.
 //! - `device_gets_lease_finds_server_checks_in_deploys_and_reboots`: the whole loop with
 //!   dnsmasq (options 186/192) and the reference server in a network namespace.
 //!
@@ -172,18 +172,24 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
     }
     let initrd = initrd(dir.path(), &k);
     std::fs::rename(&initrd, tftp.join("initrd.img")).unwrap();
-    // The shipped iPXE script, with this network's server address in it.
+    // The shipped iPXE script, with test settings: the disk to image, a short failure delay,
+    // and no kernel-panic reboot loop under QEMU.
     let script = std::fs::read_to_string(workspace_root().join("pxe/boot.ipxe")).unwrap();
-    let script = script.replace(
-        "img.server=http://192.168.1.10:8080",
-        "img.server=http://10.77.0.1:8080 img.delay=1",
-    );
     assert!(
-        script.contains("10.77.0.1"),
-        "pxe/boot.ipxe no longer has the example server URL to replace"
+        script.contains("panic=10 quiet"),
+        "pxe/boot.ipxe no longer has the kernel line this test edits"
     );
+    let script = script.replace("panic=10 quiet", "panic=-1 img.disk=/dev/vda img.delay=1");
     std::fs::write(tftp.join("boot.ipxe"), script).unwrap();
+    // The device disk is the size of the captured one (48 MiB).
     let disk = disk_file(dir.path());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let image = capture_test_image(&dir);
 
     let ns = Netns(format!("imgpxe{}", std::process::id()));
     let netns = |args: &str| {
@@ -199,6 +205,8 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
     netns("ip tuntap add dev tap0 mode tap");
     netns("ip link set tap0 master br0");
     netns("ip link set tap0 up");
+
+    let server = RefServer::start(&ns, &dir, &image, "10.77.0.1", "52:54:00:00:77:01");
 
     // dnsmasq as DHCP + TFTP, the directives of pxe/dnsmasq-dhcp.conf on its command line.
     let conf = std::fs::read_to_string(workspace_root().join("pxe/dnsmasq-dhcp.conf")).unwrap();
@@ -252,7 +260,14 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
     let t_pid1 = q.wait_for("starting as PID 1", BOOT_TIMEOUT);
     q.wait_for("virtio_net", BOOT_TIMEOUT);
     q.wait_for("agent started", BOOT_TIMEOUT);
+    // The same loop as with -kernel: lease, server from the options, check-in, deploy, reboot.
+    q.wait_for("img: enrolled as device", Duration::from_secs(180));
+    q.wait_for("succeeded", Duration::from_secs(300));
+    q.wait_for("init: rebooting", Duration::from_secs(120));
+    q.wait_exit(Duration::from_secs(60));
     drop(q);
+    drop(server);
+    check_deployed(&dir, &disk, &data_dir(&dir), "52:54:00:00:77:01");
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
     std::thread::sleep(Duration::from_millis(200));
@@ -277,6 +292,118 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
         "PXE boot figure (TCG): PID 1 started {:.1} s after QEMU start",
         t_pid1.as_secs_f64()
     );
+}
+
+/// The image every loop test deploys: a GPT disk with a FAT16 partition holding
+/// VERSION.TXT = `os 2.1` and some noise, captured by `img -make` as os 2.1.
+fn capture_test_image(dir: &Scratch) -> std::path::PathBuf {
+    let src = dir.join("source.img");
+    e2e::sh(&format!(
+        "cd {d}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT; head -c 300000 /dev/urandom > BLOB.BIN
+         truncate -s 48M {src}
+         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
+         mcopy -i {src}@@1048576 VERSION.TXT ::VERSION.TXT
+         mcopy -i {src}@@1048576 BLOB.BIN ::BLOB.BIN",
+        d = dir.path().display(),
+        src = src.display()
+    ));
+    let image = dir.join("os-2.1.img");
+    run(Command::new(e2e::img_bin()).env("IMG_QUIET", "1").args([
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-name=os",
+        "-version=2.1",
+    ]));
+
+    image
+}
+
+fn data_dir(dir: &Scratch) -> std::path::PathBuf {
+    dir.join("srv")
+}
+
+/// The reference server in the namespace, plain HTTP on `ip`:8080 (option 192), with `image`
+/// registered and scheduled for `mac`; killed on drop.
+struct RefServer(std::process::Child);
+
+impl RefServer {
+    fn start(ns: &Netns, dir: &Scratch, image: &Path, ip: &str, mac: &str) -> RefServer {
+        let data = data_dir(dir);
+        imgserver_admin(&data, &["init"]);
+        let out = imgserver_admin(&data, &["image", "add", image.to_str().unwrap()]);
+        assert!(out.contains("registered image os 2.1"), "{out}");
+        let out = imgserver_admin(
+            &data,
+            &["schedule", "add", "--mac", mac, "--image", "os:2.1"],
+        );
+        assert!(out.contains("scheduled"), "{out}");
+        let mut server = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(workspace_bin("imgserver", "imgserver"))
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "serve",
+                "--plain",
+                "--listen",
+                &format!("{ip}:8080"),
+                "--public-url",
+                &format!("http://{ip}:8080"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting imgserver");
+        let mut first = [0u8; 64];
+        let n = server.stdout.as_mut().unwrap().read(&mut first).unwrap();
+        assert!(
+            String::from_utf8_lossy(&first[..n]).contains("listening on"),
+            "imgserver said {:?}",
+            String::from_utf8_lossy(&first[..n])
+        );
+        RefServer(server)
+    }
+}
+
+impl Drop for RefServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The device's disk carries the image (table, file system, content) and the server
+/// recorded the device with the new version and a successful task.
+fn check_deployed(dir: &Scratch, disk: &Path, data: &Path, mac: &str) {
+    // The device's disk now carries the image: table, file system, content.
+    let table = e2e::sh(&format!("sgdisk -p {}", disk.display()));
+    assert!(
+        table.contains("SYSTEM"),
+        "partition table after the deploy:\n{table}"
+    );
+    let vol = dir.join("vol.img");
+    e2e::sh(&format!(
+        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
+        disk.display(),
+        vol.display(),
+        vol.display()
+    ));
+    let version = e2e::sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
+        vol.display()
+    ));
+    assert_eq!(version.trim(), "os 2.1");
+    // The server recorded the device and its result.
+    let devices = imgserver_admin(data, &["devices"]);
+    let line = devices
+        .lines()
+        .find(|l| l.to_lowercase().starts_with(mac))
+        .unwrap_or_else(|| panic!("device not listed:\n{devices}"));
+    assert!(line.contains("2.1"), "{line}");
+    let transcript = imgserver_admin(data, &["transcript", mac]);
+    assert!(transcript.contains("succeeded"), "{transcript}");
 }
 
 /// The address plan of the end-to-end network namespace.
@@ -314,26 +441,7 @@ fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
     let k = kernel();
     let initrd = initrd(dir.path(), &k);
 
-    // The image: a GPT disk with a FAT16 partition holding VERSION.TXT, captured by img.
-    let src = dir.join("source.img");
-    e2e::sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT; head -c 300000 /dev/urandom > BLOB.BIN
-         truncate -s 48M {src}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
-         mcopy -i {src}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {src}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        src = src.display()
-    ));
-    let image = dir.join("os-2.1.img");
-    run(Command::new(e2e::img_bin()).env("IMG_QUIET", "1").args([
-        "-make",
-        image.to_str().unwrap(),
-        &format!("-disk={}", src.display()),
-        "-name=os",
-        "-version=2.1",
-    ]));
+    let image = capture_test_image(&dir);
 
     let ns = Netns(format!("imge2e{}", std::process::id()));
     let netns = |args: &str| {
@@ -350,40 +458,7 @@ fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
     netns("ip link set tap0 master br0");
     netns("ip link set tap0 up");
 
-    // The reference server on the bridge, plain HTTP on 8080 (option 192).
-    let data = dir.join("srv");
-    imgserver_admin(&data, &["init"]);
-    let out = imgserver_admin(&data, &["image", "add", image.to_str().unwrap()]);
-    assert!(out.contains("registered image os 2.1"), "{out}");
-    let out = imgserver_admin(
-        &data,
-        &["schedule", "add", "--mac", E2E_MAC, "--image", "os:2.1"],
-    );
-    assert!(out.contains("scheduled"), "{out}");
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(workspace_bin("imgserver", "imgserver"))
-        .arg("--data")
-        .arg(&data)
-        .args([
-            "serve",
-            "--plain",
-            "--listen",
-            &format!("{E2E_SERVER_IP}:8080"),
-            "--public-url",
-            &format!("http://{E2E_SERVER_IP}:8080"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting imgserver");
-    let mut first = [0u8; 64];
-    let n = server.stdout.as_mut().unwrap().read(&mut first).unwrap();
-    assert!(
-        String::from_utf8_lossy(&first[..n]).contains("listening on"),
-        "imgserver said {:?}",
-        String::from_utf8_lossy(&first[..n])
-    );
+    let server = RefServer::start(&ns, &dir, &image, E2E_SERVER_IP, E2E_MAC);
 
     // dnsmasq: a lease with options 186 (server address) and 192 (HTTP port 8080).
     let mut dnsmasq = Command::new("ip")
@@ -449,41 +524,14 @@ fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
     drop(q);
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(
         !console.contains("Kernel panic"),
         "{}",
         e2e::tail(&console, 30)
     );
 
-    // The device's disk now carries the image: table, file system, content.
-    let table = e2e::sh(&format!("sgdisk -p {}", disk.display()));
-    assert!(
-        table.contains("SYSTEM"),
-        "partition table after the deploy:\n{table}"
-    );
-    let vol = dir.join("vol.img");
-    e2e::sh(&format!(
-        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
-        disk.display(),
-        vol.display(),
-        vol.display()
-    ));
-    let version = e2e::sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
-        vol.display()
-    ));
-    assert_eq!(version.trim(), "os 2.1");
-    // The server recorded the device and its result.
-    let devices = imgserver_admin(&data, &["devices"]);
-    let line = devices
-        .lines()
-        .find(|l| l.to_lowercase().starts_with(E2E_MAC))
-        .unwrap_or_else(|| panic!("device not listed:\n{devices}"));
-    assert!(line.contains("2.1"), "{line}");
-    let transcript = imgserver_admin(&data, &["transcript", E2E_MAC]);
-    assert!(transcript.contains("succeeded"), "{transcript}");
+    check_deployed(&dir, &disk, &data_dir(&dir), E2E_MAC);
     eprintln!(
         "end-to-end figures (TCG): kernel start → check-in {:.1} s, check-in → image written {:.1} s",
         (t_checkin - t_kernel).as_secs_f64(),

@@ -88,11 +88,14 @@ for fs in fat32 ntfs; do
   echo "-- capture"
   measure "img -make (comp 1)" "$img -make www/$fs.fimg -disk=src.img"
   c_img=$T_WALL; s_img=$(stat -c %s www/$fs.fimg)
+  measure "img -make (comp 3 = zstd 3)" "$img -make www/$fs-c3.fimg -disk=src.img -comp=3"
+  c_img3=$T_WALL; s_img3=$(stat -c %s www/$fs-c3.fimg); rm -f www/$fs-c3.fimg
   measure "$pc -c | zstd -T0 -3" "$pc -c -s src.img -o - 2>/dev/null | zstd -q -T0 -3 > www/$fs.pcl.zst"
   c_pc=$T_WALL; s_pc=$(stat -c %s www/$fs.pcl.zst)
   zstd -q -T0 -3 -f src.img -o www/$fs.raw.zst
-  printf "  image size: img %d bytes, partclone+zstd %d bytes (ratio %s)\n" "$s_img" "$s_pc" "$(ratio "$s_img" "$s_pc")"
-  summary+=("$fs capture: img/partclone+zstd wall $(ratio "$c_img" "$c_pc")x, size $(ratio "$s_img" "$s_pc")x (lower is better)")
+  printf "  image size: img -comp=1 %d bytes, -comp=3 %d bytes, partclone+zstd -3 %d bytes\n" "$s_img" "$s_img3" "$s_pc"
+  summary+=("$fs capture, img -comp=1 / partclone+zstd: wall $(ratio "$c_img" "$c_pc")x, size $(ratio "$s_img" "$s_pc")x (lower is better)")
+  summary+=("$fs capture, img -comp=3 / partclone+zstd (same zstd level): wall $(ratio "$c_img3" "$c_pc")x, size $(ratio "$s_img3" "$s_pc")x")
 
   echo "-- deploy from nginx on 127.0.0.1"
   rm -f t1.img t2.img t3.img

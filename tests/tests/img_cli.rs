@@ -308,3 +308,56 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
         assert!(std::fs::read(&t2).unwrap() == want, "{name} via URL differs");
     }
 }
+
+/// A minimal HTTP server that stores PUT bodies (chunked or not) under `dir`.
+const PUT_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_PUT(self):
+        with open(sys.argv[2] + self.path, 'wb') as out:
+            if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
+                while True:
+                    n = int(self.rfile.readline().split(b';')[0], 16)
+                    if n == 0:
+                        self.rfile.readline()
+                        break
+                    out.write(self.rfile.read(n))
+                    self.rfile.readline()
+            else:
+                out.write(self.rfile.read(int(self.headers['Content-Length'])))
+        self.send_response(201)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[test]
+fn capture_streams_to_an_http_upload() {
+    require_tool("python3");
+    let s = Scratch::new("cli-put");
+    let src = s.join("device.img");
+    let files = sample_files();
+    let os = make_disk(&src, &files, false);
+    let up = s.join("uploads");
+    std::fs::create_dir_all(&up).unwrap();
+    let port = e2e::free_port();
+    let mut server = Command::new("python3").args(["-c", PUT_SERVER, &port.to_string(), up.to_str().unwrap()]).spawn().unwrap();
+    e2e::wait_for_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    let url = format!("http://127.0.0.1:{port}/os.fimg");
+    let r = img(&["-make", &url, &format!("-disk={}", src.display()), "-part=OS"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(r.status.success(), "{}", text(&r));
+    // What arrived is a complete, valid image that deploys.
+    let got = up.join("os.fimg");
+    ok(&["-verify", got.to_str().unwrap()]);
+    let dst = s.join("target.img");
+    make_disk(&dst, &[], true);
+    ok(&["-restore", got.to_str().unwrap(), &format!("-disk={}", dst.display()), "-part=OS", &format!("-state={}", s.join("st").display())]);
+    for (name, data) in &files {
+        assert!(read_back(&dst, os, name) == *data, "{name} differs");
+    }
+}

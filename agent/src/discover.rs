@@ -49,8 +49,8 @@ pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> 
     })
 }
 
-/// Exit code when no management server answered (docs/img.md, `Exit::NoServer`).
-const EXIT_NO_SERVER: i32 = 9;
+/// Exit code when no management server answered (docs/img.md).
+const EXIT_NO_SERVER: i32 = crate::exit::Exit::NoServer as i32;
 
 /// Parsed arguments: `-name[=value]` options and plain values.
 #[derive(Debug, Default, PartialEq)]

@@ -11,6 +11,7 @@ mod discover;
 mod exit;
 mod imaging;
 mod init;
+mod install;
 mod personality;
 mod progress;
 
@@ -78,19 +79,20 @@ fn run_img(args: &[OsString]) -> i32 {
             println!("{USAGE}");
             println!("\nFinding the server:\n{}", discover::USAGE);
             println!("\nCheck-in:\n{}", checkin::USAGE);
+            println!("\nBoot-agent partition:\n{}", install::USAGE);
             Ok(0)
         }
         ImgCommand::Version => {
             println!("img {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
-        ImgCommand::Dump { disk, json } => imaging::dump(disk.as_deref(), *json).map(|_| 0),
-        ImgCommand::Make(m) => imaging::make(m, quiet).map(|_| 0),
-        ImgCommand::Restore(r) => imaging::restore(r, quiet).map(|_| 0),
-        ImgCommand::Info { image, json, ca } => imaging::info(image, *json, ca.as_deref()).map(|_| 0),
-        ImgCommand::Verify { image, trust, ca, threads } => imaging::verify(image, trust, ca.as_deref(), *threads, quiet).map(|_| 0),
-        ImgCommand::Sign { image, key, out } => imaging::sign_image(image, key, out.as_deref()).map(|_| 0),
-        ImgCommand::Keygen { key } => imaging::keygen(key).map(|_| 0),
+        ImgCommand::Dump { disk, json } => imaging::dump(disk.as_deref(), *json).map(|_| Exit::Success.code()),
+        ImgCommand::Make(m) => imaging::make(m, quiet).map(|_| Exit::Success.code()),
+        ImgCommand::Restore(r) => imaging::restore(r, quiet).map(|_| Exit::Success.code()),
+        ImgCommand::Info { image, json, ca } => imaging::info(image, *json, ca.as_deref()).map(|_| Exit::Success.code()),
+        ImgCommand::Verify { image, trust, ca, threads } => imaging::verify(image, trust, ca.as_deref(), *threads, quiet).map(|_| Exit::Success.code()),
+        ImgCommand::Sign { image, key, out } => imaging::sign_image(image, key, out.as_deref()).map(|_| Exit::Success.code()),
+        ImgCommand::Keygen { key } => imaging::keygen(key).map(|_| Exit::Success.code()),
         ImgCommand::Other { verb, rest } => other_family(verb, rest.clone()),
     };
     match result {
@@ -102,12 +104,15 @@ fn run_img(args: &[OsString]) -> i32 {
     }
 }
 
-/// Verbs that belong to the other command families (discovery, check-in).
+/// Verbs that belong to the other command families (discovery, check-in, install).
 fn other_family(verb: &str, rest: Vec<OsString>) -> anyhow::Result<i32> {
     if let Some(r) = discover::dispatch(verb, rest.clone()) {
         return r;
     }
-    if let Some(r) = checkin::dispatch(verb, rest) {
+    if let Some(r) = checkin::dispatch(verb, rest.clone()) {
+        return r;
+    }
+    if let Some(r) = install::dispatch(verb, rest) {
         return r;
     }
     Err(args::UsageError(format!("unknown verb -{verb}")).into())

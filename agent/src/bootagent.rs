@@ -25,7 +25,7 @@ pub enum AgentExit {
 }
 
 /// Settings of the boot agent from its environment (init passes the kernel parameters as
-/// `IMG_*` variables): `IMG_SERVER` skips discovery, `IMG_CONFIG_DIR` is the boot
+/// `IMG_*` variables): `IMG_SERVER` is tried first, `IMG_CONFIG_DIR` is the boot
 /// partition's configuration folder, `IMG_DISK` the disk to image.
 pub fn run() -> i32 {
     match run_inner() {
@@ -45,19 +45,14 @@ fn run_inner() -> anyhow::Result<AgentExit> {
     if let Some(dir) = std::env::var_os("IMG_CONFIG_DIR") {
         cfg.config_dir = PathBuf::from(dir);
     }
-    let server = match std::env::var("IMG_SERVER").ok().filter(|s| !s.trim().is_empty()) {
-        Some(s) => {
-            eprintln!("agent: server given on the kernel command line: {s}");
-            s
-        }
-        None => {
-            let mut console = TtyConsole::stdio();
-            match bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)? {
-                BootOutcome::Server { chosen, .. } => chosen.url,
-                BootOutcome::GuestOs => return Ok(AgentExit::GuestOs),
-                BootOutcome::OperatorConsole => return Ok(AgentExit::Console),
-            }
-        }
+    // `img.server=` on the kernel command line is tried before every other source, but the
+    // network still comes up through discovery (lease, routes, resolver) so it is reachable.
+    cfg.command_line_urls = std::env::var("IMG_SERVER").ok().filter(|s| !s.trim().is_empty());
+    let mut console = TtyConsole::stdio();
+    let server = match bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)? {
+        BootOutcome::Server { chosen, .. } => chosen.url,
+        BootOutcome::GuestOs => return Ok(AgentExit::GuestOs),
+        BootOutcome::OperatorConsole => return Ok(AgentExit::Console),
     };
     eprintln!("agent: management server {server}");
     checkin_and_work(&server)

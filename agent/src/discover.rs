@@ -26,9 +26,10 @@ use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
 pub const USAGE: &str = "\
   -discover [-json] [-all] [-v] [-iface=NAME].. [-config=DIR] [-srv=NAME] [-host=NAME]
         [-vendorclass=ID] [-dhcp-timeout=S] [-link-timeout=S] [-probe-timeout=S] [-noconfigure]
-        [-resolvconf=PATH]
+        [-resolvconf=PATH] [-server=\"URL;URL..\"]
                                     find the management server: DHCP options 186/190/192, the
                                     URL list, RTIAgent options, DNS SRV, DNS host name
+                                    (-server: tried first, as img.server= on the kernel line)
   -serverurl [\"URL;URL..\"|clear] [-config=DIR]
                                     show / set / clear the server URL list (max 63 characters)
   -netconfig [ip=A mask=M gw=G server=S proto=http|https port=N | clear] [-config=DIR]
@@ -184,11 +185,14 @@ impl Args {
             cfg.rti_timeout = d;
         }
         cfg.resolv_conf = self.value("resolvconf").map(PathBuf::from);
+        // `-server=LIST`: what `img.server=` on the kernel command line does for the boot agent.
+        cfg.command_line_urls = self.value("server").map(str::to_string);
         Ok(cfg)
     }
 }
 
-const DISCOVER_OPTS: [&str; 15] = [
+const DISCOVER_OPTS: [&str; 16] = [
+    "server",
     "resolvconf",
     "json",
     "all",

@@ -84,6 +84,10 @@ pub struct Config {
     /// `/etc/resolv.conf` so the check-in can resolve names; `None` leaves the system alone,
     /// which is the right thing for `img -discover` on a configured host).
     pub resolv_conf: Option<PathBuf>,
+    /// A server URL list given on the kernel command line (`img.server=`, same syntax as the
+    /// stored list): an administrator's explicit choice, tried before every other source.
+    /// The network is brought up as usual, so the check-in can reach it.
+    pub command_line_urls: Option<String>,
 }
 
 impl Default for Config {
@@ -103,6 +107,7 @@ impl Default for Config {
             probe_all: false,
             configure: true,
             resolv_conf: None,
+            command_line_urls: None,
         }
     }
 }
@@ -506,8 +511,24 @@ pub fn discover_with(cfg: &Config, net: &dyn NetworkSetup) -> Result<Discovery, 
     }
     let domain = lease.as_ref().and_then(|l| l.domain.clone());
 
+    // 0. The kernel command line's list, when the administrator gave one.
+    if let Some(list) = &cfg.command_line_urls {
+        match urllist::parse_url_list(list, domain.as_deref()) {
+            Err(e) => run.log.push(format!("kernel command line img.server: {e}")),
+            Ok(urls) => {
+                for (i, u) in urls.into_iter().enumerate() {
+                    run.try_candidate(
+                        u,
+                        CandidateSource::UrlList,
+                        format!("kernel command line entry {}", i + 1),
+                    );
+                }
+            }
+        }
+    }
+
     // 1. DHCP options of the ordinary lease.
-    if let Some(l) = &lease {
+    if let (Some(l), false) = (&lease, run.done()) {
         let v = l.vxcm.clone();
         if v.is_empty() {
             run.log

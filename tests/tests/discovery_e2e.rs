@@ -394,6 +394,21 @@ fn dhcp_options_186_190_192_secure_port_first() {
 }
 
 #[test]
+fn kernel_command_line_server_comes_first_and_the_lease_is_still_configured() {
+    let mut lab = Lab::new();
+    lab.https("10.77.0.10", 443);
+    lab.http("10.77.0.10", 8088);
+    lab.dnsmasq("dhcp-option=186,10.77.0.10\ndhcp-option=190,00:01:bb");
+    // What the boot agent does with img.server= on the kernel command line.
+    let (v, code) = lab.discover(&["-server=http://10.77.0.10:8088"]);
+    assert_eq!(code, 0);
+    assert_eq!(chosen(&v), (s("http://10.77.0.10:8088"), s("url-list")));
+    assert_eq!(candidates(&v)[0].0, "http://10.77.0.10:8088");
+    let addr = e2e::sh(&format!("ip -n {} -4 addr show eth0", lab.client_ns));
+    assert!(addr.contains(v["lease"]["ip"].as_str().unwrap()), "{addr}");
+}
+
+#[test]
 fn dhcp_option_legacy_187_only_without_192() {
     let mut lab = Lab::new();
     lab.http("10.77.0.10", 8080);

@@ -40,7 +40,9 @@ pub fn tokenize(args: &[OsString]) -> Result<Vec<Token>, UsageError> {
     let mut out = Vec::with_capacity(args.len());
     let mut only_values = false;
     for (i, a) in args.iter().enumerate() {
-        let s = a.to_str().ok_or_else(|| usage(format!("argument {} is not valid UTF-8", i + 1)))?;
+        let s = a
+            .to_str()
+            .ok_or_else(|| usage(format!("argument {} is not valid UTF-8", i + 1)))?;
         if only_values || s == "-" || !s.starts_with('-') {
             out.push(Token::Value(s.to_string()));
             continue;
@@ -57,7 +59,10 @@ pub fn tokenize(args: &[OsString]) -> Result<Vec<Token>, UsageError> {
         if name.is_empty() {
             return Err(usage(format!("empty option name in `{s}`")));
         }
-        out.push(Token::Opt { name: name.to_ascii_lowercase(), value });
+        out.push(Token::Opt {
+            name: name.to_ascii_lowercase(),
+            value,
+        });
     }
     Ok(out)
 }
@@ -110,16 +115,37 @@ pub struct RestoreArgs {
 pub enum ImgCommand {
     Help,
     Version,
-    Dump { disk: Option<PathBuf>, json: bool },
+    Dump {
+        disk: Option<PathBuf>,
+        json: bool,
+    },
     Make(MakeArgs),
     Restore(RestoreArgs),
-    Info { image: String, json: bool, ca: Option<PathBuf> },
-    Verify { image: String, trust: Vec<PathBuf>, ca: Option<PathBuf>, threads: Option<usize> },
-    Sign { image: String, key: PathBuf, out: Option<PathBuf> },
-    Keygen { key: PathBuf },
+    Info {
+        image: String,
+        json: bool,
+        ca: Option<PathBuf>,
+    },
+    Verify {
+        image: String,
+        trust: Vec<PathBuf>,
+        ca: Option<PathBuf>,
+        threads: Option<usize>,
+    },
+    Sign {
+        image: String,
+        key: PathBuf,
+        out: Option<PathBuf>,
+    },
+    Keygen {
+        key: PathBuf,
+    },
     /// A verb this module does not know: handed to the other command families (discovery,
     /// check-in), which report it as unknown if none takes it.
-    Other { verb: String, rest: Vec<OsString> },
+    Other {
+        verb: String,
+        rest: Vec<OsString>,
+    },
 }
 
 /// Options common to every verb, collected while resolving.
@@ -135,7 +161,10 @@ impl Opts {
         while i < self.opts.len() {
             if names.contains(&self.opts[i].0.as_str()) {
                 if let Some(v) = &self.opts[i].1 {
-                    return Err(usage(format!("-{} takes no value (got `{v}`)", self.opts[i].0)));
+                    return Err(usage(format!(
+                        "-{} takes no value (got `{v}`)",
+                        self.opts[i].0
+                    )));
                 }
                 self.opts.remove(i);
                 found = true;
@@ -188,32 +217,52 @@ impl Opts {
 }
 
 fn parse_num<T: std::str::FromStr>(opt: &str, v: &str) -> Result<T, UsageError> {
-    v.parse().map_err(|_| usage(format!("-{opt}={v}: not a number")))
+    v.parse()
+        .map_err(|_| usage(format!("-{opt}={v}: not a number")))
 }
 
 /// Stage two: resolve the words after the program name into one command.
 pub fn parse_img(args: &[OsString]) -> Result<ImgCommand, UsageError> {
-    let Some(first) = args.first() else { return Ok(ImgCommand::Help) };
+    let Some(first) = args.first() else {
+        return Ok(ImgCommand::Help);
+    };
     let first_tok = tokenize(std::slice::from_ref(first))?;
     let verb = match first_tok.first() {
         Some(Token::Opt { name, value: None }) => name.clone(),
-        Some(Token::Opt { name, value: Some(v) }) => {
+        Some(Token::Opt {
+            name,
+            value: Some(v),
+        }) => {
             // `-make=out.img` is accepted as `-make out.img`.
             let mut rest = vec![OsString::from(v)];
             rest.extend(args[1..].iter().cloned());
             return resolve(name, &rest, args);
         }
-        _ => return Err(usage(format!("expected a verb such as -dump, got `{}`", first.to_string_lossy()))),
+        _ => {
+            return Err(usage(format!(
+                "expected a verb such as -dump, got `{}`",
+                first.to_string_lossy()
+            )))
+        }
     };
     resolve(&verb, &args[1..], args)
 }
 
 fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand, UsageError> {
-    let known = ["help", "h", "?", "version", "dump", "d", "make", "restore", "info", "verify", "sign", "keygen"];
+    let known = [
+        "help", "h", "?", "version", "dump", "d", "make", "restore", "info", "verify", "sign",
+        "keygen",
+    ];
     if !known.contains(&verb) {
-        return Ok(ImgCommand::Other { verb: verb.to_string(), rest: all[all.len() - rest.len()..].to_vec() });
+        return Ok(ImgCommand::Other {
+            verb: verb.to_string(),
+            rest: all[all.len() - rest.len()..].to_vec(),
+        });
     }
-    let mut o = Opts { values: Vec::new(), opts: Vec::new() };
+    let mut o = Opts {
+        values: Vec::new(),
+        opts: Vec::new(),
+    };
     for t in tokenize(rest)? {
         match t {
             Token::Value(v) => o.values.push(v),
@@ -221,29 +270,44 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
         }
     }
     let threads = |o: &mut Opts| -> Result<Option<usize>, UsageError> {
-        o.take_one(&["threads"])?.map(|v| parse_num("threads", &v)).transpose()
+        o.take_one(&["threads"])?
+            .map(|v| parse_num("threads", &v))
+            .transpose()
     };
     let cmd = match verb {
         "help" | "h" | "?" => ImgCommand::Help,
         "version" => ImgCommand::Version,
         "dump" | "d" => {
             let json = o.take_flag(&["json"])?;
-            let disk = o.take_one(&["disk"])?.or_else(|| (!o.values.is_empty()).then(|| o.values.remove(0)));
-            ImgCommand::Dump { disk: disk.map(PathBuf::from), json }
+            let disk = o
+                .take_one(&["disk"])?
+                .or_else(|| (!o.values.is_empty()).then(|| o.values.remove(0)));
+            ImgCommand::Dump {
+                disk: disk.map(PathBuf::from),
+                json,
+            }
         }
         "make" => {
-            let dest = o.operand("a destination: a file, `-` for stdout, or an http(s) URL", verb)?;
+            let dest = o.operand(
+                "a destination: a file, `-` for stdout, or an http(s) URL",
+                verb,
+            )?;
             let comp = match o.take_one(&["comp"])? {
                 Some(v) => {
                     let c: u8 = parse_num("comp", &v)?;
                     if c > 9 {
-                        return Err(usage(format!("-comp={c}: the level is 0 (none) to 9 (smallest)")));
+                        return Err(usage(format!(
+                            "-comp={c}: the level is 0 (none) to 9 (smallest)"
+                        )));
                     }
                     c
                 }
                 None => 1,
             };
-            let chunk_mib = o.take_one(&["chunk"])?.map(|v| parse_num::<u32>("chunk", &v)).transpose()?;
+            let chunk_mib = o
+                .take_one(&["chunk"])?
+                .map(|v| parse_num::<u32>("chunk", &v))
+                .transpose()?;
             if let Some(c) = chunk_mib {
                 if !(1..=64).contains(&c) {
                     return Err(usage(format!("-chunk={c}: chunk size is 1 to 64 MiB")));
@@ -251,11 +315,20 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
             }
             ImgCommand::Make(MakeArgs {
                 dest,
-                sel: DiskSel { disk: o.take_one(&["disk"])?.map(PathBuf::from), part: o.take_one(&["part", "p"])? },
+                sel: DiskSel {
+                    disk: o.take_one(&["disk"])?.map(PathBuf::from),
+                    part: o.take_one(&["part", "p"])?,
+                },
                 comp,
                 name: o.take_one(&["name"])?,
                 version: o.take_one(&["version", "imgversion", "ver"])?,
-                models: o.take_all(&["model", "models"])?.iter().flat_map(|m| m.split(',')).map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect(),
+                models: o
+                    .take_all(&["model", "models"])?
+                    .iter()
+                    .flat_map(|m| m.split(','))
+                    .map(|m| m.trim().to_string())
+                    .filter(|m| !m.is_empty())
+                    .collect(),
                 description: o.take_one(&["desc", "description"])?,
                 raw: o.take_flag(&["raw"])?,
                 chunk_mib,
@@ -264,7 +337,10 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
             })
         }
         "restore" => {
-            let src = o.operand("a source: an image file, `-` for stdin, or an http(s) URL", verb)?;
+            let src = o.operand(
+                "a source: an image file, `-` for stdin, or an http(s) URL",
+                verb,
+            )?;
             let resume = match o.take_one(&["resume"])?.as_deref() {
                 None | Some("auto") => Resume::Auto,
                 Some("always" | "yes") => Resume::Always,
@@ -273,8 +349,15 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
             };
             ImgCommand::Restore(RestoreArgs {
                 src,
-                sel: DiskSel { disk: o.take_one(&["disk"])?.map(PathBuf::from), part: o.take_one(&["part", "p"])? },
-                trust: o.take_all(&["trust"])?.into_iter().map(PathBuf::from).collect(),
+                sel: DiskSel {
+                    disk: o.take_one(&["disk"])?.map(PathBuf::from),
+                    part: o.take_one(&["part", "p"])?,
+                },
+                trust: o
+                    .take_all(&["trust"])?
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect(),
                 resume,
                 state: o.take_one(&["state"])?.map(PathBuf::from),
                 ca: o.take_one(&["ca"])?.map(PathBuf::from),
@@ -288,19 +371,32 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
         },
         "verify" => ImgCommand::Verify {
             image: o.operand("an image (file, `-` or URL)", verb)?,
-            trust: o.take_all(&["trust"])?.into_iter().map(PathBuf::from).collect(),
+            trust: o
+                .take_all(&["trust"])?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
             ca: o.take_one(&["ca"])?.map(PathBuf::from),
             threads: threads(&mut o)?,
         },
         "sign" => {
             let image = o.operand("an image file", verb)?;
-            let key = o.take_one(&["key"])?.ok_or_else(|| usage("-sign needs -key=SECRETKEYFILE (make one with -keygen)"))?;
-            ImgCommand::Sign { image, key: key.into(), out: o.take_one(&["out"])?.map(PathBuf::from) }
+            let key = o
+                .take_one(&["key"])?
+                .ok_or_else(|| usage("-sign needs -key=SECRETKEYFILE (make one with -keygen)"))?;
+            ImgCommand::Sign {
+                image,
+                key: key.into(),
+                out: o.take_one(&["out"])?.map(PathBuf::from),
+            }
         }
         "keygen" => {
             let key = match o.take_one(&["key"])? {
                 Some(k) => k,
-                None => o.operand("a file name for the secret key (the public key goes to FILE.pub)", verb)?,
+                None => o.operand(
+                    "a file name for the secret key (the public key goes to FILE.pub)",
+                    verb,
+                )?,
             };
             ImgCommand::Keygen { key: key.into() }
         }
@@ -321,35 +417,76 @@ mod tests {
 
     #[test]
     fn single_and_double_dash_are_the_same() {
-        assert_eq!(p("-dump /dev/sda").unwrap(), p("--dump --disk=/dev/sda").unwrap());
-        assert_eq!(p("-dump").unwrap(), ImgCommand::Dump { disk: None, json: false });
+        assert_eq!(
+            p("-dump /dev/sda").unwrap(),
+            p("--dump --disk=/dev/sda").unwrap()
+        );
+        assert_eq!(
+            p("-dump").unwrap(),
+            ImgCommand::Dump {
+                disk: None,
+                json: false
+            }
+        );
     }
 
     #[test]
     fn make_with_options() {
-        let ImgCommand::Make(m) = p("-make out.img -disk=disk.img -part=2 -comp=6 -model=Z90,R90").unwrap() else { panic!() };
+        let ImgCommand::Make(m) =
+            p("-make out.img -disk=disk.img -part=2 -comp=6 -model=Z90,R90").unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(m.dest, "out.img");
-        assert_eq!(m.sel, DiskSel { disk: Some("disk.img".into()), part: Some("2".into()) });
+        assert_eq!(
+            m.sel,
+            DiskSel {
+                disk: Some("disk.img".into()),
+                part: Some("2".into())
+            }
+        );
         assert_eq!(m.comp, 6);
         assert_eq!(m.models, vec!["Z90", "R90"]);
-        let ImgCommand::Make(m) = p("-make -").unwrap() else { panic!() };
-        assert_eq!((m.dest.as_str(), m.comp), ("-", 1), "stdout, default comp 1 as in the seed");
+        let ImgCommand::Make(m) = p("-make -").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.dest.as_str(), m.comp),
+            ("-", 1),
+            "stdout, default comp 1 as in the seed"
+        );
     }
 
     #[test]
     fn errors_say_what_is_wrong() {
-        assert!(p("-make out.img -comp=10").unwrap_err().0.contains("0 (none) to 9"));
+        assert!(p("-make out.img -comp=10")
+            .unwrap_err()
+            .0
+            .contains("0 (none) to 9"));
         assert!(p("-make").unwrap_err().0.contains("needs a destination"));
-        assert!(p("-restore x.img -bogus").unwrap_err().0.contains("does not take -bogus"));
+        assert!(p("-restore x.img -bogus")
+            .unwrap_err()
+            .0
+            .contains("does not take -bogus"));
         assert!(p("-sign x.img").unwrap_err().0.contains("-key="));
-        assert!(p("-restore x.img -resume=maybe").unwrap_err().0.contains("auto, always or never"));
-        assert!(p("-dump -json=yes").unwrap_err().0.contains("takes no value"));
+        assert!(p("-restore x.img -resume=maybe")
+            .unwrap_err()
+            .0
+            .contains("auto, always or never"));
+        assert!(p("-dump -json=yes")
+            .unwrap_err()
+            .0
+            .contains("takes no value"));
         assert!(p("restore").unwrap_err().0.contains("expected a verb"));
     }
 
     #[test]
     fn restore_resume_and_trust() {
-        let ImgCommand::Restore(r) = p("-restore http://h/x.img -disk=d -trust=a.pub -trust=b.pub -resume=never").unwrap() else { panic!() };
+        let ImgCommand::Restore(r) =
+            p("-restore http://h/x.img -disk=d -trust=a.pub -trust=b.pub -resume=never").unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(r.trust.len(), 2);
         assert_eq!(r.resume, Resume::Never);
     }
@@ -358,7 +495,10 @@ mod tests {
     fn unknown_verbs_go_to_other_families_with_their_arguments() {
         assert_eq!(
             p("-discover -json").unwrap(),
-            ImgCommand::Other { verb: "discover".into(), rest: vec![OsString::from("-json")] }
+            ImgCommand::Other {
+                verb: "discover".into(),
+                rest: vec![OsString::from("-json")]
+            }
         );
         assert_eq!(p("-make=o.img").unwrap(), p("-make o.img").unwrap());
     }
@@ -370,6 +510,12 @@ mod tests {
         assert_eq!(t[1], Token::Value("-x".into()));
         assert_eq!(t.len(), 2);
         let t = tokenize(&["-A=b=c".into()]).unwrap();
-        assert_eq!(t[0], Token::Opt { name: "a".into(), value: Some("b=c".into()) });
+        assert_eq!(
+            t[0],
+            Token::Opt {
+                name: "a".into(),
+                value: Some("b=c".into())
+            }
+        );
     }
 }

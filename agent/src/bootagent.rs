@@ -47,7 +47,9 @@ fn run_inner() -> anyhow::Result<AgentExit> {
     }
     // `img.server=` on the kernel command line is tried before every other source, but the
     // network still comes up through discovery (lease, routes, resolver) so it is reachable.
-    cfg.command_line_urls = std::env::var("IMG_SERVER").ok().filter(|s| !s.trim().is_empty());
+    cfg.command_line_urls = std::env::var("IMG_SERVER")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
     let mut console = TtyConsole::stdio();
     let server = match bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)? {
         BootOutcome::Server { chosen, .. } => chosen.url,
@@ -87,7 +89,13 @@ mod tests {
 
     #[test]
     fn exit_codes_are_distinct_and_stable() {
-        let codes = [AgentExit::Done, AgentExit::Failed, AgentExit::Console, AgentExit::GuestOs].map(|c| c as i32);
+        let codes = [
+            AgentExit::Done,
+            AgentExit::Failed,
+            AgentExit::Console,
+            AgentExit::GuestOs,
+        ]
+        .map(|c| c as i32);
         assert_eq!(codes, [0, 1, 10, 11]);
     }
 }

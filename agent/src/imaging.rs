@@ -15,7 +15,7 @@ use imgengine::sign;
 use imgengine::source::{HttpConfig, Location, Source};
 use imgengine::target::Target;
 
-use crate::args::{DiskSel, MakeArgs, Resume, RestoreArgs, UsageError};
+use crate::args::{DiskSel, MakeArgs, RestoreArgs, Resume, UsageError};
 use crate::progress::{human, ConsoleProgress};
 
 /// Where trusted image-signing keys live on a device (one `*.pub` file per key); the
@@ -25,12 +25,23 @@ const TRUSTED_DIR: &str = "/etc/img/trusted.d";
 const STATE_DIR: &str = "/var/lib/img";
 
 fn http_config(ca: Option<&Path>) -> HttpConfig {
-    let ca_file = ca.map(Path::to_path_buf).or_else(|| std::env::var_os("IMG_CA_FILE").map(PathBuf::from));
-    HttpConfig { ca_file, retries: 5, ..HttpConfig::default() }
+    let ca_file = ca
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("IMG_CA_FILE").map(PathBuf::from));
+    HttpConfig {
+        ca_file,
+        retries: 5,
+        ..HttpConfig::default()
+    }
 }
 
 fn threads(n: Option<usize>) -> usize {
-    n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+    n.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+    .max(1)
 }
 
 /// The disk to work on: the one named, or the machine's only fixed disk.
@@ -45,10 +56,17 @@ fn resolve_disk(sel: &DiskSel) -> Result<PathBuf> {
         .collect();
     match disks.as_slice() {
         [one] => Ok(one.path.clone()),
-        [] => Err(UsageError("no disk found: name one with -disk=DEVICE or a disk-image file".into()).into()),
+        [] => Err(UsageError(
+            "no disk found: name one with -disk=DEVICE or a disk-image file".into(),
+        )
+        .into()),
         many => {
             let names: Vec<String> = many.iter().map(|d| d.path.display().to_string()).collect();
-            Err(UsageError(format!("several disks ({}): choose one with -disk=DEVICE", names.join(", "))).into())
+            Err(UsageError(format!(
+                "several disks ({}): choose one with -disk=DEVICE",
+                names.join(", ")
+            ))
+            .into())
         }
     }
 }
@@ -57,11 +75,18 @@ fn resolve_disk(sel: &DiskSel) -> Result<PathBuf> {
 fn trusted_keys(extra: &[PathBuf]) -> Result<Vec<sign::VerifyingKey>> {
     let mut keys = Vec::new();
     for p in extra {
-        keys.push(sign::load_public(p).with_context(|| format!("loading trusted key {}", p.display()))?);
+        keys.push(
+            sign::load_public(p).with_context(|| format!("loading trusted key {}", p.display()))?,
+        );
     }
-    let dir = std::env::var_os("IMG_TRUSTED_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(TRUSTED_DIR));
+    let dir = std::env::var_os("IMG_TRUSTED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(TRUSTED_DIR));
     if dir.is_dir() {
-        keys.extend(sign::load_trusted_dir(&dir).with_context(|| format!("loading trusted keys from {}", dir.display()))?);
+        keys.extend(
+            sign::load_trusted_dir(&dir)
+                .with_context(|| format!("loading trusted keys from {}", dir.display()))?,
+        );
     }
     Ok(keys)
 }
@@ -69,7 +94,11 @@ fn trusted_keys(extra: &[PathBuf]) -> Result<Vec<sign::VerifyingKey>> {
 pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
     let paths: Vec<PathBuf> = match disk_arg {
         Some(p) => vec![p.to_path_buf()],
-        None => disk::list_block_devices().context("listing disks")?.into_iter().map(|d| d.path).collect(),
+        None => disk::list_block_devices()
+            .context("listing disks")?
+            .into_iter()
+            .map(|d| d.path)
+            .collect(),
     };
     let mut layouts = Vec::new();
     for p in &paths {
@@ -77,12 +106,16 @@ pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
             bail!("{}: no such disk or disk-image file", p.display());
         }
         let t = Target::open_disk(p, None).with_context(|| format!("opening {}", p.display()))?;
-        let layout = disk::read_layout(&t, t.len()).with_context(|| format!("reading the partition table of {}", p.display()))?;
+        let layout = disk::read_layout(&t, t.len())
+            .with_context(|| format!("reading the partition table of {}", p.display()))?;
         layouts.push((p.clone(), layout));
     }
     let mut out = std::io::stdout().lock();
     if json {
-        let v: Vec<_> = layouts.iter().map(|(p, l)| serde_json::json!({ "disk": p, "layout": l })).collect();
+        let v: Vec<_> = layouts
+            .iter()
+            .map(|(p, l)| serde_json::json!({ "disk": p, "layout": l }))
+            .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
@@ -96,16 +129,43 @@ pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
 }
 
 fn print_layout(out: &mut impl Write, path: &Path, l: &DiskLayout) -> Result<()> {
-    writeln!(out, "Disk {}: {} ({} bytes), {:?} partition table, {}-byte sectors", path.display(), human(l.disk_size), l.disk_size, l.table, l.sector_size)?;
+    writeln!(
+        out,
+        "Disk {}: {} ({} bytes), {:?} partition table, {}-byte sectors",
+        path.display(),
+        human(l.disk_size),
+        l.disk_size,
+        l.table,
+        l.sector_size
+    )?;
     if l.partitions.is_empty() {
         writeln!(out, "  no partitions")?;
         return Ok(());
     }
-    writeln!(out, "  {:>3}  {:>12}  {:>10}  {:<22} {:<16} {:<7} {:>10}", "#", "start", "size", "type", "label", "fs", "used")?;
+    writeln!(
+        out,
+        "  {:>3}  {:>12}  {:>10}  {:<22} {:<16} {:<7} {:>10}",
+        "#", "start", "size", "type", "label", "fs", "used"
+    )?;
     for p in &l.partitions {
-        let label = p.label.clone().filter(|s| !s.is_empty()).or_else(|| p.fs_label.clone()).unwrap_or_default();
+        let label = p
+            .label
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| p.fs_label.clone())
+            .unwrap_or_default();
         let used = p.used_bytes.map(human).unwrap_or_else(|| "-".into());
-        writeln!(out, "  {:>3}  {:>12}  {:>10}  {:<22} {:<16} {:<7} {:>10}", p.number, p.start, human(p.len), truncate(&p.type_name, 22), truncate(&label, 16), p.fs.to_string(), used)?;
+        writeln!(
+            out,
+            "  {:>3}  {:>12}  {:>10}  {:<22} {:<16} {:<7} {:>10}",
+            p.number,
+            p.start,
+            human(p.len),
+            truncate(&p.type_name, 22),
+            truncate(&label, 16),
+            p.fs.to_string(),
+            used
+        )?;
     }
     Ok(())
 }
@@ -132,7 +192,10 @@ pub fn make(a: &MakeArgs, quiet: bool) -> Result<()> {
         version: a.version.clone().unwrap_or_else(|| "1".into()),
         models: a.models.clone(),
         description: a.description.clone(),
-        chunk_size: a.chunk_mib.map(|m| m << 20).unwrap_or(CaptureOptions::default().chunk_size),
+        chunk_size: a
+            .chunk_mib
+            .map(|m| m << 20)
+            .unwrap_or(CaptureOptions::default().chunk_size),
         threads: threads(a.threads),
         raw: a.raw,
     };
@@ -144,7 +207,8 @@ pub fn make(a: &MakeArgs, quiet: bool) -> Result<()> {
     let summary = match Location::parse(&a.dest) {
         Location::Stdin => {
             let mut out = std::io::stdout();
-            let s = capture::capture(&disk, a.sel.part.as_deref(), &mut out, &opts, &progress).with_context(|| format!("capturing {what}"))?;
+            let s = capture::capture(&disk, a.sel.part.as_deref(), &mut out, &opts, &progress)
+                .with_context(|| format!("capturing {what}"))?;
             out.flush().context("flushing stdout")?;
             s
         }
@@ -152,10 +216,13 @@ pub fn make(a: &MakeArgs, quiet: bool) -> Result<()> {
             let (reader, mut writer) = std::io::pipe().context("making a pipe for the upload")?;
             let http = http_config(a.ca.as_deref());
             let url2 = url.clone();
-            let uploader = std::thread::spawn(move || imgengine::source::upload(&url2, &http, reader));
+            let uploader =
+                std::thread::spawn(move || imgengine::source::upload(&url2, &http, reader));
             let res = capture::capture(&disk, a.sel.part.as_deref(), &mut writer, &opts, &progress);
             drop(writer);
-            let up = uploader.join().map_err(|_| anyhow::anyhow!("the upload thread failed"))?;
+            let up = uploader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the upload thread failed"))?;
             up.with_context(|| format!("uploading to {url}"))?;
             res.with_context(|| format!("capturing {what}"))?
         }
@@ -163,7 +230,8 @@ pub fn make(a: &MakeArgs, quiet: bool) -> Result<()> {
             // Write beside the destination and rename at the end, so a failed capture never
             // leaves a file that looks like a complete image.
             let tmp = path.with_extension("partial");
-            let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut f =
+                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let res = capture::capture(&disk, a.sel.part.as_deref(), &mut f, &opts, &progress);
             let s = match res {
                 Ok(s) => s,
@@ -172,8 +240,10 @@ pub fn make(a: &MakeArgs, quiet: bool) -> Result<()> {
                     return Err(anyhow::Error::new(e).context(format!("capturing {what}")));
                 }
             };
-            f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
             s
         }
     };
@@ -213,7 +283,10 @@ pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
     let s = deploy::deploy(&loc, &disk, a.sel.part.as_deref(), &opts, &progress)
         .with_context(|| format!("restoring {loc} onto {what}"))?;
     if s.raw {
-        eprintln!("restored raw image {loc} onto {what}: {} written", human(s.bytes_written));
+        eprintln!(
+            "restored raw image {loc} onto {what}: {} written",
+            human(s.bytes_written)
+        );
     } else {
         eprintln!(
             "restored {loc} onto {what}: {} chunks written, {} already intact, {} written, {} fetched",
@@ -237,13 +310,45 @@ fn print_info(info: &format::ImageInfo, json: bool) -> Result<()> {
     if let Some(d) = &m.description {
         writeln!(out, "Description:  {d}")?;
     }
-    writeln!(out, "Format:       v{}, {} layout", m.format_version, if info.sealed { "sealed" } else { "streaming" })?;
-    writeln!(out, "Signed by:    {}", info.signed_by.as_deref().unwrap_or("(unsigned)"))?;
+    writeln!(
+        out,
+        "Format:       v{}, {} layout",
+        m.format_version,
+        if info.sealed { "sealed" } else { "streaming" }
+    )?;
+    writeln!(
+        out,
+        "Signed by:    {}",
+        info.signed_by.as_deref().unwrap_or("(unsigned)")
+    )?;
     writeln!(out, "Created:      {} (unix time)", m.created)?;
-    writeln!(out, "Models:       {}", if m.models.is_empty() { "(any)".to_string() } else { m.models.join(", ") })?;
-    writeln!(out, "Compression:  -comp={} (zstd level {})", m.comp_level, m.zstd_level)?;
-    writeln!(out, "Min. target:  {} ({} bytes)", human(m.min_target_size), m.min_target_size)?;
-    writeln!(out, "Chunks:       {} of up to {}, {} of data", info.chunks, human(m.chunk_size as u64), human(info.data_bytes))?;
+    writeln!(
+        out,
+        "Models:       {}",
+        if m.models.is_empty() {
+            "(any)".to_string()
+        } else {
+            m.models.join(", ")
+        }
+    )?;
+    writeln!(
+        out,
+        "Compression:  -comp={} (zstd level {})",
+        m.comp_level, m.zstd_level
+    )?;
+    writeln!(
+        out,
+        "Min. target:  {} ({} bytes)",
+        human(m.min_target_size),
+        m.min_target_size
+    )?;
+    writeln!(
+        out,
+        "Chunks:       {} of up to {}, {} of data",
+        info.chunks,
+        human(m.chunk_size as u64),
+        human(info.data_bytes)
+    )?;
     if let Some(b) = info.image_bytes {
         writeln!(out, "Image size:   {} ({b} bytes)", human(b))?;
     }
@@ -254,7 +359,11 @@ fn print_info(info: &format::ImageInfo, json: bool) -> Result<()> {
             print_layout(&mut out, Path::new("(image)"), layout)?;
         }
         format::Content::Partition { partition: p } => {
-            let label = p.label.clone().or_else(|| p.fs_label.clone()).unwrap_or_default();
+            let label = p
+                .label
+                .clone()
+                .or_else(|| p.fs_label.clone())
+                .unwrap_or_default();
             writeln!(
                 out,
                 "Content:      one partition: {} {}, {} of {} used, label `{label}`, type {}",
@@ -288,7 +397,13 @@ pub fn info(image: &str, json: bool, ca: Option<&Path>) -> Result<()> {
     print_info(&info, json)
 }
 
-pub fn verify(image: &str, trust: &[PathBuf], ca: Option<&Path>, nthreads: Option<usize>, quiet: bool) -> Result<()> {
+pub fn verify(
+    image: &str,
+    trust: &[PathBuf],
+    ca: Option<&Path>,
+    nthreads: Option<usize>,
+    quiet: bool,
+) -> Result<()> {
     let loc = Location::parse(image);
     let opts = DeployOptions {
         trusted_keys: trusted_keys(trust)?,
@@ -298,7 +413,8 @@ pub fn verify(image: &str, trust: &[PathBuf], ca: Option<&Path>, nthreads: Optio
         http: http_config(ca),
     };
     let progress = ConsoleProgress::new(quiet);
-    let info = deploy::verify(&loc, &opts, &progress).with_context(|| format!("verifying {loc}"))?;
+    let info =
+        deploy::verify(&loc, &opts, &progress).with_context(|| format!("verifying {loc}"))?;
     println!(
         "{loc}: OK: {} version {}, {} chunks, {} of data, {}",
         info.meta.name,
@@ -315,17 +431,23 @@ pub fn verify(image: &str, trust: &[PathBuf], ca: Option<&Path>, nthreads: Optio
 }
 
 pub fn sign_image(image: &str, key: &Path, out: Option<&Path>) -> Result<()> {
-    let secret = sign::load_secret(key).with_context(|| format!("loading secret key {}", key.display()))?;
+    let secret =
+        sign::load_secret(key).with_context(|| format!("loading secret key {}", key.display()))?;
     let image = Path::new(image);
     let out = out.unwrap_or(image);
-    sign::seal_and_sign(image, out, &secret).with_context(|| format!("signing {}", image.display()))?;
+    sign::seal_and_sign(image, out, &secret)
+        .with_context(|| format!("signing {}", image.display()))?;
     println!("signed {} with key {}", out.display(), secret.key_id());
     Ok(())
 }
 
 pub fn keygen(key: &Path) -> Result<()> {
-    let id = sign::generate(key).with_context(|| format!("writing a new key pair to {}", key.display()))?;
+    let id = sign::generate(key)
+        .with_context(|| format!("writing a new key pair to {}", key.display()))?;
     println!("secret key: {} (keep it off the devices)", key.display());
-    println!("public key: {}.pub (key id {id}); copy it into {TRUSTED_DIR}/ on devices", key.display());
+    println!(
+        "public key: {}.pub (key id {id}); copy it into {TRUSTED_DIR}/ on devices",
+        key.display()
+    );
     Ok(())
 }

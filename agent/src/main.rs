@@ -52,7 +52,10 @@ Exit codes: 0 ok, 1 failure, 2 usage, 3 corrupt/truncated image, 4 signature ref
 
 fn main() {
     let mut argv = std::env::args_os();
-    let argv0 = argv.next().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let argv0 = argv
+        .next()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let rest: Vec<OsString> = argv.collect();
     let code = match personality::choose(&argv0, std::process::id()) {
         Personality::Init => init::run_init(),
@@ -86,12 +89,24 @@ fn run_img(args: &[OsString]) -> i32 {
             println!("img {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
-        ImgCommand::Dump { disk, json } => imaging::dump(disk.as_deref(), *json).map(|_| Exit::Success.code()),
+        ImgCommand::Dump { disk, json } => {
+            imaging::dump(disk.as_deref(), *json).map(|_| Exit::Success.code())
+        }
         ImgCommand::Make(m) => imaging::make(m, quiet).map(|_| Exit::Success.code()),
         ImgCommand::Restore(r) => imaging::restore(r, quiet).map(|_| Exit::Success.code()),
-        ImgCommand::Info { image, json, ca } => imaging::info(image, *json, ca.as_deref()).map(|_| Exit::Success.code()),
-        ImgCommand::Verify { image, trust, ca, threads } => imaging::verify(image, trust, ca.as_deref(), *threads, quiet).map(|_| Exit::Success.code()),
-        ImgCommand::Sign { image, key, out } => imaging::sign_image(image, key, out.as_deref()).map(|_| Exit::Success.code()),
+        ImgCommand::Info { image, json, ca } => {
+            imaging::info(image, *json, ca.as_deref()).map(|_| Exit::Success.code())
+        }
+        ImgCommand::Verify {
+            image,
+            trust,
+            ca,
+            threads,
+        } => imaging::verify(image, trust, ca.as_deref(), *threads, quiet)
+            .map(|_| Exit::Success.code()),
+        ImgCommand::Sign { image, key, out } => {
+            imaging::sign_image(image, key, out.as_deref()).map(|_| Exit::Success.code())
+        }
         ImgCommand::Keygen { key } => imaging::keygen(key).map(|_| Exit::Success.code()),
         ImgCommand::Other { verb, rest } => other_family(verb, rest.clone()),
     };

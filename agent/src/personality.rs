@@ -23,7 +23,10 @@ pub fn choose(argv0: &str, pid: u32) -> Personality {
     if pid == 1 {
         return Personality::Init;
     }
-    let name = Path::new(argv0).file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
     match name {
         "init" | "linuxrc" => Personality::Init,
         "agent" | "bootagent" => Personality::Agent,

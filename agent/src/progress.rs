@@ -33,7 +33,14 @@ impl ConsoleProgress {
         ConsoleProgress {
             quiet,
             tty: std::io::stderr().is_terminal(),
-            state: Mutex::new(State { bar: None, what: String::new(), total: None, done: 0, started: now, last_line: now }),
+            state: Mutex::new(State {
+                bar: None,
+                what: String::new(),
+                total: None,
+                done: 0,
+                started: now,
+                last_line: now,
+            }),
         }
     }
 
@@ -42,7 +49,11 @@ impl ConsoleProgress {
         let rate = st.done as f64 / secs;
         let mut line = format!("{}: {}", st.what, human(st.done));
         if let Some(t) = st.total {
-            let pct = if t == 0 { 100.0 } else { st.done as f64 * 100.0 / t as f64 };
+            let pct = if t == 0 {
+                100.0
+            } else {
+                st.done as f64 * 100.0 / t as f64
+            };
             line.push_str(&format!(" / {} ({pct:.0}%)", human(t)));
         }
         line.push_str(&format!(", {}/s", human(rate as u64)));
@@ -101,7 +112,12 @@ impl Progress for ConsoleProgress {
             bar.set_message(what.to_string());
             st.bar = Some(bar);
         } else {
-            eprintln!("{what}: started{}", total.map(|t| format!(", {} to go", human(t))).unwrap_or_default());
+            eprintln!(
+                "{what}: started{}",
+                total
+                    .map(|t| format!(", {} to go", human(t)))
+                    .unwrap_or_default()
+            );
         }
     }
 
@@ -145,7 +161,14 @@ mod tests {
     #[test]
     fn plain_line_has_percent_rate_and_eta() {
         let now = Instant::now() - Duration::from_secs(2);
-        let st = State { bar: None, what: "restore".into(), total: Some(4 << 20), done: 1 << 20, started: now, last_line: now };
+        let st = State {
+            bar: None,
+            what: "restore".into(),
+            total: Some(4 << 20),
+            done: 1 << 20,
+            started: now,
+            last_line: now,
+        };
         let l = ConsoleProgress::plain_line(&st, false);
         assert!(l.starts_with("restore: 1.0 MiB / 4.0 MiB (25%), "), "{l}");
         assert!(l.contains("ETA"), "{l}");

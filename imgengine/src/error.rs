@@ -63,11 +63,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind`; `context` says what failed, where, and the way out.
     pub fn new(kind: ErrorKind, context: impl Into<String>) -> Self {
-        Error { kind, context: context.into(), source: None }
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+        }
     }
 
     /// Attach the underlying cause.
-    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         self.source = Some(source.into());
         self
     }
@@ -106,7 +113,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -118,7 +127,11 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof { ErrorKind::Truncated } else { ErrorKind::Io };
+            let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                ErrorKind::Truncated
+            } else {
+                ErrorKind::Io
+            };
             Error::new(kind, context()).with_source(e)
         })
     }
@@ -139,6 +152,9 @@ mod tests {
     #[test]
     fn eof_maps_to_truncated() {
         let r: std::io::Result<()> = Err(std::io::ErrorKind::UnexpectedEof.into());
-        assert_eq!(r.ctx(|| "reading chunk 1".into()).unwrap_err().kind(), ErrorKind::Truncated);
+        assert_eq!(
+            r.ctx(|| "reading chunk 1".into()).unwrap_err().kind(),
+            ErrorKind::Truncated
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! allocation maps.
 
 /// A byte range `[offset, offset + len)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Extent {
     pub offset: u64,
     pub len: u64,
@@ -63,9 +65,25 @@ mod tests {
 
     #[test]
     fn merges_overlapping_adjacent_and_bridged() {
-        let v = vec![Extent::new(100, 10), Extent::new(0, 10), Extent::new(10, 5), Extent::new(112, 8), Extent::new(500, 0)];
-        assert_eq!(normalize(v.clone(), 0), vec![Extent::new(0, 15), Extent::new(100, 10), Extent::new(112, 8)]);
-        assert_eq!(normalize(v, 2), vec![Extent::new(0, 15), Extent::new(100, 20)]);
+        let v = vec![
+            Extent::new(100, 10),
+            Extent::new(0, 10),
+            Extent::new(10, 5),
+            Extent::new(112, 8),
+            Extent::new(500, 0),
+        ];
+        assert_eq!(
+            normalize(v.clone(), 0),
+            vec![
+                Extent::new(0, 15),
+                Extent::new(100, 10),
+                Extent::new(112, 8)
+            ]
+        );
+        assert_eq!(
+            normalize(v, 2),
+            vec![Extent::new(0, 15), Extent::new(100, 20)]
+        );
     }
 
     #[test]
@@ -73,6 +91,9 @@ mod tests {
         assert_eq!(Extent::new(10, 100).clip(50), Some(Extent::new(10, 40)));
         assert_eq!(Extent::new(60, 10).clip(50), None);
         assert_eq!(Extent::new(u64::MAX - 1, 10).end(), None);
-        assert_eq!(normalize(vec![Extent::new(u64::MAX - 1, 10), Extent::new(5, 1)], 0).len(), 2);
+        assert_eq!(
+            normalize(vec![Extent::new(u64::MAX - 1, 10), Extent::new(5, 1)], 0).len(),
+            2
+        );
     }
 }

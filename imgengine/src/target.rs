@@ -272,8 +272,9 @@ impl Target {
         let abs = self.check(offset, buf.len() as u64)?;
         let block = SPARSE_BLOCK as usize;
         let mut i = 0usize; // start of the pending data run in buf
-        // Align block boundaries to the device, not to the buffer.
-        let mut pos = (((SPARSE_BLOCK - abs % SPARSE_BLOCK) % SPARSE_BLOCK) as usize).min(buf.len());
+                            // Align block boundaries to the device, not to the buffer.
+        let mut pos =
+            (((SPARSE_BLOCK - abs % SPARSE_BLOCK) % SPARSE_BLOCK) as usize).min(buf.len());
         while pos + block <= buf.len() {
             if !is_zero_block(&buf[pos..pos + block]) {
                 pos += block;
@@ -491,7 +492,10 @@ mod tests {
         t.write_sparse_at(&buf, 0).unwrap();
         let mut back = vec![0xFFu8; buf.len()];
         t.read_at(&mut back, 0).unwrap();
-        assert!(back == buf, "old 0xAA bytes must not survive in zero runs of any length");
+        assert!(
+            back == buf,
+            "old 0xAA bytes must not survive in zero runs of any length"
+        );
         assert!(is_zero_block(&[0u8; 4096]) && !is_zero_block(&buf[..4096]));
         std::fs::remove_file(&p).unwrap();
     }

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The `img` binary under test: `$IMG_BIN`, else the debug build (built on demand).
@@ -21,7 +24,9 @@ pub fn img_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("IMG_BIN") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
     let bin = target.join("debug").join("img");
     ensure_built(&bin, "agent");
     bin
@@ -29,7 +34,9 @@ pub fn img_bin() -> PathBuf {
 
 /// A workspace binary by name, built on demand (e.g. `imgserver`).
 pub fn workspace_bin(name: &str, package: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
     let bin = target.join("debug").join(name);
     ensure_built(&bin, package);
     bin
@@ -53,12 +60,17 @@ pub fn require_tool(name: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
-    assert!(found, "`{name}` is not installed: run `bash scripts/install-deps.sh` as root");
+    assert!(
+        found,
+        "`{name}` is not installed: run `bash scripts/install-deps.sh` as root"
+    );
 }
 
 /// Run a command to completion; panics with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -117,7 +129,10 @@ impl Drop for Scratch {
 
 /// A free TCP port on 127.0.0.1 (the listener is closed before returning).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free port")
 }
 
 /// Wait until something accepts TCP connections on `addr`.
@@ -172,13 +187,23 @@ impl Nginx {
         )
         .expect("writing nginx.conf");
         let child = Command::new("nginx")
-            .args(["-c".as_ref(), conf.as_os_str(), "-p".as_ref(), dir.path().as_os_str()])
+            .args([
+                "-c".as_ref(),
+                conf.as_os_str(),
+                "-p".as_ref(),
+                dir.path().as_os_str(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting nginx");
         wait_for_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
-        Nginx { child, port, access_log, _dir: dir }
+        Nginx {
+            child,
+            port,
+            access_log,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self, file: &str) -> String {
@@ -205,7 +230,10 @@ impl Drop for Nginx {
 /// Files with the given content, made deterministically from a seed: half compressible
 /// text, half pseudo-random bytes, like a real OS partition.
 pub fn sample_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut out = Vec::with_capacity(len);
     let text = b"thin client image line: the quick brown fox jumps over the lazy dog 0123456789\n";
     while out.len() < len {

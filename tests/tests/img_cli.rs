@@ -12,7 +12,10 @@ use e2e::{img_bin, require_tool, run, sh, Nginx, Scratch};
 const MIB: u64 = 1 << 20;
 
 fn img(args: &[&str]) -> Output {
-    Command::new(img_bin()).args(args).output().expect("running img")
+    Command::new(img_bin())
+        .args(args)
+        .output()
+        .expect("running img")
 }
 
 fn ok(args: &[&str]) -> Output {
@@ -20,7 +23,11 @@ fn ok(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// A GPT disk: partition 1 `BOOT` (FAT, 16 MiB), partition 2 `OS` (FAT32, 64 MiB) holding
@@ -41,22 +48,37 @@ fn make_disk(path: &Path, files: &[(&str, Vec<u8>)], fill_junk: bool) -> u64 {
     ));
     let p2 = 2048 + 16 * 2048;
     if !files.is_empty() {
-        sh(&format!("mkfs.fat -n BOOT --offset=2048 {} 16384 >/dev/null 2>&1", path.display()));
-        sh(&format!("mkfs.fat -F 32 -n OS --offset={p2} {} 65536 >/dev/null 2>&1", path.display()));
+        sh(&format!(
+            "mkfs.fat -n BOOT --offset=2048 {} 16384 >/dev/null 2>&1",
+            path.display()
+        ));
+        sh(&format!(
+            "mkfs.fat -F 32 -n OS --offset={p2} {} 65536 >/dev/null 2>&1",
+            path.display()
+        ));
         let dir = path.parent().unwrap().join("src-files");
         std::fs::create_dir_all(&dir).unwrap();
         sh(&format!("mmd -i {}@@{} ::/OS", path.display(), p2 * 512));
         for (name, data) in files {
             let f = dir.join(name);
             std::fs::write(&f, data).unwrap();
-            sh(&format!("mcopy -i {}@@{} {} ::/OS/", path.display(), p2 * 512, f.display()));
+            sh(&format!(
+                "mcopy -i {}@@{} {} ::/OS/",
+                path.display(),
+                p2 * 512,
+                f.display()
+            ));
         }
     }
     p2 * 512
 }
 
 fn read_back(disk: &Path, offset: u64, name: &str) -> Vec<u8> {
-    let out = run(Command::new("mtype").args(["-i", &format!("{}@@{offset}", disk.display()), &format!("::/OS/{name}")]));
+    let out = run(Command::new("mtype").args([
+        "-i",
+        &format!("{}@@{offset}", disk.display()),
+        &format!("::/OS/{name}"),
+    ]));
     out.stdout
 }
 
@@ -87,19 +109,38 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
 
     let www = s.join("www");
     std::fs::create_dir_all(&www).unwrap();
-    let made = ok(&["-make", www.join("os.fimg").to_str().unwrap(), &format!("-disk={}", src.display()), "-part=OS", "-comp=6", "-version=2.0", "-model=Z90,R90"]);
-    assert!(text(&made).contains("captured partition OS"), "{}", text(&made));
+    let made = ok(&[
+        "-make",
+        www.join("os.fimg").to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=OS",
+        "-comp=6",
+        "-version=2.0",
+        "-model=Z90,R90",
+    ]);
+    assert!(
+        text(&made).contains("captured partition OS"),
+        "{}",
+        text(&made)
+    );
 
-    let info: serde_json::Value = serde_json::from_slice(&ok(&["-info", www.join("os.fimg").to_str().unwrap(), "-json"]).stdout).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(
+        &ok(&["-info", www.join("os.fimg").to_str().unwrap(), "-json"]).stdout,
+    )
+    .unwrap();
     assert_eq!(info["meta"]["name"], "os");
     assert_eq!(info["meta"]["version"], "2.0");
     assert_eq!(info["meta"]["models"], serde_json::json!(["Z90", "R90"]));
     assert_eq!(info["meta"]["comp_level"], 6);
     assert_eq!(info["meta"]["content"]["partition"]["fs"], "fat32");
     let image_len = std::fs::metadata(www.join("os.fimg")).unwrap().len();
-    assert!(image_len < 16 * MIB, "used blocks only: a 64 MiB partition with ~10 MiB of files made a {image_len}-byte image");
+    assert!(
+        image_len < 16 * MIB,
+        "used blocks only: a 64 MiB partition with ~10 MiB of files made a {image_len}-byte image"
+    );
 
-    let dump: serde_json::Value = serde_json::from_slice(&ok(&["-dump", src.to_str().unwrap(), "-json"]).stdout).unwrap();
+    let dump: serde_json::Value =
+        serde_json::from_slice(&ok(&["-dump", src.to_str().unwrap(), "-json"]).stdout).unwrap();
     let parts = &dump[0]["layout"]["partitions"];
     assert_eq!(parts.as_array().unwrap().len(), 2);
     assert_eq!(parts[1]["label"], "OS");
@@ -110,7 +151,13 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
     make_disk(&dst, &[], true);
     let boot_before = std::fs::read(&dst).unwrap()[MIB as usize..(17 * MIB) as usize].to_vec();
     let nginx = Nginx::serve(&www);
-    let r = ok(&["-restore", &nginx.url("os.fimg"), &format!("-disk={}", dst.display()), "-part=2", &format!("-state={}", s.join("state").display())]);
+    let r = ok(&[
+        "-restore",
+        &nginx.url("os.fimg"),
+        &format!("-disk={}", dst.display()),
+        "-part=2",
+        &format!("-state={}", s.join("state").display()),
+    ]);
     // Not a terminal: plain progress lines, then the summary.
     let t = text(&r);
     assert!(t.contains("deploying:") && t.contains("done in"), "{t}");
@@ -118,11 +165,19 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
 
     fsck_partition(&dst, os, 64 * MIB, &s);
     for (name, data) in &files {
-        assert!(read_back(&dst, os, name) == *data, "{name} differs after restore");
+        assert!(
+            read_back(&dst, os, name) == *data,
+            "{name} differs after restore"
+        );
     }
     let boot_after = std::fs::read(&dst).unwrap()[MIB as usize..(17 * MIB) as usize].to_vec();
-    assert!(boot_before == boot_after, "restoring partition 2 touched partition 1");
-    assert!(ok(&["-verify", www.join("os.fimg").to_str().unwrap()]).status.success());
+    assert!(
+        boot_before == boot_after,
+        "restoring partition 2 touched partition 1"
+    );
+    assert!(ok(&["-verify", www.join("os.fimg").to_str().unwrap()])
+        .status
+        .success());
 }
 
 #[test]
@@ -131,11 +186,20 @@ fn signed_images_are_required_once_a_key_is_trusted() {
     let src = s.join("device.img");
     make_disk(&src, &sample_files(), false);
     let image = s.join("disk.fimg");
-    ok(&["-make", image.to_str().unwrap(), &format!("-disk={}", src.display())]);
+    ok(&[
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+    ]);
     ok(&["-keygen", s.join("fleet.key").to_str().unwrap()]);
     ok(&["-keygen", s.join("other.key").to_str().unwrap()]);
     let signed = s.join("disk-signed.fimg");
-    let o = ok(&["-sign", image.to_str().unwrap(), &format!("-key={}", s.join("fleet.key").display()), &format!("-out={}", signed.display())]);
+    let o = ok(&[
+        "-sign",
+        image.to_str().unwrap(),
+        &format!("-key={}", s.join("fleet.key").display()),
+        &format!("-out={}", signed.display()),
+    ]);
     assert!(text(&o).contains("signed"), "{}", text(&o));
 
     let target = s.join("target.img");
@@ -148,10 +212,19 @@ fn signed_images_are_required_once_a_key_is_trusted() {
     // Unsigned image with a trusted key configured: refused, exit 4, not a byte written.
     let r = img(&["-restore", image.to_str().unwrap(), &disk, &trust, &state]);
     assert_eq!(r.status.code(), Some(4), "{}", text(&r));
-    assert!(std::fs::read(&target).unwrap() == before, "an unsigned image wrote to the target");
+    assert!(
+        std::fs::read(&target).unwrap() == before,
+        "an unsigned image wrote to the target"
+    );
 
     // Signed by a key that is not trusted: refused the same way.
-    let r = img(&["-restore", signed.to_str().unwrap(), &disk, &format!("-trust={}", s.join("other.key.pub").display()), &state]);
+    let r = img(&[
+        "-restore",
+        signed.to_str().unwrap(),
+        &disk,
+        &format!("-trust={}", s.join("other.key.pub").display()),
+        &state,
+    ]);
     assert_eq!(r.status.code(), Some(4), "{}", text(&r));
     assert!(std::fs::read(&target).unwrap() == before);
 
@@ -159,9 +232,16 @@ fn signed_images_are_required_once_a_key_is_trusted() {
     let tdir = s.join("trusted.d");
     std::fs::create_dir_all(&tdir).unwrap();
     std::fs::copy(s.join("fleet.key.pub"), tdir.join("fleet.pub")).unwrap();
-    let r = run(Command::new(img_bin()).env("IMG_TRUSTED_DIR", &tdir).args(["-restore", signed.to_str().unwrap(), &disk, &state]));
+    let r = run(Command::new(img_bin()).env("IMG_TRUSTED_DIR", &tdir).args([
+        "-restore",
+        signed.to_str().unwrap(),
+        &disk,
+        &state,
+    ]));
     assert!(text(&r).contains("restored"), "{}", text(&r));
-    let v = run(Command::new(img_bin()).env("IMG_TRUSTED_DIR", &tdir).args(["-verify", signed.to_str().unwrap()]));
+    let v = run(Command::new(img_bin())
+        .env("IMG_TRUSTED_DIR", &tdir)
+        .args(["-verify", signed.to_str().unwrap()]));
     assert!(text(&v).contains("verified"), "{}", text(&v));
     assert!(sh(&format!("sgdisk -v {}", target.display())).contains("No problems found"));
 }
@@ -171,24 +251,50 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     let s = Scratch::new("cli-kill");
     let src = s.join("device.img");
     // Random data that does not compress: the image is about as large as the files.
-    let files = vec![("A.BIN", random_bytes(11, 20 * MIB as usize)), ("B.BIN", vec![0xEEu8; 3 * MIB as usize])];
+    let files = vec![
+        ("A.BIN", random_bytes(11, 20 * MIB as usize)),
+        ("B.BIN", vec![0xEEu8; 3 * MIB as usize]),
+    ];
     let os = make_disk(&src, &files, false);
     let www = s.join("www");
     std::fs::create_dir_all(&www).unwrap();
-    ok(&["-make", www.join("d.fimg").to_str().unwrap(), &format!("-disk={}", src.display()), "-chunk=1"]);
+    ok(&[
+        "-make",
+        www.join("d.fimg").to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-chunk=1",
+    ]);
     let image_len = std::fs::metadata(www.join("d.fimg")).unwrap().len();
 
     // 4 MiB/s: the transfer takes seconds, long enough to kill it in the middle.
     let nginx = Nginx::serve_with(&www, "limit_rate 4m;");
     let target = s.join("target.img");
     let state = s.join("state");
-    let args = |t: &PathBuf| vec!["-restore".to_string(), nginx.url("d.fimg"), format!("-disk={}", t.display()), format!("-state={}", state.display())];
-    let mut child = Command::new(img_bin()).args(args(&target)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let args = |t: &PathBuf| {
+        vec![
+            "-restore".to_string(),
+            nginx.url("d.fimg"),
+            format!("-disk={}", t.display()),
+            format!("-state={}", state.display()),
+        ]
+    };
+    let mut child = Command::new(img_bin())
+        .args(args(&target))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait until a good part of the image has crossed the wire, then pull the plug.
     let start = Instant::now();
     while allocated(&target) < image_len / 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "restore made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "restore finished before it could be interrupted");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "restore made no progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "restore finished before it could be interrupted"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     child.kill().unwrap();
@@ -200,7 +306,12 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     std::thread::sleep(Duration::from_millis(300));
     let sent_second = nginx.bytes_sent() - sent_first;
     let t = text(&r);
-    let intact: u64 = t.split(" already intact").next().and_then(|a| a.rsplit(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let intact: u64 = t
+        .split(" already intact")
+        .next()
+        .and_then(|a| a.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     eprintln!("killed after {sent_first} bytes; rerun: {intact} chunks intact, fetched {sent_second} of {image_len} bytes");
     assert!(intact > 0, "the rerun found no intact chunks: {t}");
     assert!(
@@ -209,7 +320,10 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     );
     // Same result as an uninterrupted restore.
     for (name, data) in &files {
-        assert!(read_back(&target, os, name) == *data, "{name} differs after the resumed restore");
+        assert!(
+            read_back(&target, os, name) == *data,
+            "{name} differs after the resumed restore"
+        );
     }
     fsck_partition(&target, os, 64 * MIB, &s);
 }
@@ -232,7 +346,9 @@ fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// only written chunks take space).
 fn allocated(target: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(target).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(target)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 #[test]
@@ -241,7 +357,11 @@ fn exit_codes_and_messages_name_the_problem() {
     let src = s.join("device.img");
     make_disk(&src, &sample_files(), false);
     let image = s.join("d.fimg");
-    ok(&["-make", image.to_str().unwrap(), &format!("-disk={}", src.display())]);
+    ok(&[
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+    ]);
 
     // Usage.
     let r = img(&["-make", "x.fimg", "-comp=12"]);
@@ -252,10 +372,22 @@ fn exit_codes_and_messages_name_the_problem() {
     assert!(text(&r).contains("unknown verb -frobnicate"));
 
     // A partition that does not exist: the message lists what does.
-    let r = img(&["-make", s.join("p.fimg").to_str().unwrap(), &format!("-disk={}", src.display()), "-part=NOPE"]);
+    let r = img(&[
+        "-make",
+        s.join("p.fimg").to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=NOPE",
+    ]);
     assert_eq!(r.status.code(), Some(5), "{}", text(&r));
-    assert!(text(&r).contains("NOPE") && text(&r).contains("OS"), "{}", text(&r));
-    assert!(!s.join("p.fimg").exists() && !s.join("p.partial").exists(), "a failed capture left a file behind");
+    assert!(
+        text(&r).contains("NOPE") && text(&r).contains("OS"),
+        "{}",
+        text(&r)
+    );
+    assert!(
+        !s.join("p.fimg").exists() && !s.join("p.partial").exists(),
+        "a failed capture left a file behind"
+    );
 
     // A corrupt image: exit 3, the chunk is named, nothing past it written.
     let mut bytes = std::fs::read(&image).unwrap();
@@ -266,7 +398,12 @@ fn exit_codes_and_messages_name_the_problem() {
     let r = img(&["-verify", bad.to_str().unwrap()]);
     assert_eq!(r.status.code(), Some(3), "{}", text(&r));
     assert!(text(&r).contains("chunk"), "{}", text(&r));
-    let r = img(&["-restore", bad.to_str().unwrap(), &format!("-disk={}", s.join("t.img").display()), &format!("-state={}", s.join("st").display())]);
+    let r = img(&[
+        "-restore",
+        bad.to_str().unwrap(),
+        &format!("-disk={}", s.join("t.img").display()),
+        &format!("-state={}", s.join("st").display()),
+    ]);
     assert_eq!(r.status.code(), Some(3), "{}", text(&r));
 
     // A missing image file: I/O, and the path is in the message.
@@ -276,7 +413,12 @@ fn exit_codes_and_messages_name_the_problem() {
 
     // An image URL that is not there.
     let nginx = Nginx::serve(s.path());
-    let r = img(&["-restore", &nginx.url("nothere.fimg"), &format!("-disk={}", s.join("t2.img").display()), &format!("-state={}", s.join("st").display())]);
+    let r = img(&[
+        "-restore",
+        &nginx.url("nothere.fimg"),
+        &format!("-disk={}", s.join("t2.img").display()),
+        &format!("-state={}", s.join("st").display()),
+    ]);
     assert_eq!(r.status.code(), Some(6), "{}", text(&r));
     assert!(text(&r).contains("404"), "{}", text(&r));
 }
@@ -290,9 +432,20 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
     let src = s.join("device.img");
     make_disk(&src, &sample_files(), false);
     let want = std::fs::read(&src).unwrap();
-    sh(&format!("cd {} && gzip -1 -k device.img && xz -0 -T2 -k device.img && zstd -q -1 -k device.img", s.path().display()));
+    sh(&format!(
+        "cd {} && gzip -1 -k device.img && xz -0 -T2 -k device.img && zstd -q -1 -k device.img",
+        s.path().display()
+    ));
     let nginx = Nginx::serve(s.path());
-    for (i, name) in ["device.img", "device.img.gz", "device.img.xz", "device.img.zst"].iter().enumerate() {
+    for (i, name) in [
+        "device.img",
+        "device.img.gz",
+        "device.img.xz",
+        "device.img.zst",
+    ]
+    .iter()
+    .enumerate()
+    {
         let t1 = s.join(format!("via-stdin-{i}.img"));
         let out = run(Command::new("bash").arg("-c").arg(format!(
             "{} -restore - -disk={} -state={} < {}",
@@ -302,10 +455,21 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
             s.join(name).display()
         )));
         assert!(text(&out).contains("raw image"), "{name}: {}", text(&out));
-        assert!(std::fs::read(&t1).unwrap() == want, "{name} via stdin differs");
+        assert!(
+            std::fs::read(&t1).unwrap() == want,
+            "{name} via stdin differs"
+        );
         let t2 = s.join(format!("via-url-{i}.img"));
-        ok(&["-restore", &nginx.url(name), &format!("-disk={}", t2.display()), &format!("-state={}", s.join("st").display())]);
-        assert!(std::fs::read(&t2).unwrap() == want, "{name} via URL differs");
+        ok(&[
+            "-restore",
+            &nginx.url(name),
+            &format!("-disk={}", t2.display()),
+            &format!("-state={}", s.join("st").display()),
+        ]);
+        assert!(
+            std::fs::read(&t2).unwrap() == want,
+            "{name} via URL differs"
+        );
     }
 }
 
@@ -344,10 +508,18 @@ fn capture_streams_to_an_http_upload() {
     let up = s.join("uploads");
     std::fs::create_dir_all(&up).unwrap();
     let port = e2e::free_port();
-    let mut server = Command::new("python3").args(["-c", PUT_SERVER, &port.to_string(), up.to_str().unwrap()]).spawn().unwrap();
+    let mut server = Command::new("python3")
+        .args(["-c", PUT_SERVER, &port.to_string(), up.to_str().unwrap()])
+        .spawn()
+        .unwrap();
     e2e::wait_for_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
     let url = format!("http://127.0.0.1:{port}/os.fimg");
-    let r = img(&["-make", &url, &format!("-disk={}", src.display()), "-part=OS"]);
+    let r = img(&[
+        "-make",
+        &url,
+        &format!("-disk={}", src.display()),
+        "-part=OS",
+    ]);
     let _ = server.kill();
     let _ = server.wait();
     assert!(r.status.success(), "{}", text(&r));
@@ -356,7 +528,13 @@ fn capture_streams_to_an_http_upload() {
     ok(&["-verify", got.to_str().unwrap()]);
     let dst = s.join("target.img");
     make_disk(&dst, &[], true);
-    ok(&["-restore", got.to_str().unwrap(), &format!("-disk={}", dst.display()), "-part=OS", &format!("-state={}", s.join("st").display())]);
+    ok(&[
+        "-restore",
+        got.to_str().unwrap(),
+        &format!("-disk={}", dst.display()),
+        "-part=OS",
+        &format!("-state={}", s.join("st").display()),
+    ]);
     for (name, data) in &files {
         assert!(read_back(&dst, os, name) == *data, "{name} differs");
     }

@@ -18,9 +18,14 @@ impl ReadAt for File {
 
 impl ReadAt for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        let src = self.get(start..end).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let src = self
+            .get(start..end)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -48,7 +53,13 @@ mod tests {
         let mut b = [0u8; 2];
         data.read_exact_at(&mut b, 2).unwrap();
         assert_eq!(b, [3, 4]);
-        assert_eq!(data.read_exact_at(&mut b, 3).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(data.read_exact_at(&mut b, u64::MAX).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            data.read_exact_at(&mut b, 3).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert_eq!(
+            data.read_exact_at(&mut b, u64::MAX).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }

@@ -38,18 +38,21 @@ pub fn run() -> i32 {
 }
 
 fn run_inner() -> anyhow::Result<AgentExit> {
-    let mut cfg = discovery::Config::default();
-    // In the initramfs the agent owns /etc: the lease's DNS servers go to resolv.conf so the
-    // check-in can resolve the server's name. (`img -discover` on a host never writes it.)
-    cfg.resolv_conf = Some(PathBuf::from("/etc/resolv.conf"));
-    if let Some(dir) = std::env::var_os("IMG_CONFIG_DIR") {
-        cfg.config_dir = PathBuf::from(dir);
-    }
-    // `img.server=` on the kernel command line is tried before every other source, but the
-    // network still comes up through discovery (lease, routes, resolver) so it is reachable.
-    cfg.command_line_urls = std::env::var("IMG_SERVER")
-        .ok()
-        .filter(|s| !s.trim().is_empty());
+    let cfg = discovery::Config {
+        // In the initramfs the agent owns /etc: the lease's DNS servers go to resolv.conf so
+        // the check-in can resolve the server's name. (`img -discover` on a host never
+        // writes it.)
+        resolv_conf: Some(PathBuf::from("/etc/resolv.conf")),
+        config_dir: std::env::var_os("IMG_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(discovery::DEFAULT_CONFIG_DIR)),
+        // `img.server=` on the kernel command line is tried before every other source, but
+        // the network still comes up through discovery (lease, routes, resolver).
+        command_line_urls: std::env::var("IMG_SERVER")
+            .ok()
+            .filter(|s| !s.trim().is_empty()),
+        ..discovery::Config::default()
+    };
     let mut console = TtyConsole::stdio();
     let server = match bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)? {
         BootOutcome::Server { chosen, .. } => chosen.url,

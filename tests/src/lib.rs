@@ -227,25 +227,50 @@ impl Drop for Nginx {
     }
 }
 
+/// Deterministic pseudo-random bytes (xorshift64), incompressible like encrypted or
+/// already-compressed files.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = XorShift(
+        seed.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+            | 1,
+    );
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// Files with the given content, made deterministically from a seed: half compressible
-/// text, half pseudo-random bytes, like a real OS partition.
+/// text, half pseudo-random bytes (in 64 KiB stretches), like a real OS partition.
 pub fn sample_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
-    let mut out = Vec::with_capacity(len);
+    let mut rng = XorShift(
+        seed.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+            | 1,
+    );
+    let mut out = Vec::with_capacity(len + 80);
     let text = b"thin client image line: the quick brown fox jumps over the lazy dog 0123456789\n";
     while out.len() < len {
         if (out.len() / 65536) % 2 == 0 {
             out.extend_from_slice(text);
         } else {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(&x.to_le_bytes());
+            out.extend_from_slice(&rng.next().to_le_bytes());
         }
     }
     out.truncate(len);
     out
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
 }

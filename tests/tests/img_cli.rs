@@ -252,7 +252,7 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     let src = s.join("device.img");
     // Random data that does not compress: the image is about as large as the files.
     let files = vec![
-        ("A.BIN", random_bytes(11, 20 * MIB as usize)),
+        ("A.BIN", e2e::random_bytes(11, 20 * MIB as usize)),
         ("B.BIN", vec![0xEEu8; 3 * MIB as usize]),
     ];
     let os = make_disk(&src, &files, false);
@@ -326,20 +326,6 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
         );
     }
     fsck_partition(&target, os, 64 * MIB, &s);
-}
-
-/// Deterministic incompressible bytes (xorshift64).
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Bytes written to the target so far (its allocated size: a fresh target is sparse and

@@ -11,7 +11,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== static musl build of the agent (release, size-tuned)"
 cargo build --locked --release --target x86_64-unknown-linux-musl -p agent
 bin=target/x86_64-unknown-linux-musl/release/img
-if ldd "$bin" >/dev/null 2>&1; then
+# A static(-pie) binary has no program interpreter and needs no shared library.
+if readelf -ld "$bin" | grep -qE "INTERP|\(NEEDED\)"; then
   echo "error: $bin is dynamically linked; it must be static" >&2
   exit 1
 fi

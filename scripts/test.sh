@@ -20,4 +20,4 @@ echo "img (static musl): $(stat -c %s "$bin") bytes"
 
 echo "== unit and end-to-end tests"
 # Two test threads: the machine has two cores and the end-to-end suites run real tools.
-cargo test --locked --workspace -- --test-threads=2
+cargo test --locked --workspace --no-fail-fast -- --test-threads=2

@@ -508,7 +508,8 @@ mod tests {
         let t = tokenize(&["-".into(), "--".into(), "-x".into(), "-a=b=c".into()]).unwrap();
         assert_eq!(t[0], Token::Value("-".into()));
         assert_eq!(t[1], Token::Value("-x".into()));
-        assert_eq!(t.len(), 2);
+        assert_eq!(t[2], Token::Value("-a=b=c".into()), "after `--` everything is a value");
+        assert_eq!(t.len(), 3);
         let t = tokenize(&["-A=b=c".into()]).unwrap();
         assert_eq!(
             t[0],

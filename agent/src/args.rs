@@ -103,6 +103,11 @@ pub enum Resume {
 pub struct RestoreArgs {
     pub src: String,
     pub sel: DiskSel,
+    /// This device's model, checked against the image's compatible models (default: the
+    /// DMI product name when the target is a block device).
+    pub model: Option<String>,
+    /// Restore even when the image is not made for this model.
+    pub force: bool,
     pub trust: Vec<PathBuf>,
     pub resume: Resume,
     pub state: Option<PathBuf>,
@@ -353,6 +358,8 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
                     disk: o.take_one(&["disk"])?.map(PathBuf::from),
                     part: o.take_one(&["part", "p"])?,
                 },
+                model: o.take_one(&["model"])?,
+                force: o.take_flag(&["force"])?,
                 trust: o
                     .take_all(&["trust"])?
                     .into_iter()
@@ -508,7 +515,11 @@ mod tests {
         let t = tokenize(&["-".into(), "--".into(), "-x".into(), "-a=b=c".into()]).unwrap();
         assert_eq!(t[0], Token::Value("-".into()));
         assert_eq!(t[1], Token::Value("-x".into()));
-        assert_eq!(t[2], Token::Value("-a=b=c".into()), "after `--` everything is a value");
+        assert_eq!(
+            t[2],
+            Token::Value("-a=b=c".into()),
+            "after `--` everything is a value"
+        );
         assert_eq!(t.len(), 3);
         let t = tokenize(&["-A=b=c".into()]).unwrap();
         assert_eq!(

@@ -257,6 +257,65 @@ pub fn make(a: &MakeArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Why an image is not for a device of `model`, or `None` when it is (an image that lists
+/// no models fits every device; models compare without regard to case, as DMI tables and
+/// administrators spell them differently).
+pub fn model_mismatch(image_models: &[String], model: &str) -> Option<String> {
+    if image_models.is_empty()
+        || image_models
+            .iter()
+            .any(|m| m.trim().eq_ignore_ascii_case(model.trim()))
+    {
+        return None;
+    }
+    Some(format!(
+        "the image is made for {} and this device is a {model}: restore it on a compatible device, or add -force",
+        image_models.join(", ")
+    ))
+}
+
+/// This machine's model from its DMI table (absent on many embedded boards and VMs).
+fn dmi_model() -> Option<String> {
+    std::fs::read_to_string("/sys/class/dmi/id/product_name")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Seed 003's compatibility check before anything is written: the image's models against
+/// the device's. Skipped for stdin (the stream cannot be read twice) and raw images (no
+/// metadata).
+fn check_model(a: &RestoreArgs, disk: &Path, loc: &Location, http: &HttpConfig) -> Result<()> {
+    if a.force {
+        return Ok(());
+    }
+    let is_blockdev = std::fs::metadata(disk)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    let model = match (&a.model, is_blockdev) {
+        (Some(m), _) => m.clone(),
+        (None, true) => match dmi_model() {
+            Some(m) => m,
+            None => return Ok(()),
+        },
+        (None, false) => return Ok(()),
+    };
+    if matches!(loc, Location::Stdin) {
+        eprintln!("img: reading from stdin: the image's models cannot be checked before writing");
+        return Ok(());
+    }
+    let Ok(mut src) = Source::open(loc, http) else {
+        return Ok(());
+    };
+    let Ok(info) = format::read_info(&mut src) else {
+        return Ok(());
+    };
+    match model_mismatch(&info.meta.models, &model) {
+        Some(why) => Err(imgengine::Error::new(imgengine::ErrorKind::Target, why).into()),
+        None => Ok(()),
+    }
+}
+
 pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
     let disk = resolve_disk(&a.sel)?;
     let opts = DeployOptions {
@@ -275,6 +334,8 @@ pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
         http: http_config(a.ca.as_deref()),
     };
     let loc = Location::parse(&a.src);
+    check_model(a, &disk, &loc, &opts.http)
+        .with_context(|| format!("checking {loc} against this device"))?;
     let progress = ConsoleProgress::new(quiet);
     let what = match &a.sel.part {
         Some(p) => format!("partition {p} of {}", disk.display()),
@@ -450,4 +511,21 @@ pub fn keygen(key: &Path) -> Result<()> {
         key.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_check_is_case_blind_and_open_when_the_image_lists_none() {
+        let models = vec!["Z90".to_string(), "R90L".to_string()];
+        assert_eq!(model_mismatch(&models, "z90"), None);
+        assert_eq!(model_mismatch(&[], "anything"), None);
+        let why = model_mismatch(&models, "C50").unwrap();
+        assert!(
+            why.contains("Z90, R90L") && why.contains("C50") && why.contains("-force"),
+            "{why}"
+        );
+    }
 }

@@ -33,9 +33,10 @@ usage: img -VERB [options]          (options may also be written with --)
                                     `-` (stdout) or an http(s) URL (HTTP PUT)
                                     -comp: 0 none, 1 fastest (default), 6 balanced, 9 smallest
   -restore SRC [-disk=DISK] [-part=N|LABEL] [-trust=KEY.pub].. [-resume=auto|always|never]
-        [-state=DIR] [-threads=N] [-ca=PEM]
+        [-state=DIR] [-threads=N] [-ca=PEM] [-model=M] [-force]
                                     deploy an image (ours, or raw .img/.img.zst/.img.gz/.img.xz)
-                                    from a file, `-` (stdin) or an http(s) URL; re-run to resume
+                                    from a file, `-` (stdin) or an http(s) URL; re-run to resume;
+                                    refused when the image is not for this model (-force)
   -info IMAGE [-json] [-ca=PEM]     show an image's metadata
   -verify IMAGE [-trust=KEY.pub].. [-ca=PEM]
                                     check every chunk (and the signature) without writing

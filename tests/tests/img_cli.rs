@@ -151,8 +151,29 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
     make_disk(&dst, &[], true);
     let boot_before = std::fs::read(&dst).unwrap()[MIB as usize..(17 * MIB) as usize].to_vec();
     let nginx = Nginx::serve(&www);
+    // The image is made for Z90 and R90: a C50 is refused before anything is written.
+    let r = img(&[
+        "-restore",
+        &nginx.url("os.fimg"),
+        &format!("-disk={}", dst.display()),
+        "-part=2",
+        "-model=C50",
+    ]);
+    assert_eq!(r.status.code(), Some(5), "{}", text(&r));
+    assert!(
+        text(&r).contains("made for Z90, R90") && text(&r).contains("-force"),
+        "{}",
+        text(&r)
+    );
+    assert!(std::fs::read(&dst)
+        .unwrap()
+        .iter()
+        .skip((17 * MIB) as usize)
+        .take(MIB as usize)
+        .all(|&b| b == 0x5A));
     let r = ok(&[
         "-restore",
+        "-model=r90",
         &nginx.url("os.fimg"),
         &format!("-disk={}", dst.display()),
         "-part=2",

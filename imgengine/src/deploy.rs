@@ -11,7 +11,8 @@
 //!    the manifest, workers check CRC32, decompress and check SHA-256, and the caller's
 //!    thread writes them in image order; the first bad chunk stops everything, so the
 //!    target is never written past it;
-//! 4. the table chunks, held back, are written last, the target synced, the journal removed.
+//! 4. the table chunks, held back, are written last, the target synced, the journal removed;
+//!    a GPT image on a larger disk then has its backup moved to the disk's end.
 //!
 //! Resume: with the manifest known up front (sealed, or a streaming image on a source that
 //! can read ranges), the target's chunk regions are hashed in parallel and only the chunks
@@ -637,6 +638,19 @@ pub fn deploy(
 
     // Step 4: tables last, sync, forget the journal.
     let mut summary = sink.finish()?;
+    // A GPT image on a larger disk: the backup must sit in the target's last LBA (UEFI
+    // §5.3.2), not where the source disk ended.
+    if let Content::Disk { layout } = &meta.content {
+        if layout.table == crate::disk::TableKind::Gpt && layout.disk_size < t.len() {
+            crate::disk::gpt::relocate_backup(&t, layout.sector_size)?;
+            notes.push(format!(
+                "the image's disk had {} bytes, {} has {}: moved the GPT backup to its end",
+                layout.disk_size,
+                target.display(),
+                t.len()
+            ));
+        }
+    }
     progress.end();
     if journal.is_some() {
         let _ = fs::remove_file(&journal_path);

@@ -5,6 +5,10 @@
 //! parsed here first, and only a header whose CRC, entry size, entry count and entry-array
 //! CRC are sane is handed to the crate. The crate then reads the header and entries (the
 //! primary if valid, else the backup, like firmware does).
+//!
+//! [`relocate_backup`] writes, by hand (the crate rewrites the whole table and would need
+//! the partitions re-added), what `sgdisk -e` does after a deploy onto a larger disk: the
+//! backup moves to the last LBAs and the primary header points at it.
 
 use ::gpt::disk::LogicalBlockSize;
 use ::gpt::partition_types as types;
@@ -15,6 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::extent::Extent;
 use crate::fs::window::Window;
 use crate::io::ReadAt;
+use crate::target::Target;
 
 /// A sane upper bound on entries: 128 is standard, a few tools allow more; 16384 entries
 /// are 2 MiB of table, already absurd.
@@ -220,6 +225,151 @@ pub(crate) fn read(
     Ok(Some((parts, crate::extent::normalize(extents, 0))))
 }
 
+/// Move the GPT backup (entry array and header) to the last sectors of `target`, for a
+/// whole-disk image deployed onto a disk larger than the one it was captured from.
+///
+/// UEFI §5.3.2 puts the backup header in the disk's last LBA and firmware and the kernel
+/// look for it there; the image's backup lands where the source disk ended. This is what
+/// `sgdisk -e` does: the partitions stay where they are, the last usable LBA grows to just
+/// before the new backup entry array, and the primary header points at the new backup.
+///
+/// Order, for a power cut at any point: the new backup is written and synced first (a
+/// valid primary plus a valid backup at the end), then the primary header is rewritten and
+/// synced, then the stale backup header is zeroed. Nothing happens when the backup already
+/// sits in the last LBA. The primary header is untrusted (it came from the image): its
+/// CRC, entry size, entry count and entry array are checked by [`read_header`], its header
+/// size and usable range here.
+pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
+    let ss = sector_size;
+    let where_ = || format!("the GPT on {}", target.path().display());
+    let corrupt = |what: &str| {
+        Error::corrupt(format!(
+            "{}: {what}; repair it with `sgdisk -e` or redeploy",
+            where_()
+        ))
+    };
+    if !(512..=65536).contains(&ss) || !ss.is_power_of_two() {
+        return Err(Error::invalid(format!(
+            "{}: sector size {ss} is not a power of two in 512..=65536",
+            where_()
+        )));
+    }
+    let sectors = target.len() / ss;
+    if sectors < 3 {
+        return Err(corrupt("the disk is too small for a GPT"));
+    }
+    let Some(hdr) = read_header(target, target.len(), ss, 1)? else {
+        return Err(corrupt("the primary header is missing or fails its CRC"));
+    };
+    let new_backup = sectors - 1;
+    if hdr.current_lba != 1 || hdr.entries_lba < 2 {
+        return Err(corrupt(
+            "the primary header does not name LBA 1 as its own or puts its entries before LBA 2",
+        ));
+    }
+    if hdr.backup_lba == new_backup {
+        return Ok(());
+    }
+    let mut primary = vec![0u8; ss as usize];
+    target.read_at(&mut primary, ss)?;
+    let u32_at = |h: &[u8], o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |h: &[u8], o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    // read_header checked the CRC over 92 bytes; a header claiming another size would
+    // need its CRC over that size, which we do not write.
+    if u32_at(&primary, 12) != 92 {
+        return Err(corrupt("the primary header size is not 92 bytes"));
+    }
+    let first_usable = u64_at(&primary, 40);
+    let last_usable = u64_at(&primary, 48);
+    let entry_sectors = hdr.entry_sectors(ss);
+    let primary_entries_end = hdr
+        .entries_lba
+        .checked_add(entry_sectors)
+        .ok_or_else(|| corrupt("the primary entry array overflows"))?;
+    let new_entries_lba = new_backup
+        .checked_sub(entry_sectors)
+        .filter(|&l| l > primary_entries_end)
+        .ok_or_else(|| corrupt("the backup entry array does not fit the disk"))?;
+    let new_last_usable = new_entries_lba - 1;
+    // The partitions must already lie in the old usable range, which must end before the
+    // old backup and below the new one: only the free space at the end grows.
+    if first_usable < primary_entries_end
+        || first_usable > last_usable
+        || last_usable >= hdr.backup_lba
+        || last_usable > new_last_usable
+        || hdr.backup_lba > new_backup
+    {
+        return Err(corrupt(&format!(
+            "usable sectors {first_usable}..={last_usable} with the backup header at {} do not fit below sector {new_entries_lba}",
+            hdr.backup_lba
+        )));
+    }
+
+    // The entry array, as verified by read_header (its CRC stays the same), padded to
+    // whole sectors.
+    let entries_bytes = u64::from(hdr.num_entries) * 128;
+    let mut entries = vec![0u8; (entry_sectors * ss) as usize];
+    target.read_at(&mut entries[..entries_bytes as usize], hdr.entries_lba * ss)?;
+
+    let seal = |h: &mut [u8]| {
+        h[16..20].fill(0);
+        let crc = crc32fast::hash(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+    };
+    let mut backup = primary.clone();
+    backup[24..32].copy_from_slice(&new_backup.to_le_bytes());
+    backup[32..40].copy_from_slice(&1u64.to_le_bytes());
+    backup[48..56].copy_from_slice(&new_last_usable.to_le_bytes());
+    backup[72..80].copy_from_slice(&new_entries_lba.to_le_bytes());
+    seal(&mut backup);
+    target.write_at(&entries, new_entries_lba * ss)?;
+    target.write_at(&backup, new_backup * ss)?;
+    target.sync()?;
+
+    primary[32..40].copy_from_slice(&new_backup.to_le_bytes());
+    primary[48..56].copy_from_slice(&new_last_usable.to_le_bytes());
+    seal(&mut primary);
+    target.write_at(&primary, ss)?;
+    grow_protective_mbr(target, hdr.backup_lba, new_backup)?;
+    target.sync()?;
+
+    // The old backup header now lies in free space: zero it so no tool finds a second,
+    // stale backup (the old entry array without its header is inert).
+    // When the disk grew by less than the entry array, the old header lies under the new
+    // entries and is already overwritten.
+    if hdr.backup_lba < new_entries_lba {
+        target.zero_range(hdr.backup_lba * ss, ss)?;
+    }
+    target.sync()
+}
+
+/// Grow a protective MBR's 0xEE partition that ended at the old backup LBA to the new one
+/// (UEFI §5.2.3: it covers LBA 1 to the last LBA, or 0xFFFFFFFF when the disk is larger).
+/// Hybrid MBRs (more than one entry in use) and entries not ending at the old backup are
+/// left alone.
+fn grow_protective_mbr(target: &Target, old_backup: u64, new_backup: u64) -> Result<()> {
+    let mut mbr = [0u8; 512];
+    target.read_at(&mut mbr, 0)?;
+    if mbr[510..512] != [0x55, 0xAA] {
+        return Ok(());
+    }
+    let used: Vec<usize> = (0..4)
+        .map(|i| 446 + 16 * i)
+        .filter(|&o| mbr[o + 4] != 0)
+        .collect();
+    let [o] = used[..] else {
+        return Ok(());
+    };
+    let start = u32::from_le_bytes(mbr[o + 8..o + 12].try_into().expect("4 bytes"));
+    let size = u32::from_le_bytes(mbr[o + 12..o + 16].try_into().expect("4 bytes"));
+    if mbr[o + 4] != 0xEE || start != 1 || u64::from(size) != old_backup {
+        return Ok(());
+    }
+    let new_size = u32::try_from(new_backup).unwrap_or(u32::MAX);
+    mbr[o + 12..o + 16].copy_from_slice(&new_size.to_le_bytes());
+    target.write_at(&mbr, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,5 +513,117 @@ mod tests {
             }
             fuzz_read_layout(&img);
         }
+    }
+
+    /// A temp dir for the relocation tests, removed on drop.
+    struct Scratch(std::path::PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let d =
+                std::env::temp_dir().join(format!("imgengine-gpt-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Scratch(d)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sgdisk(args: &[&str], disk: &std::path::Path) -> String {
+        let out = std::process::Command::new("sgdisk")
+            .args(args)
+            .arg(disk)
+            .output()
+            .expect("running sgdisk (gdisk, scripts/install-deps.sh)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The partition lines of `sgdisk -p` (number, start, end, size, code, name).
+    fn partition_lines(p: &str) -> Vec<String> {
+        p.lines()
+            .skip_while(|l| !l.starts_with("Number"))
+            .skip(1)
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn last_usable(p: &str) -> u64 {
+        let l = p
+            .lines()
+            .find(|l| l.contains("last usable sector is"))
+            .unwrap();
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// A 64 MiB sgdisk GPT with two partitions, copied into a 96 MiB file.
+    fn grown_disk(dir: &Scratch) -> (std::path::PathBuf, Vec<u8>) {
+        let small = crate::fs::made_by(
+            "truncate -s 64M d.img
+             sgdisk -n 1:2048:+8M -t 1:ef00 -c 1:ESP -n 2:0:+40M -t 2:0700 -c 2:data d.img >/dev/null",
+            "d.img",
+        );
+        let path = dir.0.join("big.img");
+        std::fs::write(&path, &small).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(96 << 20).unwrap();
+        (path, small)
+    }
+
+    #[test]
+    fn relocated_backup_passes_sgdisk_verify() {
+        let dir = Scratch::new("grow");
+        let (path, small) = grown_disk(&dir);
+        let small_path = dir.0.join("small.img");
+        std::fs::write(&small_path, &small).unwrap();
+        let before = sgdisk(&["-p"], &small_path);
+        // As deployed: sgdisk finds the backup in the wrong place.
+        assert!(!sgdisk(&["-v"], &path).contains("No problems found"));
+
+        let t = Target::open_disk(&path, None).unwrap();
+        relocate_backup(&t, 512).unwrap();
+        let v = sgdisk(&["-v"], &path);
+        assert!(v.contains("No problems found"), "{v}");
+        let after = sgdisk(&["-p"], &path);
+        assert_eq!(partition_lines(&after), partition_lines(&before));
+        assert_eq!(partition_lines(&after).len(), 2);
+        assert_eq!(last_usable(&before), (64 << 11) - 34);
+        assert_eq!(last_usable(&after), (96 << 11) - 34);
+        // The stale backup header at the old end is gone; the new one is in the last LBA.
+        let mut h = [0u8; 8];
+        t.read_at(&mut h, (64 << 20) - 512).unwrap();
+        assert_eq!(h, [0; 8]);
+        t.read_at(&mut h, (96 << 20) - 512).unwrap();
+        assert_eq!(&h, b"EFI PART");
+        // Idempotent: a second run finds the backup already at the end.
+        relocate_backup(&t, 512).unwrap();
+        assert!(sgdisk(&["-v"], &path).contains("No problems found"));
+    }
+
+    /// Mutated primary headers (mostly re-sealed so they get past the CRC) are refused or
+    /// relocated, never a panic.
+    #[test]
+    fn mutated_primary_headers_never_panic() {
+        let dir = Scratch::new("mut");
+        let (path, small) = grown_disk(&dir);
+        let t = Target::open_disk(&path, None).unwrap();
+        let head = &small[..34 * 512];
+        let mut rng = TestRng(0x5EC7);
+        for i in 0..300 {
+            let mut h = head.to_vec();
+            rng.mutate_in(&mut h, &[(512, 92)]);
+            if i % 4 != 0 {
+                let mut z = h[512..604].to_vec();
+                z[16..20].fill(0);
+                let c = crc32fast::hash(&z).to_le_bytes();
+                h[512 + 16..512 + 20].copy_from_slice(&c);
+            }
+            t.write_at(&h, 0).unwrap();
+            let _ = relocate_backup(&t, 512);
+            let _ = relocate_backup(&t, 4096);
+        }
+        assert!(relocate_backup(&t, 1000).is_err());
     }
 }

@@ -42,10 +42,14 @@ pub fn workspace_bin(name: &str, package: &str) -> PathBuf {
     bin
 }
 
+/// Build `package` once per test binary (cargo is a no-op when up to date, but not free:
+/// a suite calls this for every command it runs).
 fn ensure_built(bin: &Path, package: &str) {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    // Always ask cargo: it is a no-op when up to date and rebuilds a stale binary.
+    static BUILT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.iter().any(|b| b == bin) {
+        return;
+    }
     let st = Command::new(env!("CARGO"))
         .args(["build", "-q", "-p", package])
         .current_dir(workspace_root())
@@ -53,6 +57,33 @@ fn ensure_built(bin: &Path, package: &str) {
         .expect("running cargo build");
     assert!(st.success(), "cargo build -p {package} failed");
     assert!(bin.exists(), "{} missing after build", bin.display());
+    built.push(bin.to_path_buf());
+}
+
+/// The reference server binary (built on demand).
+pub fn imgserver_bin() -> PathBuf {
+    workspace_bin("imgserver", "imgserver")
+}
+
+/// Run an `imgserver --data DATA ARGS...` admin command; returns stdout and stderr.
+/// Exit code 3 (validation warnings) counts as success, as it does for an administrator.
+pub fn imgserver_admin(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(imgserver_bin())
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .expect("running imgserver");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() || out.status.code() == Some(3),
+        "imgserver {args:?} failed:\n{text}"
+    );
+    text
 }
 
 /// Fail with a clear message when a peer tool is not installed.

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use checkin::AgentConfig;
-use e2e::{require_tool, run, sample_bytes, sh, workspace_bin, Scratch};
+use e2e::{imgserver_bin, require_tool, run, sample_bytes, sh, Scratch};
 use imgengine::capture::{capture, CaptureOptions};
 use imgengine::io::NoProgress;
 
@@ -34,12 +34,6 @@ const ROGUE_IP: &str = "10.78.0.66";
 const MAC: &str = "52:54:00:78:00:02";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn imgserver_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("imgserver", "imgserver"))
-        .clone()
-}
 
 fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
@@ -95,22 +89,7 @@ impl Lab {
     }
 
     fn admin(&self, data: &Path, args: &[&str]) -> String {
-        let out = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(data)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() || out.status.code() == Some(3),
-            "imgserver {args:?}:\n{text}"
-        );
-        text
+        e2e::imgserver_admin(data, args)
     }
 
     /// `imgserver init` for `addr` and `serve` on addr:8443 inside the server namespace.

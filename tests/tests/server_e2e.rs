@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use checkin::client::{Client, ClientError};
 use checkin::state::StateDir;
 use checkin::{AgentConfig, LoopOutcome};
-use e2e::{require_tool, sample_bytes, sh, workspace_bin, Scratch};
+use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
 use imgengine::capture::{capture, CaptureOptions};
 use imgengine::io::NoProgress;
 use imgserver::protocol::{
@@ -35,13 +35,6 @@ use imgserver::protocol::{
 const MIB: u64 = 1 << 20;
 const MAC_A: &str = "52:54:00:00:00:0a";
 const MAC_B: &str = "52:54:00:00:00:0b";
-
-/// Built once per test binary (cargo build is a no-op when up to date, but not free).
-fn imgserver_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("imgserver", "imgserver"))
-        .clone()
-}
 
 /// A running `imgserver serve` on 127.0.0.1 with TLS; killed on drop.
 struct Server {
@@ -105,25 +98,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn admin(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(imgserver_bin())
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() || out.status.code() == Some(3),
-        "imgserver {args:?} failed:\n{text}"
-    );
-    text
 }
 
 fn tools() {

@@ -207,3 +207,138 @@ impl Drop for Netns {
             .status();
     }
 }
+
+// ---- The device's whole life (qemu_life.rs): reboots that keep the disk, a guest OS. ----
+
+impl Qemu {
+    /// Everything the console printed so far, saved to `path` (one file per boot).
+    pub fn save_log(&self, path: &Path) {
+        let _ = std::fs::write(path, self.text());
+    }
+
+    /// Power cut: QEMU is killed at once, as when the plug is pulled (nothing is flushed by
+    /// the guest; QEMU writes the disk image without a host cache of its own).
+    pub fn power_cut(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The time since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Whether QEMU has exited (the guest powered off or rebooted under `-no-reboot`).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// OVMF's code (read-only) and a fresh copy of its variable store for one device; the
+/// variable store is kept between the boots of that device like its disk.
+pub fn ovmf(dir: &Path) -> (PathBuf, PathBuf) {
+    let code = PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    assert!(
+        code.exists(),
+        "OVMF is not installed: run `bash scripts/install-deps.sh` as root"
+    );
+    let vars = dir.join("ovmf-vars.fd");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+    (code, vars)
+}
+
+/// A newc cpio archive (what the kernel unpacks as an initramfs) from `(path, mode, data)`
+/// entries; character devices are `(path, 0o020600, major << 8 | minor as bytes "")` with
+/// the device number in `rdev`. Written here so a test needs neither root nor mknod.
+pub struct Cpio(Vec<u8>, u32);
+
+impl Cpio {
+    pub fn new() -> Cpio {
+        Cpio(Vec::new(), 1)
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        let ino = self.1;
+        self.1 += 1;
+        let hdr = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0
+        );
+        self.0.extend_from_slice(hdr.as_bytes());
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.push(0);
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+        self.0.extend_from_slice(data);
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+    }
+
+    pub fn dir(&mut self, name: &str) -> &mut Cpio {
+        self.entry(name, 0o040755, (0, 0), &[]);
+        self
+    }
+
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Cpio {
+        self.entry(name, 0o100000 | mode, (0, 0), data);
+        self
+    }
+
+    pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) -> &mut Cpio {
+        self.entry(name, 0o020600, (major, minor), &[]);
+        self
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        while self.0.len() % 512 != 0 {
+            self.0.push(0);
+        }
+        self.0
+    }
+}
+
+/// The guest OS of the whole-life tests: Debian's kernel and a tiny initramfs whose `/init`
+/// (static busybox) prints `GUEST OS v<version>` and powers the machine off. The marker is
+/// only in the initramfs, so seeing it on the console proves this guest was booted.
+pub fn guest_initrd(dir: &Path, version: &str) -> PathBuf {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .expect("busybox missing: run `bash scripts/install-deps.sh` as root (busybox-static)");
+    let script = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         echo \"GUEST OS v{version} up (uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime) s)\"\n\
+         /bin/busybox sync\n\
+         /bin/busybox poweroff -f\n"
+    );
+    let mut c = Cpio::new();
+    c.dir("bin")
+        .dir("dev")
+        .dir("proc")
+        .char_dev("dev/console", 5, 1)
+        .file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
+        .file("init", 0o755, script.as_bytes())
+        .file(
+            "VERSION.TXT",
+            0o644,
+            format!("guest {version}\n").as_bytes(),
+        );
+    let out = dir.join(format!("guest-initrd-v{version}.img"));
+    std::fs::write(&out, c.finish()).unwrap();
+    out
+}

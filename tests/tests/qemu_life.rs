@@ -1,0 +1,687 @@
+//! A device's whole life, boot after boot (issue 8 item 4): a flashed disk with the boot-agent
+//! partition (`img -install`) and a guest OS on partition 2, booted by UEFI firmware (OVMF)
+//! and a standalone GRUB, with real reboots: QEMU runs once per boot with `-no-reboot` and is
+//! started again on the SAME disk and OVMF variable files, so each boot has its own serial
+//! log (kept in the scratch folder as `boot-N.log`) and what it reached is read from it.
+//!
+//! The guest OS is Debian's kernel with a tiny busybox initramfs that prints
+//! `GUEST OS v<version>` and powers off; v1 and v2 are FAT partitions holding that kernel,
+//! initramfs and a VERSION.TXT, captured with `img -make -part=2`, signed with `img -sign`
+//! (the device's initramfs trusts the key) and registered in the reference server.
+//!
+//! - `guest_boots_straight_from_grub`: the reference figure, a GRUB entry straight to the
+//!   guest (no agent at all): power-on → guest marker.
+//! - `whole_life_boots_deploys_reboots_and_stays_managed`: boot 1 agent → no work → guest v1
+//!   through grubenv; the administrator schedules v2; boot 2 agent deploys v2 → reboot →
+//!   boot 3 guest v2; boot 4 the agent checks in with its stored credential, the server shows
+//!   the device Operational with v2, guest v2 again. Prints the agent-pass figure.
+//! - `power_cut_mid_deploy_resumes_and_ends_in_v2`: QEMU killed while v2 is being written;
+//!   the next boot is the agent (never the half-written guest), which resumes without
+//!   fetching the intact chunks again (nginx's byte count) and ends in guest v2.
+//! - `no_server_question_then_guest`: no DHCP server at all: the seed's 5-second question,
+//!   no key, guest marker.
+//! - `pxe_no_work_boots_the_local_disk_without_fetching_the_agent` and
+//!   `pxe_with_work_runs_the_agent`: iPXE asks the server first (`/pxe/boot.ipxe?mac=`).
+//!
+//! Figures are printed (never asserted). These take minutes under TCG: `QUICK=1` skips them.
+
+mod qemu;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::{img_bin, imgserver_admin, imgserver_bin, require_tool, run, sh, Scratch};
+use qemu::{guest_initrd, initrd, kernel, ovmf, quick, Kernel, Qemu};
+
+/// The device's disk: partition 1 the boot agent (40 MiB: Debian's cloud kernel is 14 MB),
+/// partition 2 the guest OS, in the same places on the capture source and on the device.
+const DISK_MIB: u64 = 80;
+const PART1: &str = "-n1:1M:+40M";
+const PART2: &str = "-n2:41M:+32M";
+const PART2_OFFSET: u64 = 41 << 20;
+const PART2_MIB: u64 = 32;
+
+/// A boot under TCG with OVMF takes tens of seconds on a busy machine; these are limits for
+/// a hung boot, never figures.
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+const DEPLOY_LIMIT: Duration = Duration::from_secs(600);
+
+/// GRUB modules for the standalone image: the disk, FAT, Linux, the environment block.
+const GRUB_MODULES: &str = "part_gpt part_msdos fat search search_fs_file configfile linux normal serial terminal test echo chain efi_gop all_video loadenv";
+
+/// The guest kernel's command line: its console on the serial port, no panic loop.
+const GUEST_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+fn tools() {
+    for t in [
+        "sgdisk",
+        "mkfs.fat",
+        "fsck.fat",
+        "mcopy",
+        "mtype",
+        "grub-mkstandalone",
+        "qemu-system-x86_64",
+    ] {
+        require_tool(t);
+    }
+}
+
+/// The guest OS partition v`version` as a FAT file system image of PART2_MIB: the kernel, the
+/// busybox initramfs and VERSION.TXT at its root.
+fn guest_partition(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
+    let initrd = guest_initrd(dir, version);
+    let part = dir.join(format!("guest-v{version}.fat"));
+    let ver = dir.join(format!("VERSION-v{version}.TXT"));
+    std::fs::write(&ver, format!("guest {version}\n")).unwrap();
+    sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {PART2_MIB}M {p}
+         mkfs.fat -n GUEST {p} >/dev/null
+         mcopy -i {p} {k} ::/vmlinuz
+         mcopy -i {p} {i} ::/initrd.img
+         mcopy -i {p} {v} ::/VERSION.TXT",
+        p = part.display(),
+        k = k.vmlinuz.display(),
+        i = initrd.display(),
+        v = ver.display(),
+    ));
+    part
+}
+
+/// A GPT disk file in the device's layout with `guest` (a FAT image) in partition 2.
+fn source_disk(dir: &Path, guest: &Path, name: &str) -> PathBuf {
+    let disk = dir.join(name);
+    sh(&format!(
+        "rm -f {d}; truncate -s {DISK_MIB}M {d}
+         sgdisk -o {PART1} -t1:ef00 -c1:BOOTAGENT {PART2} -t2:8300 -c2:GUEST {d} >/dev/null
+         dd if={g} of={d} bs=1M seek={off} conv=notrunc status=none",
+        d = disk.display(),
+        g = guest.display(),
+        off = PART2_OFFSET >> 20,
+    ));
+    disk
+}
+
+/// The signing key pair of the site: `img -keygen`.
+fn site_key(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = dir.join("site.key");
+    run(Command::new(img_bin()).arg("-keygen").arg(&key));
+    let public = PathBuf::from(format!("{}.pub", key.display()));
+    assert!(public.is_file(), "img -keygen made no {}", public.display());
+    (key, public)
+}
+
+/// Guest v`version` captured as the server deploys it: `img -make -part=2` of a source disk,
+/// then `img -sign` with the site key.
+fn guest_image(dir: &Path, k: &Kernel, version: &str, key: &Path) -> PathBuf {
+    let part = guest_partition(dir, k, version);
+    let src = source_disk(dir, &part, &format!("source-v{version}.img"));
+    let image = dir.join(format!("guest-{version}.img"));
+    run(Command::new(img_bin()).env("IMG_QUIET", "1").args([
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=2",
+        "-name=guest",
+        &format!("-version={version}"),
+    ]));
+    run(Command::new(img_bin())
+        .arg("-sign")
+        .arg(&image)
+        .arg(format!("-key={}", key.display())));
+    std::fs::remove_file(&src).unwrap();
+    image
+}
+
+/// A standalone GRUB EFI image whose built-in configuration is `embedded`.
+fn grub_efi(dir: &Path, name: &str, embedded: &str) -> PathBuf {
+    let embed = dir.join(format!("{name}.cfg"));
+    std::fs::write(&embed, embedded).unwrap();
+    let efi = dir.join(format!("{name}.efi"));
+    run(Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "--locales=", "--fonts=", "--themes="])
+        .arg(format!("--modules={GRUB_MODULES}"))
+        .arg(format!("--install-modules={GRUB_MODULES}"))
+        .arg("-o")
+        .arg(&efi)
+        .arg(format!("boot/grub/grub.cfg={}", embed.display())));
+    efi
+}
+
+/// The GRUB the product ships (docs/boot.md): finds the boot-agent partition by the agent's
+/// kernel and reads the grub.cfg `img -install` wrote there.
+fn product_grub(dir: &Path) -> PathBuf {
+    grub_efi(
+        dir,
+        "grubx64",
+        "search --no-floppy --file --set=root /boot/vmlinuz\nset prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n",
+    )
+}
+
+/// A device: its disk file and OVMF variable store, both kept between boots.
+struct Device {
+    dir: PathBuf,
+    disk: PathBuf,
+    code: PathBuf,
+    vars: PathBuf,
+    mac: String,
+    /// The network namespace and tap QEMU runs in; None: no network card plugged in.
+    ns: Option<String>,
+    /// Boot from the network first (the NIC's iPXE ROM), then the disk.
+    pxe: bool,
+    boots: u32,
+}
+
+/// One boot: QEMU from power-on to its exit (reboot or power-off under `-no-reboot`).
+struct Boot {
+    q: Qemu,
+    n: u32,
+    log: PathBuf,
+}
+
+impl Boot {
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> Duration {
+        let t = self.q.wait_for(needle, limit);
+        self.q.save_log(&self.log);
+        t
+    }
+
+    /// Wait for the boot to end by itself (the agent rebooted, the guest powered off).
+    fn end(mut self) -> String {
+        self.q.wait_exit(BOOT_LIMIT);
+        self.q.save_log(&self.log);
+        let text = self.q.text();
+        eprintln!(
+            "boot {} ended after {:.1} s: {}",
+            self.n,
+            self.q.elapsed().as_secs_f64(),
+            reached(&text)
+        );
+        assert!(
+            !text.contains("Kernel panic"),
+            "boot {} panicked:\n{}",
+            self.n,
+            e2e::tail(&text, 40)
+        );
+        text
+    }
+
+    /// Pull the plug.
+    fn power_cut(mut self) -> String {
+        self.q.power_cut();
+        self.q.save_log(&self.log);
+        eprintln!(
+            "boot {}: power cut after {:.1} s: {}",
+            self.n,
+            self.q.elapsed().as_secs_f64(),
+            reached(&self.q.text())
+        );
+        self.q.text()
+    }
+}
+
+/// What a boot reached, read from its console.
+fn reached(text: &str) -> String {
+    let mut r = Vec::new();
+    if text.contains("Linux version") {
+        r.push("kernel".to_string());
+    }
+    if text.contains("agent started") {
+        r.push("agent".into());
+    }
+    if text.contains("img: enrolled as device") {
+        r.push("enrolled".into());
+    }
+    if text.contains("succeeded") {
+        r.push("task succeeded".into());
+    }
+    if let Some(v) = guest_version(text) {
+        r.push(format!("guest v{v}"));
+    }
+    if r.is_empty() {
+        "nothing (firmware or GRUB only)".into()
+    } else {
+        r.join(" → ")
+    }
+}
+
+/// The guest version whose marker is on the console, if any.
+fn guest_version(text: &str) -> Option<String> {
+    let at = text.find("GUEST OS v")?;
+    Some(
+        text[at + "GUEST OS v".len()..]
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect(),
+    )
+}
+
+impl Device {
+    /// A blank disk in the device layout (partition table only).
+    fn new(dir: &Path, mac: &str) -> Device {
+        let disk = dir.join("device.img");
+        sh(&format!(
+            "rm -f {d}; truncate -s {DISK_MIB}M {d}
+             sgdisk -o {PART1} -t1:ef00 -c1:BOOTAGENT {PART2} -t2:8300 -c2:GUEST {d} >/dev/null",
+            d = disk.display()
+        ));
+        let (code, vars) = ovmf(dir);
+        Device {
+            dir: dir.to_path_buf(),
+            disk,
+            code,
+            vars,
+            mac: mac.to_string(),
+            ns: None,
+            pxe: false,
+            boots: 0,
+        }
+    }
+
+    /// Power on: a new QEMU on the same disk and variable store.
+    fn power_on(&mut self) -> Boot {
+        self.boots += 1;
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        cmd.args([
+            "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+        ])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            self.code.display()
+        ))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", self.vars.display()))
+        // bootindex: the disk after the network when the device PXE-boots.
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=d0,cache=writethrough",
+            self.disk.display()
+        ))
+        .arg("-device")
+        .arg(format!(
+            "virtio-blk-pci,drive=d0,bootindex={}",
+            if self.pxe { 2 } else { 1 }
+        ));
+        match &self.ns {
+            Some(_) => {
+                cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+                let mut dev = format!("virtio-net-pci,netdev=n0,mac={}", self.mac);
+                if self.pxe {
+                    dev.push_str(",bootindex=1");
+                } else {
+                    // Only the disk boots: the NIC's option ROM stays out of the way.
+                    dev.push_str(",romfile=");
+                }
+                cmd.arg("-device").arg(dev);
+            }
+            None => {
+                cmd.args(["-nic", "none"]);
+            }
+        }
+        let log = self.dir.join(format!("boot-{}.log", self.boots));
+        eprintln!("boot {}: power on", self.boots);
+        Boot {
+            q: Qemu::start(cmd),
+            n: self.boots,
+            log,
+        }
+    }
+
+    /// Partition 2 of the disk as it is now, copied out for mtools.
+    fn guest_part(&self) -> PathBuf {
+        let out = self.dir.join("guest-now.fat");
+        sh(&format!(
+            "dd if={d} of={o} bs=1M skip={off} count={PART2_MIB} status=none",
+            d = self.disk.display(),
+            o = out.display(),
+            off = PART2_OFFSET >> 20
+        ));
+        out
+    }
+
+    /// VERSION.TXT of the guest partition on the disk (after fsck.fat -n passed).
+    fn guest_on_disk(&self) -> String {
+        let p = self.guest_part();
+        sh(&format!("fsck.fat -n {} >/dev/null", p.display()));
+        sh(&format!(
+            "MTOOLS_SKIP_CHECK=1 mtype -i {} ::/VERSION.TXT",
+            p.display()
+        ))
+        .trim()
+        .to_string()
+    }
+}
+
+/// Everything the tests share: the kernel, the site key, guest images v1 and v2, the agent's
+/// initramfs (trusting the site key) and the shipped GRUB.
+struct Lab {
+    dir: Scratch,
+    k: Kernel,
+    key_pub: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+    agent_initrd: PathBuf,
+    grub: PathBuf,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        tools();
+        let dir = Scratch::new(tag);
+        let k = kernel();
+        let (key, key_pub) = site_key(dir.path());
+        let v1 = guest_image(dir.path(), &k, "1", &key);
+        let v2 = guest_image(dir.path(), &k, "2", &key);
+        let agent_initrd = agent_initrd(dir.path(), &k, &key_pub);
+        let grub = product_grub(dir.path());
+        Lab {
+            dir,
+            k,
+            key_pub,
+            v1,
+            v2,
+            agent_initrd,
+            grub,
+        }
+    }
+
+    /// The factory state of a device: the boot agent installed on partition 1 by
+    /// `img -install` (booting the guest from partition 2 when told to), guest v1 restored
+    /// onto partition 2 by `img -restore` with the site key.
+    fn flashed_device(&self, mac: &str, cmdline: &str) -> Device {
+        let dev = Device::new(self.dir.path(), mac);
+        let out = run(Command::new(img_bin())
+            .arg("-install")
+            .arg(&dev.disk)
+            .arg(format!("-kernel={}", self.k.vmlinuz.display()))
+            .arg(format!("-initrd={}", self.agent_initrd.display()))
+            .arg(format!("-efi={}", self.grub.display()))
+            .arg(format!("-cmdline={cmdline}"))
+            .arg(format!("-guest=linux:/vmlinuz:/initrd.img:{GUEST_CMDLINE}")));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("installed the boot agent"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        run(Command::new(img_bin())
+            .env("IMG_QUIET", "1")
+            .arg("-restore")
+            .arg(&self.v1)
+            .arg(format!("-disk={}", dev.disk.display()))
+            .arg("-part=2")
+            .arg(format!("-trust={}", self.key_pub.display())));
+        assert_eq!(dev.guest_on_disk(), "guest 1");
+        dev
+    }
+}
+
+/// The agent's initramfs (mkinitrd), trusting the site's image-signing key.
+fn agent_initrd(dir: &Path, k: &Kernel, key_pub: &Path) -> PathBuf {
+    let plain = initrd(dir, k);
+    let out = dir.join("agent-initrd.img");
+    run(Command::new(e2e::workspace_bin("mkinitrd", "initramfs"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--agent")
+        .arg(qemu::static_agent())
+        .arg("--kernel-modules")
+        .arg(&k.modules)
+        .arg("--ca")
+        .arg("/etc/ssl/certs/ca-certificates.crt")
+        .arg("--trusted")
+        .arg(key_pub));
+    std::fs::remove_file(plain).unwrap();
+    out
+}
+
+// ---- The network: a namespace with a bridge, the device's tap, dnsmasq and the server. ----
+
+/// The address plan of the whole-life namespace.
+const SERVER_IP: &str = "10.79.0.1";
+
+/// A child process whose output is collected (dnsmasq's and the server's logs).
+struct Logged {
+    child: Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl Logged {
+    fn spawn(mut cmd: Command) -> Logged {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let out = Arc::new(Mutex::new(String::new()));
+        for mut pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let sink = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Logged { child, out }
+    }
+
+    fn text(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, needle: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if self.text().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "`{needle}` not in the log:\n{}",
+            e2e::tail(&self.text(), 30)
+        );
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The site network: namespace, bridge with the device's tap, the reference server (plain
+/// HTTP on SERVER_IP:8080) and dnsmasq (DHCP with options 186/192, TFTP when `tftp` is given).
+struct Site {
+    ns: qemu::Netns,
+    data: PathBuf,
+    server: Option<Logged>,
+    dnsmasq: Option<Logged>,
+}
+
+impl Site {
+    fn new(dir: &Path, tag: &str) -> Site {
+        require_tool("ip");
+        require_tool("dnsmasq");
+        let ns = qemu::Netns(format!("imglife{tag}{}", std::process::id()));
+        run(Command::new("ip").args(["netns", "add", &ns.0]));
+        for c in [
+            "ip link set lo up".to_string(),
+            "ip link add br0 type bridge".into(),
+            format!("ip addr add {SERVER_IP}/24 dev br0"),
+            "ip link set br0 up".into(),
+            "ip tuntap add dev tap0 mode tap".into(),
+            "ip link set tap0 master br0".into(),
+            "ip link set tap0 up".into(),
+        ] {
+            run(Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .args(c.split_whitespace()));
+        }
+        let data = dir.join("srv");
+        imgserver_admin(&data, &["init", "--name", SERVER_IP]);
+        Site {
+            ns,
+            data,
+            server: None,
+            dnsmasq: None,
+        }
+    }
+
+    fn admin(&self, args: &[&str]) -> String {
+        imgserver_admin(&self.data, args)
+    }
+
+    fn start_server(&mut self) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.0])
+            .arg(imgserver_bin())
+            .arg("--data")
+            .arg(&self.data)
+            .args([
+                "serve",
+                "--plain",
+                "--interval",
+                "5",
+                "--listen",
+                &format!("{SERVER_IP}:8080"),
+                "--public-url",
+                &format!("http://{SERVER_IP}:8080"),
+            ])
+            .env("RUST_LOG", "info");
+        let s = Logged::spawn(cmd);
+        s.wait_for("listening on", Duration::from_secs(30));
+        self.server = Some(s);
+    }
+
+    /// dnsmasq: a lease with options 186 (server address) and 192 (HTTP port 8080); with
+    /// `pxe`, also TFTP from that root and the shipped chain to iPXE.
+    fn start_dnsmasq(&mut self, dir: &Path, extra: &[String]) {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns.0,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--log-dhcp",
+            "--log-facility=-",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--interface=br0",
+            "--bind-interfaces",
+            "--dhcp-range=10.79.0.50,10.79.0.99,1h",
+            "--dhcp-authoritative",
+        ])
+        .arg(format!("--dhcp-option-force=186,{SERVER_IP}"))
+        .arg("--dhcp-option-force=192,1f:90")
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .args(extra);
+        self.dnsmasq = Some(Logged::spawn(cmd));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn server_log(&self) -> String {
+        self.server.as_ref().map(|s| s.text()).unwrap_or_default()
+    }
+
+    fn dnsmasq_log(&self) -> String {
+        self.dnsmasq.as_ref().map(|s| s.text()).unwrap_or_default()
+    }
+
+    /// The server's line for the device (`imgserver devices`).
+    fn device_line(&self, mac: &str) -> String {
+        let devices = self.admin(&["devices"]);
+        devices
+            .lines()
+            .find(|l| l.to_lowercase().contains(mac))
+            .unwrap_or_else(|| panic!("device {mac} not listed:\n{devices}"))
+            .to_string()
+    }
+}
+
+/// Register a signed guest image and schedule it onto partition 2 of the device.
+fn schedule_guest(site: &Site, image: &Path, version: &str, mac: &str) {
+    let out = site.admin(&["image", "add", image.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("registered image guest {version}")),
+        "{out}"
+    );
+    let out = site.admin(&[
+        "schedule",
+        "add",
+        "--mac",
+        mac,
+        "--image",
+        &format!("guest:{version}"),
+        "--partition",
+        "2",
+        "--no-backup",
+    ]);
+    assert!(out.contains("scheduled"), "{out}");
+}
+
+/// The agent's kernel command line on the flashed device.
+const AGENT_CMDLINE: &str = "console=ttyS0 panic=-1 img.disk=/dev/vda img.delay=3";
+
+// ---- The tests ----
+
+/// The reference: a GRUB whose only entry boots the guest on partition 2 straight away, no
+/// agent. Also proves the guest OS build (kernel + busybox initramfs on FAT) boots.
+#[test]
+fn guest_boots_straight_from_grub() {
+    if quick() {
+        return;
+    }
+    tools();
+    let dir = Scratch::new("life-direct");
+    let k = kernel();
+    let part = guest_partition(dir.path(), &k, "1");
+    let efi = grub_efi(
+        dir.path(),
+        "direct",
+        &format!(
+            "set timeout=0\nset root=(hd0,gpt2)\nlinux /vmlinuz {GUEST_CMDLINE}\ninitrd /initrd.img\nboot\n"
+        ),
+    );
+    // Partition 1 holds only this GRUB as the removable-media boot file.
+    let mut dev = Device::new(dir.path(), "52:54:00:00:79:10");
+    sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1; p={d}/esp.fat; truncate -s 40M $p; mkfs.fat -F 32 $p >/dev/null
+         mmd -i $p ::/EFI ::/EFI/BOOT; mcopy -i $p {efi} ::/EFI/BOOT/BOOTX64.EFI
+         dd if=$p of={disk} bs=1M seek=1 conv=notrunc status=none
+         dd if={part} of={disk} bs=1M seek={off} conv=notrunc status=none",
+        d = dir.path().display(),
+        efi = efi.display(),
+        disk = dev.disk.display(),
+        part = part.display(),
+        off = PART2_OFFSET >> 20
+    ));
+    let mut b = dev.power_on();
+    let t = b.wait_for("GUEST OS v1", BOOT_LIMIT);
+    b.end();
+    eprintln!(
+        "life figure (TCG, OVMF + GRUB): power-on → guest marker, GRUB entry straight to the guest: {:.1} s",
+        t.as_secs_f64()
+    );
+}

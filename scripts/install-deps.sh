@@ -16,6 +16,7 @@ need_pkgs=(
   time bc               # GNU time (wall, CPU, peak RSS) and bc for the benchmark ratios
   ipxe                  # iPXE ROMs/undionly.kpxe for the QEMU PXE-boot test (issue 5)
   ovmf grub-efi-amd64-bin  # UEFI firmware and GRUB EFI modules for the flash-install boot test
+  grub-common           # grub-editenv: the grubenv cross-check (grub crate, qemu_guest)
   cpio                  # listing initramfs archives in tests and by hand
   openssl binutils      # test CAs for HTTPS tests; readelf for the static-binary check
   kmod                  # depmod: builds modules.dep for the fetched kernel (scripts/fetch-kernel.sh)

@@ -8,6 +8,8 @@
 //! the imaging engine and recording the imaging status, which is why the agent's entries are
 //! generated from data here rather than copied from a template.
 
+pub mod env;
+
 use std::fmt::Write;
 
 /// One `menuentry`.

@@ -1,4 +1,7 @@
-//! Boot configuration: the `grub.cfg` of the device's boot-agent partition.
+//! Boot configuration and the boot-agent partition: the `grub.cfg` of the device's
+//! boot-agent partition ([`BootConfig`]), reading and in-place rewriting of files on that
+//! partition without mounting it ([`bootpart`]), and the agent's persistent store kept
+//! there ([`store`]).
 //!
 //! The boot-agent partition (MISSION §3: FAT32, 16 MB, first on the disk) holds GRUB, our
 //! kernel and initrd, and this configuration. Its default entry boots the agent; a second
@@ -7,6 +10,8 @@
 //! Autogenic imaging (seed 001) will rewrite this file later: switching the next boot into
 //! the imaging engine and recording the imaging status, which is why the agent's entries are
 //! generated from data here rather than copied from a template.
+
+pub mod bootpart;
 
 use std::fmt::Write;
 

@@ -1,5 +1,7 @@
-//! Boot configuration: the `grub.cfg` of the device's boot-agent partition, and the GRUB
-//! environment block ([`env`]) that chooses its next boot.
+//! Boot configuration and the boot-agent partition: the `grub.cfg` of the device's
+//! boot-agent partition ([`BootConfig`]), the GRUB environment block ([`env`]) that chooses
+//! its next boot, reading and in-place rewriting of files on that partition without
+//! mounting it ([`bootpart`]), and the agent's persistent store kept there.
 //!
 //! The boot-agent partition (MISSION §3: FAT32, first on the disk) holds GRUB, our kernel
 //! and initrd, this configuration and `grubenv`. The configuration is static: every boot
@@ -9,6 +11,8 @@
 //! an unknown `next_entry`, or a `save_env` that fails all boot the agent: the safe side,
 //! from which the server (or an administrator) can still reach the device. The agent writes
 //! `next_entry=guest` when it hands the device to its OS (docs/boot.md).
+
+pub mod bootpart;
 
 use std::fmt::Write;
 

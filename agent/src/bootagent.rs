@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
+use crate::bootflow::{self, BootOutcome, GuestOsHandoff, TtyConsole};
+use crate::handover;
 
 /// Where the boot-agent partition is mounted (the same folder discovery reads its
 /// configuration from: `discovery::DEFAULT_CONFIG_DIR` is `<this>/config`).
@@ -22,6 +23,20 @@ pub enum AgentExit {
     Console = 10,
     /// Boot the guest OS already on flash.
     GuestOs = 11,
+}
+
+/// The real hand-over: grubenv's next_entry=guest on the boot-agent partition, so the reboot
+/// init does next lands in the guest OS once (agent/src/handover.rs). A failure is shown
+/// and the reboot still happens: GRUB then boots the agent, which tries again.
+pub struct GrubenvHandoff;
+
+impl GuestOsHandoff for GrubenvHandoff {
+    fn boot_guest_os(&self) -> anyhow::Result<()> {
+        if let Err(e) = handover::prepare_guest_boot() {
+            eprintln!("agent: {e:#}; the next boot runs the agent again");
+        }
+        Ok(())
+    }
 }
 
 /// Settings of the boot agent from its environment (init passes the kernel parameters as
@@ -54,7 +69,7 @@ fn run_inner() -> anyhow::Result<AgentExit> {
         ..discovery::Config::default()
     };
     let mut console = TtyConsole::stdio();
-    let server = match bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)? {
+    let server = match bootflow::find_server_or_fallback(&cfg, &mut console, &GrubenvHandoff)? {
         BootOutcome::Server { chosen, .. } => chosen.url,
         BootOutcome::GuestOs => return Ok(AgentExit::GuestOs),
         BootOutcome::OperatorConsole => return Ok(AgentExit::Console),
@@ -80,8 +95,13 @@ fn checkin_and_work(server: &str) -> anyhow::Result<AgentExit> {
         acfg.ca_file = Some(boot.join("ca.pem"));
     }
     Ok(match checkin::agent_loop(server, &acfg)? {
-        LoopOutcome::Reboot => AgentExit::Done,
-        LoopOutcome::Idle { .. } | LoopOutcome::BootGuest => AgentExit::GuestOs,
+        // No work, the server says boot the guest, or a task (a deploy) wants the reboot
+        // into the new OS: the next boot is the guest's, once.
+        LoopOutcome::Idle { .. } | LoopOutcome::BootGuest | LoopOutcome::Reboot => {
+            eprintln!("agent: the work is done; the guest OS boots next");
+            GrubenvHandoff.boot_guest_os()?;
+            AgentExit::GuestOs
+        }
         LoopOutcome::TaskLimit { .. } => AgentExit::Done,
     })
 }

@@ -6,8 +6,8 @@
 //!   gateway, server IP, protocol — default http — and port — default 80).
 //! * Discovery runs the five sources in order ([`discovery::discover`]).
 //! * When nothing answers, the console shows the seed's exact message and waits 5 s: no key
-//!   boots the guest OS already on flash (through the [`GuestOsHandoff`] seam, implemented with
-//!   kexec/reboot by a later issue); Esc or N returns to the operator console where `img`
+//!   boots the guest OS already on flash (through the [`GuestOsHandoff`] seam: the real one,
+//!   `bootagent::GrubenvHandoff`, sets grubenv's next_entry=guest before init reboots); Esc or N returns to the operator console where `img`
 //!   commands can be run; Y or Enter boots the guest OS at once.
 
 use std::io::{BufRead, Write};
@@ -56,17 +56,20 @@ pub trait Console {
     fn read_line(&mut self, prompt: &str) -> Option<String>;
 }
 
-/// Starting the guest OS already on flash (kexec or reboot; a later issue implements it).
+/// Preparing the boot of the guest OS already on flash (the agent then exits with
+/// `AgentExit::GuestOs` and init reboots or kexecs).
 pub trait GuestOsHandoff {
     fn boot_guest_os(&self) -> anyhow::Result<()>;
 }
 
-/// The hand-off until the real one exists: says what would happen.
+/// For `img -findserver` on the console: says how to act on the outcome, changes nothing.
 pub struct LoggingHandoff;
 
 impl GuestOsHandoff for LoggingHandoff {
     fn boot_guest_os(&self) -> anyhow::Result<()> {
-        eprintln!("boot agent: guest OS hand-off requested (kexec/reboot not implemented yet)");
+        eprintln!(
+            "img: the agent would boot the guest OS now; `img -bootnext guest` and `reboot` do it"
+        );
         Ok(())
     }
 }

@@ -30,6 +30,7 @@
 //! | `img.delay=SECONDS`    | pause before a reboot after a failure (default 10, max 3600)   |
 //! | `img.modules=a,b`      | load only these modules (and their dependencies); `none` for none |
 //! | `img.disk=DEVICE`      | the disk the agent images (`IMG_DISK`); default: the fixed disks |
+//! | `img.handover=HOW`     | starting the guest OS: `reboot` (default, through GRUB) or `kexec` |
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -58,6 +59,16 @@ const SERVER_CA: &str = "/etc/img/server-ca.pem";
 const AGENT_EXIT_CONSOLE: i32 = 10;
 const AGENT_EXIT_GUEST_OS: i32 = 11;
 
+/// How the guest OS is started after the agent chose it (`img.handover=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Reboot: firmware, GRUB (grubenv's next_entry=guest), the guest's entry.
+    Reboot,
+    /// kexec the guest's kernel + initrd from partition 2 (a Linux guest); reboot when that
+    /// is not possible.
+    Kexec,
+}
+
 /// What to do when the agent has finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterAgent {
@@ -78,6 +89,8 @@ pub struct BootParams {
     pub modules: Option<Vec<String>>,
     /// The disk to image (`img.disk=`), for the agent.
     pub disk: Option<String>,
+    /// How the guest OS is started (`img.handover=`).
+    pub handover: Handover,
     /// Parameters we did not understand, for a warning on the console.
     pub unknown: Vec<String>,
 }
@@ -92,6 +105,7 @@ impl Default for BootParams {
             reboot_delay: DEFAULT_REBOOT_DELAY,
             modules: None,
             disk: None,
+            handover: Handover::Reboot,
             unknown: Vec::new(),
         }
     }
@@ -177,6 +191,14 @@ pub fn parse_cmdline(cmdline: &str) -> BootParams {
                 }
                 _ => false,
             },
+            ("handover", Some("reboot")) => {
+                p.handover = Handover::Reboot;
+                true
+            }
+            ("handover", Some("kexec")) => {
+                p.handover = Handover::Kexec;
+                true
+            }
             ("disk", Some(v)) if v.starts_with('/') => {
                 p.disk = Some(v.to_owned());
                 true
@@ -525,17 +547,11 @@ pub enum Shutdown {
 /// PID 1 sleeps rather than exit (an exiting init is a kernel panic).
 pub fn shutdown(how: Shutdown) -> ! {
     use nix::sys::reboot::{reboot, RebootMode};
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
     say(match how {
         Shutdown::Reboot => "rebooting",
         Shutdown::PowerOff => "powering off",
     });
-    // Every process but us: give them a moment to finish writing, then stop them.
-    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-    nix::unistd::sync();
+    stop_everything();
     let mode = match how {
         Shutdown::Reboot => RebootMode::RB_AUTOBOOT,
         Shutdown::PowerOff => RebootMode::RB_POWER_OFF,
@@ -545,6 +561,61 @@ pub fn shutdown(how: Shutdown) -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// `img.handover=kexec`: load the guest's kernel, clear grubenv's next_entry (the guest's
+/// own reboot must come back to the agent) and jump. Returns only when that failed; the
+/// caller then reboots through GRUB (next_entry=guest is set again first).
+fn kexec_guest(params: &BootParams, console: &Arc<Console>) {
+    let disk = params
+        .disk
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .or_else(crate::handover::boot_disk);
+    let Some(disk) = disk else {
+        say("img.handover=kexec: no boot-agent partition on this device; rebooting instead");
+        return;
+    };
+    match crate::handover::load_guest_kexec(&disk) {
+        Ok(g) => say(&format!(
+            "kexec: loaded the guest's {} from partition 2",
+            g.kernel
+        )),
+        Err(e) => {
+            say(&format!("kexec: {e:#}; rebooting through GRUB instead"));
+            return;
+        }
+    }
+    if let Err(e) = crate::handover::set_next_boot(&disk, crate::handover::NextBoot::Agent) {
+        say(&format!(
+            "kexec: clearing next_entry: {e:#}; rebooting through GRUB instead"
+        ));
+        return;
+    }
+    say("kexec: starting the guest OS; press Esc within 1 s for the img prompt instead");
+    if console.esc_within(Duration::from_secs(1)) {
+        let _ = crate::handover::set_next_boot(&disk, crate::handover::NextBoot::Guest);
+        console.stay();
+        park_forever();
+    }
+    stop_everything();
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC);
+    say(&format!(
+        "kexec: the kernel refused: {e}; rebooting through GRUB instead"
+    ));
+    if let Err(e) = crate::handover::set_next_boot(&disk, crate::handover::NextBoot::Guest) {
+        say(&format!("kexec: {e:#}"));
+    }
+}
+
+/// Every process but us: give them a moment to finish writing, stop them, sync.
+fn stop_everything() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
 }
 
 /// A fatal error: say what happened, wait so it can be read, reboot.
@@ -693,8 +764,12 @@ fn supervise(params: &BootParams, console: &Arc<Console>, reaper: &Reaper) {
             AfterAgent::Console
         }
         AGENT_EXIT_GUEST_OS => {
-            // Booting the guest OS means leaving this kernel: reboot, and the device's
-            // boot order (flash after network, or GRUB's guest entry) takes it there.
+            // The agent has set grubenv's next_entry=guest (or found no boot-agent
+            // partition): a reboot takes the device to its OS; img.handover=kexec goes there
+            // directly when the guest is Linux.
+            if params.handover == Handover::Kexec && params.after_guest() == AfterAgent::Reboot {
+                kexec_guest(params, console);
+            }
             say("booting the guest OS on flash (through a reboot)");
             params.after_guest()
         }
@@ -742,7 +817,7 @@ mod tests {
     fn cmdline_reads_every_parameter() {
         let p = parse_cmdline(
             "console=ttyS0 img.server=\"https://srv.example:8443; http://10.0.0.1:80\" img.log=debug \
-             img.console img.after=poweroff img.delay=30 img.modules=virtio_blk,virtio_net img.disk=/dev/vda",
+             img.console img.after=poweroff img.delay=30 img.modules=virtio_blk,virtio_net img.disk=/dev/vda img.handover=kexec",
         );
         assert_eq!(
             p.server.as_deref(),
@@ -751,6 +826,15 @@ mod tests {
         assert_eq!(p.log, "debug");
         assert!(p.stay_at_console);
         assert_eq!(p.after, AfterAgent::PowerOff);
+        assert_eq!(p.handover, Handover::Kexec);
+        assert_eq!(
+            parse_cmdline("img.handover=teleport").handover,
+            Handover::Reboot
+        );
+        assert_eq!(
+            parse_cmdline("img.handover=teleport").unknown,
+            ["img.handover=teleport"]
+        );
         assert_eq!(p.reboot_delay, Duration::from_secs(30));
         assert_eq!(
             p.modules,

@@ -8,7 +8,10 @@
 //!
 //! - `/boot/vmlinuz`, `/boot/initrd.img`: the kernel and our initrd;
 //! - `/boot/grub/grub.cfg` (and `/EFI/BOOT/grub.cfg` for a standalone EFI GRUB): the
-//!   configuration from the `grub` crate (agent by default, guest OS, console only);
+//!   static configuration from the `grub` crate (agent by default, guest OS, console only);
+//! - `/boot/grub/grubenv`: a standard 1024-byte GRUB environment block, preallocated so the
+//!   one-shot next boot (`next_entry`) is later changed in place (`img -bootnext`, the
+//!   agent's hand-over to the guest OS) without touching the file's size or directory entry;
 //! - `/EFI/BOOT/BOOTX64.EFI` when `-efi=` names a GRUB EFI image (e.g. made by
 //!   `grub-mkstandalone -O x86_64-efi`), so UEFI firmware boots the partition directly.
 //!
@@ -25,8 +28,12 @@ use anyhow::{bail, Context};
 
 pub const USAGE: &str = "\
   -install DISK -kernel=VMLINUZ -initrd=INITRD [-part=N|LABEL] [-cmdline=TEXT] [-efi=GRUBX64.EFI]
+        [-guest=chain|linux[:KERNEL[,INITRD[,CMDLINE]]]]
                                     format the boot-agent partition (default 1) as FAT32 and write
-                                    the kernel, the initrd and grub.cfg into it (no mounting)";
+                                    the kernel, the initrd, grub.cfg and grubenv into it (no
+                                    mounting); -guest: how GRUB starts the OS on partition 2:
+                                    chain (default; Windows bootmgfw.efi, else BOOTX64.EFI) or
+                                    linux (default /vmlinuz, /initrd.img, root=PARTUUID=.. ro quiet)";
 
 /// The verbs this module answers; `None` for any other verb.
 pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
@@ -45,6 +52,7 @@ pub struct InstallRequest {
     pub initrd: PathBuf,
     pub cmdline: String,
     pub efi: Option<PathBuf>,
+    pub guest: grub::Guest,
 }
 
 /// Default kernel command line: both consoles, reboot 10 s after a kernel panic.
@@ -59,6 +67,7 @@ fn parse_install(args: Vec<OsString>) -> anyhow::Result<InstallRequest> {
         initrd: PathBuf::new(),
         cmdline: DEFAULT_CMDLINE.into(),
         efi: None,
+        guest: grub::Guest::Chain,
     };
     let (mut kernel, mut initrd) = (None, None);
     for a in args {
@@ -73,6 +82,9 @@ fn parse_install(args: Vec<OsString>) -> anyhow::Result<InstallRequest> {
             Some(("part", v)) => req.part = v.to_owned(),
             Some(("cmdline", v)) => req.cmdline = v.to_owned(),
             Some(("efi", v)) => req.efi = Some(PathBuf::from(v)),
+            Some(("guest", v)) => {
+                req.guest = grub::Guest::parse(v).map_err(|e| anyhow::anyhow!("-install: {e}"))?
+            }
             Some((k, _)) => bail!("-install: unknown option -{k}\n{USAGE}"),
             None if opt.is_some() => bail!("-install: unknown option {s}\n{USAGE}"),
             None if disk.is_none() => disk = Some(PathBuf::from(s)),
@@ -229,8 +241,16 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
         )
     })?;
     window.seek(SeekFrom::Start(0))?;
-    let cfg =
-        grub::BootConfig::boot_agent("/boot/vmlinuz", "/boot/initrd.img", &req.cmdline).render();
+    let cfg = grub::BootConfig::boot_agent(
+        "/boot/vmlinuz",
+        "/boot/initrd.img",
+        &req.cmdline,
+        req.guest.clone(),
+    )
+    .render();
+    let grubenv = grub::env::EnvBlock::new(grub::env::STANDARD_SIZE)
+        .render()
+        .context("making the GRUB environment block")?;
     {
         let fs = fatfs::FileSystem::new(&mut window, fatfs::FsOptions::new())
             .context("opening the new FAT file system")?;
@@ -253,6 +273,8 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
             write("boot/vmlinuz", &kernel)?;
             write("boot/initrd.img", &initrd)?;
             write("boot/grub/grub.cfg", cfg.as_bytes())?;
+            // One grubenv, next to /boot/grub/grub.cfg: both grub.cfg copies name this path.
+            write(&grub::ENV_PATH[1..], &grubenv)?;
             // A standalone GRUB EFI image looks for grub.cfg next to itself first.
             write("EFI/BOOT/grub.cfg", cfg.as_bytes())?;
             if let Some(efi) = &efi {
@@ -482,6 +504,23 @@ mod tests {
         assert_eq!(r.part, "BOOT");
         assert_eq!(r.cmdline, DEFAULT_CMDLINE);
         assert_eq!(r.efi, Some(PathBuf::from("/g.efi")));
+        assert_eq!(r.guest, grub::Guest::Chain);
+        let r = parse_install(os(&[
+            "d",
+            "-kernel=/k",
+            "-initrd=/i",
+            "-guest=linux:/vmlinuz,/initrd.gz,console=ttyS0 quiet",
+        ]))
+        .unwrap();
+        assert_eq!(
+            r.guest,
+            grub::Guest::Linux {
+                kernel: "/vmlinuz".into(),
+                initrd: Some("/initrd.gz".into()),
+                cmdline: Some("console=ttyS0 quiet".into())
+            }
+        );
+        assert!(parse_install(os(&["d", "-kernel=/k", "-initrd=/i", "-guest=dos"])).is_err());
         assert!(parse_install(os(&["/dev/vda", "-kernel=/k"])).is_err());
         assert!(
             parse_install(os(&["/dev/vda", "-kernel=/k", "-initrd=/i", "-colour=red"])).is_err()

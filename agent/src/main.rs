@@ -9,6 +9,7 @@ mod checkin;
 mod console;
 mod discover;
 mod exit;
+mod handover;
 mod imaging;
 mod init;
 mod install;
@@ -84,6 +85,7 @@ fn run_img(args: &[OsString]) -> i32 {
             println!("\nFinding the server:\n{}", discover::USAGE);
             println!("\nCheck-in:\n{}", checkin::USAGE);
             println!("\nBoot-agent partition:\n{}", install::USAGE);
+            println!("{}", handover::USAGE);
             Ok(0)
         }
         ImgCommand::Version => {
@@ -128,7 +130,10 @@ fn other_family(verb: &str, rest: Vec<OsString>) -> anyhow::Result<i32> {
     if let Some(r) = checkin::dispatch(verb, rest.clone()) {
         return r;
     }
-    if let Some(r) = install::dispatch(verb, rest) {
+    if let Some(r) = install::dispatch(verb, rest.clone()) {
+        return r;
+    }
+    if let Some(r) = handover::dispatch(verb, rest) {
         return r;
     }
     Err(args::UsageError(format!("unknown verb -{verb}")).into())

@@ -72,7 +72,7 @@ fn tools() {
 /// The guest OS partition v`version` as a FAT file system image of PART2_MIB: the kernel, the
 /// busybox initramfs and VERSION.TXT at its root.
 fn guest_partition(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
-    let initrd = guest_initrd(dir, version);
+    let initrd = guest_initrd(dir, &format!("v{version}"));
     let part = dir.join(format!("guest-v{version}.fat"));
     let ver = dir.join(format!("VERSION-v{version}.TXT"));
     std::fs::write(&ver, format!("guest {version}\n")).unwrap();
@@ -150,16 +150,6 @@ fn grub_efi(dir: &Path, name: &str, embedded: &str) -> PathBuf {
         .arg(&efi)
         .arg(format!("boot/grub/grub.cfg={}", embed.display())));
     efi
-}
-
-/// The GRUB the product ships (docs/boot.md): finds the boot-agent partition by the agent's
-/// kernel and reads the grub.cfg `img -install` wrote there.
-fn product_grub(dir: &Path) -> PathBuf {
-    grub_efi(
-        dir,
-        "grubx64",
-        "search --no-floppy --file --set=root /boot/vmlinuz\nset prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n",
-    )
 }
 
 /// A device: its disk file and OVMF variable store, both kept between boots.
@@ -388,7 +378,8 @@ impl Lab {
         let v1 = guest_image(dir.path(), &k, "1", &key);
         let v2 = guest_image(dir.path(), &k, "2", &key);
         let agent_initrd = agent_initrd(dir.path(), &k, &key_pub);
-        let grub = product_grub(dir.path());
+        // The GRUB the product ships (docs/boot.md): finds the boot-agent partition by label.
+        let grub = qemu::standalone_grub(dir.path());
         Lab {
             dir,
             k,

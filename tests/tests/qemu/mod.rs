@@ -9,7 +9,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::{require_tool, run, workspace_bin, workspace_root};
+use e2e::{require_tool, run, sh, workspace_bin, workspace_root};
 
 /// A boot under TCG takes about 5 s; iPXE's TFTP of a 14 MiB kernel a little more.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -247,98 +247,222 @@ pub fn ovmf(dir: &Path) -> (PathBuf, PathBuf) {
     (code, vars)
 }
 
-/// A newc cpio archive (what the kernel unpacks as an initramfs) from `(path, mode, data)`
-/// entries; character devices are `(path, 0o020600, major << 8 | minor as bytes "")` with
-/// the device number in `rdev`. Written here so a test needs neither root nor mknod.
-pub struct Cpio(Vec<u8>, u32);
-
-impl Cpio {
-    pub fn new() -> Cpio {
-        Cpio(Vec::new(), 1)
+impl Qemu {
+    /// How much the console has printed so far (for [`Qemu::wait_for_from`]).
+    pub fn mark(&self) -> usize {
+        self.out.lock().unwrap().len()
     }
 
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-        let ino = self.1;
-        self.1 += 1;
-        let hdr = format!(
-            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() + 1,
-            0
-        );
-        self.0.extend_from_slice(hdr.as_bytes());
-        self.0.extend_from_slice(name.as_bytes());
-        self.0.push(0);
-        while self.0.len() % 4 != 0 {
-            self.0.push(0);
+    /// Wait for `needle` printed after `from` (a [`Qemu::mark`]): the same text appears
+    /// once per boot when QEMU runs several boots.
+    pub fn wait_for_from(&mut self, needle: &str, from: usize, limit: Duration) -> Duration {
+        let deadline = Instant::now() + limit;
+        let seen = |q: &Qemu| {
+            q.out
+                .lock()
+                .unwrap()
+                .get(from..)
+                .is_some_and(|t| t.contains(needle))
+        };
+        loop {
+            if seen(self) {
+                return self.started.elapsed();
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                if seen(self) {
+                    return self.started.elapsed();
+                }
+                panic!(
+                    "`{needle}` did not appear on the serial console; console so far:\n{}",
+                    e2e::tail(&self.text(), 60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        self.0.extend_from_slice(data);
-        while self.0.len() % 4 != 0 {
-            self.0.push(0);
-        }
-    }
-
-    pub fn dir(&mut self, name: &str) -> &mut Cpio {
-        self.entry(name, 0o040755, (0, 0), &[]);
-        self
-    }
-
-    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Cpio {
-        self.entry(name, 0o100000 | mode, (0, 0), data);
-        self
-    }
-
-    pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) -> &mut Cpio {
-        self.entry(name, 0o020600, (major, minor), &[]);
-        self
-    }
-
-    pub fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        while self.0.len() % 512 != 0 {
-            self.0.push(0);
-        }
-        self.0
     }
 }
 
-/// The guest OS of the whole-life tests: Debian's kernel and a tiny initramfs whose `/init`
-/// (static busybox) prints `GUEST OS v<version>` and powers the machine off. The marker is
-/// only in the initramfs, so seeing it on the console proves this guest was booted.
+/// OVMF's firmware files (Debian's `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// A standalone GRUB EFI image as docs/boot.md builds it: its built-in configuration finds
+/// the boot-agent partition by its FAT label and reads the grub.cfg `img -install` wrote;
+/// the modules are the ones that configuration uses (`grub::MODULES`).
+pub fn standalone_grub(dir: &Path) -> PathBuf {
+    for t in ["grub-mkstandalone"] {
+        require_tool(t);
+    }
+    let embed = dir.join("embed.cfg");
+    std::fs::write(
+        &embed,
+        "search --no-floppy --label --set=root BOOTAGENT\nset prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n",
+    )
+    .unwrap();
+    let efi = dir.join("grubx64.efi");
+    run(Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "--locales=", "--fonts=", "--themes="])
+        .arg(format!("--modules={}", grub::MODULES))
+        .arg(format!("--install-modules={}", grub::MODULES))
+        .arg("-o")
+        .arg(&efi)
+        .arg(format!("boot/grub/grub.cfg={}", embed.display())));
+    efi
+}
+
+/// The test guest OS's initrd: a static busybox whose /init prints `GUEST OS <version>
+/// reached` on the serial console and powers off.
 pub fn guest_initrd(dir: &Path, version: &str) -> PathBuf {
+    require_tool("cpio");
+    let root = dir.join(format!("guest-root-{version}"));
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["bin", "dev", "proc"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-        .expect("busybox missing: run `bash scripts/install-deps.sh` as root (busybox-static)");
-    let script = format!(
-        "#!/bin/busybox sh\n\
-         /bin/busybox mount -t proc proc /proc\n\
-         echo \"GUEST OS v{version} up (uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime) s)\"\n\
-         /bin/busybox sync\n\
-         /bin/busybox poweroff -f\n"
-    );
-    let mut c = Cpio::new();
-    c.dir("bin")
-        .dir("dev")
-        .dir("proc")
-        .char_dev("dev/console", 5, 1)
-        .file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
-        .file("init", 0o755, script.as_bytes())
-        .file(
-            "VERSION.TXT",
-            0o644,
-            format!("guest {version}\n").as_bytes(),
-        );
-    let out = dir.join(format!("guest-initrd-v{version}.img"));
-    std::fs::write(&out, c.finish()).unwrap();
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is not installed: run `bash scripts/install-deps.sh` as root");
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    let init = root.join("init");
+    std::fs::write(
+        &init,
+        format!(
+            "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\nexec </dev/console >/dev/console 2>&1\n/bin/busybox mount -t proc proc /proc\necho \"GUEST OS {version} reached (uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime) s)\"\n/bin/busybox sync\n/bin/busybox poweroff -f\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join(format!("guest-initrd-{version}.cpio"));
+    sh(&format!(
+        "cd {} && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 > {}",
+        root.display(),
+        out.display()
+    ));
     out
+}
+
+/// A device disk: partition 1 the boot-agent partition (40 MiB, `img -install` with a
+/// standalone GRUB and `-guest=`), partition 2 a small FAT holding the test guest (the same
+/// kernel, [`guest_initrd`]) at /vmlinuz and /initrd.img. Returns the disk's path.
+pub fn agent_and_guest_disk(
+    dir: &Path,
+    name: &str,
+    k: &Kernel,
+    agent_initrd: &Path,
+    agent_cmdline: &str,
+    guest_version: &str,
+) -> PathBuf {
+    for t in ["sgdisk", "mkfs.fat", "mcopy"] {
+        require_tool(t);
+    }
+    let disk = dir.join(name);
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(72 << 20)
+        .unwrap();
+    run(Command::new("sgdisk")
+        .args([
+            "-o",
+            "-n1:1M:+40M",
+            "-t1:ef00",
+            "-c1:BOOTAGENT",
+            "-n2:0:0",
+            "-t2:0700",
+            "-c2:GUEST",
+        ])
+        .arg(&disk));
+    let efi = standalone_grub(dir);
+    let out = run(Command::new(e2e::img_bin())
+        .arg("-install")
+        .arg(&disk)
+        .arg(format!("-kernel={}", k.vmlinuz.display()))
+        .arg(format!("-initrd={}", agent_initrd.display()))
+        .arg(format!("-efi={}", efi.display()))
+        .arg(format!("-cmdline={agent_cmdline}"))
+        .arg("-guest=linux:/vmlinuz,/initrd.img,console=ttyS0 panic=-1 quiet"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("installed the boot agent"));
+    write_guest(&disk, dir, k, guest_version);
+    disk
+}
+
+/// Partition 2 of `disk` (from its GPT): (offset, length) in bytes.
+pub fn partition(disk: &Path, n: u32) -> (u64, u64) {
+    let info = sh(&format!("sgdisk -i {n} {}", disk.display()));
+    let sector = |key: &str| -> u64 {
+        let line = info
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} missing in {info}"));
+        line.split(':')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (first, last) = (sector("First sector"), sector("Last sector"));
+    (first * 512, (last - first + 1) * 512)
+}
+
+/// (Re)write the test guest of version `version` onto partition 2 of `disk`.
+pub fn write_guest(disk: &Path, dir: &Path, k: &Kernel, version: &str) {
+    let (start, len) = partition(disk, 2);
+    let vol = dir.join("guest-vol.img");
+    let _ = std::fs::remove_file(&vol);
+    std::fs::File::create(&vol).unwrap().set_len(len).unwrap();
+    let initrd = guest_initrd(dir, version);
+    sh(&format!(
+        "mkfs.fat -n GUEST {v} >/dev/null && MTOOLS_SKIP_CHECK=1 mcopy -i {v} {k} ::/vmlinuz && MTOOLS_SKIP_CHECK=1 mcopy -i {v} {i} ::/initrd.img && dd if={v} of={d} bs=512 seek={s} conv=notrunc status=none",
+        v = vol.display(),
+        k = k.vmlinuz.display(),
+        i = initrd.display(),
+        d = disk.display(),
+        s = start / 512
+    ));
+}
+
+/// QEMU under OVMF booting `disk` (virtio), no network, serial console on stdio; `vars` is
+/// this device's copy of OVMF_VARS (kept between boots like the disk). It reboots as a real
+/// device does: QEMU exits only on power-off.
+pub fn ovmf_qemu(disk: &Path, vars: &Path) -> Command {
+    assert!(
+        Path::new(OVMF_CODE).exists(),
+        "OVMF is not installed: run `bash scripts/install-deps.sh` as root"
+    );
+    if !vars.exists() {
+        std::fs::copy(OVMF_VARS, vars).unwrap();
+    }
+    require_tool("qemu-system-x86_64");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+    ])
+    .args(["-serial", "stdio", "-nic", "none"])
+    .arg("-drive")
+    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+    .arg("-drive")
+    .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+    .arg("-drive")
+    .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    cmd
+}
+
+/// The boot-agent partition's grubenv as `grub-editenv FILE list` shows it (copied out
+/// with mtools first).
+pub fn grubenv_list(disk: &Path, dir: &Path) -> String {
+    let (start, _) = partition(disk, 1);
+    let out = dir.join("grubenv.out");
+    let _ = std::fs::remove_file(&out);
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mcopy -i {}@@{} ::/boot/grub/grubenv {} && grub-editenv {} list",
+        disk.display(),
+        start,
+        out.display(),
+        out.display()
+    ))
 }

@@ -12,6 +12,7 @@
 //! generated from data here rather than copied from a template.
 
 pub mod bootpart;
+pub mod store;
 
 use std::fmt::Write;
 

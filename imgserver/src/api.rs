@@ -40,6 +40,8 @@ pub struct AppState {
     pub public_url: Option<String>,
     /// `https` or `http`, for URLs built from the Host header.
     pub scheme: &'static str,
+    /// The PXE boot decision's settings (`crate::pxe`).
+    pub pxe: crate::pxe::PxeConfig,
 }
 
 /// An API error: a status and a message naming the way out, sent as [`ErrorReply`].
@@ -421,6 +423,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         )
         .route("/api/v1/health", get(|| async { "ok\n" }))
         .nest_service("/repo", repo)
+        .merge(crate::pxe::router())
         .with_state(st)
 }
 

@@ -19,6 +19,8 @@ pub const USAGE: &str = "\
 usage: imgserver [--data DIR] COMMAND
   init [--name NAME]... [--renew]     create the device CA and the server certificate
   serve [--listen ADDR] [--public-url URL] [--plain] [--interval SECS] [--reload-wait SECS]
+        [--pxe-listen ADDR] [--pxe-enrol] [--pxe-files URL] [--pxe-args TEXT]
+                                      PXE: /pxe/boot.ipxe?mac= answers agent or local disk
   image add FILE|URL [--min-ram BYTES] [--ca PEM]   register an image (reads its metadata)
   image list
   image remove NAME[:VERSION]|ID      unregister (and delete a repository file)
@@ -49,6 +51,7 @@ pub enum Command {
         plain: bool,
         interval: u32,
         reload_wait: u64,
+        pxe: PxeOptions,
     },
     ImageAdd {
         what: String,
@@ -93,6 +96,19 @@ pub enum Command {
     Help,
 }
 
+/// `serve --pxe-*` (see `crate::pxe`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PxeOptions {
+    /// Plain-HTTP listener with only `/pxe/` (iPXE without HTTPS).
+    pub listen: Option<String>,
+    /// Unknown MACs boot the agent (which enrols them).
+    pub enrol: bool,
+    /// Base URL of vmlinuz and initrd.img elsewhere.
+    pub files: Option<String>,
+    /// Kernel parameters for the agent.
+    pub args: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Args {
     pub data: PathBuf,
@@ -134,6 +150,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     let mut group: Option<Option<String>> = None;
     let mut action = None;
     let mut task = None;
+    let mut pxe = PxeOptions::default();
     let set_sel = |s: &mut Option<String>, v: String| -> anyhow::Result<()> {
         if s.replace(v).is_some() {
             bail!("give one of --mac, --group, --all");
@@ -162,6 +179,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("listen") => listen = p.value()?.string()?,
             Long("public-url") => public_url = Some(p.value()?.string()?),
             Long("plain") => plain = true,
+            Long("pxe-listen") => pxe.listen = Some(p.value()?.string()?),
+            Long("pxe-enrol") => pxe.enrol = true,
+            Long("pxe-files") => pxe.files = Some(p.value()?.string()?),
+            Long("pxe-args") => pxe.args = Some(p.value()?.string()?),
             Long("interval") => interval = num("--interval", &p.value()?.string()?)?,
             Long("reload-wait") => reload_wait = num("--reload-wait", &p.value()?.string()?)?,
             Long("min-ram") => min_ram = num("--min-ram", &p.value()?.string()?)?,
@@ -225,6 +246,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             plain,
             interval,
             reload_wait,
+            pxe,
         },
         ["image", "add", what] => Command::ImageAdd {
             what: what.to_string(),
@@ -428,6 +450,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             plain,
             interval,
             reload_wait,
+            pxe,
         } => {
             let store = open_store(&data)?;
             let addr: std::net::SocketAddr = listen
@@ -444,6 +467,29 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             };
             let repo = data.join("repo");
             std::fs::create_dir_all(&repo)?;
+            let pxe_listen: Option<std::net::SocketAddr> = pxe
+                .listen
+                .as_deref()
+                .map(|l| {
+                    l.parse()
+                        .with_context(|| format!("--pxe-listen {l}: give ADDRESS:PORT"))
+                })
+                .transpose()?;
+            let pxe_cfg = crate::pxe::PxeConfig {
+                enrol_unknown: pxe.enrol,
+                dir: data.join("pxe"),
+                files_url: pxe.files,
+                args: pxe
+                    .args
+                    .unwrap_or_else(|| crate::pxe::DEFAULT_ARGS.to_string()),
+                agent_url: public_url.clone(),
+                main_scheme: if plain { "http" } else { "https" },
+                main_port: addr.port(),
+            };
+            pxe_cfg.check()?;
+            if let Some(m) = pxe_cfg.missing_files() {
+                eprintln!("imgserver: pxe: {m}; until then PXE devices boot their local disk");
+            }
             let st = Arc::new(crate::api::AppState {
                 store: Arc::new(store),
                 policy: Policy {
@@ -453,11 +499,20 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 repo,
                 public_url,
                 scheme: if plain { "http" } else { "https" },
+                pxe: pxe_cfg,
             });
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            if let Some(l) = pxe_listen {
+                let st = st.clone();
+                rt.spawn(async move {
+                    if let Err(e) = crate::pxe::serve_plain(st, l).await {
+                        eprintln!("imgserver: pxe: {e:#}");
+                    }
+                });
+            }
             rt.block_on(crate::api::serve(st, addr, tls))?;
             Ok(0)
         }

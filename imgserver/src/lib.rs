@@ -8,6 +8,7 @@
 //!   repository served with Range support;
 //! - [`store`]: the narrow storage interface and its SQLite implementation with migrations;
 //! - [`model`]: seed 003's job model (validation, batches, device states), pure functions;
+//! - [`pxe`]: the PXE boot decision (`/pxe/boot.ipxe?mac=`: the agent or the local disk);
 //! - [`repo`]: registering images by reading their own metadata;
 //! - [`tls`]: the device CA and server certificate made by `imgserver init`;
 //! - [`cli`]: the administrator's commands and their tables.
@@ -20,6 +21,8 @@ pub mod api;
 pub mod cli;
 #[cfg(feature = "server")]
 pub mod model;
+#[cfg(feature = "server")]
+pub mod pxe;
 #[cfg(feature = "server")]
 pub mod repo;
 #[cfg(feature = "server")]

@@ -157,6 +157,17 @@ pub struct NewJob {
     pub note: Option<String>,
 }
 
+/// What a device would get at a check-in now, asked before a PXE boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootWork {
+    /// No device with this MAC: neither enrolled nor pre-staged by a job.
+    Unknown,
+    /// Known, and nothing to do now.
+    Idle,
+    /// Known, and a task waits (what it is, for the server log).
+    Work(String),
+}
+
 /// The narrow storage interface.
 pub trait Store: Send + Sync {
     // The device side.
@@ -185,6 +196,9 @@ pub trait Store: Send + Sync {
     fn record_result(&self, device: u64, r: &TaskResult, now: u64) -> Result<bool>;
     /// The capture task whose upload key hashes to `key_hash`.
     fn upload_task(&self, task: u64, key_hash: &str) -> Result<Option<(TaskRow, JobRow)>>;
+    /// Whether the device with this MAC would be handed a task if it checked in now (the
+    /// PXE boot decision, `crate::pxe`); read-only, the same rules as a check-in.
+    fn boot_work(&self, mac: &str) -> Result<BootWork>;
 
     // The administrator's side.
     fn add_image(&self, img: &ImageRow) -> Result<u64>;
@@ -942,6 +956,75 @@ impl Store for SqliteStore {
         Ok(Some((t, job)))
     }
 
+    fn boot_work(&self, mac: &str) -> Result<BootWork> {
+        let conn = self.lock();
+        let Some((device, group)) = conn
+            .query_row("SELECT id, grp FROM devices WHERE mac = ?1", [mac], |r| {
+                Ok((u(r.get(0)?), r.get::<_, Option<String>>(1)?))
+            })
+            .optional()?
+        else {
+            return Ok(BootWork::Unknown);
+        };
+        // A task handed out and not finished is resent at check-in (resume after a reboot).
+        let unfinished: Option<(i64, i64)> = conn
+            .query_row("SELECT id, job_id FROM tasks WHERE device_id = ?1 AND state IN ('sent', 'running') ORDER BY id LIMIT 1", [i(device)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((t, j)) = unfinished {
+            return Ok(BootWork::Work(format!("task {t} of job {j} unfinished")));
+        }
+        let dev = load_device(&conn, device)?
+            .ok_or_else(|| StoreError::NotFound("device gone".into()))?;
+        // Pending tasks, then all/group jobs that would reach it at check-in (next_task's
+        // order), each under the batch rule as next_task applies it.
+        let mut candidates: Vec<(u64, Option<u64>)> = conn
+            .prepare_cached("SELECT t.job_id, t.id FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.device_id = ?1 AND t.state = 'pending' AND j.state = 'active' ORDER BY t.id")?
+            .query_map([i(device)], |r| Ok((u(r.get(0)?), Some(u(r.get(1)?)))))?
+            .collect::<rusqlite::Result<_>>()?;
+        let reaching: Vec<(u64, Option<u64>)> = conn
+            .prepare_cached("SELECT j.id FROM jobs j WHERE j.state = 'active' AND (j.selector = 'all' OR (?2 IS NOT NULL AND j.selector = 'group:' || ?2)) AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.device_id = ?1) ORDER BY j.id")?
+            .query_map(params![i(device), group], |r| Ok((u(r.get(0)?), None)))?
+            .collect::<rusqlite::Result<_>>()?;
+        candidates.extend(reaching);
+        for (job_id, task) in candidates {
+            let Some(job) = load_job(&conn, job_id)? else {
+                continue;
+            };
+            let states: Vec<(i64, String)> = conn
+                .prepare_cached("SELECT id, state FROM tasks WHERE job_id = ?1 ORDER BY id")?
+                .query_map([i(job_id)], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            // A task not made yet would be the job's last.
+            let pos = match task {
+                Some(t) => states.iter().position(|(id, _)| u(*id) == t).unwrap_or(0),
+                None => states.len(),
+            };
+            let start = model::batch_start(job.options.batch, pos);
+            let unfinished = states[..start.min(states.len())]
+                .iter()
+                .filter(|(_, s)| !TaskState::parse(s).is_final())
+                .count();
+            if !model::batch_allows(job.options.batch, pos, unfinished) {
+                continue;
+            }
+            let image = match job.image {
+                Some(img) => load_image(&conn, img)?,
+                None => None,
+            };
+            let mut what = match &image {
+                Some(img) => format!("job {} {} {} {}", job.id, job.kind, img.name, img.version),
+                None => format!("job {} {}", job.id, job.kind),
+            };
+            // A task validation will reject still boots the agent: its check-in records the
+            // rejection (Configuration Required) where the administrator sees it.
+            if !validate(&job, image.as_ref(), dev.inventory.as_ref()).ok() {
+                what.push_str(", to be rejected by validation");
+            }
+            return Ok(BootWork::Work(what));
+        }
+        Ok(BootWork::Idle)
+    }
+
     fn add_image(&self, img: &ImageRow) -> Result<u64> {
         let conn = self.lock();
         let exists: Option<i64> = conn
@@ -1520,6 +1603,126 @@ mod tests {
             s.record_result(b.device, &result(task, "rb", Outcome::Failed), 3),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    /// The PXE question gives the answer a check-in would: unknown, pre-staged, resent,
+    /// done, held back by the batch rule, reached by an `all` job after enrolling.
+    #[test]
+    fn boot_work_answers_as_a_checkin_would() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let img = image(&s);
+        let a = "52:54:00:00:00:01";
+        assert_eq!(s.boot_work(a).unwrap(), BootWork::Unknown);
+        let (job, _) = s
+            .add_job(&deploy_job(img, &format!("mac:{a}"), 0, OnError::Stop), 1)
+            .unwrap();
+        assert!(
+            matches!(s.boot_work(a).unwrap(), BootWork::Work(w) if w == format!("job {job} deploy os 2")),
+            "a pre-staged device has work"
+        );
+        let d = s.checkin(&checkin(a), &secrets(None, "a1"), 2, &p).unwrap();
+        let t = d.task.expect("task").0.id;
+        assert!(
+            matches!(s.boot_work(a).unwrap(), BootWork::Work(w) if w.contains("unfinished")),
+            "a task handed out and not finished is resent"
+        );
+        s.record_result(d.device, &result(t, "a-r1", Outcome::Succeeded), 3)
+            .unwrap();
+        assert_eq!(s.boot_work(a).unwrap(), BootWork::Idle);
+
+        // Sequential job over two enrolled devices: the second waits for the first.
+        let b = "52:54:00:00:00:02";
+        let db = s.checkin(&checkin(b), &secrets(None, "b1"), 4, &p).unwrap();
+        let (seq, _) = s
+            .add_job(&deploy_job(img, "all", 1, OnError::Continue), 5)
+            .unwrap();
+        assert!(
+            matches!(s.boot_work(a).unwrap(), BootWork::Work(w) if w.starts_with(&format!("job {seq} ")))
+        );
+        assert_eq!(
+            s.boot_work(b).unwrap(),
+            BootWork::Idle,
+            "held back by the batch rule"
+        );
+        let da = s
+            .checkin(&checkin(a), &secrets(Some("a1"), "x"), 6, &p)
+            .unwrap();
+        let ta = da.task.expect("task").0.id;
+        assert_eq!(s.boot_work(b).unwrap(), BootWork::Idle);
+        s.record_result(da.device, &result(ta, "a-r2", Outcome::Succeeded), 7)
+            .unwrap();
+        assert!(matches!(s.boot_work(b).unwrap(), BootWork::Work(_)));
+        let tb = s
+            .checkin(&checkin(b), &secrets(Some("b1"), "y"), 8, &p)
+            .unwrap()
+            .task
+            .expect("task")
+            .0
+            .id;
+        s.record_result(db.device, &result(tb, "b-r1", Outcome::Succeeded), 9)
+            .unwrap();
+        assert_eq!(s.boot_work(b).unwrap(), BootWork::Idle);
+
+        // A device enrolling after `all` jobs were scheduled: the PXE answer is "work"
+        // exactly as long as its check-ins hand it tasks (both `all` jobs reach it).
+        s.add_job(&deploy_job(img, "all", 0, OnError::Continue), 10)
+            .unwrap();
+        let c = "52:54:00:00:00:03";
+        assert_eq!(s.boot_work(c).unwrap(), BootWork::Unknown);
+        let mut cred = None;
+        let mut handed = 0;
+        for n in 0..4 {
+            let before = s.boot_work(c).unwrap();
+            let d = s
+                .checkin(
+                    &checkin(c),
+                    &secrets(cred.as_deref(), &format!("c{n}")),
+                    11 + n,
+                    &p,
+                )
+                .unwrap();
+            cred.get_or_insert_with(|| format!("c{n}"));
+            match d.task {
+                Some((t, _, _)) => {
+                    assert!(n == 0 || matches!(before, BootWork::Work(_)), "{before:?}");
+                    handed += 1;
+                    s.record_result(
+                        d.device,
+                        &result(t.id, &format!("c-r{n}"), Outcome::Succeeded),
+                        11 + n,
+                    )
+                    .unwrap();
+                }
+                None => assert_eq!(before, BootWork::Idle),
+            }
+        }
+        assert_eq!(handed, 2);
+        assert_eq!(s.boot_work(c).unwrap(), BootWork::Idle);
+        // An aborted job is no work.
+        let (gone, _) = s
+            .add_job(
+                &deploy_job(img, &format!("mac:{c}"), 0, OnError::Continue),
+                12,
+            )
+            .unwrap();
+        assert!(matches!(s.boot_work(c).unwrap(), BootWork::Work(_)));
+        s.abort_job(gone, 13).unwrap();
+        assert_eq!(
+            s.boot_work(c).unwrap(),
+            BootWork::Idle,
+            "an aborted job is no work"
+        );
+        // A group job reaches a device put into the group later (materialised at check-in).
+        let (_all2, _) = s
+            .add_job(&deploy_job(img, "group:lab", 0, OnError::Continue), 13)
+            .unwrap();
+        assert_eq!(s.boot_work(c).unwrap(), BootWork::Idle, "not in the group");
+        s.set_group(c, Some("lab")).unwrap();
+        assert!(
+            matches!(s.boot_work(c).unwrap(), BootWork::Work(_)),
+            "a group job reaches it at its next check-in"
+        );
     }
 
     #[test]

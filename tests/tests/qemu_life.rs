@@ -1030,7 +1030,6 @@ fn power_cut_mid_deploy_resumes_and_ends_in_v2() {
 }
 
 #[test]
-#[ignore = "needs the grubenv hand-over at the no-server question (branch grubenv)"]
 fn no_server_question_then_guest() {
     if quick() {
         return;

@@ -698,6 +698,13 @@ pub fn run_init() -> ! {
     }
     let inv = settle_devices();
     say(&inv.describe());
+    // The agent's directory comes from the store on the boot-agent partition (or stays in
+    // RAM when the device has none, e.g. booted over PXE without one).
+    let disk_names: Vec<String> = inv.disks.iter().map(|(n, _)| n.clone()).collect();
+    say(&crate::bootstore::materialise_at_boot(
+        params.disk.as_deref(),
+        &disk_names,
+    ));
 
     let reaper = Arc::new(Reaper::default());
     let console = Arc::new(Console::new(params.agent_env()));

@@ -5,6 +5,7 @@
 mod args;
 mod bootagent;
 mod bootflow;
+mod bootstore;
 mod checkin;
 mod console;
 mod discover;

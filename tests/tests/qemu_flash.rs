@@ -10,10 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::{img_bin, require_tool, run, sh, Scratch};
-use qemu::{initrd, kernel, quick, Qemu, BOOT_TIMEOUT};
-
-/// GRUB modules the standalone image needs to find the partition and boot Linux from it.
-const GRUB_MODULES: &str = "part_gpt part_msdos fat search search_fs_file configfile linux normal serial terminal test echo chain efi_gop all_video";
+use qemu::{initrd, kernel, quick, standalone_grub, Qemu, BOOT_TIMEOUT};
 
 #[test]
 fn installed_boot_partition_boots_under_uefi() {
@@ -50,18 +47,10 @@ fn installed_boot_partition_boots_under_uefi() {
         ])
         .arg(&disk));
 
-    // A standalone GRUB whose built-in config finds our partition by its kernel and reads the
-    // grub.cfg that img -install wrote (docs/boot.md).
-    let embed = dir.join("embed.cfg");
-    std::fs::write(&embed, "search --no-floppy --file --set=root /boot/vmlinuz\nset prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n").unwrap();
-    let efi = dir.join("grubx64.efi");
-    run(Command::new("grub-mkstandalone")
-        .args(["-O", "x86_64-efi", "--locales=", "--fonts=", "--themes="])
-        .arg(format!("--modules={GRUB_MODULES}"))
-        .arg(format!("--install-modules={GRUB_MODULES}"))
-        .arg("-o")
-        .arg(&efi)
-        .arg(format!("boot/grub/grub.cfg={}", embed.display())));
+    // A standalone GRUB whose built-in config finds our partition by its FAT label and reads
+    // the grub.cfg that img -install wrote, with the modules that grub.cfg uses
+    // (grub::MODULES: loadenv for grubenv among them; docs/boot.md).
+    let efi = standalone_grub(dir.path());
 
     let out = run(Command::new(img_bin())
         .arg("-install")
@@ -87,7 +76,9 @@ fn installed_boot_partition_boots_under_uefi() {
         vol.display()
     ));
     assert!(
-        cfg.contains("menuentry 'Boot agent'") && cfg.contains("img.console"),
+        cfg.contains("menuentry 'Boot agent' --id 'agent'")
+            && cfg.contains("img.console")
+            && cfg.contains("load_env --file"),
         "{cfg}"
     );
     let back = dir.join("initrd.back");

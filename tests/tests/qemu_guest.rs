@@ -98,6 +98,14 @@ fn grubenv_hands_the_device_to_its_guest_os_once() {
     let reached = q.wait_for_from(MARKER, mark, BOOT_TIMEOUT * 2);
     q.wait_exit(Duration::from_secs(60));
     let reboot_secs = (reached - decided).as_secs_f64();
+    // Through the firmware and GRUB again: OVMF started a boot option twice.
+    assert_eq!(
+        q.text().matches("BdsDxe: starting").count(),
+        2,
+        "{}",
+        q.text()
+    );
+    eprintln!("hand-over by reboot: agent's decision -> guest marker {reboot_secs:.1} s");
     assert_eq!(grubenv_list(&disk, dir.path()), "next_entry=\n");
     fsck_clean(&disk, dir.path());
 

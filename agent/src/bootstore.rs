@@ -358,6 +358,87 @@ pub fn materialise_at_boot(disk: Option<&str>, disks: &[String]) -> String {
     )
 }
 
+/// What `img -dump` says about the boot-agent partition of `disk`: which one it is, the
+/// store's newest record (sequence, files; the credential's bytes are never shown) and
+/// GRUB's environment block as it is on disk. None when the disk has none.
+pub fn dump_info(disk: &Path) -> Option<serde_json::Value> {
+    let bp = BootPartition::open(disk, false).ok()?;
+    let grubenv = bp.read_file("/boot/grub/grubenv").ok().flatten().map(|b| {
+        String::from_utf8_lossy(&b)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    });
+    let mut v = serde_json::json!({
+        "partition": bp.partition_number(),
+        "describe": bp.describe(),
+    });
+    match Store::open(bp).and_then(|s| s.load()) {
+        Ok(l) => {
+            let files: Vec<serde_json::Value> = l
+                .tree
+                .iter()
+                .map(|(p, i)| serde_json::json!({ "path": p, "bytes": i.data.len(), "secret": i.secret }))
+                .collect();
+            v["store"] =
+                serde_json::json!({ "file": grub::store::FILE, "record": l.seq, "files": files });
+        }
+        Err(e) => v["store_error"] = serde_json::json!(format!("{e:#}")),
+    }
+    if let Some(g) = grubenv {
+        v["grubenv"] = serde_json::json!(g);
+    }
+    Some(v)
+}
+
+/// The text form of [`dump_info`].
+pub fn dump_text(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "  boot-agent partition: {}\n",
+        v["describe"].as_str().unwrap_or("?")
+    );
+    if let Some(st) = v.get("store") {
+        let files: Vec<String> = st["files"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        format!(
+                            "{} ({} bytes)",
+                            f["path"].as_str().unwrap_or("?"),
+                            f["bytes"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        s += &format!(
+            "  agent store {}: record {}, {} files{}{}\n",
+            st["file"].as_str().unwrap_or("?"),
+            st["record"],
+            files.len(),
+            if files.is_empty() { "" } else { ": " },
+            files.join(", ")
+        );
+    }
+    if let Some(e) = v.get("store_error").and_then(|e| e.as_str()) {
+        s += &format!("  agent store: {e}\n");
+    }
+    if let Some(g) = v.get("grubenv").and_then(|g| g.as_array()) {
+        let vars: Vec<&str> = g.iter().filter_map(|x| x.as_str()).collect();
+        s += &format!(
+            "  grubenv: {}\n",
+            if vars.is_empty() {
+                "(no variables)".to_string()
+            } else {
+                vars.join(" ")
+            }
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

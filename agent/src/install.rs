@@ -26,7 +26,9 @@ use anyhow::{bail, Context};
 pub const USAGE: &str = "\
   -install DISK -kernel=VMLINUZ -initrd=INITRD [-part=N|LABEL] [-cmdline=TEXT] [-efi=GRUBX64.EFI]
                                     format the boot-agent partition (default 1) as FAT32 and write
-                                    the kernel, the initrd and grub.cfg into it (no mounting)";
+                                    the kernel, the initrd and grub.cfg into it (no mounting), with
+                                    the agent's preallocated store /AGENT/STATE.DAT (kept when
+                                    installing again)";
 
 /// The verbs this module answers; `None` for any other verb.
 pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {

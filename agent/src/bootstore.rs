@@ -38,15 +38,20 @@ const MAX_FILE: u64 = 256 << 10;
 pub struct Backing {
     pub disk: PathBuf,
     pub partition: u32,
+    /// Where the partition is on the disk (bytes), as found when the directory was filled.
+    pub start: u64,
+    pub len: u64,
     pub root: PathBuf,
 }
 
 impl Backing {
     fn render(&self) -> String {
         format!(
-            "disk={}\npartition={}\nroot={}\n",
+            "disk={}\npartition={}\nstart={}\nlen={}\nroot={}\n",
             self.disk.display(),
             self.partition,
+            self.start,
+            self.len,
             self.root.display()
         )
     }
@@ -54,11 +59,15 @@ impl Backing {
     fn parse(text: &str) -> Option<Backing> {
         let mut disk = None;
         let mut partition = None;
+        let mut start = None;
+        let mut len = None;
         let mut root = None;
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("disk", v)) => disk = Some(PathBuf::from(v)),
                 Some(("partition", v)) => partition = v.parse().ok(),
+                Some(("start", v)) => start = v.parse().ok(),
+                Some(("len", v)) => len = v.parse().ok(),
                 Some(("root", v)) => root = Some(PathBuf::from(v)),
                 _ => {}
             }
@@ -66,6 +75,8 @@ impl Backing {
         Some(Backing {
             disk: disk?,
             partition: partition?,
+            start: start?,
+            len: len?,
             root: root?,
         })
     }
@@ -161,7 +172,11 @@ pub struct Materialised {
 pub fn materialise(disk: &Path, root: &Path) -> anyhow::Result<Materialised> {
     let bp = BootPartition::open(disk, false)?;
     let from = bp.describe();
-    let partition = bp.partition_number();
+    let (partition, start, len) = (
+        bp.partition_number(),
+        bp.partition_start(),
+        bp.partition_len(),
+    );
     let mut tree = admin_files(&bp);
     let store = Store::open(bp)?;
     let loaded = store.load()?;
@@ -175,6 +190,8 @@ pub fn materialise(disk: &Path, root: &Path) -> anyhow::Result<Materialised> {
         backing: Backing {
             disk: disk.to_path_buf(),
             partition,
+            start,
+            len,
             root: root.to_path_buf(),
         },
         files: tree.len(),
@@ -239,7 +256,7 @@ pub fn commit(b: &Backing) -> anyhow::Result<Option<u64>> {
 
 fn commit_locked(b: &Backing) -> anyhow::Result<Option<u64>> {
     let tree = collect(&b.root)?;
-    let bp = BootPartition::open_number(&b.disk, true, b.partition)?;
+    let bp = BootPartition::open_range(&b.disk, true, b.partition, b.start, b.len)?;
     let mut store = Store::open(bp)?;
     if store.load().ok().is_some_and(|l| l.tree == tree) {
         return Ok(None);
@@ -448,6 +465,8 @@ mod tests {
         let b = Backing {
             disk: "/dev/vda".into(),
             partition: 1,
+            start: 1 << 20,
+            len: 40 << 20,
             root: "/bootagent".into(),
         };
         assert_eq!(Backing::parse(&b.render()), Some(b));

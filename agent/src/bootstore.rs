@@ -38,15 +38,20 @@ const MAX_FILE: u64 = 256 << 10;
 pub struct Backing {
     pub disk: PathBuf,
     pub partition: u32,
+    /// Where the partition is on the disk (bytes), as found when the directory was filled.
+    pub start: u64,
+    pub len: u64,
     pub root: PathBuf,
 }
 
 impl Backing {
     fn render(&self) -> String {
         format!(
-            "disk={}\npartition={}\nroot={}\n",
+            "disk={}\npartition={}\nstart={}\nlen={}\nroot={}\n",
             self.disk.display(),
             self.partition,
+            self.start,
+            self.len,
             self.root.display()
         )
     }
@@ -54,11 +59,15 @@ impl Backing {
     fn parse(text: &str) -> Option<Backing> {
         let mut disk = None;
         let mut partition = None;
+        let mut start = None;
+        let mut len = None;
         let mut root = None;
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("disk", v)) => disk = Some(PathBuf::from(v)),
                 Some(("partition", v)) => partition = v.parse().ok(),
+                Some(("start", v)) => start = v.parse().ok(),
+                Some(("len", v)) => len = v.parse().ok(),
                 Some(("root", v)) => root = Some(PathBuf::from(v)),
                 _ => {}
             }
@@ -66,6 +75,8 @@ impl Backing {
         Some(Backing {
             disk: disk?,
             partition: partition?,
+            start: start?,
+            len: len?,
             root: root?,
         })
     }
@@ -161,7 +172,11 @@ pub struct Materialised {
 pub fn materialise(disk: &Path, root: &Path) -> anyhow::Result<Materialised> {
     let bp = BootPartition::open(disk, false)?;
     let from = bp.describe();
-    let partition = bp.partition_number();
+    let (partition, start, len) = (
+        bp.partition_number(),
+        bp.partition_start(),
+        bp.partition_len(),
+    );
     let mut tree = admin_files(&bp);
     let store = Store::open(bp)?;
     let loaded = store.load()?;
@@ -175,6 +190,8 @@ pub fn materialise(disk: &Path, root: &Path) -> anyhow::Result<Materialised> {
         backing: Backing {
             disk: disk.to_path_buf(),
             partition,
+            start,
+            len,
             root: root.to_path_buf(),
         },
         files: tree.len(),
@@ -239,7 +256,7 @@ pub fn commit(b: &Backing) -> anyhow::Result<Option<u64>> {
 
 fn commit_locked(b: &Backing) -> anyhow::Result<Option<u64>> {
     let tree = collect(&b.root)?;
-    let bp = BootPartition::open_number(&b.disk, true, b.partition)?;
+    let bp = BootPartition::open_range(&b.disk, true, b.partition, b.start, b.len)?;
     let mut store = Store::open(bp)?;
     if store.load().ok().is_some_and(|l| l.tree == tree) {
         return Ok(None);
@@ -358,6 +375,87 @@ pub fn materialise_at_boot(disk: Option<&str>, disks: &[String]) -> String {
     )
 }
 
+/// What `img -dump` says about the boot-agent partition of `disk`: which one it is, the
+/// store's newest record (sequence, files; the credential's bytes are never shown) and
+/// GRUB's environment block as it is on disk. None when the disk has none.
+pub fn dump_info(disk: &Path) -> Option<serde_json::Value> {
+    let bp = BootPartition::open(disk, false).ok()?;
+    let grubenv = bp.read_file("/boot/grub/grubenv").ok().flatten().map(|b| {
+        String::from_utf8_lossy(&b)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    });
+    let mut v = serde_json::json!({
+        "partition": bp.partition_number(),
+        "describe": bp.describe(),
+    });
+    match Store::open(bp).and_then(|s| s.load()) {
+        Ok(l) => {
+            let files: Vec<serde_json::Value> = l
+                .tree
+                .iter()
+                .map(|(p, i)| serde_json::json!({ "path": p, "bytes": i.data.len(), "secret": i.secret }))
+                .collect();
+            v["store"] =
+                serde_json::json!({ "file": grub::store::FILE, "record": l.seq, "files": files });
+        }
+        Err(e) => v["store_error"] = serde_json::json!(format!("{e:#}")),
+    }
+    if let Some(g) = grubenv {
+        v["grubenv"] = serde_json::json!(g);
+    }
+    Some(v)
+}
+
+/// The text form of [`dump_info`].
+pub fn dump_text(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "  boot-agent partition: {}\n",
+        v["describe"].as_str().unwrap_or("?")
+    );
+    if let Some(st) = v.get("store") {
+        let files: Vec<String> = st["files"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        format!(
+                            "{} ({} bytes)",
+                            f["path"].as_str().unwrap_or("?"),
+                            f["bytes"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        s += &format!(
+            "  agent store {}: record {}, {} files{}{}\n",
+            st["file"].as_str().unwrap_or("?"),
+            st["record"],
+            files.len(),
+            if files.is_empty() { "" } else { ": " },
+            files.join(", ")
+        );
+    }
+    if let Some(e) = v.get("store_error").and_then(|e| e.as_str()) {
+        s += &format!("  agent store: {e}\n");
+    }
+    if let Some(g) = v.get("grubenv").and_then(|g| g.as_array()) {
+        let vars: Vec<&str> = g.iter().filter_map(|x| x.as_str()).collect();
+        s += &format!(
+            "  grubenv: {}\n",
+            if vars.is_empty() {
+                "(no variables)".to_string()
+            } else {
+                vars.join(" ")
+            }
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +465,8 @@ mod tests {
         let b = Backing {
             disk: "/dev/vda".into(),
             partition: 1,
+            start: 1 << 20,
+            len: 40 << 20,
             root: "/bootagent".into(),
         };
         assert_eq!(Backing::parse(&b.render()), Some(b));

@@ -31,9 +31,11 @@ pub const USAGE: &str = "\
         [-guest=chain|linux[:KERNEL[,INITRD[,CMDLINE]]]]
                                     format the boot-agent partition (default 1) as FAT32 and write
                                     the kernel, the initrd, grub.cfg and grubenv into it (no
-                                    mounting); -guest: how GRUB starts the OS on partition 2:
-                                    chain (default; Windows bootmgfw.efi, else BOOTX64.EFI) or
-                                    linux (default /vmlinuz, /initrd.img, root=PARTUUID=.. ro quiet)";
+                                    mounting), with the agent's preallocated store
+                                    /AGENT/STATE.DAT (kept when installing again); -guest: how
+                                    GRUB starts the OS on partition 2: chain (default; Windows
+                                    bootmgfw.efi, else BOOTX64.EFI) or linux (default /vmlinuz,
+                                    /initrd.img, root=PARTUUID=.. ro quiet)";
 
 /// The verbs this module answers; `None` for any other verb.
 pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {

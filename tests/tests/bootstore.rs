@@ -180,6 +180,20 @@ fn in_place_store_writes_keep_the_fat_clean_and_its_metadata_identical() {
     assert_eq!(seq, 3, "showing the list must not write a record");
     fsck_clean(&dir, &disk);
 
+    // img -dump names the boot-agent partition and the store's record.
+    let o = img(&["-dump", d]);
+    let t = text(&o);
+    assert!(
+        t.contains("boot-agent partition: partition 1 of")
+            && t.contains("record 3")
+            && t.contains("config/netconfig.conf"),
+        "{t}"
+    );
+    let o = img(&["-dump", "-json", d]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["boot_agent"]["partition"], 1, "{v}");
+    assert_eq!(v[0]["boot_agent"]["store"]["record"], 3, "{v}");
+
     // A disk without a boot-agent partition is named, with the way out.
     let blank = dir.join("blank.img");
     std::fs::File::create(&blank)
@@ -308,6 +322,7 @@ fn checkin_twice_on_a_disk_image_uses_the_stored_credential() {
     );
     let t = text(&third).to_lowercase();
     assert!(t.contains("409") || t.contains("already enrolled"), "{t}");
-    let devices = admin(&data, &["devices"]);
-    assert!(devices.contains("52:54:00:00:08:01"), "{devices}");
+    // The inventory names the boot-agent partition; the server shows it.
+    let device = admin(&data, &["device", "52:54:00:00:08:01"]);
+    assert!(device.contains("(boot agent)"), "{device}");
 }

@@ -268,8 +268,13 @@ fn bootnext(r: &BootNextRequest) -> anyhow::Result<()> {
 /// has no boot-agent partition (PXE): the reboot then goes wherever the firmware's boot
 /// order says, as before.
 pub fn prepare_guest_boot() -> anyhow::Result<bool> {
-    let Some(disk) = boot_disk() else {
-        eprintln!("agent: no boot-agent partition with grubenv on this device (PXE boot?): rebooting; the firmware's boot order decides what starts");
+    let has_env = |d: &Path| {
+        BootPartition::open(d, false)
+            .and_then(|bp| bp.file_len(grub::ENV_PATH))
+            .is_ok_and(|len| len.is_some())
+    };
+    let Some(disk) = boot_disk().filter(|d| has_env(d)) else {
+        eprintln!("agent: no boot-agent partition with grubenv on this device (a PXE boot?): rebooting; the firmware's boot order decides what starts");
         return Ok(false);
     };
     let msg = set_next_boot(&disk, NextBoot::Guest)

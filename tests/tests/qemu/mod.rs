@@ -290,9 +290,7 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// the boot-agent partition by its FAT label and reads the grub.cfg `img -install` wrote;
 /// the modules are the ones that configuration uses (`grub::MODULES`).
 pub fn standalone_grub(dir: &Path) -> PathBuf {
-    for t in ["grub-mkstandalone"] {
-        require_tool(t);
-    }
+    require_tool("grub-mkstandalone");
     let embed = dir.join("embed.cfg");
     std::fs::write(
         &embed,

@@ -807,7 +807,7 @@ fn whole_life_boots_deploys_reboots_and_stays_managed() {
     b.wait_for("succeeded", DEPLOY_LIMIT);
     let (b3, _) = b.end();
     assert!(
-        !b3.contains("enrolled as device") && !b3.contains("409"),
+        !b3.contains("enrolled as device") && !b3.contains("HTTP 409"),
         "boot 3 enrolled again instead of using its stored credential:\n{}",
         e2e::tail(&b3, 40)
     );
@@ -821,33 +821,37 @@ fn whole_life_boots_deploys_reboots_and_stays_managed() {
     // Boot 4: guest v2.
     assert_eq!(guest_boot(&mut dev).0, "2");
 
-    // Boot 5: the agent checks in with its stored credential (no 409), nothing left to
-    // send twice; the server shows the device Operational with v2. Boot 6: guest v2.
+    // Boot 5: the agent checks in with its stored credential (no 409, no new enrolment),
+    // nothing left to send twice; the server shows the device Operational with v2 and a
+    // newer check-in. Boot 6: guest v2.
+    let before = site.device_line(MAC);
+    std::thread::sleep(Duration::from_secs(1));
     let (b5, _) = agent_pass(&mut dev);
     assert!(
-        !b5.contains("enrolled as device") && !b5.contains("409"),
+        !b5.contains("enrolled as device") && !b5.contains("HTTP 409"),
         "boot 5 enrolled again:\n{}",
         e2e::tail(&b5, 40)
     );
+    assert!(b5.contains("nothing to do"), "{}", e2e::tail(&b5, 40));
     let line = site.device_line(MAC);
     assert!(
         line.contains("Operational") && line.contains("guest 2"),
         "{line}"
     );
+    assert_ne!(before, line, "the server saw no check-in from boot 5");
     let transcript = site.admin(&["transcript", MAC]);
+    eprintln!("server transcript:\n{transcript}");
+    let jobs = site.admin(&["jobs"]);
+    eprintln!("server jobs:\n{jobs}");
     let results = transcript
         .lines()
-        .filter(|l| l.contains("[task") && l.contains("result"))
+        .filter(|l| l.contains("[task 1] task 1 succeeded"))
         .count();
-    eprintln!("server transcript:\n{transcript}");
-    assert!(results <= 1, "a result was delivered twice:\n{transcript}");
-    assert_eq!(guest_boot(&mut dev).0, "2");
-    let server_log = site.server_log();
-    assert!(
-        !server_log.contains("409"),
-        "{}",
-        e2e::tail(&server_log, 40)
+    assert_eq!(
+        results, 1,
+        "the result was not delivered exactly once:\n{transcript}"
     );
+    assert_eq!(guest_boot(&mut dev).0, "2");
 
     // The reference figure on the same device: the next boot set to the guest from the host
     // (`img -bootnext guest -disk=`), so GRUB goes straight to it without the agent.

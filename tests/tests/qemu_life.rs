@@ -1246,3 +1246,38 @@ fn pxe_asks_first_agent_with_work_local_disk_without() {
         t_direct.as_secs_f64()
     );
 }
+
+/// The agent pass with no work, handing over with kexec (`img.handover=kexec`) instead of a
+/// reboot through the firmware and GRUB: one power-on, agent, check-in, guest marker.
+#[test]
+fn agent_pass_with_kexec_handover() {
+    if quick() {
+        return;
+    }
+    let lab = Lab::new("life-kexec");
+    let dir = lab.dir.path();
+    let mut site = Site::new(dir, "k");
+    site.start_server();
+    site.start_dnsmasq(dir, &[]);
+    let mut dev = lab.flashed_device(MAC, &format!("{AGENT_CMDLINE} img.handover=kexec"));
+    dev.ns = Some(site.ns.0.clone());
+    let mut b = dev.power_on();
+    b.wait_for("agent started", BOOT_LIMIT);
+    b.wait_for("img: enrolled as device", BOOT_LIMIT);
+    let t = b.wait_for("GUEST OS v1", BOOT_LIMIT);
+    let (text, _) = b.end();
+    assert_eq!(guest_version(&text).as_deref(), Some("1"));
+    // One firmware pass only: OVMF started the disk once.
+    assert_eq!(
+        text.matches("BdsDxe: starting").count(),
+        1,
+        "{}",
+        e2e::tail(&text, 40)
+    );
+    // The guest's own reboot comes back to the agent: kexec cleared next_entry again.
+    assert_eq!(dev.next_entry(), None, "{}", dev.grubenv());
+    eprintln!(
+        "life figure (TCG, OVMF + GRUB): power-on → guest marker through the agent pass with no work, kexec hand-over: {:.1} s",
+        t.as_secs_f64()
+    );
+}

@@ -126,6 +126,10 @@ fn other_family(verb: &str, rest: Vec<OsString>) -> anyhow::Result<i32> {
     if let Some(r) = discover::dispatch(verb, rest.clone()) {
         return r;
     }
+    // -checkin -disk=DISK keeps its state in DISK's boot-agent partition (bootstore.rs).
+    if let Some(r) = bootstore::dispatch_checkin(verb, rest.clone()) {
+        return r;
+    }
     if let Some(r) = checkin::dispatch(verb, rest.clone()) {
         return r;
     }

@@ -516,6 +516,90 @@ pub fn dump_text(v: &serde_json::Value) -> String {
 mod tests {
     use super::*;
 
+    /// A disk-image file with a boot-agent partition as `img -install` leaves it (FAT16,
+    /// preallocated store) and an administrator's ca.pem on it.
+    fn disk(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("bootstore-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!(
+            "truncate -s 8M d.img
+             sgdisk -o -n 1:2048:+6144K -c 1:BOOTAGENT -n 2:0:0 d.img >/dev/null
+             mkfs.fat -C -F 16 -s 1 -n BOOTAGENT p.img 6144 >/dev/null
+             head -c {} /dev/zero > s.dat
+             echo admin-ca > ca.pem
+             mmd -i p.img ::AGENT
+             mcopy -i p.img s.dat ::AGENT/STATE.DAT
+             mcopy -i p.img ca.pem ::ca.pem
+             dd if=p.img of=d.img bs=512 seek=2048 conv=notrunc status=none",
+            grub::store::FILE_LEN
+        );
+        let st = std::process::Command::new("sh")
+            .args(["-ec", &script])
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "making the test disk failed (needs sgdisk, mkfs.fat, mtools)"
+        );
+        (dir.join("d.img"), dir)
+    }
+
+    #[test]
+    fn materialise_commit_and_materialise_again() {
+        let (img, dir) = disk("cycle");
+        let a = dir.join("a");
+        let m = materialise(&img, &a).unwrap();
+        assert_eq!((m.seq, m.backing.partition), (0, 1));
+        assert_eq!(std::fs::read(a.join("ca.pem")).unwrap(), b"admin-ca\n");
+        // The agent's changes: a credential (0600), a URL list, and its own CA copy.
+        let mut t = Tree::new();
+        t.insert(
+            "state/credential".into(),
+            Item {
+                data: b"secret-token".to_vec(),
+                secret: true,
+            },
+        );
+        t.insert(
+            "state/outbox/r1.json".into(),
+            Item {
+                data: b"{}".to_vec(),
+                secret: false,
+            },
+        );
+        t.insert(
+            "ca.pem".into(),
+            Item {
+                data: b"agent-ca".to_vec(),
+                secret: false,
+            },
+        );
+        write_tree(&a, &t).unwrap();
+        assert_eq!(commit(&m.backing).unwrap(), Some(1));
+        assert_eq!(commit(&m.backing).unwrap(), None, "no change, no write");
+        // Next boot: a fresh directory gets the same tree, the store overriding the
+        // administrator's file, the credential readable by its owner only.
+        let b = dir.join("b");
+        let m2 = materialise(&img, &b).unwrap();
+        assert_eq!(m2.seq, 1);
+        assert_eq!(collect(&b).unwrap(), collect(&a).unwrap());
+        assert_eq!(std::fs::read(b.join("ca.pem")).unwrap(), b"agent-ca");
+        let mode = std::fs::metadata(b.join("state/credential"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A deleted outbox entry is deleted in the store too.
+        std::fs::remove_file(a.join("state/outbox/r1.json")).unwrap();
+        assert_eq!(commit(&m.backing).unwrap(), Some(2));
+        let c = dir.join("c");
+        materialise(&img, &c).unwrap();
+        assert!(!c.join("state/outbox/r1.json").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn record_round_trips() {
         let b = Backing {

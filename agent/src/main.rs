@@ -27,7 +27,8 @@ img: disk and partition imaging for thin clients and PCs
 
 usage: img -VERB [options]          (options may also be written with --)
 
-  -dump [DISK] [-json]              disks and partitions: size, type, label, file system, used bytes
+  -dump [DISK] [-json]              disks and partitions: size, type, label, file system, used bytes;
+                                    the boot-agent partition, its store and grubenv
   -make DEST [-disk=DISK] [-part=N|LABEL] [-comp=0..9] [-name=] [-version=] [-model=M,..]
         [-desc=TEXT] [-raw] [-chunk=MiB] [-threads=N] [-ca=PEM]
                                     capture a disk or one partition (used blocks only) to a file,

@@ -189,10 +189,7 @@ impl LabSettings {
         notes.extend(n.into_iter().map(|n| format!("{LAB_FILE}: {n}")));
         let mut s = LabSettings::default();
         for (k, v) in pairs {
-            let on = matches!(
-                v.to_ascii_lowercase().as_str(),
-                "yes" | "true" | "1" | "on"
-            );
+            let on = matches!(v.to_ascii_lowercase().as_str(), "yes" | "true" | "1" | "on");
             match k.as_str() {
                 "plain_http" => s.plain_http = on,
                 "unsigned_images" => s.unsigned_images = on,
@@ -364,7 +361,10 @@ mod tests {
     #[test]
     fn lab_settings_are_off_unless_explicitly_yes() {
         let mut notes = Vec::new();
-        let s = LabSettings::parse("plain_http = yes\nunsigned_images = maybe\nbogus=1\n", &mut notes);
+        let s = LabSettings::parse(
+            "plain_http = yes\nunsigned_images = maybe\nbogus=1\n",
+            &mut notes,
+        );
         assert_eq!(
             s,
             LabSettings {

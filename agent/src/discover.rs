@@ -467,7 +467,10 @@ mod tests {
         let dir = tmpdir("lab");
         let a = parse(args(&format!("-config={} -ca /x/ca.pem", dir.display()))).unwrap();
         let why = a.discovery_config().unwrap().refuse_plain_http.unwrap();
-        assert!(why.contains("/x/ca.pem") && why.contains("lab.conf"), "{why}");
+        assert!(
+            why.contains("/x/ca.pem") && why.contains("lab.conf"),
+            "{why}"
+        );
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("lab.conf"), "plain_http = yes\n").unwrap();
         assert_eq!(a.discovery_config().unwrap().refuse_plain_http, None);

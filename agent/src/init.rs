@@ -53,6 +53,8 @@ const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The management server's own CA, when the initramfs carries one (mkinitrd
 /// `--file ca.pem:etc/img/server-ca.pem`): the agent then trusts only it (`IMG_CA_FILE`).
 const SERVER_CA: &str = "/etc/img/server-ca.pem";
+/// Present (with its text) in an initramfs built with `mkinitrd --lab`.
+const LAB_BUILD: &str = "/etc/img/lab-build";
 
 /// Exit codes of the agent personality that ask init for something (agent/src/bootagent.rs).
 const AGENT_EXIT_CONSOLE: i32 = 10;
@@ -607,6 +609,9 @@ pub fn run_init() -> ! {
     ));
     for u in &params.unknown {
         say(&format!("ignoring kernel parameter {u} (see docs/boot.md)"));
+    }
+    if let Ok(t) = std::fs::read_to_string(LAB_BUILD) {
+        say(&format!("LAB BUILD: {}", t.trim()));
     }
 
     let order = module_load_order(Path::new(MODULES_ROOT), params.modules.as_deref())

@@ -173,11 +173,7 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
     // The image is signed and the initrd trusts its key: signatures are required.
     let image = capture_test_image(&dir);
     let pubkey = dir.join("fleet.key.pub");
-    let initrd = qemu::initrd_with(
-        dir.path(),
-        &k,
-        &["--trusted".as_ref(), pubkey.as_os_str()],
-    );
+    let initrd = qemu::initrd_with(dir.path(), &k, &["--trusted".as_ref(), pubkey.as_os_str()]);
     std::fs::rename(&initrd, tftp.join("initrd.img")).unwrap();
     // The shipped iPXE script, with test settings: the disk to image, a short failure delay,
     // and no kernel-panic reboot loop under QEMU.
@@ -455,11 +451,7 @@ fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
     let image = capture_test_image(&dir);
     // The production way: the initrd trusts the publisher's key (signatures are required).
     let pubkey = dir.join("fleet.key.pub");
-    let initrd = qemu::initrd_with(
-        dir.path(),
-        &k,
-        &["--trusted".as_ref(), pubkey.as_os_str()],
-    );
+    let initrd = qemu::initrd_with(dir.path(), &k, &["--trusted".as_ref(), pubkey.as_os_str()]);
 
     let ns = Netns(format!("imge2e{}", std::process::id()));
     let netns = |args: &str| {

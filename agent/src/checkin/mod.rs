@@ -542,6 +542,63 @@ mod tests {
         s.split_whitespace().map(OsString::from).collect()
     }
 
+    /// A 401 from an unverified (plain HTTP, lab) server proves nothing: the credential it
+    /// issued stays, and nothing is sent again.
+    #[test]
+    fn an_unverified_401_keeps_the_credential() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let server = std::thread::spawn(move || {
+            let mut n = 0;
+            l.set_nonblocking(false).unwrap();
+            for s in l.incoming().flatten().take(1) {
+                let mut s = s;
+                let mut b = vec![0u8; 65536];
+                let _ = s.read(&mut b);
+                let body = br#"{"error":"unknown credential"}"#;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+                n += 1;
+            }
+            n
+        });
+        let dir = std::env::temp_dir().join(format!("img-checkin-401-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = AgentConfig {
+            state_dir: dir.join("state"),
+            disk: Some(dir.join("none.img")),
+            mac: Some("52:54:00:00:00:09".into()),
+            serial: Some("S".into()),
+            model: Some("M".into()),
+            ram_bytes: Some(1),
+            quiet: true,
+            ..AgentConfig::default()
+        };
+        let state = StateDir::open(&cfg.state_dir).unwrap();
+        let rec = CredentialRecord {
+            token: "aa".repeat(32),
+            server: trust::origin(&url),
+            ca_sha256: None,
+        };
+        state.set_credential_record(Some(&rec)).unwrap();
+        let client = Client::new(&url, None, Duration::from_secs(5)).unwrap();
+        let err = format!("{:#}", checkin_once(&client, &state, &cfg).unwrap_err());
+        assert!(err.contains("the credential is kept"), "{err}");
+        assert_eq!(state.credential_record().unwrap(), Some(rec));
+        assert!(!dir.join("state/credential.refused").exists());
+        assert_eq!(
+            server.join().unwrap(),
+            1,
+            "exactly one request, no enrolment"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn parses_checkin_options() {
         let (server, cfg) = parse_args(args("-server=https://s:8443 -ca /x/ca.pem -state=/st -disk=/d.img -mac=52-54-00-00-00-01 -loop -retries=3")).unwrap();

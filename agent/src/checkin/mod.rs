@@ -599,6 +599,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The check-in client follows no redirect: the credential stays with the server.
+    #[test]
+    fn redirects_are_not_followed_with_the_credential() {
+        use std::io::{Read, Write};
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        target.set_nonblocking(true).unwrap();
+        let tport = target.local_addr().unwrap().port();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        std::thread::spawn(move || {
+            if let Some(Ok(mut s)) = l.incoming().next() {
+                let mut b = vec![0u8; 65536];
+                let _ = s.read(&mut b);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{tport}/api/v1/checkin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        let client = Client::new(&url, None, Duration::from_secs(5)).unwrap();
+        let e = client
+            .post::<_, serde_json::Value>(CHECKIN_PATH, Some("secret"), &serde_json::json!({}))
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Http { status: 307, .. }), "{e}");
+        assert!(target.accept().is_err(), "the redirect was followed");
+    }
+
     #[test]
     fn parses_checkin_options() {
         let (server, cfg) = parse_args(args("-server=https://s:8443 -ca /x/ca.pem -state=/st -disk=/d.img -mac=52-54-00-00-00-01 -loop -retries=3")).unwrap();

@@ -44,7 +44,13 @@ impl ServerIdentity {
 
     pub fn describe(&self) -> String {
         match &self.ca_sha256 {
-            Some(f) => format!("{} (CA sha256 {})", self.origin, &f[..16.min(f.len())]),
+            // The stored fingerprint comes from a file on the FAT boot partition: no byte
+            // slicing that could split a character.
+            Some(f) => format!(
+                "{} (CA sha256 {})",
+                self.origin,
+                f.chars().take(16).collect::<String>()
+            ),
             None if self.verified() => format!("{} (web PKI)", self.origin),
             None => format!("{} (plain HTTP, unverified)", self.origin),
         }
@@ -151,6 +157,56 @@ mod tests {
         ] {
             assert_eq!(origin(bad), None, "{bad}");
         }
+    }
+
+    /// Server-supplied URLs are untrusted: mutated inputs never panic, and whatever is
+    /// accepted is a well-formed http(s) origin.
+    #[test]
+    fn origin_survives_mutated_urls() {
+        let seeds = [
+            "https://srv.example:8443/api/v1/tasks/1/upload?key=k",
+            "http://[fe80::1]:80/x",
+            "https://h",
+        ];
+        let alphabet = b":/[]@?#%.0123456789hHtTpPsS\xff";
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for seed in seeds {
+            for _ in 0..3000 {
+                let mut b = seed.as_bytes().to_vec();
+                for _ in 0..3 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let pos = (x as usize) % (b.len() + 1);
+                    match x % 3 {
+                        0 if pos < b.len() => {
+                            b.remove(pos);
+                        }
+                        1 => b.insert(pos, alphabet[(x >> 8) as usize % alphabet.len()]),
+                        _ if pos < b.len() => {
+                            b[pos] = alphabet[(x >> 16) as usize % alphabet.len()]
+                        }
+                        _ => {}
+                    }
+                }
+                let s = String::from_utf8_lossy(&b);
+                if let Some(o) = origin(&s) {
+                    assert!(
+                        o.starts_with("http://") || o.starts_with("https://"),
+                        "{s} -> {o}"
+                    );
+                    assert!(
+                        o.rsplit(':').next().unwrap().parse::<u16>().is_ok(),
+                        "{s} -> {o}"
+                    );
+                }
+            }
+        }
+        let id = ServerIdentity {
+            origin: "https://h:1".into(),
+            ca_sha256: Some("ééééééééééééééééé".into()),
+        };
+        assert!(id.describe().contains("CA sha256"));
     }
 
     #[test]

@@ -99,7 +99,7 @@ for fs in fat32 ntfs; do
 
   echo "-- deploy from nginx on 127.0.0.1"
   rm -f t1.img t2.img t3.img
-  measure "img -restore URL" "$img -restore $url/$fs.fimg -disk=t1.img -resume=never"
+  measure "img -restore URL" "$img -restore $url/$fs.fimg -disk=t1.img -resume=never -unsigned"
   d_img=$T_WALL; cpu_img=$T_CPU
   measure "curl | zstd -dc | dd bs=4M" "curl -sf $url/$fs.raw.zst | zstd -q -dc | dd of=t2.img bs=4M status=none"
   d_dd=$T_WALL; cpu_dd=$T_CPU
@@ -116,7 +116,7 @@ for sz in $rss_small $rss_big; do
   make_fat big.img "$sz"
   measure "img -make ($sz MiB)" "$img -make www/big$sz.fimg -disk=big.img"; r_make=$T_RSS
   rm -f t.img
-  measure "img -restore ($sz MiB)" "$img -restore $url/big$sz.fimg -disk=t.img -resume=never"; r_rest=$T_RSS
+  measure "img -restore ($sz MiB)" "$img -restore $url/big$sz.fimg -disk=t.img -resume=never -unsigned"; r_rest=$T_RSS
   summary+=("peak RSS $sz MiB image: capture $((r_make / 1024)) MiB, deploy $((r_rest / 1024)) MiB (target <= 64 MiB, same for both sizes)")
   rm -f big.img t.img www/big$sz.fimg; rm -rf "$work/src-$sz"
 done

@@ -44,6 +44,10 @@ echo "== img -make: capture the whole disk (used blocks only)"
 ls -l device.img www/device.fimg | awk '{print "   " $5 " bytes  " $9}'
 du -k device.img | awk '{print "   device.img occupies " $1 " KiB on disk"}'
 
+echo "== img -keygen / -sign: devices deploy only images signed by a key they trust"
+"$img" -keygen "$out/fleet.key" >/dev/null
+"$img" -sign www/device.fimg -key="$out/fleet.key"
+
 echo "== img -info"
 "$img" -info www/device.fimg
 
@@ -55,8 +59,8 @@ mgmt=
 trap 'kill $srv $mgmt 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 
-echo "== img -restore http://127.0.0.1:$port/device.fimg -disk=new-device.img"
-"$img" -restore "http://127.0.0.1:$port/device.fimg" -disk=new-device.img -state="$out/state"
+echo "== img -restore http://127.0.0.1:$port/device.fimg -disk=new-device.img -trust=fleet.key.pub"
+"$img" -restore "http://127.0.0.1:$port/device.fimg" -disk=new-device.img -state="$out/state" -trust="$out/fleet.key.pub"
 
 echo "== checking the copy with the real tools"
 sgdisk -v new-device.img | grep -q "No problems found" && echo "   sgdisk -v new-device.img: no problems found"
@@ -79,12 +83,14 @@ mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 mgmt=$!
 for _ in $(seq 100); do curl -s -o /dev/null --cacert srv/ca.pem "https://127.0.0.1:$mport/" && break; sleep 0.1; done
 "$img" -make os-2.fimg -disk=device.img -name=demo-os -version=2.0 -model=DEMO 2>/dev/null
+"$img" -sign os-2.fimg -key="$out/fleet.key" >/dev/null
+mkdir -p trusted.d && cp "$out/fleet.key.pub" trusted.d/fleet.pub
 "$imgserver" --data srv image add os-2.fimg | sed 's/^/   /'
 "$imgserver" --data srv schedule add --mac 52:54:00:12:34:56 --image demo-os:2.0 --then no-reboot | sed 's/^/   /'
 truncate -s 256M fleet-device.img
 echo "== img -checkin (the agent's loop, as the boot agent runs it after discovery)"
 "$img" -checkin -server="https://127.0.0.1:$mport" -ca=srv/ca.pem -state=agent-state \
-  -disk=fleet-device.img -mac=52:54:00:12:34:56 -model=DEMO -loop
+  -disk=fleet-device.img -mac=52:54:00:12:34:56 -model=DEMO -trust-dir=trusted.d -loop
 echo "== what the server recorded"
 "$imgserver" --data srv devices | sed 's/^/   /'
 "$imgserver" --data srv devices | grep 52:54:00:12:34:56 | grep -q Operational \

@@ -109,6 +109,8 @@ pub struct RestoreArgs {
     /// Restore even when the image is not made for this model.
     pub force: bool,
     pub trust: Vec<PathBuf>,
+    /// Lab only: deploy although no signing key is trusted (unsigned and raw images).
+    pub unsigned: bool,
     pub resume: Resume,
     pub state: Option<PathBuf>,
     pub ca: Option<PathBuf>,
@@ -365,6 +367,7 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
                     .into_iter()
                     .map(PathBuf::from)
                     .collect(),
+                unsigned: o.take_flag(&["unsigned"])?,
                 resume,
                 state: o.take_one(&["state"])?.map(PathBuf::from),
                 ca: o.take_one(&["ca"])?.map(PathBuf::from),
@@ -496,6 +499,11 @@ mod tests {
         };
         assert_eq!(r.trust.len(), 2);
         assert_eq!(r.resume, Resume::Never);
+        assert!(!r.unsigned);
+        let ImgCommand::Restore(r) = p("-restore x.img -disk=d -unsigned").unwrap() else {
+            panic!()
+        };
+        assert!(r.unsigned);
     }
 
     #[test]

@@ -53,6 +53,17 @@ pub fn run() -> i32 {
     }
 }
 
+/// The server CA the agent pins: `IMG_CA_FILE` (init sets it when the initramfs carries
+/// the server's CA), else `ca.pem` on the boot-agent partition.
+fn server_ca() -> Option<PathBuf> {
+    std::env::var_os("IMG_CA_FILE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = std::path::Path::new(BOOT_PARTITION).join("ca.pem");
+            p.is_file().then_some(p)
+        })
+}
+
 fn run_inner() -> anyhow::Result<AgentExit> {
     // Every change of the state is written back to the boot-agent partition: right away for
     // the check-in state, every few seconds for the rest (the deploy's resume journal).
@@ -69,14 +80,30 @@ fn run_inner() -> anyhow::Result<AgentExit> {
 }
 
 fn run_agent() -> anyhow::Result<AgentExit> {
+    let config_dir = std::env::var_os("IMG_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(discovery::DEFAULT_CONFIG_DIR));
+    let mut notes = Vec::new();
+    let lab = discovery::LabSettings::load(&config_dir, &mut notes).unwrap_or_else(|e| {
+        // An unreadable lab.conf weakens nothing.
+        notes.push(format!("{e}: no lab setting applies"));
+        discovery::LabSettings::default()
+    });
+    for n in notes {
+        eprintln!("agent: {n}");
+    }
+    let ca = server_ca();
     let cfg = discovery::Config {
         // In the initramfs the agent owns /etc: the lease's DNS servers go to resolv.conf so
         // the check-in can resolve the server's name. (`img -discover` on a host never
         // writes it.)
         resolv_conf: Some(PathBuf::from("/etc/resolv.conf")),
-        config_dir: std::env::var_os("IMG_CONFIG_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(discovery::DEFAULT_CONFIG_DIR)),
+        refuse_plain_http: crate::checkin::trust::plain_http_refusal(
+            ca.as_deref(),
+            &lab,
+            &config_dir,
+        ),
+        config_dir: config_dir.clone(),
         // `img.server=` on the kernel command line is tried before every other source, but
         // the network still comes up through discovery (lease, routes, resolver).
         command_line_urls: std::env::var("IMG_SERVER")
@@ -91,12 +118,22 @@ fn run_agent() -> anyhow::Result<AgentExit> {
         BootOutcome::OperatorConsole => return Ok(AgentExit::Console),
     };
     eprintln!("agent: management server {server}");
-    checkin_and_work(&server)
+    checkin_and_work(&server, ca, config_dir, lab)
 }
 
-fn checkin_and_work(server: &str) -> anyhow::Result<AgentExit> {
+fn checkin_and_work(
+    server: &str,
+    ca: Option<PathBuf>,
+    config_dir: PathBuf,
+    lab: discovery::LabSettings,
+) -> anyhow::Result<AgentExit> {
     use crate::checkin::{self, AgentConfig, LoopOutcome};
-    let mut acfg = AgentConfig::default();
+    let mut acfg = AgentConfig {
+        ca_file: ca,
+        config_dir,
+        lab,
+        ..AgentConfig::default()
+    };
     if let Some(d) = std::env::var_os("IMG_DISK") {
         acfg.disk = Some(PathBuf::from(d));
     }
@@ -106,9 +143,6 @@ fn checkin_and_work(server: &str) -> anyhow::Result<AgentExit> {
     let boot = std::path::Path::new(BOOT_PARTITION);
     if std::env::var_os("IMG_AGENT_STATE").is_none() && boot.is_dir() {
         acfg.state_dir = boot.join("state");
-    }
-    if acfg.ca_file.is_none() && boot.join("ca.pem").is_file() {
-        acfg.ca_file = Some(boot.join("ca.pem"));
     }
     if std::env::var_os("IMG_TRUSTED_DIR").is_none() && boot.join("trusted").is_dir() {
         acfg.trusted_dir = Some(boot.join("trusted"));

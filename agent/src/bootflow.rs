@@ -107,6 +107,7 @@ fn find_server_with(
     handoff: &dyn GuestOsHandoff,
     discover: DiscoverFn<'_>,
 ) -> anyhow::Result<BootOutcome> {
+    show_lab_settings(cfg, console);
     offer_static_reset(cfg, console)?;
     console.show("Looking for the management server...");
     match discover(cfg) {
@@ -150,6 +151,26 @@ fn find_server_with(
     console.show("Booting the guest OS in flash...");
     handoff.boot_guest_os()?;
     Ok(BootOutcome::GuestOs)
+}
+
+/// Every lab setting that weakens the device's trust (lab.conf on the boot partition) is
+/// shown at every start, before anything else happens.
+fn show_lab_settings(cfg: &Config, console: &mut dyn Console) {
+    let mut notes = Vec::new();
+    match discovery::LabSettings::load(&cfg.config_dir, &mut notes) {
+        Ok(lab) => {
+            for line in lab.banner(&cfg.config_dir) {
+                console.show(&line);
+            }
+        }
+        Err(e) => console.show(&format!("{e}: no lab setting applies")),
+    }
+    for n in notes {
+        console.show(&n);
+    }
+    if cfg.refuse_plain_http.is_some() {
+        console.show("Server CA present: plain-HTTP management servers are skipped.");
+    }
 }
 
 /// Merlin: with a stored static configuration, Esc during start-up clears it and the values
@@ -397,6 +418,34 @@ pub(crate) mod tests {
             matches!(out, BootOutcome::Server { ref chosen, .. } if chosen.url == "http://10.0.0.1:80")
         );
         assert!(!con.shown.iter().any(|l| l == NO_SERVER_MESSAGE));
+    }
+
+    #[test]
+    fn lab_settings_are_shown_at_every_start() {
+        let c = cfg("lab");
+        for _boot in 0..2 {
+            let mut con = ScriptedConsole::default();
+            find_server_with(&c, &mut con, &RecordingHandoff::default(), &nothing).unwrap();
+            assert!(!con.shown.iter().any(|l| l.contains("LAB SETTING")));
+        }
+        std::fs::create_dir_all(&c.config_dir).unwrap();
+        std::fs::write(
+            c.config_dir.join("lab.conf"),
+            "plain_http = yes\nunsigned_images = yes\n",
+        )
+        .unwrap();
+        for _boot in 0..2 {
+            let mut con = ScriptedConsole::default();
+            find_server_with(&c, &mut con, &RecordingHandoff::default(), &nothing).unwrap();
+            let lab: Vec<_> = con
+                .shown
+                .iter()
+                .filter(|l| l.starts_with("LAB SETTING"))
+                .collect();
+            assert_eq!(lab.len(), 2, "{:?}", con.shown);
+            assert!(lab[0].contains("plain_http=yes") && lab[1].contains("unsigned_images=yes"));
+        }
+        let _ = std::fs::remove_dir_all(&c.config_dir);
     }
 
     #[test]

@@ -26,10 +26,13 @@ use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
 pub const USAGE: &str = "\
   -discover [-json] [-all] [-v] [-iface=NAME].. [-config=DIR] [-srv=NAME] [-host=NAME]
         [-vendorclass=ID] [-dhcp-timeout=S] [-link-timeout=S] [-probe-timeout=S] [-noconfigure]
-        [-resolvconf=PATH] [-server=\"URL;URL..\"]
+        [-resolvconf=PATH] [-server=\"URL;URL..\"] [-ca=PEM]
                                     find the management server: DHCP options 186/190/192, the
                                     URL list, RTIAgent options, DNS SRV, DNS host name
-                                    (-server: tried first, as img.server= on the kernel line)
+                                    (-server: tried first, as img.server= on the kernel line).
+                                    With the server CA (-ca, IMG_CA_FILE, /bootagent/ca.pem)
+                                    plain-HTTP candidates are skipped unless lab.conf in the
+                                    config folder says plain_http = yes
   -serverurl [\"URL;URL..\"|clear] [-config=DIR|-disk=DISK]
                                     show / set / clear the server URL list (max 63 characters)
   -netconfig [ip=A mask=M gw=G server=S proto=http|https port=N | clear] [-config=DIR|-disk=DISK]
@@ -62,8 +65,9 @@ struct Args {
 }
 
 /// Options that take a value even when written `-name value`.
-const VALUED: [&str; 11] = [
+const VALUED: [&str; 12] = [
     "disk",
+    "ca",
     "resolvconf",
     "iface",
     "config",
@@ -189,11 +193,31 @@ impl Args {
         cfg.resolv_conf = self.value("resolvconf").map(PathBuf::from);
         // `-server=LIST`: what `img.server=` on the kernel command line does for the boot agent.
         cfg.command_line_urls = self.value("server").map(str::to_string);
+        // The trust policy: with the server's CA, plain HTTP only when lab.conf allows it.
+        let ca = self
+            .value("ca")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("IMG_CA_FILE").map(PathBuf::from))
+            .or_else(|| {
+                let p = PathBuf::from("/bootagent/ca.pem");
+                p.is_file().then_some(p)
+            });
+        let mut notes = Vec::new();
+        let lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
+        for n in notes {
+            eprintln!("img: {n}");
+        }
+        for line in lab.banner(&cfg.config_dir) {
+            eprintln!("img: {line}");
+        }
+        cfg.refuse_plain_http =
+            crate::checkin::trust::plain_http_refusal(ca.as_deref(), &lab, &cfg.config_dir);
         Ok(cfg)
     }
 }
 
-const DISCOVER_OPTS: [&str; 16] = [
+const DISCOVER_OPTS: [&str; 17] = [
+    "ca",
     "server",
     "resolvconf",
     "json",
@@ -471,6 +495,21 @@ mod tests {
         let a = parse(args("-dhcp-timeout=abc")).unwrap();
         assert!(a.discovery_config().is_err());
         assert!(dispatch("bogus", vec![]).is_none());
+    }
+
+    #[test]
+    fn a_server_ca_refuses_plain_http_unless_lab_conf_allows_it() {
+        let dir = tmpdir("lab");
+        let a = parse(args(&format!("-config={} -ca /x/ca.pem", dir.display()))).unwrap();
+        let why = a.discovery_config().unwrap().refuse_plain_http.unwrap();
+        assert!(
+            why.contains("/x/ca.pem") && why.contains("lab.conf"),
+            "{why}"
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("lab.conf"), "plain_http = yes\n").unwrap();
+        assert_eq!(a.discovery_config().unwrap().refuse_plain_http, None);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -325,10 +325,30 @@ fn check_model(a: &RestoreArgs, disk: &Path, loc: &Location, http: &HttpConfig) 
     }
 }
 
+/// Signatures are required: with no trusted key, nothing is restored unless the operator
+/// says `-unsigned` (a lab setting, printed as a warning every time).
+fn restore_keys(a: &RestoreArgs) -> Result<Vec<sign::VerifyingKey>> {
+    let keys = trusted_keys(&a.trust)?;
+    if keys.is_empty() {
+        if !a.unsigned {
+            return Err(imgengine::Error::new(
+                imgengine::ErrorKind::Signature,
+                format!(
+                    "no trusted signing key (-trust=KEY.pub or {}/*.pub): nothing is restored.                      Give the publisher's key, or for a lab image add -unsigned",
+                    std::env::var("IMG_TRUSTED_DIR").unwrap_or_else(|_| TRUSTED_DIR.into())
+                ),
+            )
+            .into());
+        }
+        eprintln!("img: WARNING: -unsigned: no trusted signing key; the image is restored without a signature check (lab use only)");
+    }
+    Ok(keys)
+}
+
 pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
     let disk = resolve_disk(&a.sel)?;
     let opts = DeployOptions {
-        trusted_keys: trusted_keys(&a.trust)?,
+        trusted_keys: restore_keys(a)?,
         resume: match a.resume {
             Resume::Auto => ResumeMode::Auto,
             Resume::Always => ResumeMode::Always,

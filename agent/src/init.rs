@@ -56,6 +56,8 @@ const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The management server's own CA, when the initramfs carries one (mkinitrd
 /// `--file ca.pem:etc/img/server-ca.pem`): the agent then trusts only it (`IMG_CA_FILE`).
 const SERVER_CA: &str = "/etc/img/server-ca.pem";
+/// Present (with its text) in an initramfs built with `mkinitrd --lab`.
+const LAB_BUILD: &str = "/etc/img/lab-build";
 
 /// Exit codes of the agent personality that ask init for something (agent/src/bootagent.rs).
 const AGENT_EXIT_CONSOLE: i32 = 10;
@@ -681,6 +683,9 @@ pub fn run_init() -> ! {
     for u in &params.unknown {
         say(&format!("ignoring kernel parameter {u} (see docs/boot.md)"));
     }
+    if let Some(line) = lab_build_line(Path::new(LAB_BUILD)) {
+        say(&line);
+    }
 
     let order = module_load_order(Path::new(MODULES_ROOT), params.modules.as_deref())
         .unwrap_or_else(|e| {
@@ -723,6 +728,13 @@ pub fn run_init() -> ! {
             .unwrap_or_else(|e| fatal(&format!("starting the agent thread: {e}"), delay));
     }
     reaper.run()
+}
+
+/// The line a lab initramfs (`mkinitrd --lab`) prints at every boot; None for a
+/// production one.
+fn lab_build_line(marker: &Path) -> Option<String> {
+    let t = std::fs::read_to_string(marker).ok()?;
+    Some(format!("LAB BUILD: {}", t.trim()))
 }
 
 /// Wait (up to [`DEVICE_SETTLE`]) until the freshly loaded drivers have registered at least
@@ -815,6 +827,21 @@ fn supervise(params: &BootParams, console: &Arc<Console>, reaper: &Reaper) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lab_initramfs_says_so_at_boot() {
+        let d = std::env::temp_dir().join(format!("img-init-lab-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let marker = d.join("lab-build");
+        assert_eq!(lab_build_line(&marker), None);
+        std::fs::write(&marker, initramfs::LAB_BUILD_TEXT).unwrap();
+        let line = lab_build_line(&marker).unwrap();
+        assert!(
+            line.starts_with("LAB BUILD: ") && line.contains("mkinitrd --lab"),
+            "{line}"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
 
     #[test]
     fn cmdline_defaults_when_nothing_is_ours() {

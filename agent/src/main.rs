@@ -36,7 +36,7 @@ usage: img -VERB [options]          (options may also be written with --)
                                     `-` (stdout) or an http(s) URL (HTTP PUT)
                                     -comp: 0 none, 1 fastest (default), 6 balanced, 9 smallest
   -restore SRC [-disk=DISK] [-part=N|LABEL] [-trust=KEY.pub].. [-resume=auto|always|never]
-        [-state=DIR] [-threads=N] [-ca=PEM] [-model=M] [-force]
+        [-state=DIR] [-threads=N] [-ca=PEM] [-model=M] [-force] [-unsigned]
                                     deploy an image (ours, or raw .img/.img.zst/.img.gz/.img.xz)
                                     from a file, `-` (stdin) or an http(s) URL; re-run to resume;
                                     refused when the image is not for this model (-force)
@@ -49,8 +49,9 @@ usage: img -VERB [options]          (options may also be written with --)
   -help, -version
 
 DISK is a block device (/dev/sda, /dev/mmcblk0) or a disk-image file. Trusted keys are also
-read from /etc/img/trusted.d/*.pub (IMG_TRUSTED_DIR); when any is configured, unsigned or
-wrongly signed images are refused before anything is written.
+read from /etc/img/trusted.d/*.pub (IMG_TRUSTED_DIR). -restore needs one: unsigned, raw or
+wrongly signed images are refused before anything is written; with no trusted key at all
+nothing is restored unless -unsigned (lab only, printed as a warning) is given.
 Exit codes: 0 ok, 1 failure, 2 usage, 3 corrupt/truncated image, 4 signature refused,
 5 unsuitable target, 6 network, 7 I/O, 8 unsupported, 9 no server found.";
 

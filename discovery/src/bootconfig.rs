@@ -24,6 +24,8 @@ use crate::urllist::{check_url_list_len, parse_url_list, Scheme};
 
 pub const DISCOVERY_FILE: &str = "discovery.conf";
 pub const NETCONFIG_FILE: &str = "netconfig.conf";
+/// Lab settings that weaken the device's trust policy (see [`LabSettings`]).
+pub const LAB_FILE: &str = "lab.conf";
 /// Far above any real file; a larger one is not ours.
 const MAX_FILE_LEN: u64 = 16 * 1024;
 
@@ -166,6 +168,65 @@ impl DiscoverySettings {
     }
 }
 
+/// Lab settings on the boot-agent partition (`lab.conf`): each one weakens the device's trust
+/// policy, so none is on unless the file says `yes`, and the agent shows every one that is
+/// on at every boot.
+///
+/// * `plain_http = yes`: the agent may talk plain HTTP to a management server even though it
+///   holds the server's CA (without it, plain-HTTP candidates are skipped);
+/// * `unsigned_images = yes`: the agent may deploy unsigned and raw images when it has no
+///   trusted signing key (without it, nothing is deployed until a key is installed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LabSettings {
+    pub plain_http: bool,
+    pub unsigned_images: bool,
+}
+
+impl LabSettings {
+    /// Parses `lab.conf`. Anything but an explicit yes (`yes`, `true`, `1`, `on`) is off.
+    pub fn parse(text: &str, notes: &mut Vec<String>) -> LabSettings {
+        let (pairs, n) = parse_kv(text);
+        notes.extend(n.into_iter().map(|n| format!("{LAB_FILE}: {n}")));
+        let mut s = LabSettings::default();
+        for (k, v) in pairs {
+            let on = matches!(v.to_ascii_lowercase().as_str(), "yes" | "true" | "1" | "on");
+            match k.as_str() {
+                "plain_http" => s.plain_http = on,
+                "unsigned_images" => s.unsigned_images = on,
+                other => notes.push(format!("{LAB_FILE}: unknown key {other:?} ignored")),
+            }
+        }
+        s
+    }
+
+    /// Reads `dir/lab.conf`; a missing file (or folder) means no lab setting.
+    pub fn load(dir: &Path, notes: &mut Vec<String>) -> Result<LabSettings, ConfigError> {
+        Ok(match read_limited(&dir.join(LAB_FILE))? {
+            Some(t) => LabSettings::parse(&t, notes),
+            None => LabSettings::default(),
+        })
+    }
+
+    /// One console line per setting that is on (empty when none is).
+    pub fn banner(&self, dir: &Path) -> Vec<String> {
+        let file = dir.join(LAB_FILE);
+        let mut out = Vec::new();
+        if self.plain_http {
+            out.push(format!(
+                "LAB SETTING plain_http=yes ({}): plain HTTP to the management server is allowed; credentials and images travel unprotected",
+                file.display()
+            ));
+        }
+        if self.unsigned_images {
+            out.push(format!(
+                "LAB SETTING unsigned_images=yes ({}): unsigned and raw images are deployed when no signing key is trusted",
+                file.display()
+            ));
+        }
+        out
+    }
+}
+
 /// The Merlin static network configuration: used instead of DHCP when present.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StaticNetConfig {
@@ -296,6 +357,37 @@ pub fn fuzz_parse_config(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lab_settings_are_off_unless_explicitly_yes() {
+        let mut notes = Vec::new();
+        let s = LabSettings::parse(
+            "plain_http = yes\nunsigned_images = maybe\nbogus=1\n",
+            &mut notes,
+        );
+        assert_eq!(
+            s,
+            LabSettings {
+                plain_http: true,
+                unsigned_images: false
+            }
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(LabSettings::parse("", &mut notes), LabSettings::default());
+        let dir = std::env::temp_dir().join(format!("disc-lab-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(
+            LabSettings::load(&dir, &mut notes).unwrap(),
+            LabSettings::default()
+        );
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(LAB_FILE), "unsigned_images=1\n").unwrap();
+        let s = LabSettings::load(&dir, &mut notes).unwrap();
+        assert!(s.unsigned_images && !s.plain_http);
+        assert_eq!(s.banner(&dir).len(), 1);
+        assert!(s.banner(&dir)[0].starts_with("LAB SETTING unsigned_images=yes"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn pairs(s: &str) -> Vec<(String, String)> {
         parse_kv(s).0

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use bootconfig::{ConfigError, DiscoverySettings, StaticNetConfig};
+pub use bootconfig::{ConfigError, DiscoverySettings, LabSettings, StaticNetConfig};
 pub use dhcp::{DhcpParams, Lease, LeaseKeeper};
 pub use netif::{NetworkSetup, Nic, SystemNetwork};
 pub use options::VxcmOptions;
@@ -88,6 +88,10 @@ pub struct Config {
     /// stored list): an administrator's explicit choice, tried before every other source.
     /// The network is brought up as usual, so the check-in can reach it.
     pub command_line_urls: Option<String>,
+    /// Why plain-HTTP candidates must be skipped (the device holds its server's CA and no
+    /// lab setting allows plain HTTP); `None`: plain HTTP may be tried. Every skipped
+    /// candidate is rejected with this text, which names the way to allow it.
+    pub refuse_plain_http: Option<String>,
 }
 
 impl Default for Config {
@@ -108,6 +112,7 @@ impl Default for Config {
             configure: true,
             resolv_conf: None,
             command_line_urls: None,
+            refuse_plain_http: None,
         }
     }
 }
@@ -221,7 +226,10 @@ impl Run<'_> {
             detail,
             verdict: Verdict::NotTried,
         };
-        if let Some(prev) = self.candidates.iter().find(|c| c.url == cand.url) {
+        if let (Scheme::Http, Some(why)) = (url.scheme, &self.cfg.refuse_plain_http) {
+            // Not even probed: a rogue DHCP answer must not learn that we are here.
+            cand.verdict = Verdict::Rejected(format!("plain HTTP skipped: {why}"));
+        } else if let Some(prev) = self.candidates.iter().find(|c| c.url == cand.url) {
             cand.address = prev.address;
             cand.verdict = match &prev.verdict {
                 Verdict::Rejected(r) => {
@@ -758,6 +766,71 @@ mod tests {
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["chosen"]["source"], "static");
         assert_eq!(json["chosen"]["verdict"], "reachable");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// With the device's CA and no lab setting, plain-HTTP candidates from the URL list and
+    /// the static configuration are skipped without a connection, with the reason.
+    #[test]
+    fn plain_http_candidates_are_skipped_unprobed_when_refused() {
+        let dir = std::env::temp_dir().join(format!("discovery-plain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let mut s = DiscoverySettings::default();
+        s.set_server_url_list(&format!("http://127.0.0.1:{port}"))
+            .unwrap();
+        s.store(&dir).unwrap();
+        let net = netif::tests::FakeNetwork {
+            nics: vec![Nic {
+                name: "eth0".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+            }],
+            no_carrier: vec!["eth0".into()],
+            ..Default::default()
+        };
+        let cfg = Config {
+            config_dir: dir.clone(),
+            link_timeout: Duration::from_millis(50),
+            refuse_plain_http: Some("allow it with plain_http = yes in lab.conf".into()),
+            command_line_urls: Some(format!("http://127.0.0.1:{port}")),
+            ..Default::default()
+        };
+        let d = discover_with(&cfg, &net).unwrap();
+        assert!(d.chosen.is_none(), "{:?}", d.candidates);
+        assert!(!d.candidates.is_empty());
+        for c in &d.candidates {
+            assert!(
+                matches!(&c.verdict, Verdict::Rejected(r) if r.contains("plain HTTP skipped") && r.contains("lab.conf")),
+                "{c:?}"
+            );
+        }
+        assert!(d.log.iter().any(|l| l.contains("plain HTTP skipped")));
+        // Nobody connected to the listener.
+        assert!(l.accept().is_err());
+        // The static configuration (proto http by default) is skipped the same way.
+        let st = StaticNetConfig::from_pairs(
+            &bootconfig::parse_kv(&format!(
+                "ip=10.9.0.2\nmask=255.255.255.0\nserver=127.0.0.1\nport={port}"
+            ))
+            .0,
+        )
+        .unwrap();
+        st.store(&dir).unwrap();
+        let d = discover_with(&cfg, &net).unwrap();
+        assert!(d.chosen.is_none());
+        assert_eq!(d.candidates[0].source, CandidateSource::Static);
+        assert!(l.accept().is_err());
+        // Without the refusal the same listener is chosen.
+        let cfg = Config {
+            refuse_plain_http: None,
+            ..cfg
+        };
+        l.set_nonblocking(false).unwrap();
+        serve(l);
+        let d = discover_with(&cfg, &net).unwrap();
+        assert!(d.chosen.is_some(), "{:?}", d.candidates);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -277,6 +277,10 @@ pub struct ModuleSelection {
     pub names: Vec<String>,
 }
 
+/// What a lab initramfs says about itself at every boot.
+pub const LAB_BUILD_TEXT: &str =
+    "this initramfs was built with mkinitrd --lab (no CA required); not for production devices\n";
+
 /// What goes into the initrd.
 #[derive(Debug, Clone)]
 pub struct InitrdSpec {
@@ -285,6 +289,11 @@ pub struct InitrdSpec {
     pub modules: Option<ModuleSelection>,
     /// PEM bundle installed as `/etc/ssl/certs/ca-certificates.crt`.
     pub ca_bundle: Option<PathBuf>,
+    /// The management server's own CA, installed as `/etc/img/server-ca.pem`: the agent
+    /// trusts only it for the server (and refuses plain HTTP).
+    pub server_ca: Option<PathBuf>,
+    /// A lab build: carries `/etc/img/lab-build`, which init prints at every boot.
+    pub lab: bool,
     /// Public keys installed under `/etc/img/trusted.d/` (file names kept).
     pub trusted_keys: Vec<PathBuf>,
     /// Default agent configuration, installed as `/etc/img/agent.conf`.
@@ -301,6 +310,8 @@ impl InitrdSpec {
             agent: agent.into(),
             modules: None,
             ca_bundle: None,
+            server_ca: None,
+            lab: false,
             trusted_keys: Vec::new(),
             config: None,
             extra: Vec::new(),
@@ -371,6 +382,16 @@ pub fn assemble(spec: &InitrdSpec) -> Result<(Initrd, InitrdReport), InitrdError
     }
     if let Some(ca) = &spec.ca_bundle {
         t.add_host_file("etc/ssl/certs/ca-certificates.crt", ca)?;
+    }
+    if let Some(ca) = &spec.server_ca {
+        t.add_host_file("etc/img/server-ca.pem", ca)?;
+    }
+    if spec.lab {
+        t.add_file(
+            "etc/img/lab-build",
+            0o644,
+            LAB_BUILD_TEXT.as_bytes().to_vec(),
+        )?;
     }
     t.add_dir("etc/img/trusted.d", 0o755)?;
     for key in &spec.trusted_keys {

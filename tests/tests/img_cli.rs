@@ -154,6 +154,7 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
     // The image is made for Z90 and R90: a C50 is refused before anything is written.
     let r = img(&[
         "-restore",
+        "-unsigned",
         &nginx.url("os.fimg"),
         &format!("-disk={}", dst.display()),
         "-part=2",
@@ -173,6 +174,7 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
         .all(|&b| b == 0x5A));
     let r = ok(&[
         "-restore",
+        "-unsigned",
         "-model=r90",
         &nginx.url("os.fimg"),
         &format!("-disk={}", dst.display()),
@@ -202,7 +204,7 @@ fn partition_by_label_over_http_leaves_the_rest_of_the_disk_alone() {
 }
 
 #[test]
-fn signed_images_are_required_once_a_key_is_trusted() {
+fn signed_images_are_required_and_no_trusted_key_restores_nothing() {
     let s = Scratch::new("cli-sign");
     let src = s.join("device.img");
     make_disk(&src, &sample_files(), false);
@@ -237,6 +239,47 @@ fn signed_images_are_required_once_a_key_is_trusted() {
         std::fs::read(&target).unwrap() == before,
         "an unsigned image wrote to the target"
     );
+
+    // No trusted key at all (the default): nothing is restored, signed, unsigned or raw,
+    // before anything is written; the message names the way out.
+    let empty = s.join("no-keys.d");
+    std::fs::create_dir_all(&empty).unwrap();
+    let raw = s.join("raw.img");
+    std::fs::write(&raw, vec![0x11u8; MIB as usize]).unwrap();
+    for src in [&image, &signed, &raw] {
+        let r = Command::new(img_bin())
+            .env("IMG_TRUSTED_DIR", &empty)
+            .args(["-restore", src.to_str().unwrap(), &disk, &state])
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(4), "{}", text(&r));
+        assert!(
+            text(&r).contains("no trusted signing key") && text(&r).contains("-unsigned"),
+            "{}",
+            text(&r)
+        );
+        assert!(
+            std::fs::read(&target).unwrap() == before,
+            "{} wrote to the target without a trusted key",
+            src.display()
+        );
+    }
+    // -unsigned (lab): restored, with a warning.
+    let r = run(Command::new(img_bin())
+        .env("IMG_TRUSTED_DIR", &empty)
+        .args([
+            "-restore",
+            raw.to_str().unwrap(),
+            &disk,
+            &state,
+            "-unsigned",
+        ]));
+    assert!(text(&r).contains("WARNING: -unsigned"), "{}", text(&r));
+    assert_eq!(
+        std::fs::read(&target).unwrap()[..MIB as usize],
+        vec![0x11u8; MIB as usize][..]
+    );
+    std::fs::write(&target, &before).unwrap();
 
     // Signed by a key that is not trusted: refused the same way.
     let r = img(&[
@@ -294,6 +337,7 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     let args = |t: &PathBuf| {
         vec![
             "-restore".to_string(),
+            "-unsigned".to_string(),
             nginx.url("d.fimg"),
             format!("-disk={}", t.display()),
             format!("-state={}", state.display()),
@@ -407,6 +451,7 @@ fn exit_codes_and_messages_name_the_problem() {
     assert!(text(&r).contains("chunk"), "{}", text(&r));
     let r = img(&[
         "-restore",
+        "-unsigned",
         bad.to_str().unwrap(),
         &format!("-disk={}", s.join("t.img").display()),
         &format!("-state={}", s.join("st").display()),
@@ -422,6 +467,7 @@ fn exit_codes_and_messages_name_the_problem() {
     let nginx = Nginx::serve(s.path());
     let r = img(&[
         "-restore",
+        "-unsigned",
         &nginx.url("nothere.fimg"),
         &format!("-disk={}", s.join("t2.img").display()),
         &format!("-state={}", s.join("st").display()),
@@ -455,7 +501,7 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
     {
         let t1 = s.join(format!("via-stdin-{i}.img"));
         let out = run(Command::new("bash").arg("-c").arg(format!(
-            "{} -restore - -disk={} -state={} < {}",
+            "{} -restore - -unsigned -disk={} -state={} < {}",
             img_bin().display(),
             t1.display(),
             s.join("st").display(),
@@ -469,6 +515,7 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
         let t2 = s.join(format!("via-url-{i}.img"));
         ok(&[
             "-restore",
+            "-unsigned",
             &nginx.url(name),
             &format!("-disk={}", t2.display()),
             &format!("-state={}", s.join("st").display()),
@@ -537,6 +584,7 @@ fn capture_streams_to_an_http_upload() {
     make_disk(&dst, &[], true);
     ok(&[
         "-restore",
+        "-unsigned",
         got.to_str().unwrap(),
         &format!("-disk={}", dst.display()),
         "-part=OS",

@@ -170,7 +170,10 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
         );
         std::fs::copy(&src, tftp.join(rom)).unwrap();
     }
-    let initrd = initrd(dir.path(), &k);
+    // The image is signed and the initrd trusts its key: signatures are required.
+    let image = capture_test_image(&dir);
+    let pubkey = dir.join("fleet.key.pub");
+    let initrd = qemu::initrd_with(dir.path(), &k, &["--trusted".as_ref(), pubkey.as_os_str()]);
     std::fs::rename(&initrd, tftp.join("initrd.img")).unwrap();
     // The shipped iPXE script, with test settings: the disk to image, a short failure delay,
     // and no kernel-panic reboot loop under QEMU.
@@ -189,7 +192,6 @@ fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
         .unwrap()
         .set_len(48 << 20)
         .unwrap();
-    let image = capture_test_image(&dir);
 
     let ns = Netns(format!("imgpxe{}", std::process::id()));
     let netns = |args: &str| {
@@ -316,7 +318,14 @@ fn capture_test_image(dir: &Scratch) -> std::path::PathBuf {
         "-name=os",
         "-version=2.1",
     ]));
-
+    // Signed: the agent deploys nothing unsigned (its initrd trusts `fleet.key.pub`).
+    let key = dir.join("fleet.key");
+    run(Command::new(e2e::img_bin()).args(["-keygen", key.to_str().unwrap()]));
+    run(Command::new(e2e::img_bin()).args([
+        "-sign",
+        image.to_str().unwrap(),
+        &format!("-key={}", key.display()),
+    ]));
     image
 }
 
@@ -439,9 +448,10 @@ fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
     }
     let dir = Scratch::new("qemu-e2e");
     let k = kernel();
-    let initrd = initrd(dir.path(), &k);
-
     let image = capture_test_image(&dir);
+    // The production way: the initrd trusts the publisher's key (signatures are required).
+    let pubkey = dir.join("fleet.key.pub");
+    let initrd = qemu::initrd_with(dir.path(), &k, &["--trusted".as_ref(), pubkey.as_os_str()]);
 
     let ns = Netns(format!("imge2e{}", std::process::id()));
     let netns = |args: &str| {

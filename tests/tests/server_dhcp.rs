@@ -232,6 +232,11 @@ fn dhcp_agent_child() {
         retry_wait: Duration::from_millis(300),
         checkin_attempts: 3,
         quiet: true,
+        // The suite's image is unsigned: the lab setting, explicitly.
+        lab: discovery::LabSettings {
+            unsigned_images: true,
+            ..Default::default()
+        },
         ..AgentConfig::default()
     };
     match checkin::agent_loop(&chosen.url, &agent) {

@@ -182,6 +182,11 @@ fn agent_cfg(srv: &Server, dir: &Scratch, mac: &str, disk: &Path) -> AgentConfig
         job_retries: 40,
         timeout: Duration::from_secs(10),
         quiet: true,
+        // The suite's images are unsigned: the lab setting, explicitly.
+        lab: discovery::LabSettings {
+            unsigned_images: true,
+            ..Default::default()
+        },
         ..AgentConfig::default()
     }
 }
@@ -438,6 +443,10 @@ fn agent_child() {
         progress_interval: Duration::from_millis(100),
         retry_wait: Duration::from_millis(300),
         quiet: true,
+        lab: discovery::LabSettings {
+            unsigned_images: true,
+            ..Default::default()
+        },
         ..AgentConfig::default()
     };
     let outcome = checkin::agent_loop(&s("url"), &cfg).unwrap();
@@ -858,4 +867,57 @@ fn group_job_in_sequence_images_one_device_after_the_other() {
         2,
         "{devices}"
     );
+}
+
+/// Issue 9: the credential is stored with the server that issued it (origin and CA
+/// fingerprint) and is never sent to another one, even one the device can verify; only the
+/// issuing server, verified, can make the device drop it (after `imgserver forget`), and
+/// then it is set aside, not deleted.
+#[test]
+fn credential_is_bound_to_its_server_and_only_a_verified_401_sets_it_aside() {
+    tools();
+    let dir = Scratch::new("server-cred-bind");
+    let a = Server::start(&dir.join("srv-a"), 0);
+    let b = Server::start(&dir.join("srv-b"), 0);
+    let disk = blank_disk(&dir, "d.img");
+    let cfg = agent_cfg(&a, &dir, MAC_A, &disk);
+    checkin::agent_loop(&a.url, &cfg).unwrap();
+    let st = StateDir::open(&cfg.state_dir).unwrap();
+    let rec = st.credential_record().unwrap().unwrap();
+    assert_eq!(rec.server.as_deref(), Some(a.url.as_str()));
+    assert_eq!(rec.ca_sha256.as_ref().map(String::len), Some(64));
+    let raw = fs::read_to_string(cfg.state_dir.join("credential")).unwrap();
+    assert!(raw.contains(&a.url), "{raw}");
+
+    // Server B, verified with its own CA: the device neither sends A's credential nor
+    // enrols with B.
+    let mut to_b = cfg.clone();
+    to_b.ca_file = Some(b.data.join("ca.pem"));
+    let err = format!("{:#}", checkin::agent_loop(&b.url, &to_b).unwrap_err());
+    assert!(
+        err.contains("issued by") && err.contains(&a.url) && err.contains("never sent"),
+        "{err}"
+    );
+    assert!(
+        device_line(&b, MAC_A).is_empty(),
+        "B must not know the device"
+    );
+    assert_eq!(st.credential_record().unwrap().unwrap(), rec);
+
+    // A itself, reached with another CA file (same origin, other fingerprint): also refused
+    // before anything is sent.
+    let mut other_ca = cfg.clone();
+    other_ca.ca_file = Some(b.data.join("ca.pem"));
+    let err = format!("{:#}", checkin::agent_loop(&a.url, &other_ca).unwrap_err());
+    assert!(err.contains("issued by"), "{err}");
+
+    // The administrator of A forgets the device: A (verified) answers 401, the device sets
+    // the credential aside and enrols again.
+    a.admin(&["forget", MAC_A]);
+    checkin::agent_loop(&a.url, &cfg).unwrap();
+    let again = st.credential_record().unwrap().unwrap();
+    assert_ne!(again.token, rec.token);
+    let refused = fs::read_to_string(cfg.state_dir.join("credential.refused")).unwrap();
+    assert!(refused.contains(&rec.token));
+    assert!(device_line(&a, MAC_A).contains("Operational"));
 }

@@ -83,6 +83,9 @@ pub fn http_agent(ca: Option<&Path>, timeout: Duration) -> anyhow::Result<ureq::
     let config = ureq::Agent::config_builder()
         .tls_config(tls.build())
         .http_status_as_error(false)
+        // The protocol has no redirects: following one would carry the credential (and the
+        // device's inventory) to wherever the answer points. A 3xx is an error answer.
+        .max_redirects(0)
         .timeout_connect(t)
         .timeout_recv_response(t)
         .timeout_per_read(t)

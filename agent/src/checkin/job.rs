@@ -323,7 +323,10 @@ fn target_disk(cfg: &AgentConfig, named: Option<&str>) -> anyhow::Result<PathBuf
 /// HTTP settings for a URL: the server's own CA for the server's URLs; the system's web PKI
 /// for images on other servers (a CDN has a public certificate).
 fn http_for(client: &Client, cfg: &AgentConfig, url: &str) -> HttpConfig {
-    let ours = url.starts_with(client.base());
+    // Same origin, not a string prefix: `https://srv:8443` is no prefix-match for
+    // `https://srv:84430/` or `https://srv:8443.example/`.
+    let ours = super::trust::origin(url).is_some()
+        && super::trust::origin(url) == super::trust::origin(client.base());
     HttpConfig {
         ca_file: if ours { cfg.ca_file.clone() } else { None },
         timeout: Some(cfg.timeout),
@@ -337,6 +340,47 @@ fn trusted_keys(cfg: &AgentConfig) -> anyhow::Result<Vec<imgengine::sign::Verify
             .with_context(|| format!("loading trusted keys from {}", d.display())),
         _ => Ok(Vec::new()),
     }
+}
+
+/// The signing keys a deploy checks against. Signatures are required: with no trusted key
+/// nothing is deployed (unsigned, raw or signed by anyone), unless the lab setting
+/// `unsigned_images = yes` says otherwise, which the transcript then shows.
+fn signature_policy(
+    cfg: &AgentConfig,
+    rep: &Reporter,
+) -> anyhow::Result<Vec<imgengine::sign::VerifyingKey>> {
+    let keys = trusted_keys(cfg)?;
+    if !keys.is_empty() {
+        return Ok(keys);
+    }
+    let dir = cfg
+        .trusted_dir
+        .as_ref()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|| "(none configured)".into());
+    if !cfg.lab.unsigned_images {
+        return Err(Rejection(format!(
+            "no trusted image-signing key on this device (trusted key folder {dir}): nothing is deployed.              Install the publisher's public key (mkinitrd --trusted KEY.pub), or in a lab put `unsigned_images = yes` in {}",
+            cfg.config_dir.join(discovery::bootconfig::LAB_FILE).display()
+        ))
+        .into());
+    }
+    rep.log(format!(
+        "LAB SETTING unsigned_images=yes: no trusted signing key in {dir}; the image is deployed without a signature check"
+    ));
+    Ok(keys)
+}
+
+/// A task's image URL must be http(s): anything else (a local path, file://, a device)
+/// would make the server choose what the device reads.
+fn check_image_url(url: &str) -> anyhow::Result<()> {
+    if super::trust::origin(url).is_none() {
+        return Err(Rejection(format!(
+            "image URL {url:?} is not an http(s) URL: refused (the server must name an HTTP(S) location)"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Run `f` again after network failures (the server restarting, a cable pulled), with a
@@ -385,13 +429,14 @@ fn deploy_task(
         ))
         .into());
     }
+    check_image_url(&spec.image.url)?;
     let stamp = ImageStamp {
         name: spec.image.name.clone(),
         version: spec.image.version.clone(),
     };
     let http = http_for(client, cfg, &spec.image.url);
     let opts = DeployOptions {
-        trusted_keys: trusted_keys(cfg)?,
+        trusted_keys: signature_policy(cfg, rep)?,
         resume: ResumeMode::Auto,
         state_dir: state.journal_dir(),
         threads: 0,
@@ -593,7 +638,18 @@ fn capture_task(
     rep: &Reporter,
 ) -> anyhow::Result<Done> {
     let disk = target_disk(cfg, spec.disk.as_deref())?;
-    if !spec.upload_url.contains("key=") && spec.upload_url.starts_with(client.base()) {
+    // The capture (the whole disk, with the boot partition's credential and user data) goes
+    // only to the server this device checked in with, over the connection policy it passed.
+    let server = super::trust::origin(client.base());
+    if server.is_none() || super::trust::origin(&spec.upload_url) != server {
+        return Err(Rejection(format!(
+            "upload URL {} is not on the management server {}: a capture is only uploaded to the server itself",
+            spec.upload_url,
+            client.base()
+        ))
+        .into());
+    }
+    if !spec.upload_url.contains("key=") {
         bail!("the capture task has no upload key (fetched with GET?): check in again to get a fresh one");
     }
     let opts = CaptureOptions {
@@ -662,6 +718,157 @@ mod tests {
         let lines = r.lines();
         assert_eq!(lines.len(), 2);
         assert!(lines[1].ends_with("deploying: done, 50 bytes"), "{lines:?}");
+    }
+
+    fn policy_cfg(tag: &str) -> (AgentConfig, PathBuf, Vec<u8>) {
+        let dir = std::env::temp_dir().join(format!("img-job-policy-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("trusted")).unwrap();
+        let disk = dir.join("disk.img");
+        let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&disk, &bytes).unwrap();
+        let cfg = AgentConfig {
+            state_dir: dir.join("state"),
+            disk: Some(disk.clone()),
+            trusted_dir: Some(dir.join("trusted")),
+            config_dir: dir.join("config"),
+            timeout: Duration::from_millis(300),
+            retry_wait: Duration::from_millis(1),
+            job_retries: 0,
+            quiet: true,
+            ..AgentConfig::default()
+        };
+        (cfg, disk, bytes)
+    }
+
+    fn deploy(url: &str) -> Task {
+        Task {
+            id: 1,
+            job: 1,
+            kind: TaskKind::Deploy(DeploySpec {
+                image: imgserver::protocol::ImageRef {
+                    name: "os".into(),
+                    version: "1".into(),
+                    url: url.into(),
+                    size: None,
+                },
+                disk: None,
+                partition: None,
+                preserve: vec![],
+                backup_first: true,
+                after: After::NoReboot,
+            }),
+        }
+    }
+
+    fn rejected(r: anyhow::Result<Done>) -> String {
+        let e = r.err().expect("the task must be refused");
+        assert!(
+            e.chain().any(|c| c.downcast_ref::<Rejection>().is_some()),
+            "{e:#}"
+        );
+        format!("{e:#}")
+    }
+
+    /// No trusted key and no lab setting: the deploy is refused before the image is even
+    /// fetched (the server here does not exist) and the disk is untouched.
+    #[test]
+    fn deploy_without_a_trusted_key_is_refused_before_anything_is_written() {
+        let (cfg, disk, bytes) = policy_cfg("nokey");
+        let client = Client::new("https://127.0.0.1:9", None, cfg.timeout).unwrap();
+        let state = StateDir::open(&cfg.state_dir).unwrap();
+        let rep = Reporter::new(true);
+        let why = rejected(execute(
+            &client,
+            &state,
+            &cfg,
+            &deploy("https://127.0.0.1:9/repo/os-1.img"),
+            &rep,
+        ));
+        assert!(
+            why.contains("no trusted image-signing key") && why.contains("unsigned_images = yes"),
+            "{why}"
+        );
+        assert_eq!(std::fs::read(&disk).unwrap(), bytes);
+        // With the lab setting the policy lets it through (and says so); the fetch then
+        // fails on the missing server, still before writing.
+        let cfg = AgentConfig {
+            lab: discovery::LabSettings {
+                unsigned_images: true,
+                ..Default::default()
+            },
+            ..cfg
+        };
+        let rep = Reporter::new(true);
+        let r = execute(
+            &client,
+            &state,
+            &cfg,
+            &deploy("https://127.0.0.1:9/repo/os-1.img"),
+            &rep,
+        );
+        assert!(r.is_err());
+        assert!(rep
+            .lines()
+            .iter()
+            .any(|l| l.contains("LAB SETTING unsigned_images=yes")));
+        assert_eq!(std::fs::read(&disk).unwrap(), bytes);
+    }
+
+    #[test]
+    fn image_urls_that_are_not_http_are_refused() {
+        let (mut cfg, disk, bytes) = policy_cfg("url");
+        cfg.lab.unsigned_images = true;
+        let client = Client::new("https://127.0.0.1:9", None, cfg.timeout).unwrap();
+        let state = StateDir::open(&cfg.state_dir).unwrap();
+        let src = disk.with_file_name("other.img");
+        std::fs::write(&src, vec![0u8; 4096]).unwrap();
+        for url in [
+            src.display().to_string(),
+            format!("file://{}", src.display()),
+            "-".to_string(),
+            "ftp://127.0.0.1/os.img".to_string(),
+        ] {
+            let why = rejected(execute(
+                &client,
+                &state,
+                &cfg,
+                &deploy(&url),
+                &Reporter::new(true),
+            ));
+            assert!(why.contains("not an http(s) URL"), "{why}");
+        }
+        assert_eq!(std::fs::read(&disk).unwrap(), bytes);
+    }
+
+    #[test]
+    fn captures_are_uploaded_only_to_the_server_itself() {
+        let (cfg, _disk, _) = policy_cfg("upload");
+        let client = Client::new("https://127.0.0.1:8443", None, cfg.timeout).unwrap();
+        let state = StateDir::open(&cfg.state_dir).unwrap();
+        for url in [
+            "https://127.0.0.1:84430/api/v1/tasks/1/upload?key=k",
+            "https://127.0.0.1:8443.evil.example/api/v1/tasks/1/upload?key=k",
+            "http://127.0.0.1:8443/api/v1/tasks/1/upload?key=k",
+            "https://10.0.0.66:8443/api/v1/tasks/1/upload?key=k",
+        ] {
+            let task = Task {
+                id: 2,
+                job: 1,
+                kind: TaskKind::Capture(CaptureSpec {
+                    disk: None,
+                    partition: None,
+                    name: "c".into(),
+                    version: "1".into(),
+                    models: vec![],
+                    description: None,
+                    comp: 1,
+                    upload_url: url.into(),
+                }),
+            };
+            let why = rejected(execute(&client, &state, &cfg, &task, &Reporter::new(true)));
+            assert!(why.contains("only uploaded to the server itself"), "{why}");
+        }
     }
 
     #[test]

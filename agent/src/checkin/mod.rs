@@ -19,12 +19,14 @@ pub mod client;
 pub mod inventory;
 pub mod job;
 pub mod state;
+pub mod trust;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use discovery::LabSettings;
 use imgserver::protocol::{
     result_path, Action, CheckIn, CheckInReply, Outcome, ResultReply, TaskResult, CHECKIN_PATH,
     PROTOCOL_VERSION,
@@ -32,17 +34,22 @@ use imgserver::protocol::{
 
 use client::{Client, ClientError};
 use job::TaskEnd;
-use state::{CurrentTask, StateDir};
+use state::{CredentialRecord, CurrentTask, StateDir};
+use trust::ServerIdentity;
 
 /// Usage lines for `img -help`.
 pub const USAGE: &str = "\
   -checkin -server=URL [-ca=PEM] [-state=DIR] [-disk=DISK] [-backup=DIR] [-loop]
-        [-mac=MAC] [-serial=S] [-model=M] [-trust-dir=DIR] [-retries=N] [-q]
+        [-mac=MAC] [-serial=S] [-model=M] [-trust-dir=DIR] [-config=DIR] [-retries=N] [-q]
                                     check in with the management server once: enrol at first
                                     contact, send unsent results, run the task it hands out
                                     and report; -loop keeps going until there is nothing to do;
                                     -disk=DISK without -state keeps the credential and results
-                                    in DISK's boot-agent partition, as the boot agent does";
+                                    in DISK's boot-agent partition, as the boot agent does.
+                                    With -ca, plain HTTP is refused and images must be signed
+                                    by a key in -trust-dir, unless DIR/lab.conf (-config, the
+                                    boot partition's config folder) says plain_http = yes /
+                                    unsigned_images = yes";
 
 /// The agent's settings for check-in.
 #[derive(Debug, Clone)]
@@ -55,8 +62,13 @@ pub struct AgentConfig {
     pub disk: Option<PathBuf>,
     /// The backup location (seed 001's backup partition, mounted); None: no backup support.
     pub backup_dir: Option<PathBuf>,
-    /// Trusted image-signing keys (`*.pub`); when it holds any, unsigned images are refused.
+    /// Trusted image-signing keys (`*.pub`). Deploy tasks need a signature by one of them;
+    /// without any key nothing is deployed unless `lab.unsigned_images` says so.
     pub trusted_dir: Option<PathBuf>,
+    /// The boot partition's configuration folder (where `lab.conf` is; named in messages).
+    pub config_dir: PathBuf,
+    /// The lab settings read from `config_dir/lab.conf` (all off by default).
+    pub lab: LabSettings,
     /// Identity overrides (tests, broken DMI tables).
     pub mac: Option<String>,
     pub serial: Option<String>,
@@ -92,6 +104,10 @@ impl Default for AgentConfig {
             trusted_dir: Some(PathBuf::from(
                 std::env::var_os("IMG_TRUSTED_DIR").unwrap_or_else(|| "/etc/img/trusted.d".into()),
             )),
+            config_dir: std::env::var_os("IMG_CONFIG_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(discovery::DEFAULT_CONFIG_DIR)),
+            lab: LabSettings::default(),
             mac: None,
             serial: None,
             uuid: None,
@@ -149,20 +165,33 @@ pub fn checkin_once(
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
     };
-    let token = state.credential()?;
+    let ident = ServerIdentity::of(client.base(), cfg.ca_file.as_deref())?;
+    let token = bound_credential(state, &ident)?;
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,
         Err(ClientError::Http {
             status: 401,
             message,
         }) if token.is_some() => {
-            // The server does not know our credential (its administrator ran `forget`):
-            // enrol again; the server refuses this for a device it still knows.
+            if !ident.verified() {
+                // Anyone can answer 401 over plain HTTP: that proves nothing, so the
+                // credential stays and nothing else is tried.
+                bail!(
+                    "{} refused the device credential ({message}), but the server is not verified: the credential is kept (only the issuing server, verified over HTTPS, can make the device drop it)",
+                    ident.describe()
+                );
+            }
+            // The issuing server, verified, does not know our credential any more (its
+            // administrator ran `forget`): set it aside and enrol again; the server refuses
+            // this for a device it still knows.
             log(
                 cfg,
-                format!("server refused the stored credential ({message}); enrolling again"),
+                format!(
+                    "the issuing server {} refused the stored credential ({message}); it is set aside (credential.refused) and the device enrols again",
+                    ident.describe()
+                ),
             );
-            state.set_credential(None)?;
+            state.set_aside_credential()?;
             req.results.clear();
             client
                 .post(CHECKIN_PATH, None, &req)
@@ -178,14 +207,64 @@ pub fn checkin_once(
     }
     if let Some(c) = &reply.credential {
         state
-            .set_credential(Some(c))
+            .set_credential_record(Some(&CredentialRecord {
+                token: c.clone(),
+                server: Some(ident.origin.clone()),
+                ca_sha256: ident.ca_sha256.clone(),
+            }))
             .context("storing the device credential")?;
-        log(cfg, format!("enrolled as device {}", reply.device));
+        log(
+            cfg,
+            format!(
+                "enrolled as device {} with {}",
+                reply.device,
+                ident.describe()
+            ),
+        );
     }
     for a in &reply.acked {
         state.acknowledge(a)?;
     }
     Ok(reply)
+}
+
+/// The stored credential, if it may be sent to `ident`: only to the server that issued it
+/// (same origin, same CA). A credential bound to another server stops the check-in (the
+/// device neither sends it nor enrols elsewhere); a bare credential from an older agent is
+/// bound to the first verified (HTTPS) server it is sent to.
+pub fn bound_credential(
+    state: &StateDir,
+    ident: &ServerIdentity,
+) -> anyhow::Result<Option<String>> {
+    let Some(rec) = state.credential_record()? else {
+        return Ok(None);
+    };
+    match &rec.server {
+        Some(s) if *s == ident.origin && rec.ca_sha256 == ident.ca_sha256 => Ok(Some(rec.token)),
+        Some(s) => {
+            let issuer = ServerIdentity {
+                origin: s.clone(),
+                ca_sha256: rec.ca_sha256.clone(),
+            };
+            bail!(
+                "this device's credential was issued by {} and is never sent to another server; {} is not that server, so the device does not check in with it.                  If the device really moves to it, delete the credential file in the agent's state folder (and run `imgserver forget MAC` on the old server)",
+                issuer.describe(),
+                ident.describe()
+            )
+        }
+        None if ident.verified() => {
+            state.set_credential_record(Some(&CredentialRecord {
+                server: Some(ident.origin.clone()),
+                ca_sha256: ident.ca_sha256.clone(),
+                ..rec.clone()
+            }))?;
+            Ok(Some(rec.token))
+        }
+        None => bail!(
+            "this device's credential is not bound to a server yet and {} is not verified: it is only sent over HTTPS",
+            ident.describe()
+        ),
+    }
 }
 
 fn retryable(e: &anyhow::Error) -> bool {
@@ -264,8 +343,24 @@ fn deliver(
 
 /// The boot agent's loop against the server at `server_url` (see the module docs).
 pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOutcome> {
+    for line in cfg.lab.banner(&cfg.config_dir) {
+        log(cfg, line);
+    }
+    let plain = trust::origin(server_url).is_some_and(|o| o.starts_with("http://"));
+    if plain {
+        if let Some(why) =
+            trust::plain_http_refusal(cfg.ca_file.as_deref(), &cfg.lab, &cfg.config_dir)
+        {
+            bail!("refusing to check in with {server_url} over plain HTTP: {why}");
+        }
+        log(
+            cfg,
+            format!("talking plain HTTP to {server_url}: the credential travels unprotected"),
+        );
+    }
     let client = Client::new(server_url, cfg.ca_file.as_deref(), cfg.timeout)?;
     let state = StateDir::open(&cfg.state_dir)?;
+    let ident = ServerIdentity::of(client.base(), cfg.ca_file.as_deref())?;
     let mut tasks_run = 0usize;
     let mut last_resent: Option<u64> = None;
     loop {
@@ -279,8 +374,7 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
             }
             Action::Run { task } => task,
         };
-        let token = state
-            .credential()?
+        let token = bound_credential(&state, &ident)?
             .ok_or_else(|| anyhow!("the server handed out a task before this device enrolled"))?;
         // A task the device already finished (the result's acknowledgement was lost): answer
         // with the result instead of running it twice.
@@ -365,6 +459,7 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> 
             "disk" => cfg.disk = Some(value()?.into()),
             "backup" => cfg.backup_dir = Some(value()?.into()),
             "trust-dir" => cfg.trusted_dir = Some(value()?.into()),
+            "config" => cfg.config_dir = value()?.into(),
             "mac" => cfg.mac = Some(value()?),
             "serial" => cfg.serial = Some(value()?),
             "model" => cfg.model = Some(value()?),
@@ -396,6 +491,18 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> 
     }
     let server =
         server.ok_or_else(|| anyhow!("-checkin needs -server=URL (`img -discover` finds it)"))?;
+    if cfg.ca_file.is_none() {
+        // The boot partition's CA, as the boot agent uses it.
+        let boot_ca = std::path::Path::new("/bootagent/ca.pem");
+        if boot_ca.is_file() {
+            cfg.ca_file = Some(boot_ca.to_path_buf());
+        }
+    }
+    let mut notes = Vec::new();
+    cfg.lab = LabSettings::load(&cfg.config_dir, &mut notes)?;
+    for n in notes {
+        log(&cfg, n);
+    }
     Ok((server, cfg))
 }
 
@@ -437,6 +544,90 @@ mod tests {
 
     fn args(s: &str) -> Vec<OsString> {
         s.split_whitespace().map(OsString::from).collect()
+    }
+
+    /// A 401 from an unverified (plain HTTP, lab) server proves nothing: the credential it
+    /// issued stays, and nothing is sent again.
+    #[test]
+    fn an_unverified_401_keeps_the_credential() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        let server = std::thread::spawn(move || {
+            let mut n = 0;
+            l.set_nonblocking(false).unwrap();
+            for s in l.incoming().flatten().take(1) {
+                let mut s = s;
+                let mut b = vec![0u8; 65536];
+                let _ = s.read(&mut b);
+                let body = br#"{"error":"unknown credential"}"#;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+                n += 1;
+            }
+            n
+        });
+        let dir = std::env::temp_dir().join(format!("img-checkin-401-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = AgentConfig {
+            state_dir: dir.join("state"),
+            disk: Some(dir.join("none.img")),
+            mac: Some("52:54:00:00:00:09".into()),
+            serial: Some("S".into()),
+            model: Some("M".into()),
+            ram_bytes: Some(1),
+            quiet: true,
+            ..AgentConfig::default()
+        };
+        let state = StateDir::open(&cfg.state_dir).unwrap();
+        let rec = CredentialRecord {
+            token: "aa".repeat(32),
+            server: trust::origin(&url),
+            ca_sha256: None,
+        };
+        state.set_credential_record(Some(&rec)).unwrap();
+        let client = Client::new(&url, None, Duration::from_secs(5)).unwrap();
+        let err = format!("{:#}", checkin_once(&client, &state, &cfg).unwrap_err());
+        assert!(err.contains("the credential is kept"), "{err}");
+        assert_eq!(state.credential_record().unwrap(), Some(rec));
+        assert!(!dir.join("state/credential.refused").exists());
+        assert_eq!(
+            server.join().unwrap(),
+            1,
+            "exactly one request, no enrolment"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The check-in client follows no redirect: the credential stays with the server.
+    #[test]
+    fn redirects_are_not_followed_with_the_credential() {
+        use std::io::{Read, Write};
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        target.set_nonblocking(true).unwrap();
+        let tport = target.local_addr().unwrap().port();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        std::thread::spawn(move || {
+            if let Some(Ok(mut s)) = l.incoming().next() {
+                let mut b = vec![0u8; 65536];
+                let _ = s.read(&mut b);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{tport}/api/v1/checkin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        let client = Client::new(&url, None, Duration::from_secs(5)).unwrap();
+        let e = client
+            .post::<_, serde_json::Value>(CHECKIN_PATH, Some("secret"), &serde_json::json!({}))
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Http { status: 307, .. }), "{e}");
+        assert!(target.accept().is_err(), "the redirect was followed");
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! What the agent keeps between check-ins, in its state directory (the boot partition in
 //! production, so it survives reboots and re-imaging of the OS partition):
 //!
-//! - `credential`: the per-device secret the server issued at enrolment (mode 0600);
+//! - `credential`: the per-device secret the server issued at enrolment, with the identity of
+//!   the server that issued it (origin and CA fingerprint), as JSON (mode 0600); a file from
+//!   an older agent holds the bare secret and is treated as bound to no server yet;
+//! - `credential.refused`: a credential the verified issuing server said it no longer knows
+//!   (kept for the administrator, never sent again);
 //! - `current.json`: the task being run, so a power cut or agent restart resumes it;
 //! - `outbox/<report>.json`: final results not yet acknowledged by the server;
 //! - `done.json`: the last results delivered, so a task the server sends again is answered
@@ -26,6 +30,19 @@ use serde::{Deserialize, Serialize};
 
 /// How many delivered results `done.json` remembers.
 const DONE_KEEP: usize = 32;
+
+/// The device credential and the server it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub token: String,
+    /// `scheme://host:port` of the issuing server; None: a bare credential from an older
+    /// agent, bound at its first use over verified HTTPS.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// SHA-256 of the CA the issuing server was verified with (None: web PKI or plain HTTP).
+    #[serde(default)]
+    pub ca_sha256: Option<String>,
+}
 
 /// The task in progress.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,21 +145,62 @@ impl StateDir {
         self.dir.join("journal")
     }
 
+    /// The stored credential's secret (whatever server it is bound to; the end-to-end suites
+    /// read it; the agent itself goes through `bound_credential`).
+    #[allow(dead_code)]
     pub fn credential(&self) -> anyhow::Result<Option<String>> {
+        Ok(self.credential_record()?.map(|r| r.token))
+    }
+
+    /// The stored credential with the server it is bound to.
+    pub fn credential_record(&self) -> anyhow::Result<Option<CredentialRecord>> {
         let p = self.dir.join("credential");
-        match std::fs::read_to_string(&p) {
-            Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        let text = match std::fs::read_to_string(&p) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
+        let t = text.trim();
+        if t.is_empty() {
+            return Ok(None);
+        }
+        if t.starts_with('{') {
+            let r: CredentialRecord = serde_json::from_str(t).with_context(|| {
+                format!(
+                    "{} is damaged: the device cannot prove who it is; ask the administrator to run `imgserver forget MAC`, then delete the file",
+                    p.display()
+                )
+            })?;
+            return Ok(Some(r).filter(|r| !r.token.is_empty()));
+        }
+        Ok(Some(CredentialRecord {
+            token: t.to_string(),
+            server: None,
+            ca_sha256: None,
+        }))
+    }
+
+    pub fn set_credential_record(&self, rec: Option<&CredentialRecord>) -> anyhow::Result<()> {
+        let p = self.dir.join("credential");
+        match rec {
+            Some(r) => write_atomic(&p, &serde_json::to_vec_pretty(r)?, true),
+            None => remove(&p),
         }
     }
 
-    pub fn set_credential(&self, token: Option<&str>) -> anyhow::Result<()> {
+    /// The issuing server (verified) no longer knows the credential: move it to
+    /// `credential.refused`, so it is never sent again but is still there to look at.
+    pub fn set_aside_credential(&self) -> anyhow::Result<()> {
         let p = self.dir.join("credential");
-        match token {
-            Some(t) => write_atomic(&p, t.as_bytes(), true),
-            None => remove(&p),
+        let to = self.dir.join("credential.refused");
+        match std::fs::rename(&p, &to) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("renaming {} to {}", p.display(), to.display()))
+            }
+            _ => {
+                changed();
+                Ok(())
+            }
         }
     }
 
@@ -318,7 +376,23 @@ mod tests {
         let d = tmp("cred");
         let s = StateDir::open(&d).unwrap();
         assert_eq!(s.credential().unwrap(), None);
-        s.set_credential(Some("abc")).unwrap();
+        // A bare secret from an older agent reads as bound to no server.
+        std::fs::write(d.join("credential"), "old\n").unwrap();
+        assert_eq!(
+            s.credential_record().unwrap(),
+            Some(CredentialRecord {
+                token: "old".into(),
+                server: None,
+                ca_sha256: None
+            })
+        );
+        let rec = CredentialRecord {
+            token: "abc".into(),
+            server: Some("https://srv:8443".into()),
+            ca_sha256: Some("00ff".into()),
+        };
+        s.set_credential_record(Some(&rec)).unwrap();
+        assert_eq!(s.credential_record().unwrap(), Some(rec));
         assert_eq!(s.credential().unwrap().as_deref(), Some("abc"));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
@@ -329,7 +403,14 @@ mod tests {
                 & 0o777,
             0o600
         );
-        s.set_credential(None).unwrap();
+        s.set_aside_credential().unwrap();
+        assert_eq!(s.credential().unwrap(), None);
+        assert!(std::fs::read_to_string(d.join("credential.refused"))
+            .unwrap()
+            .contains("abc"));
+        std::fs::write(d.join("credential"), "{broken").unwrap();
+        assert!(s.credential_record().is_err());
+        s.set_credential_record(None).unwrap();
         assert_eq!(s.credential().unwrap(), None);
         let cur = CurrentTask {
             task: Task {

@@ -3,9 +3,11 @@
 //! ```text
 //! mkinitrd -o initrd.img --agent target/x86_64-unknown-linux-musl/release/img \
 //!     --kernel-modules target/kernel/modules/lib/modules/6.1.0-26-cloud-amd64 \
-//!     [--module NAME].. [--no-default-modules] [--ca FILE] [--trusted KEY.pub].. \
-//!     [--config FILE] [--file SRC:DEST].. [--level 1..19] [--no-compress]
+//!     [--module NAME].. [--no-default-modules] [--ca FILE] [--server-ca FILE] [--lab] \
+//!     [--trusted KEY.pub].. [--config FILE] [--file SRC:DEST].. [--level 1..19] [--no-compress]
 //! ```
+//! A production initramfs carries a CA: without `--ca` or `--server-ca` the build is refused
+//! unless `--lab` says it is a lab build (which the agent then announces at every boot).
 //! The output is byte-identical for identical inputs; `SOURCE_DATE_EPOCH` sets the mtime
 //! of every member (default 0).
 
@@ -17,8 +19,11 @@ use initramfs::{
 };
 
 const USAGE: &str = "usage: mkinitrd -o OUT --agent BIN [--kernel-modules DIR] [--module NAME].. \
-[--no-default-modules] [--ca FILE] [--trusted KEY.pub].. [--config FILE] [--file SRC:DEST].. \
-[--level N] [--no-compress]";
+[--no-default-modules] [--ca FILE] [--server-ca FILE] [--lab] [--trusted KEY.pub].. [--config FILE] \
+[--file SRC:DEST].. [--level N] [--no-compress]
+  --ca FILE         PEM bundle for HTTPS (/etc/ssl/certs/ca-certificates.crt)
+  --server-ca FILE  the management server's CA (imgserver's ca.pem): the agent trusts only it
+  --lab             build without any CA (lab use; printed at every boot)";
 
 fn main() -> ExitCode {
     match run() {
@@ -38,6 +43,8 @@ fn run() -> Result<(), String> {
     let mut names: Vec<String> = Vec::new();
     let mut defaults = true;
     let mut ca = None;
+    let mut server_ca: Option<PathBuf> = None;
+    let mut lab = false;
     let mut trusted = Vec::new();
     let mut config = None;
     let mut extra = Vec::new();
@@ -53,6 +60,8 @@ fn run() -> Result<(), String> {
             Long("module") => names.push(p.value().map_err(err)?.string().map_err(err)?),
             Long("no-default-modules") => defaults = false,
             Long("ca") => ca = Some(p.value().map_err(err)?.into()),
+            Long("server-ca") => server_ca = Some(p.value().map_err(err)?.into()),
+            Long("lab") => lab = true,
             Long("trusted") => trusted.push(p.value().map_err(err)?.into()),
             Long("config") => config = Some(p.value().map_err(err)?.into()),
             Long("file") => {
@@ -72,6 +81,20 @@ fn run() -> Result<(), String> {
         }
     }
     let out = out.ok_or(format!("-o OUT is required\n{USAGE}"))?;
+    let carries_ca = ca.is_some()
+        || server_ca.is_some()
+        || extra
+            .iter()
+            .any(|(_, d)| d.trim_start_matches('/') == "etc/img/server-ca.pem");
+    if !carries_ca && !lab {
+        return Err(format!(
+            "no CA given: a production initramfs must carry the CA its devices verify the server with \
+             (--server-ca ca.pem from `imgserver init`, or --ca BUNDLE); for a lab build say --lab\n{USAGE}"
+        ));
+    }
+    if lab {
+        eprintln!("mkinitrd: --lab: this is a lab build; it says so at every boot");
+    }
     let agent = agent.ok_or(format!("--agent BIN is required\n{USAGE}"))?;
     let mut spec = InitrdSpec::new(agent);
     if let Some(dir) = kmod_dir {
@@ -84,6 +107,8 @@ fn run() -> Result<(), String> {
         spec.modules = Some(ModuleSelection { dir, names: all });
     }
     spec.ca_bundle = ca;
+    spec.server_ca = server_ca;
+    spec.lab = lab;
     spec.trusted_keys = trusted;
     spec.config = config;
     spec.extra = extra;

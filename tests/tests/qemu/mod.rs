@@ -69,6 +69,11 @@ pub fn static_agent() -> PathBuf {
 
 /// Build the initrd with the real builder (mkinitrd), as an administrator would.
 pub fn initrd(dir: &Path, k: &Kernel) -> PathBuf {
+    initrd_with(dir, k, &[])
+}
+
+/// The same with more mkinitrd options (e.g. `--trusted KEY.pub`).
+pub fn initrd_with(dir: &Path, k: &Kernel, extra: &[&std::ffi::OsStr]) -> PathBuf {
     let out = dir.join("initrd.img");
     let mkinitrd = workspace_bin("mkinitrd", "initramfs");
     let o = run(Command::new(mkinitrd)
@@ -79,7 +84,8 @@ pub fn initrd(dir: &Path, k: &Kernel) -> PathBuf {
         .arg("--kernel-modules")
         .arg(&k.modules)
         .arg("--ca")
-        .arg("/etc/ssl/certs/ca-certificates.crt"));
+        .arg("/etc/ssl/certs/ca-certificates.crt")
+        .args(extra));
     eprint!("{}", String::from_utf8_lossy(&o.stdout));
     out
 }

@@ -139,15 +139,19 @@ pub fn checkin_once(
         .into_iter()
         .map(|(p, m)| inventory::disk_report(&p, m, state))
         .collect();
+    let token = state.credential()?;
     let mut req = CheckIn {
         protocol: PROTOCOL_VERSION,
+        enrol_proof: token
+            .is_none()
+            .then(|| enrol_proof(cfg, &device.mac))
+            .flatten(),
         device,
         disks,
         autogenic: inventory::autogenic(cfg),
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
     };
-    let token = state.credential()?;
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,
         Err(ClientError::Http {
@@ -162,6 +166,7 @@ pub fn checkin_once(
             );
             state.set_credential(None)?;
             req.results.clear();
+            req.enrol_proof = enrol_proof(cfg, &req.device.mac);
             client
                 .post(CHECKIN_PATH, None, &req)
                 .map_err(anyhow::Error::new)?
@@ -180,10 +185,26 @@ pub fn checkin_once(
             .context("storing the device credential")?;
         log(cfg, format!("enrolled as device {}", reply.device));
     }
+    if reply.pending_approval {
+        log(
+            cfg,
+            format!("the server waits for its administrator to approve this device (`imgserver approve {}`), or for the site's enrol.key next to the CA", req.device.mac),
+        );
+    }
     for a in &reply.acked {
         state.acknowledge(a)?;
     }
     Ok(reply)
+}
+
+/// The site enrolment secret lives on the boot partition next to the server's CA
+/// (`enrol.key` beside `ca.pem`, put there by the administrator); with it the device
+/// proves it belongs to the site when it first enrols (`imgserver::protocol::enrolment_proof`;
+/// the secret itself is never sent). Without it the server holds the enrolment for approval.
+fn enrol_proof(cfg: &AgentConfig, mac: &str) -> Option<String> {
+    let dir = cfg.ca_file.as_deref()?.parent()?;
+    let secret = std::fs::read_to_string(dir.join("enrol.key")).ok()?;
+    (!secret.trim().is_empty()).then(|| imgserver::protocol::enrolment_proof(&secret, mac))
 }
 
 fn retryable(e: &anyhow::Error) -> bool {

@@ -81,22 +81,24 @@ pub struct Buckets<K> {
 impl Default for Guards {
     fn default() -> Self {
         Guards {
-            per_address: Mutex::new(Buckets::new()),
-            per_device: Mutex::new(Buckets::new()),
-            enrolments: Mutex::new(Buckets::new()),
+            per_address: Mutex::new(Buckets::default()),
+            per_device: Mutex::new(Buckets::default()),
+            enrolments: Mutex::new(Buckets::default()),
             reserved: Mutex::new(0),
             uploading: Mutex::new(HashSet::new()),
         }
     }
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
-    pub fn new() -> Self {
+impl<K> Default for Buckets<K> {
+    fn default() -> Self {
         Buckets {
             map: HashMap::new(),
         }
     }
+}
 
+impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
     /// Take one token from `key`'s bucket (refilled at `per_sec`, holding at most `burst`).
     pub fn take(&mut self, key: &K, per_sec: f64, burst: f64, now: Instant) -> bool {
         if self.map.len() > 100_000 {
@@ -892,10 +894,13 @@ pub fn router(st: Arc<AppState>) -> Router {
         .with_state(st)
 }
 
+/// Open connections per source address.
+type OpenCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 /// Counts a source address's open connections; the count drops with the connection.
 struct Counted<S> {
     inner: S,
-    slot: Option<(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr)>,
+    slot: Option<(OpenCounts, IpAddr)>,
 }
 
 impl<S> Drop for Counted<S> {
@@ -959,7 +964,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
 #[derive(Clone)]
 struct LimitAcceptor {
     max: usize,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: OpenCounts,
 }
 
 impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> for LimitAcceptor {
@@ -1068,4 +1073,54 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_file_names_are_served() {
+        assert!(servable_name("os-7.2.img"));
+        for bad in [
+            "",
+            ".hidden",
+            ".os-1.img.part",
+            "../imgserver.db",
+            "a/b",
+            "a\\b",
+            "%2e%2e",
+            "x y",
+        ] {
+            assert!(!servable_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn signed_urls_bind_file_and_expiry() {
+        let p = signed_repo_path("k", "os-1.img", 100);
+        let sig = p.rsplit("sig=").next().unwrap();
+        assert!(check_repo_signature("k", "os-1.img", 100, sig));
+        assert!(!check_repo_signature("k", "os-2.img", 100, sig));
+        assert!(!check_repo_signature("k", "os-1.img", 101, sig));
+        assert!(!check_repo_signature("other", "os-1.img", 100, sig));
+        assert!(!check_repo_signature("k", "os-1.img", 100, "zz"));
+    }
+
+    #[test]
+    fn buckets_refill_over_time() {
+        let mut b = Buckets::default();
+        let t = Instant::now();
+        assert!(b.take(&1u8, 1.0, 2.0, t));
+        assert!(b.take(&1u8, 1.0, 2.0, t));
+        assert!(!b.take(&1u8, 1.0, 2.0, t));
+        assert!(b.take(&2u8, 1.0, 2.0, t), "another key has its own bucket");
+        assert!(b.take(&1u8, 1.0, 2.0, t + Duration::from_millis(1100)));
+    }
+
+    #[test]
+    fn capture_cap_is_bounded_and_does_not_overflow() {
+        assert_eq!(capture_cap(16 << 20), (16 << 20) + (1 << 20) + (16 << 20));
+        assert_eq!(capture_cap(u64::MAX), u64::MAX);
+    }
 }

@@ -1272,6 +1272,41 @@ mod tests {
     }
 
     #[test]
+    fn trust_commands_and_limits() {
+        assert_eq!(
+            p("approve 52-54-00-00-00-01").unwrap(),
+            Command::Approve {
+                mac: "52:54:00:00:00:01".into()
+            }
+        );
+        assert!(p("image sign gold:1").is_err(), "needs --key");
+        assert_eq!(
+            p("image sign gold:1 --key /k").unwrap(),
+            Command::ImageSign {
+                spec: "gold:1".into(),
+                key: "/k".into()
+            }
+        );
+        assert_eq!(
+            p("image url os --expires 60").unwrap(),
+            Command::ImageUrl {
+                spec: "os".into(),
+                expires: 60,
+                base: None
+            }
+        );
+        let Command::Serve { limits, .. } =
+            p("serve --header-timeout 3 --conns-per-address 0 --keep-free 5").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(limits.header_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(limits.conns_per_address, 0);
+        assert_eq!(limits.keep_free, 5);
+        assert_eq!(limits.requests_per_device, 10, "defaults stay");
+    }
+
+    #[test]
     fn tables_align() {
         let mut t = Table::new(&["A", "LONGER"]);
         t.row(vec!["wide cell".into(), "x".into()]);

@@ -615,4 +615,33 @@ mod tests {
         assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
         assert_eq!(normalize_mac("52:54:00:ab:cd:eg"), None);
     }
+    #[test]
+    fn enrolment_proofs_bind_secret_and_mac() {
+        let p = enrolment_proof("site secret\n", "52-54-00-AA-BB-CC");
+        assert!(check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cc",
+            &p
+        ));
+        assert!(!check_enrolment_proof(
+            "other secret",
+            "52:54:00:aa:bb:cc",
+            &p
+        ));
+        assert!(!check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cd",
+            &p
+        ));
+        assert!(!check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cc",
+            "not hex"
+        ));
+        assert!(!check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cc",
+            ""
+        ));
+    }
 }

@@ -1763,4 +1763,128 @@ mod tests {
             DeviceState::ConfigurationRequired
         );
     }
+    #[test]
+    fn enrolment_without_proof_waits_for_approval() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let img = image(&s);
+        s.add_job(
+            &deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop),
+            1,
+        )
+        .unwrap();
+        let mut anon = secrets(None, "p1");
+        anon.enrol_proof_ok = false;
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &anon, 2, &p)
+            .unwrap();
+        assert!(d.enrolled && d.pending && d.task.is_none());
+        let dev = s.device("52:54:00:00:00:01").unwrap().unwrap();
+        assert!(dev.pending);
+        assert_eq!(dev.enrol_addr.as_deref(), Some("192.0.2.1"));
+        // With its credential: still nothing until approved.
+        let d = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("p1"), "x"),
+                3,
+                &p,
+            )
+            .unwrap();
+        assert!(d.pending && d.task.is_none());
+        // Another anonymous request for the MAC is refused, naming the pending one.
+        let mut anon2 = secrets(None, "p2");
+        anon2.enrol_proof_ok = false;
+        let e = s
+            .checkin(&checkin("52:54:00:00:00:01"), &anon2, 4, &p)
+            .unwrap_err();
+        assert!(e.to_string().contains("192.0.2.1"), "{e}");
+        assert!(s.approve("52:54:00:00:00:01", 5).unwrap());
+        assert!(!s.approve("52:54:00:00:00:01", 5).unwrap());
+        let d = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("p1"), "x"),
+                6,
+                &p,
+            )
+            .unwrap();
+        assert!(!d.pending && d.task.is_some());
+    }
+
+    #[test]
+    fn a_proof_replaces_a_pending_request() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let mut anon = secrets(None, "stranger");
+        anon.enrol_proof_ok = false;
+        s.checkin(&checkin("52:54:00:00:00:02"), &anon, 1, &p)
+            .unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:02"), &secrets(None, "real"), 2, &p)
+            .unwrap();
+        assert!(d.enrolled && !d.pending);
+        assert!(s.device_by_credential("stranger").unwrap().is_none());
+        assert!(s.device_by_credential("real").unwrap().is_some());
+    }
+
+    #[test]
+    fn later_results_are_counted_not_stored() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let img = image(&s);
+        s.add_job(
+            &deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop),
+            1,
+        )
+        .unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "c"), 2, &p)
+            .unwrap();
+        let t = d.task.unwrap().0.id;
+        assert!(s
+            .record_result(d.device, &result(t, "first", Outcome::Succeeded), 3)
+            .unwrap());
+        for n in 0..5 {
+            assert!(!s
+                .record_result(
+                    d.device,
+                    &result(t, &format!("more{n}"), Outcome::Failed),
+                    4
+                )
+                .unwrap());
+        }
+        assert_eq!(s.result_count().unwrap(), 1);
+        let (_, tasks) = s.job(1).unwrap().unwrap();
+        assert_eq!(tasks[0].ignored_results, 5);
+        assert_eq!(tasks[0].state, TaskState::Succeeded);
+        let lines = s.transcript("52:54:00:00:00:01", Some(t)).unwrap();
+        assert_eq!(lines.iter().filter(|l| l.2.contains("ignored")).count(), 1);
+    }
+
+    #[test]
+    fn upload_keys_work_once_and_captures_are_not_latest() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let mut job = deploy_job(0, "mac:52:54:00:00:00:01", 0, OnError::Stop);
+        job.kind = "capture".into();
+        job.image = None;
+        job.options.capture_name = Some("os".into());
+        job.options.capture_version = Some("9".into());
+        s.add_job(&job, 1).unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "c"), 2, &p)
+            .unwrap();
+        let t = d.task.unwrap().0.id;
+        assert!(s.take_upload_key(t, "kc").unwrap().is_some());
+        assert!(s.take_upload_key(t, "kc").unwrap().is_none(), "spent");
+        // An admin image os 2 and a captured os 9: "latest" is still os 2.
+        image(&s);
+        let mut cap = s.image("os", Some("2")).unwrap().unwrap();
+        cap.version = "9".into();
+        cap.captured_from = Some("52:54:00:00:00:01 task 1".into());
+        s.add_image(&cap).unwrap();
+        assert_eq!(s.image("os", None).unwrap().unwrap().version, "2");
+        assert!(s.image("os", Some("9")).unwrap().is_some());
+    }
 }

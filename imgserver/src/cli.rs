@@ -21,6 +21,7 @@ usage: imgserver [--data DIR] COMMAND
   serve [--listen ADDR] [--public-url URL] [--plain] [--interval SECS] [--reload-wait SECS]
         [--header-timeout SECS] [--body-timeout SECS] [--conns-per-address N]
         [--rate-per-address N] [--rate-per-device N] [--enrol-rate N] [--keep-free BYTES]
+        [--open-enrolment]   (labs only: enrol every device without the site secret)
   image add FILE|URL [--min-ram BYTES] [--ca PEM]   register an image (reads its metadata)
   image list
   image remove NAME[:VERSION]|ID      unregister (and delete a repository file)
@@ -55,6 +56,7 @@ pub enum Command {
         interval: u32,
         reload_wait: u64,
         limits: crate::api::Limits,
+        open_enrolment: bool,
     },
     ImageAdd {
         what: String,
@@ -153,6 +155,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     let mut action = None;
     let mut task = None;
     let mut limits = crate::api::Limits::default();
+    let mut open_enrolment = false;
     let mut key = None;
     let mut expires = 3600u64;
     let mut base = None;
@@ -256,6 +259,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             }
             Long("keep-free") => limits.keep_free = num("--keep-free", &p.value()?.string()?)?,
             Long("key") => key = Some(PathBuf::from(p.value()?)),
+            Long("open-enrolment") => open_enrolment = true,
             Long("expires") => expires = num("--expires", &p.value()?.string()?)?,
             Long("base") => base = Some(p.value()?.string()?),
             Value(v) => words.push(v.string()?),
@@ -273,6 +277,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             interval,
             reload_wait,
             limits,
+            open_enrolment,
         },
         ["image", "add", what] => Command::ImageAdd {
             what: what.to_string(),
@@ -552,8 +557,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             interval,
             reload_wait,
             limits,
+            open_enrolment,
         } => {
             let store = open_store(&data)?;
+            if open_enrolment {
+                eprintln!("imgserver: WARNING: --open-enrolment: every device that checks in is enrolled without the site enrolment secret (a lab setting; anyone on the network can take a MAC that is not enrolled yet)");
+            }
             let enrol_secret = site_secret(&data, "enrol.key")?;
             let url_key = site_secret(&data, "url.key")?;
             let addr: std::net::SocketAddr = listen
@@ -589,6 +598,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 enrol_secret,
                 url_key,
                 limits,
+                open_enrolment,
                 guards: Default::default(),
             });
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -973,3 +973,14 @@ fn data_files_are_private() {
     assert_eq!(mode(&data.join("imgserver.db")), 0o600);
     assert_eq!(mode(&data), 0o700);
 }
+
+#[test]
+fn open_enrolment_is_a_lab_setting_that_must_be_asked_for() {
+    let dir = Scratch::new("trust-open");
+    let srv = Server::start(&dir.join("srv"), &["--open-enrolment"]);
+    let r = post_checkin(&srv, &checkin_req(MAC_A, 1 << 30, None), None).unwrap();
+    assert!(!r.pending_approval && r.credential.is_some(), "{r:?}");
+    // It still never hands a second credential for an enrolled MAC.
+    let e = post_checkin(&srv, &checkin_req(MAC_A, 1 << 30, None), None).unwrap_err();
+    assert_eq!(status(&e), 409, "{e}");
+}

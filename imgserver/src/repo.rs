@@ -156,6 +156,10 @@ fn register(
     } else {
         std::fs::copy(file, &tmp)
             .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
+        // fs::copy takes the source's mode; repository files are private like the rest.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", tmp.display()))?;
         std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {}", tmp.display()))?;
     }
     let size = std::fs::metadata(&dest).map(|m| m.len()).ok();

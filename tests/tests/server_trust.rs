@@ -965,6 +965,12 @@ fn data_files_are_private() {
     }
     assert_eq!(mode(&data.join("repo")), 0o700);
     assert_eq!(mode(&data.join("incoming")), 0o700);
+    // A registered image is private in the repository whatever the source file's mode.
+    tools();
+    let img = make_image(&dir, "os", "1");
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o644)).unwrap();
+    srv.admin(&["image", "add", img.to_str().unwrap()]);
+    assert_eq!(mode(&data.join("repo/os-1.img")), 0o600);
     // An older installation's wider database is tightened when it is opened.
     drop(srv);
     fs::set_permissions(data.join("imgserver.db"), fs::Permissions::from_mode(0o644)).unwrap();

@@ -858,6 +858,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 .device(&mac)?
                 .ok_or_else(|| anyhow!("no device {mac}: see `imgserver devices`"))?;
             println!("device {} (#{})", d.mac, d.id);
+            if d.pending {
+                println!(
+                    "  enrolment: pending approval (requested from {}): `imgserver approve {}`",
+                    d.enrol_addr.as_deref().unwrap_or("?"),
+                    d.mac
+                );
+            }
             println!(
                 "  state:   {}{}",
                 d.state.title(),

@@ -255,6 +255,11 @@ fn enrolment_needs_the_site_secret_or_the_administrators_approval() {
         line.contains("Pending Approval") && line.contains("127.0.0.1"),
         "{line}"
     );
+    let shown = srv.admin(&["device", MAC_A]);
+    assert!(
+        shown.contains("pending approval (requested from 127.0.0.1)"),
+        "{shown}"
+    );
     // Checking in again with that credential: still nothing; the task API refuses it.
     let again = post_checkin(
         &srv,

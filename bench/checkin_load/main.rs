@@ -127,8 +127,12 @@ fn device(
         (n >> 8) & 0xff,
         n & 0xff
     );
+    // Enrol with the site secret (`enrol.key` beside the CA), as a device prepared by the
+    // administrator does; without it every device would wait for approval.
+    let secret = std::fs::read_to_string(ca.with_file_name("enrol.key"))?;
     let mut req = CheckIn {
         protocol: PROTOCOL_VERSION,
+        enrol_proof: Some(imgserver::protocol::enrolment_proof(&secret, &mac)),
         device: DeviceIdentity {
             mac,
             serial: Some(format!("LOAD{n:06}")),
@@ -183,6 +187,7 @@ fn device(
         ledger.checkins.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = reply.credential {
             token = Some(c);
+            req.enrol_proof = None;
         }
         for acked in &reply.acked {
             if outbox.iter().any(|r| &r.report == acked) {
@@ -313,6 +318,10 @@ fn main() -> anyhow::Result<()> {
         .arg("--data")
         .arg(&data)
         .args(["serve", "--listen", "127.0.0.1:0", "--interval", "60"])
+        // Every simulated device comes from 127.0.0.1 and checks in back to back: the
+        // per-address and per-device budgets (meant for a real LAN) are off here.
+        .args(["--conns-per-address", "0", "--rate-per-address", "0"])
+        .args(["--rate-per-device", "0", "--enrol-rate", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

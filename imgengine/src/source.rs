@@ -58,7 +58,7 @@ impl fmt::Display for Location {
 }
 
 /// HTTP(S) settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpConfig {
     /// PEM file with the CA certificate(s) to trust instead of the public web roots.
     pub ca_file: Option<PathBuf>,
@@ -66,6 +66,24 @@ pub struct HttpConfig {
     pub timeout: Option<Duration>,
     /// How many times a lost connection is resumed with a Range request.
     pub retries: u32,
+    /// An `Authorization` header value sent with every request for the image (e.g. a
+    /// device credential for its own server's repository). ureq never forwards it across a
+    /// redirect. Never shown by `Debug`.
+    pub authorization: Option<String>,
+}
+
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "(set)"),
+            )
+            .finish()
+    }
 }
 
 impl Default for HttpConfig {
@@ -75,6 +93,7 @@ impl Default for HttpConfig {
             ca_file: None,
             timeout: None,
             retries: 5,
+            authorization: None,
         }
     }
 }
@@ -101,6 +120,7 @@ struct Http {
     agent: Agent,
     url: String,
     retries: u32,
+    authorization: Option<String>,
 }
 
 impl Source {
@@ -123,6 +143,7 @@ impl Source {
                     agent: agent(http)?,
                     url: url.clone(),
                     retries: http.retries,
+                    authorization: http.authorization.clone(),
                 };
                 let (len, ranges) = h.probe()?;
                 (Kind::Http(h), len, ranges)
@@ -328,20 +349,22 @@ fn status_error(url: &str, status: u16) -> Error {
 impl Http {
     /// (Content-Length, Accept-Ranges: bytes)
     fn probe(&self) -> Result<(Option<u64>, bool)> {
-        let resp = self
-            .agent
-            .head(&self.url)
+        let mut head = self.agent.head(&self.url);
+        if let Some(a) = &self.authorization {
+            head = head.header("Authorization", a);
+        }
+        let resp = head
             .call()
             .map_err(|e| net_error(&self.url, "probing", e))?;
         let mut status = resp.status().as_u16();
         let mut headers = resp.headers().clone();
         if status == 405 || status == 501 {
             // HEAD not allowed: a GET tells the same; the body is dropped unread.
-            let resp = self
-                .agent
-                .get(&self.url)
-                .call()
-                .map_err(|e| net_error(&self.url, "probing", e))?;
+            let mut get = self.agent.get(&self.url);
+            if let Some(a) = &self.authorization {
+                get = get.header("Authorization", a);
+            }
+            let resp = get.call().map_err(|e| net_error(&self.url, "probing", e))?;
             status = resp.status().as_u16();
             headers = resp.headers().clone();
         }
@@ -363,6 +386,9 @@ impl Http {
     /// (else only when pos > 0).
     fn get(&self, pos: u64, end: Option<u64>, ranged: bool) -> Result<ureq::BodyReader<'static>> {
         let mut req = self.agent.get(&self.url);
+        if let Some(a) = &self.authorization {
+            req = req.header("Authorization", a);
+        }
         let want_range = ranged || pos > 0;
         if want_range {
             let r = match end {

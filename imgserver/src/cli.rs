@@ -21,9 +21,14 @@ usage: imgserver [--data DIR] COMMAND
   serve [--listen ADDR] [--public-url URL] [--plain] [--interval SECS] [--reload-wait SECS]
         [--pxe-listen ADDR] [--pxe-enrol] [--pxe-files URL] [--pxe-args TEXT]
                                       PXE: /pxe/boot.ipxe?mac= answers agent or local disk
+        [--header-timeout SECS] [--body-timeout SECS] [--conns-per-address N]
+        [--rate-per-address N] [--rate-per-device N] [--enrol-rate N] [--keep-free BYTES]
+        [--open-enrolment]   (labs only: enrol every device without the site secret)
   image add FILE|URL [--min-ram BYTES] [--ca PEM]   register an image (reads its metadata)
   image list
   image remove NAME[:VERSION]|ID      unregister (and delete a repository file)
+  image sign NAME:VERSION|ID --key KEYFILE    seal and sign a repository image (captures)
+  image url NAME[:VERSION]|ID [--expires SECS] [--base URL]   a signed URL (e.g. for a CDN)
   schedule add (--mac MAC | --group NAME | --all) WHAT [OPTIONS]
       WHAT:    --image NAME[:VERSION] | --capture NAME:VERSION | --reboot | --boot-guest
       OPTIONS: --partition P  --disk D  --preserve P (repeatable)  --no-backup
@@ -34,6 +39,7 @@ usage: imgserver [--data DIR] COMMAND
   device MAC [--operational | --group NAME | --no-group]
   jobs                                jobs with their devices' progress
   job N [--abort | --retry | --rollback]
+  approve MAC                         approve an enrolment made without the site secret
   forget MAC                          delete the device's records: it enrols and images anew
   transcript MAC [--task N]
 DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
@@ -52,6 +58,8 @@ pub enum Command {
         interval: u32,
         reload_wait: u64,
         pxe: PxeOptions,
+        limits: crate::api::Limits,
+        open_enrolment: bool,
     },
     ImageAdd {
         what: String,
@@ -61,6 +69,18 @@ pub enum Command {
     ImageList,
     ImageRemove {
         spec: String,
+    },
+    ImageSign {
+        spec: String,
+        key: PathBuf,
+    },
+    ImageUrl {
+        spec: String,
+        expires: u64,
+        base: Option<String>,
+    },
+    Approve {
+        mac: String,
     },
     ScheduleAdd {
         selector: String,
@@ -151,6 +171,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     let mut action = None;
     let mut task = None;
     let mut pxe = PxeOptions::default();
+    let mut limits = crate::api::Limits::default();
+    let mut open_enrolment = false;
+    let mut key = None;
+    let mut expires = 3600u64;
+    let mut base = None;
+    let secs = |what: &str, v: String| -> anyhow::Result<std::time::Duration> {
+        Ok(std::time::Duration::from_secs(num(what, &v)?))
+    };
     let set_sel = |s: &mut Option<String>, v: String| -> anyhow::Result<()> {
         if s.replace(v).is_some() {
             bail!("give one of --mac, --group, --all");
@@ -232,6 +260,29 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("retry") => action = Some("retry".to_string()),
             Long("rollback") => action = Some("rollback".to_string()),
             Long("task") => task = Some(num("--task", &p.value()?.string()?)?),
+            Long("header-timeout") => {
+                limits.header_timeout = secs("--header-timeout", p.value()?.string()?)?
+            }
+            Long("body-timeout") => {
+                limits.body_timeout = secs("--body-timeout", p.value()?.string()?)?
+            }
+            Long("conns-per-address") => {
+                limits.conns_per_address = num("--conns-per-address", &p.value()?.string()?)?
+            }
+            Long("rate-per-address") => {
+                limits.requests_per_address = num("--rate-per-address", &p.value()?.string()?)?
+            }
+            Long("rate-per-device") => {
+                limits.requests_per_device = num("--rate-per-device", &p.value()?.string()?)?
+            }
+            Long("enrol-rate") => {
+                limits.enrolments_per_address = num("--enrol-rate", &p.value()?.string()?)?
+            }
+            Long("keep-free") => limits.keep_free = num("--keep-free", &p.value()?.string()?)?,
+            Long("key") => key = Some(PathBuf::from(p.value()?)),
+            Long("open-enrolment") => open_enrolment = true,
+            Long("expires") => expires = num("--expires", &p.value()?.string()?)?,
+            Long("base") => base = Some(p.value()?.string()?),
             Value(v) => words.push(v.string()?),
             _ => return Err(arg.unexpected().into()),
         }
@@ -247,6 +298,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             interval,
             reload_wait,
             pxe,
+            limits,
+            open_enrolment,
         },
         ["image", "add", what] => Command::ImageAdd {
             what: what.to_string(),
@@ -257,6 +310,18 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
         ["image", "remove", spec] => Command::ImageRemove {
             spec: spec.to_string(),
         },
+        ["image", "sign", spec] => Command::ImageSign {
+            spec: spec.to_string(),
+            key: key.ok_or_else(|| {
+                anyhow!("image sign needs --key KEYFILE (a secret key made by `img -keygen`)")
+            })?,
+        },
+        ["image", "url", spec] => Command::ImageUrl {
+            spec: spec.to_string(),
+            expires,
+            base,
+        },
+        ["approve", m] => Command::Approve { mac: mac(m)? },
         ["schedule", "add"] => {
             let selector = selector
                 .ok_or_else(|| anyhow!("schedule add needs --mac MAC, --group NAME or --all"))?;
@@ -358,11 +423,67 @@ impl Table {
     }
 }
 
-fn open_store(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
+/// The data directory, created or tightened to 0700: it holds the CA key, the site
+/// secrets, the database and captured images (which hold devices' credentials).
+fn private_dir(data: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(data)
         .with_context(|| format!("creating the data directory {}", data.display()))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", data.display()))
+}
+
+/// Make `path` 0600 if it exists.
+fn private_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("making {} private (0600)", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn open_store(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
+    private_dir(data)?;
     let db = data.join("imgserver.db");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Created 0600 before SQLite opens it (its WAL and shared-memory files take the
+        // database file's mode); an older, wider database is tightened.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&db)
+            .with_context(|| format!("creating {}", db.display()))?;
+    }
+    for f in ["imgserver.db", "imgserver.db-wal", "imgserver.db-shm"] {
+        private_file(&data.join(f))?;
+    }
     SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))
+}
+
+/// A server secret in the data directory (`enrol.key`, `url.key`): read, or made (256 bits
+/// from the OS, hex, 0600) the first time.
+pub fn site_secret(data: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let path = data.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => {
+            private_file(&path)?;
+            Ok(s.trim().to_string())
+        }
+        Ok(_) => bail!(
+            "{} is empty: delete it to have a new secret made",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let s = crate::api::new_secret();
+            crate::tls::write_secret(&path, &format!("{s}\n"))?;
+            Ok(s)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 fn now() -> u64 {
@@ -431,9 +552,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             } else {
                 names
             };
+            private_dir(&data)?;
             let pki = crate::tls::Pki::in_dir(&data);
             crate::tls::init(&pki, &names, renew)?;
             open_store(&data)?;
+            site_secret(&data, "enrol.key")?;
+            site_secret(&data, "url.key")?;
             std::fs::create_dir_all(data.join("repo"))?;
             println!(
                 "server certificate for {} written to {}",
@@ -442,6 +566,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             );
             println!("device CA: {}", pki.ca_cert.display());
             println!("put the CA on every device's boot partition and pass it to the agent (img -checkin -ca=PATH)");
+            println!(
+                "site enrolment secret: {} (copy it next to ca.pem as enrol.key, or approve each new device with `imgserver approve MAC`)",
+                data.join("enrol.key").display()
+            );
             Ok(0)
         }
         Command::Serve {
@@ -451,8 +579,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             interval,
             reload_wait,
             pxe,
+            limits,
+            open_enrolment,
         } => {
             let store = open_store(&data)?;
+            if open_enrolment {
+                eprintln!("imgserver: WARNING: --open-enrolment: every device that checks in is enrolled without the site enrolment secret (a lab setting; anyone on the network can take a MAC that is not enrolled yet)");
+            }
+            let enrol_secret = site_secret(&data, "enrol.key")?;
+            let url_key = site_secret(&data, "url.key")?;
             let addr: std::net::SocketAddr = listen
                 .parse()
                 .with_context(|| format!("--listen {listen}: give ADDRESS:PORT"))?;
@@ -490,6 +625,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             if let Some(m) = pxe_cfg.missing_files() {
                 eprintln!("imgserver: pxe: {m}; until then PXE devices boot their local disk");
             }
+            // In-flight uploads live beside the repository, never inside the served tree;
+            // the one a crash left behind is gone at the next start.
+            let incoming = data.join("incoming");
+            let _ = std::fs::remove_dir_all(repo.join(".incoming"));
+            let _ = std::fs::remove_dir_all(&incoming);
+            std::fs::create_dir_all(&incoming)?;
             let st = Arc::new(crate::api::AppState {
                 store: Arc::new(store),
                 policy: Policy {
@@ -497,9 +638,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     reload_wait,
                 },
                 repo,
+                incoming,
                 public_url,
                 scheme: if plain { "http" } else { "https" },
                 pxe: pxe_cfg,
+                enrol_secret,
+                url_key,
+                limits,
+                open_enrolment,
+                guards: Default::default(),
             });
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -523,6 +670,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     ca_file: ca,
                     timeout: None,
                     retries: 2,
+                    authorization: None,
                 };
                 crate::repo::add_url(&store, &what, &http, min_ram)?
             } else {
@@ -578,13 +726,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     } else {
                         i.facts.models.join(",")
                     },
-                    i.signed_by.unwrap_or_else(|| {
-                        if i.sealed {
-                            "sealed".into()
-                        } else {
-                            "no".into()
-                        }
-                    }),
+                    match (i.signed_by, &i.captured_from) {
+                        (Some(k), _) => k,
+                        (None, Some(from)) => format!("no (captured from {from})"),
+                        (None, None) if i.sealed => "sealed".into(),
+                        (None, None) => "no".into(),
+                    },
                     i.url
                         .or(i.file.map(|f| format!("repo/{f}")))
                         .unwrap_or_default(),
@@ -600,6 +747,52 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             println!("unregistered image {} {}", img.name, img.version);
             Ok(0)
         }
+        Command::ImageSign { spec, key } => {
+            let store = open_store(&data)?;
+            let img = find_image(&store, &spec)?;
+            let img = crate::repo::sign(&store, &data.join("repo"), &img, &key)?;
+            println!(
+                "image {} {} sealed and signed by key {}",
+                img.name,
+                img.version,
+                img.signed_by.as_deref().unwrap_or("?")
+            );
+            Ok(0)
+        }
+        Command::ImageUrl {
+            spec,
+            expires,
+            base,
+        } => {
+            let store = open_store(&data)?;
+            let img = find_image(&store, &spec)?;
+            let Some(file) = &img.file else {
+                bail!(
+                    "image {} {} is not in this repository: its URL is {}",
+                    img.name,
+                    img.version,
+                    img.url.unwrap_or_default()
+                );
+            };
+            let key = site_secret(&data, "url.key")?;
+            let path = crate::api::signed_repo_path(&key, file, now() + expires);
+            match base {
+                Some(b) => println!("{}{path}", b.trim_end_matches('/')),
+                None => println!("{path}"),
+            }
+            Ok(0)
+        }
+        Command::Approve { mac } => {
+            let store = open_store(&data)?;
+            if store.approve(&mac, now())? {
+                println!(
+                    "{mac}: enrolment approved; the device gets its jobs at its next check-in"
+                );
+                Ok(0)
+            } else {
+                bail!("{mac} has no enrolment waiting for approval: see `imgserver devices`")
+            }
+        }
         Command::ScheduleAdd {
             selector,
             kind,
@@ -609,7 +802,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         } => {
             let store = open_store(&data)?;
             let image_id = match (kind.as_str(), &image) {
-                ("deploy", Some(spec)) => Some(find_image(&store, spec)?.id),
+                ("deploy", Some(spec)) => {
+                    let img = find_image(&store, spec)?;
+                    if let (Some(from), None) = (&img.captured_from, &img.signed_by) {
+                        bail!(
+                            "image {} {} was captured from {from} and nobody signed it yet: look at it, then `imgserver image sign {}:{} --key KEYFILE`",
+                            img.name, img.version, img.name, img.version
+                        );
+                    }
+                    Some(img.id)
+                }
                 _ => None,
             };
             let job = NewJob {
@@ -662,8 +864,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     policy.reload_wait,
                 );
                 t.row(vec![
-                    d.mac,
-                    if d.enrolled || d.last_seen.is_some() {
+                    d.mac.clone(),
+                    if d.pending {
+                        "Pending Approval".into()
+                    } else if d.enrolled || d.last_seen.is_some() {
                         state.title().into()
                     } else {
                         "(not enrolled)".into()
@@ -675,7 +879,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     d.serial.unwrap_or_else(|| "-".into()),
                     d.group.unwrap_or_else(|| "-".into()),
                     d.last_seen.map(utc).unwrap_or_else(|| "never".into()),
-                    d.state_reason.unwrap_or_default(),
+                    if d.pending {
+                        format!(
+                            "enrolment from {} without the site secret: `imgserver approve {}` or `imgserver forget {}`",
+                            d.enrol_addr.as_deref().unwrap_or("?"),
+                            d.mac,
+                            d.mac
+                        )
+                    } else {
+                        d.state_reason.unwrap_or_default()
+                    },
                 ]);
             }
             print!("{}", t.render());
@@ -700,6 +913,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 .device(&mac)?
                 .ok_or_else(|| anyhow!("no device {mac}: see `imgserver devices`"))?;
             println!("device {} (#{})", d.mac, d.id);
+            if d.pending {
+                println!(
+                    "  enrolment: pending approval (requested from {}): `imgserver approve {}`",
+                    d.enrol_addr.as_deref().unwrap_or("?"),
+                    d.mac
+                );
+            }
             println!(
                 "  state:   {}{}",
                 d.state.title(),
@@ -884,6 +1104,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     None => "-".into(),
                 };
                 let mut msg = task.message.clone().unwrap_or_default();
+                if task.ignored_results > 0 {
+                    msg = format!(
+                        "{msg}{}{} later result(s) ignored",
+                        if msg.is_empty() { "" } else { "; " },
+                        task.ignored_results
+                    );
+                }
                 if !task.validation.warnings.is_empty() {
                     msg = format!(
                         "{msg}{}warnings: {}",
@@ -1028,6 +1255,9 @@ fn rollback(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
 
 /// `imgserver` entry point: parse, run, map errors to exit codes (1 error, 2 usage).
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
+    // Everything imgserver creates (database, keys, uploads, repository files) is private
+    // to its user.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let parsed = match parse(args) {
         Ok(a) => a,
         Err(e) => {
@@ -1115,6 +1345,41 @@ mod tests {
                 .data,
             PathBuf::from("/x")
         );
+    }
+
+    #[test]
+    fn trust_commands_and_limits() {
+        assert_eq!(
+            p("approve 52-54-00-00-00-01").unwrap(),
+            Command::Approve {
+                mac: "52:54:00:00:00:01".into()
+            }
+        );
+        assert!(p("image sign gold:1").is_err(), "needs --key");
+        assert_eq!(
+            p("image sign gold:1 --key /k").unwrap(),
+            Command::ImageSign {
+                spec: "gold:1".into(),
+                key: "/k".into()
+            }
+        );
+        assert_eq!(
+            p("image url os --expires 60").unwrap(),
+            Command::ImageUrl {
+                spec: "os".into(),
+                expires: 60,
+                base: None
+            }
+        );
+        let Command::Serve { limits, .. } =
+            p("serve --header-timeout 3 --conns-per-address 0 --keep-free 5").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(limits.header_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(limits.conns_per_address, 0);
+        assert_eq!(limits.keep_free, 5);
+        assert_eq!(limits.requests_per_device, 10, "defaults stay");
     }
 
     #[test]

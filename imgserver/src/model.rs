@@ -356,6 +356,16 @@ pub fn validate_capture(opts: &JobOptions, device: Option<&CheckIn>) -> Validati
     v
 }
 
+/// The size of what a capture job reads on this device (the partition, or the whole disk),
+/// from its last inventory: an upload can hardly be larger (see `api::capture_cap`).
+pub fn capture_source_size(opts: &JobOptions, device: Option<&CheckIn>) -> Option<u64> {
+    let disk = pick_disk(&device?.disks, opts.disk.as_deref())?;
+    match &opts.partition {
+        Some(spec) => find_partition(disk, spec).map(|p| p.size),
+        None => Some(disk.size),
+    }
+}
+
 fn disk_names(disks: &[DiskReport]) -> String {
     if disks.is_empty() {
         "no disks".into()

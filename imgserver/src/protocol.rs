@@ -51,6 +51,37 @@ pub struct CheckIn {
     /// Final results that could not be delivered before (kept on the boot partition).
     #[serde(default)]
     pub results: Vec<TaskResult>,
+    /// At first contact only (no credential yet): [`enrolment_proof`] of the MAC under the
+    /// site enrolment secret from the boot partition. Without it (or with a wrong one) the
+    /// device enrols pending the administrator's approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrol_proof: Option<String>,
+}
+
+/// The enrolment proof a device sends at first contact: HMAC-SHA256 of `img-enrol-v1\n`
+/// and its normalized MAC under the site enrolment secret (the text of `enrol.key`, trimmed),
+/// in hex. The secret itself never travels, and a proof seen by someone else only enrols
+/// that one MAC, only while it is not enrolled.
+pub fn enrolment_proof(secret: &str, mac: &str) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.trim().as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(b"img-enrol-v1\n");
+    m.update(normalize_mac(mac).unwrap_or_default().as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// Does `proof` prove knowledge of `secret` for `mac`? (Constant-time comparison.)
+pub fn check_enrolment_proof(secret: &str, mac: &str, proof: &str) -> bool {
+    use hmac::Mac;
+    let Ok(bytes) = hex::decode(proof.trim()) else {
+        return false;
+    };
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.trim().as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(b"img-enrol-v1\n");
+    m.update(normalize_mac(mac).unwrap_or_default().as_bytes());
+    m.verify_slice(&bytes).is_ok()
 }
 
 /// Who the device is. The MAC of the boot NIC is the key the administrator schedules by.
@@ -145,6 +176,10 @@ pub struct CheckInReply {
     /// Report ids from `CheckIn::results` that are now recorded (drop them from the outbox).
     #[serde(default)]
     pub acked: Vec<String>,
+    /// True while the device's enrolment awaits the administrator's approval (`imgserver
+    /// approve MAC`): it is told to wait and gets no task until then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_approval: bool,
     pub action: Action,
 }
 
@@ -404,6 +439,11 @@ pub fn decode_checkin(bytes: &[u8]) -> Result<CheckIn, DecodeError> {
         ))
     })?;
     limit("MAC length", c.device.mac.len(), 64)?;
+    limit(
+        "enrolment proof length",
+        c.enrol_proof.as_ref().map_or(0, String::len),
+        128,
+    )?;
     for (what, v) in [
         ("serial", &c.device.serial),
         ("uuid", &c.device.uuid),
@@ -577,5 +617,34 @@ mod tests {
         );
         assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
         assert_eq!(normalize_mac("52:54:00:ab:cd:eg"), None);
+    }
+    #[test]
+    fn enrolment_proofs_bind_secret_and_mac() {
+        let p = enrolment_proof("site secret\n", "52-54-00-AA-BB-CC");
+        assert!(check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cc",
+            &p
+        ));
+        assert!(!check_enrolment_proof(
+            "other secret",
+            "52:54:00:aa:bb:cc",
+            &p
+        ));
+        assert!(!check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cd",
+            &p
+        ));
+        assert!(!check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cc",
+            "not hex"
+        ));
+        assert!(!check_enrolment_proof(
+            "site secret",
+            "52:54:00:aa:bb:cc",
+            ""
+        ));
     }
 }

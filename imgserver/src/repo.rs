@@ -68,7 +68,66 @@ pub fn add_file(
     move_it: bool,
     min_ram: u64,
 ) -> anyhow::Result<ImageRow> {
-    let info = inspect(&Location::File(file.to_path_buf()), &HttpConfig::default())?;
+    register(store, repo, file, move_it, min_ram, None)
+}
+
+/// What a capture task expects of its upload: the name and version its job gave, and who
+/// sent it (recorded with the image).
+pub struct CaptureOrigin {
+    pub name: String,
+    pub version: String,
+    pub from: String,
+}
+
+/// Why an upload was refused (the uploader's fault, not the server's).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UploadRefused(pub String);
+
+/// Register a capture upload: its metadata must name what the job asked for (the upload
+/// never chooses its own name or version) and it must be unsigned (an administrator signs
+/// a captured image after looking at it: `imgserver image sign`).
+pub fn add_capture(
+    store: &dyn Store,
+    repo: &Path,
+    file: &Path,
+    origin: CaptureOrigin,
+) -> anyhow::Result<ImageRow> {
+    register(store, repo, file, true, 0, Some(origin))
+}
+
+fn register(
+    store: &dyn Store,
+    repo: &Path,
+    file: &Path,
+    move_it: bool,
+    min_ram: u64,
+    capture: Option<CaptureOrigin>,
+) -> anyhow::Result<ImageRow> {
+    let info =
+        inspect(&Location::File(file.to_path_buf()), &HttpConfig::default()).map_err(|e| {
+            match &capture {
+                Some(_) => anyhow::Error::new(UploadRefused(format!(
+                    "the upload is not a readable image: {e:#}"
+                ))),
+                None => e,
+            }
+        })?;
+    if let Some(c) = &capture {
+        if info.meta.name != c.name || info.meta.version != c.version {
+            return Err(UploadRefused(format!(
+                "the upload says it is {} {}, but this capture task makes {} {}",
+                info.meta.name, info.meta.version, c.name, c.version
+            ))
+            .into());
+        }
+        if info.signed_by.is_some() {
+            return Err(UploadRefused(
+                "a capture upload must be unsigned: the administrator signs captured images (`imgserver image sign`)".into(),
+            )
+            .into());
+        }
+    }
     if store
         .image(&info.meta.name, Some(&info.meta.version))?
         .is_some()
@@ -97,6 +156,10 @@ pub fn add_file(
     } else {
         std::fs::copy(file, &tmp)
             .with_context(|| format!("copying {} to {}", file.display(), tmp.display()))?;
+        // fs::copy takes the source's mode; repository files are private like the rest.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", tmp.display()))?;
         std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {}", tmp.display()))?;
     }
     let size = std::fs::metadata(&dest).map(|m| m.len()).ok();
@@ -112,6 +175,7 @@ pub fn add_file(
         signed_by: info.signed_by.clone(),
         description: info.meta.description.clone(),
         added: now(),
+        captured_from: capture.map(|c| c.from),
     };
     match store.add_image(&row) {
         Ok(id) => row.id = id,
@@ -150,9 +214,42 @@ pub fn add_url(
         signed_by: info.signed_by.clone(),
         description: info.meta.description.clone(),
         added: now(),
+        captured_from: None,
     };
     row.id = store.add_image(&row)?;
     Ok(row)
+}
+
+/// Seal and sign a repository image in place with the administrator's key (how a captured
+/// image becomes deployable under a signature policy), and record the new signature.
+pub fn sign(
+    store: &dyn Store,
+    repo: &Path,
+    img: &ImageRow,
+    key_file: &Path,
+) -> anyhow::Result<ImageRow> {
+    let Some(f) = &img.file else {
+        bail!(
+            "image {} {} stays on another server ({}): sign the file there with `img -sign`",
+            img.name,
+            img.version,
+            img.url.as_deref().unwrap_or("?")
+        );
+    };
+    let key = imgengine::sign::load_secret(key_file)
+        .with_context(|| format!("loading the signing key {}", key_file.display()))?;
+    let path = repo.join(f);
+    imgengine::sign::seal_and_sign(&path, &path, &key)
+        .with_context(|| format!("signing {}", path.display()))?;
+    let info = inspect(&Location::File(path.clone()), &HttpConfig::default())?;
+    let size = std::fs::metadata(&path).map(|m| m.len()).ok();
+    store.set_image_signature(img.id, info.signed_by.as_deref(), info.sealed, size)?;
+    Ok(ImageRow {
+        signed_by: info.signed_by,
+        sealed: info.sealed,
+        size,
+        ..img.clone()
+    })
 }
 
 /// Unregister an image and delete its file from the repository (not remote ones).

@@ -64,6 +64,11 @@ pub struct CheckInSecrets {
     pub new_credential: String,
     /// Hash of a fresh upload key, used if the device is handed a capture task now.
     pub new_upload_key: String,
+    /// The check-in carried a valid enrolment proof (the site enrolment secret): a device
+    /// enrolling now is enrolled at once; without it, it enrols pending approval.
+    pub enrol_proof_ok: bool,
+    /// Where the check-in came from (shown to the administrator for pending enrolments).
+    pub source: String,
 }
 
 /// What a check-in decided.
@@ -72,6 +77,8 @@ pub struct CheckInDecision {
     pub device: u64,
     /// True when the device enrolled in this check-in (send it the new credential).
     pub enrolled: bool,
+    /// The device's enrolment awaits the administrator's approval: no task, no results.
+    pub pending: bool,
     pub acked: Vec<String>,
     /// The task to hand over, with its job and image.
     pub task: Option<(TaskRow, JobRow, Option<ImageRow>)>,
@@ -94,6 +101,10 @@ pub struct DeviceRow {
     /// The image last deployed by a task of ours.
     pub image: Option<ImageStamp>,
     pub inventory: Option<CheckIn>,
+    /// Enrolled without the site enrolment secret and not approved yet (`imgserver approve`).
+    pub pending: bool,
+    /// The source address of its enrolment request.
+    pub enrol_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +122,9 @@ pub struct ImageRow {
     pub signed_by: Option<String>,
     pub description: Option<String>,
     pub added: u64,
+    /// For images uploaded by a capture task: which device and task. Such an image is never
+    /// the implicit "latest" of its name.
+    pub captured_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +157,8 @@ pub struct TaskRow {
     pub sent_at: Option<u64>,
     pub updated: u64,
     pub finished: Option<u64>,
+    /// Further results for this task after it ended: ignored and only counted.
+    pub ignored_results: u64,
 }
 
 /// A new job as the administrator describes it.
@@ -194,11 +210,15 @@ pub trait Store: Send + Sync {
     ) -> Result<(bool, bool)>;
     /// Record a final result; false if this report id was recorded before.
     fn record_result(&self, device: u64, r: &TaskResult, now: u64) -> Result<bool>;
-    /// The capture task whose upload key hashes to `key_hash`.
-    fn upload_task(&self, task: u64, key_hash: &str) -> Result<Option<(TaskRow, JobRow)>>;
     /// Whether the device with this MAC would be handed a task if it checked in now (the
     /// PXE boot decision, `crate::pxe`); read-only, the same rules as a check-in.
     fn boot_work(&self, mac: &str) -> Result<BootWork>;
+    /// The running capture task whose upload key hashes to `key_hash`; the key is spent in
+    /// the same statement, so a second use (even a concurrent one) finds nothing.
+    fn take_upload_key(&self, task: u64, key_hash: &str) -> Result<Option<(TaskRow, JobRow)>>;
+    /// May `device` download the repository file `file`? Only the image of one of its own
+    /// unfinished deploy tasks.
+    fn device_may_fetch(&self, device: u64, file: &str) -> Result<bool>;
 
     // The administrator's side.
     fn add_image(&self, img: &ImageRow) -> Result<u64>;
@@ -206,6 +226,14 @@ pub trait Store: Send + Sync {
     fn image(&self, name: &str, version: Option<&str>) -> Result<Option<ImageRow>>;
     fn image_by_id(&self, id: u64) -> Result<Option<ImageRow>>;
     fn remove_image(&self, id: u64) -> Result<()>;
+    /// After `imgserver image sign`: the image's new signature facts.
+    fn set_image_signature(
+        &self,
+        id: u64,
+        signed_by: Option<&str>,
+        sealed: bool,
+        size: Option<u64>,
+    ) -> Result<()>;
     fn add_job(&self, job: &NewJob, now: u64) -> Result<(u64, Vec<(String, Validation)>)>;
     fn remove_job(&self, id: u64) -> Result<()>;
     fn abort_job(&self, id: u64, now: u64) -> Result<usize>;
@@ -217,6 +245,8 @@ pub trait Store: Send + Sync {
     fn set_group(&self, mac: &str, group: Option<&str>) -> Result<()>;
     /// Delete a device and all its records so it can enrol and be imaged again.
     fn forget(&self, mac: &str) -> Result<bool>;
+    /// Approve a pending enrolment; false if the device has none pending.
+    fn approve(&self, mac: &str, now: u64) -> Result<bool>;
     fn transcript(&self, mac: &str, task: Option<u64>) -> Result<Vec<(u64, Option<u64>, String)>>;
     /// Count of recorded results (the load benchmark's "nothing lost" check).
     fn result_count(&self) -> Result<u64>;
@@ -288,6 +318,11 @@ const MIGRATIONS: &[&str] = &[
         line TEXT NOT NULL
      );
      CREATE INDEX transcript_by_device ON transcript(device_id, id);",
+    // 2: enrolment approval, captured images, ignored results counted instead of stored.
+    "ALTER TABLE devices ADD COLUMN approval TEXT;
+     ALTER TABLE devices ADD COLUMN enrol_addr TEXT;
+     ALTER TABLE images ADD COLUMN captured_from TEXT;
+     ALTER TABLE tasks ADD COLUMN ignored_results INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The SQLite store: one connection behind a mutex (SQLite has one writer anyway; every
@@ -346,7 +381,7 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const DEVICE_COLS: &str = "id, mac, credential IS NOT NULL, grp, serial, model, ram_bytes, agent_version, state, state_reason, last_seen, trouble_since, image_name, image_version, inventory";
+const DEVICE_COLS: &str = "id, mac, credential IS NOT NULL, grp, serial, model, ram_bytes, agent_version, state, state_reason, last_seen, trouble_since, image_name, image_version, inventory, approval IS 'pending', enrol_addr";
 
 fn device_row(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
     let inv: Option<String> = r.get(14)?;
@@ -369,11 +404,13 @@ fn device_row(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
             _ => None,
         },
         inventory: inv.and_then(|s| serde_json::from_str(&s).ok()),
+        pending: r.get(15)?,
+        enrol_addr: r.get(16)?,
     })
 }
 
 const IMAGE_COLS: &str =
-    "id, name, version, file, url, size, facts, sealed, signed_by, description, added";
+    "id, name, version, file, url, size, facts, sealed, signed_by, description, added, captured_from";
 
 fn image_row(r: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
     let facts: String = r.get(6)?;
@@ -389,6 +426,7 @@ fn image_row(r: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
         signed_by: r.get(8)?,
         description: r.get(9)?,
         added: u(r.get(10)?),
+        captured_from: r.get(11)?,
     })
 }
 
@@ -408,7 +446,7 @@ fn job_row(r: &rusqlite::Row) -> rusqlite::Result<JobRow> {
     })
 }
 
-const TASK_COLS: &str = "t.id, t.job_id, t.device_id, d.mac, t.state, t.validation, t.progress, t.message, t.prev_image, t.created, t.sent_at, t.updated, t.finished";
+const TASK_COLS: &str = "t.id, t.job_id, t.device_id, d.mac, t.state, t.validation, t.progress, t.message, t.prev_image, t.created, t.sent_at, t.updated, t.finished, t.ignored_results";
 
 fn task_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
     let validation: String = r.get(5)?;
@@ -428,6 +466,7 @@ fn task_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
         sent_at: r.get::<_, Option<i64>>(10)?.map(u),
         updated: u(r.get(11)?),
         finished: r.get::<_, Option<i64>>(12)?.map(u),
+        ignored_results: u(r.get(13)?),
     })
 }
 
@@ -527,13 +566,14 @@ fn on_task_error(tx: &Transaction, job: &JobRow, now: u64) -> Result<()> {
 }
 
 impl SqliteStore {
+    /// Who is checking in: (device id, enrolled now, pending approval).
     fn enrol_or_authenticate(
         &self,
         tx: &Transaction,
         req: &CheckIn,
         secrets: &CheckInSecrets,
         now: u64,
-    ) -> Result<(u64, bool)> {
+    ) -> Result<(u64, bool, bool)> {
         let mac = crate::protocol::normalize_mac(&req.device.mac).ok_or_else(|| {
             StoreError::Invalid(format!(
                 "device MAC {:?} is not six hex octets",
@@ -541,40 +581,74 @@ impl SqliteStore {
             ))
         })?;
         if let Some(hash) = &secrets.presented {
-            let row: Option<(i64, String)> = tx
-                .prepare_cached("SELECT id, mac FROM devices WHERE credential = ?1")?
-                .query_row([hash], |r| Ok((r.get(0)?, r.get(1)?)))
+            let row: Option<(i64, String, bool)> = tx
+                .prepare_cached(
+                    "SELECT id, mac, approval IS 'pending' FROM devices WHERE credential = ?1",
+                )?
+                .query_row([hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
-            let (id, known_mac) = row.ok_or(StoreError::BadCredential)?;
+            let (id, known_mac, pending) = row.ok_or(StoreError::BadCredential)?;
             if known_mac != mac {
                 return Err(StoreError::Conflict(format!(
                     "this credential belongs to device {known_mac}, not {mac}"
                 )));
             }
-            return Ok((u(id), false));
+            return Ok((u(id), false, pending));
         }
-        let row: Option<(i64, bool)> = tx
-            .prepare_cached("SELECT id, credential IS NOT NULL FROM devices WHERE mac = ?1")?
-            .query_row([&mac], |r| Ok((r.get(0)?, r.get(1)?)))
+        let row: Option<(i64, bool, bool, Option<String>)> = tx
+            .prepare_cached("SELECT id, credential IS NOT NULL, approval IS 'pending', enrol_addr FROM devices WHERE mac = ?1")?
+            .query_row([&mac], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?;
+        let approval = (!secrets.enrol_proof_ok).then_some("pending");
+        let line = if secrets.enrol_proof_ok {
+            format!(
+                "enrolled (first contact from {}, site enrolment secret proven)",
+                secrets.source
+            )
+        } else {
+            format!("enrolment from {} pending the administrator's approval (no valid site enrolment proof): `imgserver approve {mac}`", secrets.source)
+        };
         match row {
-            Some((_, true)) => Err(StoreError::AlreadyEnrolled(mac)),
-            Some((id, false)) => {
+            // A pending request is replaced by one that proves the site secret: the real
+            // device wins over whoever asked first.
+            Some((id, true, true, addr)) if secrets.enrol_proof_ok => {
                 tx.execute(
-                    "UPDATE devices SET credential = ?2, enrolled = ?3 WHERE id = ?1",
-                    params![id, secrets.new_credential, i(now)],
+                    "UPDATE devices SET credential = ?2, enrolled = ?3, approval = NULL, enrol_addr = ?4 WHERE id = ?1",
+                    params![id, secrets.new_credential, i(now), secrets.source],
                 )?;
-                transcript(tx, u(id), None, now, "enrolled (first contact)")?;
-                Ok((u(id), true))
+                transcript(
+                    tx,
+                    u(id),
+                    None,
+                    now,
+                    &format!(
+                        "{line}; the pending request from {} is discarded",
+                        addr.unwrap_or_default()
+                    ),
+                )?;
+                Ok((u(id), true, false))
+            }
+            Some((_, true, true, addr)) => Err(StoreError::Conflict(format!(
+                "device {mac} has an enrolment pending approval (requested from {}): if that was not this device, `imgserver forget {mac}` on the server, or give the device the site enrolment secret",
+                addr.unwrap_or_default()
+            ))),
+            Some((_, true, false, _)) => Err(StoreError::AlreadyEnrolled(mac)),
+            Some((id, false, _, _)) => {
+                tx.execute(
+                    "UPDATE devices SET credential = ?2, enrolled = ?3, approval = ?4, enrol_addr = ?5 WHERE id = ?1",
+                    params![id, secrets.new_credential, i(now), approval, secrets.source],
+                )?;
+                transcript(tx, u(id), None, now, &line)?;
+                Ok((u(id), true, approval.is_some()))
             }
             None => {
                 tx.execute(
-                    "INSERT INTO devices (mac, credential, enrolled) VALUES (?1, ?2, ?3)",
-                    params![mac, secrets.new_credential, i(now)],
+                    "INSERT INTO devices (mac, credential, enrolled, approval, enrol_addr) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![mac, secrets.new_credential, i(now), approval, secrets.source],
                 )?;
                 let id = u(tx.last_insert_rowid());
-                transcript(tx, id, None, now, "enrolled (first contact)")?;
-                Ok((id, true))
+                transcript(tx, id, None, now, &line)?;
+                Ok((id, true, approval.is_some()))
             }
         }
     }
@@ -597,23 +671,26 @@ impl SqliteStore {
         };
         if task.state.is_final() {
             // A second, different result for a finished task (the device lost its outbox
-            // ack and re-ran nothing): keep the first, record the report id so a retry of
-            // this one is also a no-op.
-            tx.execute(
-                "INSERT INTO results (report, task_id, device_id, received, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![r.report, i(r.task), i(device), i(now), serde_json::to_string(r)?],
-            )?;
-            transcript(
-                tx,
-                device,
-                Some(r.task),
-                now,
-                &format!(
-                    "ignored a second result for task {} (already {})",
-                    r.task,
-                    task.state.as_str()
-                ),
-            )?;
+            // ack and re-ran nothing): the first one stands. Nothing of it is stored, only
+            // counted, so a device cannot fill the database by repeating itself; the
+            // transcript says so once per task. A retry of it is again ignored the same way.
+            let n: i64 = tx
+                .prepare_cached("UPDATE tasks SET ignored_results = ignored_results + 1 WHERE id = ?1 RETURNING ignored_results")?
+                .query_row([i(r.task)], |row| row.get(0))?;
+            if n == 1 {
+                transcript(
+                    tx,
+                    device,
+                    Some(r.task),
+                    now,
+                    &format!(
+                        "ignored a further result for task {} (already {}); later ones are only counted (`imgserver job {}`)",
+                        r.task,
+                        task.state.as_str(),
+                        task.job
+                    ),
+                )?;
+            }
             return Ok(false);
         }
         tx.execute(
@@ -822,8 +899,13 @@ impl Store for SqliteStore {
     ) -> Result<CheckInDecision> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let (device, enrolled) = self.enrol_or_authenticate(&tx, req, secrets, now)?;
-        let inv = serde_json::to_string(req)?;
+        let (device, enrolled, pending) = self.enrol_or_authenticate(&tx, req, secrets, now)?;
+        // The proof is not inventory: never stored.
+        let inv = serde_json::to_string(&CheckIn {
+            enrol_proof: None,
+            results: Vec::new(),
+            ..req.clone()
+        })?;
         tx.prepare_cached(
             "UPDATE devices SET serial = ?2, uuid = ?3, model = ?4, hostname = ?5, ram_bytes = ?6, agent_version = ?7,
                 inventory = ?8, last_seen = ?9,
@@ -842,6 +924,17 @@ impl Store for SqliteStore {
             i(now),
             i(_policy.reload_wait),
         ])?;
+        if pending {
+            // Until approved: the inventory is shown to the administrator, nothing else.
+            tx.commit()?;
+            return Ok(CheckInDecision {
+                device,
+                enrolled,
+                pending,
+                acked: Vec::new(),
+                task: None,
+            });
+        }
         let mut acked = Vec::new();
         for r in &req.results {
             match Self::apply_result(&tx, device, r, now) {
@@ -862,6 +955,7 @@ impl Store for SqliteStore {
         Ok(CheckInDecision {
             device,
             enrolled,
+            pending,
             acked,
             task,
         })
@@ -939,11 +1033,14 @@ impl Store for SqliteStore {
         Ok(recorded)
     }
 
-    fn upload_task(&self, task: u64, key_hash: &str) -> Result<Option<(TaskRow, JobRow)>> {
+    fn take_upload_key(&self, task: u64, key_hash: &str) -> Result<Option<(TaskRow, JobRow)>> {
         let conn = self.lock();
+        // One statement: the key is checked and spent atomically (SQLite serializes
+        // writers), so two uploads racing with the same key cannot both pass.
         let ok: Option<i64> = conn
             .query_row(
-                "SELECT id FROM tasks WHERE id = ?1 AND upload_key = ?2 AND state IN ('sent', 'running')",
+                "UPDATE tasks SET upload_key = NULL WHERE id = ?1 AND upload_key = ?2 AND state IN ('sent', 'running')
+                 AND job_id IN (SELECT id FROM jobs WHERE kind = 'capture') RETURNING id",
                 params![i(task), key_hash],
                 |r| r.get(0),
             )
@@ -958,14 +1055,27 @@ impl Store for SqliteStore {
 
     fn boot_work(&self, mac: &str) -> Result<BootWork> {
         let conn = self.lock();
-        let Some((device, group)) = conn
-            .query_row("SELECT id, grp FROM devices WHERE mac = ?1", [mac], |r| {
-                Ok((u(r.get(0)?), r.get::<_, Option<String>>(1)?))
-            })
+        let Some((device, group, pending)) = conn
+            .query_row(
+                "SELECT id, grp, approval IS 'pending' FROM devices WHERE mac = ?1",
+                [mac],
+                |r| {
+                    Ok((
+                        u(r.get(0)?),
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, bool>(2)?,
+                    ))
+                },
+            )
             .optional()?
         else {
             return Ok(BootWork::Unknown);
         };
+        // An enrolment waiting for the administrator's approval gets no task at check-in, so
+        // there is nothing to boot the agent for until `imgserver approve`.
+        if pending {
+            return Ok(BootWork::Idle);
+        }
         // A task handed out and not finished is resent at check-in (resume after a reboot).
         let unfinished: Option<(i64, i64)> = conn
             .query_row("SELECT id, job_id FROM tasks WHERE device_id = ?1 AND state IN ('sent', 'running') ORDER BY id LIMIT 1", [i(device)], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -1025,6 +1135,19 @@ impl Store for SqliteStore {
         Ok(BootWork::Idle)
     }
 
+    fn device_may_fetch(&self, device: u64, file: &str) -> Result<bool> {
+        let conn = self.lock();
+        let found = conn
+            .prepare_cached(
+                "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN images m ON m.id = j.image_id
+                 WHERE t.device_id = ?1 AND t.state IN ('sent', 'running') AND j.kind = 'deploy' AND m.file = ?2 LIMIT 1",
+            )?
+            .query_row(params![i(device), file], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(found)
+    }
+
     fn add_image(&self, img: &ImageRow) -> Result<u64> {
         let conn = self.lock();
         let exists: Option<i64> = conn
@@ -1041,7 +1164,7 @@ impl Store for SqliteStore {
             )));
         }
         conn.execute(
-            "INSERT INTO images (name, version, file, url, size, facts, sealed, signed_by, description, added) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO images (name, version, file, url, size, facts, sealed, signed_by, description, added, captured_from) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 img.name,
                 img.version,
@@ -1052,7 +1175,8 @@ impl Store for SqliteStore {
                 img.sealed,
                 img.signed_by,
                 img.description,
-                i(img.added)
+                i(img.added),
+                img.captured_from
             ],
         )?;
         Ok(u(conn.last_insert_rowid()))
@@ -1078,7 +1202,9 @@ impl Store for SqliteStore {
         Ok(match version {
             Some(v) => rows.into_iter().find(|r| r.version == v),
             None => {
-                // The newest version by the model's ordering.
+                // The newest version by the model's ordering. Captured images are never
+                // picked implicitly: an upload must not become what "latest" deploys.
+                rows.retain(|r| r.captured_from.is_none());
                 rows.sort_by(|a, b| model::compare_versions(&a.version, &b.version));
                 rows.pop()
             }
@@ -1108,6 +1234,25 @@ impl Store for SqliteStore {
             [i(id)],
         )?;
         let n = conn.execute("DELETE FROM images WHERE id = ?1", [i(id)])?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no image {id}: see `imgserver image list`"
+            )));
+        }
+        Ok(())
+    }
+
+    fn set_image_signature(
+        &self,
+        id: u64,
+        signed_by: Option<&str>,
+        sealed: bool,
+        size: Option<u64>,
+    ) -> Result<()> {
+        let n = self.lock().execute(
+            "UPDATE images SET signed_by = ?2, sealed = ?3, size = ?4 WHERE id = ?1",
+            params![i(id), signed_by, sealed, size.map(i)],
+        )?;
         if n == 0 {
             return Err(StoreError::NotFound(format!(
                 "no image {id}: see `imgserver image list`"
@@ -1308,6 +1453,28 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    fn approve(&self, mac: &str, now: u64) -> Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let id: Option<i64> = tx
+            .query_row(
+                "UPDATE devices SET approval = NULL WHERE mac = ?1 AND approval IS 'pending' RETURNING id",
+                [mac],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(false) };
+        transcript(
+            &tx,
+            u(id),
+            None,
+            now,
+            "enrolment approved by the administrator",
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn transcript(&self, mac: &str, task: Option<u64>) -> Result<Vec<(u64, Option<u64>, String)>> {
         let conn = self.lock();
         let rows = conn
@@ -1377,6 +1544,8 @@ mod tests {
             presented: presented.map(str::to_string),
             new_credential: new.into(),
             new_upload_key: format!("k{new}"),
+            enrol_proof_ok: true,
+            source: "192.0.2.1".into(),
         }
     }
 
@@ -1398,6 +1567,7 @@ mod tests {
             signed_by: None,
             description: None,
             added: 1,
+            captured_from: None,
         })
         .unwrap()
     }
@@ -1808,5 +1978,129 @@ mod tests {
             s.device("52:54:00:00:00:09").unwrap().unwrap().state,
             DeviceState::ConfigurationRequired
         );
+    }
+    #[test]
+    fn enrolment_without_proof_waits_for_approval() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let img = image(&s);
+        s.add_job(
+            &deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop),
+            1,
+        )
+        .unwrap();
+        let mut anon = secrets(None, "p1");
+        anon.enrol_proof_ok = false;
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &anon, 2, &p)
+            .unwrap();
+        assert!(d.enrolled && d.pending && d.task.is_none());
+        let dev = s.device("52:54:00:00:00:01").unwrap().unwrap();
+        assert!(dev.pending);
+        assert_eq!(dev.enrol_addr.as_deref(), Some("192.0.2.1"));
+        // With its credential: still nothing until approved.
+        let d = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("p1"), "x"),
+                3,
+                &p,
+            )
+            .unwrap();
+        assert!(d.pending && d.task.is_none());
+        // Another anonymous request for the MAC is refused, naming the pending one.
+        let mut anon2 = secrets(None, "p2");
+        anon2.enrol_proof_ok = false;
+        let e = s
+            .checkin(&checkin("52:54:00:00:00:01"), &anon2, 4, &p)
+            .unwrap_err();
+        assert!(e.to_string().contains("192.0.2.1"), "{e}");
+        assert!(s.approve("52:54:00:00:00:01", 5).unwrap());
+        assert!(!s.approve("52:54:00:00:00:01", 5).unwrap());
+        let d = s
+            .checkin(
+                &checkin("52:54:00:00:00:01"),
+                &secrets(Some("p1"), "x"),
+                6,
+                &p,
+            )
+            .unwrap();
+        assert!(!d.pending && d.task.is_some());
+    }
+
+    #[test]
+    fn a_proof_replaces_a_pending_request() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let mut anon = secrets(None, "stranger");
+        anon.enrol_proof_ok = false;
+        s.checkin(&checkin("52:54:00:00:00:02"), &anon, 1, &p)
+            .unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:02"), &secrets(None, "real"), 2, &p)
+            .unwrap();
+        assert!(d.enrolled && !d.pending);
+        assert!(s.device_by_credential("stranger").unwrap().is_none());
+        assert!(s.device_by_credential("real").unwrap().is_some());
+    }
+
+    #[test]
+    fn later_results_are_counted_not_stored() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let img = image(&s);
+        s.add_job(
+            &deploy_job(img, "mac:52:54:00:00:00:01", 0, OnError::Stop),
+            1,
+        )
+        .unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "c"), 2, &p)
+            .unwrap();
+        let t = d.task.unwrap().0.id;
+        assert!(s
+            .record_result(d.device, &result(t, "first", Outcome::Succeeded), 3)
+            .unwrap());
+        for n in 0..5 {
+            assert!(!s
+                .record_result(
+                    d.device,
+                    &result(t, &format!("more{n}"), Outcome::Failed),
+                    4
+                )
+                .unwrap());
+        }
+        assert_eq!(s.result_count().unwrap(), 1);
+        let (_, tasks) = s.job(1).unwrap().unwrap();
+        assert_eq!(tasks[0].ignored_results, 5);
+        assert_eq!(tasks[0].state, TaskState::Succeeded);
+        let lines = s.transcript("52:54:00:00:00:01", Some(t)).unwrap();
+        assert_eq!(lines.iter().filter(|l| l.2.contains("ignored")).count(), 1);
+    }
+
+    #[test]
+    fn upload_keys_work_once_and_captures_are_not_latest() {
+        let (s, _d) = store();
+        let p = Policy::default();
+        let mut job = deploy_job(0, "mac:52:54:00:00:00:01", 0, OnError::Stop);
+        job.kind = "capture".into();
+        job.image = None;
+        job.options.capture_name = Some("os".into());
+        job.options.capture_version = Some("9".into());
+        s.add_job(&job, 1).unwrap();
+        let d = s
+            .checkin(&checkin("52:54:00:00:00:01"), &secrets(None, "c"), 2, &p)
+            .unwrap();
+        let t = d.task.unwrap().0.id;
+        assert!(s.take_upload_key(t, "kc").unwrap().is_some());
+        assert!(s.take_upload_key(t, "kc").unwrap().is_none(), "spent");
+        // An admin image os 2 and a captured os 9: "latest" is still os 2.
+        image(&s);
+        let mut cap = s.image("os", Some("2")).unwrap().unwrap();
+        cap.version = "9".into();
+        cap.captured_from = Some("52:54:00:00:00:01 task 1".into());
+        s.add_image(&cap).unwrap();
+        assert_eq!(s.image("os", None).unwrap().unwrap().version, "2");
+        assert!(s.image("os", Some("9")).unwrap().is_some());
     }
 }

@@ -356,6 +356,8 @@ impl RefServer {
             .args([
                 "serve",
                 "--plain",
+                // A lab: the device carries no enrol.key.
+                "--open-enrolment",
                 "--listen",
                 &format!("{ip}:8080"),
                 "--public-url",

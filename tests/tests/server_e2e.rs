@@ -309,6 +309,15 @@ fn capture_end_to_end_registers_the_uploaded_image() {
     );
     assert!(srv.data.join("repo/gold-1.img").exists());
     assert!(srv.admin(&["job", "1"]).contains("succeeded"));
+    // A capture arrives unsigned and is deployed only once an administrator signed it.
+    assert!(
+        list.contains("no (captured from 52:54:00:00:00:0a"),
+        "{list}"
+    );
+    let key = dir.join("site.key");
+    imgengine::sign::generate(&key).unwrap();
+    let signed = srv.admin(&["image", "sign", "gold:1", "--key", key.to_str().unwrap()]);
+    assert!(signed.contains("sealed and signed by key"), "{signed}");
 
     // The captured image deploys onto another device and reads back.
     let target = blank_disk(&dir, "device-b.img");
@@ -762,12 +771,14 @@ fn failed_device_that_does_not_come_back_goes_to_maintenance() {
     let srv = Server::start(&dir.join("srv"), 0);
     let src = make_source_disk(&dir, "os", "8", 10_000);
     let img = register_image(&srv, &dir, &src, "os", "8");
-    // The repository serves images with Range (resumable deploys).
+    // The repository serves images with Range (resumable deploys); here through a signed
+    // URL, as a CDN in front of it would fetch them.
     let agent =
         checkin::client::http_agent(Some(&srv.data.join("ca.pem")), Duration::from_secs(10))
             .unwrap();
+    let url = srv.admin(&["image", "url", "os:8", "--base", &srv.url]);
     let resp = agent
-        .get(&format!("{}/repo/os-8.img", srv.url))
+        .get(url.trim())
         .header("Range", "bytes=10-109")
         .call()
         .unwrap();

@@ -331,7 +331,23 @@ fn http_for(client: &Client, cfg: &AgentConfig, url: &str) -> HttpConfig {
         ca_file: if ours { cfg.ca_file.clone() } else { None },
         timeout: Some(cfg.timeout),
         retries: 5,
+        authorization: None,
     }
+}
+
+/// Does `url` point at the same server (scheme, host and port) as `base`? Compared whole,
+/// so `https://srv:8443.example.net/` is not `https://srv:8443`.
+fn same_origin(base: &str, url: &str) -> bool {
+    fn origin(u: &str) -> Option<String> {
+        let (scheme, rest) = u.split_once("://")?;
+        let host = rest.split(['/', '?', '#']).next()?;
+        Some(format!(
+            "{}://{}",
+            scheme.to_ascii_lowercase(),
+            host.to_ascii_lowercase()
+        ))
+    }
+    origin(base).is_some_and(|b| origin(url) == Some(b))
 }
 
 fn trusted_keys(cfg: &AgentConfig) -> anyhow::Result<Vec<imgengine::sign::VerifyingKey>> {
@@ -434,7 +450,14 @@ fn deploy_task(
         name: spec.image.name.clone(),
         version: spec.image.version.clone(),
     };
-    let http = http_for(client, cfg, &spec.image.url);
+    let mut http = http_for(client, cfg, &spec.image.url);
+    // The server's repository answers only the device whose task this is: the credential
+    // goes with the image requests, but only to the server that issued it (never to a CDN
+    // or any other host a task names).
+    if same_origin(client.base(), &spec.image.url) {
+        let ident = super::trust::ServerIdentity::of(client.base(), cfg.ca_file.as_deref())?;
+        http.authorization = super::bound_credential(state, &ident)?.map(|t| format!("Bearer {t}"));
+    }
     let opts = DeployOptions {
         trusted_keys: signature_policy(cfg, rep)?,
         resume: ResumeMode::Auto,
@@ -869,6 +892,25 @@ mod tests {
             let why = rejected(execute(&client, &state, &cfg, &task, &Reporter::new(true)));
             assert!(why.contains("only uploaded to the server itself"), "{why}");
         }
+    }
+
+    #[test]
+    fn credential_goes_only_to_the_same_origin() {
+        assert!(same_origin(
+            "https://srv:8443",
+            "https://srv:8443/repo/os-1.img"
+        ));
+        assert!(same_origin("https://SRV:8443", "https://srv:8443/repo/x?y"));
+        assert!(!same_origin(
+            "https://srv:8443",
+            "https://srv:8443.evil.example/repo/x"
+        ));
+        assert!(!same_origin("https://srv:8443", "http://srv:8443/repo/x"));
+        assert!(!same_origin(
+            "https://srv:8443",
+            "https://cdn.example/os-1.img"
+        ));
+        assert!(!same_origin("https://srv", "https://srv@evil.example/x"));
     }
 
     #[test]

@@ -157,16 +157,20 @@ pub fn checkin_once(
         .into_iter()
         .map(|(p, m)| inventory::disk_report(&p, m, state))
         .collect();
+    let ident = ServerIdentity::of(client.base(), cfg.ca_file.as_deref())?;
+    let token = bound_credential(state, &ident)?;
     let mut req = CheckIn {
         protocol: PROTOCOL_VERSION,
+        enrol_proof: token
+            .is_none()
+            .then(|| enrol_proof(cfg, &device.mac))
+            .flatten(),
         device,
         disks,
         autogenic: inventory::autogenic(cfg),
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
     };
-    let ident = ServerIdentity::of(client.base(), cfg.ca_file.as_deref())?;
-    let token = bound_credential(state, &ident)?;
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,
         Err(ClientError::Http {
@@ -193,6 +197,7 @@ pub fn checkin_once(
             );
             state.set_aside_credential()?;
             req.results.clear();
+            req.enrol_proof = enrol_proof(cfg, &req.device.mac);
             client
                 .post(CHECKIN_PATH, None, &req)
                 .map_err(anyhow::Error::new)?
@@ -220,6 +225,12 @@ pub fn checkin_once(
                 reply.device,
                 ident.describe()
             ),
+        );
+    }
+    if reply.pending_approval {
+        log(
+            cfg,
+            format!("the server waits for its administrator to approve this device (`imgserver approve {}`), or for the site's enrol.key next to the CA", req.device.mac),
         );
     }
     for a in &reply.acked {
@@ -265,6 +276,26 @@ pub fn bound_credential(
             ident.describe()
         ),
     }
+}
+
+/// The site enrolment secret lives on the boot partition next to the server's CA
+/// (`enrol.key` beside `ca.pem`, put there by the administrator; also looked for in the
+/// boot partition's folder, the parent of the config folder, when the pinned CA comes from
+/// the initramfs); with it the device proves it belongs to the site when it first enrols
+/// (`imgserver::protocol::enrolment_proof`; the secret itself is never sent). Without it
+/// the server holds the enrolment for approval.
+fn enrol_proof(cfg: &AgentConfig, mac: &str) -> Option<String> {
+    let beside_ca = cfg
+        .ca_file
+        .as_deref()
+        .and_then(|c| c.parent())
+        .map(|d| d.join("enrol.key"));
+    let on_boot_partition = cfg.config_dir.parent().map(|d| d.join("enrol.key"));
+    let secret = [beside_ca, on_boot_partition]
+        .into_iter()
+        .flatten()
+        .find_map(|p| std::fs::read_to_string(p).ok())?;
+    (!secret.trim().is_empty()).then(|| imgserver::protocol::enrolment_proof(&secret, mac))
 }
 
 fn retryable(e: &anyhow::Error) -> bool {

@@ -105,7 +105,8 @@ pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
         if !p.exists() {
             bail!("{}: no such disk or disk-image file", p.display());
         }
-        let t = Target::open_disk(p, None).with_context(|| format!("opening {}", p.display()))?;
+        let t =
+            Target::open_disk_read_only(p).with_context(|| format!("opening {}", p.display()))?;
         let layout = disk::read_layout(&t, t.len())
             .with_context(|| format!("reading the partition table of {}", p.display()))?;
         layouts.push((p.clone(), layout));

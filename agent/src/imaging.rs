@@ -344,6 +344,9 @@ pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
     };
     let s = deploy::deploy(&loc, &disk, a.sel.part.as_deref(), &opts, &progress)
         .with_context(|| format!("restoring {loc} onto {what}"))?;
+    for n in &s.notes {
+        eprintln!("img: {n}");
+    }
     if s.raw {
         eprintln!(
             "restored raw image {loc} onto {what}: {} written",

@@ -804,6 +804,14 @@ fn deploy_raw<R: Read + Send + 'static>(
         f.set_len(end.max(rt.orig_len))
             .ctx(|| format!("setting the size of {}", rt.path.display()))?;
     }
+    // A raw GPT disk image on a larger disk: the backup header belongs in the last LBA.
+    // (A grown file ends where the image ends: nothing to move.)
+    if part.is_none() && !rt.grown {
+        rt.t.sync()?;
+        summary
+            .notes
+            .extend(crate::disk::gpt::relocate_backup_of_raw_image(&rt.t)?);
+    }
     // A raw image of a partition (the -raw fallback) written into another partition.
     if part.is_some() {
         summary

@@ -307,3 +307,57 @@ fn ntfs_partition_restored_at_another_offset_gets_its_hidden_sectors_fixed() {
     ]);
     check_moved(&s, &dst, true, &files, &backups, "raw image");
 }
+
+/// The partition lines of `sgdisk -p` (number, start, end, size, code, name).
+fn partition_lines(p: &str) -> Vec<String> {
+    p.lines()
+        .skip_while(|l| !l.starts_with("Number"))
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn raw_gpt_image_on_a_larger_disk_gets_its_backup_header_moved_to_the_end() {
+    for t in ["sgdisk", "mkfs.fat", "mcopy", "mtype", "zstd"] {
+        require_tool(t);
+    }
+    let s = Scratch::new("placement-rawgpt");
+    let src = s.join("disk.img");
+    let files = sample_files();
+    fat_disk(&s, &src, &files);
+    let before = sh(&format!("sgdisk -p {}", src.display()));
+    sh(&format!("zstd -q -1 -k {}", src.display()));
+    let zst = s.join("disk.img.zst");
+    for raw in [&src, &zst] {
+        let dst = s.join("big.raw");
+        let _ = fs::remove_file(&dst);
+        sh(&format!("truncate -s 128M {}", dst.display()));
+        let o = ok(&[
+            "-restore",
+            raw.to_str().unwrap(),
+            &format!("-disk={}", dst.display()),
+            &format!("-state={}", s.join("state").display()),
+        ]);
+        let how = raw.display();
+        assert!(text(&o).contains("GPT backup"), "{how}: {}", text(&o));
+        assert_eq!(fs::metadata(&dst).unwrap().len(), 128 * MIB);
+        let v = sh(&format!("sgdisk -v {}", dst.display()));
+        assert!(v.contains("No problems found"), "{how}: {v}");
+        let after = sh(&format!("sgdisk -p {}", dst.display()));
+        assert_eq!(partition_lines(&after), partition_lines(&before), "{how}");
+        assert!(
+            after.contains(&format!("last usable sector is {}", 128 * 2048 - 34)),
+            "{how}: {after}"
+        );
+        for (name, data) in &files {
+            let got = run(Command::new("mtype")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .arg("-i")
+                .arg(format!("{}@@{MIB}", dst.display()))
+                .arg(format!("::{name}")))
+            .stdout;
+            assert!(got == *data, "{how}: {name} differs");
+        }
+    }
+}

@@ -17,13 +17,6 @@ use e2e::{img_bin, require_tool, run, sample_bytes, sh, Scratch};
 
 const MIB: u64 = 1 << 20;
 
-fn img(args: &[&str]) -> Output {
-    Command::new(img_bin())
-        .args(args)
-        .output()
-        .expect("running img")
-}
-
 fn ok(args: &[&str]) -> Output {
     run(Command::new(img_bin()).args(args))
 }

@@ -205,7 +205,7 @@ impl Geo {
             12 => {
                 let i = (c + c / 2) as usize;
                 let pair = le16(fat, i);
-                if c % 2 == 0 {
+                if c.is_multiple_of(2) {
                     pair & 0xFFF
                 } else {
                     pair >> 4
@@ -221,7 +221,7 @@ impl Geo {
             12 => {
                 let i = (c + c / 2) as usize;
                 let mut pair = le16(fat, i);
-                pair = if c % 2 == 0 {
+                pair = if c.is_multiple_of(2) {
                     (pair & 0xF000) | (v & 0xFFF)
                 } else {
                     (pair & 0x000F) | ((v & 0xFFF) << 4)
@@ -248,7 +248,7 @@ impl Geo {
     }
 
     fn eoc(&self, v: u64) -> bool {
-        v >= self.bad() + 1 || v < 2
+        v > self.bad() || v < 2
     }
 
     /// The clusters of the chain starting at `first`.

@@ -92,7 +92,7 @@ pub fn fix_hidden_sectors(disk: &Path, part: &Target) -> Result<Option<String>> 
     };
     let ss = disk_sector_size(disk, part);
     let old = u32::from_le_bytes(head[HIDDEN_AT..HIDDEN_AT + 4].try_into().expect("4 bytes"));
-    if part.base() % ss != 0 {
+    if !part.base().is_multiple_of(ss) {
         return Ok(Some(format!(
             "the {kind} partition at byte {} does not start on a {ss}-byte sector: its hidden-sectors field ({old}) was left alone",
             part.base()

@@ -105,7 +105,8 @@ pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
         if !p.exists() {
             bail!("{}: no such disk or disk-image file", p.display());
         }
-        let t = Target::open_disk(p, None).with_context(|| format!("opening {}", p.display()))?;
+        let t =
+            Target::open_disk_read_only(p).with_context(|| format!("opening {}", p.display()))?;
         let layout = disk::read_layout(&t, t.len())
             .with_context(|| format!("reading the partition table of {}", p.display()))?;
         layouts.push((p.clone(), layout));
@@ -372,6 +373,9 @@ pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
     };
     let s = deploy::deploy(&loc, &disk, a.sel.part.as_deref(), &opts, &progress)
         .with_context(|| format!("restoring {loc} onto {what}"))?;
+    for n in &s.notes {
+        eprintln!("img: {n}");
+    }
     if s.raw {
         eprintln!(
             "restored raw image {loc} onto {what}: {} written",

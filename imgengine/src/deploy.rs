@@ -638,6 +638,10 @@ pub fn deploy(
 
     // Step 4: tables last, sync, forget the journal.
     let mut summary = sink.finish()?;
+    // A partition image may land at another offset than where it was captured.
+    if part.is_some() {
+        notes.extend(crate::fs::hidden::fix_hidden_sectors(target, &t)?);
+    }
     // A GPT image on a larger disk: the backup must sit in the target's last LBA (UEFI
     // §5.3.2), not where the source disk ended.
     if let Content::Disk { layout } = &meta.content {
@@ -799,6 +803,20 @@ fn deploy_raw<R: Read + Send + 'static>(
             .ctx(|| format!("opening {}", rt.path.display()))?;
         f.set_len(end.max(rt.orig_len))
             .ctx(|| format!("setting the size of {}", rt.path.display()))?;
+    }
+    // A raw GPT disk image on a larger disk: the backup header belongs in the last LBA.
+    // (A grown file ends where the image ends: nothing to move.)
+    if part.is_none() && !rt.grown {
+        rt.t.sync()?;
+        summary
+            .notes
+            .extend(crate::disk::gpt::relocate_backup_of_raw_image(&rt.t)?);
+    }
+    // A raw image of a partition (the -raw fallback) written into another partition.
+    if part.is_some() {
+        summary
+            .notes
+            .extend(crate::fs::hidden::fix_hidden_sectors(target, &rt.t)?);
     }
     rt.t.sync()?;
     progress.end();

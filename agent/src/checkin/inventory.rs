@@ -130,7 +130,7 @@ pub fn disk_report(path: &Path, model: Option<String>, state: &StateDir) -> Disk
     if !path.exists() {
         return report;
     }
-    let Ok(t) = Target::open_disk(path, None) else {
+    let Ok(t) = Target::open_disk_read_only(path) else {
         return report;
     };
     report.size = t.len();

@@ -536,7 +536,7 @@ fn partition_number(disk: &Path, spec: &str) -> Option<String> {
     if spec.parse::<u32>().is_ok() {
         return Some(spec.to_string());
     }
-    let t = imgengine::target::Target::open_disk(disk, None).ok()?;
+    let t = imgengine::target::Target::open_disk_read_only(disk).ok()?;
     let layout = imgengine::disk::read_layout(&t, t.len()).ok()?;
     layout.find(spec).ok().map(|p| p.number.to_string())
 }

@@ -343,6 +343,34 @@ pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
     target.sync()
 }
 
+/// For a plain (raw) disk image just written onto `target`: when it carries a GPT whose
+/// primary header puts the backup before the target's last LBA (the image's disk was
+/// smaller), move the backup to the end with [`relocate_backup`], as a deploy of our format
+/// does. The sector size is found as [`read`] finds it (512, then 4096). Returns a note for
+/// the user when the backup was moved; no GPT is not an error.
+pub fn relocate_backup_of_raw_image(target: &Target) -> Result<Option<String>> {
+    for ss in [512u64, 4096] {
+        let sectors = target.len() / ss;
+        if sectors < 3 {
+            continue;
+        }
+        let Some(hdr) = read_header(target, target.len(), ss, 1)? else {
+            continue;
+        };
+        if hdr.backup_lba == sectors - 1 {
+            return Ok(None);
+        }
+        relocate_backup(target, ss)?;
+        return Ok(Some(format!(
+            "moved the raw image's GPT backup header from sector {} to the end of {} (sector {})",
+            hdr.backup_lba,
+            target.path().display(),
+            sectors - 1
+        )));
+    }
+    Ok(None)
+}
+
 /// Grow a protective MBR's 0xEE partition that ended at the old backup LBA to the new one
 /// (UEFI §5.2.3: it covers LBA 1 to the last LBA, or 0xFFFFFFFF when the disk is larger).
 /// Hybrid MBRs (more than one entry in use) and entries not ending at the old backup are

@@ -3,8 +3,10 @@
 //! Layout (Microsoft "FAT: General Overview of On-Disk Format", 2000): reserved sectors
 //! (boot sector, FSInfo and the backup boot sector on FAT32), then `NumFATs` copies of the
 //! FAT, then (FAT12/16 only) the fixed root directory, then the data area of clusters
-//! numbered from 2. The FAT type is decided by the cluster count alone (< 4085: FAT12,
-//! < 65525: FAT16, else FAT32), exactly as the spec says, not by the type string.
+//! numbered from 2. The FAT type is decided the way Linux and dosfstools decide it, not by the
+//! type string: a FAT12/16 FAT size field of 0 means FAT32 (whatever the cluster count:
+//! `mkfs.fat -F 32` on a small partition gives fewer than 65,525 clusters); otherwise the
+//! cluster count decides (< 4085: FAT12, < 65525: FAT16), as the Microsoft spec says.
 //!
 //! A cluster is in use when its FAT entry is non-zero (allocated, end of chain, or marked
 //! bad); everything before the data area is metadata and always captured.
@@ -109,17 +111,29 @@ impl BootSector {
             ));
         }
         let cluster_count = (total - first_data) / u64::from(spc);
-        let kind = if cluster_count < 4085 {
+        // Linux (fs/fat/inode.c) and dosfstools decide as follows: a FAT size of 0 in the
+        // FAT12/16 field means FAT32, whatever the cluster count (mkfs.fat -F 32 makes such
+        // volumes with fewer than 65,525 clusters on small partitions); otherwise the
+        // cluster count decides between FAT12 and FAT16, as the Microsoft spec says.
+        let kind = if fat16_size == 0 {
+            FsKind::Fat32
+        } else if cluster_count < 4085 {
             FsKind::Fat12
         } else if cluster_count < 65525 {
             FsKind::Fat16
         } else {
-            FsKind::Fat32
-        };
-        if kind == FsKind::Fat32 && (root_entries != 0 || fat16_size != 0) {
             return Err(format!(
-                "{cluster_count} clusters (FAT32) but a FAT12/16 root directory or FAT size"
+                "{cluster_count} clusters are too many for FAT16, but the FAT16 FAT size field is {fat16_size}, not 0 as FAT32 needs"
             ));
+        };
+        if kind == FsKind::Fat32 && root_entries != 0 {
+            return Err(format!(
+                "FAT32 (FAT16 FAT size 0) with a FAT12/16 root directory of {root_entries} entries"
+            ));
+        }
+        // FAT32 cluster numbers are 28 bits, and 0x0FFFFFF7 and up are reserved values.
+        if kind == FsKind::Fat32 && cluster_count > 0x0FFF_FFF5 {
+            return Err(format!("{cluster_count} clusters are too many for FAT32"));
         }
         // The FAT must have an entry for every cluster (+ the two reserved entries).
         let entries = cluster_count + 2;
@@ -351,6 +365,61 @@ mod tests {
             ]
         );
         assert_eq!(m.used_bytes, data + 4 * 512);
+    }
+
+    /// What `mkfs.fat -F 32` makes on small partitions: a FAT32 (FAT size 16 = 0, root in
+    /// a cluster) with fewer than 65,525 clusters. Linux and dosfstools read it as FAT32;
+    /// counting clusters alone calls it FAT16, and a capture then reads the FAT with 16-bit
+    /// entries and drops the files.
+    #[test]
+    fn small_fat32_from_mkfs_is_fat32_and_its_files_are_used() {
+        for (kb, extra) in [(8192, ""), (32768, ""), (16384, "-S 4096 -s 1")] {
+            // mtools reads such a volume as FAT16 too and cannot write to it; fusefat (the
+            // FAT FUSE driver) reads it as FAT32, as the Linux kernel does.
+            let script = format!(
+                "mkfs.fat -C -F 32 {extra} -n SMALL32 v.img {kb} >/dev/null 2>&1
+                 head -c 300000 /dev/urandom > a
+                 mkdir m; fusefat -f -o rw+ v.img m & pid=$!
+                 for _ in $(seq 100); do mountpoint -q m && break; sleep 0.1; done
+                 cp a m/A; mkdir m/D; cp a m/D/B
+                 fusermount -u m; wait $pid
+                 fsck.fat -n v.img >/dev/null"
+            );
+            let img = crate::fs::made_by(&script, "v.img");
+            let len = img.len() as u64;
+            let bs = BootSector::parse(&img[..512], len).unwrap();
+            assert!(bs.cluster_count < 65525, "{kb} KiB {extra}: {bs:?}");
+            assert_eq!(bs.kind(), FsKind::Fat32, "{kb} KiB {extra}");
+            assert_eq!(bs.label().as_deref(), Some("SMALL32"));
+            let m = used_map(img.as_slice(), 0, len).unwrap();
+            assert_eq!(m.kind, FsKind::Fat32);
+            // Metadata, the root and D directories, and two copies of the 300 000-byte file.
+            let data = bs.data_offset();
+            assert!(
+                m.used_bytes >= data + 2 * 300_000 + 2 * bs.cluster_size(),
+                "{kb} KiB {extra}: {} bytes used",
+                m.used_bytes
+            );
+            // The file's bytes are inside the map (64 non-zero bytes in a row: only file data).
+            let a = img.windows(64).position(|w| w.iter().all(|&b| b != 0));
+            let covered = |at: u64| {
+                m.extents
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.offset <= at && at < e.offset + e.len)
+            };
+            assert!(
+                a.is_some_and(|at| covered(at as u64)),
+                "{a:?} {:?} {bs:?}",
+                m.extents
+            );
+            let last_nonzero = img.iter().rposition(|&b| b != 0).unwrap() as u64;
+            assert!(
+                covered(last_nonzero),
+                "{kb} KiB {extra}: byte {last_nonzero}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! and the way out ("capture it raw with -raw"), never a panic.
 
 pub mod fat;
+pub mod hidden;
 pub mod ntfs;
 pub(crate) mod window;
 

@@ -108,6 +108,8 @@ pub struct RestoreArgs {
     pub model: Option<String>,
     /// Restore even when the image is not made for this model.
     pub force: bool,
+    /// Write a partition image over the whole disk (no partition table left).
+    pub wholedisk: bool,
     pub trust: Vec<PathBuf>,
     pub resume: Resume,
     pub state: Option<PathBuf>,
@@ -360,6 +362,7 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
                 },
                 model: o.take_one(&["model"])?,
                 force: o.take_flag(&["force"])?,
+                wholedisk: o.take_flag(&["wholedisk"])?,
                 trust: o
                     .take_all(&["trust"])?
                     .into_iter()

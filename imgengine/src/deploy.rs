@@ -31,16 +31,21 @@ use sha2::{Digest, Sha256};
 use crate::capture::worker_threads;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{
-    self, reader::read_expected_chunk, ChunkHeader, ChunkKind, Content, ImageHead, ImageInfo,
-    ImageReader, Layout, Manifest, ManifestEntry,
+    self,
+    reader::{read_expected_header, read_payload},
+    ChunkHeader, ChunkKind, Content, ImageHead, ImageInfo, ImageReader, Layout, Manifest,
+    ManifestEntry,
 };
-use crate::io::ordered::{pipeline_depth, run_ordered, Item};
+use crate::io::ordered::{pipeline_depth, run_ordered, run_weighted, Item};
 use crate::io::{PeekReader, Progress};
 use crate::sign::{self, VerifyingKey};
 use crate::source::{HttpConfig, Location, Source};
 use crate::target::Target;
 
 mod plan;
+mod stream;
+
+use stream::{stream_chunk, weight, Out, PIPELINE_BYTES, STREAM_OVER};
 
 /// Whether to pick up an interrupted deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,8 +108,8 @@ pub struct DeploySummary {
 }
 
 /// Table chunks are held in memory until the end: a GPT is 33 sectors at each end, so
-/// 16 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
-const MAX_HELD_TABLE_BYTES: u64 = 16 << 20;
+/// 4 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
+const MAX_HELD_TABLE_BYTES: u64 = 4 << 20;
 /// Raw images are written in blocks of this size.
 const RAW_BLOCK: usize = 4 << 20;
 
@@ -293,9 +298,48 @@ struct ChunkSink<'a> {
     held_bytes: u64,
     summary: DeploySummary,
     progress: &'a dyn Progress,
+    /// A streamed chunk partly written and not yet verified.
+    partial: Option<ChunkHeader>,
 }
 
 impl ChunkSink<'_> {
+    /// Take what the pipeline delivers.
+    fn take(&mut self, out: Out) -> Result<()> {
+        match out {
+            Out::Whole(v) => self.put(v),
+            Out::Piece {
+                header,
+                offset,
+                data,
+            } => {
+                if offset == 0 {
+                    if let Some(c) = &mut self.extent_check {
+                        c.check(&header)?;
+                    }
+                    self.partial = Some(header);
+                }
+                self.target
+                    .write_sparse_at(&data, header.disk_offset + offset)?;
+                self.progress.advance(data.len() as u64);
+                Ok(())
+            }
+            Out::End(h) => {
+                self.partial = None;
+                self.summary.chunks_written += 1;
+                self.summary.bytes_written += h.raw_len;
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failure: a streamed chunk that did not verify must not stay on the target.
+    fn scrub(&mut self) {
+        if let Some(h) = self.partial.take() {
+            let _ = self.target.zero_range(h.disk_offset, h.raw_len);
+            let _ = self.target.sync();
+        }
+    }
+
     fn put(&mut self, v: Verified) -> Result<()> {
         let h = v.header;
         if let Some(c) = &mut self.extent_check {
@@ -341,10 +385,10 @@ impl ChunkSink<'_> {
     }
 }
 
-fn decode(rec: format::ChunkRecord) -> Result<Verified> {
+fn decode(rec: format::ChunkRecord) -> Result<Out> {
     let header = rec.header;
     let data = format::decode_chunk(&header, rec.payload)?;
-    Ok(Verified { header, data })
+    Ok(Out::Whole(Verified { header, data }))
 }
 
 /// Stream every chunk of `reader` through verification into `sink` (`None`: verify only).
@@ -356,9 +400,11 @@ fn stream_chunks<R: Read + Send>(
     mut sink: Option<&mut ChunkSink<'_>>,
     progress: &dyn Progress,
 ) -> Result<()> {
-    run_ordered(
+    reader.defer_payloads_over(STREAM_OVER);
+    run_weighted(
         threads,
         pipeline_depth(threads),
+        PIPELINE_BYTES,
         |emit| {
             loop {
                 match reader.next_chunk() {
@@ -371,38 +417,55 @@ fn stream_chunks<R: Read + Send>(
                                     image_offset: rec.image_offset,
                                 })
                             {
-                                emit(Item::Ready(Err(Error::corrupt(format!(
-                                    "{}: does not match the manifest (chunks swapped, replaced or moved)",
-                                    rec.header.describe()
-                                )))));
+                                emit(
+                                    Item::Ready(Err(Error::corrupt(format!(
+                                        "{}: does not match the manifest (chunks swapped, replaced or moved)",
+                                        rec.header.describe()
+                                    )))),
+                                    0,
+                                );
                                 return Ok(());
                             }
                         }
-                        if !emit(Item::Job(rec)) {
+                        if reader.is_deferred(&rec.header) {
+                            if !stream_chunk(rec.header, &mut reader.deferred_payload(), emit) {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        let w = weight(&rec.header);
+                        if !emit(Item::Job(rec), w) {
                             return Ok(());
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        emit(Item::Ready(Err(e)));
+                        emit(Item::Ready(Err(e)), 0);
                         return Ok(());
                     }
                 }
             }
             if let (Some(m), Some((got, _))) = (expected, reader.manifest()) {
                 if got != m {
-                    emit(Item::Ready(Err(Error::corrupt(
-                        "the manifest at the end of the image differs from the one read first",
-                    ))));
+                    emit(
+                        Item::Ready(Err(Error::corrupt(
+                            "the manifest at the end of the image differs from the one read first",
+                        ))),
+                        0,
+                    );
                 }
             }
             Ok(())
         },
         decode,
-        |v: Verified| match sink.as_deref_mut() {
-            Some(s) => s.put(v),
+        |out: Out| match sink.as_deref_mut() {
+            Some(s) => s.take(out),
             None => {
-                progress.advance(v.header.raw_len);
+                match out {
+                    Out::Whole(v) => progress.advance(v.header.raw_len),
+                    Out::Piece { data, .. } => progress.advance(data.len() as u64),
+                    Out::End(_) => {}
+                }
                 Ok(())
             }
         },
@@ -524,10 +587,10 @@ fn fetch_missing(
             continue;
         }
         if e.header.kind == ChunkKind::Zero {
-            sink.put(Verified {
+            sink.take(Out::Whole(Verified {
                 header: e.header,
                 data: Vec::new(),
-            })?;
+            }))?;
             continue;
         }
         match groups.last_mut() {
@@ -540,9 +603,10 @@ fn fetch_missing(
             _ => groups.push(vec![*e]),
         }
     }
-    run_ordered(
+    run_weighted(
         threads,
         pipeline_depth(threads),
+        PIPELINE_BYTES,
         |emit| {
             for g in &groups {
                 let (first, last) = (g[0], g[g.len() - 1]);
@@ -550,29 +614,48 @@ fn fetch_missing(
                 let stream = match src.read_range(first.image_offset, len) {
                     Ok(s) => s,
                     Err(e) => {
-                        emit(Item::Ready(Err(e)));
+                        emit(Item::Ready(Err(e)), 0);
                         return Ok(());
                     }
                 };
                 let mut r = BufReader::with_capacity(256 << 10, stream);
                 for e in g {
-                    match read_expected_chunk(&mut r, e) {
-                        Ok(rec) => {
-                            if !emit(Item::Job(rec)) {
-                                return Ok(());
-                            }
-                        }
+                    let h = match read_expected_header(&mut r, e) {
+                        Ok(h) => h,
                         Err(err) => {
-                            emit(Item::Ready(Err(err)));
+                            emit(Item::Ready(Err(err)), 0);
                             return Ok(());
                         }
+                    };
+                    let comp_len = u64::from(h.comp_len);
+                    if h.raw_len > STREAM_OVER {
+                        if !stream_chunk(h, &mut (&mut r).take(comp_len), emit) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let item = match read_payload(&mut r, comp_len, || {
+                        format!("{}: payload", h.describe())
+                    }) {
+                        Ok(payload) => Item::Job(format::ChunkRecord {
+                            header: h,
+                            image_offset: e.image_offset,
+                            payload,
+                        }),
+                        Err(err) => {
+                            emit(Item::Ready(Err(err)), 0);
+                            return Ok(());
+                        }
+                    };
+                    if !emit(item, weight(&h)) {
+                        return Ok(());
                     }
                 }
             }
             Ok(())
         },
         decode,
-        |v| sink.put(v),
+        |out| sink.take(out),
     )
 }
 
@@ -720,6 +803,7 @@ pub fn deploy(
         held_bytes: 0,
         summary: DeploySummary::default(),
         progress,
+        partial: None,
     };
     let intact = match (&manifest, check) {
         (Some(m), IntactCheck::All) => Some(intact_chunks(&t, &m.entries, threads, progress)?),
@@ -730,7 +814,11 @@ pub fn deploy(
         (Some(m), Some(intact)) => {
             drop(reader);
             progress.begin("deploying", total);
-            fetch_missing(&source, m, &intact, threads, &mut sink)?;
+            let r = fetch_missing(&source, m, &intact, threads, &mut sink);
+            if r.is_err() {
+                sink.scrub();
+            }
+            r?;
             sink.summary.resumed = true;
         }
         _ => {
@@ -754,13 +842,17 @@ pub fn deploy(
                 }
             };
             progress.begin("deploying", total);
-            stream_chunks(
+            let r = stream_chunks(
                 &mut reader,
                 manifest.as_ref(),
                 threads,
                 Some(&mut sink),
                 progress,
-            )?;
+            );
+            if r.is_err() {
+                sink.scrub();
+            }
+            r?;
         }
     }
 
@@ -1162,6 +1254,82 @@ mod tests {
         )
         .unwrap();
         assert!(!s.resumed && s.chunks_skipped == 0, "{s:?}");
+    }
+
+    #[test]
+    fn big_chunks_are_streamed_and_one_that_fails_its_check_is_zeroed() {
+        let d = Dir::new("big");
+        let len = 24 << 20;
+        let chunk = 12 << 20; // above STREAM_OVER: streamed in pieces
+        let disk = testimg::disk(len);
+        let img = d.p("big.img");
+        let good = testimg::image(&disk, chunk);
+        fs::write(&img, &good).unwrap();
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let mut never = d.opts();
+        never.resume = ResumeMode::Never;
+        let s = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(s.chunks_written, 2, "{s:?}");
+        assert!(fs::read(&tgt).unwrap() == disk);
+        verify(&Location::File(img.clone()), &d.opts(), &NoProgress).unwrap();
+
+        // Cut inside chunk 1: truncated, and none of chunk 1 stays.
+        let es = entries(&img);
+        let cut = es[1].image_offset + 76 + u64::from(es[1].header.comp_len) / 2;
+        fs::write(&img, &good[..cut as usize]).unwrap();
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let e = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Truncated, "{e}");
+        let got = fs::read(&tgt).unwrap();
+        assert!(
+            got[chunk..].iter().all(|&b| b == 0) || got[chunk..].iter().all(|&b| b == 0x55),
+            "no unverified bytes of chunk 1 stay"
+        );
+
+        // A flipped byte late in chunk 1's payload: chunk 0 stays, chunk 1's region is
+        // zeroed (not left with unverified bytes), the error names the chunk.
+        let mut bad = good.clone();
+        let at = es[1].image_offset + 76 + u64::from(es[1].header.comp_len) - 10;
+        bad[at as usize] ^= 0x01;
+        fs::write(&img, &bad).unwrap();
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let e = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("chunk 1 at disk offset"), "{e}");
+        let got = fs::read(&tgt).unwrap();
+        assert!(got[..chunk] == disk[..chunk], "chunk 0 written");
+        assert!(got[chunk..].iter().all(|&b| b == 0), "chunk 1 zeroed");
+        let e = verify(&Location::File(img.clone()), &d.opts(), &NoProgress).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+
+        // The good image again, with the resume path (range reads of big chunks): chunk 0
+        // is found intact.
+        fs::write(&img, &good).unwrap();
+        let s = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap();
+        assert!(s.resumed && s.chunks_skipped == 1, "{s:?}");
+        assert!(fs::read(&tgt).unwrap() == disk);
     }
 
     #[test]

@@ -189,7 +189,12 @@ fn a_missing_or_smaller_target_is_refused_never_created_or_grown() {
         assert_eq!(r.status.code(), Some(5), "{}: {t}", source.display());
         assert!(t.contains("larger"), "{t}");
         let after = std::fs::read(&small).unwrap();
-        assert_eq!(after.len() as u64, 47 * MIB, "{} grew the target", source.display());
+        assert_eq!(
+            after.len() as u64,
+            47 * MIB,
+            "{} grew the target",
+            source.display()
+        );
         // Our image and a plain raw image are refused before a byte is written; a
         // compressed raw image's size is known only at its end, so it stops there.
         if source != &raw_zst {
@@ -375,4 +380,119 @@ fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
         &state,
     ]);
     assert!(mtype(&dst, os, "A.BIN") == e2e::random_bytes(1, 6 * MIB as usize));
+}
+
+/// Run `img ARGS` to the end; returns its output and its peak RSS in KiB. The RSS is
+/// getrusage(RUSAGE_CHILDREN) in a small python3 parent: a child of this (large) test
+/// process would inherit the test's own high-water mark through vfork/exec.
+fn img_peak_rss(args: &[&str]) -> (Output, u64) {
+    require_tool("python3");
+    const MEASURE: &str = "import resource, subprocess, sys\n\
+r = subprocess.run(sys.argv[2:])\n\
+open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n\
+sys.exit(r.returncode)\n";
+    let rss_file = std::env::temp_dir().join(format!("e2e-rss-{}", std::process::id()));
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(MEASURE)
+        .arg(&rss_file)
+        .arg(img_bin())
+        .args(args)
+        .env("IMG_QUIET", "1")
+        .output()
+        .expect("running python3");
+    assert!(o.status.success(), "img {args:?}: {}", text(&o));
+    let rss = std::fs::read_to_string(&rss_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&rss_file);
+    (o, rss)
+}
+
+#[test]
+fn peak_memory_stays_within_64_mib_with_64_mib_chunks() {
+    require_tool("nginx");
+    let s = Scratch::new("safe-rss");
+    // Seven 64 MiB chunks: three of compressible text (zstd frames) and four of random
+    // bytes (stored: 64 MiB payloads), on a disk without a partition table.
+    let src = s.join("src.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&src).unwrap();
+        for i in 0..7u64 {
+            let piece = if i < 3 {
+                e2e::sample_bytes(i, (64 * MIB) as usize)
+            } else {
+                e2e::random_bytes(i, (64 * MIB) as usize)
+            };
+            f.write_all(&piece).unwrap();
+        }
+    }
+    let www = s.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let image = www.join("big.fimg");
+    ok(&[
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-chunk=64",
+    ]);
+    let (m, _) = manifest_of(&image);
+    assert!(
+        m.entries
+            .iter()
+            .filter(|e| e.header.raw_len == 64 * MIB)
+            .count()
+            >= 7,
+        "the image has seven 64 MiB chunks"
+    );
+    let nginx = Nginx::serve(&www);
+    let dst = s.join("dst.img");
+    sh(&format!("truncate -s 448M {}", dst.display()));
+    let state = format!("-state={}", s.join("state").display());
+    let limit = 64 * 1024;
+    let mut seen = Vec::new();
+    for (what, args) in [
+        (
+            "restore over HTTP",
+            vec![
+                "-restore".to_string(),
+                nginx.url("big.fimg"),
+                format!("-disk={}", dst.display()),
+                state.clone(),
+            ],
+        ),
+        (
+            "restore from a file, -resume=never",
+            vec![
+                "-restore".to_string(),
+                image.display().to_string(),
+                format!("-disk={}", dst.display()),
+                state.clone(),
+                "-resume=never".to_string(),
+            ],
+        ),
+        (
+            "verify",
+            vec!["-verify".to_string(), image.display().to_string()],
+        ),
+    ] {
+        let (_, rss) = img_peak_rss(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        eprintln!("{what}: peak RSS {} KiB", rss);
+        seen.push((what, rss));
+    }
+    assert!(
+        run(Command::new("cmp").args([src.as_os_str(), dst.as_os_str()]))
+            .status
+            .success(),
+        "the restored disk differs from the source"
+    );
+    for (what, rss) in seen {
+        assert!(
+            rss <= limit,
+            "{what}: peak RSS {rss} KiB is over the {limit} KiB (64 MiB) bound"
+        );
+    }
 }

@@ -146,6 +146,7 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
     let target = s.join("target.img");
     let mut killed = 0;
     let mut untouched = 0;
+    let mut points = std::collections::BTreeSet::new();
     for k in 1..=KILL_POINTS {
         make_old_target(&target);
         let old = std::fs::read(&target).unwrap();
@@ -185,6 +186,7 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
             eprintln!("point {k}: the restore finished before the kill");
         } else {
             killed += 1;
+            points.insert(written_at_kill);
             let now = std::fs::read(&target).unwrap();
             if now == old {
                 untouched += 1;
@@ -229,9 +231,128 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
             "point {k}: no table after the re-run"
         );
     }
-    eprintln!("{killed} kills, {untouched} before anything was written");
+    eprintln!(
+        "{killed} kills at {} different points, {untouched} before anything was written",
+        points.len()
+    );
+    assert!(
+        points.len() >= 18,
+        "the kills fell on only {} different amounts written",
+        points.len()
+    );
     assert!(
         killed >= 20,
         "only {killed} of {KILL_POINTS} points were reached before the restore finished"
     );
+}
+
+/// What a kill cannot show, a power cut's lost write cache: the order of the system calls.
+/// Before the first byte of data reaches the target, the resume journal must be fsynced
+/// (file, then its directory after the rename) and the invalidated table regions flushed
+/// (fdatasync: a cache flush on a block device). Traced with strace.
+#[test]
+fn the_journal_and_the_invalidated_tables_are_flushed_before_the_first_data_write() {
+    require_tool("strace");
+    let s = Scratch::new("killed-order");
+    let src = s.join("src.img");
+    make_source(&src);
+    let image = s.join("d.fimg");
+    run(Command::new(img_bin()).args([
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-chunk=1",
+    ]));
+    let target = s.join("target.img");
+    make_old_target(&target);
+    let log = s.join("strace.log");
+    run(Command::new("strace").args([
+        "-f",
+        "-qq",
+        "-e",
+        "trace=pwrite64,fallocate,fdatasync,fsync,rename,renameat,renameat2",
+        "-o",
+        log.to_str().unwrap(),
+        img_bin().to_str().unwrap(),
+        "-restore",
+        image.to_str().unwrap(),
+        &format!("-disk={}", target.display()),
+        &format!("-state={}", s.join("state").display()),
+    ]));
+    assert!(
+        visible_table(&target).is_some(),
+        "the traced restore did not finish"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    // The GPT regions of a 48 MiB disk: protective MBR, header and entries at the start,
+    // entries and header at the end (the old table and the image's are both there).
+    let disk = DISK_MIB * MIB;
+    let in_tables = |off: u64, len: u64| off + len <= 34 * 512 || off >= disk - 33 * 512;
+    let mut journal_renamed = false;
+    let mut fsyncs_after_rename = 0;
+    let mut fsyncs_before_rename = 0;
+    let mut table_writes = 0;
+    for line in log.lines() {
+        // "PID call(args) = result"; the arguments we need are numbers.
+        let Some(call) = line.split_whitespace().nth(1) else {
+            continue;
+        };
+        let name = call.split('(').next().unwrap_or("");
+        let args: Vec<&str> = line
+            .split_once('(')
+            .map(|(_, a)| a.rsplit_once(')').map_or(a, |(a, _)| a))
+            .unwrap_or("")
+            .split(", ")
+            .collect();
+        let num = |s: &str| s.trim().parse::<u64>().ok();
+        match name {
+            "fsync" if journal_renamed => fsyncs_after_rename += 1,
+            "fsync" => fsyncs_before_rename += 1,
+            "rename" | "renameat" | "renameat2" if line.contains("deploy-") => {
+                journal_renamed = true
+            }
+            "fdatasync" => {
+                assert!(
+                    journal_renamed && fsyncs_before_rename >= 1 && fsyncs_after_rename >= 1,
+                    "the target was flushed before the journal was durable (file fsync, rename, directory fsync):\n{log}"
+                );
+                assert!(
+                    table_writes > 0,
+                    "no table invalidation before the first flush:\n{log}"
+                );
+                eprintln!(
+                    "journal fsynced, renamed, directory fsynced; {table_writes} table writes, then fdatasync, before any data"
+                );
+                return;
+            }
+            "pwrite64" | "fallocate" => {
+                // pwrite64(fd, buf, len, off) / fallocate(fd, mode, off, len)
+                let (off, len) = if name == "pwrite64" {
+                    (
+                        args.last().and_then(|a| num(a)),
+                        args.get(args.len().wrapping_sub(2)).and_then(|a| num(a)),
+                    )
+                } else {
+                    (
+                        args.get(2).and_then(|a| num(a)),
+                        args.get(3).and_then(|a| num(a)),
+                    )
+                };
+                let (Some(off), Some(len)) = (off, len) else {
+                    panic!("cannot read the offset of: {line}");
+                };
+                assert!(
+                    in_tables(off, len),
+                    "data written at offset {off} before the invalidated tables were flushed:\n{line}\n{log}"
+                );
+                assert!(
+                    journal_renamed && fsyncs_after_rename >= 1,
+                    "the target was written before the journal was durable:\n{line}"
+                );
+                table_writes += 1;
+            }
+            _ => {}
+        }
+    }
+    panic!("no fdatasync of the target at all:\n{log}");
 }

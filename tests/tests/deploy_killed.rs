@@ -53,7 +53,8 @@ fn visible_table(path: &Path) -> Option<String> {
     }
 }
 
-/// A GPT disk with two FAT partitions and ~20 MiB of incompressible files.
+/// A GPT disk with two FAT partitions and ~28 MiB of incompressible files: more than
+/// KILL_POINTS chunks of 1 MiB, so that every kill point falls on a different chunk.
 fn make_source(path: &Path) {
     for t in ["sgdisk", "sfdisk", "mkfs.fat", "mcopy", "nginx"] {
         require_tool(t);
@@ -74,7 +75,7 @@ fn make_source(path: &Path) {
     ));
     let dir = path.with_extension("files");
     std::fs::create_dir_all(&dir).unwrap();
-    for (name, seed, len) in [("A.BIN", 21, 12 * MIB), ("B.BIN", 22, 8 * MIB + 4321)] {
+    for (name, seed, len) in [("A.BIN", 21, 16 * MIB), ("B.BIN", 22, 12 * MIB + 4321)] {
         let f = dir.join(name);
         std::fs::write(&f, e2e::random_bytes(seed, len as usize)).unwrap();
         sh(&format!(
@@ -119,9 +120,9 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
         "-chunk=1",
     ]));
     let image_len = std::fs::metadata(www.join("d.fimg")).unwrap().len();
-    // 8 MiB/s: a 1 MiB chunk every ~125 ms, slow enough to stop the restore between any
+    // 12 MiB/s: a 1 MiB chunk every ~80 ms, slow enough to stop the restore between any
     // two chunks, fast enough for 24 restores.
-    let nginx = Nginx::serve_with(&www, "limit_rate 8m;");
+    let nginx = Nginx::serve_with(&www, "limit_rate 12m;");
     let url = nginx.url("d.fimg");
     let restore = |target: &Path, state: &Path| {
         let mut c = Command::new(img_bin());
@@ -141,7 +142,7 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
     run(&mut restore(&reference, &s.join("state-ref")));
     let want = std::fs::read(&reference).unwrap();
     let written_total = allocated(&reference).saturating_sub(base);
-    assert!(written_total > 15 * MIB, "{written_total}");
+    assert!(written_total > 26 * MIB, "{written_total}");
 
     let target = s.join("target.img");
     let mut killed = 0;
@@ -236,7 +237,7 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
         points.len()
     );
     assert!(
-        points.len() >= 18,
+        points.len() >= 20,
         "the kills fell on only {} different amounts written",
         points.len()
     );

@@ -303,6 +303,9 @@ fn forge(image: &Path, out: &Path, index: usize, edit: impl Fn(&mut ChunkHeader)
     std::fs::write(out, b).unwrap();
 }
 
+/// A change to one chunk header.
+type Edit = Box<dyn Fn(&mut ChunkHeader)>;
+
 #[test]
 fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
     let s = Scratch::new("safe-forge");
@@ -325,7 +328,7 @@ fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
     let (d1, d2) = (data[1], data[2]);
     let prev_off = m.entries[d1].header.disk_offset + m.entries[d1].header.raw_len / 2;
     let last_data = *data.last().unwrap();
-    let cases: Vec<(&str, usize, Box<dyn Fn(&mut ChunkHeader)>, &str)> = vec![
+    let cases: Vec<(&str, usize, Edit, &str)> = vec![
         (
             "overlap",
             d2,

@@ -499,6 +499,11 @@ mod tests {
         };
         assert_eq!(r.trust.len(), 2);
         assert_eq!(r.resume, Resume::Never);
+        assert!(!r.wholedisk);
+        let ImgCommand::Restore(r) = p("-restore p.img -disk=usb.img -wholedisk").unwrap() else {
+            panic!()
+        };
+        assert!(r.wholedisk);
     }
 
     #[test]

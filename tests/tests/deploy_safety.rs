@@ -375,6 +375,33 @@ fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
             "{name}: the target was changed (tables invalidated or chunks written) before the image was refused"
         );
     }
+    // From a pipe the manifest comes last, so each chunk is checked as it arrives: the
+    // overlapping chunk is refused before it is written (the chunks before it are).
+    let forged = s.join("overlap.fimg");
+    make_disk(&dst, 0x5A, false);
+    let r = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} -restore - -disk={} {state} < {}",
+            img_bin().display(),
+            dst.display(),
+            forged.display()
+        ))
+        .output()
+        .unwrap();
+    let t = text(&r);
+    assert_eq!(r.status.code(), Some(3), "{t}");
+    assert!(t.contains("overlaps"), "{t}");
+    let d1h = m.entries[d1].header;
+    let (a, b) = (
+        d1h.disk_offset as usize,
+        (d1h.disk_offset + d1h.raw_len) as usize,
+    );
+    assert!(
+        std::fs::read(&dst).unwrap()[a..b] == std::fs::read(&src).unwrap()[a..b],
+        "the chunk the forged one overlaps was overwritten"
+    );
+
     // The untouched image deploys.
     ok(&[
         "-restore",

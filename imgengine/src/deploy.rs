@@ -110,6 +110,9 @@ pub struct DeploySummary {
 /// Table chunks are held in memory until the end: a GPT is 33 sectors at each end, so
 /// 4 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
 const MAX_HELD_TABLE_BYTES: u64 = 4 << 20;
+/// Bytes read from the front of a source to tell what it is (and, for zstd, the frame
+/// header with the content size: at most 18 bytes).
+const HEAD_BYTES: usize = 18;
 /// Raw images are written in blocks of this size.
 const RAW_BLOCK: usize = 4 << 20;
 
@@ -678,14 +681,14 @@ pub fn deploy(
     if ranges {
         let mut magic = Vec::new();
         source
-            .read_range(0, source.len().unwrap_or(0).min(8))?
+            .read_range(0, source.len().unwrap_or(0).min(HEAD_BYTES as u64))?
             .read_to_end(&mut magic)
             .ctx(|| format!("reading {src}"))?;
         let kind = sniff(&magic);
         if kind != SourceFormat::Ours {
             let stream =
                 PeekReader::new(buffered(source.stream()?), 0).ctx(|| format!("reading {src}"))?;
-            return deploy_raw(stream, kind, &source, target, part, opts, progress);
+            return deploy_raw(stream, &magic, kind, &source, target, part, opts, progress);
         }
         head = Some(format::fetch_head(&source)?);
     }
@@ -696,11 +699,12 @@ pub fn deploy(
     let head = match head {
         Some(h) => h,
         None => {
-            let stream =
-                PeekReader::new(buffered(source.stream()?), 8).ctx(|| format!("reading {src}"))?;
+            let stream = PeekReader::new(buffered(source.stream()?), HEAD_BYTES)
+                .ctx(|| format!("reading {src}"))?;
             let kind = sniff(stream.peek());
             if kind != SourceFormat::Ours {
-                return deploy_raw(stream, kind, &source, target, part, opts, progress);
+                let first = stream.peek().to_vec();
+                return deploy_raw(stream, &first, kind, &source, target, part, opts, progress);
             }
             let r = ImageReader::open(stream)?;
             let h = ImageHead {
@@ -881,8 +885,10 @@ pub fn deploy(
 }
 
 /// Deploy an ordinary raw image (possibly zstd/gzip/xz compressed).
+#[allow(clippy::too_many_arguments)]
 fn deploy_raw<R: Read + Send + 'static>(
     stream: PeekReader<R>,
+    first: &[u8],
     kind: SourceFormat,
     source: &Source,
     target: &Path,
@@ -905,10 +911,15 @@ fn deploy_raw<R: Read + Send + 'static>(
         SourceFormat::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(stream)),
         _ => Box::new(stream),
     };
-    let known_len = if kind == SourceFormat::Raw {
-        source.len()
-    } else {
-        None
+    // The image's size, or at least a lower bound, before anything is written: a plain
+    // file's length, or the content size a zstd frame header carries (the first frame's:
+    // `zstd` writes it for files).
+    let known_len = match kind {
+        SourceFormat::Raw => source.len(),
+        SourceFormat::Zstd => zstd::zstd_safe::get_frame_content_size(first)
+            .ok()
+            .flatten(),
+        _ => None,
     };
     // Never grown or created: an uncompressed image larger than the target is refused
     // here; a compressed one (its size is known only at its end) stops with the same error

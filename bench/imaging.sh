@@ -99,6 +99,7 @@ for fs in fat32 ntfs; do
 
   echo "-- deploy from nginx on 127.0.0.1"
   rm -f t1.img t2.img t3.img
+  truncate -s "$(stat -c %s src.img)" t1.img  # a restore never creates its target
   measure "img -restore URL" "$img -restore $url/$fs.fimg -disk=t1.img -resume=never -unsigned"
   d_img=$T_WALL; cpu_img=$T_CPU
   measure "curl | zstd -dc | dd bs=4M" "curl -sf $url/$fs.raw.zst | zstd -q -dc | dd of=t2.img bs=4M status=none"
@@ -115,7 +116,7 @@ echo "== peak RSS of img for a ${rss_small} MiB and a ${rss_big} MiB image (FAT3
 for sz in $rss_small $rss_big; do
   make_fat big.img "$sz"
   measure "img -make ($sz MiB)" "$img -make www/big$sz.fimg -disk=big.img"; r_make=$T_RSS
-  rm -f t.img
+  rm -f t.img; truncate -s "${sz}M" t.img
   measure "img -restore ($sz MiB)" "$img -restore $url/big$sz.fimg -disk=t.img -resume=never -unsigned"; r_rest=$T_RSS
   summary+=("peak RSS $sz MiB image: capture $((r_make / 1024)) MiB, deploy $((r_rest / 1024)) MiB (target <= 64 MiB, same for both sizes)")
   rm -f big.img t.img www/big$sz.fimg; rm -rf "$work/src-$sz"

@@ -60,6 +60,8 @@ trap 'kill $srv $mgmt 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 
 echo "== img -restore http://127.0.0.1:$port/device.fimg -disk=new-device.img -trust=fleet.key.pub"
+# A restore never creates its target: the new device's disk, as large as the old one.
+truncate -s "$(stat -c %s device.img)" new-device.img
 "$img" -restore "http://127.0.0.1:$port/device.fimg" -disk=new-device.img -state="$out/state" -trust="$out/fleet.key.pub"
 
 echo "== checking the copy with the real tools"

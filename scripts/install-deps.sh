@@ -22,6 +22,7 @@ need_pkgs=(
   cpio                  # listing initramfs archives in tests and by hand
   openssl binutils      # test CAs for HTTPS tests; readelf for the static-binary check
   kmod                  # depmod: builds modules.dep for the fetched kernel (scripts/fetch-kernel.sh)
+  strace                # the deploy power-cut test checks the order of writes and flushes
 )
 
 missing=()

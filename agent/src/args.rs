@@ -108,6 +108,8 @@ pub struct RestoreArgs {
     pub model: Option<String>,
     /// Restore even when the image is not made for this model.
     pub force: bool,
+    /// Write a partition image over the whole disk (no partition table left).
+    pub wholedisk: bool,
     pub trust: Vec<PathBuf>,
     /// Lab only: deploy although no signing key is trusted (unsigned and raw images).
     pub unsigned: bool,
@@ -362,6 +364,7 @@ fn resolve(verb: &str, rest: &[OsString], all: &[OsString]) -> Result<ImgCommand
                 },
                 model: o.take_one(&["model"])?,
                 force: o.take_flag(&["force"])?,
+                wholedisk: o.take_flag(&["wholedisk"])?,
                 trust: o
                     .take_all(&["trust"])?
                     .into_iter()
@@ -504,6 +507,11 @@ mod tests {
             panic!()
         };
         assert!(r.unsigned);
+        assert!(!r.wholedisk);
+        let ImgCommand::Restore(r) = p("-restore p.img -disk=usb.img -wholedisk").unwrap() else {
+            panic!()
+        };
+        assert!(r.wholedisk);
     }
 
     #[test]

@@ -362,6 +362,7 @@ pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from(STATE_DIR)),
         threads: threads(a.threads),
         http: http_config(a.ca.as_deref()),
+        partition_onto_disk: a.wholedisk,
     };
     let loc = Location::parse(&a.src);
     check_model(a, &disk, &loc, &opts.http)
@@ -505,6 +506,7 @@ pub fn verify(
         state_dir: std::env::temp_dir(),
         threads: threads(nthreads),
         http: http_config(ca),
+        partition_onto_disk: false,
     };
     let progress = ConsoleProgress::new(quiet);
     let info =

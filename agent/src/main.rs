@@ -36,10 +36,14 @@ usage: img -VERB [options]          (options may also be written with --)
                                     `-` (stdout) or an http(s) URL (HTTP PUT)
                                     -comp: 0 none, 1 fastest (default), 6 balanced, 9 smallest
   -restore SRC [-disk=DISK] [-part=N|LABEL] [-trust=KEY.pub].. [-resume=auto|always|never]
-        [-state=DIR] [-threads=N] [-ca=PEM] [-model=M] [-force] [-unsigned]
+        [-state=DIR] [-threads=N] [-ca=PEM] [-model=M] [-force] [-wholedisk] [-unsigned]
                                     deploy an image (ours, or raw .img/.img.zst/.img.gz/.img.xz)
-                                    from a file, `-` (stdin) or an http(s) URL; re-run to resume;
-                                    refused when the image is not for this model (-force)
+                                    from a file, `-` (stdin) or an http(s) URL; chunks already
+                                    intact on the target are skipped (re-run to resume);
+                                    refused when the image is not for this model (-force);
+                                    the target must exist and be large enough (never grown);
+                                    a partition image needs -part (or -wholedisk: over the
+                                    whole disk, no partition table)
   -info IMAGE [-json] [-ca=PEM]     show an image's metadata
   -verify IMAGE [-trust=KEY.pub].. [-ca=PEM]
                                     check every chunk (and the signature) without writing

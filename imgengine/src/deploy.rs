@@ -31,14 +31,21 @@ use sha2::{Digest, Sha256};
 use crate::capture::worker_threads;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{
-    self, reader::read_expected_chunk, ChunkHeader, ChunkKind, Content, ImageHead, ImageInfo,
-    ImageReader, Layout, Manifest, ManifestEntry,
+    self,
+    reader::{read_expected_header, read_payload},
+    ChunkHeader, ChunkKind, Content, ImageHead, ImageInfo, ImageReader, Layout, Manifest,
+    ManifestEntry,
 };
-use crate::io::ordered::{pipeline_depth, run_ordered, Item};
+use crate::io::ordered::{pipeline_depth, run_ordered, run_weighted, Item};
 use crate::io::{PeekReader, Progress};
 use crate::sign::{self, VerifyingKey};
 use crate::source::{HttpConfig, Location, Source};
 use crate::target::Target;
+
+mod plan;
+mod stream;
+
+use stream::{stream_chunk, weight, Out, PIPELINE_BYTES, STREAM_OVER};
 
 /// Whether to pick up an interrupted deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +69,10 @@ pub struct DeployOptions {
     /// Verification threads; 0 = one per CPU.
     pub threads: usize,
     pub http: HttpConfig,
+    /// Addition: write a partition image over a whole disk (a "superfloppy": one file
+    /// system, no partition table). Without it such a deploy is refused, because it would
+    /// overwrite the disk's partition table.
+    pub partition_onto_disk: bool,
 }
 
 impl Default for DeployOptions {
@@ -72,6 +83,7 @@ impl Default for DeployOptions {
             state_dir: PathBuf::from("/var/lib/img"),
             threads: 0,
             http: HttpConfig::default(),
+            partition_onto_disk: false,
         }
     }
 }
@@ -96,8 +108,11 @@ pub struct DeploySummary {
 }
 
 /// Table chunks are held in memory until the end: a GPT is 33 sectors at each end, so
-/// 16 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
-const MAX_HELD_TABLE_BYTES: u64 = 16 << 20;
+/// 4 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
+const MAX_HELD_TABLE_BYTES: u64 = 4 << 20;
+/// Bytes read from the front of a source to tell what it is (and, for zstd, the frame
+/// header with the content size: at most 18 bytes).
+const HEAD_BYTES: usize = 18;
 /// Raw images are written in blocks of this size.
 const RAW_BLOCK: usize = 4 << 20;
 
@@ -166,9 +181,31 @@ impl Journal {
         let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::invalid("encoding the resume journal").with_source(e))?;
-        fs::write(&tmp, body).ctx(|| format!("writing resume journal {}", tmp.display()))?;
-        fs::rename(&tmp, path).ctx(|| format!("writing resume journal {}", path.display()))
+        // Written, synced, renamed, and the directory synced: after a power cut the journal
+        // is either the old one or the new one, complete, and it is on disk before the
+        // target's tables are invalidated.
+        let mut f =
+            fs::File::create(&tmp).ctx(|| format!("writing resume journal {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, &body)
+            .and_then(|()| f.sync_all())
+            .ctx(|| format!("writing resume journal {}", tmp.display()))?;
+        fs::rename(&tmp, path).ctx(|| format!("writing resume journal {}", path.display()))?;
+        sync_dir(dir)
     }
+
+    /// Remove the journal after a finished deploy (and make the removal durable).
+    fn remove(path: &Path) {
+        if fs::remove_file(path).is_ok() {
+            let _ = sync_dir(path.parent().unwrap_or(Path::new(".")));
+        }
+    }
+}
+
+/// fsync a directory, so that a rename or removal in it survives a power cut.
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("syncing directory {}", dir.display()))
 }
 
 /// Check the signature of a sealed head against `trusted` (or only its own key when
@@ -190,12 +227,14 @@ fn check_trust(
     }
 }
 
-/// Open the target the image's content asks for and check it fits.
+/// Open the target the image's content asks for and check it fits. A target smaller than
+/// the image is refused, never grown; a missing path is an error, never created.
 fn open_target(
     target: &Path,
     part: Option<&str>,
     content: &Content,
     min_size: u64,
+    partition_onto_disk: bool,
 ) -> Result<Target> {
     let t = match (part, content) {
         (Some(_), Content::Disk { .. }) => {
@@ -205,7 +244,23 @@ fn open_target(
             )))
         }
         (Some(spec), Content::Partition { .. }) => Target::open_partition(target, spec)?.0,
-        (None, _) => Target::open_disk(target, Some(min_size))?,
+        (None, Content::Partition { partition }) if !partition_onto_disk => {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "the image holds one partition ({}{}) and {} is a whole disk: writing it there would overwrite the disk's partition table; name the partition to restore into with -part=N or -part=LABEL, or add -wholedisk to write it over the whole disk (a disk without a partition table)",
+                    partition.fs.as_str(),
+                    partition
+                        .label
+                        .as_deref()
+                        .or(partition.fs_label.as_deref())
+                        .map(|l| format!(", label {l}"))
+                        .unwrap_or_default(),
+                    target.display()
+                ),
+            ))
+        }
+        (None, _) => Target::open_disk(target, None)?,
     };
     if t.len() < min_size {
         return Err(Error::new(
@@ -231,21 +286,68 @@ fn invalidate_tables(t: &Target, content: &Content) -> Result<()> {
             t.zero_range(e.offset, e.len)?;
         }
     }
-    Ok(())
+    // On stable storage before the first data write: otherwise the device may keep the old
+    // table in its write cache while new data reaches the medium, and a power cut leaves an
+    // old table over new data. fdatasync on a block device is a cache flush.
+    t.sync()
 }
 
 /// Writes verified chunks to the target in order, holding table chunks back.
 struct ChunkSink<'a> {
     target: &'a Target,
+    /// Set when the chunks were not checked up front (no manifest before the chunks).
+    extent_check: Option<plan::ExtentCheck>,
     held_tables: Vec<Verified>,
     held_bytes: u64,
     summary: DeploySummary,
     progress: &'a dyn Progress,
+    /// A streamed chunk partly written and not yet verified.
+    partial: Option<ChunkHeader>,
 }
 
 impl ChunkSink<'_> {
+    /// Take what the pipeline delivers.
+    fn take(&mut self, out: Out) -> Result<()> {
+        match out {
+            Out::Whole(v) => self.put(v),
+            Out::Piece {
+                header,
+                offset,
+                data,
+            } => {
+                if offset == 0 {
+                    if let Some(c) = &mut self.extent_check {
+                        c.check(&header)?;
+                    }
+                    self.partial = Some(header);
+                }
+                self.target
+                    .write_sparse_at(&data, header.disk_offset + offset)?;
+                self.progress.advance(data.len() as u64);
+                Ok(())
+            }
+            Out::End(h) => {
+                self.partial = None;
+                self.summary.chunks_written += 1;
+                self.summary.bytes_written += h.raw_len;
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failure: a streamed chunk that did not verify must not stay on the target.
+    fn scrub(&mut self) {
+        if let Some(h) = self.partial.take() {
+            let _ = self.target.zero_range(h.disk_offset, h.raw_len);
+            let _ = self.target.sync();
+        }
+    }
+
     fn put(&mut self, v: Verified) -> Result<()> {
         let h = v.header;
+        if let Some(c) = &mut self.extent_check {
+            c.check(&h)?;
+        }
         match h.kind {
             ChunkKind::Table => {
                 self.held_bytes += h.raw_len;
@@ -286,10 +388,10 @@ impl ChunkSink<'_> {
     }
 }
 
-fn decode(rec: format::ChunkRecord) -> Result<Verified> {
+fn decode(rec: format::ChunkRecord) -> Result<Out> {
     let header = rec.header;
     let data = format::decode_chunk(&header, rec.payload)?;
-    Ok(Verified { header, data })
+    Ok(Out::Whole(Verified { header, data }))
 }
 
 /// Stream every chunk of `reader` through verification into `sink` (`None`: verify only).
@@ -301,9 +403,11 @@ fn stream_chunks<R: Read + Send>(
     mut sink: Option<&mut ChunkSink<'_>>,
     progress: &dyn Progress,
 ) -> Result<()> {
-    run_ordered(
+    reader.defer_payloads_over(STREAM_OVER);
+    run_weighted(
         threads,
         pipeline_depth(threads),
+        PIPELINE_BYTES,
         |emit| {
             loop {
                 match reader.next_chunk() {
@@ -316,65 +420,121 @@ fn stream_chunks<R: Read + Send>(
                                     image_offset: rec.image_offset,
                                 })
                             {
-                                emit(Item::Ready(Err(Error::corrupt(format!(
-                                    "{}: does not match the manifest (chunks swapped, replaced or moved)",
-                                    rec.header.describe()
-                                )))));
+                                emit(
+                                    Item::Ready(Err(Error::corrupt(format!(
+                                        "{}: does not match the manifest (chunks swapped, replaced or moved)",
+                                        rec.header.describe()
+                                    )))),
+                                    0,
+                                );
                                 return Ok(());
                             }
                         }
-                        if !emit(Item::Job(rec)) {
+                        if reader.is_deferred(&rec.header) {
+                            if !stream_chunk(rec.header, &mut reader.deferred_payload(), emit) {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        let w = weight(&rec.header);
+                        if !emit(Item::Job(rec), w) {
                             return Ok(());
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        emit(Item::Ready(Err(e)));
+                        emit(Item::Ready(Err(e)), 0);
                         return Ok(());
                     }
                 }
             }
             if let (Some(m), Some((got, _))) = (expected, reader.manifest()) {
                 if got != m {
-                    emit(Item::Ready(Err(Error::corrupt(
-                        "the manifest at the end of the image differs from the one read first",
-                    ))));
+                    emit(
+                        Item::Ready(Err(Error::corrupt(
+                            "the manifest at the end of the image differs from the one read first",
+                        ))),
+                        0,
+                    );
                 }
             }
             Ok(())
         },
         decode,
-        |v: Verified| match sink.as_deref_mut() {
-            Some(s) => s.put(v),
+        |out: Out| match sink.as_deref_mut() {
+            Some(s) => s.take(out),
             None => {
-                progress.advance(v.header.raw_len);
+                match out {
+                    Out::Whole(v) => progress.advance(v.header.raw_len),
+                    Out::Piece { data, .. } => progress.advance(data.len() as u64),
+                    Out::End(_) => {}
+                }
                 Ok(())
             }
         },
     )
 }
 
-/// Hash the target's regions of the manifest's data chunks in parallel; returns, per entry,
-/// whether the target already holds it.
+/// How much of the target to compare with the manifest before deploying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IntactCheck {
+    /// Write everything.
+    None,
+    /// Every data chunk (a matching journal says this target was being deployed).
+    All,
+    /// The first chunks, and all of them only if some of those are intact: a target that
+    /// holds something else costs a few chunk reads, a re-run of a finished deploy skips
+    /// everything.
+    Probe,
+}
+
+/// Data chunks hashed before `IntactCheck::Probe` decides.
+const PROBE_CHUNKS: usize = 16;
+/// Target bytes hashed per read.
+const HASH_PIECE: u64 = 1 << 20;
+
+fn probe_intact(
+    t: &Target,
+    m: &Manifest,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Option<Vec<bool>>> {
+    let cut = m
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.header.kind == ChunkKind::Data)
+        .nth(PROBE_CHUNKS)
+        .map_or(m.entries.len(), |(i, _)| i);
+    let mut intact = intact_chunks(t, &m.entries[..cut], threads, progress)?;
+    if !intact.iter().any(|&ok| ok) {
+        return Ok(None);
+    }
+    intact.extend(intact_chunks(t, &m.entries[cut..], threads, progress)?);
+    Ok(Some(intact))
+}
+
+/// Hash the target's regions of the data chunks among `entries` in parallel (each in 1 MiB
+/// reads, so memory does not grow with the chunk size); returns, per entry, whether the
+/// target already holds it.
 fn intact_chunks(
     t: &Target,
-    manifest: &Manifest,
+    entries: &[ManifestEntry],
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<bool>> {
-    let total = manifest
-        .entries
+    let total = entries
         .iter()
         .filter(|e| e.header.kind == ChunkKind::Data)
         .map(|e| e.header.raw_len)
         .sum();
     progress.begin("checking target", Some(total));
-    let mut intact = Vec::with_capacity(manifest.entries.len());
+    let mut intact = Vec::with_capacity(entries.len());
     run_ordered(
         threads,
         pipeline_depth(threads),
         |emit| {
-            for e in &manifest.entries {
+            for e in entries {
                 let item = if e.header.kind == ChunkKind::Data {
                     Item::Job(e.header)
                 } else {
@@ -387,16 +547,23 @@ fn intact_chunks(
             Ok(())
         },
         |h: ChunkHeader| {
-            let mut buf = vec![0u8; h.raw_len as usize];
             if h.disk_offset
                 .checked_add(h.raw_len)
                 .is_none_or(|end| end > t.len())
             {
                 return Ok(false);
             }
-            t.read_at(&mut buf, h.disk_offset)?;
+            let mut buf = vec![0u8; h.raw_len.min(HASH_PIECE) as usize];
+            let mut sha = Sha256::new();
+            let mut off = 0;
+            while off < h.raw_len {
+                let n = (h.raw_len - off).min(HASH_PIECE) as usize;
+                t.read_at(&mut buf[..n], h.disk_offset + off)?;
+                sha.update(&buf[..n]);
+                off += n as u64;
+            }
             progress.advance(h.raw_len);
-            Ok(<[u8; 32]>::from(Sha256::digest(&buf)) == h.sha256)
+            Ok(<[u8; 32]>::from(sha.finalize()) == h.sha256)
         },
         |ok| {
             intact.push(ok);
@@ -423,10 +590,10 @@ fn fetch_missing(
             continue;
         }
         if e.header.kind == ChunkKind::Zero {
-            sink.put(Verified {
+            sink.take(Out::Whole(Verified {
                 header: e.header,
                 data: Vec::new(),
-            })?;
+            }))?;
             continue;
         }
         match groups.last_mut() {
@@ -439,9 +606,10 @@ fn fetch_missing(
             _ => groups.push(vec![*e]),
         }
     }
-    run_ordered(
+    run_weighted(
         threads,
         pipeline_depth(threads),
+        PIPELINE_BYTES,
         |emit| {
             for g in &groups {
                 let (first, last) = (g[0], g[g.len() - 1]);
@@ -449,29 +617,48 @@ fn fetch_missing(
                 let stream = match src.read_range(first.image_offset, len) {
                     Ok(s) => s,
                     Err(e) => {
-                        emit(Item::Ready(Err(e)));
+                        emit(Item::Ready(Err(e)), 0);
                         return Ok(());
                     }
                 };
                 let mut r = BufReader::with_capacity(256 << 10, stream);
                 for e in g {
-                    match read_expected_chunk(&mut r, e) {
-                        Ok(rec) => {
-                            if !emit(Item::Job(rec)) {
-                                return Ok(());
-                            }
-                        }
+                    let h = match read_expected_header(&mut r, e) {
+                        Ok(h) => h,
                         Err(err) => {
-                            emit(Item::Ready(Err(err)));
+                            emit(Item::Ready(Err(err)), 0);
                             return Ok(());
                         }
+                    };
+                    let comp_len = u64::from(h.comp_len);
+                    if h.raw_len > STREAM_OVER {
+                        if !stream_chunk(h, &mut (&mut r).take(comp_len), emit) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let item = match read_payload(&mut r, comp_len, || {
+                        format!("{}: payload", h.describe())
+                    }) {
+                        Ok(payload) => Item::Job(format::ChunkRecord {
+                            header: h,
+                            image_offset: e.image_offset,
+                            payload,
+                        }),
+                        Err(err) => {
+                            emit(Item::Ready(Err(err)), 0);
+                            return Ok(());
+                        }
+                    };
+                    if !emit(item, weight(&h)) {
+                        return Ok(());
                     }
                 }
             }
             Ok(())
         },
         decode,
-        |v| sink.put(v),
+        |out| sink.take(out),
     )
 }
 
@@ -494,14 +681,14 @@ pub fn deploy(
     if ranges {
         let mut magic = Vec::new();
         source
-            .read_range(0, source.len().unwrap_or(0).min(8))?
+            .read_range(0, source.len().unwrap_or(0).min(HEAD_BYTES as u64))?
             .read_to_end(&mut magic)
             .ctx(|| format!("reading {src}"))?;
         let kind = sniff(&magic);
         if kind != SourceFormat::Ours {
             let stream =
                 PeekReader::new(buffered(source.stream()?), 0).ctx(|| format!("reading {src}"))?;
-            return deploy_raw(stream, kind, &source, target, part, opts, progress);
+            return deploy_raw(stream, &magic, kind, &source, target, part, opts, progress);
         }
         head = Some(format::fetch_head(&source)?);
     }
@@ -512,11 +699,12 @@ pub fn deploy(
     let head = match head {
         Some(h) => h,
         None => {
-            let stream =
-                PeekReader::new(buffered(source.stream()?), 8).ctx(|| format!("reading {src}"))?;
+            let stream = PeekReader::new(buffered(source.stream()?), HEAD_BYTES)
+                .ctx(|| format!("reading {src}"))?;
             let kind = sniff(stream.peek());
             if kind != SourceFormat::Ours {
-                return deploy_raw(stream, kind, &source, target, part, opts, progress);
+                let first = stream.peek().to_vec();
+                return deploy_raw(stream, &first, kind, &source, target, part, opts, progress);
             }
             let r = ImageReader::open(stream)?;
             let h = ImageHead {
@@ -552,9 +740,25 @@ pub fn deploy(
     )?;
     let manifest: Option<Manifest> = manifest_known.then(|| head.manifest.clone());
 
-    // Step 2: the target.
+    // Step 2: the target, and every chunk extent checked against it and against the
+    // image's table regions before anything is written or invalidated.
     let meta = head.meta.clone();
-    let t = open_target(target, part, &meta.content, meta.min_target_size)?;
+    let t = open_target(
+        target,
+        part,
+        &meta.content,
+        meta.min_target_size,
+        opts.partition_onto_disk,
+    )?;
+    let extent_check = match &manifest {
+        Some(m) => {
+            plan::check_all(&meta, t.len(), m.entries.iter().map(|e| &e.header))?;
+            None
+        }
+        // A streaming image on a pipe: each chunk is checked as it arrives, before it is
+        // written.
+        None => Some(plan::ExtentCheck::new(&meta, t.len())),
+    };
     let journal_path = Journal::path(&opts.state_dir, &target.display().to_string(), part);
     let journal = manifest.as_ref().map(|m| Journal {
         manifest_digest: m.digest(),
@@ -562,24 +766,30 @@ pub fn deploy(
         part: part.map(str::to_string),
         target_len: t.len(),
     });
-    let resume = match (opts.resume, &journal) {
-        (ResumeMode::Never, _) => false,
+    let journal_matches = journal
+        .as_ref()
+        .is_some_and(|j| Journal::load(&journal_path).as_ref() == Some(j));
+    let check = match (opts.resume, &journal) {
+        (ResumeMode::Never, _) => IntactCheck::None,
         (_, None) => {
             if opts.resume == ResumeMode::Always || Journal::load(&journal_path).is_some() {
                 notes.push(format!("{src} is a stream without a manifest up front: cannot resume, deploying everything"));
             }
-            false
+            IntactCheck::None
         }
-        (ResumeMode::Always, Some(_)) => true,
-        (ResumeMode::Auto, Some(j)) => Journal::load(&journal_path).as_ref() == Some(j),
+        (ResumeMode::Always, Some(_)) => IntactCheck::All,
+        (ResumeMode::Auto, Some(_)) if journal_matches => IntactCheck::All,
+        (ResumeMode::Auto, Some(_)) => IntactCheck::Probe,
     };
-    let resume = if resume && !ranges {
-        notes.push(format!(
-            "{src} cannot be read at an offset (a pipe): cannot resume, deploying everything"
-        ));
-        false
+    let check = if check != IntactCheck::None && !ranges {
+        if check == IntactCheck::All {
+            notes.push(format!(
+                "{src} cannot be read at an offset (a pipe): cannot resume, deploying everything"
+            ));
+        }
+        IntactCheck::None
     } else {
-        resume
+        check
     };
     if let Some(j) = &journal {
         j.store(&journal_path)?;
@@ -592,17 +802,27 @@ pub fn deploy(
         .map(|m| m.entries.iter().map(|e| e.header.raw_len).sum());
     let mut sink = ChunkSink {
         target: &t,
+        extent_check,
         held_tables: Vec::new(),
         held_bytes: 0,
         summary: DeploySummary::default(),
         progress,
+        partial: None,
     };
-    match (&manifest, resume) {
-        (Some(m), true) => {
+    let intact = match (&manifest, check) {
+        (Some(m), IntactCheck::All) => Some(intact_chunks(&t, &m.entries, threads, progress)?),
+        (Some(m), IntactCheck::Probe) => probe_intact(&t, m, threads, progress)?,
+        _ => None,
+    };
+    match (&manifest, intact) {
+        (Some(m), Some(intact)) => {
             drop(reader);
-            let intact = intact_chunks(&t, m, threads, progress)?;
             progress.begin("deploying", total);
-            fetch_missing(&source, m, &intact, threads, &mut sink)?;
+            let r = fetch_missing(&source, m, &intact, threads, &mut sink);
+            if r.is_err() {
+                sink.scrub();
+            }
+            r?;
             sink.summary.resumed = true;
         }
         _ => {
@@ -626,13 +846,17 @@ pub fn deploy(
                 }
             };
             progress.begin("deploying", total);
-            stream_chunks(
+            let r = stream_chunks(
                 &mut reader,
                 manifest.as_ref(),
                 threads,
                 Some(&mut sink),
                 progress,
-            )?;
+            );
+            if r.is_err() {
+                sink.scrub();
+            }
+            r?;
         }
     }
 
@@ -657,47 +881,18 @@ pub fn deploy(
     }
     progress.end();
     if journal.is_some() {
-        let _ = fs::remove_file(&journal_path);
+        Journal::remove(&journal_path);
     }
     summary.bytes_fetched = source.bytes_fetched();
     summary.notes = notes;
     Ok(summary)
 }
 
-/// The target for a raw image: grows a regular file as the image needs (the size of a
-/// compressed raw image is unknown until its end).
-struct RawTarget {
-    t: Target,
-    path: PathBuf,
-    grown: bool,
-    orig_len: u64,
-}
-
-impl RawTarget {
-    fn ensure(&mut self, end: u64) -> Result<()> {
-        if end <= self.t.len() {
-            return Ok(());
-        }
-        if self.t.is_block_device() || self.t.base() != 0 {
-            return Err(Error::new(
-                ErrorKind::Target,
-                format!(
-                    "the image is larger than {} ({} bytes); use a larger disk",
-                    self.path.display(),
-                    self.t.len()
-                ),
-            ));
-        }
-        let want = end.max(self.t.len().saturating_mul(2)).max(64 << 20);
-        self.t = Target::open_disk(&self.path, Some(want))?;
-        self.grown = true;
-        Ok(())
-    }
-}
-
 /// Deploy an ordinary raw image (possibly zstd/gzip/xz compressed).
+#[allow(clippy::too_many_arguments)]
 fn deploy_raw<R: Read + Send + 'static>(
     stream: PeekReader<R>,
+    first: &[u8],
     kind: SourceFormat,
     source: &Source,
     target: &Path,
@@ -720,28 +915,41 @@ fn deploy_raw<R: Read + Send + 'static>(
         SourceFormat::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(stream)),
         _ => Box::new(stream),
     };
-    let known_len = if kind == SourceFormat::Raw {
-        source.len()
-    } else {
-        None
+    // The image's size, or at least a lower bound, before anything is written: a plain
+    // file's length, or the content size a zstd frame header carries (the first frame's:
+    // `zstd` writes it for files).
+    let known_len = match kind {
+        SourceFormat::Raw => source.len(),
+        SourceFormat::Zstd => zstd::zstd_safe::get_frame_content_size(first)
+            .ok()
+            .flatten(),
+        _ => None,
     };
+    // Never grown or created: an uncompressed image larger than the target is refused
+    // here; a compressed one (its size is known only at its end) stops with the same error
+    // at the target's end.
     let t = match part {
         Some(spec) => Target::open_partition(target, spec)?.0,
-        None => Target::open_disk(target, known_len)?,
+        None => Target::open_disk(target, None)?,
     };
-    let orig_len = t.len();
-    let mut rt = RawTarget {
-        t,
-        path: target.to_path_buf(),
-        grown: false,
-        orig_len,
+    let too_large = |len: u64| {
+        Error::new(
+            ErrorKind::Target,
+            format!(
+                "the image is larger than {} ({len} bytes or more, the target has {}); use a larger disk or partition",
+                target.display(),
+                t.len()
+            ),
+        )
     };
+    if let Some(len) = known_len.filter(|&l| l > t.len()) {
+        return Err(too_large(len));
+    }
     progress.begin("deploying raw image", known_len);
     let mut summary = DeploySummary {
         raw: true,
         ..Default::default()
     };
-    let mut end = 0u64;
     run_ordered(
         1,
         2,
@@ -786,39 +994,30 @@ fn deploy_raw<R: Read + Send + 'static>(
         |_: ()| Err(Error::invalid("no work")),
         |(off, buf): (u64, Vec<u8>)| {
             let n = buf.len() as u64;
-            rt.ensure(off + n)?;
-            rt.t.write_sparse_at(&buf, off)?;
+            if off + n > t.len() {
+                return Err(too_large(off + n));
+            }
+            t.write_sparse_at(&buf, off)?;
             summary.chunks_written += 1;
             summary.bytes_written += n;
-            end = off + n;
             progress.advance(n);
             Ok(())
         },
     )?;
-    if rt.grown {
-        // Trim the over-allocation back to the image's end (never below the file's size).
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(&rt.path)
-            .ctx(|| format!("opening {}", rt.path.display()))?;
-        f.set_len(end.max(rt.orig_len))
-            .ctx(|| format!("setting the size of {}", rt.path.display()))?;
-    }
     // A raw GPT disk image on a larger disk: the backup header belongs in the last LBA.
-    // (A grown file ends where the image ends: nothing to move.)
-    if part.is_none() && !rt.grown {
-        rt.t.sync()?;
+    if part.is_none() {
+        t.sync()?;
         summary
             .notes
-            .extend(crate::disk::gpt::relocate_backup_of_raw_image(&rt.t)?);
+            .extend(crate::disk::gpt::relocate_backup_of_raw_image(&t)?);
     }
     // A raw image of a partition (the -raw fallback) written into another partition.
     if part.is_some() {
         summary
             .notes
-            .extend(crate::fs::hidden::fix_hidden_sectors(target, &rt.t)?);
+            .extend(crate::fs::hidden::fix_hidden_sectors(target, &t)?);
     }
-    rt.t.sync()?;
+    t.sync()?;
     progress.end();
     summary.bytes_fetched = source.bytes_fetched();
     Ok(summary)
@@ -1055,9 +1254,110 @@ mod tests {
             s.bytes_fetched,
             later
         );
-        // The journal is gone after success: a third run deploys fully.
+        // The journal is gone after success; a third run still finds every data chunk
+        // intact (the default check) and fetches none of them.
+        let s = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &d.opts(),
+            &NoProgress,
+        )
+        .unwrap();
+        let data = es
+            .iter()
+            .filter(|e| e.header.kind == ChunkKind::Data)
+            .count() as u64;
+        assert!(s.resumed && s.chunks_skipped == data, "{s:?}");
+        assert_eq!(fs::read(&tgt).unwrap(), disk);
+        // -resume=never writes everything again.
+        let mut never = d.opts();
+        never.resume = ResumeMode::Never;
+        let s = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(!s.resumed && s.chunks_skipped == 0, "{s:?}");
+    }
+
+    #[test]
+    fn big_chunks_are_streamed_and_one_that_fails_its_check_is_zeroed() {
+        let d = Dir::new("big");
+        let len = 24 << 20;
+        let chunk = 12 << 20; // above STREAM_OVER: streamed in pieces
+        let disk = testimg::disk(len);
+        let img = d.p("big.img");
+        let good = testimg::image(&disk, chunk);
+        fs::write(&img, &good).unwrap();
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let mut never = d.opts();
+        never.resume = ResumeMode::Never;
+        let s = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(s.chunks_written, 2, "{s:?}");
+        assert!(fs::read(&tgt).unwrap() == disk);
+        verify(&Location::File(img.clone()), &d.opts(), &NoProgress).unwrap();
+
+        // Cut inside chunk 1: truncated, and none of chunk 1 stays.
+        let es = entries(&img);
+        let cut = es[1].image_offset + 76 + u64::from(es[1].header.comp_len) / 2;
+        fs::write(&img, &good[..cut as usize]).unwrap();
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let e = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Truncated, "{e}");
+        let got = fs::read(&tgt).unwrap();
+        assert!(
+            got[chunk..].iter().all(|&b| b == 0) || got[chunk..].iter().all(|&b| b == 0x55),
+            "no unverified bytes of chunk 1 stay"
+        );
+
+        // A flipped byte late in chunk 1's payload: chunk 0 stays, chunk 1's region is
+        // zeroed (not left with unverified bytes), the error names the chunk.
+        let mut bad = good.clone();
+        let at = es[1].image_offset + 76 + u64::from(es[1].header.comp_len) - 10;
+        bad[at as usize] ^= 0x01;
+        fs::write(&img, &bad).unwrap();
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let e = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &never,
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("chunk 1 at disk offset"), "{e}");
+        let got = fs::read(&tgt).unwrap();
+        assert!(got[..chunk] == disk[..chunk], "chunk 0 written");
+        assert!(got[chunk..].iter().all(|&b| b == 0), "chunk 1 zeroed");
+        let e = verify(&Location::File(img.clone()), &d.opts(), &NoProgress).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+
+        // The good image again, with the resume path (range reads of big chunks): chunk 0
+        // is found intact.
+        fs::write(&img, &good).unwrap();
         let s = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap();
-        assert!(!s.resumed);
+        assert!(s.resumed && s.chunks_skipped == 1, "{s:?}");
+        assert!(fs::read(&tgt).unwrap() == disk);
     }
 
     #[test]
@@ -1078,7 +1378,7 @@ mod tests {
         fs::write(&xz, enc.finish().unwrap()).unwrap();
         for src in [plain, zst, gz, xz] {
             let tgt = d.p("t.raw");
-            let _ = fs::remove_file(&tgt);
+            fs::write(&tgt, vec![0x55u8; LEN]).unwrap();
             let s = deploy(
                 &Location::File(src.clone()),
                 &tgt,

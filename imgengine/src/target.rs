@@ -99,9 +99,9 @@ pub struct Target {
 }
 
 impl Target {
-    /// Whole disk. Regular file: created if missing; if `min_len` is Some and the file is
-    /// shorter, extended (sparse) to it. Block device: size from BLKGETSIZE64; too small →
-    /// `ErrorKind::Target`.
+    /// Whole disk, for writing. A missing path is an error (never created: a mistyped
+    /// target must not become a new file), and so is a disk or file shorter than `min_len`
+    /// (never extended). Block device: size from BLKGETSIZE64.
     pub fn open_disk(path: &Path, min_len: Option<u64>) -> Result<Target> {
         Target::open_with(path, true, min_len)
     }
@@ -121,17 +121,16 @@ impl Target {
         let shown = path.display();
         let exists = path.exists();
         // A mistyped /dev/sdX must not become a regular file on devtmpfs that swallows a
-        // whole image in RAM.
-        if !exists && (path.starts_with("/dev") || !write) {
+        // whole image in RAM, nor a mistyped file name a new file of the image's size.
+        if !exists {
             return Err(Error::new(
                 ErrorKind::Target,
-                format!("{shown} does not exist; list the disks with img -dump"),
+                format!("{shown} does not exist; list the disks with img -dump, or for a disk-image file create it first (truncate -s SIZE {shown})"),
             ));
         }
         let file = OpenOptions::new()
             .read(true)
             .write(write)
-            .create(write && !exists)
             .truncate(false)
             .open(path)
             .ctx(|| {
@@ -148,15 +147,7 @@ impl Target {
             let ss = ioctl::blksszget(&file).map(u64::from).unwrap_or(512);
             (size, ss)
         } else if meta.is_file() {
-            let mut len = meta.len();
-            if let Some(min) = min_len {
-                if len < min {
-                    file.set_len(min)
-                        .ctx(|| format!("extending {shown} to {min} bytes"))?;
-                    len = min;
-                }
-            }
-            (len, 512)
+            (meta.len(), 512)
         } else {
             return Err(Error::new(ErrorKind::Target, format!("{shown} is neither a block device nor a regular file; give a disk (/dev/sda) or an image file")));
         };
@@ -164,7 +155,7 @@ impl Target {
             if len < min {
                 return Err(Error::new(
                     ErrorKind::Target,
-                    format!("{shown} has {len} bytes but the image needs at least {min}; use a larger disk"),
+                    format!("{shown} has {len} bytes but the image needs at least {min}; use a larger disk (or, for a disk-image file, make it larger: truncate -s {min} {shown})"),
                 ));
             }
         }
@@ -425,10 +416,25 @@ mod tests {
         std::env::temp_dir().join(format!("imgengine-target-{}-{name}", std::process::id()))
     }
 
+    /// A fresh sparse file of `len` bytes (targets are never created by `open_disk`).
+    fn sized(p: &Path, len: u64) {
+        let _ = std::fs::remove_file(p);
+        File::create(p).unwrap().set_len(len).unwrap();
+    }
+
     #[test]
-    fn file_is_created_extended_and_bounds_checked() {
+    fn file_is_neither_created_nor_extended_and_is_bounds_checked() {
         let p = tmp("create");
         let _ = std::fs::remove_file(&p);
+        let e = Target::open_disk(&p, None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Target);
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!p.exists(), "a missing target is never created");
+        sized(&p, 4096);
+        let e = Target::open_disk(&p, Some(1 << 20)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Target);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096, "never extended");
+        sized(&p, 1 << 20);
         let t = Target::open_disk(&p, Some(1 << 20)).unwrap();
         assert_eq!(t.len(), 1 << 20);
         assert!(!t.is_block_device());
@@ -445,7 +451,7 @@ mod tests {
     #[test]
     fn sparse_writes_read_back_the_same_and_make_holes() {
         let p = tmp("sparse");
-        let _ = std::fs::remove_file(&p);
+        sized(&p, 4 << 20);
         let t = Target::open_disk(&p, Some(4 << 20)).unwrap();
         // Fill with 0xAA so holes are observable as zeros only when punched correctly.
         t.write_at(&vec![0xAA; 4 << 20], 0).unwrap();
@@ -479,7 +485,7 @@ mod tests {
     #[test]
     fn short_zero_runs_are_written_over_old_data() {
         let p = tmp("shortzero");
-        let _ = std::fs::remove_file(&p);
+        sized(&p, 1 << 20);
         let t = Target::open_disk(&p, Some(1 << 20)).unwrap();
         t.write_at(&vec![0xAA; 1 << 20], 0).unwrap();
         // Data, an 8 KiB zero run (below MIN_HOLE: written as data), data, a 128 KiB zero
@@ -503,7 +509,7 @@ mod tests {
     #[test]
     fn partition_window_is_relative() {
         let p = tmp("window");
-        let _ = std::fs::remove_file(&p);
+        sized(&p, 65536);
         let t = Target::open_disk(&p, Some(65536)).unwrap();
         let w = t.window(4096, 8192).unwrap();
         w.write_at(b"abc", 0).unwrap();

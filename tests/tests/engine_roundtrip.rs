@@ -80,6 +80,11 @@ fn deploy_file(
     )
 }
 
+/// An empty (sparse) disk-image file of `len` bytes: a deploy never creates its target.
+fn fresh_file(path: &Path, len: u64) {
+    fs::File::create(path).unwrap().set_len(len).unwrap();
+}
+
 /// A file of `len` bytes of junk (what an old disk looks like).
 fn junk_file(path: &Path, len: u64) -> Vec<u8> {
     let junk = sample_bytes(0xdead, len as usize);
@@ -223,6 +228,7 @@ fn fat_partition_roundtrip(fat: u32, kib: u64) {
     assert!(s.data_bytes < part_len / 2, "{s:?}");
 
     let target = dir.join("fresh.raw");
+    fresh_file(&target, part_len);
     let d = deploy_file(&img, &target, None, &opts(&dir)).unwrap();
     assert!(!d.raw && d.chunks_written == s.chunks, "{d:?} vs {s:?}");
     assert_eq!(fs::metadata(&target).unwrap().len(), part_len);
@@ -441,7 +447,11 @@ fn whole_disk_roundtrip(gpt: bool) {
         .unwrap();
     bytes[(victim.image_offset + 76 + 20) as usize] ^= 0xff;
     fs::write(&bad, &bytes).unwrap();
-    let e = deploy_file(&bad, &target, None, &opts(&dir)).unwrap_err();
+    // Writing everything (the target already holds the good image, whose chunks a default
+    // deploy would find intact and not fetch, the bad one included).
+    let mut never = opts(&dir);
+    never.resume = ResumeMode::Never;
+    let e = deploy_file(&bad, &target, None, &never).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert!(
         e.to_string().contains(&format!(
@@ -633,6 +643,7 @@ fn bad_signature_and_wrong_key_write_nothing() {
     assert_eq!(e.kind(), ErrorKind::Signature, "{e}");
     // The good one goes through, and verify names the key.
     let target = f.dir.join("good.raw");
+    fresh_file(&target, f.vol_len);
     deploy_file(&sealed, &target, None, &o).unwrap();
     let info = verify(&Location::File(sealed), &o, &NoProgress).unwrap();
     assert_eq!(info.signed_by, Some(key.key_id().to_string()));
@@ -674,6 +685,7 @@ fn interrupted_deploy_resumes_without_refetching_written_chunks() {
     );
     // Byte-identical to a fresh deploy.
     let fresh = f.dir.join("fresh.raw");
+    fresh_file(&fresh, f.vol_len);
     let mut o = opts(&f.dir);
     o.resume = ResumeMode::Never;
     deploy_file(&sealed, &fresh, None, &o).unwrap();
@@ -726,6 +738,7 @@ fn resume_over_http_uses_range_requests() {
         full.len()
     );
     let fresh = f.dir.join("fresh.raw");
+    fresh_file(&fresh, f.vol_len);
     deploy_file(&f.img, &fresh, None, &opts(&f.dir)).unwrap();
     assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
 
@@ -749,6 +762,7 @@ fn resume_over_http_uses_range_requests() {
         www.join("plain.img.zst").display()
     ));
     let raw_target = f.dir.join("raw-target.raw");
+    fresh_file(&raw_target, f.vol_len);
     let s = deploy(
         &Location::Url(nginx.url("plain.img.zst")),
         &raw_target,
@@ -821,6 +835,7 @@ fn stdin_pipe_deploys_and_an_interrupted_pipe_resumes_from_the_file() {
     let r = pipe(&f.img, None);
     assert!(r.starts_with("RESULT ok"), "{r}");
     let fresh = f.dir.join("fresh.raw");
+    fresh_file(&fresh, f.vol_len);
     deploy_file(&f.img, &fresh, None, &opts(&f.dir)).unwrap();
     assert!(fs::read(&fresh).unwrap() == fs::read(&target).unwrap());
 

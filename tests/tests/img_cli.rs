@@ -333,6 +333,7 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     // 4 MiB/s: the transfer takes seconds, long enough to kill it in the middle.
     let nginx = Nginx::serve_with(&www, "limit_rate 4m;");
     let target = s.join("target.img");
+    sh(&format!("truncate -s 96M {}", target.display()));
     let state = s.join("state");
     let args = |t: &PathBuf| {
         vec![
@@ -449,6 +450,7 @@ fn exit_codes_and_messages_name_the_problem() {
     let r = img(&["-verify", bad.to_str().unwrap()]);
     assert_eq!(r.status.code(), Some(3), "{}", text(&r));
     assert!(text(&r).contains("chunk"), "{}", text(&r));
+    sh(&format!("truncate -s 96M {}", s.join("t.img").display()));
     let r = img(&[
         "-restore",
         "-unsigned",
@@ -500,6 +502,13 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
     .enumerate()
     {
         let t1 = s.join(format!("via-stdin-{i}.img"));
+        let t2 = s.join(format!("via-url-{i}.img"));
+        // Restores never create their target: these are the new disks.
+        sh(&format!(
+            "truncate -s 96M {} {}",
+            t1.display(),
+            t2.display()
+        ));
         let out = run(Command::new("bash").arg("-c").arg(format!(
             "{} -restore - -unsigned -disk={} -state={} < {}",
             img_bin().display(),
@@ -512,7 +521,6 @@ fn raw_images_deploy_from_stdin_and_url_in_every_compression() {
             std::fs::read(&t1).unwrap() == want,
             "{name} via stdin differs"
         );
-        let t2 = s.join(format!("via-url-{i}.img"));
         ok(&[
             "-restore",
             "-unsigned",

@@ -464,6 +464,7 @@ fn deploy_task(
         state_dir: state.journal_dir(),
         threads: 0,
         http: http.clone(),
+        partition_onto_disk: false,
     };
     let src = Location::parse(&spec.image.url);
     if spec.after == After::CopyOnly {

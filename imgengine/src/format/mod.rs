@@ -413,7 +413,9 @@ pub(crate) mod testimg {
     /// A streaming image of `disk` cut into `chunk`-byte data chunks (zero chunks for
     /// all-zero pieces).
     pub fn image(disk: &[u8], chunk: usize) -> Vec<u8> {
-        let mut w = ImageWriter::streaming(Vec::new(), &meta(disk.len() as u64)).unwrap();
+        let mut m = meta(disk.len() as u64);
+        m.chunk_size = chunk as u32;
+        let mut w = ImageWriter::streaming(Vec::new(), &m).unwrap();
         for (i, piece) in disk.chunks(chunk).enumerate() {
             let off = (i * chunk) as u64;
             if piece.iter().all(|&b| b == 0) {

@@ -60,6 +60,8 @@ pub(crate) fn read_payload(
     while (v.len() as u64) < len {
         let got = v.len();
         let n = (len - got as u64).min(STEP) as usize;
+        // Exactly: the deploy pipeline counts a payload's bytes, not a doubled capacity.
+        v.reserve_exact(n);
         v.resize(got + n, 0);
         if let Err(e) = r.read_exact(&mut v[got..]) {
             let kind = if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -130,8 +132,9 @@ pub fn plausible_chunks(min_target_size: u64) -> u64 {
     (min_target_size / 512).saturating_add(64)
 }
 
-/// Read one chunk record at the current position and check it is exactly `expected`.
-pub fn read_expected_chunk(r: &mut impl Read, expected: &ManifestEntry) -> Result<ChunkRecord> {
+/// Read one chunk header at the current position and check it is exactly `expected`'s
+/// (the payload is left to read).
+pub fn read_expected_header(r: &mut impl Read, expected: &ManifestEntry) -> Result<ChunkHeader> {
     let what = expected.header.describe();
     let mut hb = [0u8; CHUNK_HEADER_LEN];
     read_exact_or(r, &mut hb, || format!("{what}: header"))?;
@@ -142,6 +145,13 @@ pub fn read_expected_chunk(r: &mut impl Read, expected: &ManifestEntry) -> Resul
             header.index, header.disk_offset
         )));
     }
+    Ok(header)
+}
+
+/// Read one chunk record at the current position and check it is exactly `expected`.
+pub fn read_expected_chunk(r: &mut impl Read, expected: &ManifestEntry) -> Result<ChunkRecord> {
+    let what = expected.header.describe();
+    let header = read_expected_header(r, expected)?;
     let payload = read_payload(r, u64::from(header.comp_len), || format!("{what}: payload"))?;
     Ok(ChunkRecord {
         header,
@@ -162,6 +172,12 @@ pub struct ImageReader<R> {
     seen: Vec<ManifestEntry>,
     trailing: Option<(Manifest, Vec<u8>)>,
     finished: bool,
+    /// Data and table chunks longer than this come back without their payload, which the
+    /// caller then streams with [`ImageReader::deferred_payload`] (addition: memory that
+    /// does not grow with the chunk size).
+    defer_over: u64,
+    /// Payload bytes of the last chunk not yet read by the caller.
+    pending: u64,
 }
 
 impl<R: Read> ImageReader<R> {
@@ -203,7 +219,28 @@ impl<R: Read> ImageReader<R> {
             seen: Vec::new(),
             trailing: None,
             finished: false,
+            defer_over: u64::MAX,
+            pending: 0,
         })
+    }
+
+    /// From now on, data and table chunks with more than `raw_len` disk bytes are returned
+    /// with an empty payload: the caller must read it all from [`Self::deferred_payload`]
+    /// before asking for the next chunk.
+    pub fn defer_payloads_over(&mut self, raw_len: u64) {
+        self.defer_over = raw_len;
+    }
+
+    /// True when `header`'s payload was left for [`Self::deferred_payload`].
+    pub fn is_deferred(&self, header: &ChunkHeader) -> bool {
+        header.kind != super::ChunkKind::Zero && header.raw_len > self.defer_over
+    }
+
+    /// The payload of the chunk just returned, when deferred: exactly its `comp_len` bytes
+    /// (fewer if the image ends early: the caller must check the count).
+    pub fn deferred_payload(&mut self) -> io::Take<&mut R> {
+        let n = std::mem::take(&mut self.pending);
+        (&mut self.r).take(n)
     }
 
     /// Bytes consumed so far.
@@ -217,6 +254,17 @@ impl<R: Read> ImageReader<R> {
             return Some((&s.manifest, &s.manifest_bytes));
         }
         self.trailing.as_ref().map(|(m, b)| (m, b.as_slice()))
+    }
+
+    /// The payload of `header`, read now, or left pending when deferred.
+    fn payload_of(&mut self, header: &ChunkHeader) -> Result<Vec<u8>> {
+        if self.is_deferred(header) {
+            self.pending = u64::from(header.comp_len);
+            return Ok(Vec::new());
+        }
+        read_payload(&mut self.r, u64::from(header.comp_len), || {
+            format!("{}: payload", header.describe())
+        })
     }
 
     fn after(&self) -> String {
@@ -244,6 +292,11 @@ impl<R: Read> ImageReader<R> {
         if self.finished {
             return Ok(None);
         }
+        if self.pending != 0 {
+            return Err(Error::invalid(
+                "the previous chunk's payload was not read (a caller bug)",
+            ));
+        }
         let mut magic = [0u8; 4];
         let (after, expected) = (self.after(), self.expected_next());
         read_exact_or(&mut self.r, &mut magic, || {
@@ -264,7 +317,13 @@ impl<R: Read> ImageReader<R> {
                         )));
                     }
                     let mut chained = io::Cursor::new(CHUNK_MAGIC).chain(&mut self.r);
-                    read_expected_chunk(&mut chained, &entry)?
+                    let header = read_expected_header(&mut chained, &entry)?;
+                    let payload = self.payload_of(&header)?;
+                    ChunkRecord {
+                        header,
+                        image_offset: entry.image_offset,
+                        payload,
+                    }
                 } else {
                     let mut hb = [0u8; CHUNK_HEADER_LEN];
                     hb[..4].copy_from_slice(&CHUNK_MAGIC);
@@ -279,9 +338,7 @@ impl<R: Read> ImageReader<R> {
                             self.next
                         )));
                     }
-                    let payload = read_payload(&mut self.r, u64::from(header.comp_len), || {
-                        format!("{}: payload", header.describe())
-                    })?;
+                    let payload = self.payload_of(&header)?;
                     ChunkRecord {
                         header,
                         image_offset: self.pos,

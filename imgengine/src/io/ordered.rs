@@ -2,7 +2,8 @@
 //! records for a deploy), `threads` workers do the CPU work (compress; check, decompress,
 //! hash), and the caller's thread consumes the results strictly in production order
 //! (write the image; write the target). At most `depth` items are in flight, so memory is
-//! bounded by `depth` chunks whatever the image size.
+//! bounded by `depth` chunks whatever the image size; `run_weighted` bounds them by bytes
+//! too, so memory does not grow with the chunk size either.
 //!
 //! Each item gets a one-slot result channel whose receiver is queued, in order, to the
 //! consumer; the bounded queue of receivers is what limits the items in flight. When the
@@ -10,7 +11,7 @@
 //! queue and the producer's next send fails, which tells it to stop.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -35,7 +36,7 @@ pub fn run_ordered<J, R, P, W, C>(
     depth: usize,
     produce: P,
     work: W,
-    mut consume: C,
+    consume: C,
 ) -> Result<()>
 where
     J: Send,
@@ -44,9 +45,87 @@ where
     W: Fn(J) -> Result<R> + Sync,
     C: FnMut(R) -> Result<()>,
 {
+    run_weighted(
+        threads,
+        depth,
+        u64::MAX,
+        |emit| produce(&mut |item| emit(item, 0)),
+        work,
+        consume,
+    )
+}
+
+/// Bytes of the items in flight: the producer waits before emitting an item that would
+/// take the total over the limit (an item heavier than the limit waits until it is alone),
+/// the consumer gives an item's bytes back once it has consumed it. Closed when the
+/// consumer stops, so a waiting producer is released.
+struct Budget {
+    limit: u64,
+    state: Mutex<(u64, bool)>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Wait for room for `n` bytes; false once closed.
+    fn take(&self, n: u64) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        while !st.1 && st.0 > 0 && st.0.saturating_add(n) > self.limit {
+            st = match self.freed.wait(st) {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
+        }
+        if st.1 {
+            return false;
+        }
+        st.0 = st.0.saturating_add(n);
+        true
+    }
+
+    fn give(&self, n: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = st.0.saturating_sub(n);
+        }
+        self.freed.notify_all();
+    }
+
+    fn close(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.1 = true;
+        }
+        self.freed.notify_all();
+    }
+}
+
+/// `run_ordered` with in-flight items bounded by bytes as well as by count: the emitter
+/// takes each item's weight (its bytes in memory until consumed: payload plus decoded
+/// data), and at most `budget` bytes are in flight, whatever the size of the items.
+pub fn run_weighted<J, R, P, W, C>(
+    threads: usize,
+    depth: usize,
+    budget: u64,
+    produce: P,
+    work: W,
+    mut consume: C,
+) -> Result<()>
+where
+    J: Send,
+    R: Send,
+    P: FnOnce(&mut dyn FnMut(Item<J, R>, u64) -> bool) -> Result<()> + Send,
+    W: Fn(J) -> Result<R> + Sync,
+    C: FnMut(R) -> Result<()>,
+{
     let threads = threads.max(1);
     let depth = depth.max(1);
-    let (order_tx, order_rx) = sync_channel::<Receiver<Result<R>>>(depth);
+    let budget = Budget {
+        limit: budget,
+        state: Mutex::new((0, false)),
+        freed: Condvar::new(),
+    };
+    let budget = &budget;
+    let (order_tx, order_rx) = sync_channel::<(Receiver<Result<R>>, u64)>(depth);
     let (job_tx, job_rx) = sync_channel::<(J, SyncSender<Result<R>>)>(depth);
     let job_rx = Mutex::new(job_rx);
     let (job_rx, work) = (&job_rx, &work);
@@ -67,9 +146,12 @@ where
             });
         }
         let producer = s.spawn(move || {
-            let mut emit = |item: Item<J, R>| -> bool {
+            let mut emit = |item: Item<J, R>, weight: u64| -> bool {
+                if !budget.take(weight) {
+                    return false;
+                }
                 let (tx, rx) = sync_channel(1);
-                if order_tx.send(rx).is_err() {
+                if order_tx.send((rx, weight)).is_err() {
                     return false;
                 }
                 match item {
@@ -80,7 +162,7 @@ where
             produce(&mut emit)
         });
         let mut result = Ok(());
-        for rx in order_rx.iter() {
+        for (rx, weight) in order_rx.iter() {
             let r = match rx.recv() {
                 Ok(Ok(r)) => consume(r),
                 Ok(Err(e)) => Err(e),
@@ -89,11 +171,13 @@ where
                     "a pipeline worker stopped unexpectedly",
                 )),
             };
+            budget.give(weight);
             if let Err(e) = r {
                 result = Err(e);
                 break;
             }
         }
+        budget.close();
         drop(order_rx);
         let produced = producer.join().unwrap_or_else(|_| {
             Err(Error::new(
@@ -172,6 +256,83 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert_eq!(consumed, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn bytes_in_flight_stay_within_the_budget() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let in_flight = AtomicU64::new(0);
+        let peak = AtomicU64::new(0);
+        let heavy_done = std::sync::atomic::AtomicBool::new(false);
+        let mut out = Vec::new();
+        run_weighted(
+            4,
+            64,
+            100,
+            |emit| {
+                for i in 0..200u64 {
+                    // Weights 1..=40, and one heavier than the whole budget.
+                    let w = if i == 77 { 250 } else { i % 40 + 1 };
+                    let now = in_flight.fetch_add(w, Ordering::SeqCst) + w;
+                    // Not counted: the heavy item, which waits until it is alone.
+                    let heavy = if (78..).contains(&i) && !heavy_done.load(Ordering::SeqCst) {
+                        250
+                    } else {
+                        0
+                    };
+                    if i != 77 {
+                        peak.fetch_max(now.saturating_sub(heavy), Ordering::SeqCst);
+                    }
+                    if !emit(Item::Job((i, w)), w) {
+                        break;
+                    }
+                }
+                Ok(())
+            },
+            |(i, w): (u64, u64)| Ok((i, w)),
+            |(i, w)| {
+                // An item's weight is only given back after it is consumed.
+                in_flight.fetch_sub(w, Ordering::SeqCst);
+                if i == 77 {
+                    heavy_done.store(true, Ordering::SeqCst);
+                }
+                out.push(i);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(out, (0..200).collect::<Vec<_>>());
+        // The producer counts an item just before emit waits for room for it, so one
+        // item's weight (at most 40) may be counted ahead.
+        let p = peak.load(Ordering::SeqCst);
+        assert!(p <= 100 + 40, "peak {p}");
+    }
+
+    #[test]
+    fn a_stopped_consumer_releases_a_producer_waiting_for_budget() {
+        let e = run_weighted(
+            1,
+            8,
+            10,
+            |emit| {
+                for i in 0..100u64 {
+                    if !emit(Item::Job(i), 10) {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            },
+            Ok,
+            |i| {
+                if i == 3 {
+                    Err(Error::corrupt("stop"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
     }
 
     #[test]

@@ -221,7 +221,12 @@ pub fn collect(root: &Path) -> anyhow::Result<Tree> {
                 walk(root, &format!("{rel}/{n}"), tree, depth + 1)?;
             }
         } else if md.is_file() && !rel.ends_with(".tmp") && grub::store::valid_path(rel) {
-            let data = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            let data = match std::fs::read(&p) {
+                Ok(d) => d,
+                // Removed since it was listed (an acknowledged result): not part of the tree.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+            };
             let secret = md.permissions().mode() & 0o077 == 0;
             tree.insert(rel.to_string(), Item { data, secret });
         }

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use crate::bootflow::{self, BootOutcome, GuestOsHandoff, TtyConsole};
 use crate::handover;
 
-/// Where the boot-agent partition is mounted (the same folder discovery reads its
-/// configuration from: `discovery::DEFAULT_CONFIG_DIR` is `<this>/config`).
-const BOOT_PARTITION: &str = "/bootagent";
+/// The agent's directory, filled at boot from the store on the boot-agent partition
+/// (`crate::bootstore`; the same folder discovery reads its configuration from:
+/// `discovery::DEFAULT_CONFIG_DIR` is `<this>/config`).
+const BOOT_PARTITION: &str = crate::bootstore::ROOT;
 
 /// Exit codes from the agent to init (init.rs acts on them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,21 @@ pub fn run() -> i32 {
 }
 
 fn run_inner() -> anyhow::Result<AgentExit> {
+    // Every change of the state is written back to the boot-agent partition: right away for
+    // the check-in state, every few seconds for the rest (the deploy's resume journal).
+    let backing = crate::bootstore::recorded();
+    if let Some(b) = &backing {
+        crate::bootstore::commit_on_state_change(b.clone());
+        crate::bootstore::spawn_sync(b.clone());
+    }
+    let r = run_agent();
+    if let Some(b) = &backing {
+        crate::bootstore::commit_or_say(b);
+    }
+    r
+}
+
+fn run_agent() -> anyhow::Result<AgentExit> {
     let cfg = discovery::Config {
         // In the initramfs the agent owns /etc: the lease's DNS servers go to resolv.conf so
         // the check-in can resolve the server's name. (`img -discover` on a host never
@@ -85,14 +101,17 @@ fn checkin_and_work(server: &str) -> anyhow::Result<AgentExit> {
         acfg.disk = Some(PathBuf::from(d));
     }
     // The credential, the outbox of unsent results and the resume journal must survive a
-    // reboot: keep them on the boot-agent partition when it is mounted, and trust the CA
-    // stored there (put there by `img -install` or the administrator).
+    // reboot: keep them in the directory backed by the boot-agent partition, and trust the
+    // CA and signing keys kept there (put there by the administrator).
     let boot = std::path::Path::new(BOOT_PARTITION);
     if std::env::var_os("IMG_AGENT_STATE").is_none() && boot.is_dir() {
         acfg.state_dir = boot.join("state");
     }
     if acfg.ca_file.is_none() && boot.join("ca.pem").is_file() {
         acfg.ca_file = Some(boot.join("ca.pem"));
+    }
+    if std::env::var_os("IMG_TRUSTED_DIR").is_none() && boot.join("trusted").is_dir() {
+        acfg.trusted_dir = Some(boot.join("trusted"));
     }
     Ok(match checkin::agent_loop(server, &acfg)? {
         // No work, the server says boot the guest, or a task (a deploy) wants the reboot

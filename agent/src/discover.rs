@@ -30,10 +30,11 @@ pub const USAGE: &str = "\
                                     find the management server: DHCP options 186/190/192, the
                                     URL list, RTIAgent options, DNS SRV, DNS host name
                                     (-server: tried first, as img.server= on the kernel line)
-  -serverurl [\"URL;URL..\"|clear] [-config=DIR]
+  -serverurl [\"URL;URL..\"|clear] [-config=DIR|-disk=DISK]
                                     show / set / clear the server URL list (max 63 characters)
-  -netconfig [ip=A mask=M gw=G server=S proto=http|https port=N | clear] [-config=DIR]
+  -netconfig [ip=A mask=M gw=G server=S proto=http|https port=N | clear] [-config=DIR|-disk=DISK]
                                     show / set / clear the static network configuration
+                                    (-disk: in DISK's boot-agent partition, as the agent keeps it)
   -findserver [discover options]    the boot agent start-up: discover, else offer the guest OS";
 
 /// Handles the img verbs that belong to discovery; returns None when `verb` is not one of
@@ -61,7 +62,8 @@ struct Args {
 }
 
 /// Options that take a value even when written `-name value`.
-const VALUED: [&str; 10] = [
+const VALUED: [&str; 11] = [
+    "disk",
     "resolvconf",
     "iface",
     "config",
@@ -301,11 +303,41 @@ fn render(d: &Discovery, verbose: bool) -> String {
     out
 }
 
-fn run_serverurl(a: &Args) -> anyhow::Result<i32> {
-    a.only(&["config"])?;
+/// Run `f` on the configuration folder of `-serverurl`/`-netconfig`: DISK's boot-agent
+/// partition with `-disk=DISK` (filled into a temporary folder and committed back, as the
+/// boot agent does), else `-config=DIR`, `IMG_CONFIG_DIR` or the agent's own folder, which
+/// on a device is backed by the boot-agent partition and committed after the change.
+fn with_config_dir(
+    a: &Args,
+    f: impl FnOnce(&std::path::Path) -> anyhow::Result<i32>,
+) -> anyhow::Result<i32> {
+    if let Some(disk) = a.value("disk") {
+        if a.value("config").is_some() {
+            bail!(crate::args::UsageError(
+                "give -disk=DISK (its boot-agent partition) or -config=DIR, not both".into()
+            ));
+        }
+        let t = crate::bootstore::TempRoot::new(std::path::Path::new(disk))?;
+        let code = f(&t.root().join("config"))?;
+        crate::bootstore::commit(&t.backing)?;
+        return Ok(code);
+    }
     let dir = a.config_dir();
+    let code = f(&dir)?;
+    if let Some(b) = crate::bootstore::recorded_for(&dir) {
+        crate::bootstore::commit(&b)?;
+    }
+    Ok(code)
+}
+
+fn run_serverurl(a: &Args) -> anyhow::Result<i32> {
+    a.only(&["config", "disk"])?;
+    with_config_dir(a, |dir| serverurl_in(a, dir))
+}
+
+fn serverurl_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
     let mut notes = Vec::new();
-    let mut s = DiscoverySettings::load(&dir, &mut notes)?;
+    let mut s = DiscoverySettings::load(dir, &mut notes)?;
     for n in notes {
         eprintln!("img: {n}");
     }
@@ -330,7 +362,7 @@ fn run_serverurl(a: &Args) -> anyhow::Result<i32> {
             .into())
         }
     }
-    s.store(&dir)?;
+    s.store(dir)?;
     println!(
         "server URL list: {}",
         s.server_url_list.as_deref().unwrap_or("(cleared)")
@@ -339,18 +371,21 @@ fn run_serverurl(a: &Args) -> anyhow::Result<i32> {
 }
 
 fn run_netconfig(a: &Args) -> anyhow::Result<i32> {
-    a.only(&["config"])?;
-    let dir = a.config_dir();
+    a.only(&["config", "disk"])?;
+    with_config_dir(a, |dir| netconfig_in(a, dir))
+}
+
+fn netconfig_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
     match a.values.as_slice() {
         [] => {
-            match StaticNetConfig::load(&dir)? {
+            match StaticNetConfig::load(dir)? {
                 Some(c) => print!("{}", c.render()),
                 None => println!("(no static network configuration: DHCP is used)"),
             }
             Ok(0)
         }
         [v] if v.eq_ignore_ascii_case("clear") => {
-            let removed = StaticNetConfig::clear(&dir)?;
+            let removed = StaticNetConfig::clear(dir)?;
             println!(
                 "{}",
                 if removed {
@@ -378,7 +413,7 @@ fn run_netconfig(a: &Args) -> anyhow::Result<i32> {
             }
             let c = StaticNetConfig::from_pairs(&pairs)
                 .map_err(|e| crate::args::UsageError(e.to_string()))?;
-            c.store(&dir)?;
+            c.store(dir)?;
             print!("{}", c.render());
             Ok(0)
         }

@@ -114,7 +114,13 @@ pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
     if json {
         let v: Vec<_> = layouts
             .iter()
-            .map(|(p, l)| serde_json::json!({ "disk": p, "layout": l }))
+            .map(|(p, l)| {
+                let mut v = serde_json::json!({ "disk": p, "layout": l });
+                if let Some(b) = crate::bootstore::dump_info(p) {
+                    v["boot_agent"] = b;
+                }
+                v
+            })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
@@ -124,6 +130,9 @@ pub fn dump(disk_arg: Option<&Path>, json: bool) -> Result<()> {
     }
     for (p, l) in &layouts {
         print_layout(&mut out, p, l)?;
+        if let Some(b) = crate::bootstore::dump_info(p) {
+            write!(out, "{}", crate::bootstore::dump_text(&b))?;
+        }
     }
     Ok(())
 }

@@ -31,9 +31,11 @@ pub const USAGE: &str = "\
         [-guest=chain|linux[:KERNEL[,INITRD[,CMDLINE]]]]
                                     format the boot-agent partition (default 1) as FAT32 and write
                                     the kernel, the initrd, grub.cfg and grubenv into it (no
-                                    mounting); -guest: how GRUB starts the OS on partition 2:
-                                    chain (default; Windows bootmgfw.efi, else BOOTX64.EFI) or
-                                    linux (default /vmlinuz, /initrd.img, root=PARTUUID=.. ro quiet)";
+                                    mounting), with the agent's preallocated store
+                                    /AGENT/STATE.DAT (kept when installing again); -guest: how
+                                    GRUB starts the OS on partition 2: chain (default; Windows
+                                    bootmgfw.efi, else BOOTX64.EFI) or linux (default /vmlinuz,
+                                    /initrd.img, root=PARTUUID=.. ro quiet)";
 
 /// The verbs this module answers; `None` for any other verb.
 pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
@@ -232,6 +234,8 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
             needed
         );
     }
+    // A re-install keeps the device's state (credential, outbox, URL list, ...).
+    let kept_state = read_store_before_format(&req.disk, part.number);
     let mut window = PartitionWindow::new(file, part.start, part.len);
     format_fat(&mut window, part.len).with_context(|| {
         format!(
@@ -280,6 +284,7 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
             if let Some(efi) = &efi {
                 write("EFI/BOOT/BOOTX64.EFI", efi)?;
             }
+            preallocate_store(&root, kept_state.as_deref())?;
         }
         // Counting the free clusters fills in FAT32's FSInfo summary, which unmount writes
         // (a fresh fatfs volume leaves it "unknown", and fsck.fat reports that).
@@ -288,7 +293,13 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
     }
     fix_dot_entries(
         &mut window,
-        &[&["BOOT"], &["BOOT", "GRUB"], &["EFI"], &["EFI", "BOOT"]],
+        &[
+            &["BOOT"],
+            &["BOOT", "GRUB"],
+            &["EFI"],
+            &["EFI", "BOOT"],
+            &["AGENT"],
+        ],
     )
     .with_context(|| {
         format!(
@@ -308,6 +319,35 @@ pub fn install(req: &InstallRequest) -> anyhow::Result<()> {
         initrd.len(),
         if efi.is_some() { ", GRUB EFI" } else { "" }
     );
+    Ok(())
+}
+
+/// The store file of a boot-agent partition that is about to be formatted again, when it
+/// has one (`img -install` run a second time on a device keeps its state).
+fn read_store_before_format(disk: &std::path::Path, number: u32) -> Option<Vec<u8>> {
+    let bp = grub::bootpart::BootPartition::open_number(disk, false, number).ok()?;
+    let data = bp.read_file(grub::store::FILE).ok()??;
+    (data.len() == grub::store::FILE_LEN && grub::store::newest(&data).is_some()).then_some(data)
+}
+
+/// The agent's persistent store (docs/boot.md): `/AGENT/STATE.DAT` created at its full size
+/// now, so the agent only ever rewrites its bytes in place (no allocation, no directory
+/// update after installation). `kept` is the previous store's content on a re-install.
+fn preallocate_store<IO: fatfs::ReadWriteSeek>(
+    root: &fatfs::Dir<'_, IO>,
+    kept: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    let dir = grub::store::DIR.trim_start_matches('/');
+    root.create_dir(dir)
+        .with_context(|| format!("creating /{dir}"))?;
+    let path = grub::store::FILE.trim_start_matches('/');
+    let mut f = root
+        .create_file(path)
+        .with_context(|| format!("creating /{path}"))?;
+    let zeros = vec![0u8; grub::store::FILE_LEN];
+    f.write_all(kept.unwrap_or(&zeros))
+        .with_context(|| format!("writing /{path}"))?;
+    f.flush().with_context(|| format!("writing /{path}"))?;
     Ok(())
 }
 

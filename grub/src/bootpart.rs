@@ -257,6 +257,51 @@ impl BootPartition {
             })?,
         }
         .clone();
+        BootPartition::with_partition(disk, name, writable, part)
+    }
+
+    /// Open partition `number` at `start`, `len` bytes, without reading the partition table
+    /// again (the agent's periodic commits: the table was read at boot, and reading every
+    /// partition's allocation map each time would cost more than the commit). The FAT boot
+    /// sector is still parsed and checked against `len`.
+    pub fn open_range(
+        disk: &Path,
+        writable: bool,
+        number: u32,
+        start: u64,
+        len: u64,
+    ) -> anyhow::Result<BootPartition> {
+        let d = FileDisk::open(disk, writable)?;
+        if start.checked_add(len).is_none_or(|end| end > d.size()) {
+            bail!(
+                "partition {number} (offset {start}, {len} bytes) lies outside {}",
+                disk.display()
+            );
+        }
+        let mut head = [0u8; 512];
+        d.read_at(&mut head, start)
+            .with_context(|| format!("reading the boot sector of {}", disk.display()))?;
+        let probe = imgengine::fs::probe(&AsReadAt(&d), start, len).ok();
+        let part = PartitionInfo {
+            number,
+            start,
+            len,
+            type_id: String::new(),
+            type_name: String::new(),
+            label: None,
+            fs: probe.as_ref().map_or(FsKind::Unknown, |p| p.kind),
+            fs_label: probe.and_then(|p| p.label),
+            used_bytes: None,
+        };
+        BootPartition::with_partition(Box::new(d), disk, writable, part)
+    }
+
+    fn with_partition(
+        disk: Box<dyn Disk>,
+        name: &Path,
+        writable: bool,
+        part: PartitionInfo,
+    ) -> anyhow::Result<BootPartition> {
         let bs =
             imgengine::fs::fat::read_boot_sector(&AsReadAt(disk.as_ref()), part.start, part.len)
                 .with_context(|| {
@@ -955,6 +1000,25 @@ pub(crate) mod tests {
             assert!(e.to_string().contains("would grow"), "{e}");
             assert!(bp.overwrite_in_place("/missing", 0, &[1]).is_err());
         }
+    }
+
+    #[test]
+    fn open_range_skips_the_table_but_checks_the_fat() {
+        let (d, small, _) = split(disk(16));
+        let path = std::env::temp_dir().join(format!("bootpart-range-{}", std::process::id()));
+        std::fs::write(&path, &d).unwrap();
+        let full = BootPartition::open(&path, false).unwrap();
+        let (n, start, len) = (
+            full.partition_number(),
+            full.partition_start(),
+            full.partition_len(),
+        );
+        let bp = BootPartition::open_range(&path, false, n, start, len).unwrap();
+        assert_eq!(bp.read_file("/a2").unwrap().unwrap(), small);
+        assert_eq!(bp.describe(), full.describe());
+        assert!(BootPartition::open_range(&path, false, n, start, d.len() as u64).is_err());
+        assert!(BootPartition::open_range(&path, false, n, start + 512, len - 512).is_err());
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! `next_entry=guest` when it hands the device to its OS (docs/boot.md).
 
 pub mod bootpart;
+pub mod store;
 
 use std::fmt::Write;
 

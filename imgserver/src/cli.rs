@@ -702,6 +702,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                             p.image
                                 .as_ref()
                                 .map(|i| format!("{} {}", i.name, i.version))
+                                .or_else(|| {
+                                    (disk.boot_agent_partition == Some(p.number))
+                                        .then(|| "(boot agent)".to_string())
+                                })
                                 .unwrap_or_default(),
                         ]);
                     }

@@ -88,6 +88,9 @@ pub struct DiskReport {
     /// The image last written to the whole disk, if the last deploy was a disk image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageStamp>,
+    /// The number of the boot-agent partition (the agent's own: GRUB, kernel, its store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_agent_partition: Option<u32>,
 }
 
 /// One partition of a disk.

@@ -1,7 +1,10 @@
 //! The flash install (issue 5 item 4): `img -install` prepares the boot-agent partition of a
 //! disk-image file (FAT, kernel, initrd, grub.cfg, a standalone GRUB EFI image), the real
 //! tools read it back (fsck.fat, mtools), and UEFI firmware (OVMF) under QEMU boots it: GRUB
-//! from our FAT, then our kernel and initrd, up to PID 1 and the `img>` prompt.
+//! from our FAT, then our kernel and initrd, up to PID 1 and the `img>` prompt. A URL list
+//! set at the console in boot 1 is still there at boot 2 (QEMU started again on the same
+//! disk file) and from the host (`img -serverurl -disk=`): the store on the boot-agent
+//! partition.
 //! `QUICK=1` skips it.
 
 mod qemu;
@@ -97,23 +100,38 @@ fn installed_boot_partition_boots_under_uefi() {
     // UEFI boot: OVMF → our GRUB → our kernel + initrd → PID 1 → the img prompt.
     let vars = dir.join("vars.fd");
     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
-    ])
-    .args(["-serial", "stdio", "-no-reboot"])
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,format=raw,readonly=on,file={}",
-        ovmf_code.display()
-    ))
-    .arg("-drive")
-    .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-    .arg("-drive")
-    .arg(format!("file={},format=raw,if=virtio", disk.display()));
-    let mut q = Qemu::start(cmd);
+    let boot = || {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+        ])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            ovmf_code.display()
+        ))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()));
+        Qemu::start(cmd)
+    };
+    let mut q = boot();
     let t_pid1 = q.wait_for("starting as PID 1", BOOT_TIMEOUT);
+    // Boot 1: the agent's directory comes from the (empty) store on the boot-agent
+    // partition; a URL list typed at the console is a state change that must persist.
+    q.wait_for(
+        "agent state from the store on partition 1 of /dev/vda",
+        BOOT_TIMEOUT,
+    );
     q.wait_for("img> ", BOOT_TIMEOUT);
+    q.send("img -serverurl https://persist.example:8443;10.9.9.9:80\r");
+    q.wait_for(
+        "server URL list: https://persist.example:8443;10.9.9.9:80",
+        Duration::from_secs(120),
+    );
+    q.wait_for("img> ", Duration::from_secs(60));
     q.send("poweroff\r");
     q.wait_for("init: powering off", Duration::from_secs(30));
     q.wait_exit(Duration::from_secs(60));
@@ -121,4 +139,37 @@ fn installed_boot_partition_boots_under_uefi() {
         "flash boot figure (TCG, OVMF + GRUB): PID 1 started {:.1} s after QEMU start",
         t_pid1.as_secs_f64()
     );
+
+    // Boot 2, same disk file: the URL list is back, read from the store.
+    let mut q = boot();
+    q.wait_for(
+        "agent state from the store on partition 1 of /dev/vda",
+        BOOT_TIMEOUT,
+    );
+    q.wait_for("img> ", BOOT_TIMEOUT);
+    q.send("img -serverurl\r");
+    q.wait_for(
+        "https://persist.example:8443;10.9.9.9:80",
+        Duration::from_secs(120),
+    );
+    q.wait_for("img> ", Duration::from_secs(60));
+    q.send("poweroff\r");
+    q.wait_for("init: powering off", Duration::from_secs(30));
+    q.wait_exit(Duration::from_secs(60));
+
+    // And from the host, with the product's own reader; the FAT is still clean.
+    let out = run(Command::new(img_bin())
+        .arg("-serverurl")
+        .arg(format!("-disk={}", disk.display())));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("https://persist.example:8443;10.9.9.9:80"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    sh(&format!(
+        "dd if={} of={} bs=1M skip=1 count=40 status=none; fsck.fat -n {} >/dev/null",
+        disk.display(),
+        vol.display(),
+        vol.display()
+    ));
 }

@@ -135,6 +135,7 @@ pub fn disk_report(path: &Path, model: Option<String>, state: &StateDir) -> Disk
     };
     report.size = t.len();
     if let Ok(layout) = disk::read_layout(&t, t.len()) {
+        report.boot_agent_partition = grub::bootpart::choose(&layout.partitions).map(|p| p.number);
         report.table = serde_json::to_value(layout.table)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))

@@ -40,7 +40,9 @@ pub const USAGE: &str = "\
         [-mac=MAC] [-serial=S] [-model=M] [-trust-dir=DIR] [-retries=N] [-q]
                                     check in with the management server once: enrol at first
                                     contact, send unsent results, run the task it hands out
-                                    and report; -loop keeps going until there is nothing to do";
+                                    and report; -loop keeps going until there is nothing to do;
+                                    -disk=DISK without -state keeps the credential and results
+                                    in DISK's boot-agent partition, as the boot agent does";
 
 /// The agent's settings for check-in.
 #[derive(Debug, Clone)]
@@ -328,7 +330,7 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
     }
 }
 
-fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
+pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
     let mut cfg = AgentConfig {
         max_tasks: Some(1),
         ..AgentConfig::default()
@@ -400,31 +402,33 @@ fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
 /// Routes the `img` verbs of this module; None for verbs that are not ours.
 pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
     match verb.trim_start_matches('-') {
-        "checkin" => Some(parse_args(args).and_then(|(server, cfg)| {
-            let outcome = agent_loop(&server, &cfg)?;
-            let (line, code) = match &outcome {
-                LoopOutcome::Idle { next_checkin } => (
-                    format!("nothing to do; check in again in {next_checkin}s"),
-                    0,
-                ),
-                LoopOutcome::Reboot => (
-                    "done; the task asks for a reboot (the boot agent reboots; by hand: `reboot`)"
-                        .to_string(),
-                    0,
-                ),
-                LoopOutcome::BootGuest => {
-                    ("done; the server asks to boot the guest OS".to_string(), 0)
-                }
-                LoopOutcome::TaskLimit {
-                    last: Outcome::Succeeded,
-                } => ("task done".to_string(), 0),
-                LoopOutcome::TaskLimit { last } => (format!("task ended: {last:?}"), 1),
-            };
-            println!("{line}");
-            Ok(code)
-        })),
+        "checkin" => Some(parse_args(args).and_then(|(server, cfg)| run_verb(&server, &cfg))),
         _ => None,
     }
+}
+
+/// `img -checkin` once the options are parsed: the loop, then its outcome as a line and an
+/// exit code.
+pub fn run_verb(server: &str, cfg: &AgentConfig) -> anyhow::Result<i32> {
+    let outcome = agent_loop(server, cfg)?;
+    let (line, code) = match &outcome {
+        LoopOutcome::Idle { next_checkin } => (
+            format!("nothing to do; check in again in {next_checkin}s"),
+            0,
+        ),
+        LoopOutcome::Reboot => (
+            "done; the task asks for a reboot (the boot agent reboots; by hand: `reboot`)"
+                .to_string(),
+            0,
+        ),
+        LoopOutcome::BootGuest => ("done; the server asks to boot the guest OS".to_string(), 0),
+        LoopOutcome::TaskLimit {
+            last: Outcome::Succeeded,
+        } => ("task done".to_string(), 0),
+        LoopOutcome::TaskLimit { last } => (format!("task ended: {last:?}"), 1),
+    };
+    println!("{line}");
+    Ok(code)
 }
 
 #[cfg(test)]

@@ -11,6 +11,10 @@
 //!
 //! Every file is written to a temporary name, synced, and renamed, so a power cut leaves the
 //! old or the new version, never half of one.
+//!
+//! On a device the directory is in RAM and backed by the persistent store on the boot-agent
+//! partition (`crate::bootstore`): after every change the hook set with [`on_change`]
+//! writes the whole tree into the store.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -31,6 +35,20 @@ pub struct CurrentTask {
     pub started: u64,
     /// How many times it was started (resumes count).
     pub attempts: u32,
+}
+
+/// Called after every change written by a [`StateDir`] (the store commit).
+static ON_CHANGE: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>> = std::sync::OnceLock::new();
+
+/// Set the hook called after every change of the state (once per process).
+pub fn on_change(f: Box<dyn Fn() + Send + Sync>) {
+    let _ = ON_CHANGE.set(f);
+}
+
+fn changed() {
+    if let Some(f) = ON_CHANGE.get() {
+        f();
+    }
 }
 
 pub struct StateDir {
@@ -59,7 +77,21 @@ fn write_atomic(path: &Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
             let _ = d.sync_all();
         }
     }
+    changed();
     Ok(())
+}
+
+/// Remove `p` (absent is fine), then run the change hook.
+fn remove(p: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("deleting {}", p.display()))
+        }
+        _ => {
+            changed();
+            Ok(())
+        }
+    }
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Option<T>> {
@@ -110,12 +142,7 @@ impl StateDir {
         let p = self.dir.join("credential");
         match token {
             Some(t) => write_atomic(&p, t.as_bytes(), true),
-            None => match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(e).with_context(|| format!("deleting {}", p.display()))
-                }
-                _ => Ok(()),
-            },
+            None => remove(&p),
         }
     }
 
@@ -127,12 +154,7 @@ impl StateDir {
         let p = self.dir.join("current.json");
         match cur {
             Some(c) => write_atomic(&p, &serde_json::to_vec_pretty(c)?, false),
-            None => match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(e).with_context(|| format!("deleting {}", p.display()))
-                }
-                _ => Ok(()),
-            },
+            None => remove(&p),
         }
     }
 
@@ -185,12 +207,7 @@ impl StateDir {
                 false,
             )?;
         }
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("deleting {}", p.display()))
-            }
-            _ => Ok(()),
-        }
+        remove(&p)
     }
 
     /// Results delivered recently.

@@ -472,6 +472,8 @@ fn round_trip(dir: &Scratch, vol: &Path, len: u64) -> (PathBuf, u64) {
     run(Command::new(&bin).args([
         "-restore",
         image.to_str().unwrap(),
+        // Unsigned test image: the explicit lab option.
+        "-unsigned",
         &format!("-disk={}", out.display()),
         &format!("-state={}", dir.join("state").display()),
         "-threads=2",

@@ -215,6 +215,8 @@ fn fat_partition_restored_at_another_offset_gets_its_hidden_sectors_fixed() {
     let o = ok(&[
         "-restore",
         image.to_str().unwrap(),
+        // Unsigned test image: the explicit lab option.
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         "-part=2",
         &format!("-state={}", s.join("state").display()),
@@ -229,6 +231,8 @@ fn fat_partition_restored_at_another_offset_gets_its_hidden_sectors_fixed() {
     ok(&[
         "-restore",
         raw.to_str().unwrap(),
+        // Unsigned test image: the explicit lab option.
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         "-part=2",
         &format!("-state={}", s.join("state").display()),
@@ -279,6 +283,8 @@ fn ntfs_partition_restored_at_another_offset_gets_its_hidden_sectors_fixed() {
     ok(&[
         "-restore",
         image.to_str().unwrap(),
+        // Unsigned test image: the explicit lab option.
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         "-part=2",
         &format!("-state={}", s.join("state").display()),
@@ -294,6 +300,8 @@ fn ntfs_partition_restored_at_another_offset_gets_its_hidden_sectors_fixed() {
     ok(&[
         "-restore",
         raw.to_str().unwrap(),
+        // Unsigned test image: the explicit lab option.
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         "-part=2",
         &format!("-state={}", s.join("state").display()),
@@ -329,6 +337,8 @@ fn raw_gpt_image_on_a_larger_disk_gets_its_backup_header_moved_to_the_end() {
         let o = ok(&[
             "-restore",
             raw.to_str().unwrap(),
+            // Unsigned test image: the explicit lab option.
+            "-unsigned",
             &format!("-disk={}", dst.display()),
             &format!("-state={}", s.join("state").display()),
         ]);

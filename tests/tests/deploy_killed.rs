@@ -129,6 +129,7 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
         c.args([
             "-restore",
             &url,
+            "-unsigned",
             &format!("-disk={}", target.display()),
             &format!("-state={}", state.display()),
         ]);
@@ -277,6 +278,7 @@ fn the_journal_and_the_invalidated_tables_are_flushed_before_the_first_data_writ
         img_bin().to_str().unwrap(),
         "-restore",
         image.to_str().unwrap(),
+        "-unsigned",
         &format!("-disk={}", target.display()),
         &format!("-state={}", s.join("state").display()),
     ]));

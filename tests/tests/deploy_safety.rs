@@ -105,6 +105,7 @@ fn a_partition_image_onto_a_whole_disk_is_refused_with_the_way_out() {
     let r = img(&[
         "-restore",
         image.to_str().unwrap(),
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         &state,
     ]);
@@ -124,6 +125,7 @@ fn a_partition_image_onto_a_whole_disk_is_refused_with_the_way_out() {
     ok(&[
         "-restore",
         image.to_str().unwrap(),
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         "-part=OS",
         &state,
@@ -135,6 +137,7 @@ fn a_partition_image_onto_a_whole_disk_is_refused_with_the_way_out() {
     ok(&[
         "-restore",
         image.to_str().unwrap(),
+        "-unsigned",
         &format!("-disk={}", floppy.display()),
         "-wholedisk",
         &state,
@@ -174,6 +177,7 @@ fn a_missing_or_smaller_target_is_refused_never_created_or_grown() {
         let r = img(&[
             "-restore",
             source.to_str().unwrap(),
+            "-unsigned",
             &format!("-disk={}", missing.display()),
             &state,
         ]);
@@ -188,6 +192,7 @@ fn a_missing_or_smaller_target_is_refused_never_created_or_grown() {
         let r = img(&[
             "-restore",
             source.to_str().unwrap(),
+            "-unsigned",
             &format!("-disk={}", small.display()),
             &state,
         ]);
@@ -235,6 +240,7 @@ fn a_rerun_of_a_finished_restore_skips_the_chunks_already_on_the_target() {
         let mut v = vec![
             "-restore".to_string(),
             nginx.url("d.fimg"),
+            "-unsigned".to_string(),
             format!("-disk={}", dst.display()),
             format!("-state={}", s.join("state").display()),
         ];
@@ -371,6 +377,7 @@ fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
         let r = img(&[
             "-restore",
             forged.to_str().unwrap(),
+            "-unsigned",
             &format!("-disk={}", dst.display()),
             &state,
         ]);
@@ -389,7 +396,7 @@ fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
     let r = Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "{} -restore - -disk={} {state} < {}",
+            "{} -restore - -unsigned -disk={} {state} < {}",
             img_bin().display(),
             dst.display(),
             forged.display()
@@ -413,6 +420,7 @@ fn hostile_chunk_extents_are_refused_before_the_target_is_touched() {
     ok(&[
         "-restore",
         image.to_str().unwrap(),
+        "-unsigned",
         &format!("-disk={}", dst.display()),
         &state,
     ]);
@@ -497,6 +505,7 @@ fn peak_memory_stays_within_64_mib_with_64_mib_chunks() {
             vec![
                 "-restore".to_string(),
                 nginx.url("big.fimg"),
+                "-unsigned".to_string(),
                 format!("-disk={}", dst.display()),
                 state.clone(),
             ],
@@ -506,6 +515,7 @@ fn peak_memory_stays_within_64_mib_with_64_mib_chunks() {
             vec![
                 "-restore".to_string(),
                 image.display().to_string(),
+                "-unsigned".to_string(),
                 format!("-disk={}", dst.display()),
                 state.clone(),
                 "-resume=never".to_string(),

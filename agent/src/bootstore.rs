@@ -28,7 +28,8 @@ pub const ROOT: &str = "/bootagent";
 /// Which disk and partition back [`ROOT`] (written at boot).
 pub const RECORD: &str = "/run/img/bootpart";
 /// What of the directory is kept: the names directly under the root.
-pub const KEPT: [&str; 4] = ["config", "state", "ca.pem", "trusted"];
+/// `enrol.key` is the site enrolment secret the administrator puts next to the CA.
+pub const KEPT: [&str; 5] = ["config", "state", "ca.pem", "enrol.key", "trusted"];
 /// How often the running agent's directory is compared with the store.
 pub const SYNC_EVERY: Duration = Duration::from_secs(3);
 /// Largest file kept (the store holds 256 KiB in all).
@@ -108,23 +109,20 @@ pub fn recorded_for(dir: &Path) -> Option<Backing> {
     recorded().filter(|b| dir.starts_with(&b.root))
 }
 
-/// Plain files an administrator put on the partition: `/ca.pem`, `/config/*`, `/trusted/*`.
+/// Plain files an administrator put on the partition: `/ca.pem`, `/enrol.key`, `/config/*`,
+/// `/trusted/*`.
 fn admin_files(bp: &BootPartition) -> Tree {
     let mut t = Tree::new();
     let mut add = |path: &str, rel: String| {
         if let Ok(Some(data)) = bp.read_file(path) {
             if (data.len() as u64) <= MAX_FILE && grub::store::valid_path(&rel) {
-                t.insert(
-                    rel,
-                    Item {
-                        data,
-                        secret: false,
-                    },
-                );
+                let secret = rel == "enrol.key";
+                t.insert(rel, Item { data, secret });
             }
         }
     };
     add("/ca.pem", "ca.pem".into());
+    add("/enrol.key", "enrol.key".into());
     for dir in ["config", "trusted"] {
         if let Ok(list) = bp.list_dir(dir) {
             for e in list.into_iter().filter(|e| !e.is_dir).take(64) {
@@ -363,8 +361,8 @@ impl Drop for TempRoot {
 /// `img -checkin`: when `-disk=DISK` is given without `-state` (and `IMG_AGENT_STATE` is
 /// unset), the state comes from DISK's boot-agent partition exactly as the boot agent's
 /// does: filled into a temporary directory, committed after every change, every few
-/// seconds and at the end. Its CA and trusted keys are used unless `-ca`/`-trust-dir` are
-/// given. Otherwise the check-in module's own routing runs. None for other verbs.
+/// seconds and at the end. Its CA, trusted keys and lab settings are used unless
+/// `-ca`/`-trust-dir`/`-config` are given. Otherwise the check-in module's own routing runs. None for other verbs.
 pub fn dispatch_checkin(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
     if verb.trim_start_matches('-') != "checkin" {
         return None;
@@ -376,7 +374,12 @@ pub fn dispatch_checkin(verb: &str, args: Vec<OsString>) -> Option<anyhow::Resul
             b == name || b.starts_with(&format!("{name}="))
         })
     };
-    let (has_state, has_ca, has_trust) = (explicit("state"), explicit("ca"), explicit("trust-dir"));
+    let (has_state, has_ca, has_trust, has_config) = (
+        explicit("state"),
+        explicit("ca"),
+        explicit("trust-dir"),
+        explicit("config"),
+    );
     Some(
         crate::checkin::parse_args(args).and_then(|(server, mut cfg)| {
             let Some(disk) = cfg
@@ -404,6 +407,17 @@ pub fn dispatch_checkin(verb: &str, args: Vec<OsString>) -> Option<anyhow::Resul
             }
             if !has_trust && t.root().join("trusted").is_dir() {
                 cfg.trusted_dir = Some(t.root().join("trusted"));
+            }
+            // The lab settings are the partition's own (config/lab.conf), as at boot.
+            if !has_config {
+                cfg.config_dir = t.root().join("config");
+                let mut notes = Vec::new();
+                cfg.lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
+                if !cfg.quiet {
+                    for n in notes {
+                        eprintln!("img: {n}");
+                    }
+                }
             }
             commit_on_state_change(t.backing.clone());
             spawn_sync(t.backing.clone());

@@ -265,8 +265,9 @@ fn checkin_twice_on_a_disk_image_uses_the_stored_credential() {
     let server = Server::start(&data);
     // The administrator puts the server's CA on the boot-agent partition as a plain file.
     sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::ca.pem",
-        data.join("ca.pem").display()
+        "MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::ca.pem; MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::enrol.key",
+        data.join("ca.pem").display(),
+        data.join("enrol.key").display()
     ));
     let checkin = |extra: &[&str]| {
         let mut args = vec![
@@ -343,8 +344,15 @@ fn a_deploy_through_checkin_disk_keeps_its_results_in_the_store() {
     std::fs::create_dir_all(&data).unwrap();
     let server = Server::start(&data);
     sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::ca.pem",
-        data.join("ca.pem").display()
+        "MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::ca.pem; MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::enrol.key",
+        data.join("ca.pem").display(),
+        data.join("enrol.key").display()
+    ));
+    // The suite's image is unsigned: the lab setting, explicitly, where the agent keeps it.
+    std::fs::write(dir.join("lab.conf"), "unsigned_images = yes\n").unwrap();
+    sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1; mmd -i {d}@@1M ::config 2>/dev/null; mcopy -o -i {d}@@1M {} ::config/lab.conf",
+        dir.join("lab.conf").display()
     ));
     // An OS partition image: FAT16 with VERSION.TXT, captured with img -make.
     let src = dir.join("src.img");

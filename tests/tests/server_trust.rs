@@ -649,6 +649,11 @@ fn repository_needs_the_devices_credential_or_a_signed_url() {
         retry_wait: Duration::from_millis(300),
         job_retries: 0,
         quiet: true,
+        // The test image is unsigned: the explicit lab setting.
+        lab: discovery::LabSettings {
+            unsigned_images: true,
+            ..Default::default()
+        },
         ..AgentConfig::default()
     };
     srv.admin(&[

@@ -950,7 +950,6 @@ fn tap_tx_bytes(site: &Site) -> u64 {
 }
 
 #[test]
-#[ignore = "needs the persistent store (resume journal, credential: branch store) and the grubenv hand-over (branch grubenv)"]
 fn power_cut_mid_deploy_resumes_and_ends_in_v2() {
     if quick() {
         return;

@@ -763,7 +763,6 @@ fn plugged_device(lab: &Lab, site: &Site) -> Device {
 }
 
 #[test]
-#[ignore = "needs the persistent store (branch store) and the grubenv hand-over (branch grubenv)"]
 fn whole_life_boots_deploys_reboots_and_stays_managed() {
     if quick() {
         return;

@@ -12,6 +12,7 @@
 //! Plain files an administrator put on the partition (`/ca.pem`, `/config/*`, `/trusted/*`)
 //! are loaded first; the store's copies override them (they are newer: the agent wrote them).
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -341,6 +342,61 @@ impl Drop for TempRoot {
     }
 }
 
+/// `img -checkin`: when `-disk=DISK` is given without `-state` (and `IMG_AGENT_STATE` is
+/// unset), the state comes from DISK's boot-agent partition exactly as the boot agent's
+/// does: filled into a temporary directory, committed after every change, every few
+/// seconds and at the end. Its CA and trusted keys are used unless `-ca`/`-trust-dir` are
+/// given. Otherwise the check-in module's own routing runs. None for other verbs.
+pub fn dispatch_checkin(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
+    if verb.trim_start_matches('-') != "checkin" {
+        return None;
+    }
+    let explicit = |name: &str| {
+        args.iter().any(|a| {
+            let s = a.to_string_lossy();
+            let b = s.trim_start_matches('-').to_ascii_lowercase();
+            b == name || b.starts_with(&format!("{name}="))
+        })
+    };
+    let (has_state, has_ca, has_trust) = (explicit("state"), explicit("ca"), explicit("trust-dir"));
+    Some(
+        crate::checkin::parse_args(args).and_then(|(server, mut cfg)| {
+            let Some(disk) = cfg
+                .disk
+                .clone()
+                .filter(|_| !has_state && std::env::var_os("IMG_AGENT_STATE").is_none())
+            else {
+                return crate::checkin::run_verb(&server, &cfg);
+            };
+            let t = TempRoot::new(&disk).with_context(|| {
+                format!(
+                    "reading the agent's state from {} (or give -state=DIR)",
+                    disk.display()
+                )
+            })?;
+            if !cfg.quiet {
+                eprintln!(
+                    "img: agent state from the boot-agent {}",
+                    t.backing.describe()
+                );
+            }
+            cfg.state_dir = t.root().join("state");
+            if !has_ca && cfg.ca_file.is_none() && t.root().join("ca.pem").is_file() {
+                cfg.ca_file = Some(t.root().join("ca.pem"));
+            }
+            if !has_trust && t.root().join("trusted").is_dir() {
+                cfg.trusted_dir = Some(t.root().join("trusted"));
+            }
+            commit_on_state_change(t.backing.clone());
+            spawn_sync(t.backing.clone());
+            let r = crate::checkin::run_verb(&server, &cfg);
+            // The final state (credential, results) is in the store before we return.
+            commit(&t.backing)?;
+            r
+        }),
+    )
+}
+
 /// At boot (init): find the disk with a boot-agent partition (`img.disk=` first, else the
 /// disks in `/sys/block` in order), fill [`ROOT`] from it and record it. Returns the line
 /// to show on the console.
@@ -459,6 +515,90 @@ pub fn dump_text(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk-image file with a boot-agent partition as `img -install` leaves it (FAT16,
+    /// preallocated store) and an administrator's ca.pem on it.
+    fn disk(tag: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("bootstore-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!(
+            "truncate -s 8M d.img
+             sgdisk -o -n 1:2048:+6144K -c 1:BOOTAGENT -n 2:0:0 d.img >/dev/null
+             mkfs.fat -C -F 16 -s 1 -n BOOTAGENT p.img 6144 >/dev/null
+             head -c {} /dev/zero > s.dat
+             echo admin-ca > ca.pem
+             mmd -i p.img ::AGENT
+             mcopy -i p.img s.dat ::AGENT/STATE.DAT
+             mcopy -i p.img ca.pem ::ca.pem
+             dd if=p.img of=d.img bs=512 seek=2048 conv=notrunc status=none",
+            grub::store::FILE_LEN
+        );
+        let st = std::process::Command::new("sh")
+            .args(["-ec", &script])
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "making the test disk failed (needs sgdisk, mkfs.fat, mtools)"
+        );
+        (dir.join("d.img"), dir)
+    }
+
+    #[test]
+    fn materialise_commit_and_materialise_again() {
+        let (img, dir) = disk("cycle");
+        let a = dir.join("a");
+        let m = materialise(&img, &a).unwrap();
+        assert_eq!((m.seq, m.backing.partition), (0, 1));
+        assert_eq!(std::fs::read(a.join("ca.pem")).unwrap(), b"admin-ca\n");
+        // The agent's changes: a credential (0600), a URL list, and its own CA copy.
+        let mut t = Tree::new();
+        t.insert(
+            "state/credential".into(),
+            Item {
+                data: b"secret-token".to_vec(),
+                secret: true,
+            },
+        );
+        t.insert(
+            "state/outbox/r1.json".into(),
+            Item {
+                data: b"{}".to_vec(),
+                secret: false,
+            },
+        );
+        t.insert(
+            "ca.pem".into(),
+            Item {
+                data: b"agent-ca".to_vec(),
+                secret: false,
+            },
+        );
+        write_tree(&a, &t).unwrap();
+        assert_eq!(commit(&m.backing).unwrap(), Some(1));
+        assert_eq!(commit(&m.backing).unwrap(), None, "no change, no write");
+        // Next boot: a fresh directory gets the same tree, the store overriding the
+        // administrator's file, the credential readable by its owner only.
+        let b = dir.join("b");
+        let m2 = materialise(&img, &b).unwrap();
+        assert_eq!(m2.seq, 1);
+        assert_eq!(collect(&b).unwrap(), collect(&a).unwrap());
+        assert_eq!(std::fs::read(b.join("ca.pem")).unwrap(), b"agent-ca");
+        let mode = std::fs::metadata(b.join("state/credential"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A deleted outbox entry is deleted in the store too.
+        std::fs::remove_file(a.join("state/outbox/r1.json")).unwrap();
+        assert_eq!(commit(&m.backing).unwrap(), Some(2));
+        let c = dir.join("c");
+        materialise(&img, &c).unwrap();
+        assert!(!c.join("state/outbox/r1.json").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn record_round_trips() {

@@ -7,7 +7,9 @@
 //!    are the console;
 //! 2. load the kernel modules the initramfs carries (storage and NIC drivers) in dependency
 //!    order from `/lib/modules/<version>/modules.dep`, with `finit_module(2)`;
-//! 3. read the agent's parameters from the kernel command line ([`BootParams`]);
+//! 3. read the agent's parameters from the kernel command line ([`BootParams`]), and fill
+//!    the agent's directory `/bootagent` from the store on the boot-agent partition
+//!    ([`crate::bootstore`]);
 //! 4. start the boot agent as a child (this binary again, `argv[0]` = `agent`) and hand the
 //!    console to [`crate::console`], which shows what the agent does and opens the `img`
 //!    prompt on Esc;

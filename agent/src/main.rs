@@ -28,7 +28,8 @@ img: disk and partition imaging for thin clients and PCs
 
 usage: img -VERB [options]          (options may also be written with --)
 
-  -dump [DISK] [-json]              disks and partitions: size, type, label, file system, used bytes
+  -dump [DISK] [-json]              disks and partitions: size, type, label, file system, used bytes;
+                                    the boot-agent partition, its store and grubenv
   -make DEST [-disk=DISK] [-part=N|LABEL] [-comp=0..9] [-name=] [-version=] [-model=M,..]
         [-desc=TEXT] [-raw] [-chunk=MiB] [-threads=N] [-ca=PEM]
                                     capture a disk or one partition (used blocks only) to a file,
@@ -126,6 +127,10 @@ fn run_img(args: &[OsString]) -> i32 {
 /// Verbs that belong to the other command families (discovery, check-in, install).
 fn other_family(verb: &str, rest: Vec<OsString>) -> anyhow::Result<i32> {
     if let Some(r) = discover::dispatch(verb, rest.clone()) {
+        return r;
+    }
+    // -checkin -disk=DISK keeps its state in DISK's boot-agent partition (bootstore.rs).
+    if let Some(r) = bootstore::dispatch_checkin(verb, rest.clone()) {
         return r;
     }
     if let Some(r) = checkin::dispatch(verb, rest.clone()) {

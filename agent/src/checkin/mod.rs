@@ -330,7 +330,7 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
     }
 }
 
-fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
+pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
     let mut cfg = AgentConfig {
         max_tasks: Some(1),
         ..AgentConfig::default()
@@ -399,87 +399,36 @@ fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
     Ok((server, cfg))
 }
 
-/// [`parse_args`], and when `-disk=DISK` is given without `-state` (and `IMG_AGENT_STATE`
-/// is unset), the state comes from DISK's boot-agent partition exactly as the boot agent's
-/// does: filled into a temporary directory, committed back after every change, every few
-/// seconds and at the end. Its CA and trusted keys are used unless `-ca`/`-trust-dir` say
-/// otherwise.
-fn parse_args_with_store(
-    args: Vec<OsString>,
-) -> anyhow::Result<(String, AgentConfig, Option<crate::bootstore::TempRoot>)> {
-    let explicit = |name: &str| {
-        args.iter().any(|a| {
-            let s = a.to_string_lossy();
-            let b = s.trim_start_matches('-').to_ascii_lowercase();
-            b == name || b.starts_with(&format!("{name}="))
-        })
-    };
-    let (has_state, has_ca, has_trust) = (explicit("state"), explicit("ca"), explicit("trust-dir"));
-    let (server, mut cfg) = parse_args(args)?;
-    let Some(disk) = cfg
-        .disk
-        .clone()
-        .filter(|_| !has_state && std::env::var_os("IMG_AGENT_STATE").is_none())
-    else {
-        return Ok((server, cfg, None));
-    };
-    let t = crate::bootstore::TempRoot::new(&disk).with_context(|| {
-        format!(
-            "reading the agent's state from {} (or give -state=DIR)",
-            disk.display()
-        )
-    })?;
-    log(
-        &cfg,
-        format!("agent state from the boot-agent {}", t.backing.describe()),
-    );
-    cfg.state_dir = t.root().join("state");
-    if !has_ca && cfg.ca_file.is_none() && t.root().join("ca.pem").is_file() {
-        cfg.ca_file = Some(t.root().join("ca.pem"));
-    }
-    if !has_trust && t.root().join("trusted").is_dir() {
-        cfg.trusted_dir = Some(t.root().join("trusted"));
-    }
-    crate::bootstore::commit_on_state_change(t.backing.clone());
-    crate::bootstore::spawn_sync(t.backing.clone());
-    Ok((server, cfg, Some(t)))
-}
-
 /// Routes the `img` verbs of this module; None for verbs that are not ours.
 pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
     match verb.trim_start_matches('-') {
-        "checkin" => Some(
-            parse_args_with_store(args).and_then(|(server, cfg, store)| {
-                let outcome = agent_loop(&server, &cfg);
-                if let Some(t) = &store {
-                    // The final state (credential, results) is in the store before we return.
-                    crate::bootstore::commit(&t.backing)?;
-                }
-                let outcome = outcome?;
-                let (line, code) = match &outcome {
-                LoopOutcome::Idle { next_checkin } => (
-                    format!("nothing to do; check in again in {next_checkin}s"),
-                    0,
-                ),
-                LoopOutcome::Reboot => (
-                    "done; the task asks for a reboot (the boot agent reboots; by hand: `reboot`)"
-                        .to_string(),
-                    0,
-                ),
-                LoopOutcome::BootGuest => {
-                    ("done; the server asks to boot the guest OS".to_string(), 0)
-                }
-                LoopOutcome::TaskLimit {
-                    last: Outcome::Succeeded,
-                } => ("task done".to_string(), 0),
-                LoopOutcome::TaskLimit { last } => (format!("task ended: {last:?}"), 1),
-            };
-                println!("{line}");
-                Ok(code)
-            }),
-        ),
+        "checkin" => Some(parse_args(args).and_then(|(server, cfg)| run_verb(&server, &cfg))),
         _ => None,
     }
+}
+
+/// `img -checkin` once the options are parsed: the loop, then its outcome as a line and an
+/// exit code.
+pub fn run_verb(server: &str, cfg: &AgentConfig) -> anyhow::Result<i32> {
+    let outcome = agent_loop(server, cfg)?;
+    let (line, code) = match &outcome {
+        LoopOutcome::Idle { next_checkin } => (
+            format!("nothing to do; check in again in {next_checkin}s"),
+            0,
+        ),
+        LoopOutcome::Reboot => (
+            "done; the task asks for a reboot (the boot agent reboots; by hand: `reboot`)"
+                .to_string(),
+            0,
+        ),
+        LoopOutcome::BootGuest => ("done; the server asks to boot the guest OS".to_string(), 0),
+        LoopOutcome::TaskLimit {
+            last: Outcome::Succeeded,
+        } => ("task done".to_string(), 0),
+        LoopOutcome::TaskLimit { last } => (format!("task ended: {last:?}"), 1),
+    };
+    println!("{line}");
+    Ok(code)
 }
 
 #[cfg(test)]

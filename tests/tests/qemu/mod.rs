@@ -287,7 +287,15 @@ pub fn bios_marker_disk(path: &Path, size: u64, marker: &str) {
     let bin = work.join("mbr.bin");
     run(Command::new("as").arg("--32").arg("-o").arg(&obj).arg(&src));
     run(Command::new("ld")
-        .args(["-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary", "-o"])
+        .args([
+            "-m",
+            "elf_i386",
+            "-Ttext",
+            "0x7c00",
+            "--oformat",
+            "binary",
+            "-o",
+        ])
         .arg(&bin)
         .arg(&obj));
     let sector = std::fs::read(&bin).unwrap();
@@ -433,8 +441,7 @@ impl PxeLan {
     pub fn qemu(&self, mac: &str) -> Command {
         let mut cmd = self.cmd("qemu-system-x86_64");
         cmd.args([
-            "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor",
-            "none",
+            "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
         ])
         .args(["-serial", "stdio", "-no-reboot"]);
         cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);

@@ -313,6 +313,18 @@ impl Device {
                 let mut dev = format!("virtio-net-pci,netdev=n0,mac={}", self.mac);
                 if self.pxe {
                     dev.push_str(",bootindex=1");
+                    // The NIC's iPXE ROM is the one network boot entry, as on a thin client:
+                    // OVMF's own PXE and HTTP boot (IPv4 and IPv6) would wait out their
+                    // timeouts before the disk after iPXE exits.
+                    for knob in [
+                        "IPv4PXESupport",
+                        "IPv6PXESupport",
+                        "IPv4Support",
+                        "IPv6Support",
+                    ] {
+                        cmd.arg("-fw_cfg")
+                            .arg(format!("name=opt/org.tianocore/{knob},string=no"));
+                    }
                 } else {
                     // Only the disk boots: the NIC's option ROM stays out of the way.
                     dev.push_str(",romfile=");
@@ -1094,19 +1106,9 @@ fn pxe_site(lab: &Lab, tag: &str) -> Site {
     std::fs::copy(&lab.agent_initrd, pxe.join("initrd.img")).unwrap();
     site.start_server_with(&["--pxe-args", AGENT_CMDLINE]);
 
-    let tftp = dir.join("tftp");
-    std::fs::create_dir_all(&tftp).unwrap();
-    std::fs::copy("/usr/lib/ipxe/ipxe.efi", tftp.join("ipxe.efi"))
-        .expect("/usr/lib/ipxe/ipxe.efi missing: run `bash scripts/install-deps.sh` as root");
-    let script = std::fs::read_to_string(e2e::workspace_root().join("pxe/boot.ipxe")).unwrap();
-    let set = script
-        .lines()
-        .find(|l| l.starts_with("set img-pxe "))
-        .expect("pxe/boot.ipxe has no `set img-pxe URL` line for this test to point at the server")
-        .to_string();
-    let script = script.replace(&set, &format!("set img-pxe http://{SERVER_IP}:8080/pxe"));
-    std::fs::write(tftp.join("boot.ipxe"), script).unwrap();
-
+    // The TFTP root: iPXE and the shipped boot.ipxe pointed at the server, with its hot-key
+    // window as shipped (2 s).
+    let tftp = qemu::pxe_tftp_root(dir, &format!("http://{SERVER_IP}:8080/pxe"), 2000);
     let conf = std::fs::read_to_string(e2e::workspace_root().join("pxe/dnsmasq-dhcp.conf"))
         .unwrap()
         .replace("interface=eth0", "interface=br0")
@@ -1184,7 +1186,6 @@ fn agent_fetches(site: &Site) -> (usize, Vec<String>) {
 }
 
 #[test]
-#[ignore = "needs the shipped pxe/boot.ipxe that asks the server first (branch pxe, not committed yet)"]
 fn pxe_asks_first_agent_with_work_local_disk_without() {
     if quick() {
         return;

@@ -221,7 +221,12 @@ pub fn collect(root: &Path) -> anyhow::Result<Tree> {
                 walk(root, &format!("{rel}/{n}"), tree, depth + 1)?;
             }
         } else if md.is_file() && !rel.ends_with(".tmp") && grub::store::valid_path(rel) {
-            let data = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            let data = match std::fs::read(&p) {
+                Ok(d) => d,
+                // Removed since it was listed (an acknowledged result): not part of the tree.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+            };
             let secret = md.permissions().mode() & 0o077 == 0;
             tree.insert(rel.to_string(), Item { data, secret });
         }
@@ -234,13 +239,21 @@ pub fn collect(root: &Path) -> anyhow::Result<Tree> {
     Ok(tree)
 }
 
-/// One commit at a time in this process; across processes the disk itself is locked.
-static COMMIT: Mutex<()> = Mutex::new(());
+/// One commit at a time in this process; across processes the disk itself is locked. The
+/// value lists the roots being removed ([`TempRoot`]'s drop): a commit of a directory that
+/// is going away would save a partial tree over the real state.
+static COMMIT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Write `b.root`'s tree into the store when it differs from the newest record. Returns
 /// the new record's sequence number, None when nothing changed.
 pub fn commit(b: &Backing) -> anyhow::Result<Option<u64>> {
-    let _g = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
+    let closing = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
+    if closing.contains(&b.root) || !b.root.is_dir() {
+        anyhow::bail!(
+            "{} is gone; its last state was saved before",
+            b.root.display()
+        );
+    }
     // An exclusive lock on the disk serializes the agent, its sync thread and console
     // commands (flock is per open file, so it works between processes).
     let lock =
@@ -338,6 +351,11 @@ impl TempRoot {
 
 impl Drop for TempRoot {
     fn drop(&mut self) {
+        // Waits for a commit in progress; none starts afterwards.
+        COMMIT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.backing.root.clone());
         let _ = std::fs::remove_dir_all(&self.backing.root);
     }
 }
@@ -597,6 +615,15 @@ mod tests {
         let c = dir.join("c");
         materialise(&img, &c).unwrap();
         assert!(!c.join("state/outbox/r1.json").exists());
+        // A temporary root that was removed is never committed (it would save an empty
+        // tree over the credential).
+        let t = TempRoot::new(&img).unwrap();
+        let gone = t.backing.clone();
+        drop(t);
+        assert!(commit(&gone).is_err());
+        let again = materialise(&img, &dir.join("d")).unwrap();
+        assert_eq!(again.seq, 2);
+        assert!(dir.join("d/state/credential").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -21,13 +21,17 @@ const MIB: u64 = 1 << 20;
 /// A 64 MiB disk: partition 1 (40 MiB, "BOOTAGENT") prepared by `img -install` with a
 /// stand-in kernel and initrd, partition 2 the rest.
 fn installed_disk(dir: &Scratch) -> PathBuf {
+    installed_disk_of(dir, 64)
+}
+
+fn installed_disk_of(dir: &Scratch, mib: u64) -> PathBuf {
     for t in ["sgdisk", "fsck.fat", "mtype", "mcopy"] {
         require_tool(t);
     }
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
-        .set_len(64 * MIB)
+        .set_len(mib * MIB)
         .unwrap();
     run(Command::new("sgdisk")
         .args([
@@ -325,4 +329,128 @@ fn checkin_twice_on_a_disk_image_uses_the_stored_credential() {
     // The inventory names the boot-agent partition; the server shows it.
     let device = admin(&data, &["device", "52:54:00:00:08:01"]);
     assert!(device.contains("(boot agent)"), "{device}");
+}
+
+/// A deploy run by `img -checkin -disk=disk.img` into partition 2 of the device's own disk:
+/// its result, the image stamp and the delivered-results list end up in the store, and the
+/// next check-in from a new process (the next boot) still authenticates.
+#[test]
+fn a_deploy_through_checkin_disk_keeps_its_results_in_the_store() {
+    let dir = Scratch::new("bootstore-deploy");
+    let disk = installed_disk_of(&dir, 96);
+    let d = disk.to_str().unwrap();
+    let data = dir.join("server");
+    std::fs::create_dir_all(&data).unwrap();
+    let server = Server::start(&data);
+    sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mcopy -i {d}@@1M {} ::ca.pem",
+        data.join("ca.pem").display()
+    ));
+    // An OS partition image: FAT16 with VERSION.TXT, captured with img -make.
+    let src = dir.join("src.img");
+    sh(&format!(
+        "cd {dir}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT
+         truncate -s 48M {src}
+         sgdisk -o -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
+         mcopy -i {src}@@1048576 VERSION.TXT ::VERSION.TXT",
+        dir = dir.path().display(),
+        src = src.display()
+    ));
+    let image = dir.join("os-2.1.img");
+    let o = img(&[
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=1",
+        "-name=os",
+        "-version=2.1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    admin(&data, &["image", "add", image.to_str().unwrap()]);
+
+    let mac = "52:54:00:00:08:02";
+    let checkin = || {
+        Command::new(img_bin())
+            .args([
+                "-checkin",
+                &format!("-server={}", server.url),
+                &format!("-disk={d}"),
+                &format!("-mac={mac}"),
+                "-serial=STORE-2",
+                "-retries=2",
+            ])
+            .env_remove("IMG_AGENT_STATE")
+            .output()
+            .unwrap()
+    };
+    let o = checkin();
+    assert!(o.status.success(), "enrolment:\n{}", text(&o));
+    let out = admin(
+        &data,
+        &[
+            "schedule",
+            "add",
+            "--mac",
+            mac,
+            "--image",
+            "os:2.1",
+            "--partition",
+            "2",
+            "--then",
+            "no-reboot",
+        ],
+    );
+    assert!(out.contains("scheduled"), "{out}");
+    let o = checkin();
+    assert!(o.status.success(), "deploy:\n{}", text(&o));
+    assert!(
+        text(&o).contains("task done"),
+        "{}\nschedule: {out}\njob: {}",
+        text(&o),
+        admin(&data, &["job", "1"])
+    );
+
+    // Partition 2 holds the OS; the boot-agent partition is still a clean FAT.
+    let vol = dir.join("p2.img");
+    sh(&format!(
+        "dd if={d} of={} bs=1M skip=41 count=32 status=none; fsck.fat -n {} >/dev/null",
+        vol.display(),
+        vol.display()
+    ));
+    let v = sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
+        vol.display()
+    ));
+    assert_eq!(v.trim(), "os 2.1");
+    fsck_clean(&dir, &disk);
+
+    // The store: the stamp for partition 2, the delivered result, no task in progress.
+    let tree = Store::open(BootPartition::open(&disk, false).unwrap())
+        .unwrap()
+        .load()
+        .unwrap()
+        .tree;
+    let images = String::from_utf8_lossy(&tree["state/images.json"].data).to_string();
+    assert!(
+        images.contains(&format!("{d}#2")) && images.contains("2.1"),
+        "{images}"
+    );
+    assert!(tree.contains_key("state/done.json"), "{:?}", tree.keys());
+    assert!(
+        !tree.contains_key("state/current.json"),
+        "{:?}",
+        tree.keys()
+    );
+
+    // The next "boot": a new process, the stored credential, nothing left to do.
+    let o = checkin();
+    assert!(o.status.success(), "after the deploy:\n{}", text(&o));
+    assert!(text(&o).contains("nothing to do"), "{}", text(&o));
+    let dev = admin(&data, &["devices"]);
+    let line = dev.lines().find(|l| l.starts_with(mac)).unwrap_or_default();
+    assert!(
+        line.contains("Operational") && line.contains("2.1"),
+        "{dev}"
+    );
 }

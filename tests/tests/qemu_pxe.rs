@@ -52,7 +52,7 @@ fn server_data(dir: &Scratch, ip: &str, with_agent: bool) -> std::path::PathBuf 
 
 /// The serve arguments of a production-like set-up: check-in over HTTPS on 8443, PXE over
 /// plain HTTP on 8080, the given kernel parameters.
-fn serve_args<'a>(ip: &str, args: &'a str) -> Vec<String> {
+fn serve_args(ip: &str, args: &str) -> Vec<String> {
     vec![
         "--listen".into(),
         format!("{ip}:8443"),

@@ -474,8 +474,17 @@ async fn boot_ipxe(
 /// `GET /pxe/vmlinuz`, `GET /pxe/initrd.img`: the agent's kernel and initrd with HTTP Range.
 async fn file(name: &'static str, st: Arc<AppState>, req: Request<axum::body::Body>) -> Response {
     let path = st.pxe.dir.join(name);
-    eprintln!("imgserver: pxe: sending {name}");
-    serve_file(&path, req).await
+    let r = serve_file(&path, req).await;
+    if r.status().is_success() {
+        eprintln!("imgserver: pxe: sending {name}");
+    } else {
+        eprintln!(
+            "imgserver: pxe: {name} not sent ({}): is it in {}?",
+            r.status(),
+            st.pxe.dir.display()
+        );
+    }
+    r
 }
 
 async fn serve_file(path: &Path, req: Request<axum::body::Body>) -> Response {

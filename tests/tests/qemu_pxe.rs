@@ -10,7 +10,7 @@
 //!   asserted).
 //! - `pxe_no_work_boots_local_disk_under_bios`: the same under SeaBIOS (an MBR that prints
 //!   a marker).
-//! - `pxe_hotkey_menu_gives_img_console_under_uefi`: Esc at the 2-second prompt, `c` in the
+//! - `pxe_hotkey_menu_gives_img_console_under_uefi`: Space at the 2-second prompt, `c` in the
 //!   menu: the agent's kernel with `img.console`, up to the `img>` prompt.
 //! - `pxe_with_work_loads_agent_which_deploys_then_boots_local_disk`: a deploy scheduled for
 //!   the MAC: the agent's kernel + initrd come from the server, the agent checks in over
@@ -52,7 +52,7 @@ fn server_data(dir: &Scratch, ip: &str, with_agent: bool) -> std::path::PathBuf 
 
 /// The serve arguments of a production-like set-up: check-in over HTTPS on 8443, PXE over
 /// plain HTTP on 8080, the given kernel parameters.
-fn serve_args<'a>(ip: &str, args: &'a str) -> Vec<String> {
+fn serve_args(ip: &str, args: &str) -> Vec<String> {
     vec![
         "--listen".into(),
         format!("{ip}:8443"),
@@ -199,7 +199,7 @@ fn pxe_no_work_boots_local_disk_under_bios() {
     );
 }
 
-/// Seed 004's hot-key menu: Esc at the prompt, `c`: the agent's kernel with `img.console`
+/// Seed 004's hot-key menu: Space at the prompt, `c`: the agent's kernel with `img.console`
 /// for a device the server has no work for (iPXE's EFI console is on the serial port).
 #[test]
 fn pxe_hotkey_menu_gives_img_console_under_uefi() {
@@ -223,8 +223,8 @@ fn pxe_hotkey_menu_gives_img_console_under_uefi() {
     let mut cmd = lan.qemu(mac);
     cmd.args(ovmf_args(dir.path())).args(disk_args(&disk, 2));
     let mut q = Qemu::start(cmd);
-    q.wait_for("Press Esc for the boot menu", BOOT_TIMEOUT);
-    q.send("\x1b");
+    q.wait_for("Press Space for the boot menu", BOOT_TIMEOUT);
+    q.send(" ");
     q.wait_for("img console", Duration::from_secs(30));
     q.send("c");
     q.wait_for(

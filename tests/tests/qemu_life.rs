@@ -1003,7 +1003,7 @@ fn power_cut_mid_deploy_resumes_and_ends_in_v2() {
     // has reached the device (the tap's byte counter).
     let mut b = dev.power_on();
     b.wait_for("agent started", BOOT_LIMIT);
-    b.wait_for(&format!("task "), BOOT_LIMIT);
+    b.wait_for("deploying guest 2", BOOT_LIMIT);
     let base = tap_tx_bytes(&site);
     let end = Instant::now() + DEPLOY_LIMIT;
     while tap_tx_bytes(&site) < base + size * 2 / 5 {

@@ -327,7 +327,12 @@ fn files_base(cfg: &PxeConfig, scheme: &str, here: Option<&str>) -> Option<Strin
 #[derive(Debug, Clone, Copy)]
 struct PlainListener;
 
-/// The iPXE script for an answer. `files` is the base URL of `vmlinuz` and `initrd.img`,
+/// The iPXE script for an answer. "Local disk" is `exit 1`: iPXE ends and the firmware
+/// boots its next boot device. The status must be an error: edk2 (OVMF and most UEFI
+/// firmware) stops at its boot menu when a boot option returns success, and tries the next
+/// option after a failure; BIOS firmware goes on either way. `img-answer` tells the generic
+/// `boot.ipxe` that the server did answer (so it does not report the server unreachable).
+/// `files` is the base URL of `vmlinuz` and `initrd.img`,
 /// `server` the URL for `img.server=` (None: the agent finds its server by DHCP etc.).
 pub fn render(
     mac: &str,
@@ -341,7 +346,8 @@ pub fn render(
             "#!ipxe\n\
              # imgserver: {mac}: {reason}\n\
              echo imgserver: {reason}: booting the local disk\n\
-             exit\n"
+             set img-answer local\n\
+             exit 1\n"
         ),
         Answer::Agent { console, reason } => {
             let mut args = format!("initrd={INITRD}");
@@ -366,7 +372,8 @@ pub fn render(
                  boot || goto failed\n\
                  :failed\n\
                  echo imgserver: the imaging agent did not load: booting the local disk\n\
-                 exit\n"
+                 set img-answer local\n\
+                 exit 1\n"
             )
         }
     }
@@ -467,8 +474,17 @@ async fn boot_ipxe(
 /// `GET /pxe/vmlinuz`, `GET /pxe/initrd.img`: the agent's kernel and initrd with HTTP Range.
 async fn file(name: &'static str, st: Arc<AppState>, req: Request<axum::body::Body>) -> Response {
     let path = st.pxe.dir.join(name);
-    eprintln!("imgserver: pxe: sending {name}");
-    serve_file(&path, req).await
+    let r = serve_file(&path, req).await;
+    if r.status().is_success() {
+        eprintln!("imgserver: pxe: sending {name}");
+    } else {
+        eprintln!(
+            "imgserver: pxe: {name} not sent ({}): is it in {}?",
+            r.status(),
+            st.pxe.dir.display()
+        );
+    }
+    r
 }
 
 async fn serve_file(path: &Path, req: Request<axum::body::Body>) -> Response {
@@ -682,7 +698,7 @@ mod tests {
             agent.contains("\nboot || goto failed\n:failed\n"),
             "{agent}"
         );
-        assert!(agent.trim_end().ends_with("exit"), "{agent}");
+        assert!(agent.trim_end().ends_with("\nexit 1"), "{agent}");
         assert!(agent.contains("job 3 deploy os 2.1"), "{agent}");
 
         let local = render(
@@ -698,7 +714,10 @@ mod tests {
             !local.contains("kernel") && !local.contains("initrd"),
             "{local}"
         );
-        assert!(local.trim_end().ends_with("\nexit"), "{local}");
+        assert!(
+            local.trim_end().ends_with("\nset img-answer local\nexit 1"),
+            "{local}"
+        );
 
         let console = render(
             "52:54:00:00:77:01",
@@ -737,7 +756,7 @@ mod tests {
             None,
         );
         assert!(
-            unknown.contains("--pxe-enrol") && unknown.contains("\nexit\n"),
+            unknown.contains("--pxe-enrol") && unknown.contains("\nexit 1\n"),
             "{unknown}"
         );
         assert!(!unknown.contains("kernel"), "{unknown}");

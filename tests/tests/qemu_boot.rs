@@ -8,10 +8,8 @@
 //!   `reboot` there reboots cleanly (QEMU `-no-reboot` then exits).
 //! - `console_prompt_runs_img_commands`: `img.console` on the kernel command line gives the
 //!   `img>` prompt; typed command lines run `img` (this binary re-executed).
-//! - `pxe_boot_through_dnsmasq_tftp_and_ipxe`: no `-kernel`: the virtio NIC's iPXE ROM
-//!   boots from the network, dnsmasq (in a network namespace, on a bridge with QEMU's tap)
-//!   gives the lease with options 186/190/192 and serves pxe/boot.ipxe, the kernel and the
-//!   initrd over TFTP; our PID 1 starts and the agent goes through the whole loop below.
+//! - PXE (dnsmasq, iPXE, the server's `/pxe/boot.ipxe?mac=` answer, work / no work) is
+//!   tested in qemu_pxe.rs.
 //! - `device_gets_lease_finds_server_checks_in_deploys_and_reboots`: the whole loop with
 //!   dnsmasq (options 186/192) and the reference server in a network namespace.
 //!
@@ -22,10 +20,9 @@ mod qemu;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use e2e::{require_tool, run, workspace_bin, workspace_root, Scratch};
+use e2e::{require_tool, run, workspace_bin, Scratch};
 use qemu::{disk_file, initrd, kernel, qemu_base, quick, Netns, Qemu, BOOT_TIMEOUT};
 
 #[test]
@@ -145,155 +142,6 @@ fn console_prompt_runs_img_commands() {
     q.send("poweroff\r");
     q.wait_for("init: powering off", Duration::from_secs(30));
     q.wait_exit(Duration::from_secs(60));
-}
-
-#[test]
-fn pxe_boot_through_dnsmasq_tftp_and_ipxe() {
-    if quick() {
-        return;
-    }
-    require_tool("dnsmasq");
-    require_tool("ip");
-    let dir = Scratch::new("qemu-pxe");
-    let k = kernel();
-    let tftp = dir.join("tftp");
-    std::fs::create_dir_all(&tftp).unwrap();
-    std::fs::copy(&k.vmlinuz, tftp.join("vmlinuz")).unwrap();
-    // The TFTP root as docs/boot.md lays it out: iPXE from Debian's `ipxe` package for PXE
-    // ROMs that are not iPXE already (QEMU's virtio ROM is iPXE and goes to boot.ipxe).
-    for rom in ["undionly.kpxe", "ipxe.efi"] {
-        let src = Path::new("/usr/lib/ipxe").join(rom);
-        assert!(
-            src.exists(),
-            "{} missing: run `bash scripts/install-deps.sh` as root",
-            src.display()
-        );
-        std::fs::copy(&src, tftp.join(rom)).unwrap();
-    }
-    // The image is signed and the initrd trusts its key: signatures are required.
-    let image = capture_test_image(&dir);
-    let pubkey = dir.join("fleet.key.pub");
-    let initrd = qemu::initrd_with(dir.path(), &k, &["--trusted".as_ref(), pubkey.as_os_str()]);
-    std::fs::rename(&initrd, tftp.join("initrd.img")).unwrap();
-    // The shipped iPXE script, with test settings: the disk to image, a short failure delay,
-    // and no kernel-panic reboot loop under QEMU.
-    let script = std::fs::read_to_string(workspace_root().join("pxe/boot.ipxe")).unwrap();
-    assert!(
-        script.contains("panic=10 quiet"),
-        "pxe/boot.ipxe no longer has the kernel line this test edits"
-    );
-    let script = script.replace("panic=10 quiet", "panic=-1 img.disk=/dev/vda img.delay=1");
-    std::fs::write(tftp.join("boot.ipxe"), script).unwrap();
-    // The device disk is the size of the captured one (48 MiB).
-    let disk = disk_file(dir.path());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .set_len(48 << 20)
-        .unwrap();
-
-    let ns = Netns(format!("imgpxe{}", std::process::id()));
-    let netns = |args: &str| {
-        run(Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .args(args.split_whitespace()));
-    };
-    run(Command::new("ip").args(["netns", "add", &ns.0]));
-    netns("ip link set lo up");
-    netns("ip link add br0 type bridge");
-    netns("ip addr add 10.77.0.1/24 dev br0");
-    netns("ip link set br0 up");
-    netns("ip tuntap add dev tap0 mode tap");
-    netns("ip link set tap0 master br0");
-    netns("ip link set tap0 up");
-
-    let server = RefServer::start(&ns, &dir, &image, "10.77.0.1", "52:54:00:00:77:01");
-
-    // dnsmasq as DHCP + TFTP, the directives of pxe/dnsmasq-dhcp.conf on its command line.
-    let conf = std::fs::read_to_string(workspace_root().join("pxe/dnsmasq-dhcp.conf")).unwrap();
-    let conf = conf
-        .replace("interface=eth0", "interface=br0")
-        .replace("192.168.1.100,192.168.1.200", "10.77.0.50,10.77.0.99")
-        .replace("192.168.1.10", "10.77.0.1")
-        .replace("/srv/tftp", &tftp.display().to_string());
-    let conf_path = dir.join("dnsmasq.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let leases = dir.join("leases");
-    let mut dnsmasq = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--log-dhcp",
-            "--log-facility=-",
-            "--port=0",
-        ])
-        .arg(format!("--conf-file={}", conf_path.display()))
-        .arg(format!("--dhcp-leasefile={}", leases.display()))
-        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting dnsmasq");
-    let dnsmasq_log = Arc::new(Mutex::new(String::new()));
-    {
-        let log = dnsmasq_log.clone();
-        let mut err = dnsmasq.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            log.lock().unwrap().push_str(&s);
-        });
-    }
-
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0, "qemu-system-x86_64"]);
-    cmd.args([
-        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
-    ])
-    .args(["-serial", "stdio", "-no-reboot", "-boot", "n"]);
-    cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
-    cmd.args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:77:01"]);
-    cmd.arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", disk.display()));
-    let mut q = Qemu::start(cmd);
-    let t_pid1 = q.wait_for("starting as PID 1", BOOT_TIMEOUT);
-    q.wait_for("virtio_net", BOOT_TIMEOUT);
-    q.wait_for("agent started", BOOT_TIMEOUT);
-    // The same loop as with -kernel: lease, server from the options, check-in, deploy, reboot.
-    q.wait_for("img: enrolled as device", Duration::from_secs(180));
-    q.wait_for("succeeded", Duration::from_secs(300));
-    q.wait_for("init: rebooting", Duration::from_secs(120));
-    q.wait_exit(Duration::from_secs(60));
-    drop(q);
-    drop(server);
-    check_deployed(&dir, &disk, &data_dir(&dir), "52:54:00:00:77:01");
-    let _ = dnsmasq.kill();
-    let _ = dnsmasq.wait();
-    std::thread::sleep(Duration::from_millis(200));
-    let log = dnsmasq_log.lock().unwrap().clone();
-    assert!(
-        log.contains("DHCPACK"),
-        "dnsmasq gave no lease:\n{}",
-        e2e::tail(&log, 40)
-    );
-    assert!(
-        log.contains("sent") && log.contains("vmlinuz") && log.contains("initrd.img"),
-        "TFTP did not serve kernel and initrd:\n{}",
-        e2e::tail(&log, 40)
-    );
-    // The lease carried our options: dnsmasq --log-dhcp lists them by number.
-    assert!(
-        log.lines().any(|l| l.contains("sent") && l.contains("186")),
-        "option 186 not sent:\n{}",
-        e2e::tail(&log, 60)
-    );
-    eprintln!(
-        "PXE boot figure (TCG): PID 1 started {:.1} s after QEMU start",
-        t_pid1.as_secs_f64()
-    );
 }
 
 /// The image every loop test deploys: a GPT disk with a FAT16 partition holding

@@ -1,4 +1,4 @@
-//! Shared by the QEMU suites (qemu_boot.rs, qemu_flash.rs): the kernel cache, the static
+//! Shared by the QEMU suites (qemu_boot.rs, qemu_flash.rs, qemu_pxe.rs): the kernel cache, the static
 //! agent, the initrd built with mkinitrd, QEMU driven through its serial console, and a
 //! network namespace that removes itself.
 #![allow(dead_code)]
@@ -77,6 +77,7 @@ pub fn initrd_with(dir: &Path, k: &Kernel, extra: &[&std::ffi::OsStr]) -> PathBu
     let out = dir.join("initrd.img");
     let mkinitrd = workspace_bin("mkinitrd", "initramfs");
     let o = run(Command::new(mkinitrd)
+        .args(extra)
         .arg("-o")
         .arg(&out)
         .arg("--agent")
@@ -469,4 +470,363 @@ pub fn grubenv_list(disk: &Path, dir: &Path) -> String {
         out.display(),
         out.display()
     ))
+}
+
+// ---------------------------------------------------------------------------------------
+// PXE pieces (qemu_pxe.rs; reusable by any suite that boots a device from the network).
+
+/// OVMF's code image (read-only) and a fresh copy of its variable store in `dir`:
+/// the `-drive if=pflash` arguments.
+pub fn ovmf_args(dir: &Path) -> Vec<String> {
+    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    assert!(
+        code.exists(),
+        "OVMF is not installed: run `bash scripts/install-deps.sh` as root"
+    );
+    let vars = dir.join("ovmf-vars.fd");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+    vec![
+        "-drive".into(),
+        format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
+        "-drive".into(),
+        format!("if=pflash,format=raw,file={}", vars.display()),
+    ]
+}
+
+/// A UEFI disk that boots on its own: GPT with one EFI system partition (FAT16, 32 MiB)
+/// holding `/EFI/BOOT/BOOTX64.EFI`, a standalone GRUB whose built-in configuration prints
+/// `marker` and powers off. `size` bytes in all.
+pub fn uefi_marker_disk(path: &Path, size: u64, marker: &str) {
+    for t in ["sgdisk", "mkfs.fat", "mmd", "mcopy", "grub-mkstandalone"] {
+        require_tool(t);
+    }
+    let work = path.with_extension("parts");
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg = work.join("marker.cfg");
+    std::fs::write(&cfg, format!("echo {marker}\nhalt\n")).unwrap();
+    let efi = work.join("BOOTX64.EFI");
+    run(Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "--locales=", "--fonts=", "--themes="])
+        .args(["--modules=echo halt", "--install-modules=echo halt normal"])
+        .arg("-o")
+        .arg(&efi)
+        .arg(format!("boot/grub/grub.cfg={}", cfg.display())));
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+    e2e::sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1
+         sgdisk -n 1:2048:+32M -t 1:ef00 -c 1:ESP {p} >/dev/null
+         mkfs.fat -F 16 -n ESP --offset 2048 {p} 32768 >/dev/null
+         mmd -i {p}@@1048576 ::EFI ::EFI/BOOT
+         mcopy -i {p}@@1048576 {efi} ::EFI/BOOT/BOOTX64.EFI",
+        p = path.display(),
+        efi = efi.display()
+    ));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A BIOS disk that boots on its own: an MBR boot sector (assembled here with binutils)
+/// that writes `marker` to the first serial port and halts.
+pub fn bios_marker_disk(path: &Path, size: u64, marker: &str) {
+    require_tool("as");
+    require_tool("ld");
+    let work = path.with_extension("mbr");
+    std::fs::create_dir_all(&work).unwrap();
+    let src = work.join("mbr.S");
+    std::fs::write(
+        &src,
+        format!(
+            ".code16\n.globl _start\n_start:\n cli\n xor %ax, %ax\n mov %ax, %ds\n cld\n\
+             mov $msg, %si\n mov $0x3f8, %dx\n1:\n lodsb\n test %al, %al\n jz 2f\n out %al, (%dx)\n jmp 1b\n\
+             2:\n hlt\n jmp 2b\nmsg: .asciz \"{marker}\\r\\n\"\n.org 510\n.word 0xaa55\n"
+        ),
+    )
+    .unwrap();
+    let obj = work.join("mbr.o");
+    let bin = work.join("mbr.bin");
+    run(Command::new("as").arg("--32").arg("-o").arg(&obj).arg(&src));
+    run(Command::new("ld")
+        .args([
+            "-m",
+            "elf_i386",
+            "-Ttext",
+            "0x7c00",
+            "--oformat",
+            "binary",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&obj));
+    let sector = std::fs::read(&bin).unwrap();
+    assert_eq!(sector.len(), 512, "boot sector is {} bytes", sector.len());
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&sector).unwrap();
+    f.set_len(size).unwrap();
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Text a child process writes to a pipe, collected by a thread.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<String>>);
+
+impl Log {
+    pub fn collect(mut r: impl Read + Send + 'static) -> Log {
+        let log = Log::default();
+        let sink = log.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        log
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Wait until `needle` shows up; panics with the log after `limit`.
+    pub fn wait_for(&self, needle: &str, limit: Duration) {
+        let end = Instant::now() + limit;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < end,
+                "`{needle}` not logged; log:\n{}",
+                e2e::tail(&self.text(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A PXE network: a network namespace with a bridge (`server_ip`/24) and a tap for QEMU,
+/// dnsmasq as DHCP + TFTP with the shipped `pxe/dnsmasq-dhcp.conf` (addresses replaced),
+/// serving `tftp_root`. Its log (leases, options, TFTP transfers) is kept.
+pub struct PxeLan {
+    pub ns: Netns,
+    pub server_ip: String,
+    dnsmasq: Option<Child>,
+    pub dnsmasq_log: Log,
+}
+
+impl PxeLan {
+    /// `net` is the first three octets, e.g. `10.77.0`; the server is `.1`.
+    pub fn start(name: &str, net: &str, dir: &Path, tftp_root: &Path) -> PxeLan {
+        require_tool("dnsmasq");
+        require_tool("ip");
+        let ns = Netns(format!("{name}{}", std::process::id()));
+        let server_ip = format!("{net}.1");
+        run(Command::new("ip").args(["netns", "add", &ns.0]));
+        for cmd in [
+            "link set lo up".to_string(),
+            "link add br0 type bridge".into(),
+            format!("addr add {server_ip}/24 dev br0"),
+            "link set br0 up".into(),
+            "tuntap add dev tap0 mode tap".into(),
+            "link set tap0 master br0".into(),
+            "link set tap0 up".into(),
+        ] {
+            run(Command::new("ip")
+                .args(["netns", "exec", &ns.0, "ip"])
+                .args(cmd.split_whitespace()));
+        }
+        let conf = std::fs::read_to_string(workspace_root().join("pxe/dnsmasq-dhcp.conf"))
+            .unwrap()
+            .replace("interface=eth0", "interface=br0")
+            .replace("192.168.1.100,192.168.1.200", &format!("{net}.50,{net}.99"))
+            .replace("192.168.1.10", &server_ip)
+            .replace("/srv/tftp", &tftp_root.display().to_string());
+        let conf_path = dir.join("dnsmasq.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "dnsmasq"])
+            .args([
+                "--keep-in-foreground",
+                "--log-dhcp",
+                "--log-facility=-",
+                "--port=0",
+            ])
+            .arg(format!("--conf-file={}", conf_path.display()))
+            .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting dnsmasq");
+        let log = Log::collect(child.stderr.take().unwrap());
+        let lan = PxeLan {
+            ns,
+            server_ip,
+            dnsmasq: Some(child),
+            dnsmasq_log: log,
+        };
+        lan.dnsmasq_log
+            .wait_for("TFTP root is", Duration::from_secs(20));
+        lan
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns.0]).arg(program);
+        c
+    }
+
+    /// The TFTP transfers dnsmasq logged ("sent /path/file to ADDR"), file names only.
+    pub fn tftp_sent(&self) -> Vec<String> {
+        self.dnsmasq_log
+            .text()
+            .lines()
+            .filter(|l| l.contains("dnsmasq-tftp") && l.contains(" sent "))
+            .filter_map(|l| {
+                let path = l.split(" sent ").nth(1)?.split(" to ").next()?;
+                Some(path.rsplit('/').next()?.to_string())
+            })
+            .collect()
+    }
+
+    /// QEMU in the namespace: q35, TCG, 512 MiB, serial on stdio, `-no-reboot`, the NIC on
+    /// the tap with `mac` and boot index 1 (network first, as a PXE fleet is set up). The
+    /// NIC's option ROM is iPXE (QEMU's default) under SeaBIOS and OVMF alike; OVMF's own
+    /// network stack (its PXE and HTTP boot over IPv4 and IPv6) is switched off, as on a thin
+    /// client with one network boot entry, so the next boot option after the network is the
+    /// disk (OVMF's PXEv6 and HTTPv6 entries would otherwise wait out their timeouts first).
+    pub fn qemu(&self, mac: &str) -> Command {
+        let mut cmd = self.cmd("qemu-system-x86_64");
+        cmd.args([
+            "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+        ])
+        .args(["-serial", "stdio", "-no-reboot"]);
+        cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+        cmd.args([
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1"),
+        ]);
+        for knob in [
+            "IPv4PXESupport",
+            "IPv6PXESupport",
+            "IPv4Support",
+            "IPv6Support",
+        ] {
+            cmd.arg("-fw_cfg")
+                .arg(format!("name=opt/org.tianocore/{knob},string=no"));
+        }
+        cmd
+    }
+}
+
+impl Drop for PxeLan {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.dnsmasq.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A disk as the second boot device (`bootindex=2`, after the network).
+pub fn disk_args(disk: &Path, bootindex: u32) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("file={},format=raw,if=none,id=d0", disk.display()),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=d0,bootindex={bootindex}"),
+    ]
+}
+
+/// The TFTP root of docs/boot.md: Debian's iPXE for PXE ROMs that are not iPXE, and the
+/// shipped generic `pxe/boot.ipxe` with the server's PXE URL and the menu wait set.
+pub fn pxe_tftp_root(dir: &Path, pxe_url: &str, menu_ms: u32) -> PathBuf {
+    let tftp = dir.join("tftp");
+    std::fs::create_dir_all(&tftp).unwrap();
+    for rom in ["undionly.kpxe", "ipxe.efi"] {
+        let src = Path::new("/usr/lib/ipxe").join(rom);
+        assert!(
+            src.exists(),
+            "{} missing: run `bash scripts/install-deps.sh` as root",
+            src.display()
+        );
+        std::fs::copy(&src, tftp.join(rom)).unwrap();
+    }
+    let script = std::fs::read_to_string(workspace_root().join("pxe/boot.ipxe")).unwrap();
+    for line in [
+        "set img-pxe http://192.168.1.10:8080/pxe",
+        "set img-menu-ms 2000",
+    ] {
+        assert!(
+            script.contains(line),
+            "pxe/boot.ipxe no longer has `{line}`, which this harness sets"
+        );
+    }
+    let script = script
+        .replace(
+            "set img-pxe http://192.168.1.10:8080/pxe",
+            &format!("set img-pxe {pxe_url}"),
+        )
+        .replace(
+            "set img-menu-ms 2000",
+            &format!("set img-menu-ms {menu_ms}"),
+        );
+    std::fs::write(tftp.join("boot.ipxe"), script).unwrap();
+    tftp
+}
+
+/// The reference server inside a [`PxeLan`]: `imgserver --data DATA serve ARGS`, its log
+/// (stderr: one line per PXE answer and per kernel/initrd sent) kept; killed on drop.
+pub struct LanServer {
+    child: Child,
+    pub log: Log,
+}
+
+impl LanServer {
+    pub fn start(lan: &PxeLan, data: &Path, args: &[&str]) -> LanServer {
+        let mut child = lan
+            .cmd(e2e::imgserver_bin())
+            .arg("--data")
+            .arg(data)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting imgserver");
+        let log = Log::collect(child.stderr.take().unwrap());
+        let out = Log::collect(child.stdout.take().unwrap());
+        out.wait_for("listening on", Duration::from_secs(30));
+        if args.contains(&"--pxe-listen") {
+            out.wait_for("pxe listening on", Duration::from_secs(30));
+        }
+        LanServer { child, log }
+    }
+
+    /// The PXE answers logged for `mac`, in order (`... -> imaging agent` / `-> local disk`).
+    pub fn pxe_answers(&self, mac: &str) -> Vec<String> {
+        self.log
+            .text()
+            .lines()
+            .filter(|l| l.starts_with(&format!("imgserver: pxe {mac}:")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many times the server sent the agent's kernel or initrd.
+    pub fn agent_files_sent(&self) -> usize {
+        self.log
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("imgserver: pxe: sending "))
+            .count()
+    }
+}
+
+impl Drop for LanServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

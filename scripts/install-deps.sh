@@ -6,8 +6,8 @@ set -euo pipefail
 need_pkgs=(
   musl-tools            # musl-gcc for the C parts of the static agent (zstd, ring)
   dosfstools mtools     # mkfs.fat / fsck.fat and mtools to build and read FAT file systems
-  fusefat fatcat        # a FAT32 with < 65,525 clusters, which mtools reads as FAT16: written
-                        # through the FAT FUSE driver, read back with fatcat
+  fusefat               # a FAT32 with < 65,525 clusters, which mtools reads as FAT16: written
+                        # through the FAT FUSE driver, read back the same way
   ntfs-3g               # mkntfs, ntfscp, ntfscat, ntfsfix
   gdisk fdisk           # sgdisk / sfdisk to build GPT and MBR disks in plain files
   partclone zstd xz-utils gzip pv curl  # peers for the benchmark and raw-image tests

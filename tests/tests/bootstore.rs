@@ -7,7 +7,9 @@
 //! - `img -serverurl X -disk=disk.img` in one process, read back by a new one;
 //! - `img -checkin -server=URL -disk=disk.img` twice against the real `imgserver`: the second
 //!   run authenticates with the stored credential (no 409), while a run with an empty state
-//!   directory is refused as "already enrolled" (what happened before the store existed).
+//!   directory is refused as "already enrolled" (what happened before the store existed);
+//! - a result the server never acknowledged (it went away during the deploy) stays in the
+//!   store's outbox and is delivered once by the next check-in, a new process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -218,13 +220,18 @@ struct Server {
 impl Server {
     fn start(data: &Path) -> Server {
         admin(data, &["init"]);
+        Server::start_on(data, "127.0.0.1:0")
+    }
+
+    /// `serve` on `listen` with the data folder as it is (a restart keeps its port).
+    fn start_on(data: &Path, listen: &str) -> Server {
         let mut child = Command::new(imgserver_bin())
             .args([
                 "--data",
                 data.to_str().unwrap(),
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -460,5 +467,165 @@ fn a_deploy_through_checkin_disk_keeps_its_results_in_the_store() {
     assert!(
         line.contains("Operational") && line.contains("2.1"),
         "{dev}"
+    );
+}
+
+/// The task state of job `job`'s one task, from `imgserver job N`.
+fn task_state(data: &Path, job: u64, mac: &str) -> String {
+    let out = admin(data, &["job", &job.to_string()]);
+    out.lines()
+        .find(|l| l.starts_with(|c: char| c.is_ascii_digit()) && l.contains(mac))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Issue 8's "any unacknowledged result is delivered once", with the state only on the disk:
+/// the server goes away while the device deploys (the image comes from another web server,
+/// nginx, so the deploy finishes), the result cannot be sent and stays in the store's outbox
+/// when the process ends; the next check-in, a new process reading the disk, delivers it,
+/// and the server records it exactly once.
+#[test]
+fn a_result_the_server_never_acknowledged_is_delivered_once_from_the_store() {
+    let dir = Scratch::new("bootstore-outbox");
+    let disk = installed_disk_of(&dir, 96);
+    let d = disk.to_str().unwrap();
+    let data = dir.join("server");
+    std::fs::create_dir_all(&data).unwrap();
+    admin(&data, &["init"]);
+    let listen = format!("127.0.0.1:{}", e2e::free_port());
+    let server = Server::start_on(&data, &listen);
+    std::fs::write(dir.join("lab.conf"), "unsigned_images = yes\n").unwrap();
+    sh(&format!(
+        "export MTOOLS_SKIP_CHECK=1
+         mcopy -i {d}@@1M {ca} ::ca.pem; mcopy -i {d}@@1M {key} ::enrol.key
+         mmd -i {d}@@1M ::config 2>/dev/null; mcopy -o -i {d}@@1M {lab} ::config/lab.conf",
+        ca = data.join("ca.pem").display(),
+        key = data.join("enrol.key").display(),
+        lab = dir.join("lab.conf").display()
+    ));
+    // A 24 MiB partition image of mostly incompressible data, served slowly by nginx.
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let src = dir.join("src.img");
+    std::fs::write(dir.join("BULK.BIN"), e2e::random_bytes(7, 20 << 20)).unwrap();
+    sh(&format!(
+        "cd {dir}; export MTOOLS_SKIP_CHECK=1; echo 'os 3' > VERSION.TXT
+         truncate -s 48M {src}
+         sgdisk -o -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
+         mcopy -i {src}@@1048576 VERSION.TXT BULK.BIN ::",
+        dir = dir.path().display(),
+        src = src.display()
+    ));
+    let image = www.join("os-3.img");
+    let o = img(&[
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=1",
+        "-name=os",
+        "-version=3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let nginx = e2e::Nginx::serve_with(&www, "limit_rate 4m;");
+    admin(&data, &["image", "add", &nginx.url("os-3.img")]);
+
+    let mac = "52:54:00:00:08:03";
+    let checkin = |server_url: &str| {
+        Command::new(img_bin())
+            .args([
+                "-checkin",
+                &format!("-server={server_url}"),
+                &format!("-disk={d}"),
+                &format!("-mac={mac}"),
+                "-serial=STORE-3",
+                "-retries=1",
+                "-progress=200",
+            ])
+            .env_remove("IMG_AGENT_STATE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let url = server.url.clone();
+    let o = checkin(&url).wait_with_output().unwrap();
+    assert!(o.status.success(), "enrolment:\n{}", text(&o));
+    admin(
+        &data,
+        &[
+            "schedule",
+            "add",
+            "--mac",
+            mac,
+            "--image",
+            "os:3",
+            "--partition",
+            "2",
+            "--then",
+            "no-reboot",
+        ],
+    );
+    let device = checkin(&url);
+    // The server goes away once the device reports progress, mid-download.
+    let t0 = std::time::Instant::now();
+    while task_state(&data, 1, mac) != "running" {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "the task never ran:\n{}",
+            admin(&data, &["job", "1"])
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(server);
+    let o = device.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(t.contains("task done") || t.contains("succeeded"), "{t}");
+    // The result is in the store's outbox, on the disk, and nowhere else.
+    let tree = Store::open(BootPartition::open(&disk, false).unwrap())
+        .unwrap()
+        .load()
+        .unwrap()
+        .tree;
+    let unsent: Vec<&String> = tree
+        .keys()
+        .filter(|k| k.starts_with("state/outbox/"))
+        .collect();
+    assert_eq!(unsent.len(), 1, "{:?}\n{t}", tree.keys());
+    assert_eq!(task_state(&data, 1, mac), "running");
+
+    // Next "boot": the server is back; a new process with nothing but the disk.
+    let server = Server::start_on(&data, &listen);
+    let o = checkin(&server.url).wait_with_output().unwrap();
+    assert!(o.status.success(), "delivery:\n{}", text(&o));
+    assert_eq!(task_state(&data, 1, mac), "succeeded");
+    let transcript = admin(&data, &["transcript", mac]);
+    let recorded = transcript
+        .lines()
+        .filter(|l| l.contains("] task 1 succeeded") || l.contains("] task 1 failed"))
+        .count();
+    assert_eq!(recorded, 1, "{transcript}");
+    // And once more: nothing is sent twice.
+    let o = checkin(&server.url).wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let transcript = admin(&data, &["transcript", mac]);
+    assert_eq!(
+        transcript
+            .lines()
+            .filter(|l| l.contains("] task 1 succeeded") || l.contains("] task 1 failed"))
+            .count(),
+        1,
+        "{transcript}"
+    );
+    let tree = Store::open(BootPartition::open(&disk, false).unwrap())
+        .unwrap()
+        .load()
+        .unwrap()
+        .tree;
+    assert!(
+        !tree.keys().any(|k| k.starts_with("state/outbox/")),
+        "{:?}",
+        tree.keys()
     );
 }

@@ -228,10 +228,13 @@ pub fn parse_cmdline(cmdline: &str) -> BootParams {
 }
 
 impl BootParams {
-    /// After the agent chose the guest OS: reboot, unless told to power off.
+    /// After the agent chose the guest OS (its next boot is already set): reboot, unless
+    /// `img.after=` says to power off or to stay at the console (a technician's setting:
+    /// a `reboot` typed there then boots the guest).
     fn after_guest(&self) -> AfterAgent {
         match self.after {
             AfterAgent::PowerOff => AfterAgent::PowerOff,
+            AfterAgent::Console => AfterAgent::Console,
             _ => AfterAgent::Reboot,
         }
     }
@@ -841,6 +844,15 @@ mod tests {
             "{line}"
         );
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn after_the_guest_is_chosen_img_after_still_holds_poweroff_and_console() {
+        let after = |c: &str| parse_cmdline(c).after_guest();
+        assert_eq!(after("quiet"), AfterAgent::Reboot);
+        assert_eq!(after("img.after=reboot"), AfterAgent::Reboot);
+        assert_eq!(after("img.after=poweroff"), AfterAgent::PowerOff);
+        assert_eq!(after("img.after=console"), AfterAgent::Console);
     }
 
     #[test]

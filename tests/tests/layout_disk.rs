@@ -243,11 +243,19 @@ fn target_opens_partitions_by_number_and_label() {
         "{e}"
     );
 
-    // A new image file is created and grown to the size the image needs.
+    // A missing image file is an error naming the way out, never created (a mistyped path
+    // must not become a new file), and a smaller one is refused, never grown.
     let fresh = dir.join("new.img");
-    let t = Target::open_disk(&fresh, Some(3 << 20)).unwrap();
-    assert_eq!(t.len(), 3 << 20);
-    assert_eq!(fs::metadata(&fresh).unwrap().len(), 3 << 20);
+    let e = Target::open_disk(&fresh, Some(3 << 20)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Target);
+    assert!(e.to_string().contains("truncate -s"), "{e}");
+    assert!(!fresh.exists());
+    fs::File::create(&fresh).unwrap().set_len(1 << 20).unwrap();
+    let e = Target::open_disk(&fresh, Some(3 << 20)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Target, "{e}");
+    assert_eq!(fs::metadata(&fresh).unwrap().len(), 1 << 20);
+    let t = Target::open_disk(&fresh, Some(1 << 20)).unwrap();
+    assert_eq!(t.len(), 1 << 20);
 }
 
 /// A loop device over a file, detached on drop.

@@ -76,16 +76,24 @@ fn guest_partition(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
     let part = dir.join(format!("guest-v{version}.fat"));
     let ver = dir.join(format!("VERSION-v{version}.TXT"));
     std::fs::write(&ver, format!("guest {version}\n")).unwrap();
+    // What an OS update really changes: 10 MiB of the version's own data (incompressible),
+    // so most of v2 is new to a disk holding v1 and a deploy has something to fetch (a
+    // re-run skips the chunks already intact on the target, like the shared kernel).
+    let data = dir.join(format!("APPDATA-v{version}.BIN"));
+    let seed = version.bytes().fold(7u64, |a, b| a * 31 + u64::from(b));
+    std::fs::write(&data, e2e::random_bytes(seed, 10 << 20)).unwrap();
     sh(&format!(
         "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {PART2_MIB}M {p}
          mkfs.fat -n GUEST {p} >/dev/null
          mcopy -i {p} {k} ::/vmlinuz
          mcopy -i {p} {i} ::/initrd.img
-         mcopy -i {p} {v} ::/VERSION.TXT",
+         mcopy -i {p} {v} ::/VERSION.TXT
+         mcopy -i {p} {a} ::/APPDATA.BIN",
         p = part.display(),
         k = k.vmlinuz.display(),
         i = initrd.display(),
         v = ver.display(),
+        a = data.display(),
     ));
     part
 }
@@ -568,7 +576,10 @@ impl Site {
             .arg(&self.data)
             .args([
                 "serve",
+                // The lab server of this suite: plain HTTP, and every enrolment taken without
+                // the site secret (qemu_pxe and bootstore show the production way).
                 "--plain",
+                "--open-enrolment",
                 "--interval",
                 "5",
                 "--listen",

@@ -34,8 +34,19 @@ use qemu::{
 const MARKER: &str = "LOCAL DISK BOOTED";
 
 /// `imgserver init` for the server address, and the agent's kernel and initrd in
-/// `DATA/pxe/` (the initrd carries the server's CA, so the agent trusts only it).
+/// `DATA/pxe/` (the initrd carries the server's CA, so the agent trusts only it, and the
+/// site enrolment secret beside it).
 fn server_data(dir: &Scratch, ip: &str, with_agent: bool) -> std::path::PathBuf {
+    server_data_trusting(dir, ip, with_agent, None)
+}
+
+/// [`server_data`] whose agent initrd also trusts the image-signing key `trusted` (.pub).
+fn server_data_trusting(
+    dir: &Scratch,
+    ip: &str,
+    with_agent: bool,
+    trusted: Option<&Path>,
+) -> std::path::PathBuf {
     let data = dir.join("srv");
     imgserver_admin(&data, &["init", "--name", ip]);
     if with_agent {
@@ -43,7 +54,18 @@ fn server_data(dir: &Scratch, ip: &str, with_agent: bool) -> std::path::PathBuf 
         let pxe = data.join("pxe");
         std::fs::create_dir_all(&pxe).unwrap();
         let ca = format!("{}:etc/img/server-ca.pem", data.join("ca.pem").display());
-        let initrd = initrd_with(dir.path(), &k, &["--file".as_ref(), ca.as_ref()]);
+        // The site enrolment secret beside the CA: the device enrols without approval.
+        let key = format!("{}:etc/img/enrol.key", data.join("enrol.key").display());
+        let mut extra: Vec<&std::ffi::OsStr> = vec![
+            "--file".as_ref(),
+            ca.as_ref(),
+            "--file".as_ref(),
+            key.as_ref(),
+        ];
+        if let Some(t) = trusted {
+            extra.extend(["--trusted".as_ref(), t.as_os_str()]);
+        }
+        let initrd = initrd_with(dir.path(), &k, &extra);
         std::fs::copy(&k.vmlinuz, pxe.join("vmlinuz")).unwrap();
         std::fs::rename(&initrd, pxe.join("initrd.img")).unwrap();
     }
@@ -264,9 +286,19 @@ fn pxe_with_work_loads_agent_which_deploys_then_boots_local_disk() {
         "-name=os",
         "-version=2.1",
     ]));
+    // Signed, and the agent's initrd trusts the key: a device deploys nothing unsigned.
+    let key = dir.join("fleet.key");
+    run(Command::new(img_bin())
+        .env("IMG_QUIET", "1")
+        .args(["-keygen", key.to_str().unwrap()]));
+    run(Command::new(img_bin()).env("IMG_QUIET", "1").args([
+        "-sign",
+        image.to_str().unwrap(),
+        &format!("-key={}", key.display()),
+    ]));
     let tftp = pxe_tftp_root(dir.path(), &format!("http://{ip}:8080/pxe"), 2000);
     let lan = PxeLan::start("imgpxew", "10.81.0", dir.path(), &tftp);
-    let data = server_data(&dir, ip, true);
+    let data = server_data_trusting(&dir, ip, true, Some(&dir.join("fleet.key.pub")));
     let out = imgserver_admin(&data, &["image", "add", image.to_str().unwrap()]);
     assert!(out.contains("registered image os 2.1"), "{out}");
     let out = imgserver_admin(

@@ -876,14 +876,15 @@ pub(crate) mod tests {
 
     /// Run `script` (sh) in a fresh temporary directory and return the bytes of `out`.
     pub(crate) fn made_by(script: &str, out: &str) -> Option<Vec<u8>> {
+        // One folder per call: tests run in parallel threads of one process, and two of
+        // them once got the same clock reading.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "grub-bootpart-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let st = Command::new("sh")
             .arg("-ec")

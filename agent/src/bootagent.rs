@@ -53,17 +53,6 @@ pub fn run() -> i32 {
     }
 }
 
-/// The server CA the agent pins: `IMG_CA_FILE` (init sets it when the initramfs carries
-/// the server's CA), else `ca.pem` on the boot-agent partition.
-fn server_ca() -> Option<PathBuf> {
-    std::env::var_os("IMG_CA_FILE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = std::path::Path::new(BOOT_PARTITION).join("ca.pem");
-            p.is_file().then_some(p)
-        })
-}
-
 fn run_inner() -> anyhow::Result<AgentExit> {
     // Every change of the state is written back to the boot-agent partition: right away for
     // the check-in state, every few seconds for the rest (the deploy's resume journal).
@@ -92,7 +81,7 @@ fn run_agent() -> anyhow::Result<AgentExit> {
     for n in notes {
         eprintln!("agent: {n}");
     }
-    let ca = server_ca();
+    let ca = crate::checkin::trust::pinned_ca();
     let cfg = discovery::Config {
         // In the initramfs the agent owns /etc: the lease's DNS servers go to resolv.conf so
         // the check-in can resolve the server's name. (`img -discover` on a host never

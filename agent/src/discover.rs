@@ -197,11 +197,7 @@ impl Args {
         let ca = self
             .value("ca")
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("IMG_CA_FILE").map(PathBuf::from))
-            .or_else(|| {
-                let p = PathBuf::from("/bootagent/ca.pem");
-                p.is_file().then_some(p)
-            });
+            .or_else(crate::checkin::trust::pinned_ca);
         let mut notes = Vec::new();
         let lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
         for n in notes {

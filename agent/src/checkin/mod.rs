@@ -523,11 +523,8 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> 
     let server =
         server.ok_or_else(|| anyhow!("-checkin needs -server=URL (`img -discover` finds it)"))?;
     if cfg.ca_file.is_none() {
-        // The boot partition's CA, as the boot agent uses it.
-        let boot_ca = std::path::Path::new("/bootagent/ca.pem");
-        if boot_ca.is_file() {
-            cfg.ca_file = Some(boot_ca.to_path_buf());
-        }
+        // The CA the boot agent pins.
+        cfg.ca_file = trust::pinned_ca();
     }
     let mut notes = Vec::new();
     cfg.lab = LabSettings::load(&cfg.config_dir, &mut notes)?;

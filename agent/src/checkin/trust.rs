@@ -114,6 +114,18 @@ pub fn ca_fingerprint(ca: &Path) -> anyhow::Result<String> {
 
 /// Why plain HTTP to a management server is refused, with the way to allow it; None when it
 /// is allowed (no server CA on the device, or the lab setting says so).
+/// The server CA the device pins when none is named: `IMG_CA_FILE` (init sets it when the
+/// initramfs carries the server's CA), else `ca.pem` in the boot agent's directory. The boot
+/// agent, `img -discover` and `img -checkin` all take it from here.
+pub fn pinned_ca() -> Option<std::path::PathBuf> {
+    std::env::var_os("IMG_CA_FILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let p = Path::new("/bootagent/ca.pem");
+            p.is_file().then(|| p.to_path_buf())
+        })
+}
+
 pub fn plain_http_refusal(
     ca: Option<&Path>,
     lab: &LabSettings,

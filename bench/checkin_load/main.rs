@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use imgserver::protocol::{
+use imgserver::store::Store;
+use protocol::{
     progress_path, result_path, Action, CheckIn, CheckInReply, DeviceIdentity, DiskReport, Outcome,
     PartitionReport, ProgressReport, ResultReply, TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
 };
-use imgserver::store::Store;
 
 struct Opts {
     seconds: u64,
@@ -132,7 +132,7 @@ fn device(
     let secret = std::fs::read_to_string(ca.with_file_name("enrol.key"))?;
     let mut req = CheckIn {
         protocol: PROTOCOL_VERSION,
-        enrol_proof: Some(imgserver::protocol::enrolment_proof(&secret, &mac)),
+        enrol_proof: Some(protocol::enrolment_proof(&secret, &mac)),
         device: DeviceIdentity {
             mac,
             serial: Some(format!("LOAD{n:06}")),

@@ -2,8 +2,8 @@
 //! report back; administrators register images and schedule jobs from the command line.
 //!
 //! The pieces, in the order a check-in meets them:
-//! - [`protocol`]: the versioned wire format (`docs/protocol.md`), the only module built
-//!   without the `server` feature, so the agent shares these types without the server stack;
+//! - [`protocol`]: the versioned wire format (`docs/protocol.md`), its own crate shared with
+//!   the agent and the load benchmark, re-exported here under its old path;
 //! - [`api`]: the axum routes (check-in, progress, results, capture uploads) and the image
 //!   repository served with Range support;
 //! - [`store`]: the narrow storage interface and its SQLite implementation with migrations;
@@ -13,19 +13,12 @@
 //! - [`tls`]: the device CA and server certificate made by `imgserver init`;
 //! - [`cli`]: the administrator's commands and their tables.
 
-pub mod protocol;
+pub use ::protocol;
 
-#[cfg(feature = "server")]
 pub mod api;
-#[cfg(feature = "server")]
 pub mod cli;
-#[cfg(feature = "server")]
 pub mod model;
-#[cfg(feature = "server")]
 pub mod pxe;
-#[cfg(feature = "server")]
 pub mod repo;
-#[cfg(feature = "server")]
 pub mod store;
-#[cfg(feature = "server")]
 pub mod tls;

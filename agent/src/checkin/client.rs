@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use imgserver::protocol::{self, ErrorReply};
+use protocol::ErrorReply;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};

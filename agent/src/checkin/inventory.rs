@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use imgengine::disk;
 use imgengine::target::Target;
-use imgserver::protocol::{Autogenic, DeviceIdentity, DiskReport, PartitionReport};
+use protocol::{Autogenic, DeviceIdentity, DiskReport, PartitionReport};
 
 use super::state::{stamp_key, StateDir};
 use super::AgentConfig;
@@ -49,7 +49,7 @@ pub fn boot_mac(sys: &Path) -> Option<String> {
                 return None;
             }
             let mac = read_trim(&net.join(n).join("address"))?;
-            imgserver::protocol::normalize_mac(&mac).filter(|m| m != "00:00:00:00:00:00")
+            protocol::normalize_mac(&mac).filter(|m| m != "00:00:00:00:00:00")
         })
     };
     pick(true).or_else(|| pick(false))
@@ -76,7 +76,7 @@ pub fn identity(cfg: &AgentConfig) -> anyhow::Result<DeviceIdentity> {
             )
         })?,
     };
-    let mac = imgserver::protocol::normalize_mac(&mac)
+    let mac = protocol::normalize_mac(&mac)
         .ok_or_else(|| anyhow::anyhow!("{mac:?} is not a MAC address"))?;
     Ok(DeviceIdentity {
         mac,
@@ -168,7 +168,7 @@ pub fn autogenic(cfg: &AgentConfig) -> Autogenic {
     let Some(dir) = &cfg.backup_dir else {
         return Autogenic::default();
     };
-    let meta: Option<imgserver::protocol::ImageStamp> = std::fs::read(dir.join("backup.json"))
+    let meta: Option<protocol::ImageStamp> = std::fs::read(dir.join("backup.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     Autogenic {

@@ -18,7 +18,7 @@ use imgengine::deploy::{self, DeployOptions, ResumeMode};
 use imgengine::io::progress::Progress;
 use imgengine::source::{HttpConfig, Location, Source};
 use imgengine::ErrorKind;
-use imgserver::protocol::{
+use protocol::{
     progress_path, After, CaptureSpec, DeploySpec, ImageStamp, Outcome, ProgressReply,
     ProgressReport, Task, TaskKind, TaskResult,
 };
@@ -770,7 +770,7 @@ mod tests {
             id: 1,
             job: 1,
             kind: TaskKind::Deploy(DeploySpec {
-                image: imgserver::protocol::ImageRef {
+                image: protocol::ImageRef {
                     name: "os".into(),
                     version: "1".into(),
                     url: url.into(),

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use discovery::LabSettings;
-use imgserver::protocol::{
+use protocol::{
     result_path, Action, CheckIn, CheckInReply, Outcome, ResultReply, TaskResult, CHECKIN_PATH,
     PROTOCOL_VERSION,
 };
@@ -282,7 +282,7 @@ pub fn bound_credential(
 /// (`enrol.key` beside `ca.pem`, put there by the administrator; also looked for in the
 /// boot partition's folder, the parent of the config folder, when the pinned CA comes from
 /// the initramfs); with it the device proves it belongs to the site when it first enrols
-/// (`imgserver::protocol::enrolment_proof`; the secret itself is never sent). Without it
+/// (`protocol::enrolment_proof`; the secret itself is never sent). Without it
 /// the server holds the enrolment for approval.
 fn enrol_proof(cfg: &AgentConfig, mac: &str) -> Option<String> {
     let beside_ca = cfg
@@ -295,7 +295,7 @@ fn enrol_proof(cfg: &AgentConfig, mac: &str) -> Option<String> {
         .into_iter()
         .flatten()
         .find_map(|p| std::fs::read_to_string(p).ok())?;
-    (!secret.trim().is_empty()).then(|| imgserver::protocol::enrolment_proof(&secret, mac))
+    (!secret.trim().is_empty()).then(|| protocol::enrolment_proof(&secret, mac))
 }
 
 fn retryable(e: &anyhow::Error) -> bool {

@@ -25,7 +25,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use imgserver::protocol::{ImageStamp, Task, TaskResult};
+use protocol::{ImageStamp, Task, TaskResult};
 use serde::{Deserialize, Serialize};
 
 /// How many delivered results `done.json` remembers.
@@ -323,7 +323,7 @@ pub fn new_report_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imgserver::protocol::{Outcome, TaskKind};
+    use protocol::{Outcome, TaskKind};
 
     fn tmp(name: &str) -> PathBuf {
         let d =

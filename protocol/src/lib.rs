@@ -1,7 +1,8 @@
 //! The check-in protocol, version 1: HTTP(S) with JSON bodies, documented in
 //! `docs/protocol.md`. These types are the one definition shared by the server, the agent
-//! (which links this module alone, with the crate's default features off) and the load
-//! benchmark, so the two ends cannot drift apart.
+//! and the load benchmark, so the two ends cannot drift apart. The crate holds nothing else
+//! (serde types, bounds checks, the enrolment proof): the agent links it without any of the
+//! server stack.
 //!
 //! The shape follows seed 000's imaging process: the device checks in with its identity and
 //! state, the server answers "nothing, check in again in N s" or hands it a task; while the

@@ -2,26 +2,12 @@
 //! `img` console command. `main` only picks the personality, parses and dispatches; the work
 //! lives in the libraries (`imgengine`, `discovery`) and in one module per command family.
 
-mod args;
-mod bootagent;
-mod bootflow;
-mod bootstore;
-mod checkin;
-mod console;
-mod discover;
-mod exit;
-mod handover;
-mod imaging;
-mod init;
-mod install;
-mod personality;
-mod progress;
-
 use std::ffi::OsString;
 
-use args::ImgCommand;
-use exit::Exit;
-use personality::Personality;
+use agent::args::{self, ImgCommand};
+use agent::exit::Exit;
+use agent::personality::{self, Personality};
+use agent::{bootagent, bootstore, checkin, discover, handover, imaging, init, install};
 
 const USAGE: &str = "\
 img: disk and partition imaging for thin clients and PCs

@@ -12,10 +12,6 @@
 //!
 //! Needs root (network namespaces), dnsmasq, iproute2, mkfs.fat, mtools, sgdisk.
 
-#[allow(dead_code)]
-#[path = "../../agent/src/checkin/mod.rs"]
-mod checkin;
-
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use agent::checkin;
 use checkin::AgentConfig;
 use e2e::{imgserver_bin, require_tool, run, sample_bytes, sh, Scratch};
 use imgengine::capture::{capture, CaptureOptions};

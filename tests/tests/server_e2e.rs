@@ -1,6 +1,6 @@
 //! Check-in end to end: the real `imgserver` binary on loopback with TLS from its own
 //! `init`, images made with mkfs.fat + mtools and captured by the engine, and the agent's
-//! check-in loop (agent/src/checkin, compiled into this suite) deploying onto disk-image
+//! check-in loop (the agent library's `agent::checkin`) deploying onto disk-image
 //! files. The file systems are checked with fsck.fat and mtools, the server's records with
 //! its own admin commands.
 //!
@@ -12,16 +12,13 @@
 //! (`agent_child`, driven by `E2E_AGENT_CHILD`), so the test does not depend on the `img`
 //! command's routing.
 
-#[allow(dead_code)]
-#[path = "../../agent/src/checkin/mod.rs"]
-mod checkin;
-
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agent::checkin;
 use checkin::client::{Client, ClientError};
 use checkin::state::StateDir;
 use checkin::{AgentConfig, LoopOutcome};

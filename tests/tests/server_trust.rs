@@ -8,10 +8,6 @@
 //! and mtools for real images, a tmpfs for a full repository (root only; skipped with a
 //! message otherwise).
 
-#[allow(dead_code)]
-#[path = "../../agent/src/checkin/mod.rs"]
-mod checkin;
-
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -19,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agent::checkin;
 use checkin::client::{http_agent, Client, ClientError};
 use checkin::state::StateDir;
 use checkin::AgentConfig;

@@ -1,0 +1,31 @@
+//! The boot agent as a library: everything the `img` binary does, so that `main` only picks
+//! the personality, parses and dispatches, and so that the end-to-end suites drive the same
+//! check-in client the devices run (`agent::checkin`) instead of compiling its files again.
+//!
+//! The modules, by command family:
+//! - [`args`]: the command line, parsed in two stages for every verb;
+//! - [`imaging`], [`progress`]: `-dump`, `-make`, `-restore`, `-info`, `-verify`, `-sign`,
+//!   `-keygen` over the `imgengine` library;
+//! - [`discover`], [`bootflow`]: finding the management server (`-discover`, `-serverurl`,
+//!   `-netconfig`, `-findserver`) and the boot agent's start-up flow;
+//! - [`checkin`]: check-in and jobs, the device end of the protocol (`-checkin`);
+//! - [`bootstore`], [`install`], [`handover`]: the boot-agent partition, its power-cut-safe
+//!   store, `-install` and `-bootnext`;
+//! - [`init`], [`bootagent`], [`console`], [`personality`]: PID 1, the boot agent and its
+//!   console;
+//! - [`exit`]: exit codes from errors.
+
+pub mod args;
+pub mod bootagent;
+pub mod bootflow;
+pub mod bootstore;
+pub mod checkin;
+pub mod console;
+pub mod discover;
+pub mod exit;
+pub mod handover;
+pub mod imaging;
+pub mod init;
+pub mod install;
+pub mod personality;
+pub mod progress;

@@ -12,7 +12,6 @@
 //! Plain files an administrator put on the partition (`/ca.pem`, `/config/*`, `/trusted/*`)
 //! are loaded first; the store's copies override them (they are newer: the agent wrote them).
 
-use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -362,71 +361,59 @@ impl Drop for TempRoot {
 /// unset), the state comes from DISK's boot-agent partition exactly as the boot agent's
 /// does: filled into a temporary directory, committed after every change, every few
 /// seconds and at the end. Its CA, trusted keys and lab settings are used unless
-/// `-ca`/`-trust-dir`/`-config` are given. Otherwise the check-in module's own routing runs. None for other verbs.
-pub fn dispatch_checkin(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
-    if verb.trim_start_matches('-') != "checkin" {
-        return None;
-    }
-    let explicit = |name: &str| {
-        args.iter().any(|a| {
-            let s = a.to_string_lossy();
-            let b = s.trim_start_matches('-').to_ascii_lowercase();
-            b == name || b.starts_with(&format!("{name}="))
-        })
-    };
+/// `-ca`/`-trust-dir`/`-config` are given. Otherwise the check-in module's own loop runs.
+pub fn run_checkin(m: crate::args::Matches) -> anyhow::Result<i32> {
     let (has_state, has_ca, has_trust, has_config) = (
-        explicit("state"),
-        explicit("ca"),
-        explicit("trust-dir"),
-        explicit("config"),
+        m.has("state"),
+        m.has("ca"),
+        m.has("trust-dir"),
+        m.has("config"),
     );
-    Some(
-        crate::checkin::parse_args(args).and_then(|(server, mut cfg)| {
-            let Some(disk) = cfg
-                .disk
-                .clone()
-                .filter(|_| !has_state && std::env::var_os("IMG_AGENT_STATE").is_none())
-            else {
-                return crate::checkin::run_verb(&server, &cfg);
-            };
-            let t = TempRoot::new(&disk).with_context(|| {
-                format!(
-                    "reading the agent's state from {} (or give -state=DIR)",
-                    disk.display()
-                )
-            })?;
+    crate::checkin::parse_args(&m).and_then(|(server, mut cfg)| {
+        let Some(disk) = cfg
+            .disk
+            .clone()
+            .filter(|_| !has_state && std::env::var_os("IMG_AGENT_STATE").is_none())
+        else {
+            return crate::checkin::run_verb(&server, &cfg);
+        };
+        let t = TempRoot::new(&disk).with_context(|| {
+            format!(
+                "reading the agent's state from {} (or give -state=DIR)",
+                disk.display()
+            )
+        })?;
+        if !cfg.quiet {
+            eprintln!(
+                "img: agent state from the boot-agent {}",
+                t.backing.describe()
+            );
+        }
+        cfg.state_dir = t.root().join("state");
+        if !has_ca && cfg.ca_file.is_none() && t.root().join("ca.pem").is_file() {
+            cfg.ca_file = Some(t.root().join("ca.pem"));
+        }
+        if !has_trust && t.root().join("trusted").is_dir() {
+            cfg.trusted_dir = Some(t.root().join("trusted"));
+        }
+        // The lab settings are the partition's own (config/lab.conf), as at boot.
+        if !has_config {
+            cfg.config_dir = t.root().join("config");
+            let mut notes = Vec::new();
+            cfg.lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
             if !cfg.quiet {
-                eprintln!(
-                    "img: agent state from the boot-agent {}",
-                    t.backing.describe()
-                );
-            }
-            cfg.state_dir = t.root().join("state");
-            if !has_ca && cfg.ca_file.is_none() && t.root().join("ca.pem").is_file() {
-                cfg.ca_file = Some(t.root().join("ca.pem"));
-            }
-            if !has_trust && t.root().join("trusted").is_dir() {
-                cfg.trusted_dir = Some(t.root().join("trusted"));
-            }
-            // The lab settings are the partition's own (config/lab.conf), as at boot.
-            if !has_config {
-                cfg.config_dir = t.root().join("config");
-                let mut notes = Vec::new();
-                cfg.lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
-                if !cfg.quiet {
-                    for n in notes {
-                        eprintln!("img: {n}");
-                    }
+                for n in notes {
+                    eprintln!("img: {n}");
                 }
             }
-            commit_on_state_change(t.backing.clone());
-            spawn_sync(t.backing.clone());
-            let r = crate::checkin::run_verb(&server, &cfg);
-            // The final state (credential, results) is in the store before we return.
-            commit(&t.backing)?;
-            r
-        }),
-    )
+        }
+        commit_on_state_change(t.backing.clone());
+        spawn_sync(t.backing.clone());
+        let r = crate::checkin::run_verb(&server, &cfg);
+        // The final state (credential, results) is in the store before we return.
+        commit(&t.backing)?;
+        r
+    })
 }
 
 /// At boot (init): find the disk with a boot-agent partition (`img.disk=` first, else the

@@ -10,16 +10,17 @@
 //! * `img -findserver` runs the boot agent's start-up flow on this console (discovery, then
 //!   the seed's "NO HSERVER CONFIGURED" fallback), as the agent personality does at boot.
 //!
-//! Options are written ZENworks style, `-name=value` (or `-name value`, `--name=value`).
+//! Options are written ZENworks style, `-name=value` (or `-name value`, `--name=value`), and
+//! parsed by the one parser of every verb (`args.rs`) against the tables below.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use discovery::bootconfig::{parse_kv, DiscoverySettings, StaticNetConfig};
 use discovery::{Config, Discovery, Verdict};
 
+use crate::args::{flag, many, value, Matches, Opt, UsageError};
 use crate::bootflow::{self, BootOutcome, LoggingHandoff, TtyConsole};
 
 /// One-line usage lines for `img -help`.
@@ -40,209 +41,119 @@ pub const USAGE: &str = "\
                                     (-disk: in DISK's boot-agent partition, as the agent keeps it)
   -findserver [discover options]    the boot agent start-up: discover, else offer the guest OS";
 
-/// Handles the img verbs that belong to discovery; returns None when `verb` is not one of
-/// them. `args` are the remaining command-line arguments after the verb. Returns the process
-/// exit code.
-pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
-    let verb = verb.trim_start_matches('-');
-    Some(match verb {
-        "discover" => parse(args).and_then(|a| run_discover(&a)),
-        "serverurl" => parse(args).and_then(|a| run_serverurl(&a)),
-        "netconfig" => parse(args).and_then(|a| run_netconfig(&a)),
-        "findserver" => parse(args).and_then(|a| run_findserver(&a)),
-        _ => return None,
-    })
-}
-
 /// Exit code when no management server answered (docs/img.md).
 const EXIT_NO_SERVER: i32 = crate::exit::Exit::NoServer as i32;
 
-/// Parsed arguments: `-name[=value]` options and plain values.
-#[derive(Debug, Default, PartialEq)]
-struct Args {
-    opts: Vec<(String, Option<String>)>,
-    values: Vec<String>,
-}
-
-/// Options that take a value even when written `-name value`.
-const VALUED: [&str; 12] = [
-    "disk",
-    "ca",
-    "resolvconf",
-    "iface",
-    "config",
-    "srv",
-    "host",
-    "vendorclass",
-    "dhcp-timeout",
-    "link-timeout",
-    "probe-timeout",
-    "rti-timeout",
+/// The options of `-discover` and `-findserver` (`cli::VERBS`).
+pub const DISCOVER_OPTS: &[Opt] = &[
+    value(&["ca"]),
+    value(&["server"]),
+    value(&["resolvconf"]),
+    flag(&["json"]),
+    flag(&["all"]),
+    flag(&["v", "verbose"]),
+    many(&["iface"]),
+    value(&["config"]),
+    value(&["srv"]),
+    value(&["host"]),
+    value(&["vendorclass"]),
+    value(&["dhcp-timeout"]),
+    value(&["link-timeout"]),
+    value(&["probe-timeout"]),
+    value(&["rti-timeout"]),
+    flag(&["noconfigure"]),
 ];
 
-fn parse(args: Vec<OsString>) -> anyhow::Result<Args> {
-    let mut out = Args::default();
-    let mut it = args.into_iter().map(|a| {
-        a.into_string()
-            .map_err(|a| anyhow!("argument {a:?} is not valid UTF-8"))
-    });
-    while let Some(a) = it.next() {
-        let a = a?;
-        if a.len() > 1 && a.starts_with('-') && !a.starts_with("-=") {
-            let name = a.trim_start_matches('-');
-            let (name, value) = match name.split_once('=') {
-                Some((n, v)) => (n.to_ascii_lowercase(), Some(v.to_string())),
-                None => (name.to_ascii_lowercase(), None),
-            };
-            let value = match value {
-                None if VALUED.contains(&name.as_str()) => Some(
-                    it.next()
-                        .transpose()?
-                        .ok_or_else(|| crate::args::UsageError(format!("-{name} needs a value")))?,
-                ),
-                v => v,
-            };
-            out.opts.push((name, value));
-        } else {
-            out.values.push(a);
-        }
-    }
-    Ok(out)
+/// The options of `-serverurl` and `-netconfig`.
+pub const CONFIG_OPTS: &[Opt] = &[value(&["config"]), value(&["disk"])];
+
+/// A number of seconds (`-dhcp-timeout=1.5`).
+fn secs(a: &Matches, name: &str) -> anyhow::Result<Option<Duration>> {
+    a.value(name)
+        .map(|v| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0 && *s < 86_400.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| UsageError(format!("-{name}={v}: give a number of seconds")).into())
+        })
+        .transpose()
 }
 
-impl Args {
-    fn flag(&self, name: &str) -> bool {
-        self.opts.iter().any(|(n, _)| n == name)
-    }
-
-    fn value(&self, name: &str) -> Option<&str> {
-        self.opts
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    fn secs(&self, name: &str) -> anyhow::Result<Option<Duration>> {
-        self.value(name)
-            .map(|v| {
-                v.parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s >= 0.0 && *s < 86_400.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| {
-                        crate::args::UsageError(format!("-{name}={v}: give a number of seconds"))
-                            .into()
-                    })
-            })
-            .transpose()
-    }
-
-    fn only(&self, allowed: &[&str]) -> anyhow::Result<()> {
-        for (n, _) in &self.opts {
-            if !allowed.contains(&n.as_str()) {
-                return Err(crate::args::UsageError(format!("unknown option -{n}")).into());
-            }
-        }
-        Ok(())
-    }
-
-    fn config_dir(&self) -> PathBuf {
-        self.value("config")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("IMG_CONFIG_DIR").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(discovery::DEFAULT_CONFIG_DIR))
-    }
-
-    /// The discovery configuration from the command line.
-    fn discovery_config(&self) -> anyhow::Result<Config> {
-        let mut cfg = Config {
-            config_dir: self.config_dir(),
-            probe_all: self.flag("all"),
-            configure: !self.flag("noconfigure"),
-            ..Config::default()
-        };
-        cfg.interfaces = self
-            .opts
-            .iter()
-            .filter(|(n, _)| n == "iface")
-            .filter_map(|(_, v)| v.clone())
-            .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>())
-            .collect();
-        if let Some(v) = self.value("srv") {
-            cfg.srv_name = v.into();
-        }
-        if let Some(v) = self.value("host") {
-            cfg.host_name = v.into();
-        }
-        if let Some(v) = self.value("vendorclass") {
-            cfg.vendor_class = v.into();
-        }
-        if let Some(d) = self.secs("dhcp-timeout")? {
-            cfg.dhcp_timeout = d;
-        }
-        if let Some(d) = self.secs("link-timeout")? {
-            cfg.link_timeout = d;
-        }
-        if let Some(d) = self.secs("probe-timeout")? {
-            cfg.probe_timeout = d;
-        }
-        if let Some(d) = self.secs("rti-timeout")? {
-            cfg.rti_timeout = d;
-        }
-        cfg.resolv_conf = self.value("resolvconf").map(PathBuf::from);
-        // `-server=LIST`: what `img.server=` on the kernel command line does for the boot agent.
-        cfg.command_line_urls = self.value("server").map(str::to_string);
-        // The trust policy: with the server's CA, plain HTTP only when lab.conf allows it.
-        let ca = self
-            .value("ca")
-            .map(PathBuf::from)
-            .or_else(crate::checkin::trust::pinned_ca);
-        let mut notes = Vec::new();
-        let lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
-        for n in notes {
-            eprintln!("img: {n}");
-        }
-        for line in lab.banner(&cfg.config_dir) {
-            eprintln!("img: {line}");
-        }
-        cfg.refuse_plain_http =
-            crate::checkin::trust::plain_http_refusal(ca.as_deref(), &lab, &cfg.config_dir);
-        Ok(cfg)
-    }
+fn config_dir(a: &Matches) -> PathBuf {
+    a.value("config")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("IMG_CONFIG_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(discovery::DEFAULT_CONFIG_DIR))
 }
 
-const DISCOVER_OPTS: [&str; 17] = [
-    "ca",
-    "server",
-    "resolvconf",
-    "json",
-    "all",
-    "v",
-    "iface",
-    "config",
-    "srv",
-    "host",
-    "vendorclass",
-    "dhcp-timeout",
-    "link-timeout",
-    "probe-timeout",
-    "rti-timeout",
-    "noconfigure",
-    "verbose",
-];
+/// The discovery configuration from the command line.
+fn discovery_config(a: &Matches) -> anyhow::Result<Config> {
+    let mut cfg = Config {
+        config_dir: config_dir(a),
+        probe_all: a.flag("all"),
+        configure: !a.flag("noconfigure"),
+        ..Config::default()
+    };
+    cfg.interfaces = a
+        .all("iface")
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::to_string)
+        .collect();
+    if let Some(v) = a.value("srv") {
+        cfg.srv_name = v.into();
+    }
+    if let Some(v) = a.value("host") {
+        cfg.host_name = v.into();
+    }
+    if let Some(v) = a.value("vendorclass") {
+        cfg.vendor_class = v.into();
+    }
+    if let Some(d) = secs(a, "dhcp-timeout")? {
+        cfg.dhcp_timeout = d;
+    }
+    if let Some(d) = secs(a, "link-timeout")? {
+        cfg.link_timeout = d;
+    }
+    if let Some(d) = secs(a, "probe-timeout")? {
+        cfg.probe_timeout = d;
+    }
+    if let Some(d) = secs(a, "rti-timeout")? {
+        cfg.rti_timeout = d;
+    }
+    cfg.resolv_conf = a.value("resolvconf").map(PathBuf::from);
+    // `-server=LIST`: what `img.server=` on the kernel command line does for the boot agent.
+    cfg.command_line_urls = a.value("server").map(str::to_string);
+    // The trust policy: with the server's CA, plain HTTP only when lab.conf allows it.
+    let ca = a
+        .value("ca")
+        .map(PathBuf::from)
+        .or_else(crate::checkin::trust::pinned_ca);
+    let mut notes = Vec::new();
+    let lab = discovery::LabSettings::load(&cfg.config_dir, &mut notes)?;
+    for n in notes {
+        eprintln!("img: {n}");
+    }
+    for line in lab.banner(&cfg.config_dir) {
+        eprintln!("img: {line}");
+    }
+    cfg.refuse_plain_http =
+        crate::checkin::trust::plain_http_refusal(ca.as_deref(), &lab, &cfg.config_dir);
+    Ok(cfg)
+}
 
-fn run_discover(a: &Args) -> anyhow::Result<i32> {
-    a.only(&DISCOVER_OPTS)?;
+/// `img -discover`.
+pub fn run_discover(a: Matches) -> anyhow::Result<i32> {
     if let Some(v) = a.values.first() {
-        return Err(crate::args::UsageError(format!("-discover takes no value ({v:?})")).into());
+        return Err(UsageError(format!("-discover takes no value ({v:?})")).into());
     }
-    let cfg = a.discovery_config()?;
+    let cfg = discovery_config(&a)?;
     let d = discovery::discover(&cfg).context("discovering the management server")?;
     if a.flag("json") {
         println!("{}", serde_json::to_string_pretty(&d)?);
     } else {
-        print!("{}", render(&d, a.flag("v") || a.flag("verbose")));
+        print!("{}", render(&d, a.flag("v")));
     }
     Ok(if d.chosen.is_some() {
         0
@@ -328,12 +239,12 @@ fn render(d: &Discovery, verbose: bool) -> String {
 /// boot agent does), else `-config=DIR`, `IMG_CONFIG_DIR` or the agent's own folder, which
 /// on a device is backed by the boot-agent partition and committed after the change.
 fn with_config_dir(
-    a: &Args,
+    a: &Matches,
     f: impl FnOnce(&std::path::Path) -> anyhow::Result<i32>,
 ) -> anyhow::Result<i32> {
     if let Some(disk) = a.value("disk") {
         if a.value("config").is_some() {
-            bail!(crate::args::UsageError(
+            bail!(UsageError(
                 "give -disk=DISK (its boot-agent partition) or -config=DIR, not both".into()
             ));
         }
@@ -342,7 +253,7 @@ fn with_config_dir(
         crate::bootstore::commit(&t.backing)?;
         return Ok(code);
     }
-    let dir = a.config_dir();
+    let dir = config_dir(a);
     let code = f(&dir)?;
     if let Some(b) = crate::bootstore::recorded_for(&dir) {
         crate::bootstore::commit(&b)?;
@@ -350,12 +261,12 @@ fn with_config_dir(
     Ok(code)
 }
 
-fn run_serverurl(a: &Args) -> anyhow::Result<i32> {
-    a.only(&["config", "disk"])?;
-    with_config_dir(a, |dir| serverurl_in(a, dir))
+/// `img -serverurl`.
+pub fn run_serverurl(a: Matches) -> anyhow::Result<i32> {
+    with_config_dir(&a, |dir| serverurl_in(&a, dir))
 }
 
-fn serverurl_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
+fn serverurl_in(a: &Matches, dir: &std::path::Path) -> anyhow::Result<i32> {
     let mut notes = Vec::new();
     let mut s = DiscoverySettings::load(dir, &mut notes)?;
     for n in notes {
@@ -374,12 +285,9 @@ fn serverurl_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
         [v] if v.eq_ignore_ascii_case("clear") => s.server_url_list = None,
         [v] => s
             .set_server_url_list(v)
-            .map_err(|e| crate::args::UsageError(e.to_string()))?,
+            .map_err(|e| UsageError(e.to_string()))?,
         _ => {
-            return Err(crate::args::UsageError(
-                "quote the URL list: img -serverurl \"URL;URL\"".into(),
-            )
-            .into())
+            return Err(UsageError("quote the URL list: img -serverurl \"URL;URL\"".into()).into())
         }
     }
     s.store(dir)?;
@@ -390,12 +298,12 @@ fn serverurl_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn run_netconfig(a: &Args) -> anyhow::Result<i32> {
-    a.only(&["config", "disk"])?;
-    with_config_dir(a, |dir| netconfig_in(a, dir))
+/// `img -netconfig`.
+pub fn run_netconfig(a: Matches) -> anyhow::Result<i32> {
+    with_config_dir(&a, |dir| netconfig_in(&a, dir))
 }
 
-fn netconfig_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
+fn netconfig_in(a: &Matches, dir: &std::path::Path) -> anyhow::Result<i32> {
     match a.values.as_slice() {
         [] => {
             match StaticNetConfig::load(dir)? {
@@ -420,19 +328,16 @@ fn netconfig_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
             let text = values.join("\n");
             let (pairs, bad) = parse_kv(&text);
             if let Some(b) = bad.first() {
-                bail!(crate::args::UsageError(format!(
-                    "-netconfig takes key=value pairs: {b}"
-                )));
+                bail!(UsageError(format!("-netconfig takes key=value pairs: {b}")));
             }
             for (k, _) in &pairs {
                 if !["ip", "mask", "gw", "server", "proto", "port"].contains(&k.as_str()) {
-                    bail!(crate::args::UsageError(format!(
+                    bail!(UsageError(format!(
                         "-netconfig: unknown key {k:?} (ip, mask, gw, server, proto, port)"
                     )));
                 }
             }
-            let c = StaticNetConfig::from_pairs(&pairs)
-                .map_err(|e| crate::args::UsageError(e.to_string()))?;
+            let c = StaticNetConfig::from_pairs(&pairs).map_err(|e| UsageError(e.to_string()))?;
             c.store(dir)?;
             print!("{}", c.render());
             Ok(0)
@@ -440,9 +345,10 @@ fn netconfig_in(a: &Args, dir: &std::path::Path) -> anyhow::Result<i32> {
     }
 }
 
-fn run_findserver(a: &Args) -> anyhow::Result<i32> {
-    a.only(&DISCOVER_OPTS)?;
-    let cfg = a.discovery_config()?;
+/// `img -findserver`.
+pub fn run_findserver(a: Matches) -> anyhow::Result<i32> {
+    a.finish()?;
+    let cfg = discovery_config(&a)?;
     let mut console = TtyConsole::stdio();
     let outcome = bootflow::find_server_or_fallback(&cfg, &mut console, &LoggingHandoff)?;
     Ok(match outcome {
@@ -469,8 +375,14 @@ fn run_findserver(a: &Args) -> anyhow::Result<i32> {
 mod tests {
     use super::*;
 
+    use std::ffi::OsString;
+
     fn args(s: &str) -> Vec<OsString> {
         s.split_whitespace().map(OsString::from).collect()
+    }
+
+    fn parse(words: Vec<OsString>) -> Result<Matches, UsageError> {
+        crate::args::parse("discover", DISCOVER_OPTS, &words)
     }
 
     fn tmpdir(tag: &str) -> PathBuf {
@@ -483,28 +395,29 @@ mod tests {
     fn parses_zenworks_style_options() {
         let a = parse(args("-json --iface=eth0 -iface eth1 -config /x -all")).unwrap();
         assert!(a.flag("json") && a.flag("all"));
-        let cfg = a.discovery_config().unwrap();
+        let cfg = discovery_config(&a).unwrap();
         assert_eq!(cfg.interfaces, ["eth0", "eth1"]);
         assert_eq!(cfg.config_dir, PathBuf::from("/x"));
         assert!(cfg.probe_all);
         assert!(parse(args("-iface")).is_err());
         let a = parse(args("-dhcp-timeout=abc")).unwrap();
-        assert!(a.discovery_config().is_err());
-        assert!(dispatch("bogus", vec![]).is_none());
+        assert!(discovery_config(&a).is_err());
+        assert!(parse(args("-json=yes")).is_err(), "a flag takes no value");
+        assert!(parse(args("-bogus")).is_err());
     }
 
     #[test]
     fn a_server_ca_refuses_plain_http_unless_lab_conf_allows_it() {
         let dir = tmpdir("lab");
         let a = parse(args(&format!("-config={} -ca /x/ca.pem", dir.display()))).unwrap();
-        let why = a.discovery_config().unwrap().refuse_plain_http.unwrap();
+        let why = discovery_config(&a).unwrap().refuse_plain_http.unwrap();
         assert!(
             why.contains("/x/ca.pem") && why.contains("lab.conf"),
             "{why}"
         );
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("lab.conf"), "plain_http = yes\n").unwrap();
-        assert_eq!(a.discovery_config().unwrap().refuse_plain_http, None);
+        assert_eq!(discovery_config(&a).unwrap().refuse_plain_http, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -513,9 +426,9 @@ mod tests {
         let dir = tmpdir("cfg");
         let c = format!("-config={}", dir.display());
         let run = |v: &str, more: &[&str]| {
-            let mut a = vec![OsString::from(&c)];
+            let mut a = vec![OsString::from(format!("-{v}")), OsString::from(&c)];
             a.extend(more.iter().map(OsString::from));
-            dispatch(v, a).unwrap()
+            crate::cli::dispatch(&a)
         };
         assert_eq!(
             run("serverurl", &["https://a.example; 10.0.0.1:80"]).unwrap(),

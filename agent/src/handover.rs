@@ -17,12 +17,13 @@
 //! the guest's kernel and initrd from partition 2 with `kexec_file_load` and jumps to it
 //! without going through the firmware and GRUB again; any failure falls back to the reboot.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use grub::bootpart::BootPartition;
 use grub::env::EnvBlock;
+
+use crate::args::{value, Matches, Opt, UsageError};
 
 pub const USAGE: &str = "\
   -bootnext [guest|agent|console] [-disk=DISK]
@@ -31,12 +32,13 @@ pub const USAGE: &str = "\
                                     show it and grubenv's contents. DISK: IMG_DISK, else the disk
                                     holding the boot-agent partition";
 
-/// The verbs this module answers; `None` for any other verb.
-pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
-    match verb {
-        "bootnext" => Some(parse_bootnext(args).and_then(|r| bootnext(&r)).map(|_| 0)),
-        _ => None,
-    }
+/// The options of `img -bootnext` (`cli::VERBS`).
+pub const OPTS: &[Opt] = &[value(&["disk"])];
+
+/// `img -bootnext`.
+pub fn run(m: Matches) -> anyhow::Result<i32> {
+    bootnext(&parse_bootnext(m)?)?;
+    Ok(0)
 }
 
 /// Where the next boot goes.
@@ -74,28 +76,23 @@ pub struct BootNextRequest {
     pub disk: Option<PathBuf>,
 }
 
-fn parse_bootnext(args: Vec<OsString>) -> anyhow::Result<BootNextRequest> {
-    let mut r = BootNextRequest {
-        next: None,
-        disk: None,
+/// Stage two of `img -bootnext`: at most one of guest, agent, console.
+pub fn parse_bootnext(mut m: Matches) -> Result<BootNextRequest, UsageError> {
+    let next = match m.optional_operand() {
+        None => None,
+        Some(s) => Some(NextBoot::parse(&s).ok_or_else(|| {
+            UsageError(format!("-bootnext: {s:?} is not guest, agent or console"))
+        })?),
     };
-    for a in args {
-        let s = a
-            .to_str()
-            .with_context(|| format!("argument {a:?} is not UTF-8"))?;
-        let opt = s.strip_prefix("--").or_else(|| s.strip_prefix('-'));
-        match opt.map(|o| o.split_once('=').unwrap_or((o, ""))) {
-            Some(("disk", v)) if !v.is_empty() => r.disk = Some(PathBuf::from(v)),
-            Some(_) => bail!("-bootnext: unknown option {s}\n{USAGE}"),
-            None if r.next.is_none() => {
-                r.next = Some(NextBoot::parse(s).with_context(|| {
-                    format!("-bootnext: {s:?} is not guest, agent or console\n{USAGE}")
-                })?)
-            }
-            None => bail!("-bootnext: one of guest, agent, console (got {s} too)\n{USAGE}"),
-        }
+    if let Some(s) = m.values.first() {
+        return Err(UsageError(format!(
+            "-bootnext: one of guest, agent, console (got {s} too)"
+        )));
     }
-    Ok(r)
+    Ok(BootNextRequest {
+        next,
+        disk: m.value("disk").map(PathBuf::from),
+    })
 }
 
 /// The disk whose boot-agent partition holds grubenv: `IMG_DISK`, else the first disk of
@@ -407,20 +404,20 @@ fn kexec_file_load(
 mod tests {
     use super::*;
 
-    fn os(v: &[&str]) -> Vec<OsString> {
-        v.iter().map(OsString::from).collect()
+    /// Both stages, as `img -bootnext ...` runs them.
+    fn parse(v: &[&str]) -> Result<BootNextRequest, UsageError> {
+        let words: Vec<std::ffi::OsString> = v.iter().map(Into::into).collect();
+        parse_bootnext(crate::args::parse("bootnext", OPTS, &words)?)
     }
 
     #[test]
     fn bootnext_arguments_parse() {
-        let r = parse_bootnext(os(&["guest", "-disk=/dev/vda"])).unwrap();
+        let r = parse(&["guest", "-disk=/dev/vda"]).unwrap();
         assert_eq!(r.next, Some(NextBoot::Guest));
         assert_eq!(r.disk, Some(PathBuf::from("/dev/vda")));
-        assert_eq!(parse_bootnext(os(&[])).unwrap().next, None);
+        assert_eq!(parse(&[]).unwrap().next, None);
         assert_eq!(
-            parse_bootnext(os(&["--disk=d.img", "console"]))
-                .unwrap()
-                .next,
+            parse(&["--disk=d.img", "console"]).unwrap().next,
             Some(NextBoot::Console)
         );
         for bad in [
@@ -429,9 +426,8 @@ mod tests {
             &["-disk"],
             &["-part=1"],
         ] {
-            assert!(parse_bootnext(os(bad)).is_err(), "{bad:?}");
+            assert!(parse(bad).is_err(), "{bad:?}");
         }
-        assert!(dispatch("nope", vec![]).is_none());
     }
 
     #[test]

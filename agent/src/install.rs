@@ -19,12 +19,13 @@
 //! `sgdisk`/`sfdisk`, and a wrong table written by a boot-loader installer is the kind of
 //! mistake that bricks a room of devices.
 
-use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+
+use crate::args::{value, Matches, Opt, UsageError};
 
 pub const USAGE: &str = "\
   -install DISK -kernel=VMLINUZ -initrd=INITRD [-part=N|LABEL] [-cmdline=TEXT] [-efi=GRUBX64.EFI]
@@ -37,12 +38,20 @@ pub const USAGE: &str = "\
                                     bootmgfw.efi, else BOOTX64.EFI) or linux (default /vmlinuz,
                                     /initrd.img, root=PARTUUID=.. ro quiet)";
 
-/// The verbs this module answers; `None` for any other verb.
-pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
-    match verb {
-        "install" => Some(parse_install(args).and_then(|req| install(&req)).map(|_| 0)),
-        _ => None,
-    }
+/// The options of `img -install` (`cli::VERBS`).
+pub const OPTS: &[Opt] = &[
+    value(&["kernel"]),
+    value(&["initrd"]),
+    value(&["part"]),
+    value(&["cmdline"]),
+    value(&["efi"]),
+    value(&["guest"]),
+];
+
+/// `img -install`.
+pub fn run(m: Matches) -> anyhow::Result<i32> {
+    install(&parse_install(m)?)?;
+    Ok(0)
 }
 
 /// What `-install` was asked to do.
@@ -60,43 +69,27 @@ pub struct InstallRequest {
 /// Default kernel command line: both consoles, reboot 10 s after a kernel panic.
 pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=10 quiet";
 
-fn parse_install(args: Vec<OsString>) -> anyhow::Result<InstallRequest> {
-    let mut disk = None;
-    let mut req = InstallRequest {
-        disk: PathBuf::new(),
-        part: "1".into(),
-        kernel: PathBuf::new(),
-        initrd: PathBuf::new(),
-        cmdline: DEFAULT_CMDLINE.into(),
-        efi: None,
-        guest: grub::Guest::Chain,
+/// Stage two of `img -install`: the request from the matched options.
+pub fn parse_install(mut m: Matches) -> Result<InstallRequest, UsageError> {
+    let disk = m.operand("DISK, the disk (or disk-image file) to install on")?;
+    m.finish()?;
+    let needs = |name: &str| {
+        m.value(name)
+            .map(PathBuf::from)
+            .ok_or_else(|| UsageError(format!("-install needs -{name}=FILE")))
     };
-    let (mut kernel, mut initrd) = (None, None);
-    for a in args {
-        let s = a
-            .to_str()
-            .with_context(|| format!("argument {a:?} is not UTF-8"))?
-            .to_owned();
-        let opt = s.strip_prefix("--").or_else(|| s.strip_prefix('-'));
-        match opt.and_then(|o| o.split_once('=')) {
-            Some(("kernel", v)) => kernel = Some(PathBuf::from(v)),
-            Some(("initrd", v)) => initrd = Some(PathBuf::from(v)),
-            Some(("part", v)) => req.part = v.to_owned(),
-            Some(("cmdline", v)) => req.cmdline = v.to_owned(),
-            Some(("efi", v)) => req.efi = Some(PathBuf::from(v)),
-            Some(("guest", v)) => {
-                req.guest = grub::Guest::parse(v).map_err(|e| anyhow::anyhow!("-install: {e}"))?
-            }
-            Some((k, _)) => bail!("-install: unknown option -{k}\n{USAGE}"),
-            None if opt.is_some() => bail!("-install: unknown option {s}\n{USAGE}"),
-            None if disk.is_none() => disk = Some(PathBuf::from(s)),
-            None => bail!("-install: one DISK only (got {s} too)\n{USAGE}"),
-        }
-    }
-    req.disk = disk.with_context(|| format!("-install: DISK is missing\n{USAGE}"))?;
-    req.kernel = kernel.with_context(|| format!("-install: -kernel= is missing\n{USAGE}"))?;
-    req.initrd = initrd.with_context(|| format!("-install: -initrd= is missing\n{USAGE}"))?;
-    Ok(req)
+    Ok(InstallRequest {
+        disk: PathBuf::from(disk),
+        part: m.value("part").unwrap_or("1").to_string(),
+        kernel: needs("kernel")?,
+        initrd: needs("initrd")?,
+        cmdline: m.value("cmdline").unwrap_or(DEFAULT_CMDLINE).to_string(),
+        efi: m.value("efi").map(PathBuf::from),
+        guest: match m.value("guest") {
+            Some(v) => grub::Guest::parse(v).map_err(|e| UsageError(format!("-install: {e}")))?,
+            None => grub::Guest::Chain,
+        },
+    })
 }
 
 /// A partition of a disk as a file of its own: reads, writes and seeks stay inside
@@ -526,31 +519,33 @@ fn fix_dot_entries(w: &mut PartitionWindow, dirs: &[&[&str]]) -> io::Result<()> 
 mod tests {
     use super::*;
 
-    fn os(v: &[&str]) -> Vec<OsString> {
-        v.iter().map(OsString::from).collect()
+    /// Both stages, as `img -install ...` runs them.
+    fn req(v: &[&str]) -> Result<InstallRequest, UsageError> {
+        let words: Vec<std::ffi::OsString> = v.iter().map(Into::into).collect();
+        parse_install(crate::args::parse("install", OPTS, &words)?)
     }
 
     #[test]
     fn install_arguments_parse() {
-        let r = parse_install(os(&[
+        let r = req(&[
             "/dev/vda",
             "-kernel=/k",
             "--initrd=/i",
             "-part=BOOT",
             "-efi=/g.efi",
-        ]))
+        ])
         .unwrap();
         assert_eq!(r.disk, PathBuf::from("/dev/vda"));
         assert_eq!(r.part, "BOOT");
         assert_eq!(r.cmdline, DEFAULT_CMDLINE);
         assert_eq!(r.efi, Some(PathBuf::from("/g.efi")));
         assert_eq!(r.guest, grub::Guest::Chain);
-        let r = parse_install(os(&[
+        let r = req(&[
             "d",
             "-kernel=/k",
             "-initrd=/i",
             "-guest=linux:/vmlinuz,/initrd.gz,console=ttyS0 quiet",
-        ]))
+        ])
         .unwrap();
         assert_eq!(
             r.guest,
@@ -560,12 +555,14 @@ mod tests {
                 cmdline: Some("console=ttyS0 quiet".into())
             }
         );
-        assert!(parse_install(os(&["d", "-kernel=/k", "-initrd=/i", "-guest=dos"])).is_err());
-        assert!(parse_install(os(&["/dev/vda", "-kernel=/k"])).is_err());
+        assert!(req(&["d", "-kernel=/k", "-initrd=/i", "-guest=dos"]).is_err());
+        assert!(req(&["/dev/vda", "-kernel=/k"]).is_err());
+        assert!(req(&["/dev/vda", "-kernel=/k", "-initrd=/i", "-colour=red"]).is_err());
+        assert!(req(&["/dev/vda", "/dev/vdb", "-kernel=/k", "-initrd=/i"]).is_err());
         assert!(
-            parse_install(os(&["/dev/vda", "-kernel=/k", "-initrd=/i", "-colour=red"])).is_err()
+            req(&["-kernel=/k", "-initrd=/i"]).is_err(),
+            "DISK is missing"
         );
-        assert!(dispatch("frobnicate", vec![]).is_none());
         assert_eq!(&short_name("grub.cfg"), b"GRUB    CFG");
         assert_eq!(&short_name("EFI"), b"EFI        ");
     }

@@ -3,7 +3,7 @@
 //! check-in client the devices run (`agent::checkin`) instead of compiling its files again.
 //!
 //! The modules, by command family:
-//! - [`args`]: the command line, parsed in two stages for every verb;
+//! - [`cli`], [`args`]: the table of `img` verbs and the one two-stage parser they share;
 //! - [`imaging`], [`progress`]: `-dump`, `-make`, `-restore`, `-info`, `-verify`, `-sign`,
 //!   `-keygen` over the `imgengine` library;
 //! - [`discover`], [`bootflow`]: finding the management server (`-discover`, `-serverurl`,
@@ -20,6 +20,7 @@ pub mod bootagent;
 pub mod bootflow;
 pub mod bootstore;
 pub mod checkin;
+pub mod cli;
 pub mod console;
 pub mod discover;
 pub mod exit;

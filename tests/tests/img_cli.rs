@@ -602,3 +602,134 @@ fn capture_streams_to_an_http_upload() {
         assert!(read_back(&dst, os, name) == *data, "{name} differs");
     }
 }
+
+/// Every verb of `img`'s verb table (`agent::cli::VERBS`, so a verb added there is covered
+/// without touching this test), run as the real binary with an option it does not have, with
+/// each of its options' values missing and with each flag given a value: exit 2 (usage),
+/// before anything is done, and a message that names the option and the way out
+/// (`img -help`), which itself lists the verb.
+#[test]
+fn every_usage_error_of_every_verb_exits_2_naming_the_option_and_img_help() {
+    use agent::args::Kind;
+    use agent::cli::VERBS;
+
+    // The table holds at least the verbs the documentation lists.
+    let names: Vec<&str> = VERBS.iter().map(|v| v.names[0]).collect();
+    for documented in [
+        "help",
+        "version",
+        "dump",
+        "make",
+        "restore",
+        "info",
+        "verify",
+        "sign",
+        "keygen",
+        "discover",
+        "serverurl",
+        "netconfig",
+        "findserver",
+        "checkin",
+        "install",
+        "bootnext",
+    ] {
+        assert!(
+            names.contains(&documented),
+            "-{documented} is not in the verb table"
+        );
+    }
+    let help = text(&ok(&["-help"]));
+
+    // (command line, what the message names, what it says), run four at a time.
+    let mut cases: Vec<(Vec<String>, String, &str)> = Vec::new();
+    for verb in VERBS {
+        let v = format!("-{}", verb.names[0]);
+        assert!(help.contains(&v), "img -help does not mention {v}");
+        // An option the verb does not have: under every name of the verb, and after an
+        // operand with a value.
+        for alias in verb.names {
+            let a = format!("-{alias}");
+            cases.push((
+                vec![a, "-bogus-option".into()],
+                "-bogus-option".into(),
+                "does not take",
+            ));
+        }
+        cases.push((
+            vec![v.clone(), "operand".into(), "--bogus-option=1".into()],
+            "-bogus-option".into(),
+            "does not take",
+        ));
+        // Each option's value missing at the end of the line (the first one's also before
+        // another option), each flag given a value. Aliases resolve to the same entry (unit
+        // tests in args.rs).
+        let mut first = true;
+        for opt in verb.opts {
+            let o = format!("-{}", opt.names[0]);
+            if opt.kind == Kind::Flag {
+                cases.push((vec![v.clone(), format!("{o}=yes")], o, "takes no value"));
+                continue;
+            }
+            if first {
+                cases.push((
+                    vec![v.clone(), o.clone(), "-bogus-option".into()],
+                    o.clone(),
+                    "needs a value",
+                ));
+                first = false;
+            }
+            cases.push((vec![v.clone(), o.clone()], o, "needs a value"));
+        }
+    }
+    // `img -checkin -bogus` used to exit 1.
+    cases.push((
+        vec!["-checkin".into(), "-bogus".into()],
+        "-bogus".into(),
+        "does not take",
+    ));
+    // And one not from the table: a verb that does not exist.
+    cases.push((
+        vec!["-frobnicate".into()],
+        "-frobnicate".into(),
+        "unknown verb",
+    ));
+
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = cases
+            .chunks(cases.len().div_ceil(4))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut bad = Vec::new();
+                    for (args, names_this, says) in chunk {
+                        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                        let r = img(&refs);
+                        let t = text(&r);
+                        if r.status.code() != Some(2)
+                            || !(t.contains(names_this.as_str())
+                                && t.contains(says)
+                                && t.contains("`img -help`"))
+                        {
+                            bad.push(format!(
+                                "img {}: exit {:?}, expected 2 and a message naming {names_this}, saying {says:?}, pointing to `img -help`: {t}",
+                                refs.join(" "),
+                                r.status.code()
+                            ));
+                        }
+                    }
+                    bad
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    eprintln!(
+        "{} usage errors over {} verbs run, {} wrong",
+        cases.len(),
+        VERBS.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

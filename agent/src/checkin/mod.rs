@@ -21,7 +21,6 @@ pub mod job;
 pub mod state;
 pub mod trust;
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -32,6 +31,7 @@ use protocol::{
     PROTOCOL_VERSION,
 };
 
+use crate::args::{flag, value, Matches, Opt, UsageError};
 use client::{Client, ClientError};
 use job::TaskEnd;
 use state::{CredentialRecord, CurrentTask, StateDir};
@@ -455,73 +455,74 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
     }
 }
 
-pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> {
+/// The options of `img -checkin` (`cli::VERBS`).
+pub const OPTS: &[Opt] = &[
+    value(&["server"]),
+    value(&["ca"]),
+    value(&["state"]),
+    value(&["disk"]),
+    value(&["backup"]),
+    value(&["trust-dir"]),
+    value(&["config"]),
+    value(&["mac"]),
+    value(&["serial"]),
+    value(&["model"]),
+    value(&["retries"]),
+    value(&["retry-wait"]),
+    value(&["progress"]),
+    flag(&["loop"]),
+    flag(&["q", "quiet"]),
+];
+
+/// Stage two of `img -checkin`: the server and the agent's settings from the matched
+/// options (`IMG_SERVER` when there is no `-server`), with the lab settings loaded.
+pub fn parse_args(m: &Matches) -> anyhow::Result<(String, AgentConfig)> {
+    m.finish()?;
     let mut cfg = AgentConfig {
         max_tasks: Some(1),
         ..AgentConfig::default()
     };
-    let mut server = std::env::var("IMG_SERVER").ok();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        let s = a
-            .into_string()
-            .map_err(|_| anyhow!("-checkin: arguments must be UTF-8"))?;
-        let body = s
-            .strip_prefix("--")
-            .or_else(|| s.strip_prefix('-'))
-            .ok_or_else(|| anyhow!("-checkin: unexpected {s:?} (options are -name=value)"))?;
-        let (name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n.to_ascii_lowercase(), Some(v.to_string())),
-            None => (body.to_ascii_lowercase(), None),
-        };
-        let mut value = || -> anyhow::Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .and_then(|v| v.into_string().ok())
-                    .ok_or_else(|| anyhow!("-checkin: -{name} needs a value (-{name}=VALUE)")),
-            }
-        };
-        match name.as_str() {
-            "server" => server = Some(value()?),
-            "ca" => cfg.ca_file = Some(value()?.into()),
-            "state" => cfg.state_dir = value()?.into(),
-            "disk" => cfg.disk = Some(value()?.into()),
-            "backup" => cfg.backup_dir = Some(value()?.into()),
-            "trust-dir" => cfg.trusted_dir = Some(value()?.into()),
-            "config" => cfg.config_dir = value()?.into(),
-            "mac" => cfg.mac = Some(value()?),
-            "serial" => cfg.serial = Some(value()?),
-            "model" => cfg.model = Some(value()?),
-            "retries" => {
-                let n: u32 = value()?
-                    .parse()
-                    .map_err(|_| anyhow!("-checkin: -retries needs a number"))?;
-                cfg.job_retries = n;
-                cfg.checkin_attempts = n.max(1);
-            }
-            "retry-wait" => {
-                cfg.retry_wait = Duration::from_millis(
-                    value()?
-                        .parse()
-                        .map_err(|_| anyhow!("-retry-wait: milliseconds"))?,
-                )
-            }
-            "progress" => {
-                cfg.progress_interval = Duration::from_millis(
-                    value()?
-                        .parse()
-                        .map_err(|_| anyhow!("-progress: milliseconds"))?,
-                )
-            }
-            "loop" => cfg.max_tasks = None,
-            "q" | "quiet" => cfg.quiet = true,
-            _ => bail!("-checkin: unknown option -{name}\n{USAGE}"),
-        }
+    let text = |name: &str| m.value(name).map(str::to_string);
+    let path = |name: &str| m.value(name).map(PathBuf::from);
+    let millis = |name: &str| -> Result<Option<Duration>, UsageError> {
+        Ok(m.number::<u64>(name)?.map(Duration::from_millis))
+    };
+    if let Some(v) = path("ca") {
+        cfg.ca_file = Some(v);
     }
-    let server =
-        server.ok_or_else(|| anyhow!("-checkin needs -server=URL (`img -discover` finds it)"))?;
+    if let Some(v) = path("state") {
+        cfg.state_dir = v;
+    }
+    cfg.disk = path("disk");
+    cfg.backup_dir = path("backup");
+    if let Some(v) = path("trust-dir") {
+        cfg.trusted_dir = Some(v);
+    }
+    if let Some(v) = path("config") {
+        cfg.config_dir = v;
+    }
+    cfg.mac = text("mac");
+    cfg.serial = text("serial");
+    cfg.model = text("model");
+    if let Some(n) = m.number::<u32>("retries")? {
+        cfg.job_retries = n;
+        cfg.checkin_attempts = n.max(1);
+    }
+    if let Some(d) = millis("retry-wait")? {
+        cfg.retry_wait = d;
+    }
+    if let Some(d) = millis("progress")? {
+        cfg.progress_interval = d;
+    }
+    if m.flag("loop") {
+        cfg.max_tasks = None;
+    }
+    cfg.quiet = m.flag("q");
+    let server = text("server")
+        .or_else(|| std::env::var("IMG_SERVER").ok())
+        .ok_or_else(|| {
+            UsageError("-checkin needs -server=URL (`img -discover` finds it)".into())
+        })?;
     if cfg.ca_file.is_none() {
         // The CA the boot agent pins.
         cfg.ca_file = trust::pinned_ca();
@@ -532,14 +533,6 @@ pub fn parse_args(args: Vec<OsString>) -> anyhow::Result<(String, AgentConfig)> 
         log(&cfg, n);
     }
     Ok((server, cfg))
-}
-
-/// Routes the `img` verbs of this module; None for verbs that are not ours.
-pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<anyhow::Result<i32>> {
-    match verb.trim_start_matches('-') {
-        "checkin" => Some(parse_args(args).and_then(|(server, cfg)| run_verb(&server, &cfg))),
-        _ => None,
-    }
 }
 
 /// `img -checkin` once the options are parsed: the loop, then its outcome as a line and an
@@ -570,8 +563,9 @@ pub fn run_verb(server: &str, cfg: &AgentConfig) -> anyhow::Result<i32> {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<OsString> {
-        s.split_whitespace().map(OsString::from).collect()
+    fn args(s: &str) -> Result<Matches, UsageError> {
+        let words: Vec<std::ffi::OsString> = s.split_whitespace().map(Into::into).collect();
+        crate::args::parse("checkin", OPTS, &words)
     }
 
     /// A 401 from an unverified (plain HTTP, lab) server proves nothing: the credential it
@@ -660,14 +654,15 @@ mod tests {
 
     #[test]
     fn parses_checkin_options() {
-        let (server, cfg) = parse_args(args("-server=https://s:8443 -ca /x/ca.pem -state=/st -disk=/d.img -mac=52-54-00-00-00-01 -loop -retries=3")).unwrap();
+        let (server, cfg) = parse_args(&args("-server=https://s:8443 -ca /x/ca.pem -state=/st -disk=/d.img -mac=52-54-00-00-00-01 -loop -retries=3").unwrap()).unwrap();
         assert_eq!(server, "https://s:8443");
         assert_eq!(cfg.ca_file, Some(PathBuf::from("/x/ca.pem")));
         assert_eq!(cfg.state_dir, PathBuf::from("/st"));
         assert_eq!(cfg.disk, Some(PathBuf::from("/d.img")));
         assert_eq!(cfg.max_tasks, None);
         assert_eq!(cfg.job_retries, 3);
-        assert!(parse_args(args("-server=x -bogus")).is_err());
-        assert!(dispatch("restore", vec![]).is_none());
+        assert!(args("-server=x -bogus").is_err());
+        assert!(parse_args(&args("-server=x stray").unwrap()).is_err());
+        assert!(parse_args(&args("-server=x -retries=many").unwrap()).is_err());
     }
 }

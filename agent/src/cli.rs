@@ -24,13 +24,35 @@ pub struct Verb {
 
 /// Every verb `img` answers.
 ///
-/// Adding a verb is one entry here, next to its family: its names, its options (a `const`
-/// next to the verb's code and usage text, written with [`args::flag`] (`-latejoin`),
-/// [`args::value`] (`-timeout=S`, aliases as more names: `&["master", "m"]`) and
-/// [`args::many`] (repeatable)), and its `run(Matches)`, which reads them with
-/// `m.flag("latejoin")`, `m.value("timeout")`, `m.operand("a session name")?` and returns
-/// [`UsageError`]s for bad values. Add its usage lines to `img -help` ([`help`]) and to
-/// docs/img.md; the usage test in img_cli.rs then covers it without a change.
+/// Adding a verb is one entry here, next to its family. For example a `-session NAME
+/// [-master|-m] [-clients=N] [-timeout=S] [-latejoin] [-disk=DISK] ...` verb in session.rs:
+///
+/// ```ignore
+/// // session.rs, next to its USAGE lines:
+/// use crate::args::{flag, value, Matches, Opt, UsageError};
+/// pub const OPTS: &[Opt] = &[
+///     flag(&["master", "m"]),   // first name is the one the code asks for; then aliases
+///     flag(&["latejoin"]),      // -latejoin
+///     value(&["clients"]),      // -clients=N or -clients N, at most once
+///     value(&["timeout"]),
+///     value(&["disk"]),
+///     // many(&["..."]) for an option that may be repeated
+/// ];
+/// pub fn run(mut m: Matches) -> anyhow::Result<i32> {
+///     let name = m.operand("a session name")?;   // "-session needs a session name"
+///     m.finish()?;                               // no operand left over
+///     let clients: Option<u32> = m.number("clients")?;
+///     let master = m.flag("master");
+///     // ... values out of range: Err(UsageError("...".into()).into()), which exits 2
+/// }
+///
+/// // here:
+/// Verb { names: &["session"], opts: session::OPTS, run: session::run },
+/// ```
+///
+/// plus `pub mod session;` in lib.rs, its usage lines in [`help`] and docs/img.md. Options
+/// not in `OPTS`, flags given a value, values missing or given twice never reach `run`; the
+/// usage test in img_cli.rs covers the new verb without a change.
 pub const VERBS: &[Verb] = &[
     // Help and version.
     Verb {

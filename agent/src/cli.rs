@@ -27,7 +27,7 @@ pub struct Verb {
 /// Adding a verb is one entry here, next to its family. For example a `-session NAME
 /// [-master|-m] [-clients=N] [-timeout=S] [-latejoin] [-disk=DISK] ...` verb in session.rs:
 ///
-/// ```ignore
+/// ```text
 /// // session.rs, next to its USAGE lines:
 /// use crate::args::{flag, value, Matches, Opt, UsageError};
 /// pub const OPTS: &[Opt] = &[

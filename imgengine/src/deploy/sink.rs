@@ -1,0 +1,155 @@
+//! The chunk sink: where verified chunks go. Each is written at its own disk offset, so
+//! chunks may come in any order (the deploy pipeline delivers them in image order, a
+//! multicast receiver as they arrive); zero chunks become holes or zeroed ranges; the
+//! partition-table chunks are held in memory and written only by [`ChunkSink::finish`],
+//! after everything else is on stable storage, so a deploy that dies part-way leaves a disk
+//! without a valid table rather than a valid table over missing data.
+
+use crate::error::{Error, Result};
+use crate::format::{ChunkHeader, ChunkKind};
+use crate::io::Progress;
+use crate::target::Target;
+
+use super::chunk::VerifiedChunk;
+use super::plan::ExtentCheck;
+use super::stream::Out;
+use super::DeploySummary;
+
+/// Table chunks are held in memory until the end: a GPT is 33 sectors at each end, so
+/// 4 MiB is far above anything legitimate and bounds what a hostile image can make us hold.
+const MAX_HELD_TABLE_BYTES: u64 = 4 << 20;
+
+/// Writes verified chunks onto a target by offset, holding table chunks back.
+///
+/// Use: [`ChunkSink::new`], then [`ChunkSink::put`] for each chunk (and
+/// [`ChunkSink::skip_intact`] for each one found already on the target), then
+/// [`ChunkSink::finish`]. The caller checks every chunk's extent against the target and
+/// the image's table regions before the first `put` (the deploy does it from the manifest).
+pub struct ChunkSink<'a> {
+    target: &'a Target,
+    /// Set when the chunks were not checked up front (no manifest before the chunks).
+    extent_check: Option<ExtentCheck>,
+    held_tables: Vec<VerifiedChunk>,
+    held_bytes: u64,
+    pub(super) summary: DeploySummary,
+    progress: &'a dyn Progress,
+    /// A streamed chunk partly written and not yet verified.
+    partial: Option<ChunkHeader>,
+}
+
+impl<'a> ChunkSink<'a> {
+    /// A sink writing onto `target`, advancing `progress` by the disk bytes of each chunk.
+    pub fn new(target: &'a Target, progress: &'a dyn Progress) -> Self {
+        ChunkSink {
+            target,
+            extent_check: None,
+            held_tables: Vec::new(),
+            held_bytes: 0,
+            summary: DeploySummary::default(),
+            progress,
+            partial: None,
+        }
+    }
+
+    /// Check each chunk's extent as it arrives (a streaming image on a pipe, whose
+    /// manifest comes only after its chunks).
+    pub(super) fn checking_each(mut self, check: Option<ExtentCheck>) -> Self {
+        self.extent_check = check;
+        self
+    }
+
+    /// Write one verified chunk (a table chunk is held until [`ChunkSink::finish`]).
+    pub fn put(&mut self, v: VerifiedChunk) -> Result<()> {
+        let h = *v.header();
+        if let Some(c) = &mut self.extent_check {
+            c.check(&h)?;
+        }
+        match h.kind {
+            ChunkKind::Table => {
+                self.held_bytes += h.raw_len;
+                if self.held_bytes > MAX_HELD_TABLE_BYTES {
+                    return Err(Error::corrupt(format!(
+                        "{}: partition-table chunks exceed {MAX_HELD_TABLE_BYTES} bytes",
+                        h.describe()
+                    )));
+                }
+                self.held_tables.push(v);
+                return Ok(());
+            }
+            ChunkKind::Zero => self.target.zero_range(h.disk_offset, h.raw_len)?,
+            ChunkKind::Data => {
+                self.target.write_sparse_at(v.data(), h.disk_offset)?;
+                self.summary.bytes_written += h.raw_len;
+            }
+        }
+        self.summary.chunks_written += 1;
+        self.progress.advance(h.raw_len);
+        Ok(())
+    }
+
+    /// Count a chunk that was found intact on the target and not fetched.
+    pub fn skip_intact(&mut self) {
+        self.summary.chunks_skipped += 1;
+    }
+
+    /// What was written so far.
+    pub fn summary(&self) -> &DeploySummary {
+        &self.summary
+    }
+
+    /// Take what the deploy pipeline delivers: whole chunks, or the pieces of a large one
+    /// streamed through and verified at its end.
+    pub(super) fn take(&mut self, out: Out) -> Result<()> {
+        match out {
+            Out::Whole(v) => self.put(v),
+            Out::Piece {
+                header,
+                offset,
+                data,
+            } => {
+                if offset == 0 {
+                    if let Some(c) = &mut self.extent_check {
+                        c.check(&header)?;
+                    }
+                    self.partial = Some(header);
+                }
+                self.target
+                    .write_sparse_at(&data, header.disk_offset + offset)?;
+                self.progress.advance(data.len() as u64);
+                Ok(())
+            }
+            Out::End(h) => {
+                self.partial = None;
+                self.summary.chunks_written += 1;
+                self.summary.bytes_written += h.raw_len;
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failure: a streamed chunk that did not verify must not stay on the target.
+    pub fn scrub(&mut self) {
+        if let Some(h) = self.partial.take() {
+            let _ = self.target.zero_range(h.disk_offset, h.raw_len);
+            let _ = self.target.sync();
+        }
+    }
+
+    /// Write the held table chunks and sync: data first on stable storage, then the
+    /// tables, then the tables too.
+    pub fn finish(mut self) -> Result<DeploySummary> {
+        if !self.held_tables.is_empty() {
+            // Data first on stable storage, then the table: after a power cut the disk
+            // either has no table or a table over complete data, never a table over holes.
+            self.target.sync()?;
+        }
+        for v in std::mem::take(&mut self.held_tables) {
+            let h = v.header();
+            self.target.write_at(v.data(), h.disk_offset)?;
+            self.summary.bytes_written += h.raw_len;
+            self.summary.chunks_written += 1;
+        }
+        self.target.sync()?;
+        Ok(self.summary)
+    }
+}

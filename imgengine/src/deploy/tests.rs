@@ -1,0 +1,320 @@
+//! The deploy's unit tests: whole deploys of small images onto files.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::error::ErrorKind;
+use crate::format::{testimg, ChunkKind, ImageReader, ManifestEntry};
+use crate::io::NoProgress;
+use crate::sign::{self, SigningKey};
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d =
+            std::env::temp_dir().join(format!("imgengine-deploy-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn p(&self, n: &str) -> PathBuf {
+        self.0.join(n)
+    }
+    fn opts(&self) -> DeployOptions {
+        DeployOptions {
+            state_dir: self.p("state"),
+            threads: 2,
+            ..Default::default()
+        }
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+const LEN: usize = 1 << 20;
+const CHUNK: usize = 64 << 10;
+
+fn setup(d: &Dir, sealed_with: Option<&SigningKey>) -> (PathBuf, Vec<u8>) {
+    let disk = testimg::disk(LEN);
+    let img = d.p("a.img");
+    fs::write(&img, testimg::image(&disk, CHUNK)).unwrap();
+    if let Some(k) = sealed_with {
+        sign::seal_and_sign(&img, &img, k).unwrap();
+    }
+    (img, disk)
+}
+
+fn entries(img: &Path) -> Vec<ManifestEntry> {
+    let bytes = fs::read(img).unwrap();
+    let mut r = ImageReader::open(&bytes[..]).unwrap();
+    while r.next_chunk().unwrap().is_some() {}
+    r.manifest().unwrap().0.entries.clone()
+}
+
+#[test]
+fn deploys_streaming_and_sealed_onto_junk() {
+    let d = Dir::new("basic");
+    let key = SigningKey::generate();
+    for sealed in [false, true] {
+        let (img, disk) = setup(&d, sealed.then_some(&key));
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0xAAu8; LEN]).unwrap();
+        let s = deploy(
+            &Location::File(img.clone()),
+            &tgt,
+            None,
+            &d.opts(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(fs::read(&tgt).unwrap(), disk, "sealed={sealed}");
+        assert!(!s.raw && !s.resumed && s.chunks_written == 16, "{s:?}");
+        let info = verify(&Location::File(img), &d.opts(), &NoProgress).unwrap();
+        assert_eq!(info.sealed, sealed);
+        assert_eq!(info.signed_by.is_some(), sealed);
+    }
+}
+
+#[test]
+fn trusted_keys_refuse_unsigned_and_wrong_key_before_writing() {
+    let d = Dir::new("trust");
+    let key = SigningKey::generate();
+    let (img, _) = setup(&d, None);
+    let tgt = d.p("t.raw");
+    let junk = vec![0x55u8; LEN];
+    fs::write(&tgt, &junk).unwrap();
+    let mut opts = d.opts();
+    opts.trusted_keys = vec![key.verifying_key()];
+    let e = deploy(&Location::File(img.clone()), &tgt, None, &opts, &NoProgress).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Signature, "{e}");
+    sign::seal_and_sign(&img, &img, &SigningKey::generate()).unwrap();
+    let e = deploy(&Location::File(img.clone()), &tgt, None, &opts, &NoProgress).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Signature, "{e}");
+    assert!(e.to_string().contains("not trusted"), "{e}");
+    assert_eq!(fs::read(&tgt).unwrap(), junk, "nothing written");
+    sign::seal_and_sign(&img, &img, &key).unwrap();
+    deploy(&Location::File(img), &tgt, None, &opts, &NoProgress).unwrap();
+}
+
+#[test]
+fn corrupt_chunk_stops_before_it() {
+    let d = Dir::new("corrupt");
+    let (img, disk) = setup(&d, None);
+    let es = entries(&img);
+    let bad = es[5];
+    let mut bytes = fs::read(&img).unwrap();
+    bytes[(bad.image_offset + 76 + 3) as usize] ^= 0x20;
+    fs::write(&img, &bytes).unwrap();
+    let tgt = d.p("t.raw");
+    let junk = vec![0x55u8; LEN];
+    fs::write(&tgt, &junk).unwrap();
+    let e = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(
+        e.to_string().contains(&format!(
+            "chunk 5 at disk offset {}",
+            bad.header.disk_offset
+        )),
+        "{e}"
+    );
+    let got = fs::read(&tgt).unwrap();
+    let cut = bad.header.disk_offset as usize;
+    assert_eq!(
+        &got[..cut],
+        &disk[..cut],
+        "chunks before the bad one are written"
+    );
+    assert_eq!(
+        &got[cut..],
+        &junk[cut..],
+        "nothing at or after the bad chunk"
+    );
+}
+
+#[test]
+fn interrupted_deploy_resumes_fetching_only_the_rest() {
+    let d = Dir::new("resume");
+    let key = SigningKey::generate();
+    let (img, disk) = setup(&d, Some(&key));
+    let full = fs::read(&img).unwrap();
+    let es = entries(&img);
+    // The first attempt sees the image cut in chunk 9 (a dead connection).
+    let cut = es[9].image_offset + 100;
+    fs::write(&img, &full[..cut as usize]).unwrap();
+    let tgt = d.p("t.raw");
+    fs::write(&tgt, vec![0x55u8; LEN]).unwrap();
+    let e = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &d.opts(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Truncated, "{e}");
+    assert!(e.to_string().contains("chunk 9"), "{e}");
+    // Second attempt with the whole image: chunks 0..9 are on the target already.
+    fs::write(&img, &full).unwrap();
+    let s = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &d.opts(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(s.resumed, "{s:?}");
+    assert_eq!(fs::read(&tgt).unwrap(), disk);
+    let zero_before = es[..9]
+        .iter()
+        .filter(|e| e.header.kind == ChunkKind::Zero)
+        .count() as u64;
+    assert_eq!(s.chunks_skipped, 9 - zero_before, "{s:?}");
+    let later: u64 = es[9..].iter().map(|e| e.record_len()).sum();
+    assert!(
+        s.bytes_fetched < later + 8192,
+        "fetched {} for {} bytes of later chunks",
+        s.bytes_fetched,
+        later
+    );
+    // The journal is gone after success; a third run still finds every data chunk
+    // intact (the default check) and fetches none of them.
+    let s = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &d.opts(),
+        &NoProgress,
+    )
+    .unwrap();
+    let data = es
+        .iter()
+        .filter(|e| e.header.kind == ChunkKind::Data)
+        .count() as u64;
+    assert!(s.resumed && s.chunks_skipped == data, "{s:?}");
+    assert_eq!(fs::read(&tgt).unwrap(), disk);
+    // -resume=never writes everything again.
+    let mut never = d.opts();
+    never.resume = ResumeMode::Never;
+    let s = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &never,
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(!s.resumed && s.chunks_skipped == 0, "{s:?}");
+}
+
+#[test]
+fn big_chunks_are_streamed_and_one_that_fails_its_check_is_zeroed() {
+    let d = Dir::new("big");
+    let len = 24 << 20;
+    let chunk = 12 << 20; // above STREAM_OVER: streamed in pieces
+    let disk = testimg::disk(len);
+    let img = d.p("big.img");
+    let good = testimg::image(&disk, chunk);
+    fs::write(&img, &good).unwrap();
+    let tgt = d.p("t.raw");
+    fs::write(&tgt, vec![0x55u8; len]).unwrap();
+    let mut never = d.opts();
+    never.resume = ResumeMode::Never;
+    let s = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &never,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(s.chunks_written, 2, "{s:?}");
+    assert!(fs::read(&tgt).unwrap() == disk);
+    verify(&Location::File(img.clone()), &d.opts(), &NoProgress).unwrap();
+
+    // Cut inside chunk 1: truncated, and none of chunk 1 stays.
+    let es = entries(&img);
+    let cut = es[1].image_offset + 76 + u64::from(es[1].header.comp_len) / 2;
+    fs::write(&img, &good[..cut as usize]).unwrap();
+    fs::write(&tgt, vec![0x55u8; len]).unwrap();
+    let e = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &never,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Truncated, "{e}");
+    let got = fs::read(&tgt).unwrap();
+    assert!(
+        got[chunk..].iter().all(|&b| b == 0) || got[chunk..].iter().all(|&b| b == 0x55),
+        "no unverified bytes of chunk 1 stay"
+    );
+
+    // A flipped byte late in chunk 1's payload: chunk 0 stays, chunk 1's region is
+    // zeroed (not left with unverified bytes), the error names the chunk.
+    let mut bad = good.clone();
+    let at = es[1].image_offset + 76 + u64::from(es[1].header.comp_len) - 10;
+    bad[at as usize] ^= 0x01;
+    fs::write(&img, &bad).unwrap();
+    fs::write(&tgt, vec![0x55u8; len]).unwrap();
+    let e = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &never,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("chunk 1 at disk offset"), "{e}");
+    let got = fs::read(&tgt).unwrap();
+    assert!(got[..chunk] == disk[..chunk], "chunk 0 written");
+    assert!(got[chunk..].iter().all(|&b| b == 0), "chunk 1 zeroed");
+    let e = verify(&Location::File(img.clone()), &d.opts(), &NoProgress).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+
+    // The good image again, with the resume path (range reads of big chunks): chunk 0
+    // is found intact.
+    fs::write(&img, &good).unwrap();
+    let s = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap();
+    assert!(s.resumed && s.chunks_skipped == 1, "{s:?}");
+    assert!(fs::read(&tgt).unwrap() == disk);
+}
+
+#[test]
+fn raw_images_plain_and_compressed() {
+    let d = Dir::new("raw");
+    let disk = testimg::disk(LEN);
+    let plain = d.p("r.img");
+    fs::write(&plain, &disk).unwrap();
+    let zst = d.p("r.img.zst");
+    fs::write(&zst, zstd::bulk::compress(&disk, 3).unwrap()).unwrap();
+    let gz = d.p("r.img.gz");
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &disk).unwrap();
+    fs::write(&gz, enc.finish().unwrap()).unwrap();
+    let xz = d.p("r.img.xz");
+    let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
+    std::io::Write::write_all(&mut enc, &disk).unwrap();
+    fs::write(&xz, enc.finish().unwrap()).unwrap();
+    for src in [plain, zst, gz, xz] {
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0x55u8; LEN]).unwrap();
+        let s = deploy(
+            &Location::File(src.clone()),
+            &tgt,
+            None,
+            &d.opts(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(s.raw);
+        assert_eq!(fs::read(&tgt).unwrap(), disk, "{}", src.display());
+    }
+}

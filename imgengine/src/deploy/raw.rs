@@ -103,7 +103,7 @@ pub(super) fn deploy_raw(
     if part.is_some() {
         summary
             .notes
-            .extend(crate::fs::hidden::fix_hidden_sectors(target, &t)?);
+            .extend(super::target::fix_hidden_sectors(target, &t)?);
     }
     t.sync()?;
     progress.end();

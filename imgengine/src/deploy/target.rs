@@ -104,7 +104,7 @@ pub(super) fn fix_up(
     let mut notes = Vec::new();
     // A partition image may land at another offset than where it was captured.
     if part.is_some() {
-        notes.extend(crate::fs::hidden::fix_hidden_sectors(target, t)?);
+        notes.extend(fix_hidden_sectors(target, t)?);
     }
     // A GPT image on a larger disk: the backup must sit in the target's last LBA (UEFI
     // §5.3.2), not where the source disk ended.
@@ -120,4 +120,24 @@ pub(super) fn fix_up(
         }
     }
     Ok(notes)
+}
+
+/// The hidden-sectors field of a partition image's boot sector set to where the partition
+/// `t` of the disk at `disk` starts ([`crate::fs::hidden`]).
+pub(super) fn fix_hidden_sectors(disk: &Path, t: &Target) -> Result<Option<String>> {
+    crate::fs::hidden::fix_hidden_sectors(t, t.base(), lba_size(disk, t))
+}
+
+/// The logical sector size that partition LBAs of the disk at `disk` are counted in: the
+/// device's for a block device, the partition table's for an image file (a GPT made for
+/// 4 KiB sectors), else 512.
+fn lba_size(disk: &Path, part: &Target) -> u64 {
+    if part.is_block_device() {
+        return part.sector_size();
+    }
+    Target::open_disk_read_only(disk)
+        .ok()
+        .and_then(|d| crate::disk::read_layout(&d, d.len()).ok())
+        .map(|l| l.sector_size)
+        .unwrap_or(512)
 }

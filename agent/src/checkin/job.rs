@@ -415,7 +415,7 @@ fn with_retries<T>(
             Ok(v) => return Ok(v),
             Err(e) if e.kind() == ErrorKind::Network && attempt <= cfg.job_retries => {
                 rep.log(format!(
-                    "{what} interrupted ({e}); retrying in {}s (attempt {}/{})",
+                    "{what} interrupted ({e:#}); retrying in {}s (attempt {}/{})",
                     wait.as_secs(),
                     attempt + 1,
                     cfg.job_retries + 1

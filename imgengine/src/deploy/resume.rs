@@ -24,7 +24,7 @@ use super::chunk::verify_payload;
 use super::journal::Journal;
 use super::sequence::decode;
 use super::sink::ChunkSink;
-use super::stream::{stream_chunk, weight, PIPELINE_BYTES, STREAM_OVER};
+use super::stream::{stream_chunk, weight, Emit, PIPELINE_BYTES, STREAM_OVER};
 use super::ResumeMode;
 
 /// How much of the target to compare with the manifest before deploying.
@@ -185,8 +185,32 @@ pub(super) fn fetch_missing(
     threads: usize,
     sink: &mut ChunkSink<'_>,
 ) -> Result<()> {
-    // Zero chunks need no fetching.
-    let mut groups: Vec<Vec<ManifestEntry>> = Vec::new();
+    let groups = missing_runs(manifest, intact, sink)?;
+    run_weighted(
+        threads,
+        pipeline_depth(threads),
+        PIPELINE_BYTES,
+        |emit| {
+            for run in &groups {
+                if !fetch_run(src, run, emit) {
+                    break;
+                }
+            }
+            Ok(())
+        },
+        decode,
+        |out| sink.take(out),
+    )
+}
+
+/// The data and table chunks to fetch, as runs of consecutive chunks. Intact chunks are
+/// counted as skipped and zero chunks, which need no fetching, written here.
+fn missing_runs(
+    manifest: &Manifest,
+    intact: &[bool],
+    sink: &mut ChunkSink<'_>,
+) -> Result<Vec<Vec<ManifestEntry>>> {
+    let mut runs: Vec<Vec<ManifestEntry>> = Vec::new();
     for (e, &ok) in manifest.entries.iter().zip(intact) {
         if ok {
             sink.skip_intact();
@@ -200,68 +224,63 @@ pub(super) fn fetch_missing(
             })?)?;
             continue;
         }
-        match groups.last_mut() {
-            Some(g)
-                if g.last()
+        match runs.last_mut() {
+            Some(run)
+                if run
+                    .last()
                     .is_some_and(|l| l.header.index + 1 == e.header.index) =>
             {
-                g.push(*e)
+                run.push(*e)
             }
-            _ => groups.push(vec![*e]),
+            _ => runs.push(vec![*e]),
         }
     }
-    run_weighted(
-        threads,
-        pipeline_depth(threads),
-        PIPELINE_BYTES,
-        |emit| {
-            for g in &groups {
-                let (first, last) = (g[0], g[g.len() - 1]);
-                let len = last.image_offset + last.record_len() - first.image_offset;
-                let stream = match src.read_range(first.image_offset, len) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        emit(Item::Ready(Err(e)), 0);
-                        return Ok(());
-                    }
-                };
-                let mut r = BufReader::with_capacity(BUFFER_SIZE, stream);
-                for e in g {
-                    let h = match read_expected_header(&mut r, e) {
-                        Ok(h) => h,
-                        Err(err) => {
-                            emit(Item::Ready(Err(err)), 0);
-                            return Ok(());
-                        }
-                    };
-                    let comp_len = u64::from(h.comp_len);
-                    if h.raw_len > STREAM_OVER {
-                        if !stream_chunk(h, &mut (&mut r).take(comp_len), emit) {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    let item = match read_payload(&mut r, comp_len, || {
-                        format!("{}: payload", h.describe())
-                    }) {
-                        Ok(payload) => Item::Job(ChunkRecord {
-                            header: h,
-                            image_offset: e.image_offset,
-                            payload,
-                        }),
-                        Err(err) => {
-                            emit(Item::Ready(Err(err)), 0);
-                            return Ok(());
-                        }
-                    };
-                    if !emit(item, weight(&h)) {
-                        return Ok(());
-                    }
-                }
+    Ok(runs)
+}
+
+/// Read one run of chunks with one range request, each header checked against its
+/// manifest entry, and hand them to the pipeline (large ones streamed in pieces). Returns
+/// false when the pipeline stopped or an error was handed on in place of a chunk.
+fn fetch_run(src: &Source, run: &[ManifestEntry], emit: &mut Emit<'_>) -> bool {
+    let (first, last) = (run[0], run[run.len() - 1]);
+    let len = last.image_offset + last.record_len() - first.image_offset;
+    let stream = match src.read_range(first.image_offset, len) {
+        Ok(s) => s,
+        Err(e) => {
+            emit(Item::Ready(Err(e)), 0);
+            return false;
+        }
+    };
+    let mut r = BufReader::with_capacity(BUFFER_SIZE, stream);
+    for e in run {
+        let h = match read_expected_header(&mut r, e) {
+            Ok(h) => h,
+            Err(err) => {
+                emit(Item::Ready(Err(err)), 0);
+                return false;
             }
-            Ok(())
-        },
-        decode,
-        |out| sink.take(out),
-    )
+        };
+        let comp_len = u64::from(h.comp_len);
+        if h.raw_len > STREAM_OVER {
+            if !stream_chunk(h, &mut (&mut r).take(comp_len), emit) {
+                return false;
+            }
+            continue;
+        }
+        let item = match read_payload(&mut r, comp_len, || format!("{}: payload", h.describe())) {
+            Ok(payload) => Item::Job(ChunkRecord {
+                header: h,
+                image_offset: e.image_offset,
+                payload,
+            }),
+            Err(err) => {
+                emit(Item::Ready(Err(err)), 0);
+                return false;
+            }
+        };
+        if !emit(item, weight(&h)) {
+            return false;
+        }
+    }
+    true
 }

@@ -153,3 +153,93 @@ impl<'a> ChunkSink<'a> {
         Ok(self.summary)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::chunk::verify_payload;
+    use crate::format::{encode_chunk, zero_chunk, ChunkRecord};
+    use crate::io::NoProgress;
+
+    fn verified(index: u64, kind: ChunkKind, offset: u64, data: Vec<u8>) -> VerifiedChunk {
+        let (header, payload) = encode_chunk(index, kind, offset, data, 3).unwrap();
+        verify_payload(ChunkRecord {
+            header,
+            image_offset: 0,
+            payload,
+        })
+        .unwrap()
+    }
+
+    fn target(name: &str, len: u64) -> (std::path::PathBuf, Target) {
+        let p = std::env::temp_dir().join(format!("imgengine-sink-{name}-{}", std::process::id()));
+        std::fs::write(&p, vec![0x55u8; len as usize]).unwrap();
+        let t = Target::open_disk(&p, None).unwrap();
+        (p, t)
+    }
+
+    #[test]
+    fn writes_by_offset_in_any_order_and_tables_last() {
+        let (p, t) = target("order", 1 << 20);
+        let mut sink = ChunkSink::new(&t, &NoProgress);
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        sink.put(verified(2, ChunkKind::Data, 131072, data.clone()))
+            .unwrap();
+        sink.put(verified(0, ChunkKind::Table, 0, vec![0xAA; 512]))
+            .unwrap();
+        let zero = zero_chunk(1, 65536, 65536);
+        sink.put(
+            verify_payload(ChunkRecord {
+                header: zero,
+                image_offset: 0,
+                payload: Vec::new(),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        sink.skip_intact();
+        let disk = std::fs::read(&p).unwrap();
+        assert!(disk[..512].iter().all(|&b| b == 0x55), "table held back");
+        assert!(disk[65536..131072].iter().all(|&b| b == 0));
+        assert!(disk[131072..196608] == data[..]);
+        assert_eq!(sink.summary().chunks_written, 2);
+        let s = sink.finish().unwrap();
+        let disk = std::fs::read(&p).unwrap();
+        assert!(
+            disk[..512].iter().all(|&b| b == 0xAA),
+            "table written at the end"
+        );
+        assert!(
+            disk[512..65536].iter().all(|&b| b == 0x55),
+            "nothing else touched"
+        );
+        assert_eq!((s.chunks_written, s.chunks_skipped), (3, 1));
+        assert_eq!(s.bytes_written, 65536 + 512);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn table_chunks_held_in_memory_are_bounded() {
+        let (p, t) = target("bound", 8 << 20);
+        let mut sink = ChunkSink::new(&t, &NoProgress);
+        let mut last = Ok(());
+        for i in 0..5u64 {
+            last = sink.put(verified(i, ChunkKind::Table, i << 20, vec![1; 1 << 20]));
+            if last.is_err() {
+                assert_eq!(i, 4, "the fifth MiB is over the limit");
+                break;
+            }
+        }
+        let e = last.unwrap_err();
+        assert!(
+            e.to_string().contains("partition-table chunks exceed"),
+            "{e}"
+        );
+        drop(sink);
+        assert!(
+            std::fs::read(&p).unwrap().iter().all(|&b| b == 0x55),
+            "held tables are not written without finish"
+        );
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -8,6 +8,7 @@ use crate::error::ErrorKind;
 use crate::format::{testimg, ChunkKind, ImageReader, ManifestEntry};
 use crate::io::NoProgress;
 use crate::sign::{self, SigningKey};
+use crate::source::{HttpConfig, Location, Source};
 
 struct Dir(PathBuf);
 impl Dir {
@@ -317,4 +318,35 @@ fn raw_images_plain_and_compressed() {
         assert!(s.raw);
         assert_eq!(fs::read(&tgt).unwrap(), disk, "{}", src.display());
     }
+}
+
+#[test]
+fn opened_image_shows_its_meta_then_deploys_without_reopening() {
+    let d = Dir::new("opened");
+    let (img, disk) = setup(&d, None);
+    let loc = Location::File(img.clone());
+    let http = HttpConfig::default();
+    // Read front to back (as from a pipe): the head comes from the stream, which goes on.
+    let seq = OpenedImage::from_source(Source::open(&loc, &http).unwrap(), false).unwrap();
+    // With ranges: the head (and the streaming image's manifest, from its end) by ranges.
+    let ranged = OpenedImage::open(&loc, &http).unwrap();
+    let fetched = ranged.source.bytes_fetched();
+    assert!(fetched < 8192, "only the head was read: {fetched} bytes");
+    assert_eq!(seq.meta().unwrap().name, "test");
+    assert_eq!(seq.meta(), ranged.meta());
+    assert_eq!(ranged.location(), &loc);
+    for opened in [seq, ranged] {
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0xAAu8; LEN]).unwrap();
+        let mut never = d.opts();
+        never.resume = ResumeMode::Never;
+        let s = opened.deploy(&tgt, None, &never, &NoProgress).unwrap();
+        assert_eq!(fs::read(&tgt).unwrap(), disk);
+        assert_eq!(s.chunks_written, 16, "{s:?}");
+    }
+    // A raw image says nothing of itself.
+    let raw = d.p("r.img");
+    fs::write(&raw, &disk).unwrap();
+    let opened = OpenedImage::open(&Location::File(raw), &http).unwrap();
+    assert!(opened.meta().is_none());
 }

@@ -350,3 +350,72 @@ fn opened_image_shows_its_meta_then_deploys_without_reopening() {
     let opened = OpenedImage::open(&Location::File(raw), &http).unwrap();
     assert!(opened.meta().is_none());
 }
+
+/// A one-file HTTP/1.1 server on loopback that does not do Range requests (no
+/// `Accept-Ranges`), like a plain web server or a proxy that strips it.
+fn serve_without_ranges(body: Vec<u8>) -> Location {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/a.img", l.local_addr().unwrap());
+    let body = std::sync::Arc::new(body);
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1];
+                while !req.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(1) => req.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(head.as_bytes());
+                if req.starts_with(b"GET") {
+                    let _ = c.write_all(&body);
+                }
+            });
+        }
+    });
+    Location::Url(url)
+}
+
+/// The model check of `img -restore` used to learn the image's models with `read_info`,
+/// which on a server without Range reads the whole image, and the deploy then read it
+/// again. Opened once, the head costs at most one buffer, and the deploy reads the image
+/// exactly once in all.
+#[test]
+fn a_server_without_range_is_read_once_head_included() {
+    let d = Dir::new("norange");
+    let len = 4 << 20;
+    let disk = testimg::disk(len);
+    let image = testimg::image(&disk, CHUNK);
+    let image_len = image.len() as u64;
+    assert!(image_len > 2 * crate::io::BUFFER_SIZE as u64, "{image_len}");
+    let loc = serve_without_ranges(image);
+    let http = HttpConfig::default();
+
+    // What the old model check cost: the whole image, before the deploy read it again.
+    let mut src = Source::open(&loc, &http).unwrap();
+    assert!(!src.supports_ranges());
+    crate::format::read_info(&mut src).unwrap();
+    assert_eq!(src.bytes_fetched(), image_len);
+
+    let opened = OpenedImage::open(&loc, &http).unwrap();
+    let head_cost = opened.source.bytes_fetched();
+    assert!(
+        head_cost <= crate::io::BUFFER_SIZE as u64,
+        "the head cost {head_cost} bytes"
+    );
+    assert_eq!(opened.meta().unwrap().min_target_size, len as u64);
+    let tgt = d.p("t.raw");
+    fs::write(&tgt, vec![0x55u8; len]).unwrap();
+    let s = opened.deploy(&tgt, None, &d.opts(), &NoProgress).unwrap();
+    assert_eq!(fs::read(&tgt).unwrap(), disk);
+    assert_eq!(s.bytes_fetched, image_len, "read exactly once: {s:?}");
+}

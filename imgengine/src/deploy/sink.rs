@@ -135,8 +135,8 @@ impl<'a> ChunkSink<'a> {
         }
     }
 
-    /// Write the held table chunks and sync: data first on stable storage, then the
-    /// tables, then the tables too.
+    /// Sync what was written, then write the held table chunks and sync again; returns
+    /// what was done.
     pub fn finish(mut self) -> Result<DeploySummary> {
         if !self.held_tables.is_empty() {
             // Data first on stable storage, then the table: after a power cut the disk

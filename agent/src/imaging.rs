@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use imgengine::capture::{self, CaptureOptions};
-use imgengine::deploy::{self, DeployOptions, ResumeMode};
+use imgengine::deploy::{self, DeployOptions, OpenedImage, ResumeMode};
 use imgengine::disk::{self, DiskLayout};
 use imgengine::format;
 use imgengine::sign;
@@ -293,9 +293,9 @@ fn dmi_model() -> Option<String> {
 }
 
 /// Seed 003's compatibility check before anything is written: the image's models against
-/// the device's. Skipped for stdin (the stream cannot be read twice) and raw images (no
-/// metadata).
-fn check_model(a: &RestoreArgs, disk: &Path, loc: &Location, http: &HttpConfig) -> Result<()> {
+/// the device's, from the head the restore has already read (on every source, stdin
+/// included, and without reading the image again). Skipped for raw images (no metadata).
+fn check_model(a: &RestoreArgs, disk: &Path, image: &OpenedImage) -> Result<()> {
     if a.force {
         return Ok(());
     }
@@ -310,17 +310,10 @@ fn check_model(a: &RestoreArgs, disk: &Path, loc: &Location, http: &HttpConfig) 
         },
         (None, false) => return Ok(()),
     };
-    if matches!(loc, Location::Stdin) {
-        eprintln!("img: reading from stdin: the image's models cannot be checked before writing");
-        return Ok(());
-    }
-    let Ok(mut src) = Source::open(loc, http) else {
+    let Some(meta) = image.meta() else {
         return Ok(());
     };
-    let Ok(info) = format::read_info(&mut src) else {
-        return Ok(());
-    };
-    match model_mismatch(&info.meta.models, &model) {
+    match model_mismatch(&meta.models, &model) {
         Some(why) => Err(imgengine::Error::new(imgengine::ErrorKind::Target, why).into()),
         None => Ok(()),
     }
@@ -365,14 +358,17 @@ pub fn restore(a: &RestoreArgs, quiet: bool) -> Result<()> {
         partition_onto_disk: a.wholedisk,
     };
     let loc = Location::parse(&a.src);
-    check_model(a, &disk, &loc, &opts.http)
-        .with_context(|| format!("checking {loc} against this device"))?;
-    let progress = ConsoleProgress::new(quiet);
     let what = match &a.sel.part {
         Some(p) => format!("partition {p} of {}", disk.display()),
         None => format!("disk {}", disk.display()),
     };
-    let s = deploy::deploy(&loc, &disk, a.sel.part.as_deref(), &opts, &progress)
+    // Opened once: the head read here serves the model check and the deploy.
+    let image = OpenedImage::open(&loc, &opts.http)
+        .with_context(|| format!("restoring {loc} onto {what}"))?;
+    check_model(a, &disk, &image).with_context(|| format!("checking {loc} against this device"))?;
+    let progress = ConsoleProgress::new(quiet);
+    let s = image
+        .deploy(&disk, a.sel.part.as_deref(), &opts, &progress)
         .with_context(|| format!("restoring {loc} onto {what}"))?;
     for n in &s.notes {
         eprintln!("img: {n}");

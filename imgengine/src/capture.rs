@@ -276,7 +276,8 @@ pub fn capture(
     progress.begin("capturing", Some(total));
 
     let threads = worker_threads(opts.threads);
-    let mut writer = ImageWriter::streaming(BufWriter::with_capacity(256 << 10, out), &meta)?;
+    let mut writer =
+        ImageWriter::streaming(BufWriter::with_capacity(crate::io::BUFFER_SIZE, out), &meta)?;
     let mut unknown_nonzero = 0u64;
     let dev_ref = &dev;
     let unknown_nonzero_ref = &mut unknown_nonzero;

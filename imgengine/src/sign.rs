@@ -11,33 +11,16 @@ use std::fs;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::{Signer, Verifier};
-use sha2::{Digest, Sha256};
+use ed25519_dalek::Signer;
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::signature::{self, signed_message};
 use crate::format::{self, ImageReader, ImageWriter, Layout, Manifest, SignatureBlock};
 
 const SECRET_TAG: &str = "img-ed25519-secret";
 const PUBLIC_TAG: &str = "img-ed25519-public";
-/// Domain separation: a signature over an image can never be replayed as anything else.
-const SIGNING_CONTEXT: &[u8] = b"imgengine image signature v1\0";
 
-/// A key's short name: 16 hex digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyId(pub [u8; 8]);
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-fn key_id_of(public: &[u8; 32]) -> KeyId {
-    let d = Sha256::digest(public);
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&d[..8]);
-    KeyId(id)
-}
+pub use crate::format::KeyId;
 
 /// A secret signing key.
 pub struct SigningKey(ed25519_dalek::SigningKey);
@@ -77,7 +60,7 @@ impl fmt::Debug for SigningKey {
 
 impl VerifyingKey {
     pub fn key_id(&self) -> KeyId {
-        key_id_of(&self.0.to_bytes())
+        KeyId::of(&self.0.to_bytes())
     }
 
     pub fn to_bytes(&self) -> [u8; 32] {
@@ -93,14 +76,6 @@ impl VerifyingKey {
     }
 }
 
-fn signed_message(preamble: &[u8], manifest: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIGNING_CONTEXT.len() + preamble.len() + manifest.len());
-    m.extend_from_slice(SIGNING_CONTEXT);
-    m.extend_from_slice(preamble);
-    m.extend_from_slice(manifest);
-    m
-}
-
 /// Check an image's signature. With `trusted` empty, only that the signature matches the
 /// key it names (for `img info`); otherwise that key must also be one of `trusted`.
 pub fn verify_image(
@@ -109,8 +84,8 @@ pub fn verify_image(
     sig: &SignatureBlock,
     trusted: &[VerifyingKey],
 ) -> Result<KeyId> {
-    let id = key_id_of(&sig.public_key);
-    let key = VerifyingKey::from_bytes(&sig.public_key)?;
+    let id = sig.key_id();
+    let key = VerifyingKey(signature::public_key(sig)?);
     if !trusted.is_empty() && !trusted.contains(&key) {
         let known: Vec<String> = trusted.iter().map(|k| k.key_id().to_string()).collect();
         return Err(Error::new(
@@ -118,19 +93,7 @@ pub fn verify_image(
             format!("image is signed by key {id}, which is not trusted here (trusted: {}); install its .pub in the trusted key directory", known.join(", ")),
         ));
     }
-    let signature = ed25519_dalek::Signature::from_bytes(&sig.signature);
-    key.0
-        .verify(&signed_message(preamble, manifest), &signature)
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Signature,
-                format!(
-                    "bad signature by key {id}: image header or manifest altered after signing"
-                ),
-            )
-            .with_source(e)
-        })?;
-    Ok(id)
+    sig.check(preamble, manifest)
 }
 
 fn parse_key_file(path: &Path, tag: &str) -> Result<[u8; 32]> {
@@ -192,7 +155,7 @@ pub fn load_secret(path: &Path) -> Result<SigningKey> {
 
 pub fn load_public(path: &Path) -> Result<VerifyingKey> {
     VerifyingKey::from_bytes(&parse_key_file(path, PUBLIC_TAG)?)
-        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
+        .map_err(|e| Error::invalid(format!("{}: {e:#}", path.display())))
 }
 
 /// Every `*.pub` file in `dir`, sorted by name. A missing directory is an empty trust set.
@@ -224,8 +187,7 @@ pub fn seal_and_sign(image: &Path, out: &Path, key: &SigningKey) -> Result<()> {
     let mut r = ImageReader::open(BufReader::with_capacity(1 << 20, open()?))?;
     while let Some(rec) = r.next_chunk()? {
         let h = rec.header;
-        format::decode_chunk(&h, rec.payload)
-            .map_err(|e| Error::new(e.kind(), format!("{}: {e}", image.display())))?;
+        format::decode_chunk(&h, rec.payload).map_err(|e| e.in_context(image.display()))?;
     }
     let old: Manifest = r.manifest().map(|(m, _)| m.clone()).unwrap_or_default();
     let meta = r.meta.clone();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{self, PartitionInfo};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::io::ReadAt;
+use crate::io::{ReadAt, WriteAt};
 
 /// All block-device ioctls of the engine (`<linux/fs.h>`), in one place.
 #[allow(unsafe_code)]
@@ -395,6 +395,24 @@ fn punch_hole(file: &File, abs: u64, len: u64) -> nix::Result<()> {
         off,
         l,
     )
+}
+
+impl WriteAt for Target {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn path(&self) -> &Path {
+        Target::path(self)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Target::write_at(self, buf, offset)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        Target::zero_range(self, offset, len)
+    }
+    fn sync(&self) -> Result<()> {
+        Target::sync(self)
+    }
 }
 
 impl ReadAt for Target {

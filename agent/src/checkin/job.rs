@@ -415,7 +415,7 @@ fn with_retries<T>(
             Ok(v) => return Ok(v),
             Err(e) if e.kind() == ErrorKind::Network && attempt <= cfg.job_retries => {
                 rep.log(format!(
-                    "{what} interrupted ({e}); retrying in {}s (attempt {}/{})",
+                    "{what} interrupted ({e:#}); retrying in {}s (attempt {}/{})",
                     wait.as_secs(),
                     attempt + 1,
                     cfg.job_retries + 1
@@ -614,7 +614,7 @@ fn copy_to_backup(
         let mut input = source.stream()?;
         let mut out = std::fs::File::create(&tmp)
             .map_err(|e| imgengine::Error::io(format!("creating {}", tmp.display()), e))?;
-        let mut buf = vec![0u8; 256 << 10];
+        let mut buf = vec![0u8; imgengine::io::BUFFER_SIZE];
         let mut n = 0u64;
         loop {
             let k = input.read(&mut buf).map_err(|e| {

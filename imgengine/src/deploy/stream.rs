@@ -16,7 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::{ChunkHeader, ChunkKind, ChunkRecord, Compression};
 use crate::io::ordered::Item;
 
-use super::Verified;
+use super::chunk::VerifiedChunk;
 
 /// Chunks with more disk bytes than this are streamed in pieces.
 pub(super) const STREAM_OVER: u64 = 8 << 20;
@@ -31,7 +31,7 @@ const MAX_WINDOW_LOG: u32 = 23;
 /// What the deploy pipeline delivers to the writer, in image order.
 pub(super) enum Out {
     /// A chunk checked whole.
-    Whole(Verified),
+    Whole(VerifiedChunk),
     /// Part of a streamed chunk: `data` goes at `offset` bytes into its extent.
     Piece {
         header: ChunkHeader,

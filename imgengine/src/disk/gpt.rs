@@ -18,8 +18,7 @@ use crate::disk::RawPartition;
 use crate::error::{Error, IoContext, Result};
 use crate::extent::Extent;
 use crate::fs::window::Window;
-use crate::io::ReadAt;
-use crate::target::Target;
+use crate::io::{ReadAt, WriteAt};
 
 /// A sane upper bound on entries: 128 is standard, a few tools allow more; 16384 entries
 /// are 2 MiB of table, already absurd.
@@ -225,6 +224,17 @@ pub(crate) fn read(
     Ok(Some((parts, crate::extent::normalize(extents, 0))))
 }
 
+/// `buf.len()` bytes at `offset` of `target`, as an engine error naming the place.
+fn read_at(target: &(impl WriteAt + ?Sized), buf: &mut [u8], offset: u64) -> Result<()> {
+    target.read_exact_at(buf, offset).ctx(|| {
+        format!(
+            "reading {} bytes at offset {offset} of {}",
+            buf.len(),
+            target.path().display()
+        )
+    })
+}
+
 /// Move the GPT backup (entry array and header) to the last sectors of `target`, for a
 /// whole-disk image deployed onto a disk larger than the one it was captured from.
 ///
@@ -239,7 +249,7 @@ pub(crate) fn read(
 /// sits in the last LBA. The primary header is untrusted (it came from the image): its
 /// CRC, entry size, entry count and entry array are checked by [`read_header`], its header
 /// size and usable range here.
-pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
+pub fn relocate_backup(target: &(impl WriteAt + ?Sized), sector_size: u64) -> Result<()> {
     let ss = sector_size;
     let where_ = || format!("the GPT on {}", target.path().display());
     let corrupt = |what: &str| {
@@ -254,11 +264,11 @@ pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
             where_()
         )));
     }
-    let sectors = target.len() / ss;
+    let sectors = target.size() / ss;
     if sectors < 3 {
         return Err(corrupt("the disk is too small for a GPT"));
     }
-    let Some(hdr) = read_header(target, target.len(), ss, 1)? else {
+    let Some(hdr) = read_header(target, target.size(), ss, 1)? else {
         return Err(corrupt("the primary header is missing or fails its CRC"));
     };
     let new_backup = sectors - 1;
@@ -271,7 +281,7 @@ pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
         return Ok(());
     }
     let mut primary = vec![0u8; ss as usize];
-    target.read_at(&mut primary, ss)?;
+    read_at(target, &mut primary, ss)?;
     let u32_at = |h: &[u8], o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |h: &[u8], o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
     // read_header checked the CRC over 92 bytes; a header claiming another size would
@@ -309,7 +319,11 @@ pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
     // whole sectors.
     let entries_bytes = u64::from(hdr.num_entries) * 128;
     let mut entries = vec![0u8; (entry_sectors * ss) as usize];
-    target.read_at(&mut entries[..entries_bytes as usize], hdr.entries_lba * ss)?;
+    read_at(
+        target,
+        &mut entries[..entries_bytes as usize],
+        hdr.entries_lba * ss,
+    )?;
 
     let seal = |h: &mut [u8]| {
         h[16..20].fill(0);
@@ -348,13 +362,13 @@ pub fn relocate_backup(target: &Target, sector_size: u64) -> Result<()> {
 /// smaller), move the backup to the end with [`relocate_backup`], as a deploy of our format
 /// does. The sector size is found as [`read`] finds it (512, then 4096). Returns a note for
 /// the user when the backup was moved; no GPT is not an error.
-pub fn relocate_backup_of_raw_image(target: &Target) -> Result<Option<String>> {
+pub fn relocate_backup_of_raw_image(target: &(impl WriteAt + ?Sized)) -> Result<Option<String>> {
     for ss in [512u64, 4096] {
-        let sectors = target.len() / ss;
+        let sectors = target.size() / ss;
         if sectors < 3 {
             continue;
         }
-        let Some(hdr) = read_header(target, target.len(), ss, 1)? else {
+        let Some(hdr) = read_header(target, target.size(), ss, 1)? else {
             continue;
         };
         if hdr.backup_lba == sectors - 1 {
@@ -375,9 +389,13 @@ pub fn relocate_backup_of_raw_image(target: &Target) -> Result<Option<String>> {
 /// (UEFI §5.2.3: it covers LBA 1 to the last LBA, or 0xFFFFFFFF when the disk is larger).
 /// Hybrid MBRs (more than one entry in use) and entries not ending at the old backup are
 /// left alone.
-fn grow_protective_mbr(target: &Target, old_backup: u64, new_backup: u64) -> Result<()> {
+fn grow_protective_mbr(
+    target: &(impl WriteAt + ?Sized),
+    old_backup: u64,
+    new_backup: u64,
+) -> Result<()> {
     let mut mbr = [0u8; 512];
-    target.read_at(&mut mbr, 0)?;
+    read_at(target, &mut mbr, 0)?;
     if mbr[510..512] != [0x55, 0xAA] {
         return Ok(());
     }
@@ -403,6 +421,7 @@ mod tests {
     use super::*;
     use crate::disk::{fuzz_read_layout, read_layout, TableKind};
     use crate::fs::TestRng;
+    use crate::target::Target;
 
     /// Build a GPT disk image in memory with the gpt crate itself (the e2e suite checks the
     /// same against sgdisk).

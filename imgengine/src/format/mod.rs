@@ -13,6 +13,7 @@ pub mod codec;
 pub mod layout;
 pub mod manifest;
 pub mod reader;
+pub mod signature;
 pub mod writer;
 
 use std::io::Read;
@@ -25,6 +26,7 @@ pub use layout::{
 };
 pub use manifest::{Manifest, ManifestEntry};
 pub use reader::{ChunkRecord, ImageReader, SealedHead};
+pub use signature::KeyId;
 pub use writer::ImageWriter;
 
 use crate::disk::{DiskLayout, PartitionInfo};
@@ -139,7 +141,7 @@ impl ImageHead {
     pub fn info(&self) -> Result<ImageInfo> {
         let signed_by = match &self.signature {
             Some(sig) => Some(
-                crate::sign::verify_image(&self.preamble_bytes, &self.manifest_bytes, sig, &[])?
+                sig.check(&self.preamble_bytes, &self.manifest_bytes)?
                     .to_string(),
             ),
             None => None,
@@ -164,16 +166,39 @@ fn read_all(mut r: impl Read, len: u64, what: &str) -> Result<Vec<u8>> {
 /// with `Accept-Ranges`) without reading the chunks: sealed from the front, streaming from
 /// the footer at the end.
 pub fn fetch_head(src: &Source) -> Result<ImageHead> {
-    let Some(image_len) = src.len() else {
-        return Err(Error::new(
+    let first = fetch_first(src)?;
+    fetch_head_after(src, first)
+}
+
+/// Bytes [`fetch_first`] reads: the preamble's fixed part and, unless the metadata is
+/// unusually long, the whole preamble, in one request.
+pub const FIRST_BYTES: u64 = 4096;
+
+/// The first [`FIRST_BYTES`] of a range-capable source (fewer if it is shorter), in one
+/// range request: enough to tell what the source holds and, for an image, to read its
+/// preamble.
+pub fn fetch_first(src: &Source) -> Result<Vec<u8>> {
+    let image_len = known_len(src)?;
+    let len = image_len.min(FIRST_BYTES);
+    read_all(src.read_range(0, len)?, len, "image preamble")
+}
+
+fn known_len(src: &Source) -> Result<u64> {
+    src.len().ok_or_else(|| {
+        Error::new(
             ErrorKind::Unsupported,
             "image size unknown: cannot read its manifest without reading it all",
-        ));
-    };
+        )
+    })
+}
+
+/// [`fetch_head`] for a caller that already read the source's first bytes with
+/// [`fetch_first`] (to tell what it holds): they are not requested again.
+pub fn fetch_head_after(src: &Source, first: Vec<u8>) -> Result<ImageHead> {
+    let image_len = known_len(src)?;
     // Small range requests, not one open-ended read: over HTTP a dropped connection would
     // still have made the server push the whole image into the socket.
     let range = |off: u64, len: u64, what: &str| read_all(src.read_range(off, len)?, len, what);
-    let first = range(0, image_len.min(4096), "image preamble")?;
     let fixed: &[u8; layout::PREAMBLE_FIXED_LEN] = first
         .get(..layout::PREAMBLE_FIXED_LEN)
         .and_then(|b| b.try_into().ok())
@@ -289,7 +314,7 @@ pub fn read_info(src: &mut Source) -> Result<ImageInfo> {
     if src.supports_ranges() && src.len().is_some() {
         return fetch_head(src)?.info();
     }
-    let stream = std::io::BufReader::with_capacity(256 << 10, src.stream()?);
+    let stream = std::io::BufReader::with_capacity(crate::io::BUFFER_SIZE, src.stream()?);
     let mut r = ImageReader::open(stream)?;
     while r.next_chunk()?.is_some() {}
     let (manifest, manifest_bytes) = r

@@ -14,11 +14,9 @@
 //! rewritten when it was identical to the boot sector before the change: anything else is
 //! not ours to touch.
 
-use std::path::Path;
-
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::fs::{fat, ntfs};
-use crate::target::Target;
+use crate::io::WriteAt;
 
 /// Where the field is, in both FAT and NTFS boot sectors.
 const HIDDEN_AT: usize = 0x1C;
@@ -63,45 +61,43 @@ pub fn boot_sector_copies(head: &[u8], part_len: u64) -> Option<(&'static str, V
     Some((kind, copies))
 }
 
-/// The logical sector size that partition LBAs of the disk at `disk` are counted in: the
-/// device's for a block device, the partition table's for an image file (a GPT made for
-/// 4 KiB sectors), else 512.
-fn disk_sector_size(disk: &Path, part: &Target) -> u64 {
-    if part.is_block_device() {
-        return part.sector_size();
-    }
-    Target::open_disk_read_only(disk)
-        .ok()
-        .and_then(|d| crate::disk::read_layout(&d, d.len()).ok())
-        .map(|l| l.sector_size)
-        .unwrap_or(512)
-}
-
 /// Set the hidden-sectors field of the FAT or NTFS boot sector at the start of `part` (a
-/// partition window of the disk at `disk`) and of its identical copies to the partition's
-/// start LBA. Returns a note for the user when something was changed; other content, a
-/// boot sector that does not parse, or a start beyond 32 bits is left alone.
-pub fn fix_hidden_sectors(disk: &Path, part: &Target) -> Result<Option<String>> {
-    if part.len() < 512 {
+/// partition that starts `start` bytes into its disk, whose LBAs count `ss`-byte sectors)
+/// and of its identical copies to the partition's start LBA. Returns a note for the user
+/// when something was changed; other content, a boot sector that does not parse, or a
+/// start beyond 32 bits is left alone.
+pub fn fix_hidden_sectors(
+    part: &(impl WriteAt + ?Sized),
+    start: u64,
+    ss: u64,
+) -> Result<Option<String>> {
+    let len = part.size();
+    if len < 512 || ss == 0 {
         return Ok(None);
     }
+    let read = |buf: &mut [u8; 512], off: u64| {
+        part.read_exact_at(buf, off).ctx(|| {
+            format!(
+                "reading 512 bytes at offset {off} of {}",
+                part.path().display()
+            )
+        })
+    };
     let mut head = [0u8; 512];
-    part.read_at(&mut head, 0)?;
-    let Some((kind, copies)) = boot_sector_copies(&head, part.len()) else {
+    read(&mut head, 0)?;
+    let Some((kind, copies)) = boot_sector_copies(&head, len) else {
         return Ok(None);
     };
-    let ss = disk_sector_size(disk, part);
     let old = u32::from_le_bytes(head[HIDDEN_AT..HIDDEN_AT + 4].try_into().expect("4 bytes"));
-    if !part.base().is_multiple_of(ss) {
+    if !start.is_multiple_of(ss) {
         return Ok(Some(format!(
-            "the {kind} partition at byte {} does not start on a {ss}-byte sector: its hidden-sectors field ({old}) was left alone",
-            part.base()
+            "the {kind} partition at byte {start} does not start on a {ss}-byte sector: its hidden-sectors field ({old}) was left alone"
         )));
     }
-    let Ok(start) = u32::try_from(part.base() / ss) else {
+    let Ok(start) = u32::try_from(start / ss) else {
         return Ok(Some(format!(
             "the {kind} partition starts at sector {}, beyond what its 32-bit hidden-sectors field can hold: left at {old}",
-            part.base() / ss
+            start / ss
         )));
     };
     if old == start {
@@ -116,7 +112,7 @@ pub fn fix_hidden_sectors(disk: &Path, part: &Target) -> Result<Option<String>> 
         if off == 0 {
             continue;
         }
-        part.read_at(&mut buf, off)?;
+        read(&mut buf, off)?;
         if buf == head {
             part.write_at(&new, off)?;
         }

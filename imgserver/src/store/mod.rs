@@ -1,11 +1,29 @@
-//! Storage: the narrow [`Store`] interface the HTTP API and the admin command use, and its
-//! SQLite implementation (one real database file, WAL mode, versioned migrations).
+//! Storage: the narrow [`Store`] interface the HTTP API, the PXE answer and the admin
+//! command use, the rows it returns, and its SQLite implementation ([`SqliteStore`]: one
+//! real database file, WAL mode, versioned migrations).
 //!
 //! Every method is one transaction, so a check-in that enrols a device, records its
 //! results and hands it a task either happens whole or not at all; that is what makes a
-//! retried request safe. The job model itself (validation, batches, device states) lives in
-//! [`crate::model`] as pure functions, so a PostgreSQL backend for large fleets implements
-//! this trait and reuses the model unchanged.
+//! retried request safe. The decisions are not made in SQL: the job model (validation,
+//! batches, which task a check-in hands out, what a result changes, the state words) lives
+//! in [`crate::model`] as pure functions that take what the store loaded and return a plan
+//! ([`model::plan_next_task`], [`model::plan_result`]), which the store carries out.
+//!
+//! Layout:
+//! - `mod.rs` (this file): the interface, its rows and errors; no SQL.
+//! - `sqlite/mod.rs`: [`SqliteStore`], the row decoders, and the trait implementation, one
+//!   delegating line per method.
+//! - `sqlite/schema.rs`: the migrations. A new table is a new entry at the end of
+//!   `MIGRATIONS` (never an edit of an old one).
+//! - `sqlite/{devices,images,jobs,enrolment,results}.rs`: the queries, by concern, as plain
+//!   functions over a connection (reads) or a transaction (writes).
+//!
+//! Adding a second backend (PostgreSQL, when one server is no longer enough) is an added
+//! folder, `store/postgres/`, laid out like `sqlite/`: its own schema and queries behind
+//! `impl Store for PostgresStore`, loading the same rows and applying the same plans from
+//! [`crate::model`] (state words bound with `as_str()`, never spelled in SQL); one `mod`
+//! line here and a choice of store where `cli::open_store` opens the SQLite one today. The
+//! unit tests in `store/tests.rs` go through the trait only, so they can run against both.
 
 use serde::{Deserialize, Serialize};
 

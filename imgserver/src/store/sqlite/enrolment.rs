@@ -19,7 +19,7 @@ pub(super) fn checkin(
     tx.prepare_cached(
         "UPDATE devices SET serial = ?2, uuid = ?3, model = ?4, hostname = ?5, ram_bytes = ?6, agent_version = ?7,
             inventory = ?8, last_seen = ?9,
-            state = CASE WHEN state = 'operational' AND trouble_since IS NOT NULL AND ?9 - trouble_since > ?10 THEN 'maintenance' ELSE state END
+            state = CASE WHEN state = ?11 AND trouble_since IS NOT NULL AND ?9 - trouble_since > ?10 THEN ?12 ELSE state END
          WHERE id = ?1",
     )?
     .execute(params![
@@ -33,6 +33,8 @@ pub(super) fn checkin(
         inv,
         i(now),
         i(_policy.reload_wait),
+        DeviceState::Operational.as_str(),
+        DeviceState::Maintenance.as_str(),
     ])?;
     if pending {
         // Until approved: the inventory is shown to the administrator, nothing else.
@@ -58,7 +60,10 @@ pub(super) fn checkin(
         }
     }
     // The device is back: a failure it reported no longer means "unreachable".
-    tx.execute("UPDATE devices SET trouble_since = NULL WHERE id = ?1 AND state != 'maintenance' AND trouble_since IS NOT NULL AND trouble_since < ?2", params![i(device), i(now)])?;
+    tx.execute(
+        "UPDATE devices SET trouble_since = NULL WHERE id = ?1 AND state != ?3 AND trouble_since IS NOT NULL AND trouble_since < ?2",
+        params![i(device), i(now), DeviceState::Maintenance.as_str()],
+    )?;
     let task = super::jobs::next_task(tx, device, secrets, now)?;
     Ok(CheckInDecision {
         device,
@@ -82,8 +87,8 @@ pub(super) fn device_by_credential(conn: &Connection, hash: &str) -> Result<Opti
 pub(super) fn approve(tx: &Transaction, mac: &str, now: u64) -> Result<bool> {
     let id: Option<i64> = tx
         .query_row(
-            "UPDATE devices SET approval = NULL WHERE mac = ?1 AND approval IS 'pending' RETURNING id",
-            [mac],
+            "UPDATE devices SET approval = NULL WHERE mac = ?1 AND approval IS ?2 RETURNING id",
+            params![mac, model::APPROVAL_PENDING],
             |r| r.get(0),
         )
         .optional()?;
@@ -113,10 +118,10 @@ pub(super) fn enrol_or_authenticate(
     })?;
     if let Some(hash) = &secrets.presented {
         let row: Option<(i64, String, bool)> = tx
-            .prepare_cached(
-                "SELECT id, mac, approval IS 'pending' FROM devices WHERE credential = ?1",
-            )?
-            .query_row([hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached("SELECT id, mac, approval IS ?2 FROM devices WHERE credential = ?1")?
+            .query_row(params![hash, model::APPROVAL_PENDING], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?;
         let (id, known_mac, pending) = row.ok_or(StoreError::BadCredential)?;
         if known_mac != mac {
@@ -127,10 +132,10 @@ pub(super) fn enrol_or_authenticate(
         return Ok((u(id), false, pending));
     }
     let row: Option<(i64, bool, bool, Option<String>)> = tx
-        .prepare_cached("SELECT id, credential IS NOT NULL, approval IS 'pending', enrol_addr FROM devices WHERE mac = ?1")?
-        .query_row([&mac], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .prepare_cached("SELECT id, credential IS NOT NULL, approval IS ?2, enrol_addr FROM devices WHERE mac = ?1")?
+        .query_row(params![mac, model::APPROVAL_PENDING], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
-    let approval = (!secrets.enrol_proof_ok).then_some("pending");
+    let approval = (!secrets.enrol_proof_ok).then_some(model::APPROVAL_PENDING);
     let line = if secrets.enrol_proof_ok {
         format!(
             "enrolled (first contact from {}, site enrolment secret proven)",

@@ -73,8 +73,8 @@ pub(super) fn image_by_id(conn: &Connection, id: u64) -> Result<Option<ImageRow>
 pub(super) fn remove_image(conn: &Connection, id: u64) -> Result<()> {
     let busy: Option<i64> = conn
         .query_row(
-            "SELECT j.id FROM jobs j JOIN tasks t ON t.job_id = j.id WHERE j.image_id = ?1 AND j.state = 'active' AND t.state IN ('pending', 'sent', 'running') LIMIT 1",
-            [i(id)],
+            "SELECT j.id FROM jobs j JOIN tasks t ON t.job_id = j.id WHERE j.image_id = ?1 AND j.state = ?2 AND t.state IN (?3, ?4, ?5) LIMIT 1",
+            params![i(id), JobState::Active.as_str(), TaskState::Pending.as_str(), TaskState::Sent.as_str(), TaskState::Running.as_str()],
             |r| r.get(0),
         )
         .optional()?;

@@ -27,9 +27,9 @@ pub(super) fn take_upload_key(
     // writers), so two uploads racing with the same key cannot both pass.
     let ok: Option<i64> = conn
         .query_row(
-            "UPDATE tasks SET upload_key = NULL WHERE id = ?1 AND upload_key = ?2 AND state IN ('sent', 'running')
-             AND job_id IN (SELECT id FROM jobs WHERE kind = 'capture') RETURNING id",
-            params![i(task), key_hash],
+            "UPDATE tasks SET upload_key = NULL WHERE id = ?1 AND upload_key = ?2 AND state IN (?3, ?4)
+             AND job_id IN (SELECT id FROM jobs WHERE kind = ?5) RETURNING id",
+            params![i(task), key_hash, TaskState::Sent.as_str(), TaskState::Running.as_str(), JobKind::Capture.as_str()],
             |r| r.get(0),
         )
         .optional()?;
@@ -41,94 +41,39 @@ pub(super) fn take_upload_key(
     Ok(Some((t, job)))
 }
 
+/// Whether the device would get work at a check-in now: the same loading and the same
+/// [`model::plan_next_task`] as [`next_task`], read-only (jobs that would reach the device
+/// for the first time are candidates without a task).
 pub(super) fn boot_work(conn: &Connection, mac: &str) -> Result<BootWork> {
-    let Some((device, group, pending)) = conn
-        .query_row(
-            "SELECT id, grp, approval IS 'pending' FROM devices WHERE mac = ?1",
-            [mac],
-            |r| {
-                Ok((
-                    u(r.get(0)?),
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, bool>(2)?,
-                ))
-            },
-        )
+    let Some(dev) = conn
+        .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE mac = ?1"))?
+        .query_row([mac], device_row)
         .optional()?
     else {
         return Ok(BootWork::Unknown);
     };
-    // An enrolment waiting for the administrator's approval gets no task at check-in, so
-    // there is nothing to boot the agent for until `imgserver approve`.
-    if pending {
+    // A pending enrolment gets nothing before `imgserver approve`: don't read further.
+    if dev.pending {
         return Ok(BootWork::Idle);
     }
-    // A task handed out and not finished is resent at check-in (resume after a reboot).
-    let unfinished: Option<(i64, i64)> = conn
-        .query_row("SELECT id, job_id FROM tasks WHERE device_id = ?1 AND state IN ('sent', 'running') ORDER BY id LIMIT 1", [i(device)], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    if let Some((t, j)) = unfinished {
-        return Ok(BootWork::Work(format!("task {t} of job {j} unfinished")));
-    }
-    let dev =
-        load_device(conn, device)?.ok_or_else(|| StoreError::NotFound("device gone".into()))?;
-    // Pending tasks, then all/group jobs that would reach it at check-in (next_task's
-    // order), each under the batch rule as next_task applies it.
-    let mut candidates: Vec<(u64, Option<u64>)> = conn
-        .prepare_cached("SELECT t.job_id, t.id FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.device_id = ?1 AND t.state = 'pending' AND j.state = 'active' ORDER BY t.id")?
-        .query_map([i(device)], |r| Ok((u(r.get(0)?), Some(u(r.get(1)?)))))?
-        .collect::<rusqlite::Result<_>>()?;
-    let reaching: Vec<(u64, Option<u64>)> = conn
-        .prepare_cached("SELECT j.id FROM jobs j WHERE j.state = 'active' AND (j.selector = 'all' OR (?2 IS NOT NULL AND j.selector = 'group:' || ?2)) AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.device_id = ?1) ORDER BY j.id")?
-        .query_map(params![i(device), group], |r| Ok((u(r.get(0)?), None)))?
-        .collect::<rusqlite::Result<_>>()?;
-    candidates.extend(reaching);
-    for (job_id, task) in candidates {
-        let Some(job) = load_job(conn, job_id)? else {
-            continue;
-        };
-        let states: Vec<(i64, String)> = conn
-            .prepare_cached("SELECT id, state FROM tasks WHERE job_id = ?1 ORDER BY id")?
-            .query_map([i(job_id)], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        // A task not made yet would be the job's last.
-        let pos = match task {
-            Some(t) => states.iter().position(|(id, _)| u(*id) == t).unwrap_or(0),
-            None => states.len(),
-        };
-        let start = model::batch_start(job.options.batch, pos);
-        let unfinished = states[..start.min(states.len())]
-            .iter()
-            .filter(|(_, s)| !TaskState::parse(s).is_final())
-            .count();
-        if !model::batch_allows(job.options.batch, pos, unfinished) {
-            continue;
-        }
-        let image = match job.image {
-            Some(img) => load_image(conn, img)?,
-            None => None,
-        };
-        let mut what = match &image {
-            Some(img) => format!("job {} {} {} {}", job.id, job.kind, img.name, img.version),
-            None => format!("job {} {}", job.id, job.kind),
-        };
-        // A task validation will reject still boots the agent: its check-in records the
-        // rejection (Configuration Required) where the administrator sees it.
-        if !validate(&job, image.as_ref(), dev.inventory.as_ref()).ok() {
-            what.push_str(", to be rejected by validation");
-        }
-        return Ok(BootWork::Work(what));
-    }
-    Ok(BootWork::Idle)
+    let unfinished = unfinished_task(conn, dev.id)?;
+    let mut found = pending_candidates(conn, dev.id)?;
+    found.extend(reaching_jobs(conn, dev.id, dev.group.as_deref())?);
+    let candidates = candidates(&found);
+    let plan = model::plan_next_task(&dev, unfinished, &candidates);
+    Ok(match plan.boot_work(&candidates) {
+        Some(what) => BootWork::Work(what),
+        None => BootWork::Idle,
+    })
 }
 
 pub(super) fn device_may_fetch(conn: &Connection, device: u64, file: &str) -> Result<bool> {
     let found = conn
         .prepare_cached(
             "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN images m ON m.id = j.image_id
-             WHERE t.device_id = ?1 AND t.state IN ('sent', 'running') AND j.kind = 'deploy' AND m.file = ?2 LIMIT 1",
+             WHERE t.device_id = ?1 AND t.state IN (?3, ?4) AND j.kind = ?5 AND m.file = ?2 LIMIT 1",
         )?
-        .query_row(params![i(device), file], |_| Ok(()))
+        .query_row(params![i(device), file, TaskState::Sent.as_str(), TaskState::Running.as_str(), JobKind::Deploy.as_str()], |_| Ok(()))
         .optional()?
         .is_some();
     Ok(found)
@@ -177,18 +122,11 @@ pub(super) fn add_job(
     let mut report = Vec::new();
     for d in devices {
         let dev = load_device(tx, u(d))?.expect("device row");
-        let v = validate(&job_row, image.as_ref(), dev.inventory.as_ref());
-        let (state, msg) = if v.ok() {
-            ("pending", None)
-        } else {
-            (
-                "rejected",
-                Some(format!("validation failed: {}", v.errors.join("; "))),
-            )
-        };
+        let v = model::validate_task(&job_row, image.as_ref(), dev.inventory.as_ref());
+        let (state, msg) = model::new_task_state(&v);
         tx.execute(
             "INSERT INTO tasks (job_id, device_id, state, validation, message, created, updated, finished) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
-            params![i(id), d, state, serde_json::to_string(&v)?, msg, i(now), (state == "rejected").then_some(i(now))],
+            params![i(id), d, state.as_str(), serde_json::to_string(&v)?, msg, i(now), state.is_final().then_some(i(now))],
         )?;
         report.push((dev.mac, v));
     }
@@ -197,8 +135,8 @@ pub(super) fn add_job(
 
 pub(super) fn remove_job(tx: &Transaction, id: u64) -> Result<()> {
     let running: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND state IN ('sent', 'running')",
-        [i(id)],
+        "SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND state IN (?2, ?3)",
+        params![i(id), TaskState::Sent.as_str(), TaskState::Running.as_str()],
         |r| r.get(0),
     )?;
     if running > 0 {
@@ -206,23 +144,31 @@ pub(super) fn remove_job(tx: &Transaction, id: u64) -> Result<()> {
             "job {id} has {running} device(s) imaging now: `imgserver job {id} abort` stops the rest; remove it when they are done"
         )));
     }
-    let n = tx.execute("UPDATE jobs SET state = 'removed' WHERE id = ?1", [i(id)])?;
+    let n = tx.execute(
+        "UPDATE jobs SET state = ?2 WHERE id = ?1",
+        params![i(id), JobState::Removed.as_str()],
+    )?;
     if n == 0 {
         return Err(StoreError::NotFound(format!(
             "no job {id}: see `imgserver jobs`"
         )));
     }
     tx.execute(
-        "DELETE FROM tasks WHERE job_id = ?1 AND state = 'pending'",
-        [i(id)],
+        "DELETE FROM tasks WHERE job_id = ?1 AND state = ?2",
+        params![i(id), TaskState::Pending.as_str()],
     )?;
     Ok(())
 }
 
 pub(super) fn abort_job(tx: &Transaction, id: u64, now: u64) -> Result<usize> {
     let n = tx.execute(
-        "UPDATE jobs SET state = 'aborted' WHERE id = ?1 AND state IN ('active', 'stopped')",
-        [i(id)],
+        "UPDATE jobs SET state = ?2 WHERE id = ?1 AND state IN (?3, ?4)",
+        params![
+            i(id),
+            JobState::Aborted.as_str(),
+            JobState::Active.as_str(),
+            JobState::Stopped.as_str()
+        ],
     )?;
     if n == 0 {
         return Err(StoreError::NotFound(format!(
@@ -230,19 +176,15 @@ pub(super) fn abort_job(tx: &Transaction, id: u64, now: u64) -> Result<usize> {
         )));
     }
     // Seed 003: devices already imaging run to the end; those not started are aborted.
-    let aborted = tx.execute(
-        "UPDATE tasks SET state = 'aborted', message = 'aborted by the administrator', updated = ?2, finished = ?2 WHERE job_id = ?1 AND state = 'pending'",
-        params![i(id), i(now)],
-    )?;
-    Ok(aborted)
+    abort_pending(tx, id, model::ABORTED_BY_ADMIN, now)
 }
 
 pub(super) fn jobs(conn: &Connection) -> Result<Vec<(JobRow, Vec<TaskRow>)>> {
     let jobs: Vec<JobRow> = conn
         .prepare(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE state != 'removed' ORDER BY id"
+            "SELECT {JOB_COLS} FROM jobs WHERE state != ?1 ORDER BY id"
         ))?
-        .query_map([], job_row)?
+        .query_map([JobState::Removed.as_str()], job_row)?
         .collect::<rusqlite::Result<_>>()?;
     jobs.into_iter()
         .map(|j| Ok((j.clone(), job_tasks(conn, j.id)?)))
@@ -257,133 +199,192 @@ pub(super) fn job(conn: &Connection, id: u64) -> Result<Option<(JobRow, Vec<Task
     Ok(Some((j, tasks)))
 }
 
-/// Pick the task to hand to `device` now (see the trait docs): resend an unfinished one,
-/// else the oldest pending one its job's batch rule lets start and validation accepts.
+/// Pick the task to hand to `device` now and apply [`model::plan_next_task`]'s plan: tasks
+/// for jobs that newly reach the device are made first, then the plan is carried out
+/// (rejections, the handover and the device's state), all in the caller's transaction.
 pub(super) fn next_task(
     tx: &Transaction,
     device: u64,
     secrets: &CheckInSecrets,
     now: u64,
 ) -> Result<Option<(TaskRow, JobRow, Option<ImageRow>)>> {
-    let running: Option<i64> = tx
-        .prepare_cached("SELECT id FROM tasks WHERE device_id = ?1 AND state IN ('sent', 'running') ORDER BY id LIMIT 1")?
-        .query_row([i(device)], |r| r.get(0))
-        .optional()?;
-    if let Some(id) = running {
-        let task = load_task(tx, u(id))?.expect("task row just seen");
-        let job = load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
-        let image = match job.image {
-            Some(img) => load_image(tx, img)?,
-            None => None,
-        };
-        if job.kind == "capture" {
+    let dev = load_device(tx, device)?.ok_or_else(|| StoreError::NotFound("device gone".into()))?;
+    let unfinished = unfinished_task(tx, device)?;
+    if unfinished.is_none() {
+        // Jobs for all devices or a group reach devices that enrolled after scheduling.
+        for (job, _, _, _) in reaching_jobs(tx, device, dev.group.as_deref())? {
+            tx.prepare_cached(
+                "INSERT INTO tasks (job_id, device_id, state, created, updated) VALUES (?1, ?2, ?3, ?4, ?4)",
+            )?
+            .execute(params![i(job.id), i(device), TaskState::Pending.as_str(), i(now)])?;
+        }
+    }
+    let found = if unfinished.is_some() {
+        Vec::new()
+    } else {
+        pending_candidates(tx, device)?
+    };
+    let candidates = candidates(&found);
+    let plan = model::plan_next_task(&dev, unfinished, &candidates);
+    if let Some(u) = plan.resend {
+        if u.kind == Some(JobKind::Capture) {
             tx.execute(
                 "UPDATE tasks SET upload_key = ?2 WHERE id = ?1",
-                params![id, secrets.new_upload_key],
+                params![i(u.task), secrets.new_upload_key],
             )?;
         }
-        return Ok(Some((task, job, image)));
+        return task_of_device(tx, device, u.task);
     }
-    // Jobs for all devices or a group reach devices that enrolled after scheduling.
-    let group: Option<String> =
-        tx.query_row("SELECT grp FROM devices WHERE id = ?1", [i(device)], |r| {
-            r.get(0)
-        })?;
-    tx.prepare_cached(
-        "INSERT INTO tasks (job_id, device_id, created, updated)
-         SELECT j.id, ?1, ?3, ?3 FROM jobs j
-         WHERE j.state = 'active' AND (j.selector = 'all' OR (?2 IS NOT NULL AND j.selector = 'group:' || ?2))
-           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.device_id = ?1)",
-    )?
-    .execute(params![i(device), group, i(now)])?;
-    let pending: Vec<i64> = tx
-        .prepare_cached("SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.device_id = ?1 AND t.state = 'pending' AND j.state = 'active' ORDER BY t.id")?
-        .query_map([i(device)], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    let device_row =
-        load_device(tx, device)?.ok_or_else(|| StoreError::NotFound("device gone".into()))?;
-    for id in pending {
-        let task = load_task(tx, u(id))?.expect("pending task row");
-        let job = load_job(tx, task.job)?.ok_or_else(|| StoreError::NotFound("job gone".into()))?;
-        // The batch rule over the job's tasks in id order.
-        let states: Vec<(i64, String)> = tx
-            .prepare_cached("SELECT id, state FROM tasks WHERE job_id = ?1 ORDER BY id")?
-            .query_map([i(job.id)], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        let pos = states.iter().position(|(t, _)| *t == id).unwrap_or(0);
-        let start = model::batch_start(job.options.batch, pos);
-        let unfinished = states[..start]
-            .iter()
-            .filter(|(_, s)| !TaskState::parse(s).is_final())
-            .count();
-        if !model::batch_allows(job.options.batch, pos, unfinished) {
-            continue;
-        }
-        let image = match job.image {
-            Some(img) => load_image(tx, img)?,
-            None => None,
-        };
-        let v = validate(&job, image.as_ref(), device_row.inventory.as_ref());
-        let vjson = serde_json::to_string(&v)?;
-        if !v.ok() {
-            let msg = format!("validation failed: {}", v.errors.join("; "));
-            tx.execute(
-                "UPDATE tasks SET state = 'rejected', validation = ?2, message = ?3, updated = ?4, finished = ?4 WHERE id = ?1",
-                params![id, vjson, msg, i(now)],
-            )?;
-            tx.execute(
-                "UPDATE devices SET state = 'configuration_required', state_reason = ?2 WHERE id = ?1 AND state != 'maintenance'",
-                params![i(device), format!("job {}: {msg}", job.id)],
-            )?;
-            transcript(
-                tx,
-                device,
-                Some(u(id)),
-                now,
-                &format!("task {id} of job {} rejected: {msg}", job.id),
-            )?;
-            on_task_error(tx, &job, now)?;
-            continue;
-        }
-        let prev = current_stamp(device_row.inventory.as_ref(), &job.options);
+    for r in &plan.rejected {
+        let (job, _, task, _) = &found[r.candidate];
+        let task = task.expect("a pending candidate has its task");
         tx.execute(
-            "UPDATE tasks SET state = 'sent', validation = ?2, sent_at = ?3, updated = ?3, prev_image = ?4, upload_key = ?5 WHERE id = ?1",
+            "UPDATE tasks SET state = ?5, validation = ?2, message = ?3, updated = ?4, finished = ?4 WHERE id = ?1",
             params![
-                id,
-                vjson,
+                i(task),
+                serde_json::to_string(&r.validation)?,
+                r.message,
                 i(now),
-                prev.as_ref().map(serde_json::to_string).transpose()?,
-                (job.kind == "capture").then_some(&secrets.new_upload_key)
+                TaskState::Rejected.as_str()
             ],
         )?;
-        tx.execute(
-            "UPDATE devices SET state = 'upgrade_in_progress', state_reason = ?2, trouble_since = NULL WHERE id = ?1 AND state != 'maintenance'",
-            params![i(device), format!("job {} ({})", job.id, job.kind)],
-        )?;
-        let what = match &image {
-            Some(img) => format!("{} {} {}", job.kind, img.name, img.version),
-            None => job.kind.clone(),
-        };
-        transcript(
-            tx,
-            device,
-            Some(u(id)),
-            now,
-            &format!("task {id} of job {} sent: {what}", job.id),
-        )?;
-        for w in &v.warnings {
-            transcript(
-                tx,
-                device,
-                Some(u(id)),
-                now,
-                &format!("validation warning: {w}"),
-            )?;
+        if let Some(change) = &r.device {
+            set_state_unless_maintenance(tx, device, change, false)?;
         }
-        let task = load_task(tx, u(id))?.expect("task row just updated");
-        return Ok(Some((task, job, image)));
+        transcript(tx, device, Some(task), now, &r.transcript)?;
+        if r.stop_job {
+            stop_job(tx, job.id, now)?;
+        }
     }
-    Ok(None)
+    let Some(s) = &plan.send else {
+        return Ok(None);
+    };
+    let (job, image, task, _) = &found[s.candidate];
+    let task = task.expect("a pending candidate has its task");
+    tx.execute(
+        "UPDATE tasks SET state = ?6, validation = ?2, sent_at = ?3, updated = ?3, prev_image = ?4, upload_key = ?5 WHERE id = ?1",
+        params![
+            i(task),
+            serde_json::to_string(&s.validation)?,
+            i(now),
+            s.prev_image.as_ref().map(serde_json::to_string).transpose()?,
+            s.upload_key.then_some(&secrets.new_upload_key),
+            TaskState::Sent.as_str()
+        ],
+    )?;
+    if let Some(change) = &s.device {
+        set_state_unless_maintenance(tx, device, change, true)?;
+    }
+    for line in &s.transcript {
+        transcript(tx, device, Some(task), now, line)?;
+    }
+    let row = load_task(tx, task)?.expect("task row just updated");
+    Ok(Some((row, job.clone(), image.clone())))
+}
+
+/// A job that may give a device work, as loaded: the job, its image, the device's task of
+/// it (None: not made yet) and the job's task states in id order.
+type Found = (JobRow, Option<ImageRow>, Option<u64>, Vec<(u64, TaskState)>);
+
+fn candidates(found: &[Found]) -> Vec<model::Candidate<'_>> {
+    found
+        .iter()
+        .map(|(job, image, task, states)| model::Candidate {
+            job,
+            image: image.as_ref(),
+            task: *task,
+            job_tasks: states,
+        })
+        .collect()
+}
+
+/// The device's task handed out and not finished, if any.
+fn unfinished_task(conn: &Connection, device: u64) -> Result<Option<model::Unfinished>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT t.id, t.job_id, j.kind FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.device_id = ?1 AND t.state IN (?2, ?3) ORDER BY t.id LIMIT 1",
+        )?
+        .query_row(
+            params![
+                i(device),
+                TaskState::Sent.as_str(),
+                TaskState::Running.as_str()
+            ],
+            |r| {
+                Ok(model::Unfinished {
+                    task: u(r.get(0)?),
+                    job: u(r.get(1)?),
+                    kind: r.get::<_, String>(2)?.parse().ok(),
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// The device's pending tasks of active jobs, in id order.
+fn pending_candidates(conn: &Connection, device: u64) -> Result<Vec<Found>> {
+    let tasks: Vec<(u64, u64)> = conn
+        .prepare_cached(
+            "SELECT t.id, t.job_id FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.device_id = ?1 AND t.state = ?2 AND j.state = ?3 ORDER BY t.id",
+        )?
+        .query_map(
+            params![
+                i(device),
+                TaskState::Pending.as_str(),
+                JobState::Active.as_str()
+            ],
+            |r| Ok((u(r.get(0)?), u(r.get(1)?))),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::new();
+    for (task, job) in tasks {
+        if let Some(f) = found(conn, job, Some(task))? {
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
+/// Active jobs for all devices or the device's group that have no task for it yet, in id
+/// order.
+fn reaching_jobs(conn: &Connection, device: u64, group: Option<&str>) -> Result<Vec<Found>> {
+    let jobs: Vec<u64> = conn
+        .prepare_cached(
+            "SELECT j.id FROM jobs j WHERE j.state = ?3
+               AND (j.selector = 'all' OR (?2 IS NOT NULL AND j.selector = 'group:' || ?2))
+               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.device_id = ?1)
+             ORDER BY j.id",
+        )?
+        .query_map(params![i(device), group, JobState::Active.as_str()], |r| {
+            Ok(u(r.get(0)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::new();
+    for job in jobs {
+        if let Some(f) = found(conn, job, None)? {
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
+fn found(conn: &Connection, job: u64, task: Option<u64>) -> Result<Option<Found>> {
+    let Some(job) = load_job(conn, job)? else {
+        return Ok(None);
+    };
+    let image = match job.image {
+        Some(img) => load_image(conn, img)?,
+        None => None,
+    };
+    let states = conn
+        .prepare_cached("SELECT id, state FROM tasks WHERE job_id = ?1 ORDER BY id")?
+        .query_map([i(job.id)], |r| {
+            Ok((u(r.get(0)?), TaskState::parse(&r.get::<_, String>(1)?)))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some((job, image, task, states)))
 }
 
 pub(super) fn job_tasks(conn: &Connection, job: u64) -> Result<Vec<TaskRow>> {

@@ -6,8 +6,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::*;
-use crate::model::{self, OnError};
-use crate::protocol::Outcome;
+use crate::model::{self, JobKind, JobState};
 
 mod devices;
 mod enrolment;
@@ -62,7 +61,7 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const DEVICE_COLS: &str = "id, mac, credential IS NOT NULL, grp, serial, model, ram_bytes, agent_version, state, state_reason, last_seen, trouble_since, image_name, image_version, inventory, approval IS 'pending', enrol_addr";
+const DEVICE_COLS: &str = "id, mac, credential IS NOT NULL, grp, serial, model, ram_bytes, agent_version, state, state_reason, last_seen, trouble_since, image_name, image_version, inventory, approval, enrol_addr";
 
 fn device_row(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
     let inv: Option<String> = r.get(14)?;
@@ -85,7 +84,7 @@ fn device_row(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
             _ => None,
         },
         inventory: inv.and_then(|s| serde_json::from_str(&s).ok()),
-        pending: r.get(15)?,
+        pending: r.get::<_, Option<String>>(15)?.as_deref() == Some(model::APPROVAL_PENDING),
         enrol_addr: r.get(16)?,
     })
 }
@@ -195,54 +194,51 @@ fn load_device(tx: &Connection, id: u64) -> Result<Option<DeviceRow>> {
         .optional()?)
 }
 
-/// The image stamp currently on the target a job writes (for rollback).
-fn current_stamp(inv: Option<&CheckIn>, opts: &JobOptions) -> Option<ImageStamp> {
-    let inv = inv?;
-    let disk = match &opts.disk {
-        Some(n) => inv.disks.iter().find(|d| &d.name == n)?,
-        None => inv.disks.first()?,
-    };
-    match &opts.partition {
-        None => disk.image.clone(),
-        Some(spec) => {
-            let p = match spec.parse::<u32>() {
-                Ok(n) => disk.partitions.iter().find(|p| p.number == n),
-                Err(_) => disk
-                    .partitions
-                    .iter()
-                    .find(|p| p.label.as_deref() == Some(spec.as_str())),
-            };
-            p.and_then(|p| p.image.clone())
-        }
-    }
+/// Stop a job (on error: stop) and abort its tasks not started.
+fn stop_job(tx: &Transaction, job: u64, now: u64) -> Result<()> {
+    tx.execute(
+        "UPDATE jobs SET state = ?2 WHERE id = ?1",
+        params![i(job), JobState::Stopped.as_str()],
+    )?;
+    abort_pending(tx, job, model::STOPPED_BY_ERROR, now)?;
+    Ok(())
 }
 
-fn validate(job: &JobRow, image: Option<&ImageRow>, inv: Option<&CheckIn>) -> Validation {
-    match (job.kind.as_str(), image) {
-        ("deploy", Some(img)) => model::validate_deploy(&img.facts, &job.options, inv),
-        ("deploy", None) => Validation {
-            errors: vec!["the job's image was unregistered".into()],
-            ..Default::default()
-        },
-        ("capture", _) => model::validate_capture(&job.options, inv),
-        _ => Validation::default(),
-    }
+/// Abort the job's tasks not started; how many.
+fn abort_pending(tx: &Transaction, job: u64, message: &str, now: u64) -> Result<usize> {
+    Ok(tx.execute(
+        "UPDATE tasks SET state = ?3, message = ?4, updated = ?2, finished = ?2
+         WHERE job_id = ?1 AND state = ?5",
+        params![
+            i(job),
+            i(now),
+            TaskState::Aborted.as_str(),
+            message,
+            TaskState::Pending.as_str()
+        ],
+    )?)
 }
 
-/// Stop a job after a failure or rejection when its policy says so (seed 003: on error stop).
-fn on_task_error(tx: &Transaction, job: &JobRow, now: u64) -> Result<()> {
-    if job.options.on_error == OnError::Stop && job.state == "active" {
-        tx.execute(
-            "UPDATE jobs SET state = 'stopped' WHERE id = ?1",
-            [i(job.id)],
-        )?;
-        let n = tx.execute(
-            "UPDATE tasks SET state = 'aborted', message = 'job stopped: another device failed (on error: stop)', updated = ?2, finished = ?2
-             WHERE job_id = ?1 AND state = 'pending'",
-            params![i(job.id), i(now)],
-        )?;
-        let _ = n;
-    }
+/// Set a device's state and reason unless it is in Maintenance (only the administrator
+/// takes a device out of Maintenance).
+fn set_state_unless_maintenance(
+    tx: &Transaction,
+    device: u64,
+    (state, reason): &(DeviceState, String),
+    clear_trouble: bool,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE devices SET state = ?2, state_reason = ?3,
+            trouble_since = CASE WHEN ?4 THEN NULL ELSE trouble_since END
+         WHERE id = ?1 AND state != ?5",
+        params![
+            i(device),
+            state.as_str(),
+            reason,
+            clear_trouble,
+            DeviceState::Maintenance.as_str()
+        ],
+    )?;
     Ok(())
 }
 

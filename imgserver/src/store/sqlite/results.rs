@@ -19,13 +19,21 @@ pub(super) fn record_progress(
         )));
     };
     let _ = owner;
-    let abort = job_state == "aborted";
+    let abort = job_state == JobState::Aborted.as_str();
     let state = TaskState::parse(&state);
     if state.is_final() || i(p.seq) <= seq {
         return Ok((false, abort));
     }
-    tx.prepare_cached("UPDATE tasks SET progress = ?2, progress_seq = ?3, state = 'running', updated = ?4 WHERE id = ?1")?
-        .execute(params![i(task), serde_json::to_string(p)?, i(p.seq), i(now)])?;
+    tx.prepare_cached(
+        "UPDATE tasks SET progress = ?2, progress_seq = ?3, state = ?5, updated = ?4 WHERE id = ?1",
+    )?
+    .execute(params![
+        i(task),
+        serde_json::to_string(p)?,
+        i(p.seq),
+        i(now),
+        TaskState::Running.as_str()
+    ])?;
     tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")?
         .execute(params![i(device), i(now)])?;
     Ok((true, abort))
@@ -124,50 +132,45 @@ pub(super) fn apply_result(
     }
     let job = load_job(tx, task.job)?
         .ok_or_else(|| StoreError::NotFound(format!("job {} is gone", task.job)))?;
-    let state = match r.outcome {
-        Outcome::Succeeded => TaskState::Succeeded,
-        Outcome::Failed => TaskState::Failed,
-        Outcome::Rejected => TaskState::Rejected,
-    };
+    let plan = model::plan_result(&job, r);
     tx.execute(
         "UPDATE tasks SET state = ?2, message = ?3, updated = ?4, finished = ?4, upload_key = NULL WHERE id = ?1",
-        params![i(r.task), state.as_str(), r.message, i(now)],
+        params![i(r.task), plan.task.as_str(), r.message, i(now)],
     )?;
-    let summary = format!(
-        "task {} {}{}",
-        r.task,
-        state.as_str(),
-        r.message
-            .as_ref()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default()
-    );
-    transcript(tx, device, Some(r.task), now, &summary)?;
-    match state {
-        TaskState::Succeeded => {
-            tx.execute(
-                "UPDATE devices SET state = 'operational', state_reason = NULL, trouble_since = NULL WHERE id = ?1 AND state = 'upgrade_in_progress'",
-                [i(device)],
-            )?;
-            if job.kind == "deploy" && job.options.after != crate::protocol::After::CopyOnly {
-                if let Some(img) = &r.image {
-                    tx.execute(
-                        "UPDATE devices SET image_name = ?2, image_version = ?3 WHERE id = ?1",
-                        params![i(device), img.name, img.version],
-                    )?;
-                }
-            }
-        }
-        _ => {
-            // Failed: the device stays "in progress" until it checks in again; if it does
-            // not within the reload wait it shows as Maintenance (model::effective_state).
-            tx.execute(
-                "UPDATE devices SET state = CASE WHEN state = 'maintenance' THEN state ELSE 'operational' END,
-                        state_reason = ?2, trouble_since = ?3 WHERE id = ?1",
-                params![i(device), summary, i(now)],
-            )?;
-            on_task_error(tx, &job, now)?;
-        }
+    transcript(tx, device, Some(r.task), now, &plan.summary)?;
+    if plan.device_done {
+        tx.execute(
+            "UPDATE devices SET state = ?2, state_reason = NULL, trouble_since = NULL WHERE id = ?1 AND state = ?3",
+            params![
+                i(device),
+                DeviceState::Operational.as_str(),
+                DeviceState::UpgradeInProgress.as_str()
+            ],
+        )?;
+    }
+    if let Some(img) = &plan.device_image {
+        tx.execute(
+            "UPDATE devices SET image_name = ?2, image_version = ?3 WHERE id = ?1",
+            params![i(device), img.name, img.version],
+        )?;
+    }
+    if plan.trouble {
+        // The device stays "in progress" until it checks in again; if it does not within
+        // the reload wait it shows as Maintenance (model::effective_state).
+        tx.execute(
+            "UPDATE devices SET state = CASE WHEN state = ?4 THEN state ELSE ?5 END,
+                    state_reason = ?2, trouble_since = ?3 WHERE id = ?1",
+            params![
+                i(device),
+                plan.summary,
+                i(now),
+                DeviceState::Maintenance.as_str(),
+                DeviceState::Operational.as_str()
+            ],
+        )?;
+    }
+    if plan.stop_job {
+        stop_job(tx, job.id, now)?;
     }
     Ok(true)
 }

@@ -72,6 +72,23 @@ pub fn effective_state(
     }
 }
 
+/// The stored state after a check-in: a device whose failure was recorded longer than the
+/// reload wait ago and that only now comes back stays in Maintenance until the
+/// administrator resets it (what [`effective_state`] showed meanwhile becomes stored).
+pub fn state_at_checkin(
+    stored: DeviceState,
+    trouble_since: Option<u64>,
+    now: u64,
+    reload_wait: u64,
+) -> DeviceState {
+    match (stored, trouble_since) {
+        (DeviceState::Operational, Some(t)) if now.saturating_sub(t) > reload_wait => {
+            DeviceState::Maintenance
+        }
+        (s, _) => s,
+    }
+}
+
 /// Task states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -912,6 +929,34 @@ mod tests {
         assert!(batch_allows(2, 3, 0));
         assert!(!batch_allows(1, 1, 1));
         assert_eq!(batch_start(3, 7), 6);
+    }
+
+    #[test]
+    fn a_device_back_after_the_reload_wait_stays_in_maintenance() {
+        use DeviceState::*;
+        let w = 900;
+        // (stored, trouble since, now, stored after the check-in)
+        let rows = [
+            (Operational, None, 10_000, Operational),
+            (Operational, Some(100), 100 + w, Operational),
+            (Operational, Some(100), 101 + w, Maintenance),
+            (Operational, Some(5_000), 100, Operational),
+            (UpgradeInProgress, Some(100), 10_000, UpgradeInProgress),
+            (
+                ConfigurationRequired,
+                Some(100),
+                10_000,
+                ConfigurationRequired,
+            ),
+            (Maintenance, None, 10_000, Maintenance),
+        ];
+        for (stored, since, now, after) in rows {
+            assert_eq!(
+                state_at_checkin(stored, since, now, w),
+                after,
+                "{stored:?} {since:?} {now}"
+            );
+        }
     }
 
     #[test]

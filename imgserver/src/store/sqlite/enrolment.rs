@@ -7,7 +7,7 @@ pub(super) fn checkin(
     req: &CheckIn,
     secrets: &CheckInSecrets,
     now: u64,
-    _policy: &Policy,
+    policy: &Policy,
 ) -> Result<CheckInDecision> {
     let (device, enrolled, pending) = enrol_or_authenticate(tx, req, secrets, now)?;
     // The proof is not inventory: never stored.
@@ -16,10 +16,13 @@ pub(super) fn checkin(
         results: Vec::new(),
         ..req.clone()
     })?;
+    let known = load_device(tx, device)?
+        .ok_or_else(|| StoreError::NotFound(format!("device {device} is gone")))?;
+    let state = model::state_at_checkin(known.state, known.trouble_since, now, policy.reload_wait);
     tx.prepare_cached(
         "UPDATE devices SET serial = ?2, uuid = ?3, model = ?4, hostname = ?5, ram_bytes = ?6, agent_version = ?7,
             inventory = ?8, last_seen = ?9,
-            state = CASE WHEN state = ?11 AND trouble_since IS NOT NULL AND ?9 - trouble_since > ?10 THEN ?12 ELSE state END
+            state = ?10
          WHERE id = ?1",
     )?
     .execute(params![
@@ -32,9 +35,7 @@ pub(super) fn checkin(
         req.device.agent_version,
         inv,
         i(now),
-        i(_policy.reload_wait),
-        DeviceState::Operational.as_str(),
-        DeviceState::Maintenance.as_str(),
+        state.as_str(),
     ])?;
     if pending {
         // Until approved: the inventory is shown to the administrator, nothing else.

@@ -248,9 +248,9 @@ impl Store for SqliteStore {
         req: &CheckIn,
         secrets: &CheckInSecrets,
         now: u64,
-        _policy: &Policy,
+        policy: &Policy,
     ) -> Result<CheckInDecision> {
-        self.write(|tx| enrolment::checkin(tx, req, secrets, now, _policy))
+        self.write(|tx| enrolment::checkin(tx, req, secrets, now, policy))
     }
 
     fn device_by_credential(&self, hash: &str) -> Result<Option<DeviceRow>> {

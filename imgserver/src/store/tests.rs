@@ -604,3 +604,44 @@ fn upload_keys_work_once_and_captures_are_not_latest() {
     assert_eq!(s.image("os", None).unwrap().unwrap().version, "2");
     assert!(s.image("os", Some("9")).unwrap().is_some());
 }
+
+#[test]
+fn a_failed_device_back_after_the_reload_wait_is_stored_in_maintenance() {
+    let (s, _d) = store();
+    let p = Policy {
+        reload_wait: 100,
+        ..Policy::default()
+    };
+    let img = image(&s);
+    // Two devices fail at time 10; one checks in again within the wait, one after it.
+    for (mac, back_at, expect) in [
+        ("52:54:00:00:00:01", 110, DeviceState::Operational),
+        ("52:54:00:00:00:02", 111, DeviceState::Maintenance),
+    ] {
+        s.add_job(
+            &deploy_job(img, &format!("mac:{mac}"), 0, OnError::Continue),
+            1,
+        )
+        .unwrap();
+        let d = s
+            .checkin(&checkin(mac), &secrets(None, mac), 2, &p)
+            .unwrap();
+        let t = d.task.unwrap().0.id;
+        s.record_result(d.device, &result(t, mac, Outcome::Failed), 10)
+            .unwrap();
+        assert_eq!(
+            s.device(mac).unwrap().unwrap().state,
+            DeviceState::Operational
+        );
+        s.checkin(&checkin(mac), &secrets(Some(mac), "x"), back_at, &p)
+            .unwrap();
+        let dev = s.device(mac).unwrap().unwrap();
+        assert_eq!(dev.state, expect, "{mac} back at {back_at}");
+        if expect == DeviceState::Operational {
+            assert_eq!(
+                dev.trouble_since, None,
+                "back in time: no longer in trouble"
+            );
+        }
+    }
+}

@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{After, CheckIn, DiskReport};
+use crate::protocol::{After, CheckIn, DiskReport, ImageStamp, Outcome, TaskResult};
+use crate::store::{DeviceRow, ImageRow, JobRow};
 
 /// Device states (seed 003, "イメージ更新中および更新後のデバイス状態の変化").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,22 +25,16 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceState::Operational => "operational",
-            DeviceState::UpgradeInProgress => "upgrade_in_progress",
-            DeviceState::Maintenance => "maintenance",
-            DeviceState::ConfigurationRequired => "configuration_required",
-        }
-    }
+    pub const ALL: [DeviceState; 4] = [
+        DeviceState::Operational,
+        DeviceState::UpgradeInProgress,
+        DeviceState::Maintenance,
+        DeviceState::ConfigurationRequired,
+    ];
 
+    /// A stored state; an unknown word (a newer server wrote it) reads as Operational.
     pub fn parse(s: &str) -> DeviceState {
-        match s {
-            "upgrade_in_progress" => DeviceState::UpgradeInProgress,
-            "maintenance" => DeviceState::Maintenance,
-            "configuration_required" => DeviceState::ConfigurationRequired,
-            _ => DeviceState::Operational,
-        }
+        s.parse().unwrap_or(DeviceState::Operational)
     }
 
     /// As the seed's console shows it.
@@ -77,6 +72,23 @@ pub fn effective_state(
     }
 }
 
+/// The stored state after a check-in: a device whose failure was recorded longer than the
+/// reload wait ago and that only now comes back stays in Maintenance until the
+/// administrator resets it (what [`effective_state`] showed meanwhile becomes stored).
+pub fn state_at_checkin(
+    stored: DeviceState,
+    trouble_since: Option<u64>,
+    now: u64,
+    reload_wait: u64,
+) -> DeviceState {
+    match (stored, trouble_since) {
+        (DeviceState::Operational, Some(t)) if now.saturating_sub(t) > reload_wait => {
+            DeviceState::Maintenance
+        }
+        (s, _) => s,
+    }
+}
+
 /// Task states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,28 +108,19 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Pending => "pending",
-            TaskState::Rejected => "rejected",
-            TaskState::Sent => "sent",
-            TaskState::Running => "running",
-            TaskState::Succeeded => "succeeded",
-            TaskState::Failed => "failed",
-            TaskState::Aborted => "aborted",
-        }
-    }
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Pending,
+        TaskState::Rejected,
+        TaskState::Sent,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Aborted,
+    ];
 
+    /// A stored state; an unknown word (a newer server wrote it) reads as Pending.
     pub fn parse(s: &str) -> TaskState {
-        match s {
-            "rejected" => TaskState::Rejected,
-            "sent" => TaskState::Sent,
-            "running" => TaskState::Running,
-            "succeeded" => TaskState::Succeeded,
-            "failed" => TaskState::Failed,
-            "aborted" => TaskState::Aborted,
-            _ => TaskState::Pending,
-        }
+        s.parse().unwrap_or(TaskState::Pending)
     }
 
     pub fn is_final(self) -> bool {
@@ -127,6 +130,96 @@ impl TaskState {
         )
     }
 }
+
+/// The one spelling of each state word: `as_str` writes it (to the database, the command
+/// line, the API), `FromStr` reads it back and refuses any other word.
+macro_rules! state_words {
+    ($t:ident { $($v:ident = $s:literal),+ $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $s,)+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($t::$v),)+
+                    _ => Err(format!("{s:?} is not a {}", stringify!($t))),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+state_words!(DeviceState {
+    Operational = "operational",
+    UpgradeInProgress = "upgrade_in_progress",
+    Maintenance = "maintenance",
+    ConfigurationRequired = "configuration_required",
+});
+
+state_words!(TaskState {
+    Pending = "pending",
+    Rejected = "rejected",
+    Sent = "sent",
+    Running = "running",
+    Succeeded = "succeeded",
+    Failed = "failed",
+    Aborted = "aborted",
+});
+
+/// Job states (`JobRow::state` holds the word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Its tasks are handed out as devices check in (and reach devices that enrol later).
+    Active,
+    /// A device failed and the job's policy is "on error: stop".
+    Stopped,
+    /// Aborted by the administrator.
+    Aborted,
+    /// Removed by the administrator: no longer listed.
+    Removed,
+}
+
+state_words!(JobState {
+    Active = "active",
+    Stopped = "stopped",
+    Aborted = "aborted",
+    Removed = "removed",
+});
+
+/// Job kinds (`JobRow::kind` holds the word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Deploy,
+    Capture,
+    Reboot,
+    BootGuest,
+}
+
+state_words!(JobKind {
+    Deploy = "deploy",
+    Capture = "capture",
+    Reboot = "reboot",
+    BootGuest = "boot_guest",
+});
+
+/// The word a device's enrolment approval holds while it waits for the administrator
+/// (`imgserver approve`); no value means approved.
+pub const APPROVAL_PENDING: &str = "pending";
 
 /// What to do with the rest of a job when one device fails (seed 003).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +532,285 @@ pub fn batch_start(batch: u32, position: usize) -> usize {
     }
 }
 
+// ---- State transitions, as plans the store applies in one transaction ----
+
+/// The job's validation of one device (errors reject the task, warnings are recorded).
+pub fn validate_task(job: &JobRow, image: Option<&ImageRow>, inv: Option<&CheckIn>) -> Validation {
+    match (job.kind.parse::<JobKind>(), image) {
+        (Ok(JobKind::Deploy), Some(img)) => validate_deploy(&img.facts, &job.options, inv),
+        (Ok(JobKind::Deploy), None) => Validation {
+            errors: vec!["the job's image was unregistered".into()],
+            ..Default::default()
+        },
+        (Ok(JobKind::Capture), _) => validate_capture(&job.options, inv),
+        _ => Validation::default(),
+    }
+}
+
+/// The image stamp currently on the target a job writes (recorded for rollback).
+pub fn current_stamp(inv: Option<&CheckIn>, opts: &JobOptions) -> Option<ImageStamp> {
+    let inv = inv?;
+    let disk = pick_disk(&inv.disks, opts.disk.as_deref())?;
+    match &opts.partition {
+        None => disk.image.clone(),
+        Some(spec) => find_partition(disk, spec).and_then(|p| p.image.clone()),
+    }
+}
+
+/// The message of the pending tasks a failure stops (seed 003: on error stop).
+pub const STOPPED_BY_ERROR: &str = "job stopped: another device failed (on error: stop)";
+/// The message of the pending tasks the administrator aborts.
+pub const ABORTED_BY_ADMIN: &str = "aborted by the administrator";
+
+/// Does a failed or rejected task of `job` stop the job (and abort its pending tasks)?
+pub fn stops_job(job: &JobRow) -> bool {
+    job.options.on_error == OnError::Stop && job.state == JobState::Active.as_str()
+}
+
+fn rejection_message(v: &Validation) -> String {
+    format!("validation failed: {}", v.errors.join("; "))
+}
+
+/// A task made when its job is scheduled: pending, or rejected at once (with its message)
+/// when validation against the device's last inventory fails.
+pub fn new_task_state(v: &Validation) -> (TaskState, Option<String>) {
+    if v.ok() {
+        (TaskState::Pending, None)
+    } else {
+        (TaskState::Rejected, Some(rejection_message(v)))
+    }
+}
+
+/// A task handed out earlier and not finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unfinished {
+    pub task: u64,
+    pub job: u64,
+    pub kind: Option<JobKind>,
+}
+
+/// One job that may give a device work at a check-in, as the store found it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub job: &'a JobRow,
+    pub image: Option<&'a ImageRow>,
+    /// The device's pending task of this job; None for a job for all devices or a group
+    /// that has not reached this device yet (its task would be the job's last).
+    pub task: Option<u64>,
+    /// The states of all the job's tasks, in id order.
+    pub job_tasks: &'a [(u64, TaskState)],
+}
+
+/// A pending task validation rejects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// Index into the candidates.
+    pub candidate: usize,
+    pub validation: Validation,
+    /// The task's message.
+    pub message: String,
+    /// The device's new state and reason (none while it is in Maintenance).
+    pub device: Option<(DeviceState, String)>,
+    /// The job stops (on error: stop); its pending tasks are aborted with [`STOPPED_BY_ERROR`].
+    pub stop_job: bool,
+    pub transcript: String,
+}
+
+/// The task handed to the device now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handover {
+    /// Index into the candidates.
+    pub candidate: usize,
+    pub validation: Validation,
+    /// What the target holds now (for rollback).
+    pub prev_image: Option<ImageStamp>,
+    /// A capture: the task gets the fresh upload key.
+    pub upload_key: bool,
+    /// The device's new state and reason (none while it is in Maintenance).
+    pub device: Option<(DeviceState, String)>,
+    pub transcript: Vec<String>,
+}
+
+/// What a check-in does about tasks. Empty: nothing to do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskPlan {
+    /// Hand an unfinished task again (resume after a reboot); a capture gets a new upload
+    /// key. Nothing else is looked at.
+    pub resend: Option<Unfinished>,
+    /// Pending tasks rejected on the way, in candidate order (all before `send`).
+    pub rejected: Vec<Rejection>,
+    pub send: Option<Handover>,
+}
+
+impl TaskPlan {
+    /// The first task the plan touches (a rejection counts: the check-in records it), as
+    /// the PXE decision describes it; None when the device has nothing to do.
+    pub fn boot_work(&self, candidates: &[Candidate]) -> Option<String> {
+        if let Some(u) = &self.resend {
+            return Some(format!("task {} of job {} unfinished", u.task, u.job));
+        }
+        let (c, rejected) = match (self.rejected.first(), &self.send) {
+            (Some(r), _) => (r.candidate, true),
+            (None, Some(s)) => (s.candidate, false),
+            (None, None) => return None,
+        };
+        let Candidate { job, image, .. } = candidates[c];
+        let mut what = match image {
+            Some(img) => format!("job {} {} {} {}", job.id, job.kind, img.name, img.version),
+            None => format!("job {} {}", job.id, job.kind),
+        };
+        // A task validation will reject still boots the agent: its check-in records the
+        // rejection (Configuration Required) where the administrator sees it.
+        if rejected {
+            what.push_str(", to be rejected by validation");
+        }
+        Some(what)
+    }
+}
+
+/// The batch rule for a candidate: may its task start now?
+fn batch_turn(c: &Candidate) -> bool {
+    let batch = c.job.options.batch;
+    let pos = match c.task {
+        Some(t) => c.job_tasks.iter().position(|(id, _)| *id == t).unwrap_or(0),
+        None => c.job_tasks.len(),
+    };
+    let start = batch_start(batch, pos).min(c.job_tasks.len());
+    let unfinished = c.job_tasks[..start]
+        .iter()
+        .filter(|(_, s)| !s.is_final())
+        .count();
+    batch_allows(batch, pos, unfinished)
+}
+
+/// The task to hand `device` at a check-in (seed 003): an unfinished one again, else the
+/// first candidate (pending tasks in id order, then jobs reaching the device for the first
+/// time) that its job's batch rule lets start and validation accepts; candidates validation
+/// rejects on the way are rejected. A device awaiting enrolment approval gets nothing.
+pub fn plan_next_task(
+    device: &DeviceRow,
+    unfinished: Option<Unfinished>,
+    candidates: &[Candidate],
+) -> TaskPlan {
+    let mut plan = TaskPlan::default();
+    if device.pending {
+        return plan;
+    }
+    if unfinished.is_some() {
+        plan.resend = unfinished;
+        return plan;
+    }
+    let inv = device.inventory.as_ref();
+    let in_maintenance = device.state == DeviceState::Maintenance;
+    let task_name = |c: &Candidate| c.task.map_or_else(|| "(new)".into(), |t| t.to_string());
+    for (n, c) in candidates.iter().enumerate() {
+        if !batch_turn(c) {
+            continue;
+        }
+        let job = c.job;
+        let v = validate_task(job, c.image, inv);
+        if !v.ok() {
+            let message = rejection_message(&v);
+            plan.rejected.push(Rejection {
+                candidate: n,
+                device: (!in_maintenance).then(|| {
+                    (
+                        DeviceState::ConfigurationRequired,
+                        format!("job {}: {message}", job.id),
+                    )
+                }),
+                stop_job: stops_job(job),
+                transcript: format!(
+                    "task {} of job {} rejected: {message}",
+                    task_name(c),
+                    job.id
+                ),
+                validation: v,
+                message,
+            });
+            continue;
+        }
+        let what = match c.image {
+            Some(img) => format!("{} {} {}", job.kind, img.name, img.version),
+            None => job.kind.clone(),
+        };
+        let mut transcript = vec![format!(
+            "task {} of job {} sent: {what}",
+            task_name(c),
+            job.id
+        )];
+        transcript.extend(
+            v.warnings
+                .iter()
+                .map(|w| format!("validation warning: {w}")),
+        );
+        plan.send = Some(Handover {
+            candidate: n,
+            prev_image: current_stamp(inv, &job.options),
+            upload_key: job.kind == JobKind::Capture.as_str(),
+            device: (!in_maintenance).then(|| {
+                (
+                    DeviceState::UpgradeInProgress,
+                    format!("job {} ({})", job.id, job.kind),
+                )
+            }),
+            transcript,
+            validation: v,
+        });
+        break;
+    }
+    plan
+}
+
+/// What a final result of a task does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultPlan {
+    pub task: TaskState,
+    /// The transcript line, also the device's trouble reason after a failure.
+    pub summary: String,
+    /// Success: the device leaves Upgrade In Progress for Operational.
+    pub device_done: bool,
+    /// Success of a deploy that changed the device: the image it now runs.
+    pub device_image: Option<ImageStamp>,
+    /// Failure or rejection: the device is back to Operational (Maintenance stays) with
+    /// this trouble; it shows as Maintenance if it does not check in within the reload wait.
+    pub trouble: bool,
+    pub stop_job: bool,
+}
+
+/// The transition a device's final result makes (the task must not have ended already).
+pub fn plan_result(job: &JobRow, r: &TaskResult) -> ResultPlan {
+    let task = match r.outcome {
+        Outcome::Succeeded => TaskState::Succeeded,
+        Outcome::Failed => TaskState::Failed,
+        Outcome::Rejected => TaskState::Rejected,
+    };
+    let summary = format!(
+        "task {} {}{}",
+        r.task,
+        task.as_str(),
+        r.message
+            .as_ref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    );
+    let ok = task == TaskState::Succeeded;
+    let changes_image =
+        job.kind == JobKind::Deploy.as_str() && job.options.after != After::CopyOnly;
+    ResultPlan {
+        task,
+        summary,
+        device_done: ok,
+        device_image: if ok && changes_image {
+            r.image.clone()
+        } else {
+            None
+        },
+        trouble: !ok,
+        stop_job: !ok && stops_job(job),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,6 +932,34 @@ mod tests {
     }
 
     #[test]
+    fn a_device_back_after_the_reload_wait_stays_in_maintenance() {
+        use DeviceState::*;
+        let w = 900;
+        // (stored, trouble since, now, stored after the check-in)
+        let rows = [
+            (Operational, None, 10_000, Operational),
+            (Operational, Some(100), 100 + w, Operational),
+            (Operational, Some(100), 101 + w, Maintenance),
+            (Operational, Some(5_000), 100, Operational),
+            (UpgradeInProgress, Some(100), 10_000, UpgradeInProgress),
+            (
+                ConfigurationRequired,
+                Some(100),
+                10_000,
+                ConfigurationRequired,
+            ),
+            (Maintenance, None, 10_000, Maintenance),
+        ];
+        for (stored, since, now, after) in rows {
+            assert_eq!(
+                state_at_checkin(stored, since, now, w),
+                after,
+                "{stored:?} {since:?} {now}"
+            );
+        }
+    }
+
+    #[test]
     fn maintenance_after_reload_wait() {
         let w = DEFAULT_RELOAD_WAIT_SECS;
         assert_eq!(
@@ -577,6 +977,421 @@ mod tests {
         assert_eq!(
             effective_state(DeviceState::UpgradeInProgress, 100, None, 101 + w, w),
             DeviceState::Maintenance
+        );
+    }
+
+    // ---- the plans: one table per pure transition ----
+
+    fn job_row(id: u64, kind: JobKind, batch: u32, on_error: OnError) -> JobRow {
+        JobRow {
+            id,
+            kind: kind.as_str().into(),
+            image: (kind == JobKind::Deploy).then_some(1),
+            options: JobOptions {
+                partition: Some("2".into()),
+                batch,
+                on_error,
+                ..Default::default()
+            },
+            selector: "all".into(),
+            state: JobState::Active.as_str().into(),
+            created: 0,
+            note: None,
+        }
+    }
+
+    fn image_row(version: &str, min_size: u64) -> ImageRow {
+        ImageRow {
+            id: 1,
+            name: "os".into(),
+            version: version.into(),
+            file: Some("os.img".into()),
+            url: None,
+            size: None,
+            facts: ImageFacts {
+                min_target_size: min_size,
+                ..image(version)
+            },
+            sealed: true,
+            signed_by: None,
+            description: None,
+            added: 0,
+            captured_from: None,
+        }
+    }
+
+    fn device_row(state: DeviceState, pending: bool) -> DeviceRow {
+        DeviceRow {
+            id: 7,
+            mac: "52:54:00:00:00:01".into(),
+            group: None,
+            enrolled: true,
+            serial: None,
+            model: None,
+            ram_bytes: 0,
+            agent_version: None,
+            state,
+            state_reason: None,
+            last_seen: None,
+            trouble_since: None,
+            image: None,
+            inventory: Some(device()),
+            pending,
+            enrol_addr: None,
+        }
+    }
+
+    use TaskState::{Failed as F, Pending as P, Running as R, Succeeded as S};
+
+    #[test]
+    fn words_round_trip_and_unknown_words_are_refused() {
+        for s in DeviceState::ALL {
+            assert_eq!(s.as_str().parse::<DeviceState>(), Ok(s));
+        }
+        for s in TaskState::ALL {
+            assert_eq!(s.as_str().parse::<TaskState>(), Ok(s));
+        }
+        for s in [
+            JobState::Active,
+            JobState::Stopped,
+            JobState::Aborted,
+            JobState::Removed,
+        ] {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(s));
+        }
+        for k in [
+            JobKind::Deploy,
+            JobKind::Capture,
+            JobKind::Reboot,
+            JobKind::BootGuest,
+        ] {
+            assert_eq!(k.as_str().parse::<JobKind>(), Ok(k));
+            // The serde spelling is the same word.
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{k}\""));
+        }
+        assert!("Active".parse::<JobState>().is_err());
+        assert!("".parse::<TaskState>().is_err());
+        assert_eq!(TaskState::parse("from a newer server"), TaskState::Pending);
+        assert_eq!(DeviceState::parse("?"), DeviceState::Operational);
+    }
+
+    #[test]
+    fn next_task_plans() {
+        let big = image_row("8.0", 100 << 20);
+        let too_big = image_row("8.0", 4 << 30);
+        let seq_stop = job_row(3, JobKind::Deploy, 1, OnError::Stop);
+        let seq_go_on = job_row(4, JobKind::Deploy, 1, OnError::Continue);
+        let parallel = job_row(5, JobKind::Deploy, 0, OnError::Stop);
+        let reboot = job_row(6, JobKind::Reboot, 0, OnError::Stop);
+        let ok = device_row(DeviceState::Operational, false);
+        let maint = device_row(DeviceState::Maintenance, false);
+        let pending = device_row(DeviceState::Operational, true);
+        let first: &[(u64, TaskState)] = &[(10, P), (11, P)];
+        let second_waits: &[(u64, TaskState)] = &[(10, R), (11, P)];
+        let second_goes: &[(u64, TaskState)] = &[(10, F), (11, P)];
+        let c = |job, image, task, job_tasks| Candidate {
+            job,
+            image,
+            task,
+            job_tasks,
+        };
+        // (what, device, unfinished, candidates, resend, rejected candidates, sent candidate)
+        type Row<'a> = (
+            &'a str,
+            &'a DeviceRow,
+            Option<Unfinished>,
+            Vec<Candidate<'a>>,
+            bool,
+            Vec<usize>,
+            Option<usize>,
+        );
+        let unfinished = Some(Unfinished {
+            task: 9,
+            job: 2,
+            kind: Some(JobKind::Capture),
+        });
+        let rows: Vec<Row> = vec![
+            ("nothing scheduled", &ok, None, vec![], false, vec![], None),
+            (
+                "pending approval gets nothing",
+                &pending,
+                None,
+                vec![c(&parallel, Some(&big), Some(10), first)],
+                false,
+                vec![],
+                None,
+            ),
+            (
+                "an unfinished task is resent before anything else",
+                &ok,
+                unfinished,
+                vec![c(&parallel, Some(&big), Some(10), first)],
+                true,
+                vec![],
+                None,
+            ),
+            (
+                "first of a sequential job goes",
+                &ok,
+                None,
+                vec![c(&seq_stop, Some(&big), Some(10), first)],
+                false,
+                vec![],
+                Some(0),
+            ),
+            (
+                "second of a sequential job waits for the first",
+                &ok,
+                None,
+                vec![c(&seq_stop, Some(&big), Some(11), second_waits)],
+                false,
+                vec![],
+                None,
+            ),
+            (
+                "second goes once the first ended, even failed",
+                &ok,
+                None,
+                vec![c(&seq_go_on, Some(&big), Some(11), second_goes)],
+                false,
+                vec![],
+                Some(0),
+            ),
+            (
+                "a job reaching the device for the first time is its last task",
+                &ok,
+                None,
+                vec![c(&seq_stop, Some(&big), None, second_waits)],
+                false,
+                vec![],
+                None,
+            ),
+            (
+                "a rejected candidate is skipped and the next one sent",
+                &ok,
+                None,
+                vec![
+                    c(&seq_stop, Some(&too_big), Some(10), first),
+                    c(&parallel, Some(&big), Some(12), &[(12, P)]),
+                ],
+                false,
+                vec![0],
+                Some(1),
+            ),
+            (
+                "a held-back candidate is skipped, not rejected",
+                &ok,
+                None,
+                vec![
+                    c(&seq_stop, Some(&too_big), Some(11), second_waits),
+                    c(&reboot, None, Some(13), &[(13, P)]),
+                ],
+                false,
+                vec![],
+                Some(1),
+            ),
+            (
+                "a deploy whose image is gone is rejected",
+                &ok,
+                None,
+                vec![c(&parallel, None, Some(10), first)],
+                false,
+                vec![0],
+                None,
+            ),
+            (
+                "maintenance: the task is sent but the state stays",
+                &maint,
+                None,
+                vec![c(&parallel, Some(&big), Some(10), first)],
+                false,
+                vec![],
+                Some(0),
+            ),
+        ];
+        for (what, dev, unfinished, cands, resend, rejected, sent) in rows {
+            let plan = plan_next_task(dev, unfinished, &cands);
+            assert_eq!(plan.resend.is_some(), resend, "{what}");
+            let got: Vec<usize> = plan.rejected.iter().map(|r| r.candidate).collect();
+            assert_eq!(got, rejected, "{what}");
+            assert_eq!(plan.send.as_ref().map(|s| s.candidate), sent, "{what}");
+            let in_maint = dev.state == DeviceState::Maintenance;
+            for r in &plan.rejected {
+                assert!(r.message.starts_with("validation failed: "), "{what}");
+                assert_eq!(
+                    r.stop_job,
+                    cands[r.candidate].job.options.on_error == OnError::Stop,
+                    "{what}"
+                );
+                assert_eq!(
+                    r.device.as_ref().map(|d| d.0),
+                    (!in_maint).then_some(DeviceState::ConfigurationRequired),
+                    "{what}"
+                );
+            }
+            if let Some(s) = &plan.send {
+                assert_eq!(
+                    s.device.as_ref().map(|d| d.0),
+                    (!in_maint).then_some(DeviceState::UpgradeInProgress),
+                    "{what}"
+                );
+                assert!(s.validation.ok(), "{what}");
+                assert!(s.transcript[0].contains(" sent: "), "{what}");
+            }
+            // The PXE decision reads the same plan: work exactly when the check-in would
+            // touch a task.
+            let work = plan.boot_work(&cands);
+            assert_eq!(
+                work.is_some(),
+                resend || !rejected.is_empty() || sent.is_some(),
+                "{what}"
+            );
+            if !rejected.is_empty() {
+                assert!(
+                    work.unwrap().ends_with(", to be rejected by validation"),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_handover_records_the_previous_image_and_the_upload_key() {
+        let img = image_row("8.0", 100 << 20);
+        let deploy = job_row(3, JobKind::Deploy, 0, OnError::Stop);
+        let mut capture = job_row(4, JobKind::Capture, 0, OnError::Stop);
+        capture.image = None;
+        let dev = device_row(DeviceState::Operational, false);
+        let tasks: &[(u64, TaskState)] = &[(10, P)];
+        for (job, image, prev, key) in [
+            (&deploy, Some(&img), Some("7.2"), false),
+            (&capture, None, Some("7.2"), true),
+        ] {
+            let c = [Candidate {
+                job,
+                image,
+                task: Some(10),
+                job_tasks: tasks,
+            }];
+            let plan = plan_next_task(&dev, None, &c);
+            let s = plan.send.expect("sent");
+            assert_eq!(s.prev_image.map(|p| p.version).as_deref(), prev);
+            assert_eq!(s.upload_key, key);
+        }
+        let what = plan_next_task(
+            &dev,
+            None,
+            &[Candidate {
+                job: &deploy,
+                image: Some(&img),
+                task: None,
+                job_tasks: &[],
+            }],
+        )
+        .boot_work(&[Candidate {
+            job: &deploy,
+            image: Some(&img),
+            task: None,
+            job_tasks: &[],
+        }]);
+        assert_eq!(what.as_deref(), Some("job 3 deploy os 8.0"));
+    }
+
+    #[test]
+    fn result_plans() {
+        let stamp = ImageStamp {
+            name: "os".into(),
+            version: "8.0".into(),
+        };
+        let mut copy_only = job_row(3, JobKind::Deploy, 0, OnError::Stop);
+        copy_only.options.after = After::CopyOnly;
+        let mut stopped = job_row(3, JobKind::Deploy, 0, OnError::Stop);
+        stopped.state = JobState::Stopped.as_str().into();
+        // (job, outcome, task state, done, image recorded, trouble, stop job)
+        let rows = [
+            (
+                job_row(3, JobKind::Deploy, 0, OnError::Stop),
+                Outcome::Succeeded,
+                S,
+                true,
+                true,
+                false,
+                false,
+            ),
+            (copy_only, Outcome::Succeeded, S, true, false, false, false),
+            (
+                job_row(3, JobKind::Capture, 0, OnError::Stop),
+                Outcome::Succeeded,
+                S,
+                true,
+                false,
+                false,
+                false,
+            ),
+            (
+                job_row(3, JobKind::Deploy, 0, OnError::Stop),
+                Outcome::Failed,
+                F,
+                false,
+                false,
+                true,
+                true,
+            ),
+            (
+                job_row(3, JobKind::Deploy, 0, OnError::Continue),
+                Outcome::Failed,
+                F,
+                false,
+                false,
+                true,
+                false,
+            ),
+            (
+                job_row(3, JobKind::Deploy, 0, OnError::Stop),
+                Outcome::Rejected,
+                TaskState::Rejected,
+                false,
+                false,
+                true,
+                true,
+            ),
+            (stopped, Outcome::Failed, F, false, false, true, false),
+        ];
+        for (n, (job, outcome, state, done, image, trouble, stop)) in rows.into_iter().enumerate() {
+            let r = TaskResult {
+                task: 10,
+                report: "r".into(),
+                outcome,
+                message: Some("disk full".into()),
+                transcript: Vec::new(),
+                image: Some(stamp.clone()),
+                bytes: 0,
+                finished: 0,
+            };
+            let plan = plan_result(&job, &r);
+            assert_eq!(plan.task, state, "row {n}");
+            assert_eq!(
+                plan.summary,
+                format!("task 10 {}: disk full", state.as_str()),
+                "row {n}"
+            );
+            assert_eq!(plan.device_done, done, "row {n}");
+            assert_eq!(plan.device_image.is_some(), image, "row {n}");
+            assert_eq!(plan.trouble, trouble, "row {n}");
+            assert_eq!(plan.stop_job, stop, "row {n}");
+        }
+        let ok = Validation::default();
+        assert_eq!(new_task_state(&ok), (TaskState::Pending, None));
+        let bad = Validation {
+            errors: vec!["no partition 9".into()],
+            warnings: Vec::new(),
+        };
+        assert_eq!(
+            new_task_state(&bad),
+            (
+                TaskState::Rejected,
+                Some("validation failed: no partition 9".into())
+            )
         );
     }
 }

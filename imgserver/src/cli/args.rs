@@ -1,0 +1,468 @@
+//! Stage one: the command line to a [`Command`], no side effects (unit-tested).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail};
+
+use crate::model::{self, JobOptions, OnError};
+use crate::protocol::{normalize_mac, After};
+
+pub const USAGE: &str = "\
+usage: imgserver [--data DIR] COMMAND
+  init [--name NAME]... [--renew]     create the device CA and the server certificate
+  serve [--listen ADDR] [--public-url URL] [--plain] [--interval SECS] [--reload-wait SECS]
+        [--pxe-listen ADDR] [--pxe-enrol] [--pxe-files URL] [--pxe-args TEXT]
+                                      PXE: /pxe/boot.ipxe?mac= answers agent or local disk
+        [--header-timeout SECS] [--body-timeout SECS] [--conns-per-address N]
+        [--rate-per-address N] [--rate-per-device N] [--enrol-rate N] [--keep-free BYTES]
+        [--open-enrolment]   (labs only: enrol every device without the site secret)
+  image add FILE|URL [--min-ram BYTES] [--ca PEM]   register an image (reads its metadata)
+  image list
+  image remove NAME[:VERSION]|ID      unregister (and delete a repository file)
+  image sign NAME:VERSION|ID --key KEYFILE    seal and sign a repository image (captures)
+  image url NAME[:VERSION]|ID [--expires SECS] [--base URL]   a signed URL (e.g. for a CDN)
+  schedule add (--mac MAC | --group NAME | --all) WHAT [OPTIONS]
+      WHAT:    --image NAME[:VERSION] | --capture NAME:VERSION | --reboot | --boot-guest
+      OPTIONS: --partition P  --disk D  --preserve P (repeatable)  --no-backup
+               --then reboot|no-reboot|copy-only  --on-error stop|continue
+               --batch N | --sequential  --comp 0..9  --note TEXT
+  schedule remove JOB
+  devices [--reload-wait SECS]        devices with state, image, last check-in
+  device MAC [--operational | --group NAME | --no-group]
+  jobs                                jobs with their devices' progress
+  job N [--abort | --retry | --rollback]
+  approve MAC                         approve an enrolment made without the site secret
+  forget MAC                          delete the device's records: it enrols and images anew
+  transcript MAC [--task N]
+DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
+
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Init {
+        names: Vec<String>,
+        renew: bool,
+    },
+    Serve {
+        listen: String,
+        public_url: Option<String>,
+        plain: bool,
+        interval: u32,
+        reload_wait: u64,
+        pxe: PxeOptions,
+        limits: crate::api::Limits,
+        open_enrolment: bool,
+    },
+    ImageAdd {
+        what: String,
+        min_ram: u64,
+        ca: Option<PathBuf>,
+    },
+    ImageList,
+    ImageRemove {
+        spec: String,
+    },
+    ImageSign {
+        spec: String,
+        key: PathBuf,
+    },
+    ImageUrl {
+        spec: String,
+        expires: u64,
+        base: Option<String>,
+    },
+    Approve {
+        mac: String,
+    },
+    ScheduleAdd {
+        selector: String,
+        kind: String,
+        image: Option<String>,
+        options: JobOptions,
+        note: Option<String>,
+    },
+    ScheduleRemove {
+        job: u64,
+    },
+    /// `reload_wait`: seed 003's reload wait for showing Maintenance (as `serve` was given).
+    Devices {
+        reload_wait: u64,
+    },
+    Device {
+        mac: String,
+        operational: bool,
+        group: Option<Option<String>>,
+    },
+    Jobs,
+    Job {
+        id: u64,
+        action: Option<String>,
+    },
+    Forget {
+        mac: String,
+    },
+    Transcript {
+        mac: String,
+        task: Option<u64>,
+    },
+    Help,
+}
+
+/// `serve --pxe-*` (see `crate::pxe`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PxeOptions {
+    /// Plain-HTTP listener with only `/pxe/` (iPXE without HTTPS).
+    pub listen: Option<String>,
+    /// Unknown MACs boot the agent (which enrols them).
+    pub enrol: bool,
+    /// Base URL of vmlinuz and initrd.img elsewhere.
+    pub files: Option<String>,
+    /// Kernel parameters for the agent.
+    pub args: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Args {
+    pub data: PathBuf,
+    pub command: Command,
+}
+
+fn mac(s: &str) -> anyhow::Result<String> {
+    normalize_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
+}
+
+fn num<T: std::str::FromStr>(what: &str, s: &str) -> anyhow::Result<T> {
+    s.parse()
+        .map_err(|_| anyhow!("{what}: {s:?} is not a number"))
+}
+
+/// Stage one: argv to [`Args`], no side effects.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_iter(std::iter::once(OsString::from("imgserver")).chain(args));
+    let mut data = std::env::var_os("IMGSERVER_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/imgserver"));
+    let mut words: Vec<String> = Vec::new();
+    // Options of every command, collected flat; each command takes the ones it knows.
+    let mut names = Vec::new();
+    let mut renew = false;
+    let mut listen = "0.0.0.0:8443".to_string();
+    let mut public_url = None;
+    let mut plain = false;
+    let mut interval = 300u32;
+    let mut reload_wait = model::DEFAULT_RELOAD_WAIT_SECS;
+    let mut min_ram = 0u64;
+    let mut ca = None;
+    let mut selector: Option<String> = None;
+    let mut kind: Option<(String, Option<String>)> = None;
+    let mut o = JobOptions::default();
+    let mut note = None;
+    let mut operational = false;
+    let mut group: Option<Option<String>> = None;
+    let mut action = None;
+    let mut task = None;
+    let mut pxe = PxeOptions::default();
+    let mut limits = crate::api::Limits::default();
+    let mut open_enrolment = false;
+    let mut key = None;
+    let mut expires = 3600u64;
+    let mut base = None;
+    let secs = |what: &str, v: String| -> anyhow::Result<std::time::Duration> {
+        Ok(std::time::Duration::from_secs(num(what, &v)?))
+    };
+    let set_sel = |s: &mut Option<String>, v: String| -> anyhow::Result<()> {
+        if s.replace(v).is_some() {
+            bail!("give one of --mac, --group, --all");
+        }
+        Ok(())
+    };
+    let set_kind = |k: &mut Option<(String, Option<String>)>,
+                    v: (String, Option<String>)|
+     -> anyhow::Result<()> {
+        if k.replace(v).is_some() {
+            bail!("give one of --image, --capture, --reboot, --boot-guest");
+        }
+        Ok(())
+    };
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("data") => data = p.value()?.into(),
+            Long("help") | Short('h') => {
+                return Ok(Args {
+                    data,
+                    command: Command::Help,
+                })
+            }
+            Long("name") => names.push(p.value()?.string()?),
+            Long("renew") => renew = true,
+            Long("listen") => listen = p.value()?.string()?,
+            Long("public-url") => public_url = Some(p.value()?.string()?),
+            Long("plain") => plain = true,
+            Long("pxe-listen") => pxe.listen = Some(p.value()?.string()?),
+            Long("pxe-enrol") => pxe.enrol = true,
+            Long("pxe-files") => pxe.files = Some(p.value()?.string()?),
+            Long("pxe-args") => pxe.args = Some(p.value()?.string()?),
+            Long("interval") => interval = num("--interval", &p.value()?.string()?)?,
+            Long("reload-wait") => reload_wait = num("--reload-wait", &p.value()?.string()?)?,
+            Long("min-ram") => min_ram = num("--min-ram", &p.value()?.string()?)?,
+            Long("ca") => ca = Some(PathBuf::from(p.value()?)),
+            Long("mac") => set_sel(
+                &mut selector,
+                format!("mac:{}", mac(&p.value()?.string()?)?),
+            )?,
+            Long("group") if words.first().map(String::as_str) == Some("device") => {
+                group = Some(Some(p.value()?.string()?))
+            }
+            Long("no-group") => group = Some(None),
+            Long("group") => set_sel(&mut selector, format!("group:{}", p.value()?.string()?))?,
+            Long("all") => set_sel(&mut selector, "all".into())?,
+            Long("image") => set_kind(&mut kind, ("deploy".into(), Some(p.value()?.string()?)))?,
+            Long("capture") => set_kind(&mut kind, ("capture".into(), Some(p.value()?.string()?)))?,
+            Long("reboot") => set_kind(&mut kind, ("reboot".into(), None))?,
+            Long("boot-guest") => set_kind(&mut kind, ("boot_guest".into(), None))?,
+            Long("partition") => o.partition = Some(p.value()?.string()?),
+            Long("disk") => o.disk = Some(p.value()?.string()?),
+            Long("preserve") => o.preserve.push(p.value()?.string()?),
+            Long("no-backup") => o.backup_first = false,
+            Long("then") => {
+                let v = p.value()?.string()?;
+                o.after = After::parse(&v)
+                    .ok_or_else(|| anyhow!("--then {v:?}: use reboot, no-reboot or copy-only"))?;
+            }
+            Long("on-error") => {
+                o.on_error = match p.value()?.string()?.as_str() {
+                    "stop" => OnError::Stop,
+                    "continue" => OnError::Continue,
+                    v => bail!("--on-error {v:?}: use stop or continue"),
+                }
+            }
+            Long("batch") => o.batch = num("--batch", &p.value()?.string()?)?,
+            Long("sequential") => o.batch = 1,
+            Long("comp") => {
+                let c: u8 = num("--comp", &p.value()?.string()?)?;
+                if c > 9 {
+                    bail!("--comp {c}: use 0..9");
+                }
+                o.comp = Some(c);
+            }
+            Long("note") => note = Some(p.value()?.string()?),
+            Long("operational") => operational = true,
+            Long("abort") => action = Some("abort".to_string()),
+            Long("retry") => action = Some("retry".to_string()),
+            Long("rollback") => action = Some("rollback".to_string()),
+            Long("task") => task = Some(num("--task", &p.value()?.string()?)?),
+            Long("header-timeout") => {
+                limits.header_timeout = secs("--header-timeout", p.value()?.string()?)?
+            }
+            Long("body-timeout") => {
+                limits.body_timeout = secs("--body-timeout", p.value()?.string()?)?
+            }
+            Long("conns-per-address") => {
+                limits.conns_per_address = num("--conns-per-address", &p.value()?.string()?)?
+            }
+            Long("rate-per-address") => {
+                limits.requests_per_address = num("--rate-per-address", &p.value()?.string()?)?
+            }
+            Long("rate-per-device") => {
+                limits.requests_per_device = num("--rate-per-device", &p.value()?.string()?)?
+            }
+            Long("enrol-rate") => {
+                limits.enrolments_per_address = num("--enrol-rate", &p.value()?.string()?)?
+            }
+            Long("keep-free") => limits.keep_free = num("--keep-free", &p.value()?.string()?)?,
+            Long("key") => key = Some(PathBuf::from(p.value()?)),
+            Long("open-enrolment") => open_enrolment = true,
+            Long("expires") => expires = num("--expires", &p.value()?.string()?)?,
+            Long("base") => base = Some(p.value()?.string()?),
+            Value(v) => words.push(v.string()?),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let command = match w.as_slice() {
+        [] | ["help"] => Command::Help,
+        ["init"] => Command::Init { names, renew },
+        ["serve"] => Command::Serve {
+            listen,
+            public_url,
+            plain,
+            interval,
+            reload_wait,
+            pxe,
+            limits,
+            open_enrolment,
+        },
+        ["image", "add", what] => Command::ImageAdd {
+            what: what.to_string(),
+            min_ram,
+            ca,
+        },
+        ["image", "list"] | ["images"] => Command::ImageList,
+        ["image", "remove", spec] => Command::ImageRemove {
+            spec: spec.to_string(),
+        },
+        ["image", "sign", spec] => Command::ImageSign {
+            spec: spec.to_string(),
+            key: key.ok_or_else(|| {
+                anyhow!("image sign needs --key KEYFILE (a secret key made by `img -keygen`)")
+            })?,
+        },
+        ["image", "url", spec] => Command::ImageUrl {
+            spec: spec.to_string(),
+            expires,
+            base,
+        },
+        ["approve", m] => Command::Approve { mac: mac(m)? },
+        ["schedule", "add"] => {
+            let selector = selector
+                .ok_or_else(|| anyhow!("schedule add needs --mac MAC, --group NAME or --all"))?;
+            let (kind, image) = kind.ok_or_else(|| {
+                anyhow!("schedule add needs --image, --capture, --reboot or --boot-guest")
+            })?;
+            if kind == "capture" {
+                let spec = image.clone().unwrap_or_default();
+                let (n, v) = spec.split_once(':').ok_or_else(|| {
+                    anyhow!("--capture {spec:?}: give NAME:VERSION for the new image")
+                })?;
+                o.capture_name = Some(n.to_string());
+                o.capture_version = Some(v.to_string());
+            }
+            Command::ScheduleAdd {
+                selector,
+                kind,
+                image,
+                options: o,
+                note,
+            }
+        }
+        ["schedule", "remove", n] => Command::ScheduleRemove {
+            job: num("job", n)?,
+        },
+        ["devices"] => Command::Devices { reload_wait },
+        ["device", m] => Command::Device {
+            mac: mac(m)?,
+            operational,
+            group,
+        },
+        ["jobs"] => Command::Jobs,
+        ["job", n] => Command::Job {
+            id: num("job", n)?,
+            action,
+        },
+        ["forget", m] => Command::Forget { mac: mac(m)? },
+        ["transcript", m] => Command::Transcript { mac: mac(m)?, task },
+        _ => bail!("unknown command {:?}\n{USAGE}", words.join(" ")),
+    };
+    Ok(Args { data, command })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> anyhow::Result<Command> {
+        parse(s.split_whitespace().map(OsString::from)).map(|a| a.command)
+    }
+
+    #[test]
+    fn schedule_add_parses_seed_options() {
+        let c = p("schedule add --mac 52-54-00-AA-BB-CC --image os:7.2 --partition 2 --no-backup --then no-reboot --on-error continue --batch 5").unwrap();
+        let Command::ScheduleAdd {
+            selector,
+            kind,
+            image,
+            options,
+            ..
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!(selector, "mac:52:54:00:aa:bb:cc");
+        assert_eq!(kind, "deploy");
+        assert_eq!(image.as_deref(), Some("os:7.2"));
+        assert_eq!(options.partition.as_deref(), Some("2"));
+        assert!(!options.backup_first);
+        assert_eq!(options.after, After::NoReboot);
+        assert_eq!(options.on_error, OnError::Continue);
+        assert_eq!(options.batch, 5);
+    }
+
+    #[test]
+    fn schedule_add_needs_target_and_kind() {
+        assert!(p("schedule add --image os").is_err());
+        assert!(p("schedule add --all").is_err());
+        assert!(p("schedule add --all --mac 52:54:00:00:00:01 --reboot").is_err());
+        assert!(p("schedule add --all --capture noversion").is_err());
+        let Command::ScheduleAdd { options, .. } =
+            p("schedule add --group lab --capture gold:3 --sequential").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(options.capture_name.as_deref(), Some("gold"));
+        assert_eq!(options.batch, 1);
+    }
+
+    #[test]
+    fn other_commands() {
+        assert_eq!(
+            p("job 4 --rollback").unwrap(),
+            Command::Job {
+                id: 4,
+                action: Some("rollback".into())
+            }
+        );
+        assert_eq!(
+            p("device 525400000001 --group lab").unwrap(),
+            Command::Device {
+                mac: "52:54:00:00:00:01".into(),
+                operational: false,
+                group: Some(Some("lab".into()))
+            }
+        );
+        assert!(p("forget nonsense").is_err());
+        assert!(p("frobnicate").is_err());
+        assert_eq!(
+            parse(["--data", "/x", "devices"].map(OsString::from))
+                .unwrap()
+                .data,
+            PathBuf::from("/x")
+        );
+    }
+
+    #[test]
+    fn trust_commands_and_limits() {
+        assert_eq!(
+            p("approve 52-54-00-00-00-01").unwrap(),
+            Command::Approve {
+                mac: "52:54:00:00:00:01".into()
+            }
+        );
+        assert!(p("image sign gold:1").is_err(), "needs --key");
+        assert_eq!(
+            p("image sign gold:1 --key /k").unwrap(),
+            Command::ImageSign {
+                spec: "gold:1".into(),
+                key: "/k".into()
+            }
+        );
+        assert_eq!(
+            p("image url os --expires 60").unwrap(),
+            Command::ImageUrl {
+                spec: "os".into(),
+                expires: 60,
+                base: None
+            }
+        );
+        let Command::Serve { limits, .. } =
+            p("serve --header-timeout 3 --conns-per-address 0 --keep-free 5").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(limits.header_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(limits.conns_per_address, 0);
+        assert_eq!(limits.keep_free, 5);
+        assert_eq!(limits.requests_per_device, 10, "defaults stay");
+    }
+}

@@ -1,0 +1,142 @@
+//! `imgserver image add|list|remove|sign|url`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+use super::*;
+
+/// `imgserver image add`: register an image file or URL (its metadata read from the image).
+pub(super) fn image_add(
+    data: &Path,
+    what: String,
+    min_ram: u64,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    let store = open_store(data)?;
+    let img = if what.starts_with("http://") || what.starts_with("https://") {
+        let http = imgengine::source::HttpConfig {
+            ca_file: ca,
+            timeout: None,
+            retries: 2,
+            authorization: None,
+        };
+        crate::repo::add_url(&store, &what, &http, min_ram)?
+    } else {
+        crate::repo::add_file(
+            &store,
+            &data.join("repo"),
+            std::path::Path::new(&what),
+            false,
+            min_ram,
+        )?
+    };
+    println!(
+        "registered image {} {} (id {}, {}{})",
+        img.name,
+        img.version,
+        img.id,
+        if img.facts.whole_disk {
+            "whole disk"
+        } else {
+            "partition"
+        },
+        if img.sealed { ", sealed" } else { "" }
+    );
+    Ok(0)
+}
+
+/// `imgserver image list`: the image register.
+pub(super) fn image_list(data: &Path) -> anyhow::Result<i32> {
+    let store = open_store(data)?;
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "VERSION",
+        "KIND",
+        "SIZE",
+        "MIN TARGET",
+        "MODELS",
+        "SIGNED",
+        "WHERE",
+    ]);
+    for i in store.images()? {
+        t.row(vec![
+            i.id.to_string(),
+            i.name,
+            i.version,
+            if i.facts.whole_disk {
+                "disk".into()
+            } else {
+                "partition".into()
+            },
+            i.size.map(fmt_bytes).unwrap_or_else(|| "-".into()),
+            fmt_bytes(i.facts.min_target_size),
+            if i.facts.models.is_empty() {
+                "any".into()
+            } else {
+                i.facts.models.join(",")
+            },
+            match (i.signed_by, &i.captured_from) {
+                (Some(k), _) => k,
+                (None, Some(from)) => format!("no (captured from {from})"),
+                (None, None) if i.sealed => "sealed".into(),
+                (None, None) => "no".into(),
+            },
+            i.url
+                .or(i.file.map(|f| format!("repo/{f}")))
+                .unwrap_or_default(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(0)
+}
+
+/// `imgserver image remove`: unregister an image (and delete its repository file).
+pub(super) fn image_remove(data: &Path, spec: String) -> anyhow::Result<i32> {
+    let store = open_store(data)?;
+    let img = find_image(&store, &spec)?;
+    crate::repo::remove(&store, &data.join("repo"), &img)?;
+    println!("unregistered image {} {}", img.name, img.version);
+    Ok(0)
+}
+
+/// `imgserver image sign`: seal and sign a repository image (a capture).
+pub(super) fn image_sign(data: &Path, spec: String, key: PathBuf) -> anyhow::Result<i32> {
+    let store = open_store(data)?;
+    let img = find_image(&store, &spec)?;
+    let img = crate::repo::sign(&store, &data.join("repo"), &img, &key)?;
+    println!(
+        "image {} {} sealed and signed by key {}",
+        img.name,
+        img.version,
+        img.signed_by.as_deref().unwrap_or("?")
+    );
+    Ok(0)
+}
+
+/// `imgserver image url`: a signed repository URL (e.g. for a CDN).
+pub(super) fn image_url(
+    data: &Path,
+    spec: String,
+    expires: u64,
+    base: Option<String>,
+) -> anyhow::Result<i32> {
+    let store = open_store(data)?;
+    let img = find_image(&store, &spec)?;
+    let Some(file) = &img.file else {
+        bail!(
+            "image {} {} is not in this repository: its URL is {}",
+            img.name,
+            img.version,
+            img.url.unwrap_or_default()
+        );
+    };
+    let key = site_secret(data, "url.key")?;
+    let path = crate::api::signed_repo_path(&key, file, now() + expires);
+    match base {
+        Some(b) => println!("{}{path}", b.trim_end_matches('/')),
+        None => println!("{path}"),
+    }
+    Ok(0)
+}

@@ -1315,3 +1315,6 @@ pub fn shown_state(j: &JobRow, tasks: &[TaskRow]) -> String {
         j.state.clone()
     }
 }
+
+#[cfg(test)]
+mod tests;

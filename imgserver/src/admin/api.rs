@@ -460,7 +460,7 @@ async fn upload_image(
     let keep = st.app.limits.keep_free;
     match nix::sys::statvfs::statvfs(&st.incoming) {
         Ok(s) => {
-            let free = (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64);
+            let free = s.blocks_available().saturating_mul(s.fragment_size());
             if len.saturating_add(keep) > free {
                 return err(
                     StatusCode::INSUFFICIENT_STORAGE,

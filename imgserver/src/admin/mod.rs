@@ -595,7 +595,7 @@ impl Admin {
                 });
             }
         }
-        history.sort_by(|a, b| b.task.cmp(&a.task));
+        history.sort_by_key(|h| std::cmp::Reverse(h.task));
         let backup_image = d
             .inventory
             .as_ref()

@@ -784,3 +784,53 @@ fn audit_records_who_changed_what_through_abort_retry_and_the_cli() {
     let (s, _) = srv.call("GET", "/api/v1/admin/jobs", Some(&alice), None);
     assert_eq!(s, 401);
 }
+
+#[test]
+fn images_register_from_a_url_and_an_upload_and_are_removed_by_an_admin() {
+    let dir = Scratch::new("admin-api-images");
+    let srv = Server::start(&dir.join("data"));
+    let root = srv.token("root", "admin");
+    let op = srv.token("op", "operator");
+    let web = dir.join("web");
+    fs::create_dir_all(&web).unwrap();
+    let img = make_image(&dir, "os", "6");
+    fs::copy(&img, web.join("os-6.img")).unwrap();
+    let nginx = e2e::Nginx::serve(&web);
+    let body = json!({"url": nginx.url("os-6.img")});
+    let (s, v) = srv.call("POST", "/api/v1/admin/images", Some(&op), Some(&body));
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = srv.call("POST", "/api/v1/admin/images", Some(&root), Some(&body));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["url"], nginx.url("os-6.img"), "{v}");
+    // The same image uploaded under the same name and version is a conflict.
+    let (s, v) = srv.upload(&root, &img, "");
+    assert_eq!(s, 409, "{v}");
+    // A file that is not an image is refused and leaves nothing behind.
+    fs::write(dir.join("junk.img"), b"not an image at all").unwrap();
+    let (s, v) = srv.upload(&root, &dir.join("junk.img"), "");
+    assert_eq!(s, 400, "{v}");
+    let incoming = fs::read_dir(srv.data.join("incoming"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(incoming, 0, "half-registered uploads are removed");
+    let list = srv.get("/api/v1/admin/images?tz=UTC", &op);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert!(
+        list[0]["added_text"].as_str().unwrap().ends_with(" UTC"),
+        "{list}"
+    );
+    let (s, v) = srv.call("DELETE", "/api/v1/admin/images/os:6", Some(&op), None);
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = srv.call("DELETE", "/api/v1/admin/images/os:6", Some(&root), None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(srv.get("/api/v1/admin/images", &op), json!([]));
+    let audit = srv.get("/api/v1/admin/audit", &op);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["actor"] == "root")
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, vec!["image.remove", "image.add"]);
+}

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -59,6 +60,10 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         app: app.clone(),
         incoming: app.incoming.clone(),
     });
+    let upload = Router::new().route(
+        "/api/v1/admin/images/upload",
+        put(upload_image).layer(DefaultBodyLimit::disable()),
+    );
     Router::new()
         .route("/api/v1/admin/whoami", get(whoami))
         .route("/api/v1/admin/devices", get(devices))
@@ -68,10 +73,6 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         .route("/api/v1/admin/devices/{mac}/approve", post(approve))
         .route("/api/v1/admin/devices/{mac}/transcript", get(transcript))
         .route("/api/v1/admin/images", get(images).post(add_image_url))
-        .route(
-            "/api/v1/admin/images/upload",
-            put(upload_image).layer(DefaultBodyLimit::disable()),
-        )
         .route(
             "/api/v1/admin/images/{spec}",
             axum::routing::delete(remove_image),
@@ -88,7 +89,46 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
             "/api/v1/admin/tokens/{name}",
             axum::routing::delete(revoke_token),
         )
+        .route_layer(middleware::from_fn_with_state(st.clone(), body_in_time))
+        .merge(upload)
         .with_state(st)
+}
+
+/// Admin request bodies are small JSON: each must arrive whole, at most [`BODY_MAX`]
+/// bytes, within the server's body timeout (a client that sends half a body and stalls is
+/// answered 408 and dropped; it is read before the token is checked).
+const BODY_MAX: usize = 256 << 10;
+
+async fn body_in_time(
+    State(st): State<Arc<AdminState>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, BODY_MAX);
+    let bytes = match tokio::time::timeout(st.app.limits.body_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body (at most {BODY_MAX} bytes): {e}"),
+            )
+        }
+        Err(_) => {
+            let mut r = err(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}s",
+                    st.app.limits.body_timeout.as_secs()
+                ),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 #[derive(Serialize)]

@@ -8,7 +8,8 @@
 //!   `image add|remove`) runs through the core, so it is validated and audited exactly as
 //!   the API does it; `schedule add` also takes `--at TIME`, `--until TIME`, `--tz ZONE`
 //!   and `--validate-only`;
-//! - `jobs` shows each job's window and who made it, in the administrator's zone.
+//! - `jobs`, `devices` and `transcript` show times in the administrator's zone (`--tz`,
+//!   else `$TZ`), and `jobs` each job's window and who made it.
 //!
 //! The rest of the command line (`init`, `serve`, the listings) stays in [`crate::cli`].
 
@@ -426,6 +427,65 @@ fn core_command(args: Args, e: &Extra) -> anyhow::Result<Option<i32>> {
                 ]);
             }
             print!("{}", t.render());
+            Ok(Some(0))
+        }
+        Command::Devices { reload_wait } => {
+            let mut admin = open(&data)?;
+            admin.reload_wait = reload_wait;
+            let mut t = Table::new(&[
+                "MAC",
+                "STATE",
+                "IMAGE",
+                "MODEL",
+                "SERIAL",
+                "GROUP",
+                "LAST CHECK-IN",
+                "NOTE",
+            ]);
+            for d in admin.devices(&me, &super::DeviceFilter::default())? {
+                let note = if d.state == "pending_approval" {
+                    format!(
+                        "enrolment from {} without the site secret: `imgserver approve {}` or `imgserver forget {}`",
+                        d.enrol_addr.as_deref().unwrap_or("?"),
+                        d.mac,
+                        d.mac
+                    )
+                } else {
+                    d.state_reason.clone().unwrap_or_default()
+                };
+                t.row(vec![
+                    d.mac.clone(),
+                    if d.state == "not_enrolled" {
+                        "(not enrolled)".into()
+                    } else {
+                        d.state_title.clone()
+                    },
+                    d.image
+                        .map(|i| format!("{} {}", i.name, i.version))
+                        .unwrap_or_else(|| "-".into()),
+                    d.model.unwrap_or_else(|| "-".into()),
+                    d.serial.unwrap_or_else(|| "-".into()),
+                    d.group.unwrap_or_else(|| "-".into()),
+                    d.last_seen
+                        .map(|x| window::show(x, &tz))
+                        .unwrap_or_else(|| "never".into()),
+                    note,
+                ]);
+            }
+            print!("{}", t.render());
+            Ok(Some(0))
+        }
+        Command::Transcript { mac, task } => {
+            for l in open(&data)?.transcript(&me, &mac, task)? {
+                println!(
+                    "{} {} {}",
+                    window::show(l.at, &tz),
+                    l.task
+                        .map(|t| format!("[task {t}]"))
+                        .unwrap_or_else(|| "[device]".into()),
+                    l.line
+                );
+            }
             Ok(Some(0))
         }
         Command::Device {

@@ -11,10 +11,13 @@
 //! - [`pxe`]: the PXE boot decision (`/pxe/boot.ipxe?mac=`: the agent or the local disk);
 //! - [`repo`]: registering images by reading their own metadata;
 //! - [`tls`]: the device CA and server certificate made by `imgserver init`;
-//! - [`cli`]: the administrator's commands and their tables.
+//! - [`cli`]: the administrator's commands and their tables;
+//! - [`admin`]: the admin core (tokens, roles, audit, jobs at a time) behind the admin API
+//!   `/api/v1/admin/`, the web console and the CLI.
 
 pub use ::protocol;
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod model;

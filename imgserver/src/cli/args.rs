@@ -27,6 +27,8 @@ usage: imgserver [--data DIR] COMMAND
       OPTIONS: --partition P  --disk D  --preserve P (repeatable)  --no-backup
                --then reboot|no-reboot|copy-only  --on-error stop|continue
                --batch N | --sequential  --comp 0..9  --note TEXT
+               --at TIME [--until TIME] [--tz ZONE]   devices get it only in that window
+               --validate-only        print seed 003's validation table, create nothing
   schedule remove JOB
   devices [--reload-wait SECS]        devices with state, image, last check-in
   device MAC [--operational | --group NAME | --no-group]
@@ -35,6 +37,10 @@ usage: imgserver [--data DIR] COMMAND
   approve MAC                         approve an enrolment made without the site secret
   forget MAC                          delete the device's records: it enrols and images anew
   transcript MAC [--task N]
+  admin add NAME --role admin|operator|viewer    print a new admin API token (once)
+  admin list | admin revoke NAME | admin audit [--target job:N|device:MAC] [--limit N]
+TIME: YYYY-MM-DD HH:MM in ZONE (default $TZ), RFC 3339, @UNIX, now, +10m; see docs/admin-api.md
+jobs, devices, transcript and admin list|audit show times in --tz ZONE (default $TZ).
 DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
 
 /// A parsed command line.

@@ -201,6 +201,11 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
     // Everything imgserver creates (database, keys, uploads, repository files) is private
     // to its user.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // `admin ...`, the changing commands and the job window options: the admin core.
+    let args: Vec<OsString> = args.into_iter().collect();
+    if let Some(code) = crate::admin::cli::intercept(&args) {
+        return code;
+    }
     let parsed = match parse(args) {
         Ok(a) => a,
         Err(e) => {

@@ -59,12 +59,21 @@ pub(super) fn boot_work(conn: &Connection, mac: &str) -> Result<BootWork> {
     let unfinished = unfinished_task(conn, dev.id)?;
     let mut found = pending_candidates(conn, dev.id)?;
     found.extend(reaching_jobs(conn, dev.id, dev.group.as_deref())?);
-    let candidates = candidates(&found);
+    let candidates = in_window(candidates(&found), crate::api::now());
     let plan = model::plan_next_task(&dev, unfinished, &candidates);
     Ok(match plan.boot_work(&candidates) {
         Some(what) => BootWork::Work(what),
         None => BootWork::Idle,
     })
+}
+
+/// Jobs at a time: only candidates whose job's window is open now reach the plan; the
+/// others wait for a later check-in ([`crate::admin::window`]).
+fn in_window(candidates: Vec<model::Candidate<'_>>, now: u64) -> Vec<model::Candidate<'_>> {
+    candidates
+        .into_iter()
+        .filter(|c| crate::admin::window::open(&c.job.options, now))
+        .collect()
 }
 
 pub(super) fn device_may_fetch(conn: &Connection, device: u64, file: &str) -> Result<bool> {
@@ -224,7 +233,7 @@ pub(super) fn next_task(
     } else {
         pending_candidates(tx, device)?
     };
-    let candidates = candidates(&found);
+    let candidates = in_window(candidates(&found), now);
     let plan = model::plan_next_task(&dev, unfinished, &candidates);
     if let Some(u) = plan.resend {
         if u.kind == Some(JobKind::Capture) {

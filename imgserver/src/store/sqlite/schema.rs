@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE devices ADD COLUMN enrol_addr TEXT;
      ALTER TABLE images ADD COLUMN captured_from TEXT;
      ALTER TABLE tasks ADD COLUMN ignored_results INTEGER NOT NULL DEFAULT 0;",
+    // 3: admin tokens and the audit trail (`crate::admin::db`).
+    crate::admin::db::MIGRATION,
 ];
 
 /// Bring the database up to the newest schema; refuse one newer than this program knows.

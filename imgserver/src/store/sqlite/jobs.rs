@@ -59,7 +59,8 @@ pub(super) fn boot_work(conn: &Connection, mac: &str) -> Result<BootWork> {
     let unfinished = unfinished_task(conn, dev.id)?;
     let mut found = pending_candidates(conn, dev.id)?;
     found.extend(reaching_jobs(conn, dev.id, dev.group.as_deref())?);
-    let candidates = in_window(candidates(&found), crate::api::now());
+    in_window(&mut found, crate::api::now());
+    let candidates = candidates(&found);
     let plan = model::plan_next_task(&dev, unfinished, &candidates);
     Ok(match plan.boot_work(&candidates) {
         Some(what) => BootWork::Work(what),
@@ -69,11 +70,8 @@ pub(super) fn boot_work(conn: &Connection, mac: &str) -> Result<BootWork> {
 
 /// Jobs at a time: only candidates whose job's window is open now reach the plan; the
 /// others wait for a later check-in ([`crate::admin::window`]).
-fn in_window(candidates: Vec<model::Candidate<'_>>, now: u64) -> Vec<model::Candidate<'_>> {
-    candidates
-        .into_iter()
-        .filter(|c| crate::admin::window::open(&c.job.options, now))
-        .collect()
+fn in_window(found: &mut Vec<Found>, now: u64) {
+    found.retain(|(job, ..)| crate::admin::window::open(&job.options, now));
 }
 
 pub(super) fn device_may_fetch(conn: &Connection, device: u64, file: &str) -> Result<bool> {
@@ -228,12 +226,13 @@ pub(super) fn next_task(
             .execute(params![i(job.id), i(device), TaskState::Pending.as_str(), i(now)])?;
         }
     }
-    let found = if unfinished.is_some() {
+    let mut found = if unfinished.is_some() {
         Vec::new()
     } else {
         pending_candidates(tx, device)?
     };
-    let candidates = in_window(candidates(&found), now);
+    in_window(&mut found, now);
+    let candidates = candidates(&found);
     let plan = model::plan_next_task(&dev, unfinished, &candidates);
     if let Some(u) = plan.resend {
         if u.kind == Some(JobKind::Capture) {

@@ -392,6 +392,30 @@ fn core_command(args: Args, e: &Extra) -> anyhow::Result<Option<i32>> {
             }
             Ok(Some(0))
         }
+        Command::Job { id, action: None } => {
+            // The job as `imgserver job N` shows it, then its window and who made it.
+            let code = crate::cli::run(Args {
+                data: data.clone(),
+                command: Command::Job { id, action: None },
+            })?;
+            // A removed job has no window to show.
+            let Ok(j) = open(&data)?.job(&me, id) else {
+                return Ok(Some(code));
+            };
+            println!(
+                "  window: {} ({}); changed by {}; last action {}",
+                window_text(j.summary.at, j.summary.until, &tz),
+                match j.summary.window {
+                    window::Window::Always => "at once",
+                    window::Window::NotYet(_) => "not open yet",
+                    window::Window::Open => "open",
+                    window::Window::Closed(_) => "closed",
+                },
+                j.summary.changed_by.as_deref().unwrap_or("-"),
+                window::show(j.summary.last_action, &tz)
+            );
+            Ok(Some(code))
+        }
         Command::Jobs => {
             let admin = open(&data)?;
             let mut t = Table::new(&[

@@ -11,7 +11,8 @@
 //! - [`pxe`]: the PXE boot decision (`/pxe/boot.ipxe?mac=`: the agent or the local disk);
 //! - [`repo`]: registering images by reading their own metadata;
 //! - [`tls`]: the device CA and server certificate made by `imgserver init`;
-//! - [`cli`]: the administrator's commands and their tables.
+//! - [`cli`]: the administrator's commands and their tables;
+//! - [`web`]: the web console at `/` (`docs/console.md`).
 
 pub mod protocol;
 
@@ -29,3 +30,5 @@ pub mod repo;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod web;

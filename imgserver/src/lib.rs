@@ -12,10 +12,14 @@
 //! - [`repo`]: registering images by reading their own metadata;
 //! - [`tls`]: the device CA and server certificate made by `imgserver init`;
 //! - [`cli`]: the administrator's commands and their tables;
+//! - [`admin`]: the admin core (tokens, roles, audit, jobs at a time) behind the admin API
+//!   `/api/v1/admin/`, the web console and the CLI;
 //! - [`web`]: the web console at `/` (`docs/console.md`).
 
 pub mod protocol;
 
+#[cfg(feature = "server")]
+pub mod admin;
 #[cfg(feature = "server")]
 pub mod api;
 #[cfg(feature = "server")]

@@ -161,6 +161,12 @@ pub struct JobOptions {
     pub capture_version: Option<String>,
     #[serde(default)]
     pub comp: Option<u8>,
+    /// Jobs at a time (`crate::admin::window`): devices get the work only from `at` (Unix
+    /// seconds) and, if `until` is set, before it; the others wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -184,6 +190,8 @@ impl Default for JobOptions {
             capture_name: None,
             capture_version: None,
             comp: None,
+            at: None,
+            until: None,
         }
     }
 }

@@ -323,6 +323,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE devices ADD COLUMN enrol_addr TEXT;
      ALTER TABLE images ADD COLUMN captured_from TEXT;
      ALTER TABLE tasks ADD COLUMN ignored_results INTEGER NOT NULL DEFAULT 0;",
+    // 3: admin tokens and the audit trail (`crate::admin::db`).
+    crate::admin::db::MIGRATION,
 ];
 
 /// The SQLite store: one connection behind a mutex (SQLite has one writer anyway; every
@@ -814,6 +816,9 @@ impl SqliteStore {
             if !model::batch_allows(job.options.batch, pos, unfinished) {
                 continue;
             }
+            if !crate::admin::window::open(&job.options, now) {
+                continue;
+            }
             let image = match job.image {
                 Some(img) => load_image(tx, img)?,
                 None => None,
@@ -1115,6 +1120,9 @@ impl Store for SqliteStore {
                 .filter(|(_, s)| !TaskState::parse(s).is_final())
                 .count();
             if !model::batch_allows(job.options.batch, pos, unfinished) {
+                continue;
+            }
+            if !crate::admin::window::open_now(&job.options) {
                 continue;
             }
             let image = match job.image {

@@ -1,0 +1,1 @@
+//! `imgserver admin ...` and the administrator's changing commands through the admin core.

@@ -1,6 +1,7 @@
 // imgserver console: the one script. Pages work without it; it adds local times,
 // confirmation questions, the browser's time zone on the new-job form, and live progress
 // on a job's page (polling the job's live.json every two seconds while devices are busy).
+// The time zone the new-job form sends is the browser's IANA zone name.
 "use strict";
 (function () {
   function localTimes(root) {
@@ -48,7 +49,7 @@
             s.innerHTML = Object.keys(tally).sort().map(function (k) { return badge(k, tally[k] + " " + k); }).join(" ");
           }
           var js = document.getElementById("job-state");
-          if (js) { js.innerHTML = badge(j.state, j.state); }
+          if (js) { js.innerHTML = badge(j.state_class, j.state); }
           if (!j.live) {
             clearInterval(timer);
             table.setAttribute("data-live", "0");
@@ -68,12 +69,12 @@
         if (!confirm(f.getAttribute("data-confirm"))) { e.preventDefault(); }
       });
     });
-    var tz = document.getElementById("tz_offset");
-    if (tz) {
-      tz.value = String(new Date().getTimezoneOffset());
+    var tz = document.getElementById("tz");
+    var zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    if (tz && zone) {
+      tz.value = zone;
       var hint = document.getElementById("tz_hint");
-      var name = (Intl.DateTimeFormat().resolvedOptions().timeZone || "local time");
-      if (hint) { hint.textContent = "Empty: now. Times are in your time zone (" + name + ")."; }
+      if (hint) { hint.textContent = "Empty: at once, no end. Times are in your time zone (" + zone + ")."; }
     }
     var t = document.getElementById("tasks");
     if (t && t.getAttribute("data-live") === "1") { live(t); }

@@ -23,8 +23,9 @@ use axum::{Extension, Form, Router};
 use serde::Deserialize;
 
 use crate::api::AppState;
+use ops::Console;
 use page::{esc, frame, notice, Nav};
-use session::{Sessions, Signed};
+use session::Signed;
 
 const CSS: &str = include_str!("console.css");
 const JS: &str = include_str!("console.js");
@@ -53,16 +54,16 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/jobs/{id}/live.json", get(views::job_live))
         .route("/jobs/{id}/{action}", post(views::job_action))
         .layer(middleware::from_fn(security_headers))
-        .layer(Extension(Arc::new(Sessions::default())))
+        .layer(Extension(Arc::new(Console::default())))
 }
 
-/// The sessions of this server (set by [`router`]'s layer).
-pub(crate) fn sessions(parts: &axum::http::request::Parts) -> Arc<Sessions> {
+/// The console's state (set by [`router`]'s layer).
+pub(crate) fn console(parts: &axum::http::request::Parts) -> Arc<Console> {
     parts
         .extensions
-        .get::<Arc<Sessions>>()
+        .get::<Arc<Console>>()
         .cloned()
-        .expect("the console router installs its sessions")
+        .expect("the console router installs its state")
 }
 
 /// Every console answer: no framing by other sites, only our own script and style, no
@@ -164,7 +165,7 @@ struct LoginForm {
 
 async fn login(
     State(st): State<Arc<AppState>>,
-    Extension(sessions): Extension<Arc<Sessions>>,
+    Extension(console): Extension<Arc<Console>>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -190,7 +191,8 @@ async fn login(
         return refuse(StatusCode::UNAUTHORIZED, "enter an admin token");
     }
     let st2 = st.clone();
-    let who = tokio::task::spawn_blocking(move || ops::authenticate(&st2, &token))
+    let c = console.clone();
+    let who = tokio::task::spawn_blocking(move || ops::authenticate(&c, &st2, &token))
         .await
         .unwrap_or(None);
     let Some(admin) = who else {
@@ -200,7 +202,7 @@ async fn login(
             "this token is not a valid admin token (a device credential never is)",
         );
     };
-    let id = sessions.start(admin);
+    let id = console.sessions.start(admin);
     let mut r = Redirect::to(&next).into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
@@ -217,14 +219,14 @@ struct LogoutForm {
 
 async fn logout(
     who: Signed,
-    Extension(sessions): Extension<Arc<Sessions>>,
+    Extension(console): Extension<Arc<Console>>,
     headers: HeaderMap,
     Form(f): Form<LogoutForm>,
 ) -> Response {
     if !session::same_origin(&headers) || !session::csrf_ok(&who, &f.csrf) {
         return (StatusCode::FORBIDDEN, "stale form: reload the page\n").into_response();
     }
-    sessions.end(&who.key);
+    console.sessions.end(&who.key);
     let mut r = Redirect::to("/login").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,

@@ -1,15 +1,60 @@
-//! What the console asks of the server: reads and the administrator's operations, as
-//! thin calls into the admin core, so the console and the admin API share one set of rules
-//! (roles, validation, audit).
+//! What the console asks of the server: thin calls into the admin core
+//! ([`crate::admin::Admin`]), so the console, the admin API and the CLI share one set of
+//! rules: the same roles (checked again by the core whatever the page showed), the same
+//! validation, the same audit trail with the signed-in administrator as "changed by".
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use axum::http::StatusCode;
 
-use super::session::{Admin, Role, Signed};
+use super::session::{Sessions, Signed};
+use crate::admin::db::AdminDb;
+use crate::admin::{
+    Actor, Admin, AdminError, DeviceDetail, DeviceFilter, DeviceSummary, JobCreated, JobDetail,
+    JobRequest, JobSummary, Role, TranscriptLine, ValidationRow,
+};
 use crate::api::AppState;
-use crate::model::Validation;
-use crate::store::{DeviceRow, ImageRow, JobRow, StoreError, TaskRow};
+use crate::model::{JobOptions, OnError};
+use crate::protocol::After;
+use crate::store::ImageRow;
+
+/// The console's state beside the server's: its sessions and the admin core.
+#[derive(Default)]
+pub struct Console {
+    pub sessions: Sessions,
+    core: OnceLock<Arc<Admin>>,
+    tokens: OnceLock<Arc<AdminDb>>,
+}
+
+impl Console {
+    /// The admin core over the server's store (its tables are in the same database file,
+    /// beside the repository directory).
+    pub fn core(&self, st: &AppState) -> Result<Arc<Admin>, OpError> {
+        if let Some(a) = self.core.get() {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(
+            Admin::open(data_dir(st), st.store.clone(), st.policy.reload_wait)
+                .map_err(OpError::from)?,
+        );
+        Ok(self.core.get_or_init(|| a).clone())
+    }
+
+    fn tokens(&self, st: &AppState) -> Result<Arc<AdminDb>, OpError> {
+        if let Some(a) = self.tokens.get() {
+            return Ok(a.clone());
+        }
+        let db =
+            Arc::new(AdminDb::open(&data_dir(st).join("imgserver.db")).map_err(OpError::from)?);
+        Ok(self.tokens.get_or_init(|| db).clone())
+    }
+}
+
+/// The server's data directory: the repository is `DATA/repo`.
+fn data_dir(st: &AppState) -> &std::path::Path {
+    st.repo.parent().unwrap_or(std::path::Path::new("."))
+}
 
 /// Why an operation was refused, with the way out.
 #[derive(Debug)]
@@ -18,6 +63,8 @@ pub enum OpError {
     NotFound(String),
     Invalid(String),
     Conflict(String),
+    /// Every device has validation errors: nothing was created (the table says why).
+    Blocked(String, Vec<ValidationRow>),
     Internal(String),
 }
 
@@ -27,7 +74,7 @@ impl OpError {
             OpError::Forbidden(_) => StatusCode::FORBIDDEN,
             OpError::NotFound(_) => StatusCode::NOT_FOUND,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
-            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::Conflict(_) | OpError::Blocked(..) => StatusCode::CONFLICT,
             OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -40,19 +87,34 @@ impl fmt::Display for OpError {
             | OpError::NotFound(s)
             | OpError::Invalid(s)
             | OpError::Conflict(s)
+            | OpError::Blocked(s, _)
             | OpError::Internal(s) => f.write_str(s),
         }
     }
 }
 
-impl From<StoreError> for OpError {
-    fn from(e: StoreError) -> Self {
+impl From<AdminError> for OpError {
+    fn from(e: AdminError) -> Self {
         match e {
-            StoreError::NotFound(s) => OpError::NotFound(s),
-            StoreError::Conflict(s) => OpError::Conflict(s),
-            StoreError::Invalid(s) => OpError::Invalid(s),
+            AdminError::Unauthorized(s) | AdminError::Forbidden(s) => OpError::Forbidden(s),
+            AdminError::NotFound(s) => OpError::NotFound(s),
+            AdminError::Conflict(s) => OpError::Conflict(s),
+            AdminError::Invalid(s) => OpError::Invalid(s),
+            AdminError::Blocked(s, t) => OpError::Blocked(s, t),
+            AdminError::Store(crate::store::StoreError::NotFound(s)) => OpError::NotFound(s),
+            AdminError::Store(crate::store::StoreError::Conflict(s)) => OpError::Conflict(s),
+            AdminError::Store(crate::store::StoreError::Invalid(s)) => OpError::Invalid(s),
+            AdminError::Other(e) => OpError::Invalid(format!("{e:#}")),
             e => OpError::Internal(e.to_string()),
         }
+    }
+}
+
+/// The actor the core records: the token's name and its role as of this request.
+fn actor(who: &Signed) -> Actor {
+    Actor {
+        name: who.name.clone(),
+        role: who.role,
     }
 }
 
@@ -60,6 +122,7 @@ impl From<StoreError> for OpError {
 #[derive(Debug, Clone, Default)]
 pub struct JobForm {
     pub kind: String,
+    /// The image's id.
     pub image: String,
     /// `macs`, `group` or `all`.
     pub target: String,
@@ -74,12 +137,11 @@ pub struct JobForm {
     pub batch: String,
     pub capture_name: String,
     pub capture_version: String,
-    /// `datetime-local` values (`2026-11-29T22:00`) in the browser's zone.
+    /// `datetime-local` values (`2026-11-29T22:00`) in `tz`.
     pub at: String,
     pub until: String,
-    /// The browser's offset from UTC in minutes, as `Date.getTimezoneOffset()` gives it
-    /// (UTC minus local); empty without the script: the times are UTC.
-    pub tz_offset: String,
+    /// The browser's IANA time zone (set by the console's script); empty: the server's.
+    pub tz: String,
     pub note: String,
 }
 
@@ -109,7 +171,7 @@ impl JobForm {
             capture_version: get("capture_version"),
             at: get("at"),
             until: get("until"),
-            tz_offset: get("tz_offset"),
+            tz: get("tz"),
             note: get("note"),
         }
     }
@@ -138,223 +200,285 @@ impl JobForm {
         Ok(out)
     }
 
-    /// A `datetime-local` value in the browser's zone as Unix seconds (None: empty).
-    pub fn time(&self, v: &str, what: &str) -> Result<Option<u64>, OpError> {
-        if v.is_empty() {
-            return Ok(None);
-        }
-        let bad = || {
-            OpError::Invalid(format!(
-                "{what} {v:?} is not a date and time (YYYY-MM-DDTHH:MM)"
-            ))
+    /// The admin core's job request for this form.
+    pub fn request(&self) -> Result<JobRequest, OpError> {
+        let target =
+            match self.target.as_str() {
+                "group" if !self.group.is_empty() => format!("group:{}", self.group),
+                "group" => return Err(OpError::Invalid("choose a group".into())),
+                "all" => "all".into(),
+                _ => {
+                    let macs = self.mac_list()?;
+                    match macs.len() {
+                        0 => return Err(OpError::Invalid(
+                            "name at least one device (its MAC), or choose a group or all devices"
+                                .into(),
+                        )),
+                        1 => format!("mac:{}", macs[0]),
+                        _ => format!("macs:{}", macs.join(",")),
+                    }
+                }
+            };
+        let after = match self.after.as_str() {
+            "" => After::Reboot,
+            a => After::parse(a).ok_or_else(|| {
+                OpError::Invalid(format!("afterwards {a:?}: reboot, no-reboot or copy-only"))
+            })?,
         };
-        let (date, clock) = v.split_once('T').ok_or_else(bad)?;
-        let d: Vec<&str> = date.split('-').collect();
-        let c: Vec<&str> = clock.split(':').collect();
-        if d.len() != 3 || !(2..=3).contains(&c.len()) {
-            return Err(bad());
-        }
-        let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
-        let (y, mo, da) = (num(d[0])?, num(d[1])?, num(d[2])?);
-        let (h, mi) = (num(c[0])?, num(c[1])?);
-        let s = if c.len() == 3 {
-            num(c[2].split('.').next().unwrap_or("0"))?
-        } else {
+        let on_error = match self.on_error.as_str() {
+            "" | "stop" => OnError::Stop,
+            "continue" => OnError::Continue,
+            o => {
+                return Err(OpError::Invalid(format!(
+                    "on error {o:?}: stop or continue"
+                )))
+            }
+        };
+        let batch = if self.batch.is_empty() {
             0
-        };
-        if !(1970..=9999).contains(&y)
-            || !(1..=12).contains(&mo)
-            || !(1..=31).contains(&da)
-            || !(0..24).contains(&h)
-            || !(0..60).contains(&mi)
-            || !(0..60).contains(&s)
-        {
-            return Err(bad());
-        }
-        let days = days_from_civil(y, mo as u32, da as u32);
-        let offset_min: i64 = if self.tz_offset.is_empty() {
-            0
         } else {
-            self.tz_offset
-                .parse::<i64>()
-                .ok()
-                .filter(|o| o.abs() <= 14 * 60)
-                .ok_or_else(|| {
-                    OpError::Invalid(
-                        "the browser's time zone offset is not a number of minutes".into(),
-                    )
-                })?
+            self.batch.parse::<u32>().map_err(|_| {
+                OpError::Invalid(format!(
+                    "devices at a time {:?}: a whole number (0: all at once)",
+                    self.batch
+                ))
+            })?
         };
-        let t = days * 86_400 + h * 3600 + mi * 60 + s + offset_min * 60;
-        u64::try_from(t).map(Some).map_err(|_| bad())
+        let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let options = JobOptions {
+            partition: none_if_empty(&self.partition),
+            disk: none_if_empty(&self.disk),
+            preserve: self
+                .preserve
+                .split([',', ' '])
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            backup_first: self.backup_first,
+            after,
+            on_error,
+            batch,
+            ..JobOptions::default()
+        };
+        let capture = (self.kind == "capture").then(|| {
+            format!(
+                "{}:{}",
+                self.capture_name.trim(),
+                self.capture_version.trim()
+            )
+        });
+        // datetime-local writes `2026-11-29T22:00`; the core reads `2026-11-29 22:00` in tz.
+        let when = |s: &str| none_if_empty(&s.replace('T', " "));
+        Ok(JobRequest {
+            target,
+            kind: self.kind.clone(),
+            image: (self.kind == "deploy")
+                .then(|| none_if_empty(&self.image))
+                .flatten(),
+            capture,
+            options,
+            at: when(&self.at),
+            until: when(&self.until),
+            tz: none_if_empty(&self.tz),
+            note: none_if_empty(&self.note),
+            validate_only: false,
+        })
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of
-/// `tls::civil_from_days`).
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 // ---------------------------------------------------------------------------------------
 // Authentication
 
-/// The administrator behind an admin token (None: unknown, revoked, or not an admin token).
-pub fn authenticate(_st: &AppState, _token: &str) -> Option<Admin> {
-    None
+/// The administrator behind an admin token (None: unknown, revoked, or not an admin token,
+/// such as a device credential).
+pub fn authenticate(c: &Console, st: &AppState, token: &str) -> Option<super::session::SignIn> {
+    let a = c.core(st).ok()?.authenticate(token).ok()?;
+    Some(super::session::SignIn {
+        name: a.name,
+        role: a.role,
+        token_hash: crate::api::hash_secret(token.trim()),
+    })
 }
 
 /// Is the token with this hash still valid, and with which role now?
-pub fn token_still_valid(_st: &AppState, _hash: &str) -> Option<Role> {
-    None
-}
-
-fn need(who: &Signed, role: Role) -> Result<(), OpError> {
-    if who.role >= role {
-        Ok(())
-    } else {
-        Err(OpError::Forbidden(format!(
-            "your role ({}) may not do this: it needs {}",
-            who.role.as_str(),
-            role.as_str()
-        )))
-    }
+pub fn token_still_valid(c: &Console, st: &AppState, hash: &str) -> Option<Role> {
+    c.tokens(st)
+        .ok()?
+        .token_by_hash(hash, crate::api::now())
+        .ok()
+        .flatten()
+        .map(|(_, role)| role)
 }
 
 // ---------------------------------------------------------------------------------------
 // Reads
 
-pub fn devices(st: &AppState) -> Result<Vec<DeviceRow>, OpError> {
-    Ok(st.store.devices()?)
+pub fn devices(
+    c: &Console,
+    st: &AppState,
+    who: &Signed,
+    f: &DeviceFilter,
+) -> Result<Vec<DeviceSummary>, OpError> {
+    Ok(c.core(st)?.devices(&actor(who), f)?)
 }
 
-pub fn device(st: &AppState, mac: &str) -> Result<DeviceRow, OpError> {
-    let m = crate::protocol::normalize_mac(mac)
-        .ok_or_else(|| OpError::NotFound(format!("{mac:?} is not a MAC address")))?;
-    st.store
-        .device(&m)?
-        .ok_or_else(|| OpError::NotFound(format!("no device {m}: it has not checked in")))
+pub fn device(
+    c: &Console,
+    st: &AppState,
+    who: &Signed,
+    mac: &str,
+) -> Result<(DeviceDetail, Vec<TranscriptLine>), OpError> {
+    let core = c.core(st)?;
+    let d = core.device(&actor(who), mac)?;
+    let t = core.transcript(&actor(who), &d.summary.mac, None)?;
+    Ok((d, t))
 }
 
-pub fn transcript(st: &AppState, mac: &str) -> Result<Vec<(u64, Option<u64>, String)>, OpError> {
-    Ok(st.store.transcript(mac, None)?)
+pub fn images(c: &Console, st: &AppState, who: &Signed) -> Result<Vec<ImageRow>, OpError> {
+    Ok(c.core(st)?.images(&actor(who))?)
 }
 
-/// The tasks of one device, with their jobs, oldest first.
-pub fn device_tasks(st: &AppState, device: u64) -> Result<Vec<(JobRow, TaskRow)>, OpError> {
-    let mut out = Vec::new();
-    for (j, tasks) in st.store.jobs()? {
-        for t in tasks {
-            if t.device == device {
-                out.push((j.clone(), t));
-            }
-        }
-    }
-    out.sort_by_key(|(_, t)| t.id);
-    Ok(out)
+pub fn jobs(c: &Console, st: &AppState, who: &Signed) -> Result<Vec<JobSummary>, OpError> {
+    Ok(c.core(st)?.jobs(&actor(who))?)
 }
 
-pub fn images(st: &AppState) -> Result<Vec<ImageRow>, OpError> {
-    Ok(st.store.images()?)
-}
-
-pub fn jobs(st: &AppState) -> Result<Vec<(JobRow, Vec<TaskRow>)>, OpError> {
-    Ok(st.store.jobs()?)
-}
-
-pub fn job(st: &AppState, id: u64) -> Result<(JobRow, Vec<TaskRow>), OpError> {
-    st.store
-        .job(id)?
-        .ok_or_else(|| OpError::NotFound(format!("no job {id}")))
+pub fn job(c: &Console, st: &AppState, who: &Signed, id: u64) -> Result<JobDetail, OpError> {
+    Ok(c.core(st)?.job(&actor(who), id)?)
 }
 
 // ---------------------------------------------------------------------------------------
-// Changes
+// Changes (each recorded by the core with the signed-in administrator)
 
-pub fn set_operational(_st: &AppState, who: &Signed, _mac: &str) -> Result<(), OpError> {
-    need(who, Role::Operator)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+pub fn set_operational(c: &Console, st: &AppState, who: &Signed, mac: &str) -> Result<(), OpError> {
+    Ok(c.core(st)?.make_operational(&actor(who), mac)?)
 }
 
-pub fn remove_image(_st: &AppState, who: &Signed, _id: u64) -> Result<(), OpError> {
-    need(who, Role::Admin)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+pub fn remove_image(c: &Console, st: &AppState, who: &Signed, id: u64) -> Result<(), OpError> {
+    c.core(st)?.remove_image(&actor(who), &id.to_string())?;
+    Ok(())
 }
 
+/// Seed 003's validation table for the form's job; nothing is created.
 pub fn validate(
-    _st: &AppState,
+    c: &Console,
+    st: &AppState,
     who: &Signed,
-    _f: &JobForm,
-) -> Result<Vec<(String, Validation)>, OpError> {
-    need(who, Role::Operator)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+    f: &JobForm,
+) -> Result<Vec<ValidationRow>, OpError> {
+    Ok(c.core(st)?.validate(&actor(who), &f.request()?)?)
 }
 
-pub fn create_job(_st: &AppState, who: &Signed, _f: &JobForm) -> Result<u64, OpError> {
-    need(who, Role::Operator)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+pub fn create_job(
+    c: &Console,
+    st: &AppState,
+    who: &Signed,
+    f: &JobForm,
+) -> Result<JobCreated, OpError> {
+    Ok(c.core(st)?.create_job(&actor(who), &f.request()?)?)
 }
 
-pub fn abort(_st: &AppState, who: &Signed, _id: u64) -> Result<(), OpError> {
-    need(who, Role::Operator)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+pub fn abort(c: &Console, st: &AppState, who: &Signed, id: u64) -> Result<u64, OpError> {
+    c.core(st)?.abort_job(&actor(who), id)?;
+    Ok(id)
 }
 
-pub fn retry(_st: &AppState, who: &Signed, _id: u64) -> Result<u64, OpError> {
-    need(who, Role::Operator)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+/// Retry: the new job's id.
+pub fn retry(c: &Console, st: &AppState, who: &Signed, id: u64) -> Result<u64, OpError> {
+    let made = c
+        .core(st)?
+        .retry_job(&actor(who), id, &JobRequest::default())?;
+    made.job
+        .ok_or_else(|| OpError::Internal("the retry created no job".into()))
 }
 
-pub fn rollback(_st: &AppState, who: &Signed, _id: u64) -> Result<u64, OpError> {
-    need(who, Role::Operator)?;
-    Err(OpError::Internal("not wired to the admin core yet".into()))
+/// Rollback: the first new job's id (one job per previous image), and what was skipped.
+pub fn rollback(
+    c: &Console,
+    st: &AppState,
+    who: &Signed,
+    id: u64,
+) -> Result<(u64, Vec<String>), OpError> {
+    let (made, skipped) = c
+        .core(st)?
+        .rollback_job(&actor(who), id, &JobRequest::default())?;
+    let first = made
+        .iter()
+        .find_map(|m| m.job)
+        .ok_or_else(|| OpError::Conflict(format!("nothing rolled back: {}", skipped.join("; "))))?;
+    Ok((first, skipped))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn browser_times_become_utc_seconds() {
-        let mut f = JobForm::default();
-        assert_eq!(f.time("", "start").unwrap(), None);
-        assert_eq!(f.time("1970-01-02T00:00", "start").unwrap(), Some(86_400));
-        // Tokyo: getTimezoneOffset() is -540; 09:00 there is 00:00 UTC.
-        f.tz_offset = "-540".into();
-        assert_eq!(f.time("1970-01-02T09:00", "start").unwrap(), Some(86_400));
-        for bad in [
-            "tomorrow",
-            "2026-13-01T00:00",
-            "2026-01-01T25:00",
-            "2026-01-01",
-        ] {
-            assert!(f.time(bad, "start").is_err(), "{bad}");
-        }
-        f.tz_offset = "x".into();
-        assert!(f.time("2026-01-01T00:00", "start").is_err());
-        assert_eq!(days_from_civil(2026, 11, 29), 20_786);
+    fn form(pairs: &[(&str, &str)]) -> JobForm {
+        JobForm::from_fields(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        )
     }
 
     #[test]
     fn mac_lists_are_normalized_and_bad_ones_named() {
-        let f = JobForm {
-            macs: "52:54:00:00:00:0A, 52-54-00-00-00-0b\n52:54:00:00:00:0a".into(),
-            ..JobForm::default()
-        };
+        let f = form(&[(
+            "macs",
+            "52:54:00:00:00:0A, 52-54-00-00-00-0b\n52:54:00:00:00:0a",
+        )]);
         assert_eq!(
             f.mac_list().unwrap(),
             vec!["52:54:00:00:00:0a", "52:54:00:00:00:0b"]
         );
-        let f = JobForm {
-            macs: "52:54:00:00:00:0a nonsense".into(),
-            ..JobForm::default()
-        };
+        let f = form(&[("macs", "52:54:00:00:00:0a nonsense")]);
         assert!(f.mac_list().unwrap_err().to_string().contains("nonsense"));
+    }
+
+    #[test]
+    fn the_form_becomes_the_cores_request() {
+        let r = form(&[
+            ("kind", "deploy"),
+            ("image", "3"),
+            ("target", "macs"),
+            ("macs", "52:54:00:00:00:0a 52:54:00:00:00:0b"),
+            ("partition", "2"),
+            ("preserve", "3, DATA"),
+            ("after", "no-reboot"),
+            ("on_error", "continue"),
+            ("batch", "1"),
+            ("at", "2026-11-29T22:00"),
+            ("tz", "Asia/Tokyo"),
+        ])
+        .request()
+        .unwrap();
+        assert_eq!(r.target, "macs:52:54:00:00:00:0a,52:54:00:00:00:0b");
+        assert_eq!(r.image.as_deref(), Some("3"));
+        assert_eq!(r.options.partition.as_deref(), Some("2"));
+        assert_eq!(r.options.preserve, vec!["3", "DATA"]);
+        assert!(!r.options.backup_first, "an unticked box is off");
+        assert_eq!(r.options.after, After::NoReboot);
+        assert_eq!(r.options.on_error, OnError::Continue);
+        assert_eq!(r.options.batch, 1);
+        assert_eq!(r.at.as_deref(), Some("2026-11-29 22:00"));
+        assert_eq!(r.until, None);
+        assert_eq!(r.tz.as_deref(), Some("Asia/Tokyo"));
+        let one = form(&[
+            ("kind", "reboot"),
+            ("target", "macs"),
+            ("macs", "52:54:00:00:00:0a"),
+        ]);
+        assert_eq!(one.request().unwrap().target, "mac:52:54:00:00:00:0a");
+        let g = form(&[("kind", "reboot"), ("target", "group"), ("group", "lab")]);
+        assert_eq!(g.request().unwrap().target, "group:lab");
+        for bad in [
+            form(&[("kind", "reboot"), ("target", "macs")]),
+            form(&[("kind", "reboot"), ("target", "group")]),
+            form(&[("target", "all"), ("batch", "-1")]),
+            form(&[("target", "all"), ("after", "explode")]),
+        ] {
+            assert!(bad.request().is_err(), "{bad:?}");
+        }
     }
 }

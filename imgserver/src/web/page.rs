@@ -158,7 +158,7 @@ pub fn frame(who: Option<&Signed>, nav: Nav, title: &str, body: &str, refresh: b
         for (n, href, label, shown) in [
             (Nav::Fleet, "/", "Fleet", true),
             (Nav::Jobs, "/jobs", "Jobs", true),
-            (Nav::NewJob, "/jobs/new", "New job", w.role.may_schedule()),
+            (Nav::NewJob, "/jobs/new", "New job", w.may_schedule()),
             (Nav::Images, "/images", "Images", true),
         ] {
             if shown {

@@ -14,6 +14,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 
+pub use crate::admin::Role;
 use crate::api::AppState;
 
 /// The session cookie. The `__Host-` prefix makes browsers insist on Secure, Path=/ and no
@@ -29,38 +30,9 @@ pub const IDLE: Duration = Duration::from_secs(3600);
 /// At most this many sessions are kept (the oldest go first).
 const MAX_SESSIONS: usize = 10_000;
 
-/// What an administrator may do in the console (the admin API's roles).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    /// Reads everything, changes nothing.
-    Viewer,
-    /// Also schedules jobs, aborts, retries and rolls back, resets devices.
-    Operator,
-    /// Also manages images, devices' enrolment and tokens.
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-
-    pub fn may_schedule(self) -> bool {
-        self >= Role::Operator
-    }
-
-    pub fn may_manage(self) -> bool {
-        self >= Role::Admin
-    }
-}
-
 /// The administrator behind a token, as the admin core reports it.
 #[derive(Debug, Clone)]
-pub struct Admin {
+pub struct SignIn {
     pub name: String,
     pub role: Role,
     /// The token's hash: the key to ask whether it is still valid.
@@ -68,7 +40,7 @@ pub struct Admin {
 }
 
 struct Session {
-    admin: Admin,
+    admin: SignIn,
     csrf: String,
     started: Instant,
     used: Instant,
@@ -91,13 +63,25 @@ pub struct Signed {
     pub key: String,
 }
 
+impl Signed {
+    /// Operators and admins schedule, abort, retry, roll back and reset devices.
+    pub fn may_schedule(&self) -> bool {
+        self.role >= Role::Operator
+    }
+
+    /// Admins also manage the image repository.
+    pub fn may_manage(&self) -> bool {
+        self.role >= Role::Admin
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sessions {
     /// Start a session for `admin`: returns the id for the cookie.
-    pub fn start(&self, admin: Admin) -> String {
+    pub fn start(&self, admin: SignIn) -> String {
         let id = crate::api::new_secret();
         let now = Instant::now();
         let mut m = lock(&self.map);
@@ -248,7 +232,7 @@ impl FromRequestParts<Arc<AppState>> for Signed {
         parts: &mut Parts,
         st: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let sessions = super::sessions(parts);
+        let console = super::console(parts);
         let back_to = parts
             .uri
             .path_and_query()
@@ -265,19 +249,21 @@ impl FromRequestParts<Arc<AppState>> for Signed {
         let Some(id) = cookie_value(&parts.headers) else {
             return Err(reject);
         };
-        let Some(who) = sessions.find(&id) else {
+        let Some(who) = console.sessions.find(&id) else {
             return Err(reject);
         };
         // The token behind the session must still be valid (revoked: signed out everywhere).
         let st2 = st.clone();
         let hash = who.token_hash.clone();
-        let still = tokio::task::spawn_blocking(move || super::ops::token_still_valid(&st2, &hash))
-            .await
-            .unwrap_or(None);
+        let c = console.clone();
+        let still =
+            tokio::task::spawn_blocking(move || super::ops::token_still_valid(&c, &st2, &hash))
+                .await
+                .unwrap_or(None);
         match still {
             Some(role) => Ok(Signed { role, ..who }),
             None => {
-                sessions.end_token(&who.token_hash);
+                console.sessions.end_token(&who.token_hash);
                 Err(reject)
             }
         }
@@ -288,8 +274,8 @@ impl FromRequestParts<Arc<AppState>> for Signed {
 mod tests {
     use super::*;
 
-    fn admin() -> Admin {
-        Admin {
+    fn admin() -> SignIn {
+        SignIn {
             name: "ann".into(),
             role: Role::Operator,
             token_hash: "h".into(),
@@ -314,7 +300,7 @@ mod tests {
     fn revoking_a_token_ends_its_sessions() {
         let s = Sessions::default();
         let a = s.start(admin());
-        let b = s.start(Admin {
+        let b = s.start(SignIn {
             token_hash: "other".into(),
             ..admin()
         });

@@ -1,8 +1,8 @@
 //! The console's pages: the fleet, a device, the image repository, jobs, a job with live
-//! progress, and the new-job form with its validation table. Each handler reads through
-//! [`super::ops`] (the admin core) on a blocking thread and renders HTML with
-//! [`super::page`]; each change checks the role and the CSRF token before it asks the core,
-//! and the core checks the role again.
+//! progress, and the new-job form with its validation table. Each handler asks the admin
+//! core through [`super::ops`] on a blocking thread and renders HTML with [`super::page`];
+//! each change checks the CSRF token and the role before it asks the core, and the core
+//! checks the role again.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -11,20 +11,23 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::{Form, Json};
+use axum::{Extension, Form, Json};
 use serde::Deserialize;
 
-use super::ops::{self, JobForm, OpError};
+use super::ops::{self, Console, JobForm, OpError};
 use super::page::{
-    ago, badge, button_form, csrf_field, esc, frame, notice, size, time, url_enc, Nav,
+    ago, badge, button_form, csrf_field, esc, frame, iso, notice, size, time, url_enc, Nav,
 };
 use super::session::{self, Signed};
+use crate::admin::window::Window;
+use crate::admin::{DeviceFilter, DeviceSummary, JobDetail, TaskView, ValidationRow};
 use crate::api::{now, AppState};
-use crate::model::{effective_state, DeviceState, TaskState};
-use crate::store::{DeviceRow, JobRow, TaskRow};
+use crate::model::TaskState;
 
 /// Rows per page of the fleet.
 pub const PAGE_ROWS: usize = 100;
+
+type Ctx = Extension<Arc<Console>>;
 
 /// Run a blocking closure (the store is synchronous SQLite).
 async fn blocking<T: Send + 'static>(
@@ -35,11 +38,11 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(OpError::Internal(format!("worker: {e}"))))
 }
 
-/// An error page (or redirect back with a message).
+/// An error page.
 fn error_page(who: &Signed, e: OpError) -> Response {
     let status = e.status();
     let body = format!(
-        "<h1>Refused</h1>{}<p><a href=\"javascript:history.back()\">Back</a> · <a href=\"/\">Fleet</a></p>",
+        "<h1>Refused</h1>{}<p><a href=\"/\">Fleet</a> · <a href=\"/jobs\">Jobs</a></p>",
         notice("error", &e.to_string())
     );
     (
@@ -49,9 +52,10 @@ fn error_page(who: &Signed, e: OpError) -> Response {
         .into_response()
 }
 
-/// Refuse a change that did not come from our own form, or from a role that may not make it.
-fn guard(who: &Signed, headers: &HeaderMap, csrf: Option<&str>, may: bool) -> Option<Response> {
-    if !session::same_origin(headers) || !csrf.is_some_and(|c| session::csrf_ok(who, c)) {
+/// Refuse a change that did not come from our own form, or from a role that may not make
+/// it (the core refuses it again).
+fn guard(who: &Signed, headers: &HeaderMap, csrf: &str, may: bool) -> Option<Response> {
+    if !session::same_origin(headers) || !session::csrf_ok(who, csrf) {
         return Some(error_page(
             who,
             OpError::Forbidden(
@@ -70,24 +74,6 @@ fn guard(who: &Signed, headers: &HeaderMap, csrf: Option<&str>, may: bool) -> Op
         ));
     }
     None
-}
-
-fn effective(d: &DeviceRow, st: &AppState, now: u64) -> DeviceState {
-    effective_state(
-        d.state,
-        d.last_seen.unwrap_or(0),
-        d.trouble_since,
-        now,
-        st.policy.reload_wait,
-    )
-}
-
-fn device_state_cell(d: &DeviceRow, st: &AppState, now: u64) -> String {
-    if d.pending {
-        return badge("pending", "Awaiting approval");
-    }
-    let s = effective(d, st, now);
-    badge(s.as_str(), s.title())
 }
 
 fn stamp(s: Option<&crate::protocol::ImageStamp>) -> String {
@@ -130,92 +116,72 @@ impl FleetQuery {
     }
 }
 
-/// Does a device match the search text (MAC, serial, model, group, hostname, image)?
-fn matches(d: &DeviceRow, q: &str) -> bool {
-    if q.is_empty() {
-        return true;
-    }
-    let q = q.to_ascii_lowercase();
-    let hay = [
-        Some(d.mac.as_str()),
-        d.serial.as_deref(),
-        d.model.as_deref(),
-        d.group.as_deref(),
-        d.agent_version.as_deref(),
-        d.inventory
-            .as_ref()
-            .and_then(|i| i.device.hostname.as_deref()),
-    ];
-    hay.iter()
-        .flatten()
-        .any(|s| s.to_ascii_lowercase().contains(&q))
-        || d.image.as_ref().is_some_and(|i| {
-            format!("{} {}", i.name, i.version)
-                .to_ascii_lowercase()
-                .contains(&q)
-        })
-}
+const STATES: [(&str, &str); 6] = [
+    ("operational", "Operational"),
+    ("upgrade_in_progress", "Upgrade In Progress"),
+    ("maintenance", "Maintenance"),
+    ("configuration_required", "Configuration Required"),
+    ("pending_approval", "Pending Approval"),
+    ("not_enrolled", "Not Enrolled"),
+];
 
 pub async fn fleet(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     Query(fq): Query<FleetQuery>,
 ) -> Response {
-    let st2 = st.clone();
-    let devices = match blocking(move || ops::devices(&st2)).await {
-        Ok(d) => d,
+    let q = fq.q.trim().to_string();
+    let filter = DeviceFilter {
+        state: (!fq.state.is_empty()).then(|| fq.state.clone()),
+        group: (!fq.group.is_empty()).then(|| fq.group.clone()),
+        q: (!q.is_empty()).then(|| q.clone()),
+        ..DeviceFilter::default()
+    };
+    let w = who.clone();
+    let filtered = filter != DeviceFilter::default();
+    let got = blocking(move || {
+        let all = ops::devices(&c, &st, &w, &DeviceFilter::default())?;
+        let shown = if filtered {
+            ops::devices(&c, &st, &w, &filter)?
+        } else {
+            all.clone()
+        };
+        Ok((all, shown))
+    })
+    .await;
+    let (all, shown) = match got {
+        Ok(x) => x,
         Err(e) => return error_page(&who, e),
     };
     let t = now();
-    let q = fq.q.trim().to_string();
-    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let mut groups: Vec<String> = devices.iter().filter_map(|d| d.group.clone()).collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for d in &all {
+        *counts.entry(d.state.as_str()).or_default() += 1;
+    }
+    let mut groups: Vec<&str> = all.iter().filter_map(|d| d.group.as_deref()).collect();
     groups.sort();
     groups.dedup();
-    let mut shown: Vec<&DeviceRow> = Vec::new();
-    for d in &devices {
-        let s = if d.pending {
-            "pending"
-        } else {
-            effective(d, &st, t).as_str()
-        };
-        *counts.entry(s).or_default() += 1;
-        if (fq.state.is_empty() || fq.state == s)
-            && (fq.group.is_empty() || d.group.as_deref() == Some(fq.group.as_str()))
-            && matches(d, &q)
-        {
-            shown.push(d);
-        }
-    }
     let pages = shown.len().div_ceil(PAGE_ROWS).max(1);
     let page = fq.page.min(pages - 1);
     let mut b = String::new();
     b.push_str("<h1>Fleet</h1><p class=summary>");
-    let _ = write!(b, "{} devices", devices.len());
-    for (s, n) in &counts {
-        let title = if *s == "pending" {
-            "Awaiting approval"
-        } else {
-            DeviceState::parse(s).title()
-        };
-        let _ = write!(b, " · <a href=\"/?state={s}\">{} {}</a>", n, esc(title));
+    let _ = write!(b, "{} devices", all.len());
+    for (s, title) in STATES {
+        if let Some(n) = counts.get(s) {
+            let _ = write!(b, " · <a href=\"/?state={s}\">{n} {title}</a>");
+        }
     }
     b.push_str("</p>");
     // Filters: a plain GET form, so a filtered view is a link that can be shared.
     b.push_str("<form method=get action=\"/\" class=filters>");
     let _ = write!(
         b,
-        "<input type=search name=q value=\"{}\" placeholder=\"MAC, serial, model, group, image\" aria-label=Search autofocus>",
+        "<input type=search name=q id=q value=\"{}\" placeholder=\"MAC, serial, model, host, group, image\" aria-label=Search>",
         esc(&q)
     );
     b.push_str("<select name=state aria-label=State><option value=\"\">any state</option>");
-    for (v, l) in [
-        ("operational", "Operational"),
-        ("upgrade_in_progress", "Upgrade In Progress"),
-        ("maintenance", "Maintenance"),
-        ("configuration_required", "Configuration Required"),
-        ("pending", "Awaiting approval"),
-    ] {
+    for (v, l) in STATES {
         let _ = write!(
             b,
             "<option value={v}{}>{l}</option>",
@@ -230,11 +196,11 @@ pub async fn fleet(
             b,
             "<option value=\"{0}\"{1}>{0}</option>",
             esc(g),
-            if &fq.group == g { " selected" } else { "" }
+            if fq.group == *g { " selected" } else { "" }
         );
     }
-    b.push_str("</select><button type=submit>Filter</button>");
-    if !q.is_empty() || !fq.state.is_empty() || !fq.group.is_empty() {
+    b.push_str("</select><button type=submit id=filter>Filter</button>");
+    if filtered {
         b.push_str(" <a href=\"/\">clear</a>");
     }
     b.push_str("</form>");
@@ -243,22 +209,9 @@ pub async fn fleet(
     } else {
         let from = page * PAGE_ROWS;
         let to = (from + PAGE_ROWS).min(shown.len());
-        b.push_str("<table id=fleet><thead><tr><th>MAC</th><th>State</th><th>Image</th><th>Group</th><th>Model</th><th>Serial</th><th>Last check-in</th><th>Agent</th></tr></thead><tbody>");
+        b.push_str("<table id=fleet><thead><tr><th>MAC</th><th>State</th><th>Image</th><th>Group</th><th>Model</th><th>Serial</th><th>Host</th><th>Last check-in</th></tr></thead><tbody>");
         for d in &shown[from..to] {
-            let _ = write!(
-                b,
-                "<tr data-mac=\"{m}\"><td><a href=\"/devices/{mu}\" class=mono>{m}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td title=\"{}\">{}</td><td>{}</td></tr>",
-                device_state_cell(d, &st, t),
-                stamp(d.image.as_ref()),
-                opt(d.group.as_deref()),
-                opt(d.model.as_deref()),
-                opt(d.serial.as_deref()),
-                d.last_seen.map(super::page::iso).unwrap_or_default(),
-                esc(&ago(d.last_seen, t)),
-                opt(d.agent_version.as_deref()),
-                m = esc(&d.mac),
-                mu = url_enc(&d.mac),
-            );
+            fleet_row(&mut b, d, t);
         }
         b.push_str("</tbody></table>");
         let _ = write!(
@@ -278,7 +231,7 @@ pub async fn fleet(
         if page + 1 < pages {
             let _ = write!(
                 b,
-                " · <a href=\"{}\" rel=next>next</a>",
+                " · <a href=\"{}\" rel=next id=next>next</a>",
                 esc(&fq.link(page + 1))
             );
         }
@@ -287,45 +240,59 @@ pub async fn fleet(
     Html(frame(Some(&who), Nav::Fleet, "Fleet", &b, false)).into_response()
 }
 
+fn fleet_row(b: &mut String, d: &DeviceSummary, t: u64) {
+    let _ = write!(
+        b,
+        "<tr data-mac=\"{m}\"><td><a href=\"/devices/{mu}\" class=mono>{m}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
+        badge(&d.state, &d.state_title),
+        stamp(d.image.as_ref()),
+        opt(d.group.as_deref()),
+        opt(d.model.as_deref()),
+        opt(d.serial.as_deref()),
+        opt(d.hostname.as_deref()),
+        d.last_seen.map(iso).unwrap_or_default(),
+        esc(&ago(d.last_seen, t)),
+        m = esc(&d.mac),
+        mu = url_enc(&d.mac),
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // One device
 
 pub async fn device(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     Path(mac): Path<String>,
 ) -> Response {
-    let st2 = st.clone();
-    let m = mac.clone();
-    let found = blocking(move || {
-        let d = ops::device(&st2, &m)?;
-        let tr = ops::transcript(&st2, &m)?;
-        let tasks = ops::device_tasks(&st2, d.id)?;
-        Ok((d, tr, tasks))
-    })
-    .await;
-    let (d, transcript, tasks) = match found {
+    let w = who.clone();
+    let (d, transcript) = match blocking(move || ops::device(&c, &st, &w, &mac)).await {
         Ok(x) => x,
         Err(e) => return error_page(&who, e),
     };
     let t = now();
+    let s = &d.summary;
     let mut b = String::new();
     let _ = write!(
         b,
         "<h1>Device <span class=mono>{}</span> {}</h1>",
-        esc(&d.mac),
-        device_state_cell(&d, &st, t)
+        esc(&s.mac),
+        badge(&s.state, &s.state_title)
     );
-    if let Some(r) = &d.state_reason {
+    if let Some(r) = &s.state_reason {
         b.push_str(&notice("warn", r));
     }
-    if who.role.may_schedule() {
+    if who.may_schedule() {
         b.push_str("<div class=actions>");
-        if effective(&d, &st, t) != DeviceState::Operational && !d.pending {
+        if matches!(
+            s.state.as_str(),
+            "maintenance" | "configuration_required" | "upgrade_in_progress"
+        ) {
             b.push_str(&button_form(
                 &who,
-                &format!("/devices/{}/operational", url_enc(&d.mac)),
-                "Set Operational",
+                &format!("/devices/{}/operational", url_enc(&s.mac)),
+                "Make Operational",
                 "",
                 "Set this device back to Operational? Do it once the device is fixed.",
             ));
@@ -333,44 +300,44 @@ pub async fn device(
         let _ = write!(
             b,
             "<a class=button href=\"/jobs/new?mac={}\">New job for this device</a>",
-            url_enc(&d.mac)
+            url_enc(&s.mac)
         );
         b.push_str("</div>");
     }
     let inv = d.inventory.as_ref();
     b.push_str("<section><h2>Inventory</h2><table class=kv>");
-    let ram = if d.ram_bytes > 0 {
-        size(d.ram_bytes)
+    let ram = if s.ram_bytes > 0 {
+        size(s.ram_bytes)
     } else {
         "<span class=muted>—</span>".into()
     };
+    let backup = if !d.backup_image.supported {
+        "<span class=muted>no backup partition</span>".to_string()
+    } else if d.backup_image.present {
+        format!(
+            "present, version {}",
+            opt(d.backup_image.version.as_deref())
+        )
+    } else {
+        "supported, none kept yet".into()
+    };
     for (k, v) in [
-        ("Serial", opt(d.serial.as_deref())),
-        ("Model", opt(d.model.as_deref())),
-        (
-            "Host name",
-            opt(inv.and_then(|i| i.device.hostname.as_deref())),
-        ),
+        ("Serial", opt(s.serial.as_deref())),
+        ("Model", opt(s.model.as_deref())),
+        ("Host name", opt(s.hostname.as_deref())),
         ("UUID", opt(inv.and_then(|i| i.device.uuid.as_deref()))),
         ("RAM", ram),
-        ("Agent version", opt(d.agent_version.as_deref())),
-        ("Group", opt(d.group.as_deref())),
-        ("Image (last deployed)", stamp(d.image.as_ref())),
+        ("Agent version", opt(s.agent_version.as_deref())),
+        ("Group", opt(s.group.as_deref())),
+        ("Image", stamp(s.image.as_ref())),
+        ("Backup image", backup),
         (
             "Last check-in",
-            format!("{} ({})", time(d.last_seen), esc(&ago(d.last_seen, t))),
+            format!("{} ({})", time(s.last_seen), esc(&ago(s.last_seen, t))),
         ),
-        ("Enrolled from", opt(d.enrol_addr.as_deref())),
+        ("Enrolled from", opt(s.enrol_addr.as_deref())),
     ] {
         let _ = write!(b, "<tr><th>{k}</th><td>{v}</td></tr>");
-    }
-    if let Some(i) = inv {
-        let a = &i.autogenic;
-        let _ = write!(
-            b,
-            "<tr><th>Autogenic flags</th><td class=mono>{}</td></tr>",
-            esc(&serde_json::to_string(a).unwrap_or_default())
-        );
     }
     b.push_str("</table></section>");
     b.push_str("<section><h2>Disks and partitions</h2>");
@@ -383,11 +350,11 @@ pub async fn device(
             for disk in &i.disks {
                 let _ = write!(
                     b,
-                    "<h3 class=mono>{} <small>{} · {} · {}{}</small></h3>",
+                    "<h3><span class=mono>{}</span> <small>{} · {} · {}{}</small></h3>",
                     esc(&disk.name),
                     size(disk.size),
                     esc(if disk.table.is_empty() {
-                        "no table"
+                        "no partition table"
                     } else {
                         &disk.table
                     }),
@@ -397,7 +364,11 @@ pub async fn device(
                         .map(|s| format!(" · image {}", stamp(Some(s))))
                         .unwrap_or_default()
                 );
-                b.push_str("<table class=parts><thead><tr><th>#</th><th>Label</th><th>File system</th><th>Start</th><th>Size</th><th>Image</th><th></th></tr></thead><tbody>");
+                if disk.partitions.is_empty() {
+                    b.push_str("<p class=muted>No partitions.</p>");
+                    continue;
+                }
+                b.push_str("<table class=parts><thead><tr><th>#</th><th>Label</th><th>File system</th><th>Start (bytes)</th><th>Size</th><th>Image</th><th></th></tr></thead><tbody>");
                 for p in &disk.partitions {
                     let _ = write!(
                         b,
@@ -419,22 +390,22 @@ pub async fn device(
             }
         }
     }
-    b.push_str("</section>");
-    b.push_str("<section><h2>Tasks</h2>");
-    if tasks.is_empty() {
+    b.push_str("</section><section><h2>History</h2>");
+    if d.history.is_empty() {
         b.push_str("<p class=muted>No job has included this device.</p>");
     } else {
-        b.push_str("<table><thead><tr><th>Job</th><th>Task</th><th>State</th><th>Message</th><th>Updated</th></tr></thead><tbody>");
-        for (job, task) in tasks.iter().rev().take(50) {
+        b.push_str("<table id=history><thead><tr><th>Job</th><th>Kind</th><th>Image</th><th>State</th><th>Message</th><th>Changed by</th><th>Last action</th></tr></thead><tbody>");
+        for h in d.history.iter().take(100) {
             let _ = write!(
                 b,
-                "<tr><td><a href=\"/jobs/{0}\">{0}</a> {1}</td><td>{2}</td><td>{3}</td><td>{4}</td><td>{5}</td></tr>",
-                job.id,
-                esc(&job.kind),
-                task.id,
-                badge(task.state.as_str(), task.state.as_str()),
-                opt(task.message.as_deref()),
-                time(Some(task.updated))
+                "<tr><td><a href=\"/jobs/{0}\">{0}</a></td><td>{1}</td><td>{2}</td><td>{3}</td><td>{4}</td><td>{5}</td><td>{6}</td></tr>",
+                h.job,
+                esc(&h.kind),
+                opt(h.image.as_deref()),
+                badge(h.state.as_str(), h.state.as_str()),
+                opt(h.message.as_deref()),
+                opt(h.changed_by.as_deref()),
+                time(Some(h.last_action))
             );
         }
         b.push_str("</tbody></table>");
@@ -448,23 +419,24 @@ pub async fn device(
         if skip > 0 {
             let _ = writeln!(
                 b,
-                "… {skip} earlier lines (imgserver transcript {})",
-                esc(&d.mac)
+                "… {skip} earlier lines: imgserver transcript {}",
+                esc(&s.mac)
             );
         }
-        for (at, task, line) in &transcript[skip..] {
+        for l in &transcript[skip..] {
             let _ = writeln!(
                 b,
                 "{} {}{}",
-                super::page::iso(*at),
-                task.map(|t| format!("[task {t}] ")).unwrap_or_default(),
-                esc(line)
+                iso(l.at),
+                l.task.map(|t| format!("[task {t}] ")).unwrap_or_default(),
+                esc(&l.line)
             );
         }
         b.push_str("</pre>");
     }
     b.push_str("</section>");
-    Html(frame(Some(&who), Nav::Fleet, &d.mac, &b, false)).into_response()
+    let title = s.mac.clone();
+    Html(frame(Some(&who), Nav::Fleet, &title, &b, false)).into_response()
 }
 
 #[derive(Deserialize)]
@@ -476,16 +448,17 @@ pub struct CsrfOnly {
 pub async fn device_operational(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     headers: HeaderMap,
     Path(mac): Path<String>,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    if let Some(r) = guard(&who, &headers, Some(&f.csrf), who.role.may_schedule()) {
+    if let Some(r) = guard(&who, &headers, &f.csrf, who.may_schedule()) {
         return r;
     }
     let w = who.clone();
     let m = mac.clone();
-    match blocking(move || ops::set_operational(&st, &w, &m)).await {
+    match blocking(move || ops::set_operational(&c, &st, &w, &m)).await {
         Ok(()) => Redirect::to(&format!("/devices/{}", url_enc(&mac))).into_response(),
         Err(e) => error_page(&who, e),
     }
@@ -494,34 +467,32 @@ pub async fn device_operational(
 // ---------------------------------------------------------------------------------------
 // Images
 
-pub async fn images(who: Signed, State(st): State<Arc<AppState>>) -> Response {
-    let st2 = st.clone();
-    let imgs = match blocking(move || ops::images(&st2)).await {
+pub async fn images(who: Signed, State(st): State<Arc<AppState>>, Extension(c): Ctx) -> Response {
+    let w = who.clone();
+    let imgs = match blocking(move || ops::images(&c, &st, &w)).await {
         Ok(i) => i,
         Err(e) => return error_page(&who, e),
     };
     let mut b = String::from("<h1>Image repository</h1>");
     if imgs.is_empty() {
-        b.push_str("<p class=muted>No image registered yet. Register one with <code>imgserver image add FILE</code>.</p>");
+        b.push_str("<p class=muted>No image registered yet. Register one on the server with <code>imgserver image add FILE</code> or through the admin API.</p>");
     } else {
-        b.push_str("<table id=images><thead><tr><th>Name</th><th>Version</th><th>Kind</th><th>Size</th><th>Needs</th><th>Models</th><th>Signed</th><th>Where</th><th>Added</th><th></th></tr></thead><tbody>");
+        b.push_str("<table id=images><thead><tr><th>Name</th><th>Version</th><th>Kind</th><th>Size</th><th>Needs</th><th>Models</th><th>Signed by</th><th>Stored as</th><th>Added</th><th></th></tr></thead><tbody>");
         for i in &imgs {
-            let needs = if i.facts.min_ram > 0 {
-                format!(
-                    "{} target, {} RAM",
-                    size(i.facts.min_target_size),
-                    size(i.facts.min_ram)
-                )
-            } else {
-                format!("{} target", size(i.facts.min_target_size))
-            };
-            let actions = if who.role.may_manage() {
+            let mut needs = format!("{} target", size(i.facts.min_target_size));
+            if i.facts.min_ram > 0 {
+                let _ = write!(needs, ", {} RAM", size(i.facts.min_ram));
+            }
+            let actions = if who.may_manage() {
                 button_form(
                     &who,
                     &format!("/images/{}/remove", i.id),
                     "Remove",
                     "danger",
-                    &format!("Remove image {} {} from the repository?", i.name, i.version),
+                    &format!(
+                        "Remove image {} {} from the repository (its file is deleted)?",
+                        i.name, i.version
+                    ),
                 )
             } else {
                 String::new()
@@ -539,19 +510,23 @@ pub async fn images(who: Signed, State(st): State<Arc<AppState>>) -> Response {
                 } else {
                     esc(&i.facts.models.join(", "))
                 },
-                match &i.signed_by {
-                    Some(s) => esc(s),
-                    None => "<span class=muted>no</span>".into(),
-                },
+                opt(i.signed_by.as_deref()),
                 esc(i.file.as_deref().or(i.url.as_deref()).unwrap_or("")),
                 time(Some(i.added)),
                 actions
             );
-            if let Some(d) = i.description.as_deref().or(i.captured_from.as_deref()) {
+            let mut sub = Vec::new();
+            if let Some(d) = &i.description {
+                sub.push(esc(d));
+            }
+            if let Some(f) = &i.captured_from {
+                sub.push(format!("captured from {}", esc(f)));
+            }
+            if !sub.is_empty() {
                 let _ = write!(
                     b,
                     "<tr class=sub><td></td><td colspan=9>{}</td></tr>",
-                    esc(d)
+                    sub.join(" · ")
                 );
             }
         }
@@ -563,15 +538,16 @@ pub async fn images(who: Signed, State(st): State<Arc<AppState>>) -> Response {
 pub async fn image_remove(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     headers: HeaderMap,
     Path(id): Path<u64>,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    if let Some(r) = guard(&who, &headers, Some(&f.csrf), who.role.may_manage()) {
+    if let Some(r) = guard(&who, &headers, &f.csrf, who.may_manage()) {
         return r;
     }
     let w = who.clone();
-    match blocking(move || ops::remove_image(&st, &w, id)).await {
+    match blocking(move || ops::remove_image(&c, &st, &w, id)).await {
         Ok(()) => Redirect::to("/images").into_response(),
         Err(e) => error_page(&who, e),
     }
@@ -580,63 +556,83 @@ pub async fn image_remove(
 // ---------------------------------------------------------------------------------------
 // Jobs
 
-/// Counts of a job's tasks by state.
-fn tally(tasks: &[TaskRow]) -> BTreeMap<&'static str, usize> {
-    let mut m = BTreeMap::new();
-    for t in tasks {
-        *m.entry(t.state.as_str()).or_default() += 1;
-    }
-    m
-}
-
-fn job_target(j: &JobRow) -> String {
-    if let Some(m) = j.selector.strip_prefix("mac:") {
+fn target_html(target: &str) -> String {
+    if let Some(m) = target.strip_prefix("mac:") {
         format!(
-            "device <a class=mono href=\"/devices/{}\">{}</a>",
+            "<a class=mono href=\"/devices/{}\">{}</a>",
             url_enc(m),
             esc(m)
         )
-    } else if let Some(g) = j.selector.strip_prefix("group:") {
+    } else if let Some(g) = target.strip_prefix("group:") {
         format!("group {}", esc(g))
-    } else if j.selector == "all" {
+    } else if target == "all" {
         "all devices".into()
+    } else if target == "list" {
+        "listed devices".into()
     } else {
-        esc(&j.selector)
+        esc(target)
     }
 }
 
-pub async fn jobs(who: Signed, State(st): State<Arc<AppState>>) -> Response {
-    let st2 = st.clone();
-    let (jobs, images) = match blocking(move || Ok((ops::jobs(&st2)?, ops::images(&st2)?))).await {
+fn window_html(w: &Window, at: Option<u64>, until: Option<u64>) -> String {
+    match w {
+        Window::Always => "at once".into(),
+        Window::NotYet(t) => format!(
+            "waits until {}{}",
+            time(Some(*t)),
+            until
+                .map(|u| format!(", until {}", time(Some(u))))
+                .unwrap_or_default()
+        ),
+        Window::Open => format!(
+            "open{}{}",
+            at.map(|a| format!(" since {}", time(Some(a))))
+                .unwrap_or_default(),
+            until
+                .map(|u| format!(", until {}", time(Some(u))))
+                .unwrap_or_default()
+        ),
+        Window::Closed(t) => format!("closed at {}", time(Some(*t))),
+    }
+}
+
+fn state_class(s: &str) -> String {
+    s.replace(' ', "_")
+}
+
+pub async fn jobs(who: Signed, State(st): State<Arc<AppState>>, Extension(c): Ctx) -> Response {
+    let w = who.clone();
+    let jobs = match blocking(move || ops::jobs(&c, &st, &w)).await {
         Ok(x) => x,
         Err(e) => return error_page(&who, e),
     };
     let mut b = String::from("<h1>Jobs</h1>");
-    if who.role.may_schedule() {
-        b.push_str("<div class=actions><a class=button href=\"/jobs/new\">New job</a></div>");
+    if who.may_schedule() {
+        b.push_str(
+            "<div class=actions><a class=button href=\"/jobs/new\" id=newjob-link>New job</a></div>",
+        );
     }
     if jobs.is_empty() {
         b.push_str("<p class=muted>No job yet.</p>");
     } else {
-        b.push_str("<table id=jobs><thead><tr><th>Job</th><th>Kind</th><th>Image</th><th>Target</th><th>State</th><th>Devices</th><th>Created</th><th>Note</th></tr></thead><tbody>");
-        for (j, tasks) in jobs.iter().rev().take(500) {
-            let img = j
-                .image
-                .and_then(|id| images.iter().find(|i| i.id == id))
-                .map(|i| format!("{} {}", esc(&i.name), esc(&i.version)))
-                .unwrap_or_else(|| "<span class=muted>—</span>".into());
-            let mut devs = String::new();
-            for (s, n) in tally(tasks) {
-                let _ = write!(devs, "{} ", badge(s, &format!("{n} {s}")));
-            }
+        b.push_str("<table id=jobs><thead><tr><th>Job</th><th>Kind</th><th>Image</th><th>Target</th><th>State</th><th>Devices</th><th>When</th><th>Changed by</th><th>Last action</th><th>Note</th></tr></thead><tbody>");
+        for j in jobs.iter().take(500) {
+            let n = &j.counts;
             let _ = write!(
                 b,
-                "<tr><td><a href=\"/jobs/{0}\">{0}</a></td><td>{1}</td><td>{img}</td><td>{2}</td><td>{3}</td><td>{devs}</td><td>{4}</td><td>{5}</td></tr>",
+                "<tr data-job=\"{0}\"><td><a href=\"/jobs/{0}\">{0}</a></td><td>{1}</td><td>{2}</td><td>{3}</td><td>{4}</td><td>{5} of {6} done{7}{8}</td><td>{9}</td><td>{10}</td><td>{11}</td><td>{12}</td></tr>",
                 j.id,
                 esc(&j.kind),
-                job_target(j),
-                badge(&j.state, &j.state),
-                time(Some(j.created)),
+                opt(j.image.as_deref()),
+                target_html(&j.target),
+                badge(&state_class(&j.state), &j.state),
+                n.succeeded,
+                n.total,
+                if n.running > 0 { format!(", {} running", n.running) } else { String::new() },
+                if n.failed > 0 { format!(", <span class=verr>{} failed</span>", n.failed) } else { String::new() },
+                window_html(&j.window, j.at, j.until),
+                opt(j.changed_by.as_deref()),
+                time(Some(j.last_action)),
                 opt(j.note.as_deref())
             );
         }
@@ -646,9 +642,9 @@ pub async fn jobs(who: Signed, State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// Progress of one task as text (`deploy 42 % · 12.0 MiB of 30.0 MiB · 5.1 MiB/s`).
-fn progress_text(t: &TaskRow) -> String {
+fn progress_text(t: &TaskView) -> String {
     let Some(p) = &t.progress else {
-        return String::new();
+        return t.waiting.clone().unwrap_or_default();
     };
     let mut s = p.phase.clone();
     if let Some(pc) = p.percent {
@@ -664,7 +660,7 @@ fn progress_text(t: &TaskRow) -> String {
     s
 }
 
-fn percent(t: &TaskRow) -> f32 {
+fn percent(t: &TaskView) -> f32 {
     match t.state {
         TaskState::Succeeded => 100.0,
         _ => t
@@ -676,60 +672,86 @@ fn percent(t: &TaskRow) -> f32 {
     }
 }
 
-fn validation_html(v: &crate::model::Validation) -> String {
+fn findings(errors: &[String], warnings: &[String]) -> String {
     let mut s = String::new();
-    for e in &v.errors {
+    for e in errors {
         let _ = write!(s, "<div class=verr>error: {}</div>", esc(e));
     }
-    for w in &v.warnings {
+    for w in warnings {
         let _ = write!(s, "<div class=vwarn>warning: {}</div>", esc(w));
     }
     s
 }
 
-pub async fn job(who: Signed, State(st): State<Arc<AppState>>, Path(id): Path<u64>) -> Response {
-    let st2 = st.clone();
-    let (j, tasks, images) = match blocking(move || {
-        let (j, t) = ops::job(&st2, id)?;
-        Ok((j, t, ops::images(&st2)?))
-    })
-    .await
-    {
+/// Is anything of this job still moving (the page keeps polling)?
+fn is_live(j: &JobDetail) -> bool {
+    j.summary.state == "active" && j.tasks.iter().any(|t| !t.state.is_final())
+}
+
+fn tally(j: &JobDetail) -> String {
+    let mut m: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &j.tasks {
+        *m.entry(t.state.as_str()).or_default() += 1;
+    }
+    m.iter()
+        .map(|(s, n)| badge(s, &format!("{n} {s}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Deserialize, Default)]
+pub struct JobQuery {
+    #[serde(default)]
+    note: String,
+}
+
+pub async fn job(
+    who: Signed,
+    State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
+    Path(id): Path<u64>,
+    Query(q): Query<JobQuery>,
+) -> Response {
+    let w = who.clone();
+    let j = match blocking(move || ops::job(&c, &st, &w, id)).await {
         Ok(x) => x,
         Err(e) => return error_page(&who, e),
     };
-    let img = j
-        .image
-        .and_then(|iid| images.iter().find(|i| i.id == iid))
-        .map(|i| format!("{} {}", esc(&i.name), esc(&i.version)))
-        .unwrap_or_else(|| "<span class=muted>—</span>".into());
-    let live = j.state == "active" && tasks.iter().any(|t| !t.state.is_final());
+    let s = &j.summary;
+    let live = is_live(&j);
     let mut b = String::new();
     let _ = write!(
         b,
         "<h1>Job {} <small>{}</small> <span id=job-state>{}</span></h1>",
-        j.id,
-        esc(&j.kind),
-        badge(&j.state, &j.state)
+        s.id,
+        esc(&s.kind),
+        badge(&state_class(&s.state), &s.state)
     );
-    b.push_str("<table class=kv>");
+    if !q.note.is_empty() {
+        b.push_str(&notice("ok", &q.note));
+    }
     let o = &j.options;
     let mut opts = vec![
-        format!("after: {}", esc(&format!("{:?}", o.after).to_lowercase())),
         format!(
-            "on error: {}",
-            esc(&format!("{:?}", o.on_error).to_lowercase())
-        ),
-        format!(
-            "batch: {}",
-            if o.batch == 0 {
-                "all at once".to_string()
-            } else if o.batch == 1 {
-                "one device at a time".to_string()
-            } else {
-                format!("{} devices at a time", o.batch)
+            "afterwards: {}",
+            match o.after {
+                crate::protocol::After::Reboot => "install and reboot",
+                crate::protocol::After::NoReboot => "install, no reboot",
+                crate::protocol::After::CopyOnly => "copy only",
             }
         ),
+        format!(
+            "if a device fails: {}",
+            match o.on_error {
+                crate::model::OnError::Stop => "stop",
+                crate::model::OnError::Continue => "continue",
+            }
+        ),
+        match o.batch {
+            0 => "all devices at once".to_string(),
+            1 => "one device at a time".to_string(),
+            n => format!("{n} devices at a time"),
+        },
         format!(
             "backup first: {}",
             if o.backup_first { "yes" } else { "no" }
@@ -744,28 +766,31 @@ pub async fn job(who: Signed, State(st): State<Arc<AppState>>, Path(id): Path<u6
     if !o.preserve.is_empty() {
         opts.push(format!("preserve {}", esc(&o.preserve.join(", "))));
     }
+    b.push_str("<table class=kv>");
     for (k, v) in [
-        ("Image", img),
-        ("Target", job_target(&j)),
+        ("Image", opt(s.image.as_deref())),
+        ("Target", target_html(&s.target)),
+        ("When", window_html(&s.window, s.at, s.until)),
         ("Options", opts.join(" · ")),
-        ("Created", time(Some(j.created))),
-        ("Note", opt(j.note.as_deref())),
+        ("Created", time(Some(s.created))),
+        ("Changed by", opt(s.changed_by.as_deref())),
+        ("Note", opt(s.note.as_deref())),
     ] {
         let _ = write!(b, "<tr><th>{k}</th><td>{v}</td></tr>");
     }
     b.push_str("</table>");
-    if who.role.may_schedule() {
+    if who.may_schedule() {
         b.push_str("<div class=actions id=job-actions>");
-        if j.state == "active" {
+        if s.state == "active" && j.tasks.iter().any(|t| !t.state.is_final()) {
             b.push_str(&button_form(
                 &who,
-                &format!("/jobs/{}/abort", j.id),
+                &format!("/jobs/{}/abort", s.id),
                 "Abort",
                 "danger",
-                "Abort this job? Devices that have not started will not; a device already writing finishes (seed rule).",
+                "Abort this job? Devices that have not started are cancelled; a device already imaging finishes.",
             ));
         }
-        if tasks.iter().any(|t| {
+        if j.tasks.iter().any(|t| {
             matches!(
                 t.state,
                 TaskState::Failed | TaskState::Rejected | TaskState::Aborted
@@ -773,98 +798,105 @@ pub async fn job(who: Signed, State(st): State<Arc<AppState>>, Path(id): Path<u6
         }) {
             b.push_str(&button_form(
                 &who,
-                &format!("/jobs/{}/retry", j.id),
-                "Retry failed devices",
+                &format!("/jobs/{}/retry", s.id),
+                "Retry",
                 "",
                 "",
             ));
         }
-        if j.kind == "deploy"
-            && tasks
+        if s.kind == "deploy"
+            && j.tasks
                 .iter()
-                .any(|t| t.state == TaskState::Succeeded && t.prev_image.is_some())
+                .any(|t| t.state == TaskState::Succeeded && t.previous_image.is_some())
         {
             b.push_str(&button_form(
                 &who,
-                &format!("/jobs/{}/rollback", j.id),
+                &format!("/jobs/{}/rollback", s.id),
                 "Roll back",
                 "",
-                "Roll the devices of this job back to the image they had before?",
+                "Deploy again, on the devices this job changed, the image they had before?",
             ));
         }
         b.push_str("</div>");
     }
-    b.push_str("<p class=summary id=tally>");
-    for (s, n) in tally(&tasks) {
-        let _ = write!(b, "{} ", badge(s, &format!("{n} {s}")));
-    }
-    b.push_str("</p>");
+    let _ = write!(b, "<p class=summary id=tally>{}</p>", tally(&j));
     let _ = write!(
         b,
-        "<table id=tasks data-live=\"{}\" data-src=\"/jobs/{}/live.json\"><thead><tr><th>Device</th><th>State</th><th>Progress</th><th>Message</th><th>Validation</th><th>Updated</th></tr></thead><tbody>",
+        "<table id=tasks data-live=\"{}\" data-src=\"/jobs/{}/live.json\"><thead><tr><th>Device</th><th>State</th><th>Progress</th><th>Message</th><th>Validation</th><th>Before</th><th>Updated</th></tr></thead><tbody>",
         if live { "1" } else { "0" },
-        j.id
+        s.id
     );
-    for t in &tasks {
+    for t in &j.tasks {
         let _ = write!(
             b,
-            "<tr data-task=\"{}\"><td><a class=mono href=\"/devices/{}\">{}</a></td><td class=state>{}</td><td class=progress><progress max=100 value=\"{:.0}\"></progress> <span class=ptext>{}</span></td><td class=message>{}</td><td>{}</td><td class=updated>{}</td></tr>",
-            t.id,
+            "<tr data-task=\"{}\" data-mac=\"{}\"><td><a class=mono href=\"/devices/{}\">{}</a></td><td class=state>{}</td><td class=progress><progress max=100 value=\"{:.0}\"></progress> <span class=ptext>{}</span></td><td class=message>{}</td><td>{}</td><td>{}</td><td class=updated>{}</td></tr>",
+            t.task,
+            esc(&t.mac),
             url_enc(&t.mac),
             esc(&t.mac),
             badge(t.state.as_str(), t.state.as_str()),
             percent(t),
             esc(&progress_text(t)),
             opt(t.message.as_deref()),
-            validation_html(&t.validation),
+            findings(&t.errors, &t.warnings),
+            stamp(t.previous_image.as_ref()),
             time(Some(t.updated))
         );
     }
     b.push_str("</tbody></table>");
-    if tasks.is_empty() {
+    if j.tasks.is_empty() {
         b.push_str("<p class=muted>No device in this job yet: devices of a group or of all join as they check in.</p>");
     }
-    Html(frame(
-        Some(&who),
-        Nav::Jobs,
-        &format!("Job {}", j.id),
-        &b,
-        live,
-    ))
-    .into_response()
+    if !j.history.is_empty() {
+        b.push_str("<section><h2>Changes</h2><table id=audit><thead><tr><th>When</th><th>Who</th><th>What</th><th>Detail</th></tr></thead><tbody>");
+        for a in &j.history {
+            let _ = write!(
+                b,
+                "<tr><td>{}</td><td>{} <small>({})</small></td><td>{}</td><td>{}</td></tr>",
+                time(Some(a.at)),
+                esc(&a.actor),
+                a.role.as_str(),
+                esc(&a.action),
+                esc(&a.detail)
+            );
+        }
+        b.push_str("</tbody></table></section>");
+    }
+    let title = format!("Job {}", s.id);
+    Html(frame(Some(&who), Nav::Jobs, &title, &b, live)).into_response()
 }
 
 /// The job page's live data, polled by the console's script.
 pub async fn job_live(
-    _who: Signed,
+    who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     Path(id): Path<u64>,
 ) -> Response {
-    let found = blocking(move || ops::job(&st, id)).await;
-    let (j, tasks) = match found {
+    let j = match blocking(move || ops::job(&c, &st, &who, id)).await {
         Ok(x) => x,
         Err(e) => return (e.status(), e.to_string()).into_response(),
     };
-    let rows: Vec<serde_json::Value> = tasks
+    let rows: Vec<serde_json::Value> = j
+        .tasks
         .iter()
         .map(|t| {
             serde_json::json!({
-                "task": t.id,
+                "task": t.task,
                 "mac": t.mac,
                 "state": t.state.as_str(),
-                "final": t.state.is_final(),
                 "percent": percent(t),
                 "progress": progress_text(t),
                 "message": t.message,
-                "updated": super::page::iso(t.updated),
+                "updated": iso(t.updated),
             })
         })
         .collect();
-    let live = j.state == "active" && tasks.iter().any(|t| !t.state.is_final());
     let mut r = Json(serde_json::json!({
-        "job": j.id,
-        "state": j.state,
-        "live": live,
+        "job": j.summary.id,
+        "state": j.summary.state,
+        "state_class": state_class(&j.summary.state),
+        "live": is_live(&j),
         "tasks": rows,
     }))
     .into_response();
@@ -876,23 +908,37 @@ pub async fn job_live(
 pub async fn job_action(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     headers: HeaderMap,
     Path((id, action)): Path<(u64, String)>,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    if let Some(r) = guard(&who, &headers, Some(&f.csrf), who.role.may_schedule()) {
+    if let Some(r) = guard(&who, &headers, &f.csrf, who.may_schedule()) {
         return r;
     }
     let w = who.clone();
     let res = blocking(move || match action.as_str() {
-        "abort" => ops::abort(&st, &w, id).map(|_| id),
-        "retry" => ops::retry(&st, &w, id),
-        "rollback" => ops::rollback(&st, &w, id),
+        "abort" => ops::abort(&c, &st, &w, id).map(|j| {
+            (
+                j,
+                format!("Job {id} aborted: devices not started are cancelled."),
+            )
+        }),
+        "retry" => ops::retry(&c, &st, &w, id).map(|j| (j, format!("Retry of job {id}."))),
+        "rollback" => ops::rollback(&c, &st, &w, id).map(|(j, skipped)| {
+            let mut n = format!("Rollback of job {id}.");
+            if !skipped.is_empty() {
+                n.push_str(&format!(" Not rolled back: {}", skipped.join("; ")));
+            }
+            (j, n)
+        }),
         other => Err(OpError::NotFound(format!("no job action {other:?}"))),
     })
     .await;
     match res {
-        Ok(job) => Redirect::to(&format!("/jobs/{job}")).into_response(),
+        Ok((job, note)) => {
+            Redirect::to(&format!("/jobs/{job}?note={}", url_enc(&note))).into_response()
+        }
         Err(e) => error_page(&who, e),
     }
 }
@@ -911,13 +957,14 @@ pub struct NewJobQuery {
 pub async fn new_job_form(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     Query(q): Query<NewJobQuery>,
 ) -> Response {
-    if !who.role.may_schedule() {
+    if !who.may_schedule() {
         return error_page(
             &who,
             OpError::Forbidden(format!(
-                "your role ({}) may not schedule jobs",
+                "your role ({}) may not schedule jobs: ask an administrator",
                 who.role.as_str()
             )),
         );
@@ -927,24 +974,23 @@ pub async fn new_job_form(
         backup_first: true,
         after: "reboot".into(),
         on_error: "stop".into(),
+        target: "macs".into(),
         ..JobForm::default()
     };
     if !q.mac.is_empty() {
-        f.target = "macs".into();
         f.macs = q.mac;
     } else if !q.group.is_empty() {
         f.target = "group".into();
         f.group = q.group;
-    } else {
-        f.target = "macs".into();
     }
-    render_new_job(who, st, f, None, None).await
+    render_new_job(who, st, c, f, None, None).await
 }
 
-/// The form's fields as posted (repeated names kept).
+/// The form posted: `step=validate` shows the validation table, `step=create` creates.
 pub async fn new_job_post(
     who: Signed,
     State(st): State<Arc<AppState>>,
+    Extension(c): Ctx,
     headers: HeaderMap,
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -955,50 +1001,76 @@ pub async fn new_job_post(
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    if let Some(r) = guard(&who, &headers, Some(&get("csrf")), who.role.may_schedule()) {
+    if let Some(r) = guard(&who, &headers, &get("csrf"), who.may_schedule()) {
         return r;
     }
     let f = JobForm::from_fields(&fields);
-    let step = get("step");
-    let w = who.clone();
-    let st2 = st.clone();
-    let f2 = f.clone();
-    if step == "create" {
-        match blocking(move || ops::create_job(&st2, &w, &f2)).await {
-            Ok(id) => return Redirect::to(&format!("/jobs/{id}")).into_response(),
-            Err(e) => return render_new_job(who, st, f, None, Some(e)).await,
-        }
+    let (w, st2, c2, f2) = (who.clone(), st.clone(), c.clone(), f.clone());
+    if get("step") == "create" {
+        return match blocking(move || ops::create_job(&c2, &st2, &w, &f2)).await {
+            Ok(made) => {
+                let id = made.job.unwrap_or_default();
+                let note = if made.blocked.is_empty() {
+                    format!("Job {id} created.")
+                } else {
+                    format!(
+                        "Job {id} created. Blocked by validation errors (no task): {}.",
+                        made.blocked.join(", ")
+                    )
+                };
+                Redirect::to(&format!("/jobs/{id}?note={}", url_enc(&note))).into_response()
+            }
+            Err(OpError::Blocked(msg, table)) => {
+                render_new_job(
+                    who,
+                    st,
+                    c,
+                    f,
+                    Some(table),
+                    Some(OpError::Blocked(msg, vec![])),
+                )
+                .await
+            }
+            Err(e) => render_new_job(who, st, c, f, None, Some(e)).await,
+        };
     }
-    match blocking(move || ops::validate(&st2, &w, &f2)).await {
-        Ok(table) => render_new_job(who, st, f, Some(table), None).await,
-        Err(e) => render_new_job(who, st, f, None, Some(e)).await,
+    match blocking(move || ops::validate(&c2, &st2, &w, &f2)).await {
+        Ok(table) => render_new_job(who, st, c, f, Some(table), None).await,
+        Err(e) => render_new_job(who, st, c, f, None, Some(e)).await,
     }
 }
 
 async fn render_new_job(
     who: Signed,
     st: Arc<AppState>,
+    c: Arc<Console>,
     f: JobForm,
-    table: Option<Vec<(String, crate::model::Validation)>>,
+    table: Option<Vec<ValidationRow>>,
     err: Option<OpError>,
 ) -> Response {
-    let st2 = st.clone();
-    let (images, devices) =
-        match blocking(move || Ok((ops::images(&st2)?, ops::devices(&st2)?))).await {
-            Ok(x) => x,
-            Err(e) => return error_page(&who, e),
-        };
-    let mut groups: Vec<String> = devices.iter().filter_map(|d| d.group.clone()).collect();
+    let w = who.clone();
+    let got = blocking(move || {
+        Ok((
+            ops::images(&c, &st, &w)?,
+            ops::devices(&c, &st, &w, &DeviceFilter::default())?,
+        ))
+    })
+    .await;
+    let (images, devices) = match got {
+        Ok(x) => x,
+        Err(e) => return error_page(&who, e),
+    };
+    let mut groups: Vec<&str> = devices.iter().filter_map(|d| d.group.as_deref()).collect();
     groups.sort();
     groups.dedup();
+    let sel = |v: &str, cur: &str| if v == cur { " selected" } else { "" };
+    let chk = |on: bool| if on { " checked" } else { "" };
     let mut b = String::from("<h1>New job</h1>");
     if let Some(e) = &err {
         b.push_str(&notice("error", &e.to_string()));
     }
     b.push_str("<form method=post action=\"/jobs/new\" id=newjob class=grid>");
     b.push_str(&csrf_field(&who));
-    let sel = |v: &str, cur: &str| if v == cur { " selected" } else { "" };
-    let chk = |on: bool| if on { " checked" } else { "" };
     // What
     b.push_str("<fieldset><legend>What</legend><label>Kind <select name=kind id=kind>");
     for (v, l) in [
@@ -1008,9 +1080,10 @@ async fn render_new_job(
     ] {
         let _ = write!(b, "<option value={v}{}>{l}</option>", sel(v, &f.kind));
     }
-    b.push_str(
-        "</select></label><label>Image <select name=image id=image><option value=\"\">—</option>",
-    );
+    b.push_str("</select></label><label>Image <select name=image id=image>");
+    if images.is_empty() {
+        b.push_str("<option value=\"\">no image registered</option>");
+    }
     for i in images.iter().rev() {
         let _ = write!(
             b,
@@ -1030,7 +1103,7 @@ async fn render_new_job(
     b.push_str("</select></label>");
     let _ = write!(
         b,
-        "<label>Capture as <input name=capture_name value=\"{}\" placeholder=name size=12> <input name=capture_version value=\"{}\" placeholder=version size=8></label>",
+        "<label>Capture as <input name=capture_name value=\"{}\" placeholder=name size=14> version <input name=capture_version value=\"{}\" placeholder=version size=8></label>",
         esc(&f.capture_name),
         esc(&f.capture_version)
     );
@@ -1039,14 +1112,15 @@ async fn render_new_job(
     b.push_str("<fieldset><legend>Devices</legend>");
     let _ = write!(
         b,
-        "<label class=radio><input type=radio name=target value=macs{}> These devices (MACs, one per line or separated by spaces or commas)</label><textarea name=macs id=macs rows=3 cols=40 spellcheck=false>{}</textarea>",
-        chk(f.target == "macs"),
+        "<label class=radio><input type=radio name=target value=macs{}> These devices: MACs, one per line or separated by spaces</label><textarea name=macs id=macs rows=3 cols=42 spellcheck=false>{}</textarea>",
+        chk(f.target == "macs" || f.target.is_empty()),
         esc(&f.macs)
     );
     let _ = write!(
         b,
-        "<label class=radio><input type=radio name=target value=group{}> Group <select name=group>",
-        chk(f.target == "group")
+        "<label class=radio><input type=radio name=target value=group{}{}> Group <select name=group>",
+        chk(f.target == "group"),
+        if groups.is_empty() { " disabled" } else { "" }
     );
     for g in &groups {
         let _ = write!(
@@ -1058,7 +1132,7 @@ async fn render_new_job(
     }
     let _ = write!(
         b,
-        "</select></label><label class=radio><input type=radio name=target value=all{}> All devices ({})</label></fieldset>",
+        "</select></label><label class=radio><input type=radio name=target value=all{}> All devices ({} now; devices that enrol later join)</label></fieldset>",
         chk(f.target == "all"),
         devices.len()
     );
@@ -1066,17 +1140,17 @@ async fn render_new_job(
     b.push_str("<fieldset><legend>Options</legend>");
     let _ = write!(
         b,
-        "<label>Partition <input name=partition value=\"{}\" placeholder=\"number or label; empty: whole disk\" size=18></label>",
+        "<label>Partition <input name=partition id=partition value=\"{}\" placeholder=\"number or label\" size=16> <small>empty: the whole disk</small></label>",
         esc(&f.partition)
     );
     let _ = write!(
         b,
-        "<label>Disk <input name=disk value=\"{}\" placeholder=\"empty: the first disk\" size=18></label>",
+        "<label>Disk <input name=disk value=\"{}\" size=16> <small>empty: the device's first disk</small></label>",
         esc(&f.disk)
     );
     let _ = write!(
         b,
-        "<label>Preserve partitions <input name=preserve value=\"{}\" placeholder=\"e.g. 3, DATA\" size=18></label>",
+        "<label>Preserve partitions <input name=preserve value=\"{}\" placeholder=\"e.g. 3, DATA\" size=16></label>",
         esc(&f.preserve)
     );
     let _ = write!(
@@ -1101,7 +1175,7 @@ async fn render_new_job(
     }
     let _ = write!(
         b,
-        "</select></label><label>Devices at a time <input type=number name=batch min=0 value=\"{}\" size=4> <small>0: all at once, 1: one after the other</small></label>",
+        "</select></label><label>Devices at a time <input type=number name=batch min=0 value=\"{}\" style=\"width:5em\"> <small>0 or empty: all at once; 1: one after the other</small></label>",
         esc(&f.batch)
     );
     b.push_str("</fieldset>");
@@ -1109,10 +1183,10 @@ async fn render_new_job(
     b.push_str("<fieldset><legend>When</legend>");
     let _ = write!(
         b,
-        "<label>Start at <input type=datetime-local name=at value=\"{}\"></label><label>Window ends <input type=datetime-local name=until value=\"{}\"></label><input type=hidden name=tz_offset id=tz_offset value=\"{}\"><p class=hint id=tz_hint>Empty: now. Times are UTC unless your browser runs the console's script (then: your own time zone).</p>",
+        "<label>Start at <input type=datetime-local name=at value=\"{}\"></label><label>Window ends <input type=datetime-local name=until value=\"{}\"></label><input type=hidden name=tz id=tz value=\"{}\"><p class=hint id=tz_hint>Empty: at once, no end. Times are in the server's time zone.</p>",
         esc(&f.at),
         esc(&f.until),
-        esc(&f.tz_offset)
+        esc(&f.tz)
     );
     let _ = write!(
         b,
@@ -1121,49 +1195,66 @@ async fn render_new_job(
     );
     b.push_str("<div class=actions><button type=submit name=step value=validate id=validate>Validate</button>");
     if let Some(rows) = &table {
-        let runnable = rows.iter().filter(|(_, v)| v.ok()).count();
-        if runnable > 0 {
+        let runnable = rows.iter().filter(|r| r.status != "error").count();
+        let group_or_all = f.target == "group" || f.target == "all";
+        if runnable > 0 || (rows.is_empty() && group_or_all) {
             let _ = write!(
                 b,
-                " <button type=submit name=step value=create id=create class=primary>Create job for {runnable} device{}</button>",
-                if runnable == 1 { "" } else { "s" }
+                "<button type=submit name=step value=create id=create class=primary>Create job{}</button>",
+                if rows.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " for {runnable} device{}",
+                        if runnable == 1 { "" } else { "s" }
+                    )
+                }
             );
         }
+    } else {
+        b.push_str(
+            " <span class=hint>Validate first: the table shows what each device would do.</span>",
+        );
     }
     b.push_str("</div>");
     if let Some(rows) = &table {
         b.push_str("<section><h2>Validation</h2>");
         if rows.is_empty() {
-            b.push_str("<p class=muted>No device matches yet: devices of a group or of all are validated as they check in.</p>");
+            b.push_str("<p class=muted>No device matches now: devices of a group or of all are validated as they check in.</p>");
         } else {
-            let blocked = rows.iter().filter(|(_, v)| !v.ok()).count();
-            if blocked > 0 {
+            let blocked = rows.iter().filter(|r| r.status == "error").count();
+            if blocked == rows.len() {
+                b.push_str(&notice(
+                    "error",
+                    "Every device has errors: no job can be created. Fix the devices or change the options, then validate again.",
+                ));
+            } else if blocked > 0 {
                 b.push_str(&notice(
                     "warn",
                     &format!(
-                        "{blocked} device{} blocked by errors: no task will be created for {}. Warnings do not block.",
-                        if blocked == 1 { " is" } else { "s are" },
-                        if blocked == 1 { "it" } else { "them" }
+                        "{blocked} of {} devices are blocked by errors and get no task. Warnings do not block.",
+                        rows.len()
                     ),
                 ));
             } else {
-                b.push_str(&notice("ok", "No errors: every device listed gets a task."));
+                b.push_str(&notice(
+                    "ok",
+                    "No errors: every device listed gets a task. Warnings do not block.",
+                ));
             }
-            b.push_str("<table id=validation><thead><tr><th>Device</th><th>Verdict</th><th>Errors and warnings</th></tr></thead><tbody>");
-            for (mac, v) in rows {
-                let verdict = if !v.ok() {
-                    badge("blocked", "blocked")
-                } else if !v.warnings.is_empty() {
-                    badge("warned", "runs, with warnings")
-                } else {
-                    badge("ok", "ok")
+            b.push_str("<table id=validation><thead><tr><th>Device</th><th>Result</th><th>Errors and warnings</th></tr></thead><tbody>");
+            for r in rows {
+                let verdict = match r.status.as_str() {
+                    "error" => badge("blocked", "error: blocked"),
+                    "warning" => badge("warned", "warning"),
+                    _ => badge("ok", "success"),
                 };
                 let _ = write!(
                     b,
-                    "<tr data-mac=\"{}\"><td class=mono>{}</td><td>{verdict}</td><td>{}</td></tr>",
-                    esc(mac),
-                    esc(mac),
-                    validation_html(v)
+                    "<tr data-mac=\"{0}\" data-status=\"{1}\"><td class=mono>{0}</td><td>{verdict}</td><td>{2}</td></tr>",
+                    esc(&r.mac),
+                    esc(&r.status),
+                    findings(&r.errors, &r.warnings)
                 );
             }
             b.push_str("</tbody></table>");

@@ -34,6 +34,8 @@ usage: imgserver [--data DIR] COMMAND
       OPTIONS: --partition P  --disk D  --preserve P (repeatable)  --no-backup
                --then reboot|no-reboot|copy-only  --on-error stop|continue
                --batch N | --sequential  --comp 0..9  --note TEXT
+               --at TIME [--until TIME] [--tz ZONE]   devices get it only in that window
+               --validate-only        print seed 003's validation table, create nothing
   schedule remove JOB
   devices [--reload-wait SECS]        devices with state, image, last check-in
   device MAC [--operational | --group NAME | --no-group]
@@ -42,6 +44,9 @@ usage: imgserver [--data DIR] COMMAND
   approve MAC                         approve an enrolment made without the site secret
   forget MAC                          delete the device's records: it enrols and images anew
   transcript MAC [--task N]
+  admin add NAME --role admin|operator|viewer    print a new admin API token (once)
+  admin list | admin revoke NAME | admin audit [--target job:N|device:MAC] [--limit N]
+TIME: YYYY-MM-DD HH:MM in ZONE (default $TZ), RFC 3339, @UNIX, now, +10m; see docs/admin-api.md
 DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
 
 /// A parsed command line.
@@ -1258,6 +1263,11 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
     // Everything imgserver creates (database, keys, uploads, repository files) is private
     // to its user.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // `admin ...`, the changing commands and the job window options: the admin core.
+    let args: Vec<OsString> = args.into_iter().collect();
+    if let Some(code) = crate::admin::cli::intercept(&args) {
+        return code;
+    }
     let parsed = match parse(args) {
         Ok(a) => a,
         Err(e) => {

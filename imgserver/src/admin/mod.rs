@@ -983,10 +983,16 @@ impl Admin {
         };
         let mut detail = format!("{what} for {}", job.selector);
         if let Some(a) = job.options.at {
-            detail.push_str(&format!(", at @{a}"));
+            detail.push_str(&format!(
+                ", at {}",
+                window::show(a, &jiff::tz::TimeZone::UTC)
+            ));
         }
         if let Some(u) = job.options.until {
-            detail.push_str(&format!(", until @{u}"));
+            detail.push_str(&format!(
+                ", until {}",
+                window::show(u, &jiff::tz::TimeZone::UTC)
+            ));
         }
         if !blocked.is_empty() {
             detail.push_str(&format!(", blocked by validation: {}", blocked.join(", ")));
@@ -1315,3 +1321,6 @@ pub fn shown_state(j: &JobRow, tasks: &[TaskRow]) -> String {
         j.state.clone()
     }
 }
+
+#[cfg(test)]
+mod tests;

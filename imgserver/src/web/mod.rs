@@ -67,9 +67,20 @@ pub(crate) fn console(parts: &axum::http::request::Parts) -> Arc<Console> {
 }
 
 /// Every console answer: no framing by other sites, only our own script and style, no
-/// caching of pages that show the fleet, no referrer leaking MACs to other sites.
-async fn security_headers(req: Request, next: Next) -> Response {
+/// caching of pages that show the fleet, no referrer (with MACs in it) sent to other sites.
+async fn security_headers(mut req: Request, next: Next) -> Response {
     let asset = req.uri().path().starts_with("/assets/");
+    // HTTP/2 carries the host in the URI (`:authority`), HTTP/1.1 in `Host`: give the
+    // same-origin check one place to look.
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(a) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, a);
+        }
+    }
     let mut r = next.run(req).await;
     let h = r.headers_mut();
     let set = |h: &mut HeaderMap, k: &'static str, v: &'static str| {
@@ -82,7 +93,9 @@ async fn security_headers(req: Request, next: Next) -> Response {
     );
     set(h, "x-content-type-options", "nosniff");
     set(h, "x-frame-options", "DENY");
-    set(h, "referrer-policy", "no-referrer");
+    // same-origin, not no-referrer: under no-referrer browsers send `Origin: null` with
+    // form posts, which the same-origin check would refuse.
+    set(h, "referrer-policy", "same-origin");
     set(h, "strict-transport-security", "max-age=31536000");
     if !asset && !h.contains_key(header::CACHE_CONTROL) {
         set(h, "cache-control", "no-store");

@@ -307,6 +307,29 @@ impl Browser {
             .unwrap_or_else(|e| panic!("clicking {css}: {e}\non {}", self.path()));
     }
 
+    /// Click something that loads a new page, and wait until the new page is there.
+    fn click_nav(&self, css: &str) {
+        self.js("window.__before_click = true; return 0;");
+        self.click(css);
+        self.wait_loaded();
+    }
+
+    /// Wait until the page that was marked is gone and the new one is loaded.
+    fn wait_loaded(&self) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let fresh = self.rt.block_on(self.c().execute(
+                "return window.__before_click === undefined && document.readyState === 'complete';",
+                vec![],
+            ));
+            if matches!(fresh, Ok(serde_json::Value::Bool(true))) {
+                return;
+            }
+            assert!(Instant::now() < end, "no new page after a click");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn fill(&self, css: &str, text: &str) {
         self.rt
             .block_on(async {
@@ -351,6 +374,19 @@ impl Browser {
         }
     }
 
+    /// Wait until `css` matches `n` elements.
+    fn wait_count(&self, css: &str, n: usize, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while self.count(css) != n {
+            assert!(
+                Instant::now() < end,
+                "{css} never matched {n} on {}",
+                self.path()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Save a screenshot as NAME.png.
     fn shot(&self, name: &str) {
         let png = self.rt.block_on(self.c().screenshot()).unwrap();
@@ -361,7 +397,7 @@ impl Browser {
     fn sign_in(&self, token: &str) {
         self.go("/login");
         self.fill("#token", token);
-        self.click("#signin");
+        self.click_nav("#signin");
     }
 }
 
@@ -429,7 +465,7 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     // The operator signs in and lands on the fleet, where both devices are.
     br.go("/login?next=/");
     br.fill("#token", &operator);
-    br.click("#signin");
+    br.click_nav("#signin");
     assert_eq!(br.path(), "/");
     let fleet = br.text("#fleet");
     assert!(fleet.contains(MAC_A) && fleet.contains(MAC_B), "{fleet}");
@@ -440,7 +476,7 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     br.shot("02-fleet");
     // Search narrows the list.
     br.fill("#q", "0c:0b");
-    br.click("#filter");
+    br.click_nav("#filter");
     assert_eq!(br.count("#fleet tbody tr"), 1);
     assert!(br.text("#fleet").contains(MAC_B));
 
@@ -466,7 +502,7 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     br.go("/jobs/new");
     assert_eq!(br.count("#create"), 0, "no create button before validation");
     br.fill("#macs", &format!("{MAC_A}\n{MAC_B}"));
-    br.click("#validate");
+    br.click_nav("#validate");
     let row_b = br.text(&format!("#validation tr[data-mac='{MAC_B}']"));
     assert!(
         row_b.contains("error") && row_b.contains("not enough space"),
@@ -478,13 +514,13 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     br.shot("05-new-job-validation");
     // B alone: every device blocked, nothing can be created.
     br.fill("#macs", MAC_B);
-    br.click("#validate");
+    br.click_nav("#validate");
     assert_eq!(br.count("#create"), 0);
     assert!(br.text(".notice.error").contains("no job can be created"));
     // A alone: create, then watch the job reach done while the real agent images the disk.
     br.fill("#macs", MAC_A);
-    br.click("#validate");
-    br.click("#create");
+    br.click_nav("#validate");
+    br.click_nav("#create");
     assert!(br.path().starts_with("/jobs/1"), "{}", br.path());
     assert!(br
         .text(&format!("#tasks tr[data-mac='{MAC_A}'] .state"))
@@ -500,7 +536,11 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
         };
         std::thread::spawn(move || d.checkin_at(&url, &ca))
     };
+    // The page is not reloaded by the test: its script polls and, once the job is over,
+    // has the server render it afresh (data-live=0, no Abort button).
     br.wait_text("#job-state", "done", Duration::from_secs(300));
+    br.wait_count("#tasks[data-live='0']", 1, Duration::from_secs(20));
+    assert_eq!(br.count("#job-actions form[action$='/abort']"), 0);
     let (code, out) = agent.join().unwrap();
     assert_eq!(code, Some(0), "{out}");
     assert!(br
@@ -512,25 +552,32 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     let (code, out) = a.checkin(&srv);
     assert_eq!(code, Some(0), "{out}");
     br.go(&format!("/devices/{MAC_A}"));
+    let disk = br.text("main section h3");
+    assert!(
+        disk.contains("64.0 MiB") && disk.contains("image os 1.0"),
+        "{disk}"
+    );
     let parts = br.text("table.parts");
     assert!(
-        parts.contains("SYSTEM") && parts.contains("os 1.0"),
+        parts.contains("SYSTEM") && parts.contains("fat16"),
         "{parts}"
     );
     br.shot("03-device");
 
     // Another job for A, never picked up: abort it (after the confirmation question).
     br.go(&format!("/jobs/new?mac={MAC_A}"));
-    br.click("#validate");
+    br.click_nav("#validate");
     let warn = br.text(&format!("#validation tr[data-mac='{MAC_A}']"));
     assert!(
         warn.contains("same as or older"),
         "a warning, not a block: {warn}"
     );
-    br.click("#create");
+    br.click_nav("#create");
     assert!(br.path().starts_with("/jobs/2"), "{}", br.path());
+    br.js("window.__before_click = true; return 0;");
     br.click("#job-actions form[action$='/abort'] button");
     assert!(br.accept_confirm().contains("Abort this job"));
+    br.wait_loaded();
     br.wait_text("#job-state", "aborted", Duration::from_secs(20));
     assert!(br
         .text(&format!("#tasks tr[data-mac='{MAC_A}'] .state"))
@@ -541,7 +588,7 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     br.shot("09-jobs");
 
     // Sign out: the session is gone, the cookie too.
-    br.click("#signout");
+    br.click_nav("#signout");
     assert!(br.path().starts_with("/login"), "{}", br.path());
     br.go("/");
     assert!(br.path().starts_with("/login"), "{}", br.path());

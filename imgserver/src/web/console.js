@@ -52,9 +52,11 @@
           if (js) { js.innerHTML = badge(j.state_class, j.state); }
           if (!j.live) {
             clearInterval(timer);
-            table.setAttribute("data-live", "0");
-            // The buttons depend on the final states (retry, rollback): render them afresh.
-            setTimeout(function () { location.reload(); }, 300);
+            // Nothing left to abort; retry and rollback depend on the final states: the
+            // server renders the page afresh.
+            var abort = document.querySelector('#job-actions form[action$="/abort"]');
+            if (abort) { abort.remove(); }
+            location.reload();
           }
         })
         .catch(function () {});

@@ -1071,6 +1071,73 @@ async fn render_new_job(
     }
     b.push_str("<form method=post action=\"/jobs/new\" id=newjob class=grid>");
     b.push_str(&csrf_field(&who));
+    if let Some(rows) = &table {
+        b.push_str("<section><h2>Validation</h2>");
+        if rows.is_empty() {
+            b.push_str("<p class=muted>No device matches now: devices of a group or of all are validated as they check in.</p>");
+        } else {
+            let blocked = rows.iter().filter(|r| r.status == "error").count();
+            if blocked == rows.len() {
+                b.push_str(&notice(
+                    "error",
+                    "Every device has errors: no job can be created. Fix the devices or change the options, then validate again.",
+                ));
+            } else if blocked > 0 {
+                b.push_str(&notice(
+                    "warn",
+                    &format!(
+                        "{blocked} of {} devices are blocked by errors and get no task. Warnings do not block.",
+                        rows.len()
+                    ),
+                ));
+            } else {
+                b.push_str(&notice(
+                    "ok",
+                    "No errors: every device listed gets a task. Warnings do not block.",
+                ));
+            }
+            b.push_str("<table id=validation><thead><tr><th>Device</th><th>Result</th><th>Errors and warnings</th></tr></thead><tbody>");
+            for r in rows {
+                let verdict = match r.status.as_str() {
+                    "error" => badge("blocked", "error: blocked"),
+                    "warning" => badge("warned", "warning"),
+                    _ => badge("ok", "success"),
+                };
+                let _ = write!(
+                    b,
+                    "<tr data-mac=\"{0}\" data-status=\"{1}\"><td class=mono>{0}</td><td>{verdict}</td><td>{2}</td></tr>",
+                    esc(&r.mac),
+                    esc(&r.status),
+                    findings(&r.errors, &r.warnings)
+                );
+            }
+            b.push_str("</tbody></table>");
+        }
+        b.push_str("</section>");
+    }
+    if let Some(rows) = &table {
+        // The first submit button of the form is a Validate, so Enter in a field never
+        // creates a job.
+        b.push_str("<div class=actions><button type=submit name=step value=validate>Validate again</button>");
+        let runnable = rows.iter().filter(|r| r.status != "error").count();
+        let group_or_all = f.target == "group" || f.target == "all";
+        if runnable > 0 || (rows.is_empty() && group_or_all) {
+            let _ = write!(
+                b,
+                "<button type=submit name=step value=create id=create class=primary>Create job{}</button>",
+                if rows.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " for {runnable} device{}",
+                        if runnable == 1 { "" } else { "s" }
+                    )
+                }
+            );
+        }
+        b.push_str("</div>");
+    }
+    b.push_str("<div class=cols>");
     // What
     b.push_str("<fieldset><legend>What</legend><label>Kind <select name=kind id=kind>");
     for (v, l) in [
@@ -1175,7 +1242,7 @@ async fn render_new_job(
     }
     let _ = write!(
         b,
-        "</select></label><label>Devices at a time <input type=number name=batch min=0 value=\"{}\" style=\"width:5em\"> <small>0 or empty: all at once; 1: one after the other</small></label>",
+        "</select></label><label>Devices at a time <input type=number name=batch min=0 value=\"{}\" class=short> <small>0 or empty: all at once; 1: one after the other</small></label>",
         esc(&f.batch)
     );
     b.push_str("</fieldset>");
@@ -1193,75 +1260,11 @@ async fn render_new_job(
         "<label>Note <input name=note value=\"{}\" size=40></label></fieldset>",
         esc(&f.note)
     );
-    b.push_str("<div class=actions><button type=submit name=step value=validate id=validate>Validate</button>");
-    if let Some(rows) = &table {
-        let runnable = rows.iter().filter(|r| r.status != "error").count();
-        let group_or_all = f.target == "group" || f.target == "all";
-        if runnable > 0 || (rows.is_empty() && group_or_all) {
-            let _ = write!(
-                b,
-                "<button type=submit name=step value=create id=create class=primary>Create job{}</button>",
-                if rows.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " for {runnable} device{}",
-                        if runnable == 1 { "" } else { "s" }
-                    )
-                }
-            );
-        }
-    } else {
-        b.push_str(
-            " <span class=hint>Validate first: the table shows what each device would do.</span>",
-        );
+    b.push_str("</div><div class=actions><button type=submit name=step value=validate id=validate>Validate</button>");
+    if table.is_none() {
+        b.push_str(" <span class=hint>Validate first: the table shows what each device would do, and only then can the job be created.</span>");
     }
-    b.push_str("</div>");
-    if let Some(rows) = &table {
-        b.push_str("<section><h2>Validation</h2>");
-        if rows.is_empty() {
-            b.push_str("<p class=muted>No device matches now: devices of a group or of all are validated as they check in.</p>");
-        } else {
-            let blocked = rows.iter().filter(|r| r.status == "error").count();
-            if blocked == rows.len() {
-                b.push_str(&notice(
-                    "error",
-                    "Every device has errors: no job can be created. Fix the devices or change the options, then validate again.",
-                ));
-            } else if blocked > 0 {
-                b.push_str(&notice(
-                    "warn",
-                    &format!(
-                        "{blocked} of {} devices are blocked by errors and get no task. Warnings do not block.",
-                        rows.len()
-                    ),
-                ));
-            } else {
-                b.push_str(&notice(
-                    "ok",
-                    "No errors: every device listed gets a task. Warnings do not block.",
-                ));
-            }
-            b.push_str("<table id=validation><thead><tr><th>Device</th><th>Result</th><th>Errors and warnings</th></tr></thead><tbody>");
-            for r in rows {
-                let verdict = match r.status.as_str() {
-                    "error" => badge("blocked", "error: blocked"),
-                    "warning" => badge("warned", "warning"),
-                    _ => badge("ok", "success"),
-                };
-                let _ = write!(
-                    b,
-                    "<tr data-mac=\"{0}\" data-status=\"{1}\"><td class=mono>{0}</td><td>{verdict}</td><td>{2}</td></tr>",
-                    esc(&r.mac),
-                    esc(&r.status),
-                    findings(&r.errors, &r.warnings)
-                );
-            }
-            b.push_str("</tbody></table>");
-        }
-        b.push_str("</section>");
-    }
-    b.push_str("</form>");
+    b.push_str("</div></form>");
     let status = match &err {
         Some(e) => e.status(),
         None => StatusCode::OK,

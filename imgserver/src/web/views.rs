@@ -629,7 +629,7 @@ pub async fn jobs(who: Signed, State(st): State<Arc<AppState>>, Extension(c): Ct
                 n.succeeded,
                 n.total,
                 if n.running > 0 { format!(", {} running", n.running) } else { String::new() },
-                if n.failed > 0 { format!(", <span class=verr>{} failed</span>", n.failed) } else { String::new() },
+                if n.failed > 0 { format!(", <span class=verr>{} failed or aborted</span>", n.failed) } else { String::new() },
                 window_html(&j.window, j.at, j.until),
                 opt(j.changed_by.as_deref()),
                 time(Some(j.last_action)),

@@ -366,7 +366,11 @@ fn core_command(args: Args, e: &Extra) -> anyhow::Result<Option<i32>> {
                 }
                 "retry" => {
                     let made = admin.retry_job(&me, id, &with_window(e))?;
-                    println!("retry of job {id}:");
+                    println!(
+                        "job {} retries job {id} on {} device(s)",
+                        made.job.unwrap_or_default(),
+                        made.validation.len()
+                    );
                     print_created(&made, &tz, &admin)?;
                 }
                 _ => {
@@ -375,7 +379,12 @@ fn core_command(args: Args, e: &Extra) -> anyhow::Result<Option<i32>> {
                         println!("{s}");
                     }
                     for m in made {
-                        println!("rollback of job {id}:");
+                        let nid = m.job.unwrap_or_default();
+                        let image = admin.job(&me, nid)?.summary.image.unwrap_or_default();
+                        println!(
+                            "job {nid} rolls {} device(s) back to {image}",
+                            m.validation.len()
+                        );
                         print_created(&m, &tz, &admin)?;
                     }
                 }

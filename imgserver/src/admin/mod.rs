@@ -595,7 +595,7 @@ impl Admin {
                 });
             }
         }
-        history.sort_by(|a, b| b.task.cmp(&a.task));
+        history.sort_by_key(|h| std::cmp::Reverse(h.task));
         let backup_image = d
             .inventory
             .as_ref()
@@ -712,7 +712,8 @@ impl Admin {
             file,
             move_it,
             min_ram,
-        )?;
+        )
+        .map_err(repo_error)?;
         self.record(
             by,
             "image.add",
@@ -742,7 +743,8 @@ impl Admin {
             retries: 2,
             authorization: None,
         };
-        let img = crate::repo::add_url(self.store.as_ref(), url, &http, min_ram)?;
+        let img =
+            crate::repo::add_url(self.store.as_ref(), url, &http, min_ram).map_err(repo_error)?;
         self.record(
             by,
             "image.add",
@@ -772,7 +774,8 @@ impl Admin {
     pub fn remove_image(&self, by: &Actor, spec: &str) -> Result<ImageRow> {
         by.require(Role::Admin, "removing images")?;
         let img = self.find_image(spec)?;
-        crate::repo::remove(self.store.as_ref(), &self.data.join("repo"), &img)?;
+        crate::repo::remove(self.store.as_ref(), &self.data.join("repo"), &img)
+            .map_err(repo_error)?;
         self.record(
             by,
             "image.remove",
@@ -1252,6 +1255,19 @@ impl Admin {
             made.push(self.insert_job(by, "job.rollback", &new, None)?);
         }
         Ok((made, skipped))
+    }
+}
+
+/// A repository error: a conflict or a missing thing keeps its kind (409 / 404 in the API);
+/// anything else is the image's or the request's fault.
+fn repo_error(e: anyhow::Error) -> AdminError {
+    let msg = format!("{e:#}");
+    match e.chain().find_map(|c| c.downcast_ref::<StoreError>()) {
+        Some(StoreError::Conflict(_)) => AdminError::Conflict(msg),
+        Some(StoreError::NotFound(_)) => AdminError::NotFound(msg),
+        Some(StoreError::Db(_)) => AdminError::Other(e),
+        _ if msg.contains("already registered") => AdminError::Conflict(msg),
+        _ => AdminError::Invalid(msg),
     }
 }
 

@@ -51,6 +51,16 @@ pub fn open_now(opts: &JobOptions) -> bool {
 /// `UTC`), else `$TZ`, else the system's.
 pub fn zone(name: Option<&str>) -> anyhow::Result<TimeZone> {
     match name {
+        // Names come from the network too: only what an IANA name is made of.
+        Some(n)
+            if n.len() > 64
+                || n.contains("..")
+                || !n
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"_+-/ ".contains(&c)) =>
+        {
+            bail!("time zone {n:?}: give an IANA name such as Asia/Tokyo or UTC")
+        }
         Some(n) if !n.trim().is_empty() => TimeZone::get(n.trim()).with_context(|| {
             format!("time zone {n:?}: give an IANA name such as Asia/Tokyo or UTC")
         }),
@@ -174,6 +184,52 @@ mod tests {
             assert!(parse_time(bad, &utc, 0).is_err(), "{bad:?}");
         }
         assert!(zone(Some("Mars/Olympus")).is_err());
+    }
+
+    /// Deterministic mutations of valid times and zone names (they arrive from the network
+    /// in API requests): never a panic; whatever parses is a time, whatever zone opens is one.
+    #[test]
+    fn mutated_times_and_zones_never_panic() {
+        let utc = zone(Some("UTC")).unwrap();
+        let bases: [&[u8]; 5] = [
+            b"2026-11-29 07:30",
+            b"2026-11-29T07:30:00+09:00",
+            b"now+10m",
+            b"@1795930200",
+            b"Asia/Tokyo",
+        ];
+        let mut x: u64 = 0x2545f4914f6cdd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for n in 0..20_000 {
+            let mut q = bases[n % bases.len()].to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let pos = (next() % (q.len() as u64 + 1)) as usize;
+                match next() % 4 {
+                    0 if pos < q.len() => q[pos] = next() as u8,
+                    1 => q.insert(pos.min(q.len()), next() as u8),
+                    2 => q.insert(pos.min(q.len()), b"9+:-/."[(next() % 6) as usize]),
+                    _ if pos < q.len() => {
+                        q.remove(pos);
+                    }
+                    _ => {}
+                }
+            }
+            let Ok(s) = std::str::from_utf8(&q) else {
+                continue;
+            };
+            if let Ok(t) = parse_time(s, &utc, 1_795_930_200) {
+                let _ = show(t, &utc);
+            }
+            let _ = zone(Some(s));
+        }
+        assert!(zone(Some("../../../etc/passwd")).is_err());
+        assert!(parse_time("+99999999999999999999d", &utc, 0).is_err());
+        assert!(parse_time(&format!("+{}d", u64::MAX / 2), &utc, 5).is_err());
     }
 
     #[test]

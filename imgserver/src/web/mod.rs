@@ -150,7 +150,7 @@ fn login_page(next: &str, err: Option<&str>, https: bool) -> String {
     if !https {
         b.push_str(&notice(
             "error",
-            "This server runs without TLS: the console signs in only over HTTPS (serve without --no-tls).",
+            "This server runs without TLS: the console signs in only over HTTPS (serve without --plain).",
         ));
     }
     if let Some(e) = err {

@@ -636,3 +636,124 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     );
     println!("screenshots in {}", shots.display());
 }
+
+/// curl's answer: status line and headers, then the body.
+fn curl(srv: &Server, jar: &Path, args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--cacert"])
+        .arg(srv.data.join("ca.pem"))
+        .arg("-b")
+        .arg(jar)
+        .arg("-c")
+        .arg(jar)
+        .args(args)
+        .output()
+        .expect("running curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn console_refuses_forged_posts_and_other_origins() {
+    require_tool("curl");
+    let dir = Scratch::new("web-console-csrf");
+    let srv = Server::start(&dir.join("srv"));
+    let operator = srv.token("olga", "operator");
+    srv.admin(&["schedule", "add", "--mac", MAC_A, "--reboot"]);
+    let jar = dir.join("jar");
+    let url = |p: &str| format!("{}{p}", srv.url);
+    let origin = format!("Origin: {}", srv.url);
+    // Not signed in: pages redirect to the sign-in form, the live data answers 401.
+    let r = curl(&srv, &jar, &[&url("/jobs/1")]);
+    assert!(
+        r.starts_with("HTTP/2 303") || r.starts_with("HTTP/1.1 303"),
+        "{r}"
+    );
+    assert!(r.contains("location: /login?next=%2Fjobs%2F1"), "{r}");
+    let r = curl(&srv, &jar, &[&url("/jobs/1/live.json")]);
+    assert!(r.contains(" 401"), "{r}");
+    // Sign-in from another site is refused, even with a good token.
+    let tok = format!("token={operator}");
+    let r = curl(
+        &srv,
+        &jar,
+        &[
+            "-H",
+            "Origin: https://evil.example",
+            "--data",
+            &tok,
+            &url("/login"),
+        ],
+    );
+    assert!(
+        r.contains(" 403") && !r.contains("set-cookie: __Host"),
+        "{r}"
+    );
+    // From the console's own origin: a session cookie with every protection, never the token.
+    let r = curl(&srv, &jar, &["-H", &origin, "--data", &tok, &url("/login")]);
+    let cookie = r
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-imgconsole=")
+        })
+        .unwrap_or_else(|| panic!("no session cookie: {r}"));
+    for part in ["Path=/", "Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(
+        !cookie.contains(&operator[8..]),
+        "the token is not in the cookie"
+    );
+    let page = curl(&srv, &jar, &[&url("/jobs/1")]);
+    assert!(page.contains(" 200") && page.contains("Abort"), "{page}");
+    for h in [
+        "content-security-policy: default-src 'none'; script-src 'self'",
+        "x-frame-options: DENY",
+        "cache-control: no-store",
+    ] {
+        assert!(page.contains(h), "{h} missing: {page}");
+    }
+    let csrf = page
+        .split("name=csrf value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("a CSRF field")
+        .to_string();
+    // A post without the CSRF token, with a wrong one, or from another site: refused, and the
+    // job stays active.
+    for (hdr, body) in [
+        (origin.as_str(), String::new()),
+        (origin.as_str(), "csrf=0000".to_string()),
+        ("Origin: https://evil.example", format!("csrf={csrf}")),
+    ] {
+        let r = curl(
+            &srv,
+            &jar,
+            &["-H", hdr, "--data", &body, &url("/jobs/1/abort")],
+        );
+        assert!(r.contains(" 403") && r.contains("stale"), "{r}");
+    }
+    assert!(
+        srv.admin(&["jobs"]).contains("active"),
+        "{}",
+        srv.admin(&["jobs"])
+    );
+    // The real form's post works.
+    let r = curl(
+        &srv,
+        &jar,
+        &[
+            "-H",
+            &origin,
+            "--data",
+            &format!("csrf={csrf}"),
+            &url("/jobs/1/abort"),
+        ],
+    );
+    assert!(r.contains(" 303") && r.contains("location: /jobs/1"), "{r}");
+    assert!(srv.admin(&["admin", "audit"]).contains("job.abort"));
+    // Revoking the token ends the session at the next request.
+    srv.admin(&["admin", "revoke", "olga"]);
+    let r = curl(&srv, &jar, &[&url("/")]);
+    assert!(r.contains(" 303") && r.contains("location: /login"), "{r}");
+}

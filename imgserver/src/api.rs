@@ -897,6 +897,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/repo/{file}", get(repo_file))
         .merge(crate::pxe::router())
         .merge(crate::admin::api::router(&st))
+        .merge(crate::web::router())
         .layer(middleware::from_fn_with_state(st.clone(), address_budget))
         .with_state(st)
 }

@@ -13,7 +13,8 @@
 //! - [`tls`]: the device CA and server certificate made by `imgserver init`;
 //! - [`cli`]: the administrator's commands and their tables;
 //! - [`admin`]: the admin core (tokens, roles, audit, jobs at a time) behind the admin API
-//!   `/api/v1/admin/`, the web console and the CLI.
+//!   `/api/v1/admin/`, the web console and the CLI;
+//! - [`web`]: the web console at `/` (`docs/console.md`).
 
 pub use ::protocol;
 
@@ -25,3 +26,5 @@ pub mod pxe;
 pub mod repo;
 pub mod store;
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod web;

@@ -1,0 +1,759 @@
+//! The web console in a real browser: headless Chromium from Debian driven over WebDriver
+//! (chromedriver) by fantoccini, against the real `imgserver` binary on loopback with TLS
+//! from its own `init`, and devices that are the real agent (`img -checkin`) imaging
+//! disk-image files.
+//!
+//! The browser trusts the server's CA the way an administrator's desktop would: the CA is
+//! added to an NSS database (certutil) in the browser's own HOME. Certificate errors are
+//! never ignored: if the CA were not trusted, the first page load would fail.
+//!
+//! Screenshots of the main pages go to target/tmp/web-console/ (kept after the test).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
+use fantoccini::{Client, ClientBuilder, Locator};
+use imgengine::capture::{capture, CaptureOptions};
+use imgengine::io::NoProgress;
+
+const MIB: u64 = 1 << 20;
+const MAC_A: &str = "52:54:00:00:0c:0a";
+const MAC_B: &str = "52:54:00:00:0c:0b";
+
+/// `imgserver serve` on 127.0.0.1 with TLS; killed on drop.
+struct Server {
+    data: PathBuf,
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(data: &Path) -> Server {
+        use std::io::{BufRead, BufReader};
+        admin(data, &["init"]);
+        let mut child = Command::new(imgserver_bin())
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--interval",
+                "5",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting imgserver");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on https://")
+            .unwrap_or_else(|| panic!("imgserver said {line:?}"))
+            .to_string();
+        let port = addr.rsplit(':').next().unwrap();
+        Server {
+            data: data.to_path_buf(),
+            child,
+            // The name the server certificate carries (tls::default_names).
+            url: format!("https://localhost:{port}"),
+        }
+    }
+
+    fn admin(&self, args: &[&str]) -> String {
+        admin(&self.data, args)
+    }
+
+    /// A new admin token (printed once on stdout).
+    fn token(&self, name: &str, role: &str) -> String {
+        let out = self.admin(&["admin", "add", name, "--role", role]);
+        out.lines()
+            .find(|l| l.starts_with("imgadm_"))
+            .unwrap_or_else(|| panic!("no token in {out:?}"))
+            .to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A 48 MiB GPT disk with one FAT16 partition SYSTEM holding VERSION.TXT, captured whole
+/// and registered as image `os` `version`.
+fn register_image(srv: &Server, dir: &Scratch, version: &str) {
+    let disk = dir.join(format!("src-{version}.img"));
+    fs::write(dir.join("VERSION.TXT"), format!("os {version}\n")).unwrap();
+    fs::write(dir.join("BLOB.BIN"), sample_bytes(7, 200_000)).unwrap();
+    sh(&format!(
+        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
+         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
+         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
+         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
+        d = dir.path().display(),
+        size = 48 * MIB,
+        disk = disk.display()
+    ));
+    let img = dir.join(format!("os-{version}.img"));
+    let mut f = fs::File::create(&img).unwrap();
+    let o = CaptureOptions {
+        name: "os".into(),
+        version: version.into(),
+        comp: 1,
+        threads: 2,
+        ..Default::default()
+    };
+    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    let out = srv.admin(&["image", "add", img.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("registered image os {version}")),
+        "{out}"
+    );
+}
+
+/// A device: a blank disk-image file and the real agent's `img -checkin`.
+struct Device {
+    mac: &'static str,
+    disk: PathBuf,
+    state: PathBuf,
+    config: PathBuf,
+}
+
+impl Device {
+    fn new(dir: &Scratch, mac: &'static str, disk_mib: u64) -> Device {
+        let tag = mac.replace(':', "");
+        let disk = dir.join(format!("disk-{tag}.img"));
+        sh(&format!(
+            "truncate -s {} {}",
+            disk_mib * MIB,
+            disk.display()
+        ));
+        // The lab setting for unsigned images, as the boot partition's lab.conf says it.
+        let config = dir.join(format!("config-{tag}"));
+        fs::create_dir_all(&config).unwrap();
+        fs::write(config.join("lab.conf"), "unsigned_images = yes\n").unwrap();
+        Device {
+            mac,
+            disk,
+            state: dir.join(format!("state-{tag}")),
+            config,
+        }
+    }
+
+    /// One `img -checkin` cycle: (exit code, output).
+    fn checkin(&self, srv: &Server) -> (Option<i32>, String) {
+        self.checkin_at(&srv.url, &srv.data.join("ca.pem"))
+    }
+
+    fn checkin_at(&self, url: &str, ca: &Path) -> (Option<i32>, String) {
+        let out = Command::new(e2e::img_bin())
+            .arg("-checkin")
+            .arg(format!("-server={url}"))
+            .arg(format!("-ca={}", ca.display()))
+            .arg(format!("-state={}", self.state.display()))
+            .arg(format!("-disk={}", self.disk.display()))
+            .arg(format!("-config={}", self.config.display()))
+            .arg(format!("-mac={}", self.mac))
+            .arg("-model=TC-100")
+            .arg(format!("-serial=SN-{}", self.mac.replace(':', "")))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+/// chromedriver on a free loopback port, with a HOME whose NSS database trusts the server's
+/// CA; killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start(home: &Path, ca: &Path) -> Driver {
+        let nss = home.join(".pki/nssdb");
+        fs::create_dir_all(&nss).unwrap();
+        let db = format!("sql:{}", nss.display());
+        sh(&format!("certutil -N -d {db} --empty-password"));
+        sh(&format!(
+            "certutil -A -d {db} -n imgserver-test-ca -t C,, -i {}",
+            ca.display()
+        ));
+        let listed = sh(&format!("certutil -L -d {db}"));
+        assert!(listed.contains("imgserver-test-ca"), "{listed}");
+        let port = e2e::free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .env("HOME", home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromedriver");
+        e2e::wait_for_port(&format!("127.0.0.1:{port}"), Duration::from_secs(20));
+        Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Chromium session, driven synchronously.
+struct Browser {
+    rt: tokio::runtime::Runtime,
+    c: Option<Client>,
+    shots: PathBuf,
+    base: String,
+}
+
+impl Browser {
+    fn open(driver: &Driver, home: &Path, base: &str, shots: &Path) -> Browser {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let profile = home.join("profile");
+        let caps: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_value(serde_json::json!({
+                "browserName": "chrome",
+                // Certificate errors are failures, never clicked away.
+                "acceptInsecureCerts": false,
+                "goog:chromeOptions": {
+                    "binary": "/usr/bin/chromium",
+                    "args": [
+                        "--headless=new",
+                        // The test runs as root in a container: Chromium's sandbox needs user
+                        // namespaces it may not have.
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--disable-dev-shm-usage",
+                        "--window-size=1360,1000",
+                        "--lang=en-US",
+                        format!("--user-data-dir={}", profile.display()),
+                    ]
+                }
+            }))
+            .unwrap();
+        let c = rt
+            .block_on(
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(caps)
+                    .connect(&driver.url),
+            )
+            .expect("a Chromium session from chromedriver");
+        fs::create_dir_all(shots).unwrap();
+        Browser {
+            rt,
+            c: Some(c),
+            shots: shots.to_path_buf(),
+            base: base.to_string(),
+        }
+    }
+
+    fn c(&self) -> &Client {
+        self.c.as_ref().unwrap()
+    }
+
+    fn go(&self, path: &str) {
+        self.rt
+            .block_on(self.c().goto(&format!("{}{path}", self.base)))
+            .unwrap_or_else(|e| panic!("loading {path}: {e}"));
+    }
+
+    fn path(&self) -> String {
+        let u = self.rt.block_on(self.c().current_url()).unwrap();
+        match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_string(),
+        }
+    }
+
+    fn text(&self, css: &str) -> String {
+        self.rt
+            .block_on(async { self.c().find(Locator::Css(css)).await?.text().await })
+            .unwrap_or_else(|e| panic!("text of {css}: {e}\non {}", self.path()))
+    }
+
+    fn count(&self, css: &str) -> usize {
+        self.rt
+            .block_on(self.c().find_all(Locator::Css(css)))
+            .unwrap()
+            .len()
+    }
+
+    fn click(&self, css: &str) {
+        self.rt
+            .block_on(async { self.c().find(Locator::Css(css)).await?.click().await })
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}\non {}", self.path()));
+    }
+
+    /// Click something that loads a new page, and wait until the new page is there.
+    fn click_nav(&self, css: &str) {
+        self.js("window.__before_click = true; return 0;");
+        self.click(css);
+        self.wait_loaded();
+    }
+
+    /// Wait until the page that was marked is gone and the new one is loaded.
+    fn wait_loaded(&self) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let fresh = self.rt.block_on(self.c().execute(
+                "return window.__before_click === undefined && document.readyState === 'complete';",
+                vec![],
+            ));
+            if matches!(fresh, Ok(serde_json::Value::Bool(true))) {
+                return;
+            }
+            assert!(Instant::now() < end, "no new page after a click");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn fill(&self, css: &str, text: &str) {
+        self.rt
+            .block_on(async {
+                let e = self.c().find(Locator::Css(css)).await?;
+                e.clear().await?;
+                e.send_keys(text).await
+            })
+            .unwrap_or_else(|e| panic!("typing into {css}: {e}"));
+    }
+
+    fn accept_confirm(&self) -> String {
+        let text = self.rt.block_on(self.c().get_alert_text()).unwrap();
+        self.rt.block_on(self.c().accept_alert()).unwrap();
+        text
+    }
+
+    fn js(&self, script: &str) -> serde_json::Value {
+        self.rt
+            .block_on(self.c().execute(script, vec![]))
+            .unwrap_or_else(|e| panic!("script: {e}"))
+    }
+
+    /// Wait until the text of `css` contains `want` (the page is not reloaded by the test).
+    fn wait_text(&self, css: &str, want: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let got = self.rt.block_on(async {
+                match self.c().find(Locator::Css(css)).await {
+                    Ok(e) => e.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                }
+            });
+            if got.contains(want) {
+                return got;
+            }
+            assert!(
+                Instant::now() < end,
+                "{css} never said {want:?} (last: {got:?}) on {}",
+                self.path()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Wait until `css` matches `n` elements.
+    fn wait_count(&self, css: &str, n: usize, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while self.count(css) != n {
+            assert!(
+                Instant::now() < end,
+                "{css} never matched {n} on {}",
+                self.path()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Save a screenshot as NAME.png.
+    fn shot(&self, name: &str) {
+        let png = self.rt.block_on(self.c().screenshot()).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    fn sign_in(&self, token: &str) {
+        self.go("/login");
+        self.fill("#token", token);
+        self.click_nav("#signin");
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(c) = self.c.take() {
+            let _ = self.rt.block_on(c.close());
+        }
+    }
+}
+
+fn tools() {
+    for t in [
+        "chromium",
+        "chromedriver",
+        "certutil",
+        "sgdisk",
+        "mkfs.fat",
+        "mcopy",
+    ] {
+        require_tool(t);
+    }
+}
+
+#[test]
+fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
+    tools();
+    let dir = Scratch::new("web-console");
+    let shots = e2e::workspace_root().join("target/tmp/web-console");
+    let srv = Server::start(&dir.join("srv"));
+    let operator = srv.token("olga", "operator");
+    let viewer = srv.token("vic", "viewer");
+    register_image(&srv, &dir, "1.0");
+    // Device A has room for the image; device B's 16 MiB disk does not (an error).
+    let a = Device::new(&dir, MAC_A, 64);
+    let b = Device::new(&dir, MAC_B, 16);
+    for d in [&a, &b] {
+        let (code, out) = d.checkin(&srv);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("enrolled"), "{out}");
+    }
+    let home = dir.join("browser-home");
+    let driver = Driver::start(&home, &srv.data.join("ca.pem"));
+    let br = Browser::open(&driver, &home, &srv.url, &shots);
+
+    // Not signed in: every page sends the browser to the sign-in form.
+    br.go("/jobs");
+    assert!(
+        br.path().starts_with("/login?next=%2Fjobs"),
+        "{}",
+        br.path()
+    );
+    br.shot("01-sign-in");
+    // A wrong token and a device's own credential are refused alike.
+    br.sign_in("imgadm_0000000000000000000000000000000000000000000000000000000000000000");
+    let said = br.text("main");
+    assert!(said.contains("not a valid admin token"), "{said}");
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(a.state.join("credential")).unwrap()).unwrap();
+    let device_credential = record["token"].as_str().expect("the device's credential");
+    br.sign_in(device_credential);
+    let said = br.text("main");
+    assert!(said.contains("not a valid admin token"), "{said}");
+
+    // The operator signs in and lands on the fleet, where both devices are.
+    br.go("/login?next=/");
+    br.fill("#token", &operator);
+    br.click_nav("#signin");
+    assert_eq!(br.path(), "/");
+    let fleet = br.text("#fleet");
+    assert!(fleet.contains(MAC_A) && fleet.contains(MAC_B), "{fleet}");
+    assert!(br
+        .text(&format!("tr[data-mac='{MAC_A}']"))
+        .contains("Operational"));
+    assert!(br.text("header").contains("olga"));
+    br.shot("02-fleet");
+    // Search narrows the list.
+    br.fill("#q", "0c:0b");
+    br.click_nav("#filter");
+    assert_eq!(br.count("#fleet tbody tr"), 1);
+    assert!(br.text("#fleet").contains(MAC_B));
+
+    // A device's page: inventory and its disk, and the transcript of its check-ins.
+    br.go(&format!("/devices/{MAC_A}"));
+    let page = br.text("main");
+    assert!(
+        page.contains("TC-100") && page.contains("64.0 MiB"),
+        "{page}"
+    );
+    assert!(
+        br.text("#transcript").contains("enrol"),
+        "{}",
+        br.text("#transcript")
+    );
+
+    // The image repository.
+    br.go("/images");
+    assert!(br.text("#images").contains("os"));
+    br.shot("04-images");
+
+    // New job for both devices: the validation table comes first; B's error blocks B only.
+    br.go("/jobs/new");
+    assert_eq!(br.count("#create"), 0, "no create button before validation");
+    br.fill("#macs", &format!("{MAC_A}\n{MAC_B}"));
+    br.click_nav("#validate");
+    let row_b = br.text(&format!("#validation tr[data-mac='{MAC_B}']"));
+    assert!(
+        row_b.contains("error") && row_b.contains("not enough space"),
+        "{row_b}"
+    );
+    let row_a = br.text(&format!("#validation tr[data-mac='{MAC_A}']"));
+    assert!(!row_a.contains("error"), "{row_a}");
+    assert!(br.text("#create").contains("for 1 device"));
+    br.shot("05-new-job-validation");
+    // B alone: every device blocked, nothing can be created.
+    br.fill("#macs", MAC_B);
+    br.click_nav("#validate");
+    assert_eq!(br.count("#create"), 0);
+    assert!(br.text(".notice.error").contains("no job can be created"));
+    // A alone: create, then watch the job reach done while the real agent images the disk.
+    br.fill("#macs", MAC_A);
+    br.click_nav("#validate");
+    br.click_nav("#create");
+    assert!(br.path().starts_with("/jobs/1"), "{}", br.path());
+    assert!(br
+        .text(&format!("#tasks tr[data-mac='{MAC_A}'] .state"))
+        .contains("pending"));
+    br.shot("06-job-pending");
+    let agent = {
+        let (url, ca) = (srv.url.clone(), srv.data.join("ca.pem"));
+        let d = Device {
+            mac: a.mac,
+            disk: a.disk.clone(),
+            state: a.state.clone(),
+            config: a.config.clone(),
+        };
+        std::thread::spawn(move || d.checkin_at(&url, &ca))
+    };
+    // The page is not reloaded by the test: its script polls and, once the job is over,
+    // has the server render it afresh (data-live=0, no Abort button).
+    br.wait_text("#job-state", "done", Duration::from_secs(300));
+    br.wait_count("#tasks[data-live='0']", 1, Duration::from_secs(20));
+    assert_eq!(br.count("#job-actions form[action$='/abort']"), 0);
+    let (code, out) = agent.join().unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(br
+        .text(&format!("#tasks tr[data-mac='{MAC_A}'] .state"))
+        .contains("succeeded"));
+    assert!(!br.text("#job-state").contains("errors"));
+    br.shot("07-job-done");
+    // The device checks in again: its page shows the partition the image brought.
+    let (code, out) = a.checkin(&srv);
+    assert_eq!(code, Some(0), "{out}");
+    br.go(&format!("/devices/{MAC_A}"));
+    let disk = br.text("main section h3");
+    assert!(
+        disk.contains("64.0 MiB") && disk.contains("image os 1.0"),
+        "{disk}"
+    );
+    let parts = br.text("table.parts");
+    assert!(
+        parts.contains("SYSTEM") && parts.contains("fat16"),
+        "{parts}"
+    );
+    br.shot("03-device");
+
+    // Another job for A, never picked up: abort it (after the confirmation question).
+    br.go(&format!("/jobs/new?mac={MAC_A}"));
+    br.click_nav("#validate");
+    let warn = br.text(&format!("#validation tr[data-mac='{MAC_A}']"));
+    assert!(
+        warn.contains("same as or older"),
+        "a warning, not a block: {warn}"
+    );
+    br.click_nav("#create");
+    assert!(br.path().starts_with("/jobs/2"), "{}", br.path());
+    br.js("window.__before_click = true; return 0;");
+    br.click("#job-actions form[action$='/abort'] button");
+    assert!(br.accept_confirm().contains("Abort this job"));
+    br.wait_loaded();
+    br.wait_text("#job-state", "aborted", Duration::from_secs(20));
+    assert!(br
+        .text(&format!("#tasks tr[data-mac='{MAC_A}'] .state"))
+        .contains("aborted"));
+    assert!(br.text(".notice.ok").contains("aborted"));
+    br.shot("08-job-aborted");
+    br.go("/jobs");
+    br.shot("09-jobs");
+
+    // Sign out: the session is gone, the cookie too.
+    br.click_nav("#signout");
+    assert!(br.path().starts_with("/login"), "{}", br.path());
+    br.go("/");
+    assert!(br.path().starts_with("/login"), "{}", br.path());
+
+    // A viewer sees everything and no button; the server refuses a hand-made post anyway.
+    br.sign_in(&viewer);
+    assert_eq!(br.path(), "/");
+    assert!(!br.text("header nav").contains("New job"));
+    for page in [
+        "/",
+        "/jobs/1",
+        "/jobs/2",
+        "/images",
+        &format!("/devices/{MAC_B}"),
+    ] {
+        br.go(page);
+        let buttons = br.count("main button, main .button");
+        // The fleet's Filter button is a search, not a change.
+        let filter = br.count("main #filter");
+        assert_eq!(buttons, filter, "a viewer sees change buttons on {page}");
+    }
+    br.go("/jobs/1");
+    br.shot("10-viewer-job");
+    let csrf = br.js("return document.querySelector('input[name=csrf]').value");
+    let csrf = csrf.as_str().unwrap().to_string();
+    let status = br.js(&format!(
+        "var x = new XMLHttpRequest(); x.open('POST', '/jobs/1/retry', false);
+         x.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');
+         x.send('csrf={csrf}'); return x.status + ' ' + x.responseText;"
+    ));
+    let status = status.as_str().unwrap();
+    assert!(
+        status.starts_with("403") && status.contains("may not"),
+        "{status}"
+    );
+    br.go("/jobs/new");
+    assert!(br.text(".notice.error").contains("may not schedule"));
+    // Nothing the viewer tried was made.
+    assert!(!srv.admin(&["jobs"]).lines().any(|l| l.starts_with('3')));
+    // The audit trail names the operator for each change.
+    let audit = srv.admin(&["admin", "audit"]);
+    assert!(
+        audit.contains("olga") && audit.contains("job.abort"),
+        "{audit}"
+    );
+    println!("screenshots in {}", shots.display());
+}
+
+/// curl's answer: status line and headers, then the body.
+fn curl(srv: &Server, jar: &Path, args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--cacert"])
+        .arg(srv.data.join("ca.pem"))
+        .arg("-b")
+        .arg(jar)
+        .arg("-c")
+        .arg(jar)
+        .args(args)
+        .output()
+        .expect("running curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn console_refuses_forged_posts_and_other_origins() {
+    require_tool("curl");
+    let dir = Scratch::new("web-console-csrf");
+    let srv = Server::start(&dir.join("srv"));
+    let operator = srv.token("olga", "operator");
+    srv.admin(&["schedule", "add", "--mac", MAC_A, "--reboot"]);
+    let jar = dir.join("jar");
+    let url = |p: &str| format!("{}{p}", srv.url);
+    let origin = format!("Origin: {}", srv.url);
+    // Not signed in: pages redirect to the sign-in form, the live data answers 401.
+    let r = curl(&srv, &jar, &[&url("/jobs/1")]);
+    assert!(
+        r.starts_with("HTTP/2 303") || r.starts_with("HTTP/1.1 303"),
+        "{r}"
+    );
+    assert!(r.contains("location: /login?next=%2Fjobs%2F1"), "{r}");
+    let r = curl(&srv, &jar, &[&url("/jobs/1/live.json")]);
+    assert!(r.contains(" 401"), "{r}");
+    // Sign-in from another site is refused, even with a good token.
+    let tok = format!("token={operator}");
+    let r = curl(
+        &srv,
+        &jar,
+        &[
+            "-H",
+            "Origin: https://evil.example",
+            "--data",
+            &tok,
+            &url("/login"),
+        ],
+    );
+    assert!(
+        r.contains(" 403") && !r.contains("set-cookie: __Host"),
+        "{r}"
+    );
+    // From the console's own origin: a session cookie with every protection, never the token.
+    let r = curl(&srv, &jar, &["-H", &origin, "--data", &tok, &url("/login")]);
+    let cookie = r
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-imgconsole=")
+        })
+        .unwrap_or_else(|| panic!("no session cookie: {r}"));
+    for part in ["Path=/", "Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(
+        !cookie.contains(&operator[8..]),
+        "the token is not in the cookie"
+    );
+    let page = curl(&srv, &jar, &[&url("/jobs/1")]);
+    assert!(page.contains(" 200") && page.contains("Abort"), "{page}");
+    for h in [
+        "content-security-policy: default-src 'none'; script-src 'self'",
+        "x-frame-options: DENY",
+        "cache-control: no-store",
+    ] {
+        assert!(page.contains(h), "{h} missing: {page}");
+    }
+    let csrf = page
+        .split("name=csrf value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("a CSRF field")
+        .to_string();
+    // A post without the CSRF token, with a wrong one, or from another site: refused, and the
+    // job stays active.
+    for (hdr, body) in [
+        (origin.as_str(), String::new()),
+        (origin.as_str(), "csrf=0000".to_string()),
+        ("Origin: https://evil.example", format!("csrf={csrf}")),
+    ] {
+        let r = curl(
+            &srv,
+            &jar,
+            &["-H", hdr, "--data", &body, &url("/jobs/1/abort")],
+        );
+        assert!(r.contains(" 403") && r.contains("stale"), "{r}");
+    }
+    assert!(
+        srv.admin(&["jobs"]).contains("active"),
+        "{}",
+        srv.admin(&["jobs"])
+    );
+    // The real form's post works.
+    let r = curl(
+        &srv,
+        &jar,
+        &[
+            "-H",
+            &origin,
+            "--data",
+            &format!("csrf={csrf}"),
+            &url("/jobs/1/abort"),
+        ],
+    );
+    assert!(r.contains(" 303") && r.contains("location: /jobs/1"), "{r}");
+    assert!(srv.admin(&["admin", "audit"]).contains("job.abort"));
+    // Revoking the token ends the session at the next request.
+    srv.admin(&["admin", "revoke", "olga"]);
+    let r = curl(&srv, &jar, &[&url("/")]);
+    assert!(r.contains(" 303") && r.contains("location: /login"), "{r}");
+}

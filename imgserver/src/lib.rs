@@ -26,5 +26,4 @@ pub mod pxe;
 pub mod repo;
 pub mod store;
 pub mod tls;
-#[cfg(feature = "server")]
 pub mod web;

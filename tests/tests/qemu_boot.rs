@@ -13,7 +13,8 @@
 //! - `device_gets_lease_finds_server_checks_in_deploys_and_reboots`: the whole loop with
 //!   dnsmasq (options 186/192) and the reference server in a network namespace.
 //!
-//! These take tens of seconds each: `QUICK=1` skips them (scripts/test.sh documents it).
+//! These take tens of seconds each: they are `#[ignore]`d, and
+//! scripts/test.sh runs them with `--ignored` (`QUICK=1` skips them and says so).
 
 mod qemu;
 
@@ -23,13 +24,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::{require_tool, run, workspace_bin, Scratch};
-use qemu::{disk_file, initrd, kernel, qemu_base, quick, Netns, Qemu, BOOT_TIMEOUT};
+use qemu::{disk_file, initrd, kernel, qemu_base, Netns, Qemu, BOOT_TIMEOUT};
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_boot -- --ignored"]
 fn pid1_mounts_loads_virtio_and_finds_disk_and_nic() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("qemu-pid1");
     let k = kernel();
     let initrd = initrd(dir.path(), &k);
@@ -110,10 +109,8 @@ fn pid1_mounts_loads_virtio_and_finds_disk_and_nic() {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_boot -- --ignored"]
 fn console_prompt_runs_img_commands() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("qemu-console");
     let k = kernel();
     let initrd = initrd(dir.path(), &k);
@@ -287,10 +284,8 @@ fn imgserver_admin(data: &Path, args: &[&str]) -> String {
 /// deploys the scheduled image onto its disk, reports, and reboots. The disk-image file is
 /// then checked with sgdisk, fsck.fat and mtools, and the server's record of the device.
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_boot -- --ignored"]
 fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
-    if quick() {
-        return;
-    }
     for t in [
         "dnsmasq", "ip", "sgdisk", "mkfs.fat", "fsck.fat", "mcopy", "mtype",
     ] {

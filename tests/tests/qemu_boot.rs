@@ -18,7 +18,6 @@
 
 mod qemu;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -193,31 +192,23 @@ impl RefServer {
             &["schedule", "add", "--mac", mac, "--image", "os:2.1"],
         );
         assert!(out.contains("scheduled"), "{out}");
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(workspace_bin("imgserver", "imgserver"))
-            .arg("--data")
-            .arg(&data)
-            .args([
-                "serve",
-                "--plain",
-                // A lab: the device carries no enrol.key.
-                "--open-enrolment",
-                "--listen",
-                &format!("{ip}:8080"),
-                "--public-url",
-                &format!("http://{ip}:8080"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut first = [0u8; 64];
-        let n = server.stdout.as_mut().unwrap().read(&mut first).unwrap();
-        assert!(
-            String::from_utf8_lossy(&first[..n]).contains("listening on"),
-            "imgserver said {:?}",
-            String::from_utf8_lossy(&first[..n])
+        let (server, _) = e2e::spawn_imgserver(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .arg(workspace_bin("imgserver", "imgserver"))
+                .arg("--data")
+                .arg(&data)
+                .args([
+                    "serve",
+                    "--plain",
+                    // A lab: the device carries no enrol.key.
+                    "--open-enrolment",
+                    "--listen",
+                    &format!("{ip}:8080"),
+                    "--public-url",
+                    &format!("http://{ip}:8080"),
+                ]),
+            "listening on http://",
         );
         RefServer(server)
     }
@@ -239,18 +230,7 @@ fn check_deployed(dir: &Scratch, disk: &Path, data: &Path, mac: &str) {
         table.contains("SYSTEM"),
         "partition table after the deploy:\n{table}"
     );
-    let vol = dir.join("vol.img");
-    e2e::sh(&format!(
-        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
-        disk.display(),
-        vol.display(),
-        vol.display()
-    ));
-    let version = e2e::sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
-        vol.display()
-    ));
-    assert_eq!(version.trim(), "os 2.1");
+    e2e::check_deployed(dir.path(), disk, "os 2.1");
     // The server recorded the device and its result.
     let devices = imgserver_admin(data, &["devices"]);
     let line = devices

@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use e2e::{img_bin, require_tool, run, sh, Scratch};
 use qemu::{
-    agent_and_guest_disk, grubenv_list, initrd, kernel, ovmf_qemu, partition, Qemu,
-    BOOT_TIMEOUT,
+    agent_and_guest_disk, grubenv_list, initrd, kernel, ovmf_qemu, partition, Qemu, BOOT_TIMEOUT,
 };
 
 const MARKER: &str = "GUEST OS v1 reached";

@@ -619,8 +619,10 @@ impl Site {
         .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
         .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
         .args(extra);
-        self.dnsmasq = Some(Logged::spawn(cmd));
-        std::thread::sleep(Duration::from_millis(300));
+        let d = Logged::spawn(cmd);
+        // dnsmasq logs "started" once its sockets are bound.
+        d.wait_for("started, version", Duration::from_secs(30));
+        self.dnsmasq = Some(d);
     }
 
     fn server_log(&self) -> String {
@@ -1136,8 +1138,10 @@ fn pxe_site(lab: &Lab, tag: &str) -> Site {
     .arg(format!("--conf-file={}", conf_path.display()))
     .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
     .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
-    site.dnsmasq = Some(Logged::spawn(cmd));
-    std::thread::sleep(Duration::from_millis(300));
+    let d = Logged::spawn(cmd);
+    // dnsmasq logs "started" once its sockets are bound.
+    d.wait_for("started, version", Duration::from_secs(30));
+    site.dnsmasq = Some(d);
     site
 }
 

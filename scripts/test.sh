@@ -34,10 +34,14 @@ cargo test --locked --workspace --no-fail-fast -- --test-threads=2
 
 # The QEMU suites are #[ignore]d so that a plain `cargo test` stays fast and a skip is shown
 # as a skip ("ignored"), never as a pass.
+qemu_names=()
 qemu_suites=()
-for f in tests/tests/qemu_*.rs; do qemu_suites+=(--test "$(basename "$f" .rs)"); done
+for f in tests/tests/qemu_*.rs; do
+  qemu_names+=("$(basename "$f" .rs)")
+  qemu_suites+=(--test "$(basename "$f" .rs)")
+done
 if [ -n "${QUICK:-}" ]; then
-  echo "== virtual-machine suites SKIPPED (QUICK is set): ${qemu_suites[*]//--test/}"
+  echo "== virtual-machine suites SKIPPED (QUICK is set): ${qemu_names[*]}"
 else
   echo "== virtual-machine suites"
   cargo test --locked -p e2e "${qemu_suites[@]}" --no-fail-fast -- --ignored --test-threads=2

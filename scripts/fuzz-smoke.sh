@@ -26,7 +26,8 @@ if [ $# -gt 0 ]; then
   pkgs=()
   for c in "$@"; do pkgs+=("$c/fuzz"); done
 else
-  mapfile -t pkgs < <(ls -d */fuzz | sed 's,/$,,')
+  # Every crate's fuzz package (not target/fuzz, the build folder below).
+  mapfile -t pkgs < <(ls -d */fuzz/Cargo.toml | sed 's,/Cargo.toml$,,')
 fi
 
 # One target folder for all fuzz packages: the crates they share (serde, sha2, ...) are

@@ -65,3 +65,12 @@ if command -v rustup >/dev/null 2>&1; then
   rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl
 fi
+
+# cargo-fuzz builds and runs the fuzz targets (scripts/fuzz-smoke.sh); from crates.io, pinned.
+if command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if ! cargo fuzz --version 2>/dev/null | grep -q "0.13.2"; then
+    echo "install-deps: installing cargo-fuzz 0.13.2"
+    cargo install cargo-fuzz --version 0.13.2 --locked
+  fi
+fi

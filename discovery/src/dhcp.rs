@@ -50,7 +50,9 @@ const REQUESTED_TAIL: [u8; 1] = [192];
 /// Errors of the DHCP client.
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
-    #[error("{iface}: {op}: {source}")]
+    /// The cause is the `source()`, not part of the message, so `{e:#}` and other chain
+    /// printers show it once.
+    #[error("{iface}: {op}")]
     Io {
         iface: String,
         op: &'static str,
@@ -638,7 +640,7 @@ pub fn obtain_first_lease(
             Err(e) => {
                 log.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(e.to_string());
+                    .push(crate::error_chain(&e));
                 last_err = Some(e);
                 continue;
             }
@@ -747,6 +749,36 @@ mod tests {
     use super::*;
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
+
+    /// `{e:#}`-style printing (the error, then each `source()`) names the OS error once.
+    #[test]
+    fn io_error_chain_names_its_cause_once() {
+        let e = DhcpError::Io {
+            iface: "eth0".into(),
+            op: "SO_BINDTODEVICE",
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        let cause = io::Error::from_raw_os_error(libc::ENODEV).to_string();
+        let chain = crate::error_chain(&e);
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        assert!(chain.starts_with("eth0: SO_BINDTODEVICE: "), "{chain}");
+        assert!(std::error::Error::source(&e).is_some());
+
+        // The same through the real socket set-up: an interface that does not exist.
+        let nic = Nic {
+            name: "nonexistent9".into(),
+            mac: MAC,
+        };
+        let Err(e) = DhcpSocket::open(&nic) else {
+            panic!("opening a DHCP socket on a missing interface succeeded");
+        };
+        let chain = crate::error_chain(&e);
+        let cause = std::error::Error::source(&e)
+            .expect("an I/O cause")
+            .to_string();
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        assert!(chain.starts_with("nonexistent9: "), "{chain}");
+    }
 
     /// A server reply built with dhcproto, with extra raw option bytes appended.
     fn reply(kind: MessageType, xid: u32, extra: &[u8]) -> Vec<u8> {

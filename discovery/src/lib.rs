@@ -187,11 +187,27 @@ pub enum DiscoveryError {
     Sysfs(std::io::Error),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("configuring {iface}: {source} (are we root / CAP_NET_ADMIN?)")]
+    /// The cause is the `source()`, not part of the message, so `{e:#}` and other chain
+    /// printers show it once.
+    #[error("configuring {iface} (are we root / CAP_NET_ADMIN?)")]
     Configure {
         iface: String,
         source: std::io::Error,
     },
+}
+
+/// An error and its causes on one line, outermost first ("a: b: c"), as `anyhow` prints
+/// `{:#}`. The errors of this crate keep their cause out of their own message and return it
+/// from `source()`, so each cause appears once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 /// Runs the whole chain on the real system.
@@ -346,6 +362,23 @@ mod tests {
         let d = discover_with(&cfg, &net).unwrap();
         assert!(d.chosen.is_some(), "{:?}", d.candidates);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `{e:#}`-style printing (the error, then each `source()`) names the OS error once.
+    #[test]
+    fn configure_error_chain_names_its_cause_once() {
+        let e = DiscoveryError::Configure {
+            iface: "eth0".into(),
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let cause = std::io::Error::from_raw_os_error(libc::EPERM).to_string();
+        let chain = error_chain(&e);
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        assert_eq!(
+            chain,
+            format!("configuring eth0 (are we root / CAP_NET_ADMIN?): {cause}")
+        );
+        assert!(std::error::Error::source(&e).is_some());
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! sgdisk, sfdisk, nginx, dnsmasq, curl); a missing tool fails the test with a message that
 //! says to run `scripts/install-deps.sh`, never a silent skip.
 
+pub mod netlab;
+pub use netlab::NetLab;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -178,6 +181,9 @@ pub fn wait_for_port(addr: &str, timeout: Duration) {
     panic!("nothing listening on {addr} after {timeout:?}");
 }
 
+/// The path of nginx's status page in [`Nginx`] (a name no test file uses).
+const STATUS_PATH: &str = "/.e2e-nginx-status";
+
 /// A real nginx serving `root` on 127.0.0.1 (Range requests included), with an access log
 /// that records the bytes sent per request; stopped when dropped.
 pub struct Nginx {
@@ -208,7 +214,8 @@ impl Nginx {
                  http {{\n  log_format bytes '$request $status $body_bytes_sent';\n  access_log {log} bytes;\n\
                  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
                  types {{ application/octet-stream img; }}\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; {server_directives} }}\n}}\n",
+                 server {{ listen 127.0.0.1:{port}; root {root}; {server_directives}\n\
+                   location = {STATUS_PATH} {{ stub_status; access_log off; }} }}\n}}\n",
                 pid = dir.join("nginx.pid").display(),
                 err = dir.join("error.log").display(),
                 log = access_log.display(),
@@ -239,6 +246,46 @@ impl Nginx {
 
     pub fn url(&self, file: &str) -> String {
         format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+
+    /// Waits until nginx has no request in progress (its `stub_status` shows no connection
+    /// reading or writing but the status request itself). nginx writes a request's access-log
+    /// line when it finishes the request, in the same worker, so after this the log holds
+    /// every request made so far. Panics after 30 s.
+    pub fn wait_idle(&self) {
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
+        while Instant::now() < end {
+            last = self.status();
+            let field = |name: &str| -> Option<u64> {
+                let rest = last.split(name).nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            };
+            if field("Reading:") == Some(0) && field("Writing:") == Some(1) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nginx still has requests in progress after 30 s:\n{last}");
+    }
+
+    /// nginx's `stub_status` page (not logged, so it never counts in [`Nginx::bytes_sent`]).
+    fn status(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = write!(c, "GET {STATUS_PATH} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    }
+
+    /// Total body bytes nginx has sent for requests finished so far, once no request is in
+    /// progress ([`Nginx::wait_idle`]).
+    pub fn bytes_sent_when_idle(&self) -> u64 {
+        self.wait_idle();
+        self.bytes_sent()
     }
 
     /// Total body bytes nginx has sent so far (from its access log).
@@ -304,4 +351,43 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// Starts `imgserver ... serve ...` (`cmd`, possibly under `ip netns exec`) and waits for the
+/// line it prints once it listens, which must start with `expect` (e.g.
+/// `"listening on https://"`). Returns the child (its stderr goes to the test's) and the rest
+/// of that line (the address it listens on).
+pub fn spawn_imgserver(cmd: &mut Command, expect: &str) -> (Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line);
+    let Some(rest) = line.trim().strip_prefix(expect).map(str::to_string) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("imgserver said {line:?}, not {expect:?}...");
+    };
+    (child, rest)
+}
+
+/// The deploy's result on a device's disk in the suites' shape (GPT, a 32 MiB FAT volume at
+/// 1 MiB): the volume passes `fsck.fat -n` and its VERSION.TXT says `expect`. `scratch` is a
+/// folder for the copy of the volume.
+pub fn check_deployed(scratch: &Path, disk: &Path, expect: &str) {
+    let vol = scratch.join("check-vol.img");
+    sh(&format!(
+        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
+        disk.display(),
+        vol.display(),
+        vol.display()
+    ));
+    let text = sh(&format!(
+        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
+        vol.display()
+    ));
+    assert_eq!(text.trim(), expect, "VERSION.TXT on {}", disk.display());
 }

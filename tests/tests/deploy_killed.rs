@@ -160,7 +160,7 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
         } else {
             written_total * (k - 1) / KILL_POINTS
         };
-        let sent_before = nginx.bytes_sent();
+        let sent_before = nginx.bytes_sent_when_idle();
         let mut child = restore(&target, &state)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -198,11 +198,9 @@ fn a_whole_disk_restore_killed_at_24_points_leaves_no_table_and_a_rerun_is_byte_
         }
 
         // A plain re-run finishes the job, byte-identical, fetching only what is missing.
-        std::thread::sleep(Duration::from_millis(200));
-        let sent_killed = nginx.bytes_sent() - sent_before;
+        let sent_killed = nginx.bytes_sent_when_idle() - sent_before;
         let r = run(&mut restore(&target, &state));
-        std::thread::sleep(Duration::from_millis(200));
-        let sent_rerun = nginx.bytes_sent() - sent_before - sent_killed;
+        let sent_rerun = nginx.bytes_sent_when_idle() - sent_before - sent_killed;
         let out = format!(
             "{}{}",
             String::from_utf8_lossy(&r.stdout),

@@ -9,12 +9,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2e::{require_tool, run, Scratch};
+use e2e::{require_tool, run, NetLab};
 use serde_json::Value;
 
 /// The server side of every lab: 10.77.0.1 runs dnsmasq; .10/.11/.12/.13 carry servers.
@@ -58,22 +57,30 @@ while True:
     s.sendto(bytes(reply) + opts + bytes([255]), peer)
 "#;
 
-static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// The `img` under test, located (and built) once per test binary rather than per call.
 fn img_bin() -> &'static std::path::Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(e2e::img_bin)
 }
 
-/// Two namespaces joined by a veth pair (`eth0` on both sides), with the processes started
-/// in them; everything is torn down on drop.
+/// The shared two-namespace lab (`e2e::NetLab`: veth `eth0` on both sides, torn down on
+/// drop) with this suite's servers: dnsmasq for lab.example, Python HTTP(S) servers and a
+/// proxy-DHCP responder.
 struct Lab {
-    server_ns: String,
-    client_ns: String,
-    extra_ns: Vec<String>,
-    dir: Scratch,
-    children: Vec<Child>,
+    net: NetLab,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = NetLab;
+    fn deref(&self) -> &NetLab {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut NetLab {
+        &mut self.net
+    }
 }
 
 impl Lab {
@@ -81,52 +88,16 @@ impl Lab {
         for t in ["ip", "dnsmasq", "python3", "openssl"] {
             require_tool(t);
         }
-        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}x{n}", std::process::id());
-        let lab = Lab {
-            server_ns: format!("dscS{id}"),
-            client_ns: format!("dscC{id}"),
-            extra_ns: Vec::new(),
-            dir: Scratch::new("discovery"),
-            children: Vec::new(),
-        };
-        ip(&["netns", "add", &lab.server_ns]);
-        ip(&["netns", "add", &lab.client_ns]);
-        // Created directly inside the namespaces: no name ever appears in the host's.
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &lab.server_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &lab.client_ns,
-        ]);
-        lab.sip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"]);
-        for host in 10..=13 {
-            lab.sip(&["addr", "add", &format!("10.77.0.{host}/24"), "dev", "eth0"]);
+        let ips = [
+            "10.77.0.1",
+            "10.77.0.10",
+            "10.77.0.11",
+            "10.77.0.12",
+            "10.77.0.13",
+        ];
+        Lab {
+            net: NetLab::new("dsc", &ips, None),
         }
-        lab.sip(&["link", "set", "eth0", "up"]);
-        lab.sip(&["link", "set", "lo", "up"]);
-        lab.cip(&["link", "set", "lo", "up"]);
-        lab
-    }
-
-    fn sip(&self, args: &[&str]) {
-        let mut a = vec!["-n", self.server_ns.as_str()];
-        a.extend_from_slice(args);
-        ip(&a);
-    }
-
-    fn cip(&self, args: &[&str]) {
-        let mut a = vec!["-n", self.client_ns.as_str()];
-        a.extend_from_slice(args);
-        ip(&a);
     }
 
     /// Starts `cmd` in the server namespace and waits for its first stdout line "ready".
@@ -200,51 +171,15 @@ impl Lab {
 
     /// The real dnsmasq as DHCP and DNS server for lab.example, plus `extra` lines.
     fn dnsmasq(&mut self, extra: &str) {
-        let conf = self.write(
-            "dnsmasq.conf",
-            &format!(
-                "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={DHCP_IP}\n\
-                 no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\nlog-queries=extra\n\
-                 log-facility={log}\n\
-                 dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h\ndomain=lab.example\n{extra}\n",
-                log = self.dir.join("dnsmasq.log").display()
-            ),
-        );
-        // dnsmasq writes no pid file with --no-daemon; it logs "started" once its DHCP and DNS
-        // sockets are bound, so that line is the readiness signal.
-        let pid = self.dir.join("dnsmasq.pid");
-        let stderr = std::fs::File::create(self.dir.join("dnsmasq.stderr")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.server_ns, "dnsmasq", "--no-daemon"])
-            .arg(format!("--conf-file={conf}"))
-            .arg(format!("--pid-file={}", pid.display()))
-            .arg(format!(
-                "--dhcp-leasefile={}",
-                self.dir.join("leases").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting dnsmasq");
-        self.children.push(child);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains("started, version") {
-            if let Some(st) = self.children.last_mut().unwrap().try_wait().unwrap() {
-                let err =
-                    std::fs::read_to_string(self.dir.join("dnsmasq.stderr")).unwrap_or_default();
-                panic!("dnsmasq exited with {st}: {err}");
-            }
-            assert!(
-                Instant::now() < end,
-                "dnsmasq did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.net.dnsmasq(&format!(
+            "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={DHCP_IP}\n\
+             no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\nlog-queries=extra\n\
+             dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h\ndomain=lab.example\n{extra}\n",
+        ));
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("dnsmasq.log")).unwrap_or_default()
+        self.dnsmasq_log()
     }
 
     fn config_dir(&self) -> PathBuf {
@@ -277,54 +212,6 @@ impl Lab {
         });
         (v, out.status.code().unwrap_or(-1))
     }
-
-    /// A second client NIC `name`, linked to a new empty namespace (a network without any
-    /// DHCP server); with `carrier` false the far end stays down (an unplugged cable).
-    fn add_dead_nic(&mut self, name: &str, carrier: bool) {
-        let ns = format!("{}d{}", self.client_ns, self.extra_ns.len());
-        ip(&["netns", "add", &ns]);
-        self.extra_ns.push(ns.clone());
-        ip(&[
-            "link",
-            "add",
-            name,
-            "netns",
-            &self.client_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns,
-        ]);
-        if carrier {
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self
-            .extra_ns
-            .iter()
-            .chain([&self.server_ns, &self.client_ns])
-        {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        if std::thread::panicking() {
-            eprintln!("dnsmasq log:\n{}", self.log());
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
 }
 
 /// (url, source, verdict) of every candidate.
@@ -725,7 +612,9 @@ fn static_configuration_without_any_dhcp_server() {
     assert!(v["chosen"].is_null());
 }
 
-/// Runs `img -findserver` (the boot flow) with `keys` written to its console after 0.5 s.
+/// Runs `img -findserver` (the boot flow) with `keys` typed at its console. They are written
+/// at once: the pipe holds them until the flow reads a key, as a terminal's input queue does
+/// (no timing guess).
 fn findserver(lab: &Lab, keys: &[u8]) -> (String, i32) {
     let mut child = Command::new("ip")
         .args(["netns", "exec", &lab.client_ns])
@@ -738,7 +627,6 @@ fn findserver(lab: &Lab, keys: &[u8]) -> (String, i32) {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
     stdin.write_all(keys).unwrap();
     // Keep the console open (no end of input) until the flow is over.
     let out = child.wait_with_output().unwrap();

@@ -365,12 +365,10 @@ fn a_restore_killed_half_way_resumes_without_fetching_intact_chunks_again() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let sent_first = nginx.bytes_sent();
+    let sent_first = nginx.bytes_sent_when_idle();
 
     let r = ok(&args(&target).iter().map(String::as_str).collect::<Vec<_>>());
-    std::thread::sleep(Duration::from_millis(300));
-    let sent_second = nginx.bytes_sent() - sent_first;
+    let sent_second = nginx.bytes_sent_when_idle() - sent_first;
     let t = text(&r);
     let intact: u64 = t
         .split(" already intact")

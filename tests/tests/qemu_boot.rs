@@ -13,23 +13,21 @@
 //! - `device_gets_lease_finds_server_checks_in_deploys_and_reboots`: the whole loop with
 //!   dnsmasq (options 186/192) and the reference server in a network namespace.
 //!
-//! These take tens of seconds each: `QUICK=1` skips them (scripts/test.sh documents it).
+//! These take tens of seconds each: they are `#[ignore]`d, and
+//! scripts/test.sh runs them with `--ignored` (`QUICK=1` skips them and says so).
 
 mod qemu;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::{require_tool, run, workspace_bin, Scratch};
-use qemu::{disk_file, initrd, kernel, qemu_base, quick, Netns, Qemu, BOOT_TIMEOUT};
+use qemu::{disk_file, initrd, kernel, qemu_base, Netns, Qemu, BOOT_TIMEOUT};
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_boot -- --ignored"]
 fn pid1_mounts_loads_virtio_and_finds_disk_and_nic() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("qemu-pid1");
     let k = kernel();
     let initrd = initrd(dir.path(), &k);
@@ -110,10 +108,8 @@ fn pid1_mounts_loads_virtio_and_finds_disk_and_nic() {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_boot -- --ignored"]
 fn console_prompt_runs_img_commands() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("qemu-console");
     let k = kernel();
     let initrd = initrd(dir.path(), &k);
@@ -196,31 +192,23 @@ impl RefServer {
             &["schedule", "add", "--mac", mac, "--image", "os:2.1"],
         );
         assert!(out.contains("scheduled"), "{out}");
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(workspace_bin("imgserver", "imgserver"))
-            .arg("--data")
-            .arg(&data)
-            .args([
-                "serve",
-                "--plain",
-                // A lab: the device carries no enrol.key.
-                "--open-enrolment",
-                "--listen",
-                &format!("{ip}:8080"),
-                "--public-url",
-                &format!("http://{ip}:8080"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut first = [0u8; 64];
-        let n = server.stdout.as_mut().unwrap().read(&mut first).unwrap();
-        assert!(
-            String::from_utf8_lossy(&first[..n]).contains("listening on"),
-            "imgserver said {:?}",
-            String::from_utf8_lossy(&first[..n])
+        let (server, _) = e2e::spawn_imgserver(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .arg(workspace_bin("imgserver", "imgserver"))
+                .arg("--data")
+                .arg(&data)
+                .args([
+                    "serve",
+                    "--plain",
+                    // A lab: the device carries no enrol.key.
+                    "--open-enrolment",
+                    "--listen",
+                    &format!("{ip}:8080"),
+                    "--public-url",
+                    &format!("http://{ip}:8080"),
+                ]),
+            "listening on http://",
         );
         RefServer(server)
     }
@@ -242,18 +230,7 @@ fn check_deployed(dir: &Scratch, disk: &Path, data: &Path, mac: &str) {
         table.contains("SYSTEM"),
         "partition table after the deploy:\n{table}"
     );
-    let vol = dir.join("vol.img");
-    e2e::sh(&format!(
-        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
-        disk.display(),
-        vol.display(),
-        vol.display()
-    ));
-    let version = e2e::sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
-        vol.display()
-    ));
-    assert_eq!(version.trim(), "os 2.1");
+    e2e::check_deployed(dir.path(), disk, "os 2.1");
     // The server recorded the device and its result.
     let devices = imgserver_admin(data, &["devices"]);
     let line = devices
@@ -287,10 +264,8 @@ fn imgserver_admin(data: &Path, args: &[&str]) -> String {
 /// deploys the scheduled image onto its disk, reports, and reboots. The disk-image file is
 /// then checked with sgdisk, fsck.fat and mtools, and the server's record of the device.
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_boot -- --ignored"]
 fn device_gets_lease_finds_server_checks_in_deploys_and_reboots() {
-    if quick() {
-        return;
-    }
     for t in [
         "dnsmasq", "ip", "sgdisk", "mkfs.fat", "fsck.fat", "mcopy", "mtype",
     ] {

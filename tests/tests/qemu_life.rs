@@ -23,7 +23,8 @@
 //! - `pxe_no_work_boots_the_local_disk_without_fetching_the_agent` and
 //!   `pxe_with_work_runs_the_agent`: iPXE asks the server first (`/pxe/boot.ipxe?mac=`).
 //!
-//! Figures are printed (never asserted). These take minutes under TCG: `QUICK=1` skips them.
+//! Figures are printed (never asserted). These take minutes under TCG: they are `#[ignore]`d,
+//! and scripts/test.sh runs them with `--ignored` (`QUICK=1` skips them and says so).
 
 mod qemu;
 
@@ -34,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e::{img_bin, imgserver_admin, imgserver_bin, require_tool, run, sh, Scratch};
-use qemu::{guest_initrd, kernel, ovmf, quick, Kernel, Qemu};
+use qemu::{guest_initrd, kernel, ovmf, Kernel, Qemu};
 
 /// The device's disk: partition 1 the boot agent (40 MiB: Debian's cloud kernel is 14 MB),
 /// partition 2 the guest OS, in the same places on the capture source and on the device.
@@ -618,8 +619,10 @@ impl Site {
         .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
         .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
         .args(extra);
-        self.dnsmasq = Some(Logged::spawn(cmd));
-        std::thread::sleep(Duration::from_millis(300));
+        let d = Logged::spawn(cmd);
+        // dnsmasq logs "started" once its sockets are bound.
+        d.wait_for("started, version", Duration::from_secs(30));
+        self.dnsmasq = Some(d);
     }
 
     fn server_log(&self) -> String {
@@ -670,10 +673,8 @@ const AGENT_CMDLINE: &str = "console=ttyS0 panic=-1 img.disk=/dev/vda img.delay=
 /// The reference: a GRUB whose only entry boots the guest on partition 2 straight away, no
 /// agent. Also proves the guest OS build (kernel + busybox initramfs on FAT) boots.
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_life -- --ignored"]
 fn guest_boots_straight_from_grub() {
-    if quick() {
-        return;
-    }
     tools();
     let dir = Scratch::new("life-direct");
     let k = kernel();
@@ -786,10 +787,8 @@ fn plugged_device(lab: &Lab, site: &Site) -> Device {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_life -- --ignored"]
 fn whole_life_boots_deploys_reboots_and_stays_managed() {
-    if quick() {
-        return;
-    }
     let lab = Lab::new("life-whole");
     let dir = lab.dir.path();
     let mut site = Site::new(dir, "w");
@@ -972,10 +971,8 @@ fn tap_tx_bytes(site: &Site) -> u64 {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_life -- --ignored"]
 fn power_cut_mid_deploy_resumes_and_ends_in_v2() {
-    if quick() {
-        return;
-    }
     let lab = Lab::new("life-cut");
     let dir = lab.dir.path();
     let mut site = Site::new(dir, "c");
@@ -1072,10 +1069,8 @@ fn power_cut_mid_deploy_resumes_and_ends_in_v2() {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_life -- --ignored"]
 fn no_server_question_then_guest() {
-    if quick() {
-        return;
-    }
     let lab = Lab::new("life-noserver");
     let dir = lab.dir.path();
     // The cable is plugged in, but nobody answers DHCP: no server, no configuration.
@@ -1143,8 +1138,10 @@ fn pxe_site(lab: &Lab, tag: &str) -> Site {
     .arg(format!("--conf-file={}", conf_path.display()))
     .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
     .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()));
-    site.dnsmasq = Some(Logged::spawn(cmd));
-    std::thread::sleep(Duration::from_millis(300));
+    let d = Logged::spawn(cmd);
+    // dnsmasq logs "started" once its sockets are bound.
+    d.wait_for("started, version", Duration::from_secs(30));
+    site.dnsmasq = Some(d);
     site
 }
 
@@ -1197,10 +1194,8 @@ fn agent_fetches(site: &Site) -> (usize, Vec<String>) {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_life -- --ignored"]
 fn pxe_asks_first_agent_with_work_local_disk_without() {
-    if quick() {
-        return;
-    }
     let lab = Lab::new("life-pxe");
     let site = pxe_site(&lab, "p");
     let mut dev = pxe_device(&lab, &site);
@@ -1260,10 +1255,8 @@ fn pxe_asks_first_agent_with_work_local_disk_without() {
 /// The agent pass with no work, handing over with kexec (`img.handover=kexec`) instead of a
 /// reboot through the firmware and GRUB: one power-on, agent, check-in, guest marker.
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_life -- --ignored"]
 fn agent_pass_with_kexec_handover() {
-    if quick() {
-        return;
-    }
     let lab = Lab::new("life-kexec");
     let dir = lab.dir.path();
     let mut site = Site::new(dir, "k");

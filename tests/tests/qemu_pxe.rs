@@ -17,7 +17,8 @@
 //!   HTTPS, deploys a bootable image and reboots; the next PXE boot has no work and boots
 //!   the freshly deployed disk.
 //!
-//! Each takes tens of seconds to minutes under TCG: `QUICK=1` skips them.
+//! Each takes tens of seconds to minutes under TCG: they are `#[ignore]`d, and
+//! scripts/test.sh runs them with `--ignored` (`QUICK=1` skips them and says so).
 
 mod qemu;
 
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use e2e::{img_bin, imgserver_admin, require_tool, run, Scratch};
 use qemu::{
-    bios_marker_disk, disk_args, initrd_with, kernel, ovmf_args, pxe_tftp_root, qemu_base, quick,
+    bios_marker_disk, disk_args, initrd_with, kernel, ovmf_args, pxe_tftp_root, qemu_base,
     uefi_marker_disk, LanServer, PxeLan, Qemu, BOOT_TIMEOUT,
 };
 
@@ -131,10 +132,8 @@ fn assert_no_agent_download(lan: &PxeLan, server: &LanServer, mac: &str) {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_pxe -- --ignored"]
 fn pxe_no_work_boots_local_disk_under_uefi() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("pxe-uefi");
     let disk = dir.join("local.img");
     uefi_marker_disk(&disk, 48 << 20, MARKER);
@@ -180,10 +179,8 @@ fn pxe_no_work_boots_local_disk_under_uefi() {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_pxe -- --ignored"]
 fn pxe_no_work_boots_local_disk_under_bios() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("pxe-bios");
     let disk = dir.join("local.img");
     bios_marker_disk(&disk, 8 << 20, MARKER);
@@ -224,10 +221,8 @@ fn pxe_no_work_boots_local_disk_under_bios() {
 /// Seed 004's hot-key menu: Space at the prompt, `c`: the agent's kernel with `img.console`
 /// for a device the server has no work for (iPXE's EFI console is on the serial port).
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_pxe -- --ignored"]
 fn pxe_hotkey_menu_gives_img_console_under_uefi() {
-    if quick() {
-        return;
-    }
     let dir = Scratch::new("pxe-menu");
     let disk = dir.join("local.img");
     uefi_marker_disk(&disk, 48 << 20, MARKER);
@@ -266,10 +261,8 @@ fn pxe_hotkey_menu_gives_img_console_under_uefi() {
 }
 
 #[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_pxe -- --ignored"]
 fn pxe_with_work_loads_agent_which_deploys_then_boots_local_disk() {
-    if quick() {
-        return;
-    }
     require_tool("sgdisk");
     let dir = Scratch::new("pxe-work");
     let ip = "10.81.0.1";

@@ -18,12 +18,11 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use e2e::{img_bin, imgserver_bin, require_tool, run, Scratch};
+use e2e::netlab::ip;
+use e2e::{img_bin, imgserver_bin, require_tool, run, NetLab, Scratch};
 
 const SERVER_IP: &str = "10.79.0.1";
 const ROGUE_IP: &str = "10.79.0.66";
@@ -31,21 +30,27 @@ const ROGUE_PORT: u16 = 8080;
 const MAC: &str = "52:54:00:79:00:02";
 const DISK_LEN: usize = 8 << 20;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
+/// The shared two-namespace lab (`e2e::NetLab`) with the real server, the rogue one behind
+/// its recording relay, and dnsmasq.
 struct Lab {
-    sns: String,
-    cns: String,
-    dir: Scratch,
-    children: Vec<Child>,
+    net: NetLab,
     /// Every byte devices sent to the rogue address.
     seen: PathBuf,
     real: PathBuf,
     rogue: PathBuf,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = NetLab;
+    fn deref(&self) -> &NetLab {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut NetLab {
+        &mut self.net
+    }
 }
 
 impl Lab {
@@ -53,46 +58,16 @@ impl Lab {
         for t in ["ip", "dnsmasq"] {
             require_tool(t);
         }
-        let id = format!(
-            "{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = Scratch::new("rogue-dhcp");
-        let mut lab = Lab {
-            sns: format!("rogS{id}"),
-            cns: format!("rogC{id}"),
-            seen: dir.join("seen-by-rogue.bin"),
-            real: dir.join("real"),
-            rogue: dir.join("rogue"),
-            dir,
-            children: Vec::new(),
-        };
-        ip(&["netns", "add", &lab.sns]);
-        ip(&["netns", "add", &lab.cns]);
+        let mut net = NetLab::new("rog", &[SERVER_IP, ROGUE_IP], Some(MAC));
         // The agent writes the lease's DNS servers to /etc/resolv.conf: inside the client
-        // namespace that is this file (ip netns exec bind-mounts it), never the host's.
-        let etc = PathBuf::from("/etc/netns").join(&lab.cns);
-        fs::create_dir_all(&etc).unwrap();
-        fs::write(etc.join("resolv.conf"), "").unwrap();
-        ip(&[
-            "link", "add", "eth0", "netns", &lab.sns, "type", "veth", "peer", "name", "eth0",
-            "address", MAC, "netns", &lab.cns,
-        ]);
-        for a in [SERVER_IP, ROGUE_IP] {
-            ip(&[
-                "-n",
-                &lab.sns,
-                "addr",
-                "add",
-                &format!("{a}/24"),
-                "dev",
-                "eth0",
-            ]);
-        }
-        for (ns, l) in [(&lab.sns, "eth0"), (&lab.sns, "lo"), (&lab.cns, "lo")] {
-            ip(&["-n", ns, "link", "set", l, "up"]);
-        }
+        // namespace that is a file of the lab's, never the host's.
+        net.client_resolv_conf();
+        let mut lab = Lab {
+            seen: net.dir.join("seen-by-rogue.bin"),
+            real: net.dir.join("real"),
+            rogue: net.dir.join("rogue"),
+            net,
+        };
         lab.start_real();
         lab.start_rogue();
         lab.dnsmasq();
@@ -104,22 +79,16 @@ impl Lab {
     }
 
     fn serve(&mut self, data: &Path, args: &[&str], expect: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.sns])
-            .arg(imgserver_bin())
-            .arg("--data")
-            .arg(data)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with(expect), "imgserver said {line:?}");
+        let (child, _) = e2e::spawn_imgserver(
+            Command::new("ip")
+                .args(["netns", "exec", &self.server_ns])
+                .arg(imgserver_bin())
+                .arg("--data")
+                .arg(data)
+                .arg("serve")
+                .args(args),
+            expect,
+        );
         self.children.push(child);
     }
 
@@ -169,9 +138,9 @@ impl Lab {
             "listening on http://",
         );
         let relay = Command::new("ip")
-            .args(["netns", "exec", &self.sns])
+            .args(["netns", "exec", &self.server_ns])
             .arg(std::env::current_exe().unwrap())
-            .args(["--exact", "rogue_relay_child", "--nocapture"])
+            .args(["--ignored", "--exact", "rogue_relay_child", "--nocapture"])
             .env("E2E_ROGUE_RELAY", self.seen.to_str().unwrap())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -191,45 +160,14 @@ impl Lab {
     }
 
     fn dnsmasq(&mut self) {
-        let log = self.dir.join("dnsmasq.log");
-        let conf = self.dir.join("dnsmasq.conf");
-        fs::write(
-            &conf,
-            format!(
-                "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={SERVER_IP}\nport=0\n\
-                 no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\nlog-facility={}\n\
-                 dhcp-range=10.79.0.100,10.79.0.200,255.255.255.0,1h\n\
-                 dhcp-option=186,{ROGUE_IP}\ndhcp-option=192,{:02x}:{:02x}\n",
-                log.display(),
-                ROGUE_PORT >> 8,
-                ROGUE_PORT & 0xff
-            ),
-        )
-        .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.sns, "dnsmasq", "--no-daemon"])
-            .arg(format!("--conf-file={}", conf.display()))
-            .arg(format!(
-                "--pid-file={}",
-                self.dir.join("dnsmasq.pid").display()
-            ))
-            .arg(format!(
-                "--dhcp-leasefile={}",
-                self.dir.join("leases").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("started, version")
-        {
-            assert!(Instant::now() < end, "dnsmasq did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.net.dnsmasq(&format!(
+            "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={SERVER_IP}\nport=0\n\
+             no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\n\
+             dhcp-range=10.79.0.100,10.79.0.200,255.255.255.0,1h\n\
+             dhcp-option=186,{ROGUE_IP}\ndhcp-option=192,{:02x}:{:02x}\n",
+            ROGUE_PORT >> 8,
+            ROGUE_PORT & 0xff
+        ));
     }
 
     /// The device's boot partition: the real server's CA, its config folder, its state.
@@ -248,7 +186,7 @@ impl Lab {
             std::os::unix::fs::symlink(img_bin(), &agent).unwrap();
         }
         Command::new("ip")
-            .args(["netns", "exec", &self.cns])
+            .args(["netns", "exec", &self.client_ns])
             .arg(&agent)
             .env("IMG_CONFIG_DIR", boot.join("config"))
             .env("IMG_CA_FILE", boot.join("ca.pem"))
@@ -270,19 +208,6 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in [&self.sns, &self.cns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.cns));
-    }
-}
-
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -301,6 +226,7 @@ fn device_disk(dir: &Scratch) -> (PathBuf, Vec<u8>) {
 /// In the server namespace: ROGUE_IP:ROGUE_PORT → 127.0.0.1:8081, appending every byte a
 /// client sends to the file named by E2E_ROGUE_RELAY.
 #[test]
+#[ignore = "child process: Lab::start_rogue starts it with --ignored --exact"]
 fn rogue_relay_child() {
     let Ok(path) = std::env::var("E2E_ROGUE_RELAY") else {
         return;
@@ -373,7 +299,7 @@ fn rogue_dhcp_with_plain_http_cannot_enrol_a_device_that_holds_the_ca() {
 
     // By hand: `img -checkin` at the rogue's URL with the CA is refused before connecting.
     let o = Command::new("ip")
-        .args(["netns", "exec", &lab.cns])
+        .args(["netns", "exec", &lab.client_ns])
         .arg(img_bin())
         .args([
             "-checkin",
@@ -408,16 +334,16 @@ fn rogue_dhcp_never_gets_the_credential_issued_by_the_real_server() {
     // Enrol with the real server first (a static address, as a configured device has).
     ip(&[
         "-n",
-        &lab.cns,
+        &lab.client_ns,
         "addr",
         "add",
         "10.79.0.50/24",
         "dev",
         "eth0",
     ]);
-    ip(&["-n", &lab.cns, "link", "set", "eth0", "up"]);
+    ip(&["-n", &lab.client_ns, "link", "set", "eth0", "up"]);
     let o = Command::new("ip")
-        .args(["netns", "exec", &lab.cns])
+        .args(["netns", "exec", &lab.client_ns])
         .arg(img_bin())
         .args([
             "-checkin",
@@ -431,7 +357,7 @@ fn rogue_dhcp_never_gets_the_credential_issued_by_the_real_server() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("enrolled"), "{}", text(&o));
-    ip(&["-n", &lab.cns, "addr", "flush", "dev", "eth0"]);
+    ip(&["-n", &lab.client_ns, "addr", "flush", "dev", "eth0"]);
     let cred = fs::read_to_string(boot.join("state/credential")).unwrap();
     assert!(
         cred.contains(&format!("https://{SERVER_IP}:8443")),

@@ -13,15 +13,13 @@
 //! Needs root (network namespaces), dnsmasq, iproute2, mkfs.fat, mtools, sgdisk.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use agent::checkin;
 use checkin::AgentConfig;
-use e2e::{imgserver_bin, require_tool, run, sample_bytes, sh, Scratch};
+use e2e::{imgserver_bin, require_tool, sample_bytes, sh, NetLab, Scratch};
 use imgengine::capture::{capture, CaptureOptions};
 use imgengine::io::NoProgress;
 
@@ -30,18 +28,22 @@ const SERVER_IP: &str = "10.78.0.1";
 const ROGUE_IP: &str = "10.78.0.66";
 const MAC: &str = "52:54:00:78:00:02";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
+/// The shared two-namespace lab (`e2e::NetLab`): dnsmasq and servers on the server side.
+struct Lab {
+    net: NetLab,
 }
 
-/// Two namespaces, dnsmasq and servers in one, torn down on drop.
-struct Lab {
-    sns: String,
-    cns: String,
-    dir: Scratch,
-    children: Vec<Child>,
+impl std::ops::Deref for Lab {
+    type Target = NetLab;
+    fn deref(&self) -> &NetLab {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut NetLab {
+        &mut self.net
+    }
 }
 
 impl Lab {
@@ -51,38 +53,9 @@ impl Lab {
         ] {
             require_tool(t);
         }
-        let id = format!(
-            "{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let lab = Lab {
-            sns: format!("srvS{id}"),
-            cns: format!("srvC{id}"),
-            dir: Scratch::new("server-dhcp"),
-            children: Vec::new(),
-        };
-        ip(&["netns", "add", &lab.sns]);
-        ip(&["netns", "add", &lab.cns]);
-        ip(&[
-            "link", "add", "eth0", "netns", &lab.sns, "type", "veth", "peer", "name", "eth0",
-            "address", MAC, "netns", &lab.cns,
-        ]);
-        for a in [SERVER_IP, ROGUE_IP] {
-            ip(&[
-                "-n",
-                &lab.sns,
-                "addr",
-                "add",
-                &format!("{a}/24"),
-                "dev",
-                "eth0",
-            ]);
+        Lab {
+            net: NetLab::new("srv", &[SERVER_IP, ROGUE_IP], Some(MAC)),
         }
-        ip(&["-n", &lab.sns, "link", "set", "eth0", "up"]);
-        ip(&["-n", &lab.sns, "link", "set", "lo", "up"]);
-        ip(&["-n", &lab.cns, "link", "set", "lo", "up"]);
-        lab
     }
 
     fn admin(&self, data: &Path, args: &[&str]) -> String {
@@ -92,72 +65,32 @@ impl Lab {
     /// `imgserver init` for `addr` and `serve` on addr:8443 inside the server namespace.
     fn imgserver(&mut self, data: &Path, addr: &str) {
         self.admin(data, &["init", "--name", addr]);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.sns])
-            .arg(imgserver_bin())
-            .arg("--data")
-            .arg(data)
-            .args([
-                "serve",
-                "--listen",
-                &format!("{addr}:8443"),
-                "--interval",
-                "9",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("listening on https://"),
-            "imgserver said {line:?}"
+        let (child, _) = e2e::spawn_imgserver(
+            Command::new("ip")
+                .args(["netns", "exec", &self.server_ns])
+                .arg(imgserver_bin())
+                .arg("--data")
+                .arg(data)
+                .args([
+                    "serve",
+                    "--listen",
+                    &format!("{addr}:8443"),
+                    "--interval",
+                    "9",
+                ]),
+            "listening on https://",
         );
         self.children.push(child);
     }
 
     /// The real dnsmasq, handing out option 186 = `server` and 190 = 8443.
     fn dnsmasq(&mut self, server: &str) {
-        let log = self.dir.join("dnsmasq.log");
-        let conf = self.dir.join("dnsmasq.conf");
-        fs::write(
-            &conf,
-            format!(
-                "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={SERVER_IP}\nport=0\n\
-                 no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\nlog-facility={}\n\
-                 dhcp-range=10.78.0.100,10.78.0.200,255.255.255.0,1h\ndomain=lab.example\n\
-                 dhcp-option=186,{server}\ndhcp-option=190,20:fb\n",
-                log.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.sns, "dnsmasq", "--no-daemon"])
-            .arg(format!("--conf-file={}", conf.display()))
-            .arg(format!(
-                "--pid-file={}",
-                self.dir.join("dnsmasq.pid").display()
-            ))
-            .arg(format!(
-                "--dhcp-leasefile={}",
-                self.dir.join("leases").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("started, version")
-        {
-            assert!(Instant::now() < end, "dnsmasq did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.net.dnsmasq(&format!(
+            "interface=eth0\nbind-interfaces\nexcept-interface=lo\nlisten-address={SERVER_IP}\nport=0\n\
+             no-resolv\nno-hosts\nno-ping\nuser=root\nlog-dhcp\n\
+             dhcp-range=10.78.0.100,10.78.0.200,255.255.255.0,1h\ndomain=lab.example\n\
+             dhcp-option=186,{server}\ndhcp-option=190,20:fb\n",
+        ));
     }
 
     /// Run the agent (discovery, then the check-in loop) in the client namespace.
@@ -166,9 +99,10 @@ impl Lab {
             "ca": ca, "disk": disk, "state": self.dir.join("bootpart/img"), "config": self.dir.join("bootpart"),
         });
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.cns])
+            .args(["netns", "exec", &self.client_ns])
             .arg(std::env::current_exe().unwrap())
             .args([
+                "--ignored",
                 "--exact",
                 "dhcp_agent_child",
                 "--nocapture",
@@ -187,20 +121,9 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in [&self.sns, &self.cns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 /// Inside the client namespace: discovery on eth0, then the loop against the chosen server.
 #[test]
+#[ignore = "child process: Lab::agent starts it with --ignored --exact"]
 fn dhcp_agent_child() {
     let Ok(spec) = std::env::var("E2E_DHCP_AGENT") else {
         return;
@@ -310,18 +233,7 @@ fn dhcp_options_lead_the_agent_to_imgserver_and_the_deploy_is_recorded() {
     assert!(text.contains("CHOSEN https://10.78.0.1:8443"), "{text}");
     assert!(text.contains("AGENT-OUTCOME Idle"), "{text}");
     // The disk holds the image, and the server says so.
-    let vol = lab.dir.join("vol.img");
-    sh(&format!(
-        "dd if={} of={} bs=1M skip=1 count=32 status=none; fsck.fat -n {} >/dev/null",
-        disk.display(),
-        vol.display(),
-        vol.display()
-    ));
-    let v = sh(&format!(
-        "MTOOLS_SKIP_CHECK=1 mtype -i {} ::VERSION.TXT",
-        vol.display()
-    ));
-    assert_eq!(v.trim(), "fleet 9.0");
+    e2e::check_deployed(lab.dir.path(), &disk, "fleet 9.0");
     let devices = lab.admin(&data, &["devices"]);
     let line = devices
         .lines()

@@ -9,7 +9,7 @@
 //! message otherwise).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,24 +47,14 @@ impl Server {
         if !data.join("ca.pem").exists() {
             admin(data, &["init"]);
         }
-        let mut child = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(data)
-            .args(["serve", "--listen", "127.0.0.1:0", "--interval", "7"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("imgserver said {line:?}"))
-            .to_string();
+        let (child, addr) = e2e::spawn_imgserver(
+            Command::new(imgserver_bin())
+                .arg("--data")
+                .arg(data)
+                .args(["serve", "--listen", "127.0.0.1:0", "--interval", "7"])
+                .args(extra),
+            "listening on https://",
+        );
         let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
         Server {
             data: data.to_path_buf(),
@@ -612,8 +602,13 @@ fn repository_needs_the_devices_credential_or_a_signed_url() {
     let later = signed.replace("expires=", "expires=9");
     assert_eq!(get(&later, None).0, 403, "the expiry is signed too");
     let short = srv.admin(&["image", "url", "os:1", "--expires", "0", "--base", &srv.url]);
-    std::thread::sleep(Duration::from_millis(2100));
-    let (st, body) = get(short.trim(), None);
+    // It expires when the server's clock passes it: ask until it does.
+    let (mut st, mut body) = get(short.trim(), None);
+    let asked = Instant::now();
+    while st == 200 && asked.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        (st, body) = get(short.trim(), None);
+    }
     assert_eq!(st, 403);
     assert!(String::from_utf8_lossy(&body).contains("expired"));
     // Dotfiles, temporary files and anything outside the repository: not there.
@@ -823,6 +818,16 @@ fn half_sent_requests_are_dropped_after_the_timeouts() {
     assert_eq!(ok.status().as_u16(), 200);
 }
 
+/// Connects to 127.0.0.1:`port` without sending anything: true when the server closes the
+/// connection at once (well before the 1 s read timeout), false when it holds it open.
+fn probe_is_closed_at_once(port: u16) -> bool {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 8];
+    matches!(c.read(&mut buf), Ok(0) | Err(_)) && start.elapsed() < Duration::from_millis(900)
+}
+
 #[test]
 fn connections_and_requests_are_limited_per_address_and_per_device() {
     let dir = Scratch::new("trust-limits");
@@ -834,21 +839,24 @@ fn connections_and_requests_are_limited_per_address_and_per_device() {
     let held: Vec<_> = (0..3)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut fourth = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
-    fourth
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let start = Instant::now();
-    let mut buf = [0u8; 8];
-    let n = fourth.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0);
-    assert!(
-        start.elapsed() < Duration::from_secs(4),
-        "closed at once, not by a timeout"
-    );
+    // The server counts a connection when it accepts it, a moment after connect() returns:
+    // ask until a fourth is turned away (closed, not held open until a read timeout).
+    let asked = Instant::now();
+    while !probe_is_closed_at_once(srv.port) {
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "a fourth connection from the address is still held open"
+        );
+    }
     drop(held);
-    std::thread::sleep(Duration::from_millis(300));
+    // And counts them off when it sees them closed: ask until a connection is held again.
+    let asked = Instant::now();
+    while probe_is_closed_at_once(srv.port) {
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "connections are still refused after the held ones closed"
+        );
+    }
     // Requests: 5 per second with bursts of 20; a flood is answered 429.
     let http = srv.http();
     let url = format!("{}/api/v1/health", srv.url);

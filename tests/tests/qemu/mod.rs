@@ -14,14 +14,6 @@ use e2e::{require_tool, run, sh, workspace_bin, workspace_root};
 /// A boot under TCG takes about 5 s; iPXE's TFTP of a 14 MiB kernel a little more.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub fn quick() -> bool {
-    if std::env::var_os("QUICK").is_some() {
-        eprintln!("QUICK is set: skipping the QEMU boot test");
-        return true;
-    }
-    false
-}
-
 /// The kernel cache: vmlinuz and lib/modules/<version>.
 pub struct Kernel {
     pub vmlinuz: PathBuf,

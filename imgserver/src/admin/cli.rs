@@ -123,6 +123,22 @@ fn open(data: &Path) -> anyhow::Result<Admin> {
             data.display()
         );
     }
+    // As `crate::cli` opens it: the data directory 0700, the database files 0600 (an older
+    // installation's wider modes are tightened).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", data.display()))?;
+        for f in ["imgserver.db", "imgserver.db-wal", "imgserver.db-shm"] {
+            let p = data.join(f);
+            match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("making {} private (0600)", p.display()))
+                }
+                _ => {}
+            }
+        }
+    }
     let store = SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?;
     Ok(Admin::open(
         data,

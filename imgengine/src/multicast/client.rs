@@ -677,6 +677,9 @@ impl RxCtx {
 
 /// A decoded object: check it and keep it, or drop it (it stays needed).
 fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
+    if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
+        eprintln!("client: object {object} decoded ({} bytes)", data.len());
+    }
     let tail = rx.tail_index();
     if object == 0 || object == tail {
         if object == 0 {

@@ -690,6 +690,12 @@ impl Master {
                 *next = (*next).max(first + extra);
             }
             self.sent_at.insert(object, Instant::now());
+            if debug() {
+                eprintln!(
+                    "master: object {object} done, {} packets so far",
+                    self.stats.packets
+                );
+            }
         }
         for _ in 0..3 {
             self.send_to(Body::End { aborted: false }, self.dest);

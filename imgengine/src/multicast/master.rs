@@ -714,3 +714,119 @@ impl Master {
 fn debug() -> bool {
     std::env::var_os("IMG_SESSION_DEBUG").is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::testimg;
+    use crate::multicast::packet::Nack;
+
+    fn master(tag: &str) -> (Master, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("mcast-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("t.img");
+        std::fs::write(&img, testimg::image(&testimg::disk(600_000), 64 << 10)).unwrap();
+        let m = Master::open(MasterConfig::new(tag, img, Ipv4Addr::LOCALHOST)).unwrap();
+        (m, dir)
+    }
+
+    fn status(client: u64, nacks: Vec<Nack>, needs: Vec<(u32, u32)>) -> Body {
+        Body::Status(Status {
+            client,
+            state: ClientState::Receiving,
+            bytes_done: 0,
+            bytes_total: 1,
+            loss_permille: 0,
+            needs,
+            nacks,
+            message: String::new(),
+        })
+    }
+
+    fn from(port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Two clients short of different numbers of symbols in the same block: the master
+    /// queues the larger number, not the sum; a NACK right after the repair went out is
+    /// already being answered; another block is queued on its own.
+    #[test]
+    fn nacks_queue_the_worst_count_not_the_sum() {
+        let (mut m, dir) = master("nack");
+        for c in [1, 2] {
+            assert!(m
+                .handle(
+                    Body::Register {
+                        client: c,
+                        name: format!("c{c}")
+                    },
+                    from(1000 + c as u16)
+                )
+                .is_some());
+        }
+        m.start();
+        let nack = |o, b, missing| Nack {
+            object: o,
+            block: b,
+            missing,
+        };
+        m.handle(status(1, vec![nack(3, 0, 5)], vec![(3, 4)]), from(1001));
+        m.handle(
+            status(2, vec![nack(3, 0, 9), nack(4, 0, 2)], vec![(3, 5)]),
+            from(1002),
+        );
+        m.handle(status(1, vec![nack(3, 0, 4)], vec![(3, 4)]), from(1001));
+        assert_eq!(m.pending.get(&(3, 0)), Some(&9));
+        assert_eq!(m.pending.get(&(4, 0)), Some(&2));
+        // An object index past the image is ignored.
+        m.handle(status(1, vec![nack(999, 0, 4)], vec![]), from(1001));
+        assert_eq!(m.pending.len(), 2);
+        // Sent: 9 fresh repair symbols with ids after K, then a NACK inside the hold-off
+        // is not queued again.
+        let ((o, b), n) = m.pending.pop_first().unwrap();
+        m.send_repairs(o, b, n).unwrap();
+        assert_eq!(m.stats.repair_packets, 9);
+        let k = m.encoder(3, 0).unwrap().k();
+        assert_eq!(m.next_esi[&(3, 0)], k + 9);
+        m.handle(status(1, vec![nack(3, 0, 1)], vec![(3, 4)]), from(1001));
+        assert!(!m.pending.contains_key(&(3, 0)));
+        // Needs: the union of both clients' reports, and nothing for a client that has
+        // not reported yet.
+        assert_eq!(m.next_needed(0), Some(3));
+        assert_eq!(m.next_needed(4), Some(4));
+        assert_eq!(m.next_needed(5), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn late_devices_are_refused_once_started_unless_late_join() {
+        let (mut m, dir) = master("late");
+        m.start();
+        let e = m.handle(
+            Body::Register {
+                client: 7,
+                name: "late".into(),
+            },
+            from(2000),
+        );
+        assert!(matches!(e, Some(Event::Refused { .. })));
+        assert!(m.clients.is_empty());
+        m.cfg.latejoin = true;
+        let e = m.handle(
+            Body::Register {
+                client: 7,
+                name: "late".into(),
+            },
+            from(2000),
+        );
+        assert_eq!(
+            e,
+            Some(Event::Registered {
+                id: 7,
+                again: false
+            })
+        );
+        assert!(m.clients[0].late);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -122,6 +122,7 @@ fn wait(s: &Scratch, mut c: Child, tag: &str, limit: Duration) -> (bool, String)
 
 fn blank(scratch: &Scratch, name: &str) -> PathBuf {
     let p = scratch.join(name);
+    let _ = std::fs::remove_file(&p);
     sh(&format!("truncate -s {DISK_MIB}M {}", p.display()));
     p
 }

@@ -240,7 +240,7 @@ impl BlockDecoder {
 /// Fuzz entry point: a decoder fed hostile symbols and ids must not panic (panics inside
 /// the crate are caught) and must only ever return a block of the declared length.
 pub fn fuzz_decode(data: &[u8]) {
-    let Some((&[a, b, c], rest)) = data.split_first_chunk::<3>().map(|(h, r)| (h, r)) else {
+    let Some((&[a, b, c], rest)) = data.split_first_chunk::<3>() else {
         return;
     };
     let len = 1 + (u64::from(u16::from_be_bytes([a, b])) % (8 * SYMBOL_SIZE as u64));

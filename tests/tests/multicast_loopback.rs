@@ -309,3 +309,84 @@ fn a_late_device_is_told_to_wait_and_with_latejoin_catches_up() {
         }
     }
 }
+
+#[test]
+fn a_client_killed_mid_session_and_restarted_resumes_and_ends_byte_identical() {
+    let s = Scratch::new("mcast-resume");
+    let src = s.join("master.img");
+    make_source(&src);
+    let image = s.join("master.mcimg");
+    let mk = Command::new(img_bin())
+        .args([
+            "-make".to_string(),
+            image.display().to_string(),
+            format!("-disk={}", src.display()),
+            "-chunk=1".into(),
+        ])
+        .env("IMG_QUIET", "1")
+        .output()
+        .unwrap();
+    assert!(mk.status.success(), "{}", text(&mk));
+    let session = format!("lo-resume-{}", std::process::id());
+    let target = blank(&s, "c.img");
+    let client = |tag: &str| {
+        img(
+            &s,
+            tag,
+            &args(&format!(
+                "-session {session} -client -iface=lo -disk={}",
+                target.display()
+            )),
+        )
+        // The same journal folder for both runs: the device's state survives.
+        .env("IMG_STATE_DIR", s.join("state-device"))
+        .spawn()
+        .unwrap()
+    };
+    std::fs::create_dir_all(s.join("state-device")).unwrap();
+    let mut k1 = client("first");
+    let m = img(
+        &s,
+        "m",
+        &args(&format!(
+            "-session {session} -master -clients=1 -throttle=2 -iface=lo -image={}",
+            image.display()
+        )),
+    )
+    .spawn()
+    .unwrap();
+    // Kill the client once the master has seen it pass 30 %.
+    let until = Instant::now() + Duration::from_secs(120);
+    while !log(&s, "m").contains(": 30%") {
+        assert!(Instant::now() < until, "no progress:\n{}", log(&s, "m"));
+        assert!(k1.try_wait().unwrap().is_none(), "{}", log(&s, "first"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    k1.kill().unwrap();
+    let _ = k1.wait();
+    let k2 = client("second");
+    let (mok, mt) = wait(&s, m, "m", Duration::from_secs(300));
+    let (ok2, t2) = wait(&s, k2, "second", Duration::from_secs(60));
+    assert!(mok, "master:\n{mt}\nsecond run:\n{t2}");
+    assert!(ok2, "second run:\n{t2}\nmaster:\n{mt}");
+    assert!(
+        mt.contains("again"),
+        "the master did not take the device back:\n{mt}"
+    );
+    assert!(mt.contains("1 of 1 client(s) done"), "{mt}");
+    // The second run skipped what the first had written.
+    let intact: u64 = t2
+        .split(" already intact")
+        .next()
+        .and_then(|a| a.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no intact count in: {t2}"));
+    assert!(intact > 0, "{t2}");
+    assert!(Command::new("cmp")
+        .arg(&src)
+        .arg(&target)
+        .status()
+        .unwrap()
+        .success());
+    fsck_clean(&target);
+}

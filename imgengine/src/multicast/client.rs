@@ -411,7 +411,18 @@ pub fn run(
             &tracked,
         );
         server.stop();
-        r
+        // When the receiver gave up (silent master, session ended), that is the reason,
+        // not the truncated read the deploy saw.
+        let aborted = shared
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort
+            .clone();
+        match (r, aborted) {
+            (Err(e), Some(why)) => Err(Error::new(ErrorKind::Network, format!("{why} ({e})"))),
+            (r, _) => r,
+        }
     })();
 
     // Report the result until the master acknowledges it (a few seconds at most).

@@ -125,7 +125,7 @@ fn find_server_with(
                 }
             }
         }
-        Err(e) => console.show(&format!("discovery failed: {e}")),
+        Err(e) => console.show(&format!("discovery failed: {}", discovery::error_chain(&e))),
     }
     console.show(NO_SERVER_MESSAGE);
     let deadline = Instant::now() + FALLBACK_WAIT;

@@ -9,7 +9,7 @@ use std::ffi::OsString;
 
 use crate::args::{self, Matches, Opt, Token, UsageError};
 use crate::exit::Exit;
-use crate::{bootstore, checkin, discover, handover, imaging, install};
+use crate::{bootstore, checkin, discover, handover, imaging, install, session};
 
 /// One verb of `img`.
 pub struct Verb {
@@ -139,6 +139,12 @@ pub const VERBS: &[Verb] = &[
         opts: handover::OPTS,
         run: handover::run,
     },
+    // Multicast sessions (session.rs).
+    Verb {
+        names: &["session", "s"],
+        opts: session::OPTS,
+        run: session::run_verb,
+    },
 ];
 
 pub const USAGE: &str = "\
@@ -239,6 +245,7 @@ pub fn help(m: Matches) -> anyhow::Result<i32> {
     println!("\nCheck-in:\n{}", checkin::USAGE);
     println!("\nBoot-agent partition:\n{}", install::USAGE);
     println!("{}", handover::USAGE);
+    println!("\n{}", session::USAGE);
     Ok(0)
 }
 

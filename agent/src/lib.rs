@@ -30,3 +30,4 @@ pub mod init;
 pub mod install;
 pub mod personality;
 pub mod progress;
+pub mod session;

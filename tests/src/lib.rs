@@ -6,6 +6,8 @@
 //! sgdisk, sfdisk, nginx, dnsmasq, curl); a missing tool fails the test with a message that
 //! says to run `scripts/install-deps.sh`, never a silent skip.
 
+pub mod mcastlab;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -7,6 +7,7 @@
 #   bash bench/multicast.sh                 FAT32 disk of 256 MiB, ~160 MiB of files
 #   SIZE_MIB=128 bash bench/multicast.sh    smaller, for a quick look
 #   COUNTS="1 2 4 8" LOSSES="0 2" SLOW_KBIT=40000 override the matrix
+#   IMG=/path/to/img bash bench/multicast.sh   another build of img (default: release, musl)
 #
 # The image: one FAT32 disk made with mkfs.fat + mtools, files half text half random, captured
 # once with `img -make` into src.fimg. Both tools move exactly those bytes:
@@ -32,8 +33,10 @@ root=$PWD
 bash scripts/install-deps.sh >/dev/null
 dpkg-query -W -f='${Status}' time 2>/dev/null | grep -q "ok installed" || apt-get install -y -qq time >/dev/null
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --locked --release --target x86_64-unknown-linux-musl -p agent 2>&1 | tail -1
-img="$root/target/x86_64-unknown-linux-musl/release/img"
+if [ -n "${IMG:-}" ]; then img=$IMG; else
+  cargo build --locked --release --target x86_64-unknown-linux-musl -p agent 2>&1 | tail -1
+  img="$root/target/x86_64-unknown-linux-musl/release/img"
+fi
 
 size_mib=${SIZE_MIB:-256}
 counts=${COUNTS:-"1 2 4 8"}

@@ -22,7 +22,7 @@ use crate::progress::{human, ConsoleProgress};
 /// initramfs builder puts the fleet's keys there. `IMG_TRUSTED_DIR` overrides it.
 const TRUSTED_DIR: &str = "/etc/img/trusted.d";
 /// Where resume journals are kept when `-state` is not given. `IMG_STATE_DIR` overrides it.
-const STATE_DIR: &str = "/var/lib/img";
+pub(crate) const STATE_DIR: &str = "/var/lib/img";
 
 fn http_config(ca: Option<&Path>) -> HttpConfig {
     let ca_file = ca
@@ -35,7 +35,7 @@ fn http_config(ca: Option<&Path>) -> HttpConfig {
     }
 }
 
-fn threads(n: Option<usize>) -> usize {
+pub(crate) fn threads(n: Option<usize>) -> usize {
     n.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -45,7 +45,7 @@ fn threads(n: Option<usize>) -> usize {
 }
 
 /// The disk to work on: the one named, or the machine's only fixed disk.
-fn resolve_disk(sel: &DiskSel) -> Result<PathBuf> {
+pub(crate) fn resolve_disk(sel: &DiskSel) -> Result<PathBuf> {
     if let Some(d) = &sel.disk {
         return Ok(d.clone());
     }
@@ -72,7 +72,7 @@ fn resolve_disk(sel: &DiskSel) -> Result<PathBuf> {
 }
 
 /// Trusted keys: those named with `-trust=` plus every `*.pub` in the trusted-key folder.
-fn trusted_keys(extra: &[PathBuf]) -> Result<Vec<sign::VerifyingKey>> {
+pub(crate) fn trusted_keys(extra: &[PathBuf]) -> Result<Vec<sign::VerifyingKey>> {
     let mut keys = Vec::new();
     for p in extra {
         keys.push(

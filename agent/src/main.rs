@@ -16,6 +16,7 @@ mod init;
 mod install;
 mod personality;
 mod progress;
+mod session;
 
 use std::ffi::OsString;
 
@@ -93,6 +94,7 @@ fn run_img(args: &[OsString]) -> i32 {
             println!("\nCheck-in:\n{}", checkin::USAGE);
             println!("\nBoot-agent partition:\n{}", install::USAGE);
             println!("{}", handover::USAGE);
+            println!("\n{}", session::USAGE);
             Ok(0)
         }
         ImgCommand::Version => {
@@ -142,6 +144,9 @@ fn other_family(verb: &str, rest: Vec<OsString>) -> anyhow::Result<i32> {
         return r;
     }
     if let Some(r) = install::dispatch(verb, rest.clone()) {
+        return r;
+    }
+    if let Some(r) = session::dispatch(verb, rest.clone()) {
         return r;
     }
     if let Some(r) = handover::dispatch(verb, rest) {

@@ -25,6 +25,7 @@ pub mod extent;
 pub mod format;
 pub mod fs;
 pub mod io;
+pub mod multicast;
 pub mod sign;
 pub mod source;
 pub mod target;

@@ -1,0 +1,638 @@
+//! `img -session NAME`: multicast sessions as ZENworks operators know them (seed 002).
+//!
+//! ```text
+//! img -session NAME -master [-clients=N] [-timeout=MIN] [-throttle=MS] [-comp=0..9]
+//!     [-addr=A.B.C.D] [-iface=NAME] [-latejoin] (-image=FILE | [-disk=DISK] [-part=N|LABEL])
+//! img -session NAME -client [-disk=DISK] [-part=N|LABEL] [-addr=..] [-iface=..] [-trust=KEY.pub]..
+//! img -session NAME            (no role: press m to become the master, then s to start)
+//! ```
+//! `-s NAME` abbreviates `-session NAME`; after the name `-m` abbreviates `-master` and
+//! `-s` `-client`. The protocol is in `imgengine::multicast` and `docs/multicast.md`; this
+//! module is the operator's side: start rules, keys, console output, exit codes.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Read, Write};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use imgengine::deploy::{DeployOptions, ResumeMode};
+use imgengine::multicast::master::{Event, Master, MasterConfig, Outcome};
+use imgengine::multicast::packet::{Body, MasterState, Packet, MAX_PACKET};
+use imgengine::multicast::{self, client, net};
+use sha2::{Digest, Sha256};
+
+use crate::args::{tokenize, DiskSel, MakeArgs, Token, UsageError};
+use crate::exit::Exit;
+use crate::imaging;
+use crate::progress::{human, ConsoleProgress};
+
+pub const USAGE: &str = "\
+Multicast sessions (one master sends, every client receives at once):
+  -session NAME -master [-clients=N] [-timeout=MIN] [-throttle=MS] [-comp=0..9] [-latejoin]
+        [-addr=A.B.C.D] [-iface=NAME] (-image=FILE | [-disk=DISK] [-part=N|LABEL])
+                                    send an image file, or this device's disk or partition
+                                    (captured first, used blocks only, at -comp); starts when
+                                    -clients registered, when s is pressed, or -timeout minutes
+                                    (default 5) after the last registration; later devices are
+                                    told to wait for the next session unless -latejoin
+  -session NAME -client [-disk=DISK] [-part=N|LABEL] [-addr=..] [-iface=..] [-trust=KEY.pub]..
+                                    receive and restore, verified as -restore does; exit 0 only
+                                    when every chunk is verified and written
+  -session NAME                     no role: press m to become the master (then s to start),
+                                    or wait for a master
+  -s NAME abbreviates -session NAME; -m and -s abbreviate -master and -client. NAME is hashed
+  into a group address in 231.0.0.0/8 (see docs/multicast.md); -addr= overrides it.";
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct SessionArgs {
+    name: String,
+    master: bool,
+    client: bool,
+    clients: Option<usize>,
+    timeout_min: Option<u64>,
+    throttle_ms: u32,
+    comp: u8,
+    addr: Option<Ipv4Addr>,
+    iface: Option<String>,
+    latejoin: bool,
+    image: Option<PathBuf>,
+    sel: DiskSel,
+    trust: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    threads: Option<usize>,
+}
+
+/// `-session` and `-s`; `None` for other verbs.
+pub fn dispatch(verb: &str, args: Vec<OsString>) -> Option<Result<i32>> {
+    if verb != "session" && verb != "s" {
+        return None;
+    }
+    Some(
+        parse(&args)
+            .map_err(anyhow::Error::from)
+            .and_then(|a| run(&a)),
+    )
+}
+
+fn usage(m: impl Into<String>) -> UsageError {
+    UsageError(m.into())
+}
+
+fn num<T: std::str::FromStr>(opt: &str, v: Option<String>) -> Result<T, UsageError> {
+    let v = v.ok_or_else(|| usage(format!("-{opt} needs a value: -{opt}=VALUE")))?;
+    v.parse()
+        .map_err(|_| usage(format!("-{opt}={v}: not a number")))
+}
+
+fn parse(args: &[OsString]) -> Result<SessionArgs, UsageError> {
+    let mut a = SessionArgs {
+        comp: 1,
+        ..SessionArgs::default()
+    };
+    let mut name = None;
+    for t in tokenize(args)? {
+        match t {
+            Token::Value(v) if name.is_none() => name = Some(v),
+            Token::Value(v) => return Err(usage(format!("-session: unexpected `{v}`"))),
+            Token::Opt { name: n, value } => {
+                let flag = |value: &Option<String>| match value {
+                    None => Ok(()),
+                    Some(v) => Err(usage(format!("-{n} takes no value (got `{v}`)"))),
+                };
+                match n.as_str() {
+                    // `-session=NAME` as the verb arrives here whole.
+                    "session" | "s" if value.is_some() && name.is_none() => name = value,
+                    "master" | "m" => {
+                        flag(&value)?;
+                        a.master = true
+                    }
+                    "client" | "s" => {
+                        flag(&value)?;
+                        a.client = true
+                    }
+                    "clients" => a.clients = Some(num("clients", value)?),
+                    "timeout" => a.timeout_min = Some(num("timeout", value)?),
+                    "throttle" => a.throttle_ms = num("throttle", value)?,
+                    "comp" => {
+                        a.comp = num("comp", value)?;
+                        if a.comp > 9 {
+                            return Err(usage(format!(
+                                "-comp={}: the level is 0 (none) to 9 (smallest)",
+                                a.comp
+                            )));
+                        }
+                    }
+                    "addr" => {
+                        let v: Ipv4Addr = num("addr", value)?;
+                        if !v.is_multicast() {
+                            return Err(usage(format!(
+                                "-addr={v}: a multicast address (224.0.0.0 to 239.255.255.255) is needed"
+                            )));
+                        }
+                        a.addr = Some(v)
+                    }
+                    "iface" => a.iface = Some(num("iface", value)?),
+                    "latejoin" => {
+                        flag(&value)?;
+                        a.latejoin = true
+                    }
+                    "image" => a.image = Some(num::<String>("image", value)?.into()),
+                    "disk" => a.sel.disk = Some(num::<String>("disk", value)?.into()),
+                    "part" => a.sel.part = Some(num("part", value)?),
+                    "trust" => a.trust.push(num::<String>("trust", value)?.into()),
+                    "state" => a.state = Some(num::<String>("state", value)?.into()),
+                    "threads" => a.threads = Some(num("threads", value)?),
+                    _ => return Err(usage(format!("-session does not take -{n}"))),
+                }
+            }
+        }
+    }
+    a.name =
+        name.ok_or_else(|| usage("-session needs a name: img -session NAME -master|-client"))?;
+    multicast::check_name(&a.name).map_err(|e| usage(e.to_string()))?;
+    if a.master && a.client {
+        return Err(usage(
+            "-session: a device is either -master or -client, not both",
+        ));
+    }
+    if a.client && (a.image.is_some() || a.clients.is_some() || a.latejoin) {
+        return Err(usage(
+            "-session -client: -image, -clients and -latejoin are the master's options",
+        ));
+    }
+    if a.image.is_some() && (a.sel.disk.is_some() || a.sel.part.is_some()) {
+        return Err(usage(
+            "-session -master: send either -image=FILE or a -disk/-part, not both",
+        ));
+    }
+    if a.clients == Some(0) {
+        return Err(usage("-clients=0: at least one client is needed"));
+    }
+    Ok(a)
+}
+
+/// Single key presses from the console (non-canonical while the session runs); nothing
+/// when standard input is not a terminal.
+struct Keys {
+    rx: Receiver<u8>,
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl Keys {
+    fn open() -> Keys {
+        let (tx, rx) = mpsc::channel();
+        let stdin = std::io::stdin();
+        let mut saved = None;
+        if stdin.is_terminal() {
+            use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+            if let Ok(t) = tcgetattr(&stdin) {
+                let mut raw = t.clone();
+                raw.local_flags
+                    .remove(LocalFlags::ICANON | LocalFlags::ECHO);
+                if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_ok() {
+                    saved = Some(t);
+                }
+            }
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                let mut i = std::io::stdin();
+                while let Ok(1) = i.read(&mut b) {
+                    if tx.send(b[0].to_ascii_lowercase()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Keys { rx, saved }
+    }
+
+    fn pressed(&self, key: u8) -> bool {
+        self.rx.try_iter().any(|k| k == key)
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+    }
+}
+
+fn run(a: &SessionArgs) -> Result<i32> {
+    let (ifname, ifaddr) = net::interface(a.iface.as_deref())?;
+    let group = a.addr.unwrap_or_else(|| multicast::group_addr(&a.name));
+    let keys = Keys::open();
+    if a.master {
+        return run_master(a, &ifname, ifaddr, group, &keys);
+    }
+    if a.client {
+        drop(keys);
+        return run_client(a, ifaddr, group);
+    }
+    // No role: wait for a master to announce itself, or for m on this console.
+    eprintln!(
+        "session {}: waiting for a master on {group} ({ifname}); press m to make this device the master",
+        a.name
+    );
+    let sock = net::group_socket(group, multicast::PORT, ifaddr)?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let session = multicast::name_hash(&a.name);
+    let mut buf = vec![0u8; MAX_PACKET + 1];
+    loop {
+        if keys.pressed(b'm') {
+            drop(sock);
+            eprintln!(
+                "session {}: this device is the master; press s to start",
+                a.name
+            );
+            return run_master(a, &ifname, ifaddr, group, &keys);
+        }
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if let Ok(p) = Packet::parse(&buf[..n]) {
+                if p.session == session
+                    && matches!(p.body, Body::Announce(ref an) if an.state == MasterState::Waiting || an.latejoin)
+                {
+                    drop(sock);
+                    drop(keys);
+                    return run_client(a, ifaddr, group);
+                }
+            }
+        }
+    }
+}
+
+/// Removes the master's temporary capture.
+struct TempImage(Option<PathBuf>);
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn run_master(
+    a: &SessionArgs,
+    ifname: &str,
+    ifaddr: Ipv4Addr,
+    group: Ipv4Addr,
+    keys: &Keys,
+) -> Result<i32> {
+    let quiet = std::env::var_os("IMG_QUIET").is_some();
+    let mut temp = TempImage(None);
+    let image = match &a.image {
+        Some(p) => p.clone(),
+        None => {
+            // The master's own disk: captured with img -make's code (used blocks only) to a
+            // temporary image, which the carousel then reads at random.
+            let dir = std::env::var_os("IMG_SESSION_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
+            let p = dir.join(format!("session-{}-{}.img", a.name, std::process::id()));
+            temp.0 = Some(p.clone());
+            eprintln!(
+                "session {}: capturing this device's {} at -comp={} into {}",
+                a.name,
+                a.sel
+                    .part
+                    .as_deref()
+                    .map(|p| format!("partition {p}"))
+                    .unwrap_or_else(|| "disk".into()),
+                a.comp,
+                p.display()
+            );
+            imaging::make(
+                &MakeArgs {
+                    dest: p.display().to_string(),
+                    sel: a.sel.clone(),
+                    comp: a.comp,
+                    name: Some(a.name.clone()),
+                    version: None,
+                    models: Vec::new(),
+                    description: Some(format!("multicast session {}", a.name)),
+                    raw: false,
+                    chunk_mib: None,
+                    ca: None,
+                    threads: a.threads,
+                },
+                quiet,
+            )
+            .context("capturing the master's disk for the session")?;
+            p
+        }
+    };
+    let mut cfg = MasterConfig::new(&a.name, image.clone(), ifaddr);
+    cfg.group = group;
+    cfg.throttle_ms = a.throttle_ms;
+    cfg.latejoin = a.latejoin;
+    if let Some(mb) = std::env::var("IMG_SESSION_MAXRATE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        cfg.max_rate = mb.max(1) * 1_000_000;
+    }
+    let mut m = Master::open(cfg).with_context(|| format!("opening {}", image.display()))?;
+    let timeout = Duration::from_secs(60 * a.timeout_min.unwrap_or(5));
+    println!(
+        "session {}: master on {ifname} ({ifaddr}), group {group}:{}; image {} ({}, manifest {})",
+        a.name,
+        multicast::PORT,
+        image.display(),
+        human(m.image_len()),
+        &m.digest_hex()[..16]
+    );
+    println!(
+        "session {}: waiting for clients{} (press s to start)",
+        a.name,
+        a.clients
+            .map(|n| format!(": starts at {n}"))
+            .unwrap_or_default()
+    );
+    let _ = std::io::stdout().flush();
+    let mut last_reg: Option<Instant> = None;
+    loop {
+        for e in m.poll(Duration::from_millis(200))? {
+            print_event(&e, &m, a.clients, &mut HashMap::new());
+            if matches!(e, Event::Registered { .. }) {
+                last_reg = Some(Instant::now());
+            }
+        }
+        let n = m.clients.len();
+        let why = if keys.pressed(b's') {
+            Some("s pressed".to_string())
+        } else if a.clients.is_some_and(|c| n >= c) {
+            Some(format!("{n} clients registered"))
+        } else if (a.clients.is_some() || a.timeout_min.is_some())
+            && last_reg.is_some_and(|t| t.elapsed() >= timeout)
+        {
+            Some(format!(
+                "{} min since the last registration",
+                timeout.as_secs() / 60
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            if n == 0 {
+                m.abort();
+                println!("session {}: no client registered; nothing sent", a.name);
+                return Ok(Exit::Failure.code());
+            }
+            println!("session {}: starting with {n} client(s) ({why})", a.name);
+            break;
+        }
+    }
+    let started = Instant::now();
+    let mut deciles: HashMap<u64, u64> = HashMap::new();
+    m.run(&mut |e, m| print_event(e, m, None, &mut deciles))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("session {}: summary after {secs:.1} s", a.name);
+    let mut ok = 0;
+    for c in &m.clients {
+        let took = c
+            .finished
+            .map(|f| format!("{:.1} s", f.duration_since(started).as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
+        let result = match c.outcome {
+            Outcome::Done => {
+                ok += 1;
+                "done".to_string()
+            }
+            Outcome::Failed => format!("FAILED: {}", c.message),
+            Outcome::Lost => format!("LOST: {}", c.message),
+            Outcome::Receiving => "unfinished".to_string(),
+        };
+        println!(
+            "  {:<32} {:<21} {:>10} {:>9}  {result}",
+            c.name,
+            c.addr.to_string(),
+            human(c.bytes_done),
+            took
+        );
+    }
+    let s = &m.stats;
+    println!(
+        "session {}: {ok} of {} client(s) done; {} packets, {} on the wire for a {} image ({:.3}x), {} repair packets, {} extra pass(es)",
+        a.name,
+        m.clients.len(),
+        s.packets,
+        human(s.wire_bytes),
+        human(s.image_bytes),
+        s.wire_bytes as f64 / s.image_bytes.max(1) as f64,
+        s.repair_packets,
+        s.passes
+    );
+    Ok(if ok == m.clients.len() {
+        Exit::Success.code()
+    } else {
+        Exit::Failure.code()
+    })
+}
+
+fn print_event(e: &Event, m: &Master, want: Option<usize>, deciles: &mut HashMap<u64, u64>) {
+    let name = |id: u64| {
+        m.client(id)
+            .map(|c| format!("{} ({})", c.name, c.addr))
+            .unwrap_or_else(|| format!("client {id:016x}"))
+    };
+    match e {
+        Event::Registered { id, again } => {
+            let late = m.client(*id).is_some_and(|c| c.late);
+            println!(
+                "registered {}{}{}",
+                name(*id),
+                if *again {
+                    " again"
+                } else if late {
+                    " late: it catches up"
+                } else {
+                    ""
+                },
+                want.map(|w| format!(" [{}/{w}]", m.clients.len()))
+                    .unwrap_or_else(|| format!(" [{}]", m.clients.len()))
+            );
+        }
+        Event::Refused { name, addr } => println!(
+            "refused {name} ({addr}): the session has started; it waits for the next session"
+        ),
+        Event::Progress { id } => {
+            if let Some(c) = m.client(*id) {
+                if c.bytes_total > 0 {
+                    let d = c.bytes_done * 10 / c.bytes_total;
+                    if deciles.get(id) != Some(&d) {
+                        deciles.insert(*id, d);
+                        println!(
+                            "  {}: {}% ({} of {})",
+                            name(*id),
+                            d * 10,
+                            human(c.bytes_done),
+                            human(c.bytes_total)
+                        );
+                    }
+                }
+            }
+        }
+        Event::Finished { id } => {
+            if let Some(c) = m.client(*id) {
+                match c.outcome {
+                    Outcome::Done => println!("  {}: done", name(*id)),
+                    _ => println!("  {}: FAILED: {}", name(*id), c.message),
+                }
+            }
+        }
+        Event::Lost { id } => println!("  {}: lost (no answer)", name(*id)),
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// Stable across restarts of this device: host name, machine id, target and partition.
+fn client_id(disk: &std::path::Path, part: Option<&str>) -> u64 {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
+    let mut h = Sha256::new();
+    for s in [
+        read("/proc/sys/kernel/hostname"),
+        read("/etc/machine-id"),
+        disk.display().to_string(),
+        part.unwrap_or("").to_string(),
+    ] {
+        h.update(s.trim().as_bytes());
+        h.update([0]);
+    }
+    u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+fn run_client(a: &SessionArgs, ifaddr: Ipv4Addr, group: Ipv4Addr) -> Result<i32> {
+    let quiet = std::env::var_os("IMG_QUIET").is_some();
+    let disk = imaging::resolve_disk(&a.sel)?;
+    let keys = imaging::trusted_keys(&a.trust)?;
+    if keys.is_empty() {
+        eprintln!("img: this device trusts no signing key: the session's image is checked by its CRC32 and SHA-256 only, not by a signature");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let target = match &a.sel.part {
+        Some(p) => format!("{} part {p}", disk.display()),
+        None => disk.display().to_string(),
+    };
+    let cfg = client::ClientConfig {
+        name: a.name.clone(),
+        group,
+        port: multicast::PORT,
+        iface: ifaddr,
+        client_id: client_id(&disk, a.sel.part.as_deref()),
+        device_name: format!("{host}:{target}"),
+        target: disk.clone(),
+        part: a.sel.part.clone(),
+        deploy: DeployOptions {
+            trusted_keys: keys,
+            resume: ResumeMode::Auto,
+            state_dir: a
+                .state
+                .clone()
+                .or_else(|| std::env::var_os("IMG_STATE_DIR").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(imaging::STATE_DIR)),
+            threads: imaging::threads(a.threads),
+            ..DeployOptions::default()
+        },
+    };
+    let progress = ConsoleProgress::new(quiet);
+    let name = a.name.clone();
+    let s = client::run(&cfg, &progress, &mut |n| match n {
+        client::Notice::Waiting { group } => {
+            eprintln!("session {name}: client; waiting for the master on {group}")
+        }
+        client::Notice::Queued { message } => eprintln!("session {name}: {message}"),
+        client::Notice::Registered { master } => {
+            eprintln!("session {name}: registered with the master {master}")
+        }
+        client::Notice::Receiving { image_len } => eprintln!(
+            "session {name}: receiving a {} image onto {target}",
+            human(image_len)
+        ),
+    })
+    .with_context(|| format!("session {}: receiving onto {}", a.name, disk.display()))?;
+    for n in &s.notes {
+        eprintln!("img: {n}");
+    }
+    eprintln!(
+        "session {}: image verified and written to {}: {} chunks written, {} already intact, {} written",
+        a.name,
+        disk.display(),
+        s.chunks_written,
+        s.chunks_skipped,
+        human(s.bytes_written)
+    );
+    if s.chunks_written == 0 && s.chunks_skipped == 0 {
+        bail!("session {}: the image held no chunk", a.name);
+    }
+    Ok(Exit::Success.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<SessionArgs, UsageError> {
+        let v: Vec<OsString> = s.split_whitespace().map(OsString::from).collect();
+        parse(&v)
+    }
+
+    #[test]
+    fn seed_forms_parse() {
+        let a = p("mcast01 -master -clients=5 -timeout=20 -throttle=2 -comp=6").unwrap();
+        assert!(a.master && !a.client);
+        assert_eq!(
+            (a.clients, a.timeout_min, a.throttle_ms, a.comp),
+            (Some(5), Some(20), 2, 6)
+        );
+        assert_eq!(p("mcast01 -m").unwrap().master, true);
+        assert_eq!(p("mcast01 -s").unwrap().client, true);
+        assert_eq!(
+            p("mcast01 -client -disk=d.img -part=2")
+                .unwrap()
+                .sel
+                .part
+                .as_deref(),
+            Some("2")
+        );
+        let a = p("mcast01").unwrap();
+        assert!(!a.master && !a.client && a.comp == 1);
+        // `-session=NAME` reaches us as the whole argument list.
+        assert_eq!(p("-session=room -m").unwrap().name, "room");
+        assert_eq!(p("-s=room -s").unwrap(), p("room -client").unwrap());
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert!(p("-m").unwrap_err().0.contains("needs a name"));
+        assert!(p("x -m -s").unwrap_err().0.contains("not both"));
+        assert!(p("x -m -comp=10").unwrap_err().0.contains("0 (none) to 9"));
+        assert!(p("x -m -addr=10.0.0.1")
+            .unwrap_err()
+            .0
+            .contains("multicast"));
+        assert!(p("x -m -image=a.img -disk=d")
+            .unwrap_err()
+            .0
+            .contains("not both"));
+        assert!(p("x -s -clients=3")
+            .unwrap_err()
+            .0
+            .contains("master's options"));
+        assert!(p("x -m -bogus").unwrap_err().0.contains("-bogus"));
+        assert!(p("two words -m").is_err());
+    }
+}

@@ -1,0 +1,964 @@
+//! A client of a session: finds the master, registers, receives the objects it needs into
+//! a bounded window, and deploys the image with the unicast deploy pipeline, unchanged.
+//!
+//! The deploy reads the image from a loopback-only HTTP source (`127.0.0.1`, a random
+//! path) that this module serves from the objects as they arrive: a range request blocks
+//! until the objects it covers have been received and checked, and an object leaves
+//! memory as soon as the deploy has read its last byte. Everything deploy does for
+//! `img -restore` therefore happens here too, in the same order: trust check of the
+//! signature before the target is opened, extent checks, tables invalidated, CRC32 and
+//! SHA-256 of every chunk before it is written, partition tables last, and the resume
+//! journal, so a restarted client asks only for the chunks its disk does not hold yet.
+//!
+//! Memory: objects held or being decoded are bounded by [`WINDOW_BYTES`]; the window is
+//! the start of what the deploy still needs, in image order, so whatever is received is
+//! what will be written next. Objects beyond it are ignored and asked for again on the
+//! next pass, which is what makes a slow client never slow the master down.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, ErrorKind as IoKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::fec::{self, BlockDecoder};
+use super::packet::{
+    Announce, Body, ClientState, MasterState, Nack, Packet, ReplyCode, Status, MAX_NACKS,
+    MAX_NEEDS, MAX_PACKET,
+};
+use super::{net, Object};
+use crate::deploy::{self, DeployOptions, DeploySummary};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::{ChunkHeader, CHUNK_HEADER_LEN, FOOTER_LEN};
+use crate::format::{ImageReader, Manifest};
+use crate::io::Progress;
+use crate::source::Location;
+
+/// Received objects held, plus objects being decoded: with the deploy's own 32 MiB
+/// pipeline the client stays within 64 MiB for the default 4 MiB chunks.
+pub const WINDOW_BYTES: u64 = 24 << 20;
+/// The master is given up when nothing at all was heard from it for this long.
+pub const MASTER_SILENCE: Duration = Duration::from_secs(60);
+const STATUS_EVERY: Duration = Duration::from_millis(200);
+/// A block that got no symbol for this long while incomplete is NACKed.
+const NACK_AFTER: Duration = Duration::from_millis(60);
+const NACK_REPEAT: Duration = Duration::from_millis(300);
+
+/// How a client runs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub iface: Ipv4Addr,
+    /// Stable across restarts of this device (same device, same target).
+    pub client_id: u64,
+    /// Shown on the master's console.
+    pub device_name: String,
+    pub target: PathBuf,
+    pub part: Option<String>,
+    pub deploy: DeployOptions,
+}
+
+/// What the client tells its caller while it waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Waiting {
+        group: Ipv4Addr,
+    },
+    /// Refused: the session started without us; we wait for the next one.
+    Queued {
+        message: String,
+    },
+    Registered {
+        master: SocketAddr,
+    },
+    Receiving {
+        image_len: u64,
+    },
+}
+
+#[derive(Default)]
+struct ObjDec {
+    blocks: Vec<Option<BlockDecoder>>,
+    done: Vec<Option<Vec<u8>>>,
+    remaining: u32,
+    last_rx: HashMap<u8, Instant>,
+    last_nack: HashMap<u8, Instant>,
+}
+
+struct Rx {
+    announce: Announce,
+    /// Object table once the manifest is known; before, only head and tail.
+    objects: Option<Vec<Object>>,
+    manifest: Option<Manifest>,
+    head: Option<Arc<Vec<u8>>>,
+    tail: Option<Arc<Vec<u8>>>,
+    store: BTreeMap<u32, Arc<Vec<u8>>>,
+    wanted: BTreeSet<u32>,
+    decoding: HashMap<u32, ObjDec>,
+    abort: Option<String>,
+    faults: u64,
+}
+
+impl Rx {
+    fn tail_index(&self) -> u32 {
+        self.announce.chunks + 1
+    }
+
+    fn object(&self, o: u32) -> Option<Object> {
+        if let Some(v) = &self.objects {
+            return v.get(o as usize).copied();
+        }
+        if o == 0 {
+            Some(Object {
+                offset: 0,
+                len: self.announce.head_len,
+            })
+        } else if o == self.tail_index() {
+            Some(Object {
+                offset: self.announce.image_len - self.announce.tail_len,
+                len: self.announce.tail_len,
+            })
+        } else {
+            None
+        }
+    }
+
+    fn have(&self, o: u32) -> bool {
+        if o == 0 {
+            self.head.is_some()
+        } else if o == self.tail_index() {
+            self.tail.is_some()
+        } else {
+            self.store.contains_key(&o)
+        }
+    }
+
+    /// Is object `o` inside the window (head and tail always are)?
+    fn in_window(&self, o: u32) -> bool {
+        if o == 0 || o == self.tail_index() {
+            return true;
+        }
+        if !self.wanted.contains(&o) {
+            return false;
+        }
+        let mut bytes = 0u64;
+        for &w in &self.wanted {
+            let len = self.object(w).map_or(0, |x| x.len);
+            if w == o {
+                // The first wanted object always fits, whatever its size.
+                return bytes == 0 || bytes + len <= WINDOW_BYTES;
+            }
+            bytes += len;
+            if bytes > WINDOW_BYTES {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// What to ask the master for: head and tail until known, then wanted objects not
+    /// held and not being repaired.
+    fn needs(&self, now: Instant) -> Vec<(u32, u32)> {
+        let mut v: Vec<u32> = Vec::new();
+        if self.head.is_none() {
+            v.push(0);
+        }
+        for &w in &self.wanted {
+            if self.store.contains_key(&w) {
+                continue;
+            }
+            let busy = self.decoding.get(&w).is_some_and(|d| {
+                d.last_rx
+                    .values()
+                    .any(|t| now.duration_since(*t) < Duration::from_secs(1))
+            });
+            if !busy {
+                v.push(w);
+            }
+        }
+        if self.tail.is_none() && self.announce.tail_len > 0 {
+            v.push(self.tail_index());
+        }
+        v.sort_unstable();
+        v.dedup();
+        let mut r: Vec<(u32, u32)> = Vec::new();
+        for o in v {
+            match r.last_mut() {
+                Some((_, z)) if *z == o => *z = o + 1,
+                _ => {
+                    if r.len() == MAX_NEEDS {
+                        break;
+                    }
+                    r.push((o, o + 1));
+                }
+            }
+        }
+        r
+    }
+
+    fn nacks(&mut self, now: Instant) -> Vec<Nack> {
+        let mut out = Vec::new();
+        for (&o, d) in self.decoding.iter_mut() {
+            for (b, dec) in d.blocks.iter().enumerate() {
+                let Some(dec) = dec else { continue };
+                let b = b as u8;
+                let quiet = d
+                    .last_rx
+                    .get(&b)
+                    .is_none_or(|t| now.duration_since(*t) >= NACK_AFTER);
+                let repeat = d
+                    .last_nack
+                    .get(&b)
+                    .is_none_or(|t| now.duration_since(*t) >= NACK_REPEAT);
+                if quiet && repeat && !dec.is_done() && out.len() < MAX_NACKS {
+                    out.push(Nack {
+                        object: o,
+                        block: b,
+                        missing: dec.missing().min(u32::from(u16::MAX)) as u16,
+                    });
+                    d.last_nack.insert(b, now);
+                }
+            }
+        }
+        out
+    }
+}
+
+type Shared = Arc<(Mutex<Rx>, Condvar)>;
+
+/// Progress of the deploy, for the status reports.
+struct Tracked<'a> {
+    inner: &'a dyn Progress,
+    done: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+    deploying: AtomicBool,
+}
+
+impl Progress for Tracked<'_> {
+    fn begin(&self, what: &str, total: Option<u64>) {
+        let d = what == "deploying";
+        self.deploying.store(d, Ordering::Relaxed);
+        if d {
+            self.done.store(0, Ordering::Relaxed);
+            self.total.store(total.unwrap_or(0), Ordering::Relaxed);
+        }
+        self.inner.begin(what, total);
+    }
+    fn advance(&self, bytes: u64) {
+        if self.deploying.load(Ordering::Relaxed) {
+            self.done.fetch_add(bytes, Ordering::Relaxed);
+        }
+        self.inner.advance(bytes);
+    }
+    fn end(&self) {
+        self.inner.end();
+    }
+}
+
+fn net_err(what: &str, e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Network, format!("{what}: {e}"))
+}
+
+/// Join the session `cfg.name`, receive and deploy its image. Returns the deploy's
+/// summary once the master acknowledged our result; any error means the target is not
+/// (completely) written.
+pub fn run(
+    cfg: &ClientConfig,
+    progress: &dyn Progress,
+    notice: &mut dyn FnMut(Notice),
+) -> Result<DeploySummary> {
+    let session = super::name_hash(&cfg.name);
+    let group = net::group_socket(cfg.group, cfg.port, cfg.iface)?;
+    let ctrl = net::unicast_socket(cfg.iface, 1)?;
+    group
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| net_err("session socket", e))?;
+    ctrl.set_nonblocking(true)
+        .map_err(|e| net_err("session socket", e))?;
+    notice(Notice::Waiting { group: cfg.group });
+
+    // Registration: answer the first master of this session that lets us in.
+    let mut refused: Option<[u8; 32]> = None;
+    let mut accepted: Option<[u8; 32]> = None;
+    let mut last_register = None::<Instant>;
+    let mut buf = vec![0u8; MAX_PACKET + 1];
+    let (master, digest, announce) = loop {
+        while let Some((code, msg, d)) = poll_reply(&ctrl, &mut buf, &session, cfg.client_id)? {
+            match code {
+                ReplyCode::Accepted => accepted = Some(d),
+                ReplyCode::Started => {
+                    if refused != Some(d) {
+                        notice(Notice::Queued { message: msg });
+                    }
+                    refused = Some(d);
+                }
+            }
+        }
+        let Some((pkt, from)) = recv(&group, &mut buf, &session)? else {
+            continue;
+        };
+        let Body::Announce(a) = pkt.body else {
+            continue;
+        };
+        if accepted == Some(pkt.digest) {
+            break (from, pkt.digest, a);
+        }
+        let may = a.state == MasterState::Waiting || a.latejoin || refused != Some(pkt.digest);
+        if may && last_register.is_none_or(|t: Instant| t.elapsed() >= Duration::from_millis(300)) {
+            last_register = Some(Instant::now());
+            let b = Packet {
+                session,
+                digest: pkt.digest,
+                body: Body::Register {
+                    client: cfg.client_id,
+                    name: cfg.device_name.clone(),
+                },
+            }
+            .encode();
+            let _ = ctrl.send_to(&b, from);
+        }
+    };
+    notice(Notice::Registered { master });
+    notice(Notice::Receiving {
+        image_len: announce.image_len,
+    });
+
+    let tail_empty = announce.tail_len == 0;
+    let shared: Shared = Arc::new((
+        Mutex::new(Rx {
+            announce,
+            objects: None,
+            manifest: None,
+            head: None,
+            tail: if tail_empty {
+                Some(Arc::new(Vec::new()))
+            } else {
+                None
+            },
+            store: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            decoding: HashMap::new(),
+            abort: None,
+            faults: 0,
+        }),
+        Condvar::new(),
+    ));
+    let done = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let finished: Arc<Mutex<Option<(ClientState, String)>>> = Arc::new(Mutex::new(None));
+    let acked = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let rx_thread = {
+        let ctx = RxCtx {
+            shared: shared.clone(),
+            group,
+            ctrl,
+            session,
+            digest,
+            master,
+            client: cfg.client_id,
+            done: done.clone(),
+            total: total.clone(),
+            finished: finished.clone(),
+            acked: acked.clone(),
+            stop: stop.clone(),
+        };
+        std::thread::Builder::new()
+            .name("mcast-rx".into())
+            .spawn(move || ctx.run())
+            .map_err(|e| Error::io("starting the receiver", e))?
+    };
+
+    let result = (|| -> Result<DeploySummary> {
+        // The head (and tail) first: the image's identity and its manifest.
+        {
+            let (m, cv) = &*shared;
+            let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+            while rx.objects.is_none() {
+                if let Some(why) = &rx.abort {
+                    return Err(Error::new(ErrorKind::Network, why.clone()));
+                }
+                rx = cv
+                    .wait_timeout(rx, Duration::from_millis(200))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let server = LocalSource::start(shared.clone())?;
+        let mut opts = cfg.deploy.clone();
+        // Waiting for the next pass is not a stalled server; a silent master is caught
+        // by the receiver, which then fails every open request.
+        opts.http.timeout = Some(Duration::from_secs(3600));
+        let tracked = Tracked {
+            inner: progress,
+            done: done.clone(),
+            total: total.clone(),
+            deploying: AtomicBool::new(false),
+        };
+        let r = deploy::deploy(
+            &Location::Url(server.url.clone()),
+            &cfg.target,
+            cfg.part.as_deref(),
+            &opts,
+            &tracked,
+        );
+        server.stop();
+        r
+    })();
+
+    // Report the result until the master acknowledges it (a few seconds at most).
+    *finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(match &result {
+        Ok(_) => (ClientState::Done, String::new()),
+        Err(e) => (ClientState::Failed, e.to_string()),
+    });
+    let until = Instant::now() + Duration::from_secs(5);
+    while !acked.load(Ordering::Relaxed) && Instant::now() < until {
+        let aborted = shared
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort
+            .is_some();
+        if aborted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = rx_thread.join();
+    result
+}
+
+/// One packet of our session from the group, or `None` after the read timeout.
+fn recv(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    session: &[u8; 32],
+) -> Result<Option<(Packet, SocketAddr)>> {
+    match sock.recv_from(buf) {
+        Ok((n, from)) => Ok(Packet::parse(&buf[..n])
+            .ok()
+            .filter(|p| &p.session == session)
+            .map(|p| (p, from))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                IoKind::WouldBlock | IoKind::TimedOut | IoKind::Interrupted
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(net_err("receiving the session", e)),
+    }
+}
+
+fn poll_reply(
+    ctrl: &UdpSocket,
+    buf: &mut [u8],
+    session: &[u8; 32],
+    me: u64,
+) -> Result<Option<(ReplyCode, String, [u8; 32])>> {
+    loop {
+        let Some((p, _)) = recv(ctrl, buf, session)? else {
+            return Ok(None);
+        };
+        if let Body::Reply {
+            client,
+            code,
+            message,
+        } = p.body
+        {
+            if client == me {
+                return Ok(Some((code, message, p.digest)));
+            }
+        }
+    }
+}
+
+struct RxCtx {
+    shared: Shared,
+    group: UdpSocket,
+    ctrl: UdpSocket,
+    session: [u8; 32],
+    digest: [u8; 32],
+    master: SocketAddr,
+    client: u64,
+    done: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+    finished: Arc<Mutex<Option<(ClientState, String)>>>,
+    acked: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RxCtx {
+    fn run(self) {
+        let mut buf = vec![0u8; MAX_PACKET + 1];
+        let mut heard = Instant::now();
+        let mut last_status = Instant::now() - STATUS_EVERY;
+        let (mut first_seq, mut last_seq, mut got) = (None::<u32>, 0u32, 0u64);
+        let _ = self.group.set_read_timeout(Some(Duration::from_millis(20)));
+        while !self.stop.load(Ordering::Relaxed) {
+            let pkt = match recv(&self.group, &mut buf, &self.session) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return;
+                }
+            };
+            if let Some((p, _)) = pkt {
+                if p.digest == self.digest {
+                    heard = Instant::now();
+                    match p.body {
+                        Body::Data {
+                            object,
+                            block,
+                            esi,
+                            seq,
+                            symbol,
+                        } => {
+                            if first_seq.is_none() {
+                                first_seq = Some(seq);
+                            }
+                            last_seq = seq;
+                            got += 1;
+                            self.symbol(object, block, esi, &symbol);
+                        }
+                        Body::End { aborted } => {
+                            let unfinished = self
+                                .finished
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .is_none();
+                            if aborted || unfinished {
+                                self.fail("the master ended the session before this device had the whole image".into());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // Replies on the unicast socket.
+            while let Ok(Some((p, _))) = recv(&self.ctrl, &mut buf, &self.session) {
+                if let Body::Ack { client } = p.body {
+                    if client == self.client {
+                        self.acked.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            if heard.elapsed() > MASTER_SILENCE {
+                self.fail(format!(
+                    "nothing heard from the master for {} s",
+                    MASTER_SILENCE.as_secs()
+                ));
+            }
+            if last_status.elapsed() >= STATUS_EVERY {
+                last_status = Instant::now();
+                let loss = match first_seq {
+                    Some(f) => {
+                        let expected = u64::from(last_seq.wrapping_sub(f)) + 1;
+                        (expected.saturating_sub(got) * 1000 / expected.max(1)).min(1000) as u16
+                    }
+                    None => 0,
+                };
+                (first_seq, got) = (None, 0);
+                self.status(loss);
+            }
+        }
+    }
+
+    fn fail(&self, why: String) {
+        let (m, cv) = &*self.shared;
+        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        if rx.abort.is_none() {
+            rx.abort = Some(why);
+        }
+        cv.notify_all();
+    }
+
+    fn status(&self, loss_permille: u16) {
+        let now = Instant::now();
+        let (needs, nacks) = {
+            let mut rx = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            (rx.needs(now), rx.nacks(now))
+        };
+        let fin = self
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (state, message) = fin.unwrap_or((ClientState::Receiving, String::new()));
+        let b = Packet {
+            session: self.session,
+            digest: self.digest,
+            body: Body::Status(Status {
+                client: self.client,
+                state,
+                bytes_done: self.done.load(Ordering::Relaxed),
+                bytes_total: self.total.load(Ordering::Relaxed),
+                loss_permille,
+                needs: if state == ClientState::Receiving {
+                    needs
+                } else {
+                    Vec::new()
+                },
+                nacks: if state == ClientState::Receiving {
+                    nacks
+                } else {
+                    Vec::new()
+                },
+                message,
+            }),
+        }
+        .encode();
+        let _ = self.ctrl.send_to(&b, self.master);
+    }
+
+    fn symbol(&self, object: u32, block: u8, esi: u32, symbol: &[u8]) {
+        let (m, cv) = &*self.shared;
+        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        if rx.have(object) {
+            return;
+        }
+        let Some(obj) = rx.object(object) else { return };
+        let blocks = fec::block_count(obj.len);
+        if u32::from(block) >= blocks {
+            return;
+        }
+        if !rx.decoding.contains_key(&object) {
+            if !rx.in_window(object) {
+                return;
+            }
+            rx.decoding.insert(
+                object,
+                ObjDec {
+                    blocks: (0..blocks).map(|_| None).collect(),
+                    done: (0..blocks).map(|_| None).collect(),
+                    remaining: blocks,
+
+                    ..ObjDec::default()
+                },
+            );
+        }
+        let now = Instant::now();
+        let d = rx.decoding.get_mut(&object).expect("inserted above");
+        let b = block as usize;
+        if d.done[b].is_some() {
+            return;
+        }
+        d.last_rx.insert(block, now);
+        let dec = d.blocks[b].get_or_insert_with(|| {
+            BlockDecoder::new(block, fec::block_range(obj.len, u32::from(block)).1)
+        });
+        if dec.add(esi, symbol) {
+            d.done[b] = dec.take();
+            d.blocks[b] = None;
+            d.remaining -= 1;
+        } else if dec.faulted {
+            // Start this block afresh; the symbols so far are lost.
+            d.blocks[b] = None;
+        }
+        if d.remaining > 0 {
+            return;
+        }
+        let d = rx.decoding.remove(&object).expect("present");
+        let mut data = Vec::with_capacity(obj.len as usize);
+        for part in d.done.into_iter().flatten() {
+            data.extend_from_slice(&part);
+        }
+        accept(&mut rx, object, data, &self.digest);
+        cv.notify_all();
+    }
+}
+
+/// A decoded object: check it and keep it, or drop it (it stays needed).
+fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
+    let tail = rx.tail_index();
+    if object == 0 || object == tail {
+        if object == 0 {
+            rx.head = Some(Arc::new(data));
+        } else {
+            rx.tail = Some(Arc::new(data));
+        }
+        if let (Some(h), Some(t)) = (rx.head.clone(), rx.tail.clone()) {
+            if rx.objects.is_none() {
+                match table(&rx.announce, &h, &t, digest) {
+                    Ok((m, objs)) => {
+                        rx.manifest = Some(m);
+                        rx.objects = Some(objs);
+                    }
+                    Err(_) => {
+                        // Not the image the packets name: fetch both again.
+                        rx.faults += 1;
+                        rx.head = None;
+                        if rx.announce.tail_len > 0 {
+                            rx.tail = None;
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
+    let ok = (|| {
+        let m = rx.manifest.as_ref()?;
+        let e = m.entries.get(object as usize - 1)?;
+        let hb: &[u8; CHUNK_HEADER_LEN] = data.get(..CHUNK_HEADER_LEN)?.try_into().ok()?;
+        let h = ChunkHeader::decode(hb, "").ok()?;
+        let payload = &data[CHUNK_HEADER_LEN..];
+        (h == e.header
+            && payload.len() as u64 == u64::from(h.comp_len)
+            && crc32fast::hash(payload) == h.crc32)
+            .then_some(())
+    })();
+    if ok.is_some() && rx.wanted.contains(&object) {
+        rx.store.insert(object, Arc::new(data));
+    } else if ok.is_none() {
+        rx.faults += 1;
+    }
+}
+
+/// The manifest and the object table from the head and tail, checked against the digest
+/// every packet carries.
+fn table(
+    a: &Announce,
+    head: &[u8],
+    tail: &[u8],
+    digest: &[u8; 32],
+) -> Result<(Manifest, Vec<Object>)> {
+    let r = ImageReader::open(head)?;
+    let manifest = match r.sealed {
+        Some(s) => s.manifest,
+        None => {
+            let mlen = tail
+                .len()
+                .checked_sub(FOOTER_LEN)
+                .ok_or_else(|| Error::corrupt("session image: tail shorter than a footer"))?;
+            Manifest::decode(&tail[..mlen])?
+        }
+    };
+    if manifest.digest() != hex::encode(digest) {
+        return Err(Error::corrupt(
+            "session image: the manifest received is not the one the packets name",
+        ));
+    }
+    if manifest.entries.len() as u64 != u64::from(a.chunks) {
+        return Err(Error::corrupt(
+            "session image: chunk count differs from the announcement",
+        ));
+    }
+    let objs = super::objects(
+        a.image_len,
+        a.head_len,
+        a.tail_len,
+        manifest
+            .entries
+            .iter()
+            .map(|e| (e.image_offset, e.record_len())),
+    )?;
+    Ok((manifest, objs))
+}
+
+/// The loopback HTTP range source the deploy reads.
+struct LocalSource {
+    url: String,
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl LocalSource {
+    fn start(shared: Shared) -> Result<LocalSource> {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(|e| net_err("local image source", e))?;
+        let addr = l
+            .local_addr()
+            .map_err(|e| net_err("local image source", e))?;
+        let token = hex::encode(rand_token());
+        let path = format!("/{token}/session.img");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p2, s2) = (path.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("mcast-src".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    if s2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(c) = conn else { continue };
+                    let (sh, p) = (shared.clone(), p2.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("mcast-req".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(c, &sh, &p) {
+                                if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
+                                    eprintln!("session: local source: {e}");
+                                }
+                            }
+                        });
+                }
+            })
+            .map_err(|e| Error::io("starting the local image source", e))?;
+        Ok(LocalSource {
+            url: format!("http://{addr}{path}"),
+            stop,
+            addr,
+        })
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn rand_token() -> [u8; 16] {
+    let mut t = [0u8; 16];
+    // getrandom through rand_core (already used for key generation).
+    use rand_core::RngCore;
+    rand_core::OsRng.fill_bytes(&mut t);
+    t
+}
+
+fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
+    let mut r = BufReader::new(c.try_clone()?);
+    let mut w = c;
+    let mut line = String::new();
+    let mut head = Vec::new();
+    loop {
+        line.clear();
+        if r.by_ref().take(8192).read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+        if head.len() > 64 {
+            return Ok(());
+        }
+    }
+    let req: Vec<&str> = head
+        .first()
+        .map(|l| l.split(' ').collect())
+        .unwrap_or_default();
+    let (method, p) = (
+        req.first().copied().unwrap_or(""),
+        req.get(1).copied().unwrap_or(""),
+    );
+    let len = shared
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .announce
+        .image_len;
+    if p != path || !(method == "GET" || method == "HEAD") {
+        write!(
+            w,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return Ok(());
+    }
+    let range = head.iter().find_map(|h| {
+        let (k, v) = h.split_once(':')?;
+        k.eq_ignore_ascii_case("range")
+            .then(|| v.trim().to_string())
+    });
+    let (from, to) = match range.as_deref().and_then(|v| v.strip_prefix("bytes=")) {
+        Some(spec) => {
+            let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
+            let a: u64 = a.parse().unwrap_or(u64::MAX);
+            let b: u64 = if b.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                b.parse().unwrap_or(0)
+            };
+            if a > b || b >= len {
+                write!(w, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+                return Ok(());
+            }
+            (a, b + 1)
+        }
+        None => (0, len),
+    };
+    if range.is_some() {
+        write!(
+            w,
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{len}\r\n",
+            to - 1
+        )?;
+    } else {
+        write!(w, "HTTP/1.1 200 OK\r\n")?;
+    }
+    write!(
+        w,
+        "Content-Length: {}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        to - from
+    )?;
+    if method == "HEAD" || from == to {
+        return w.flush();
+    }
+    // Which objects this request covers: from now on they are wanted.
+    let (m, cv) = &**shared;
+    let objs: Vec<(u32, Object)> = {
+        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(table) = rx.objects.clone() else {
+            return Ok(());
+        };
+        let v: Vec<(u32, Object)> = table
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.offset < to && o.offset + o.len > from)
+            .map(|(i, o)| (i as u32, *o))
+            .collect();
+        let tail = rx.tail_index();
+        for &(i, _) in &v {
+            if i != 0 && i != tail && !rx.store.contains_key(&i) {
+                rx.wanted.insert(i);
+            }
+        }
+        v
+    };
+    let tail_index = objs.last().map(|x| x.0);
+    for (i, o) in objs {
+        let data = {
+            let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(why) = &rx.abort {
+                    return Err(std::io::Error::other(why.clone()));
+                }
+                let d = if i == 0 {
+                    rx.head.clone()
+                } else if i == rx.tail_index() {
+                    rx.tail.clone()
+                } else {
+                    rx.store.get(&i).cloned()
+                };
+                if let Some(d) = d {
+                    break d;
+                }
+                rx.wanted.insert(i);
+                rx = cv
+                    .wait_timeout(rx, Duration::from_millis(500))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        };
+        let s = from.max(o.offset) - o.offset;
+        let e = to.min(o.offset + o.len) - o.offset;
+        w.write_all(&data[s as usize..e as usize])?;
+        if e == o.len {
+            // Read to its end: the deploy has it; free the memory.
+            let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+            if i != 0 && i != rx.tail_index() {
+                rx.store.remove(&i);
+                rx.wanted.remove(&i);
+            }
+        }
+        let _ = tail_index;
+    }
+    w.flush()
+}

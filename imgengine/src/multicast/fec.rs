@@ -1,0 +1,308 @@
+//! Forward error correction per object (a chunk record, or the image's head or tail) with
+//! RaptorQ (RFC 6330, the `raptorq` crate). An object is cut into source blocks of at most
+//! [`MAX_BLOCK_SYMBOLS`] symbols of [`SYMBOL_SIZE`] bytes; each block is sent as its
+//! source symbols and then as many repair symbols as the receivers ask for. Any K distinct
+//! symbols of a K-symbol block decode it with high probability (K+2: almost surely), so one
+//! repair symbol repairs a different loss at every receiver.
+//!
+//! The decoder is fed network bytes: only symbols of exactly [`SYMBOL_SIZE`] bytes reach
+//! it, a block takes at most K + [`EXTRA_SYMBOLS`] symbols, and a panic inside the crate
+//! is caught and turned into "block lost, fetch it again". What a decoder returns is never
+//! trusted either: the receiver checks each chunk record's CRC32 (and deploy its
+//! SHA-256) before a byte of it is written.
+
+use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use raptorq::{
+    EncodingPacket, ObjectTransmissionInformation, PayloadId, SourceBlockDecoder,
+    SourceBlockEncoder,
+};
+
+use super::packet::MAX_ESI;
+pub use super::packet::SYMBOL_SIZE;
+
+/// Symbols per source block: 1.4 MB blocks keep decoding cheap (the cost grows faster
+/// than linearly with K) and a 4 MiB chunk is three blocks.
+pub const MAX_BLOCK_SYMBOLS: u64 = 1024;
+/// Bytes of one full block.
+pub const BLOCK_BYTES: u64 = MAX_BLOCK_SYMBOLS * SYMBOL_SIZE as u64;
+/// Largest object the protocol carries (a 64 MiB chunk stored uncompressed, with room for
+/// its header; a head with a 1 MiB metadata block and a million-entry manifest).
+pub const MAX_OBJECT: u64 = 96 << 20;
+/// Symbols beyond K a decoder keeps before it stops listening to a block.
+pub const EXTRA_SYMBOLS: u32 = 64;
+
+/// Number of source blocks of an object of `len` bytes (at least 1).
+pub fn block_count(len: u64) -> u32 {
+    len.div_ceil(BLOCK_BYTES).max(1) as u32
+}
+
+/// Byte range `(offset, len)` of block `b` of an object of `len` bytes.
+pub fn block_range(len: u64, b: u32) -> (u64, u64) {
+    let off = u64::from(b) * BLOCK_BYTES;
+    (off, len.saturating_sub(off).min(BLOCK_BYTES))
+}
+
+/// Source symbols (K) of a block of `len` bytes.
+pub fn source_symbols(len: u64) -> u32 {
+    len.div_ceil(SYMBOL_SIZE as u64).max(1) as u32
+}
+
+fn oti(len: u64) -> ObjectTransmissionInformation {
+    ObjectTransmissionInformation::new(len.max(1), SYMBOL_SIZE as u16, 1, 1, 8)
+}
+
+/// The encoder of one block.
+pub struct BlockEncoder {
+    enc: SourceBlockEncoder,
+    k: u32,
+}
+
+impl BlockEncoder {
+    /// `data`: the block's bytes (1 ..= [`BLOCK_BYTES`]).
+    pub fn new(block: u8, data: &[u8]) -> BlockEncoder {
+        // Whole symbols only (an empty object is one zero symbol); the receiver cuts the
+        // decoded block to its length.
+        let k = source_symbols(data.len() as u64);
+        let mut padded = data.to_vec();
+        padded.resize(k as usize * SYMBOL_SIZE, 0);
+        BlockEncoder {
+            enc: SourceBlockEncoder::new(block, &oti(padded.len() as u64), &padded),
+            k,
+        }
+    }
+
+    pub fn k(&self) -> u32 {
+        self.k
+    }
+
+    /// Source symbols `0..K` (cheaper than one [`Self::symbol`] call each).
+    pub fn source(&self) -> Vec<Vec<u8>> {
+        self.enc
+            .source_packets()
+            .iter()
+            .map(|p| pad(p.data()))
+            .collect()
+    }
+
+    /// `count` repair symbols starting at symbol id `first` (>= K).
+    pub fn repair(&self, first: u32, count: u32) -> Vec<(u32, Vec<u8>)> {
+        let start = first.max(self.k);
+        let count = count.min(MAX_ESI.saturating_sub(start));
+        self.enc
+            .repair_packets(start - self.k, count)
+            .iter()
+            .zip(start..)
+            .map(|(p, esi)| (esi, pad(p.data())))
+            .collect()
+    }
+}
+
+fn pad(d: &[u8]) -> Vec<u8> {
+    let mut v = d.to_vec();
+    v.resize(SYMBOL_SIZE, 0);
+    v
+}
+
+/// The decoder of one block: collects distinct symbols and decodes once it has K.
+pub struct BlockDecoder {
+    dec: Option<SourceBlockDecoder>,
+    block: u8,
+    len: u64,
+    k: u32,
+    seen: HashSet<u32>,
+    result: Option<Vec<u8>>,
+    /// The crate panicked or returned the wrong length: this block must be fetched anew.
+    pub faulted: bool,
+}
+
+impl BlockDecoder {
+    /// Block `block` of `len` bytes (1 ..= [`BLOCK_BYTES`]; 0 is decoded as 1 and cut).
+    pub fn new(block: u8, len: u64) -> BlockDecoder {
+        let k = source_symbols(len);
+        let l = u64::from(k) * SYMBOL_SIZE as u64;
+        BlockDecoder {
+            dec: Some(SourceBlockDecoder::new(block, &oti(l), l)),
+            block,
+            len,
+            k,
+            seen: HashSet::new(),
+            result: None,
+            faulted: false,
+        }
+    }
+
+    pub fn k(&self) -> u32 {
+        self.k
+    }
+
+    /// Distinct symbols received.
+    pub fn received(&self) -> u32 {
+        self.seen.len() as u32
+    }
+
+    /// Symbols still needed before a decode can succeed (0 once decoded). After K symbols
+    /// that did not decode, two more are asked for.
+    pub fn missing(&self) -> u32 {
+        if self.result.is_some() {
+            0
+        } else if self.received() < self.k {
+            self.k - self.received() + 1
+        } else {
+            2
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.result.is_some()
+    }
+
+    /// Feed one symbol; `true` when this symbol completed the block.
+    pub fn add(&mut self, esi: u32, symbol: &[u8]) -> bool {
+        if self.result.is_some()
+            || self.faulted
+            || symbol.len() != SYMBOL_SIZE
+            || esi > MAX_ESI
+            || self.seen.len() as u32 >= self.k + EXTRA_SYMBOLS
+            || !self.seen.insert(esi)
+        {
+            return false;
+        }
+        let Some(dec) = self.dec.as_mut() else {
+            return false;
+        };
+        let pkt = EncodingPacket::new(PayloadId::new(self.block, esi), symbol.to_vec());
+        match catch_unwind(AssertUnwindSafe(|| dec.decode(std::iter::once(pkt)))) {
+            Ok(Some(mut data)) => {
+                if (data.len() as u64) < self.len {
+                    self.faulted = true;
+                    self.dec = None;
+                    return false;
+                }
+                data.truncate(self.len as usize);
+                self.result = Some(data);
+                self.dec = None;
+                true
+            }
+            Ok(None) => false,
+            Err(_) => {
+                self.faulted = true;
+                self.dec = None;
+                false
+            }
+        }
+    }
+
+    pub fn take(&mut self) -> Option<Vec<u8>> {
+        self.result.take()
+    }
+}
+
+/// Fuzz entry point: a decoder fed hostile symbols and ids must not panic (panics inside
+/// the crate are caught) and must only ever return a block of the declared length.
+pub fn fuzz_decode(data: &[u8]) {
+    let Some((&[a, b, c], rest)) = data.split_first_chunk::<3>().map(|(h, r)| (h, r)) else {
+        return;
+    };
+    let len = 1 + (u64::from(u16::from_be_bytes([a, b])) % (8 * SYMBOL_SIZE as u64));
+    let mut d = BlockDecoder::new(c, len);
+    for piece in rest.chunks(3) {
+        let esi = piece.iter().fold(0u32, |x, &y| (x << 8) | u32::from(y));
+        let fill = piece.first().copied().unwrap_or(0);
+        if d.add(esi, &vec![fill; SYMBOL_SIZE]) {
+            let out = d.take().expect("decoded block");
+            assert_eq!(out.len() as u64, len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Vec<u8> {
+        let mut x = 0x1234_5678u32;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocks_cover_objects() {
+        assert_eq!(block_count(0), 1);
+        assert_eq!(block_count(BLOCK_BYTES), 1);
+        assert_eq!(block_count(BLOCK_BYTES + 1), 2);
+        let len = 3 * BLOCK_BYTES + 17;
+        let total: u64 = (0..block_count(len)).map(|b| block_range(len, b).1).sum();
+        assert_eq!(total, len);
+        assert_eq!(block_range(len, 3), (3 * BLOCK_BYTES, 17));
+    }
+
+    /// Two receivers lose different 10% of the source symbols; the same repair symbols
+    /// (as many as the worse one lost, plus one) complete both.
+    #[test]
+    fn round_trip_with_different_losses_and_shared_repair() {
+        let d = data(300_000);
+        let enc = BlockEncoder::new(0, &d);
+        let k = enc.k();
+        let src = enc.source();
+        let mut r1 = BlockDecoder::new(0, d.len() as u64);
+        let mut r2 = BlockDecoder::new(0, d.len() as u64);
+        for (i, s) in src.iter().enumerate() {
+            if i % 10 != 3 {
+                r1.add(i as u32, s);
+            }
+            if i % 10 != 7 && i % 13 != 0 {
+                r2.add(i as u32, s);
+            }
+        }
+        assert!(!r1.is_done() && !r2.is_done());
+        let want = r1.missing().max(r2.missing());
+        assert!(want > k / 10, "{want} of {k}");
+        for (esi, s) in enc.repair(k, want) {
+            r1.add(esi, &s);
+            r2.add(esi, &s);
+        }
+        assert_eq!(r1.take().unwrap(), d);
+        assert_eq!(r2.take().unwrap(), d);
+    }
+
+    #[test]
+    fn short_and_empty_blocks() {
+        for n in [0usize, 1, 100, SYMBOL_SIZE, SYMBOL_SIZE + 1] {
+            let d = data(n);
+            let enc = BlockEncoder::new(5, &d);
+            let mut r = BlockDecoder::new(5, n as u64);
+            // Only repair symbols: decoding does not depend on the source symbols.
+            for (esi, s) in enc.repair(enc.k(), enc.k() + 2) {
+                r.add(esi, &s);
+            }
+            assert_eq!(r.take().unwrap(), d, "{n}");
+        }
+    }
+
+    #[test]
+    fn hostile_symbols_never_panic() {
+        let mut x = 77u64;
+        for i in 0..300 {
+            let mut v = vec![(i % 256) as u8, (i / 3) as u8, (i % 7) as u8];
+            for _ in 0..(i % 40) * 3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.push(x as u8);
+            }
+            fuzz_decode(&v);
+        }
+        // Wrong-size symbols are refused before the crate sees them.
+        let mut r = BlockDecoder::new(0, 10);
+        assert!(!r.add(0, &[1, 2, 3]));
+        assert_eq!(r.received(), 0);
+    }
+}

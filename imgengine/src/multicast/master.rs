@@ -1,0 +1,674 @@
+//! The master of a session: announces the session, takes registrations, then runs the
+//! carousel until every registered client has finished or gone silent.
+//!
+//! The carousel walks the objects in image order from where it is, wrapping, and sends
+//! only objects some client still needs (clients report what they need twice a second,
+//! so a client that joined late or fell behind picks its objects up on the next pass while
+//! the others finish). Each block goes out as its K source symbols plus a few repair
+//! symbols sized by the loss clients report; a client that still cannot decode a block
+//! NACKs it with the number of symbols it lacks, and the master sends that many fresh
+//! repair symbols — the largest count any client asked for, not the sum, because every
+//! repair symbol helps every receiver.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::io::ErrorKind as IoKind;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::fec::{self, BlockEncoder};
+use super::packet::{
+    Announce, Body, ClientState, MasterState, Packet, ReplyCode, Status, MAX_PACKET,
+};
+use super::{net, Object};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format;
+use crate::source::{HttpConfig, Location, Source};
+
+/// How a master runs.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub name: String,
+    pub group: Ipv4Addr,
+    pub port: u16,
+    /// Address of the interface the session runs on.
+    pub iface: Ipv4Addr,
+    /// The image sent (ours: streaming or sealed).
+    pub image: PathBuf,
+    /// Milliseconds between packets; 0 = automatic rate.
+    pub throttle_ms: u32,
+    /// Devices may join after the start and catch up.
+    pub latejoin: bool,
+    /// Multicast TTL (1: this subnet).
+    pub ttl: u32,
+    /// Ceiling of the automatic rate, bytes per second.
+    pub max_rate: u64,
+    /// A client that sends nothing for this long is given up as lost.
+    pub client_timeout: Duration,
+}
+
+impl MasterConfig {
+    pub fn new(name: &str, image: PathBuf, iface: Ipv4Addr) -> MasterConfig {
+        MasterConfig {
+            name: name.to_string(),
+            group: super::group_addr(name),
+            port: super::PORT,
+            iface,
+            image,
+            throttle_ms: 0,
+            latejoin: false,
+            ttl: 1,
+            max_rate: 110_000_000,
+            client_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Receiving,
+    Done,
+    Failed,
+    /// Silent for longer than the client timeout.
+    Lost,
+}
+
+/// What the master knows about one client.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub outcome: Outcome,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub loss_permille: u16,
+    pub message: String,
+    /// Registered after the session started (`-latejoin`), or registered again.
+    pub late: bool,
+    pub registered: Instant,
+    pub finished: Option<Instant>,
+    last_seen: Instant,
+    /// `None` until its first status: everything.
+    needs: Option<Vec<(u32, u32)>>,
+}
+
+/// What happened, for the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A client registered (`again`: it had registered before, e.g. it rebooted).
+    Registered {
+        id: u64,
+        again: bool,
+    },
+    /// A device tried to register after the start and was told to wait.
+    Refused {
+        name: String,
+        addr: SocketAddr,
+    },
+    Progress {
+        id: u64,
+    },
+    Finished {
+        id: u64,
+    },
+    Lost {
+        id: u64,
+    },
+}
+
+/// Figures of a finished session.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub packets: u64,
+    pub wire_bytes: u64,
+    pub repair_packets: u64,
+    pub passes: u64,
+    pub image_bytes: u64,
+}
+
+/// Encoders kept for repairs: 8 blocks of 1.4 MB (source and intermediate symbols).
+const ENCODER_CACHE: usize = 8;
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+/// A NACK for a block repaired this recently is already being answered.
+const REPAIR_HOLDOFF: Duration = Duration::from_millis(150);
+
+pub struct Master {
+    cfg: MasterConfig,
+    sock: UdpSocket,
+    dest: SocketAddr,
+    session: [u8; 32],
+    digest: [u8; 32],
+    announce: Announce,
+    objects: Vec<Object>,
+    file: File,
+    pub clients: Vec<ClientInfo>,
+    refused: Vec<u64>,
+    running: bool,
+    seq: u32,
+    last_announce: Option<Instant>,
+    rate: f64,
+    next_send: Instant,
+    pending: BTreeMap<(u32, u8), u32>,
+    last_repair: HashMap<(u32, u8), Instant>,
+    next_esi: HashMap<(u32, u8), u32>,
+    cache: VecDeque<((u32, u8), Rc<BlockEncoder>)>,
+    pub stats: Stats,
+}
+
+impl Master {
+    /// Read the image's head and manifest and open the sockets.
+    pub fn open(cfg: MasterConfig) -> Result<Master> {
+        let src = Source::open(&Location::File(cfg.image.clone()), &HttpConfig::default())?;
+        let head = format::fetch_head(&src)?;
+        let entries = &head.manifest.entries;
+        let head_len = entries
+            .first()
+            .map(|e| e.image_offset)
+            .unwrap_or(head.image_len);
+        let end = entries
+            .last()
+            .map(|e| e.image_offset + e.record_len())
+            .unwrap_or(head_len);
+        let objects = super::objects(
+            head.image_len,
+            head_len,
+            head.image_len - end,
+            entries.iter().map(|e| (e.image_offset, e.record_len())),
+        )?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(head.manifest.digest(), &mut digest)
+            .map_err(|_| Error::corrupt("manifest digest"))?;
+        let file = File::open(&cfg.image).ctx(|| format!("opening {}", cfg.image.display()))?;
+        let sock = net::unicast_socket(cfg.iface, cfg.ttl)?;
+        sock.set_nonblocking(true)
+            .map_err(|e| Error::io("making the session socket non-blocking", e))?;
+        let announce = Announce {
+            state: MasterState::Waiting,
+            latejoin: cfg.latejoin,
+            chunks: entries.len() as u32,
+            image_len: head.image_len,
+            head_len,
+            tail_len: head.image_len - end,
+        };
+        Ok(Master {
+            dest: SocketAddr::V4(SocketAddrV4::new(cfg.group, cfg.port)),
+            session: super::name_hash(&cfg.name),
+            rate: (cfg.max_rate as f64 / 2.0).max(1e6),
+            cfg,
+            sock,
+            digest,
+            announce,
+            objects,
+            file,
+            clients: Vec::new(),
+            refused: Vec::new(),
+            running: false,
+            seq: 0,
+            last_announce: None,
+            next_send: Instant::now(),
+            pending: BTreeMap::new(),
+            last_repair: HashMap::new(),
+            next_esi: HashMap::new(),
+            cache: VecDeque::new(),
+            stats: Stats {
+                image_bytes: head.image_len,
+                ..Stats::default()
+            },
+        })
+    }
+
+    /// The image's manifest digest (hex).
+    pub fn digest_hex(&self) -> String {
+        hex::encode(self.digest)
+    }
+
+    pub fn image_len(&self) -> u64 {
+        self.announce.image_len
+    }
+
+    pub fn client(&self, id: u64) -> Option<&ClientInfo> {
+        self.clients.iter().find(|c| c.id == id)
+    }
+
+    fn packet(&self, body: Body) -> Vec<u8> {
+        Packet {
+            session: self.session,
+            digest: self.digest,
+            body,
+        }
+        .encode()
+    }
+
+    fn send_to(&self, body: Body, to: SocketAddr) {
+        let b = self.packet(body);
+        // A full send buffer or an unreachable client is not fatal: they retry.
+        let _ = self.sock.send_to(&b, to);
+    }
+
+    fn announce_if_due(&mut self) {
+        if self
+            .last_announce
+            .is_some_and(|t| t.elapsed() < ANNOUNCE_EVERY)
+        {
+            return;
+        }
+        self.last_announce = Some(Instant::now());
+        self.announce.state = if self.running {
+            MasterState::Running
+        } else {
+            MasterState::Waiting
+        };
+        self.send_to(Body::Announce(self.announce.clone()), self.dest);
+    }
+
+    /// Registration phase: announce, answer registrations and status for up to `wait`.
+    pub fn poll(&mut self, wait: Duration) -> Result<Vec<Event>> {
+        let until = Instant::now() + wait;
+        let mut events = Vec::new();
+        loop {
+            self.announce_if_due();
+            events.extend(self.drain()?);
+            if Instant::now() >= until {
+                return Ok(events);
+            }
+            std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
+        }
+    }
+
+    /// From now on registrations are refused (unless late join) and the carousel may run.
+    pub fn start(&mut self) {
+        self.running = true;
+        self.last_announce = None;
+        let now = Instant::now();
+        for c in &mut self.clients {
+            c.last_seen = c.last_seen.max(now);
+        }
+    }
+
+    fn drain(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let mut buf = [0u8; MAX_PACKET + 1];
+        loop {
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if let Ok(p) = Packet::parse(&buf[..n]) {
+                        if p.session == self.session && p.digest == self.digest {
+                            events.extend(self.handle(p.body, from));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == IoKind::WouldBlock || e.kind() == IoKind::Interrupted => {
+                    break
+                }
+                // ICMP port unreachable from a client that went away surfaces here.
+                Err(e) if e.kind() == IoKind::ConnectionRefused => continue,
+                Err(e) => return Err(Error::io("receiving on the session socket", e)),
+            }
+        }
+        let now = Instant::now();
+        if self.running {
+            for c in &mut self.clients {
+                if c.outcome == Outcome::Receiving
+                    && now.duration_since(c.last_seen) > self.cfg.client_timeout
+                {
+                    c.outcome = Outcome::Lost;
+                    c.finished = Some(now);
+                    c.message = format!("no answer for {} s", self.cfg.client_timeout.as_secs());
+                    events.push(Event::Lost { id: c.id });
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    fn handle(&mut self, body: Body, from: SocketAddr) -> Option<Event> {
+        match body {
+            Body::Register { client, name } => {
+                if let Some(c) = self.clients.iter_mut().find(|c| c.id == client) {
+                    c.addr = from;
+                    c.last_seen = Instant::now();
+                    let again = c.outcome != Outcome::Receiving || c.needs.is_some();
+                    if again {
+                        c.outcome = Outcome::Receiving;
+                        c.finished = None;
+                        c.needs = None;
+                        c.late = true;
+                    }
+                    self.send_to(
+                        Body::Reply {
+                            client,
+                            code: ReplyCode::Accepted,
+                            message: String::new(),
+                        },
+                        from,
+                    );
+                    return again.then_some(Event::Registered { id: client, again });
+                }
+                if self.running && !self.cfg.latejoin {
+                    self.send_to(
+                        Body::Reply {
+                            client,
+                            code: ReplyCode::Started,
+                            message: format!(
+                                "session {} has already started: waiting for the next session",
+                                self.cfg.name
+                            ),
+                        },
+                        from,
+                    );
+                    if self.refused.contains(&client) {
+                        return None;
+                    }
+                    self.refused.push(client);
+                    return Some(Event::Refused { name, addr: from });
+                }
+                let now = Instant::now();
+                self.clients.push(ClientInfo {
+                    id: client,
+                    name,
+                    addr: from,
+                    outcome: Outcome::Receiving,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    loss_permille: 0,
+                    message: String::new(),
+                    late: self.running,
+                    registered: now,
+                    finished: None,
+                    last_seen: now,
+                    needs: None,
+                });
+                self.send_to(
+                    Body::Reply {
+                        client,
+                        code: ReplyCode::Accepted,
+                        message: String::new(),
+                    },
+                    from,
+                );
+                Some(Event::Registered {
+                    id: client,
+                    again: false,
+                })
+            }
+            Body::Status(s) => self.status(s, from),
+            _ => None,
+        }
+    }
+
+    fn status(&mut self, s: Status, from: SocketAddr) -> Option<Event> {
+        let running = self.running;
+        let c = self.clients.iter_mut().find(|c| c.id == s.client)?;
+        c.last_seen = Instant::now();
+        c.addr = from;
+        if c.outcome != Outcome::Receiving {
+            // A repeated final status: acknowledge again.
+            if s.state != ClientState::Receiving {
+                self.send_to(Body::Ack { client: s.client }, from);
+            }
+            return None;
+        }
+        c.bytes_done = s.bytes_done;
+        c.bytes_total = s.bytes_total;
+        c.loss_permille = s.loss_permille;
+        c.needs = Some(s.needs);
+        let id = c.id;
+        match s.state {
+            ClientState::Receiving => {
+                if running {
+                    let now = Instant::now();
+                    for n in s.nacks {
+                        let key = (n.object, n.block);
+                        if (n.object as usize) >= self.objects.len()
+                            || n.missing == 0
+                            || self
+                                .last_repair
+                                .get(&key)
+                                .is_some_and(|t| now.duration_since(*t) < REPAIR_HOLDOFF)
+                        {
+                            continue;
+                        }
+                        let want = u32::from(n.missing).min(fec::MAX_BLOCK_SYMBOLS as u32 + 2);
+                        let e = self.pending.entry(key).or_insert(0);
+                        *e = (*e).max(want);
+                    }
+                }
+                Some(Event::Progress { id })
+            }
+            ClientState::Done | ClientState::Failed => {
+                c.outcome = if s.state == ClientState::Done {
+                    Outcome::Done
+                } else {
+                    Outcome::Failed
+                };
+                c.message = s.message;
+                c.finished = Some(Instant::now());
+                c.needs = Some(Vec::new());
+                self.send_to(Body::Ack { client: id }, from);
+                Some(Event::Finished { id })
+            }
+        }
+    }
+
+    fn active(&self) -> impl Iterator<Item = &ClientInfo> {
+        self.clients
+            .iter()
+            .filter(|c| c.outcome == Outcome::Receiving)
+    }
+
+    /// The first object at or after `from` some client needs.
+    fn next_needed(&self, from: u32) -> Option<u32> {
+        let n = self.objects.len() as u32;
+        let mut best: Option<u32> = None;
+        for c in self.active() {
+            let cand = match &c.needs {
+                None => Some(from).filter(|&f| f < n),
+                Some(r) => r
+                    .iter()
+                    .filter(|&&(_, z)| z > from)
+                    .map(|&(a, _)| a.max(from))
+                    .filter(|&o| o < n)
+                    .min(),
+            };
+            if let Some(o) = cand {
+                best = Some(best.map_or(o, |b| b.min(o)));
+            }
+        }
+        best
+    }
+
+    fn encoder(&mut self, object: u32, block: u8) -> Result<Rc<BlockEncoder>> {
+        if let Some((_, e)) = self.cache.iter().find(|(k, _)| *k == (object, block)) {
+            return Ok(e.clone());
+        }
+        let o = self.objects[object as usize];
+        let (off, len) = fec::block_range(o.len, u32::from(block));
+        let mut data = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut data, o.offset + off)
+            .ctx(|| format!("reading {}", self.cfg.image.display()))?;
+        let e = Rc::new(BlockEncoder::new(block, &data));
+        if self.cache.len() >= ENCODER_CACHE {
+            self.cache.pop_front();
+        }
+        self.cache.push_back(((object, block), e.clone()));
+        Ok(e)
+    }
+
+    /// Wait until the next packet may go: the throttle, or the automatic rate.
+    fn pace(&mut self, bytes: usize) {
+        let now = Instant::now();
+        if self.cfg.throttle_ms > 0 {
+            self.next_send = self.next_send.max(now - Duration::from_millis(5))
+                + Duration::from_millis(u64::from(self.cfg.throttle_ms));
+        } else {
+            self.next_send = self.next_send.max(now - Duration::from_millis(20))
+                + Duration::from_secs_f64(bytes as f64 / self.rate);
+        }
+        if self.next_send > now + Duration::from_millis(1) {
+            std::thread::sleep(self.next_send - now);
+        }
+    }
+
+    fn send_symbol(&mut self, object: u32, block: u8, esi: u32, symbol: Vec<u8>) -> Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let b = self.packet(Body::Data {
+            object,
+            block,
+            esi,
+            seq: self.seq,
+            symbol,
+        });
+        self.pace(b.len());
+        loop {
+            match self.sock.send_to(&b, self.dest) {
+                Ok(_) => break,
+                Err(e) if e.kind() == IoKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
+                Err(e) if e.kind() == IoKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::new(
+                        ErrorKind::Network,
+                        format!("sending to {}: {e}", self.dest),
+                    ))
+                }
+            }
+        }
+        self.stats.packets += 1;
+        self.stats.wire_bytes += b.len() as u64;
+        Ok(())
+    }
+
+    /// Extra repair symbols per block on the first send: the worst loss a client
+    /// reported, with a margin.
+    fn proactive(&self, k: u32) -> u32 {
+        let worst = self
+            .active()
+            .map(|c| u32::from(c.loss_permille))
+            .max()
+            .unwrap_or(0)
+            .min(300);
+        if worst == 0 {
+            0
+        } else {
+            (u64::from(k) * u64::from(worst) * 3 / 2000) as u32 + 1
+        }
+    }
+
+    fn adjust_rate(&mut self) {
+        let active: Vec<u16> = self.active().map(|c| c.loss_permille).collect();
+        let n = active.len();
+        let lossy = active.iter().filter(|&&l| l > 50).count();
+        // "Many" receivers: more than a third, and at least two when there are two or
+        // more, so one slow device does not slow the room.
+        if n > 0 && lossy * 3 > n && (lossy >= 2 || n == 1) {
+            self.rate = (self.rate * 0.7).max(500_000.0);
+        } else if active.iter().all(|&l| l <= 10) {
+            self.rate = (self.rate * 1.15).min(self.cfg.max_rate as f64);
+        }
+    }
+
+    fn send_repairs(&mut self, object: u32, block: u8, count: u32) -> Result<()> {
+        let enc = self.encoder(object, block)?;
+        let proactive = self.proactive(enc.k());
+        let first = *self
+            .next_esi
+            .entry((object, block))
+            .or_insert_with(|| enc.k() + proactive);
+        let first = first.max(enc.k());
+        let syms = enc.repair(first, count);
+        self.next_esi.insert((object, block), first + count);
+        for (esi, s) in syms {
+            self.send_symbol(object, block, esi, s)?;
+            self.stats.repair_packets += 1;
+        }
+        self.last_repair.insert((object, block), Instant::now());
+        Ok(())
+    }
+
+    fn service(&mut self, on_event: &mut dyn FnMut(&Event, &Master)) -> Result<()> {
+        self.announce_if_due();
+        for e in self.drain()? {
+            on_event(&e, self);
+        }
+        Ok(())
+    }
+
+    /// Run the carousel until every client has finished or is lost. `on_event` sees
+    /// registrations (late join), progress, results.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(&Event, &Master)) -> Result<()> {
+        self.start();
+        let mut cursor: u32 = 0;
+        let mut last_rate = Instant::now();
+        let mut serviced = Instant::now();
+        'carousel: loop {
+            self.service(on_event)?;
+            if self.active().next().is_none() {
+                break;
+            }
+            if last_rate.elapsed() >= Duration::from_secs(1) {
+                self.adjust_rate();
+                last_rate = Instant::now();
+            }
+            if let Some(((o, b), n)) = self.pending.pop_first() {
+                self.send_repairs(o, b, n)?;
+                continue;
+            }
+            let object = match self.next_needed(cursor) {
+                Some(o) => o,
+                None => match self.next_needed(0) {
+                    Some(o) => {
+                        self.stats.passes += 1;
+                        o
+                    }
+                    None => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                },
+            };
+            cursor = object + 1;
+            let len = self.objects[object as usize].len;
+            for block in 0..fec::block_count(len) {
+                let block = block as u8;
+                let enc = self.encoder(object, block)?;
+                let extra = self.proactive(enc.k());
+                for (esi, s) in enc.source().into_iter().enumerate() {
+                    self.send_symbol(object, block, esi as u32, s)?;
+                    if serviced.elapsed() >= Duration::from_millis(20) {
+                        serviced = Instant::now();
+                        self.service(on_event)?;
+                        if self.active().next().is_none() {
+                            break 'carousel;
+                        }
+                    }
+                }
+                let first = enc.k();
+                for (esi, s) in enc.repair(first, extra) {
+                    self.send_symbol(object, block, esi, s)?;
+                    self.stats.repair_packets += 1;
+                }
+                // Later repairs of this block continue after these symbol ids.
+                let next = self.next_esi.entry((object, block)).or_insert(first);
+                *next = (*next).max(first + extra);
+            }
+        }
+        for _ in 0..3 {
+            self.send_to(Body::End { aborted: false }, self.dest);
+        }
+        Ok(())
+    }
+
+    /// Tell the group the session is over before every client finished.
+    pub fn abort(&mut self) {
+        for _ in 0..3 {
+            self.send_to(Body::End { aborted: true }, self.dest);
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Sockets of a session: which interface carries it, the group socket a client listens on,
+//! and the unicast socket both sides use for registration, status and NACKs.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Socket receive buffer asked for: a few hundred milliseconds of packets at gigabit rate,
+/// so a busy moment on the receiver does not become loss.
+const RCVBUF: usize = 8 << 20;
+
+fn io(what: &str, e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Network, format!("{what}: {e}"))
+}
+
+/// The IPv4 address of interface `name`, or of the interface of the default route, or of
+/// the only non-loopback interface that is up with an address.
+pub fn interface(name: Option<&str>) -> Result<(String, Ipv4Addr)> {
+    let addrs: Vec<(String, Ipv4Addr, bool)> = nix::ifaddrs::getifaddrs()
+        .map_err(|e| io("listing network interfaces", e.into()))?
+        .filter_map(|i| {
+            let a = i.address?.as_sockaddr_in()?.ip();
+            let up = i.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+            Some((i.interface_name, a, up))
+        })
+        .collect();
+    if let Some(n) = name {
+        return addrs
+            .iter()
+            .find(|(i, _, _)| i == n)
+            .map(|(i, a, _)| (i.clone(), *a))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "-iface={n}: no such interface with an IPv4 address (have: {})",
+                    names(&addrs)
+                ))
+            });
+    }
+    if let Some(dev) = default_route_iface() {
+        if let Some((i, a, _)) = addrs.iter().find(|(i, _, _)| *i == dev) {
+            return Ok((i.clone(), *a));
+        }
+    }
+    let up: Vec<_> = addrs
+        .iter()
+        .filter(|(_, a, up)| *up && !a.is_loopback())
+        .collect();
+    match up.as_slice() {
+        [(i, a, _)] => Ok((i.clone(), *a)),
+        [] => Err(Error::new(
+            ErrorKind::Network,
+            "no network interface is up with an IPv4 address: bring one up, or name it with -iface=",
+        )),
+        _ => Err(Error::invalid(format!(
+            "several interfaces and no default route: choose one with -iface= (have: {})",
+            names(&addrs)
+        ))),
+    }
+}
+
+fn names(addrs: &[(String, Ipv4Addr, bool)]) -> String {
+    addrs
+        .iter()
+        .map(|(i, a, _)| format!("{i} {a}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn default_route_iface() -> Option<String> {
+    let t = std::fs::read_to_string("/proc/net/route").ok()?;
+    t.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[1] == "00000000").then(|| f[0].to_string())
+    })
+}
+
+/// The socket a client receives the group's packets on: bound to the group address and
+/// port (so other groups' traffic is not delivered), joined on the interface.
+pub fn group_socket(group: Ipv4Addr, port: u16, iface: Ipv4Addr) -> Result<UdpSocket> {
+    let what = format!("joining multicast group {group}:{port} on {iface}");
+    let s =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(|e| io(&what, e))?;
+    s.set_reuse_address(true).map_err(|e| io(&what, e))?;
+    big_buffers(&s);
+    s.bind(&SocketAddrV4::new(group, port).into())
+        .map_err(|e| io(&what, e))?;
+    s.join_multicast_v4(&group, &iface)
+        .map_err(|e| io(&what, e))?;
+    Ok(s.into())
+}
+
+/// The unicast socket (ephemeral port on the interface's address); the master also sends
+/// the group's packets from it, out of the interface, with TTL `ttl`, looped back to
+/// receivers on the same host.
+pub fn unicast_socket(iface: Ipv4Addr, ttl: u32) -> Result<UdpSocket> {
+    let what = format!("opening a UDP socket on {iface}");
+    let s =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(|e| io(&what, e))?;
+    big_buffers(&s);
+    s.set_multicast_if_v4(&iface).map_err(|e| io(&what, e))?;
+    s.set_multicast_ttl_v4(ttl).map_err(|e| io(&what, e))?;
+    s.set_multicast_loop_v4(true).map_err(|e| io(&what, e))?;
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into())
+        .map_err(|e| io(&what, e))?;
+    Ok(s.into())
+}
+
+/// Ask for [`RCVBUF`]-byte buffers; as root past `net.core.rmem_max` (SO_RCVBUFFORCE),
+/// otherwise as much as the system allows.
+fn big_buffers(s: &Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = s.set_recv_buffer_size(RCVBUF);
+    let _ = s.set_send_buffer_size(RCVBUF);
+    let _ = setsockopt(s, sockopt::RcvBufForce, &RCVBUF);
+    let _ = setsockopt(s, sockopt::SndBufForce, &RCVBUF);
+}

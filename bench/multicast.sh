@@ -8,6 +8,7 @@
 #   SIZE_MIB=128 bash bench/multicast.sh    smaller, for a quick look
 #   COUNTS="1 2 4 8" LOSSES="0 2" SLOW_KBIT=40000 override the matrix
 #   IMG=/path/to/img bash bench/multicast.sh   another build of img (default: release, musl)
+#   RUN_TIMEOUT=120                         seconds before a hung sender or receiver is stopped (failed)
 #
 # The image: one FAT32 disk made with mkfs.fat + mtools, files half text half random, captured
 # once with `img -make` into src.fimg. Both tools move exactly those bytes:
@@ -42,7 +43,7 @@ size_mib=${SIZE_MIB:-256}
 counts=${COUNTS:-"1 2 4 8"}
 losses=${LOSSES:-"0 2"}
 slow_kbit=${SLOW_KBIT:-40000}
-tmo=${RUN_TIMEOUT:-600}
+tmo=${RUN_TIMEOUT:-120}  # a receiver still running then counts as failed
 maxn=8
 for n in $counts; do [ "$n" -gt "$maxn" ] && maxn=$n; done
 

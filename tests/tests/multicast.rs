@@ -774,11 +774,24 @@ fn a_device_rebooted_into_another_session_never_writes_the_first_sessions_data()
         &lab.wait(c, SESSION_TIMEOUT),
         "the device rebooted into room B",
     );
-    assert!(
-        device.part_bytes(1) == disk_b.part_bytes(1),
-        "after the reboot into room B, partition 2 is not exactly room B's: room A's data \
-         (or the journal of room A's session) leaked into it"
+    let (got, want, a) = (
+        device.part_bytes(1),
+        disk_b.part_bytes(1),
+        disk_a.part_bytes(1),
     );
+    if got != want {
+        let diff: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+        let from_a = diff.iter().filter(|&&i| got[i] == a[i]).count();
+        let old = diff.iter().filter(|&&i| got[i] == p2_before[i]).count();
+        panic!(
+            "after the reboot into room B, partition 2 is not exactly room B's: {} bytes differ \
+             from byte {} to {}; {from_a} of them hold room A's bytes, {old} the device's old \
+             bytes",
+            diff.len(),
+            diff[0],
+            diff[diff.len() - 1]
+        );
+    }
     assert_eq!(
         device.part_bytes(0),
         p1_before,

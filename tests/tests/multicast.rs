@@ -622,6 +622,53 @@ fn twin_disk(path: &Path, seed: u64) -> Disk {
     )
 }
 
+/// A partition restored over old content: a used-blocks image writes the blocks the source
+/// uses, and free space keeps the device's old bytes. So every byte that differs from the
+/// source must be the device's own old byte (never a third party's, e.g. another session's),
+/// the file system must be clean, and its files (listing and content, read with mtools)
+/// must be exactly the source's.
+fn assert_restored_over(disk: &Path, part: (u64, u64, Fs), want: &[u8], old: &[u8], what: &str) {
+    let got = read_range(disk, part.0, part.1);
+    let foreign: Vec<usize> = (0..got.len())
+        .filter(|&i| got[i] != want[i] && got[i] != old[i])
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "{what}: {} bytes from byte {} on are neither the source's nor the device's old bytes \
+         (data from elsewhere was written there)",
+        foreign.len(),
+        foreign[0]
+    );
+    fsck_part(disk, part);
+    let src = disk.with_extension("want-part");
+    std::fs::write(&src, want).unwrap();
+    let list = |img: String| {
+        let out = run(Command::new("mdir").args(["-i", &img, "-/", "-b", "::/"]));
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    let here = format!("{}@@{}", disk.display(), part.0);
+    let there = src.display().to_string();
+    let files = list(there.clone());
+    assert_eq!(
+        list(here.clone()),
+        files,
+        "{what}: the files differ from the source's"
+    );
+    for f in files.iter().filter(|f| !f.ends_with('/')) {
+        let read = |img: &str| run(Command::new("mtype").args(["-i", img, f])).stdout;
+        assert!(
+            read(&here) == read(&there),
+            "{what}: {f} differs from the source's"
+        );
+    }
+    let _ = std::fs::remove_file(&src);
+}
+
 /// FAT32 partition bytes as `-restore` leaves them at partition start `lba`: the boot
 /// sector's hidden-sectors field (0x1C) and that of its backup (`BPB_BkBootSec`, when it was
 /// an identical copy) hold the new start.
@@ -696,19 +743,13 @@ fn a_device_rebooted_into_another_partition_writes_only_that_partition() {
     // A partition's content written at another start gets its boot sector's hidden-sectors
     // field (and the FAT32 backup's) set to the new start, as every -restore does.
     let expected = with_hidden_sectors(master.part_bytes(1), device.parts[0].0 / 512);
-    if let Some(at) = device
-        .part_bytes(0)
-        .iter()
-        .zip(&expected)
-        .position(|(a, b)| a != b)
-    {
-        panic!(
-            "partition 1 is not an exact copy of the master's partition 2 from byte {at} on \
-             (a mix of old and new data, or chunks taken as already written from the other \
-             partition's journal)"
-        );
-    }
-    fsck_part(&device.path, device.parts[0]);
+    assert_restored_over(
+        &device.path,
+        device.parts[0],
+        &expected,
+        &p1_before,
+        "partition 1 after the reboot (the master's partition 2 over the old content)",
+    );
     lab.kill(m);
 }
 
@@ -751,6 +792,9 @@ fn a_device_rebooted_into_another_session_never_writes_the_first_sessions_data()
         "the device finished room A before its reboot: throttle more"
     );
     lab.kill(c);
+    // Room A's bytes written before the reboot may stay where room B's image has free space;
+    // what must never happen is room A's data written (or taken as written) after it.
+    let p2_at_reboot = device.part_bytes(1);
     let mb = spawn(
         &mut lab,
         "m1",
@@ -774,30 +818,18 @@ fn a_device_rebooted_into_another_session_never_writes_the_first_sessions_data()
         &lab.wait(c, SESSION_TIMEOUT),
         "the device rebooted into room B",
     );
-    let (got, want, a) = (
-        device.part_bytes(1),
-        disk_b.part_bytes(1),
-        disk_a.part_bytes(1),
+    assert_restored_over(
+        &device.path,
+        device.parts[1],
+        &disk_b.part_bytes(1),
+        &p2_at_reboot,
+        "partition 2 after the reboot into room B",
     );
-    if got != want {
-        let diff: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
-        let from_a = diff.iter().filter(|&&i| got[i] == a[i]).count();
-        let old = diff.iter().filter(|&&i| got[i] == p2_before[i]).count();
-        panic!(
-            "after the reboot into room B, partition 2 is not exactly room B's: {} bytes differ \
-             from byte {} to {}; {from_a} of them hold room A's bytes, {old} the device's old \
-             bytes",
-            diff.len(),
-            diff[0],
-            diff[diff.len() - 1]
-        );
-    }
     assert_eq!(
         device.part_bytes(0),
         p1_before,
         "partition 1 was written, but no session was for it"
     );
-    fsck_part(&device.path, device.parts[1]);
     expect_ok(&lab.wait(mb, SESSION_TIMEOUT), "room B's master");
     lab.kill(ma);
 }

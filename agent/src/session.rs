@@ -467,8 +467,7 @@ fn print_event(e: &Event, m: &Master, want: Option<usize>, deciles: &mut HashMap
         ),
         Event::Progress { id } => {
             if let Some(c) = m.client(*id) {
-                if c.bytes_total > 0 {
-                    let d = c.bytes_done * 10 / c.bytes_total;
+                if let Some(d) = (c.bytes_done * 10).checked_div(c.bytes_total) {
                     if deciles.get(id) != Some(&d) {
                         deciles.insert(*id, d);
                         println!(
@@ -598,8 +597,8 @@ mod tests {
             (a.clients, a.timeout_min, a.throttle_ms, a.comp),
             (Some(5), Some(20), 2, 6)
         );
-        assert_eq!(p("mcast01 -m").unwrap().master, true);
-        assert_eq!(p("mcast01 -s").unwrap().client, true);
+        assert!(p("mcast01 -m").unwrap().master);
+        assert!(p("mcast01 -s").unwrap().client);
         assert_eq!(
             p("mcast01 -client -disk=d.img -part=2")
                 .unwrap()

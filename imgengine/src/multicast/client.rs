@@ -99,6 +99,8 @@ struct Rx {
     store: BTreeMap<u32, Arc<Vec<u8>>>,
     wanted: BTreeSet<u32>,
     decoding: HashMap<u32, ObjDec>,
+    /// Object spans of the open requests of the deploy.
+    active: Vec<(u32, u32)>,
     abort: Option<String>,
     faults: u64,
 }
@@ -342,6 +344,7 @@ pub fn run(
             store: BTreeMap::new(),
             wanted: BTreeSet::new(),
             decoding: HashMap::new(),
+            active: Vec::new(),
             abort: None,
             faults: 0,
         }),
@@ -677,6 +680,9 @@ impl RxCtx {
 
 /// A decoded object: check it and keep it, or drop it (it stays needed).
 fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
+    if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
+        eprintln!("client: object {object} decoded ({} bytes)", data.len());
+    }
     let tail = rx.tail_index();
     if object == 0 || object == tail {
         if object == 0 {
@@ -688,6 +694,11 @@ fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
             if rx.objects.is_none() {
                 match table(&rx.announce, &h, &t, digest) {
                     Ok((m, objs)) => {
+                        // The deploy will read the chunks in image order: ask for all of
+                        // them now, so every client of the room wants the same objects from
+                        // the first pass on. Chunks a resumed deploy skips are dropped when
+                        // its first request shows it (see `serve`).
+                        rx.wanted.extend(1..=m.entries.len() as u32);
                         rx.manifest = Some(m);
                         rx.objects = Some(objs);
                     }
@@ -902,7 +913,7 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
         return w.flush();
     }
     // Which objects this request covers: from now on they are wanted.
-    let (m, cv) = &**shared;
+    let m = &shared.0;
     let objs: Vec<(u32, Object)> = {
         let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
         let Some(table) = rx.objects.clone() else {
@@ -920,9 +931,51 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
                 rx.wanted.insert(i);
             }
         }
+        // The deploy reads in image order: chunks before this request that no other open
+        // request covers were skipped (intact on the target): forget them.
+        // (Reads of the head and tail, e.g. a streaming manifest, do not count.)
+        let chunks: Vec<u32> = v
+            .iter()
+            .map(|x| x.0)
+            .filter(|&i| i != 0 && i != tail)
+            .collect();
+        if let (Some(&first), Some(&last)) = (chunks.first(), chunks.last()) {
+            rx.active.push((first, last));
+            let floor = rx.active.iter().map(|a| a.0).min().unwrap_or(first);
+            let skipped: Vec<u32> = rx.wanted.range(1..floor.max(1)).copied().collect();
+            for o in skipped {
+                rx.wanted.remove(&o);
+                rx.store.remove(&o);
+                rx.decoding.remove(&o);
+            }
+        }
         v
     };
-    let tail_index = objs.last().map(|x| x.0);
+    let tail = m.lock().unwrap_or_else(|e| e.into_inner()).tail_index();
+    let chunks: Vec<u32> = objs
+        .iter()
+        .map(|x| x.0)
+        .filter(|&i| i != 0 && i != tail)
+        .collect();
+    let span = (chunks.first().copied(), chunks.last().copied());
+    let r = send_objects(&mut w, shared, objs, from, to);
+    if let (Some(a), Some(z)) = span {
+        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = rx.active.iter().position(|x| *x == (a, z)) {
+            rx.active.swap_remove(i);
+        }
+    }
+    r
+}
+
+fn send_objects(
+    w: &mut TcpStream,
+    shared: &Shared,
+    objs: Vec<(u32, Object)>,
+    from: u64,
+    to: u64,
+) -> std::io::Result<()> {
+    let (m, cv) = (&shared.0, &shared.1);
     for (i, o) in objs {
         let data = {
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -958,7 +1011,6 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
                 rx.wanted.remove(&i);
             }
         }
-        let _ = tail_index;
     }
     w.flush()
 }

@@ -93,8 +93,10 @@ pub struct ClientInfo {
     pub registered: Instant,
     pub finished: Option<Instant>,
     last_seen: Instant,
-    /// `None` until its first status: everything.
+    /// `None` until its first status.
     needs: Option<Vec<(u32, u32)>>,
+    /// When `needs` was reported.
+    needs_at: Instant,
 }
 
 /// What happened, for the console.
@@ -131,11 +133,15 @@ pub struct Stats {
     pub image_bytes: u64,
 }
 
-/// Encoders kept for repairs: 8 blocks of 1.4 MB (source and intermediate symbols).
-const ENCODER_CACHE: usize = 8;
+/// Encoders kept for repairs: 64 blocks of 177 KB (source and intermediate symbols,
+/// about 23 MB).
+const ENCODER_CACHE: usize = 64;
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
 /// A NACK for a block repaired this recently is already being answered.
 const REPAIR_HOLDOFF: Duration = Duration::from_millis(150);
+/// An object is sent again to a client only if it still reports needing it this long
+/// after it was last sent (its reports come every 200 ms).
+const RESEND_AFTER: Duration = Duration::from_millis(100);
 
 pub struct Master {
     cfg: MasterConfig,
@@ -157,6 +163,8 @@ pub struct Master {
     last_repair: HashMap<(u32, u8), Instant>,
     next_esi: HashMap<(u32, u8), u32>,
     cache: VecDeque<((u32, u8), Rc<BlockEncoder>)>,
+    sent_at: HashMap<u32, Instant>,
+    plans: HashMap<u32, Rc<fec::Plan>>,
     pub stats: Stats,
 }
 
@@ -215,6 +223,8 @@ impl Master {
             last_repair: HashMap::new(),
             next_esi: HashMap::new(),
             cache: VecDeque::new(),
+            sent_at: HashMap::new(),
+            plans: HashMap::new(),
             stats: Stats {
                 image_bytes: head.image_len,
                 ..Stats::default()
@@ -382,6 +392,7 @@ impl Master {
                     finished: None,
                     last_seen: now,
                     needs: None,
+                    needs_at: now,
                 });
                 self.send_to(
                     Body::Reply {
@@ -417,6 +428,7 @@ impl Master {
         c.bytes_total = s.bytes_total;
         c.loss_permille = s.loss_permille;
         c.needs = Some(s.needs);
+        c.needs_at = Instant::now();
         let id = c.id;
         match s.state {
             ClientState::Receiving => {
@@ -461,19 +473,26 @@ impl Master {
             .filter(|c| c.outcome == Outcome::Receiving)
     }
 
-    /// The first object at or after `from` some client needs.
+    /// The first object at or after `from` some client needs. An object sent since the
+    /// client's last report is not counted: the report may predate its arrival.
     fn next_needed(&self, from: u32) -> Option<u32> {
         let n = self.objects.len() as u32;
         let mut best: Option<u32> = None;
         for c in self.active() {
+            let fresh = |o: &u32| {
+                self.sent_at
+                    .get(o)
+                    .is_none_or(|t| c.needs_at > *t + RESEND_AFTER)
+            };
             let cand = match &c.needs {
-                None => Some(from).filter(|&f| f < n),
+                // No report yet (it comes within 200 ms of registering): nothing to send
+                // for it yet; guessing "everything" would send the image before the client
+                // knows what it is.
+                None => None,
                 Some(r) => r
                     .iter()
                     .filter(|&&(_, z)| z > from)
-                    .map(|&(a, _)| a.max(from))
-                    .filter(|&o| o < n)
-                    .min(),
+                    .find_map(|&(a, z)| (a.max(from)..z.min(n)).find(fresh)),
             };
             if let Some(o) = cand {
                 best = Some(best.map_or(o, |b| b.min(o)));
@@ -492,7 +511,13 @@ impl Master {
         self.file
             .read_exact_at(&mut data, o.offset + off)
             .ctx(|| format!("reading {}", self.cfg.image.display()))?;
-        let e = Rc::new(BlockEncoder::new(block, &data));
+        let k = fec::source_symbols(len);
+        let plan = self
+            .plans
+            .entry(k)
+            .or_insert_with(|| Rc::new(fec::Plan::new(k)))
+            .clone();
+        let e = Rc::new(BlockEncoder::with_plan(block, &data, &plan));
         if self.cache.len() >= ENCODER_CACHE {
             self.cache.pop_front();
         }
@@ -635,6 +660,12 @@ impl Master {
             };
             cursor = object + 1;
             let len = self.objects[object as usize].len;
+            if debug() {
+                eprintln!(
+                    "master: sending object {object} ({len} bytes) at {:.0} B/s",
+                    self.rate
+                );
+            }
             for block in 0..fec::block_count(len) {
                 let block = block as u8;
                 let enc = self.encoder(object, block)?;
@@ -658,6 +689,13 @@ impl Master {
                 let next = self.next_esi.entry((object, block)).or_insert(first);
                 *next = (*next).max(first + extra);
             }
+            self.sent_at.insert(object, Instant::now());
+            if debug() {
+                eprintln!(
+                    "master: object {object} done, {} packets so far",
+                    self.stats.packets
+                );
+            }
         }
         for _ in 0..3 {
             self.send_to(Body::End { aborted: false }, self.dest);
@@ -670,5 +708,125 @@ impl Master {
         for _ in 0..3 {
             self.send_to(Body::End { aborted: true }, self.dest);
         }
+    }
+}
+
+fn debug() -> bool {
+    std::env::var_os("IMG_SESSION_DEBUG").is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::testimg;
+    use crate::multicast::packet::Nack;
+
+    fn master(tag: &str) -> (Master, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("mcast-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("t.img");
+        std::fs::write(&img, testimg::image(&testimg::disk(600_000), 64 << 10)).unwrap();
+        let m = Master::open(MasterConfig::new(tag, img, Ipv4Addr::LOCALHOST)).unwrap();
+        (m, dir)
+    }
+
+    fn status(client: u64, nacks: Vec<Nack>, needs: Vec<(u32, u32)>) -> Body {
+        Body::Status(Status {
+            client,
+            state: ClientState::Receiving,
+            bytes_done: 0,
+            bytes_total: 1,
+            loss_permille: 0,
+            needs,
+            nacks,
+            message: String::new(),
+        })
+    }
+
+    fn from(port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Two clients short of different numbers of symbols in the same block: the master
+    /// queues the larger number, not the sum; a NACK right after the repair went out is
+    /// already being answered; another block is queued on its own.
+    #[test]
+    fn nacks_queue_the_worst_count_not_the_sum() {
+        let (mut m, dir) = master("nack");
+        for c in [1, 2] {
+            assert!(m
+                .handle(
+                    Body::Register {
+                        client: c,
+                        name: format!("c{c}")
+                    },
+                    from(1000 + c as u16)
+                )
+                .is_some());
+        }
+        m.start();
+        let nack = |o, b, missing| Nack {
+            object: o,
+            block: b,
+            missing,
+        };
+        m.handle(status(1, vec![nack(3, 0, 5)], vec![(3, 4)]), from(1001));
+        m.handle(
+            status(2, vec![nack(3, 0, 9), nack(4, 0, 2)], vec![(3, 5)]),
+            from(1002),
+        );
+        m.handle(status(1, vec![nack(3, 0, 4)], vec![(3, 4)]), from(1001));
+        assert_eq!(m.pending.get(&(3, 0)), Some(&9));
+        assert_eq!(m.pending.get(&(4, 0)), Some(&2));
+        // An object index past the image is ignored.
+        m.handle(status(1, vec![nack(999, 0, 4)], vec![]), from(1001));
+        assert_eq!(m.pending.len(), 2);
+        // Sent: 9 fresh repair symbols with ids after K, then a NACK inside the hold-off
+        // is not queued again.
+        let ((o, b), n) = m.pending.pop_first().unwrap();
+        m.send_repairs(o, b, n).unwrap();
+        assert_eq!(m.stats.repair_packets, 9);
+        let k = m.encoder(3, 0).unwrap().k();
+        assert_eq!(m.next_esi[&(3, 0)], k + 9);
+        m.handle(status(1, vec![nack(3, 0, 1)], vec![(3, 4)]), from(1001));
+        assert!(!m.pending.contains_key(&(3, 0)));
+        // Needs: the union of both clients' reports, and nothing for a client that has
+        // not reported yet.
+        assert_eq!(m.next_needed(0), Some(3));
+        assert_eq!(m.next_needed(4), Some(4));
+        assert_eq!(m.next_needed(5), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn late_devices_are_refused_once_started_unless_late_join() {
+        let (mut m, dir) = master("late");
+        m.start();
+        let e = m.handle(
+            Body::Register {
+                client: 7,
+                name: "late".into(),
+            },
+            from(2000),
+        );
+        assert!(matches!(e, Some(Event::Refused { .. })));
+        assert!(m.clients.is_empty());
+        m.cfg.latejoin = true;
+        let e = m.handle(
+            Body::Register {
+                client: 7,
+                name: "late".into(),
+            },
+            from(2000),
+        );
+        assert_eq!(
+            e,
+            Some(Event::Registered {
+                id: 7,
+                again: false
+            })
+        );
+        assert!(m.clients[0].late);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

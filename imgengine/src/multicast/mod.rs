@@ -128,6 +128,9 @@ mod tests {
     #[test]
     fn group_addresses_are_stable_documented_and_skip_flooded_ranges() {
         // docs/multicast.md lists these; a change here is a protocol change.
+        // The examples in docs/multicast.md.
+        assert_eq!(group_addr("mcast01"), Ipv4Addr::new(231, 250, 148, 242));
+        assert_eq!(group_addr("room1"), Ipv4Addr::new(231, 181, 237, 194));
         assert_eq!(group_addr("mcast01"), group_addr("MCAST01"));
         let a = group_addr("mcast01");
         assert_eq!(a.octets()[0], 231);

@@ -8,6 +8,7 @@
 
 pub mod netlab;
 pub use netlab::NetLab;
+pub mod mcastlab;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -528,7 +528,11 @@ fn validation_errors_block_a_device_warnings_do_not_and_validate_only_creates_no
         (v["name"].as_str(), v["version"].as_str()),
         (Some("os"), Some("5"))
     );
-    let (s, v) = srv.upload(&op, &img, "");
+    // The role is checked before the body is read; a small body keeps curl from still
+    // sending when the refusal arrives (an HTTP/2 stream reset, curl error 92, under load).
+    let tiny = dir.join("tiny.img");
+    std::fs::write(&tiny, b"not read").unwrap();
+    let (s, v) = srv.upload(&op, &tiny, "");
     assert_eq!(s, 403, "an operator does not manage images: {v}");
     // big: 1 GiB disk already holding os 5 (warnings: RAM, same version);
     // small: an 8 MiB disk (error: not enough space at the install location).

@@ -151,7 +151,7 @@ fn a_master_capturing_its_disk_and_two_clients_end_byte_identical_and_fsck_clean
     let k2 = img(
         &s,
         "c2",
-        &args(&format!("-s {session} -s -iface=lo -disk={}", c2.display())),
+        &args(&format!("-s {session} -client -iface=lo -disk={}", c2.display())),
     )
     .spawn()
     .unwrap();

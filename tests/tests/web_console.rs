@@ -400,6 +400,16 @@ impl Browser {
         fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
     }
 
+    /// Choose a file in a file input (WebDriver types its path).
+    fn choose_file(&self, css: &str, file: &Path) {
+        self.rt
+            .block_on(async {
+                let e = self.c().find(Locator::Css(css)).await?;
+                e.send_keys(file.to_str().unwrap()).await
+            })
+            .unwrap_or_else(|e| panic!("choosing {} in {css}: {e}", file.display()));
+    }
+
     fn sign_in(&self, token: &str) {
         self.go("/login");
         self.fill("#token", token);
@@ -676,6 +686,25 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
         br.text("#images")
     );
 
+    // Upload an image file from the browser: a file that is not an image is refused,
+    // named; a real one is registered.
+    fs::write(dir.join("junk.img"), b"not an image at all").unwrap();
+    br.choose_file("#upload-file", &dir.join("junk.img"));
+    br.click("#upload-submit");
+    let said = br.wait_text("#upload-status", "not registered", Duration::from_secs(60));
+    assert!(said.contains("not registered"), "{said}");
+    br.shot("15-image-upload-error");
+    br.js("window.__before_click = true; return 0;");
+    br.choose_file("#upload-file", &make_image(&dir, "4.0"));
+    br.click("#upload-submit");
+    br.wait_loaded();
+    let list = br.text("#images");
+    assert!(list.contains("4.0"), "{list}");
+    let incoming = fs::read_dir(srv.data.join("incoming"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(incoming, 0, "no half-registered upload is left behind");
+
     br.go(&format!("/devices/{MAC_B}"));
     br.fill("#group", "lab, 2");
     br.click_nav("#set-group");
@@ -687,7 +716,7 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     assert!(br.text("h1").contains(MAC_B));
     let group = br.js("return document.querySelector('#group').value");
     assert_eq!(group, serde_json::json!("lab-2"));
-    br.shot("15-device-admin");
+    br.shot("16-device-admin");
     br.go("/?group=lab-2");
     assert!(br.text("#fleet").contains(MAC_B));
     br.go(&format!("/devices/{MAC_B}"));
@@ -708,7 +737,7 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     let made = br.text("#new-token");
     assert!(made.starts_with("imgadm_"), "{made}");
     assert!(br.text("#tokens").contains("otto"));
-    br.shot("16-tokens");
+    br.shot("17-tokens");
     br.click_nav("#signout");
     br.sign_in(&made);
     assert_eq!(br.path(), "/");
@@ -798,6 +827,16 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
         let status = status.as_str().unwrap();
         assert!(status.starts_with("403"), "{path}: {status}");
     }
+    let status = br.js(&format!(
+        "var x = new XMLHttpRequest(); x.open('PUT', '/images/upload', false);
+         x.setRequestHeader('x-console-csrf', '{csrf}');
+         x.send('not an image'); return x.status + ' ' + x.responseText;"
+    ));
+    let status = status.as_str().unwrap();
+    assert!(
+        status.starts_with("403") && status.contains("may not"),
+        "{status}"
+    );
     assert!(
         srv.admin(&["devices"]).contains(MAC_A),
         "the viewer forgot nothing"

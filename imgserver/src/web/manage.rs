@@ -31,8 +31,14 @@ pub fn add_image_form(who: &Signed) -> String {
         "<form method=post action=\"/images/add\" class=\"grid addimage\" id=add-image>{}<fieldset><legend>Register an image from a URL</legend>\
 <label>URL <input type=url name=url id=image-url required size=60 placeholder=\"https://files.example/os-6.img\"></label>\
 <label>RAM it needs (MiB, 0: none) <input type=number name=min_ram_mib min=0 value=0 class=short></label>\
-<p class=hint>The server reads the image's header from the URL now and keeps only the URL; devices fetch the image from there. To upload a file use <code>imgserver image add FILE</code> on the server or the admin API's upload.</p>\
-<button type=submit class=primary id=add-image-submit>Register</button></fieldset></form>",
+<p class=hint>The server reads the image's header from the URL now and keeps only the URL; devices fetch the image from there.</p>\
+<button type=submit class=primary id=add-image-submit>Register</button></fieldset></form>\
+<form method=post action=\"/images/upload\" class=\"grid addimage\" id=upload-image>{}<fieldset><legend>Upload an image file</legend>\
+<label>Image file <input type=file name=file id=upload-file required></label>\
+<label>RAM it needs (MiB, 0: none) <input type=number name=min_ram_mib id=upload-ram min=0 value=0 class=short></label>\
+<p class=hint>The file is sent as it is and stored in the server's repository. This needs the console's script; without it use <code>imgserver image add FILE</code> on the server or the admin API's upload.</p>\
+<button type=submit class=primary id=upload-submit>Upload and register</button> <span id=upload-status class=muted role=status></span></fieldset></form>",
+        csrf_field(who),
         csrf_field(who)
     )
 }

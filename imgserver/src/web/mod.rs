@@ -11,6 +11,7 @@ pub mod manage;
 pub mod ops;
 pub mod page;
 pub mod session;
+pub mod upload;
 pub mod views;
 
 use std::sync::Arc;
@@ -46,6 +47,11 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         .route("/images", get(views::images))
         .route("/images/add", post(manage::image_add))
+        .route(
+            "/images/upload",
+            axum::routing::put(upload::image_upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/devices/{mac}/group", post(manage::device_group))
         .route("/devices/{mac}/{action}", post(manage::device_admin))
         .route("/tokens", get(manage::tokens))

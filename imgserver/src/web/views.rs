@@ -487,9 +487,6 @@ pub(crate) async fn images_with(
     };
     let mut b = String::from("<h1>Image repository</h1>");
     b.push_str(&note);
-    if who.may_manage() {
-        b.push_str(&super::manage::add_image_form(&who));
-    }
     if imgs.is_empty() {
         b.push_str("<p class=muted>No image registered yet. Register one from a URL here (admins), on the server with <code>imgserver image add FILE</code>, or through the admin API.</p>");
     } else {
@@ -547,6 +544,9 @@ pub(crate) async fn images_with(
             }
         }
         b.push_str("</tbody></table>");
+    }
+    if who.may_manage() {
+        b.push_str(&super::manage::add_image_form(&who));
     }
     Html(frame(Some(&who), Nav::Images, "Images", &b, false)).into_response()
 }

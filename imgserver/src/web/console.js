@@ -103,7 +103,7 @@
             button.disabled = false;
             status.className = a[0] ? "notice ok" : "notice error";
             status.id = "upload-status";
-            status.textContent = a[1];
+            status.textContent = a[0] ? a[1] : f.name + ": " + a[1];
             if (a[0]) { location.assign("/images?uploaded=1"); }
           })
           .catch(function (err) {

@@ -181,6 +181,8 @@ pub async fn image_upload(
     }
     drop(file);
     let min_ram = q.min_ram_mib.saturating_mul(1 << 20);
+    // The administrator knows the file by its own name, not by the server's temporary one.
+    let tmp_name = path.display().to_string();
     let w = who.clone();
     let r = blocking(move || {
         let r = c
@@ -203,6 +205,12 @@ pub async fn image_upload(
             ),
         ),
         Err(e @ OpError::Forbidden(_)) => text(StatusCode::FORBIDDEN, e.to_string()),
-        Err(e) => text(e.status(), format!("The image was not registered: {e}")),
+        Err(e) => text(
+            e.status(),
+            format!(
+                "The image was not registered: {}",
+                e.to_string().replace(&tmp_name, "the uploaded file")
+            ),
+        ),
     }
 }

@@ -90,6 +90,16 @@ impl Drop for Server {
 /// A 48 MiB GPT disk with one FAT16 partition SYSTEM holding VERSION.TXT, captured whole
 /// and registered as image `os` `version`.
 fn register_image(srv: &Server, dir: &Scratch, version: &str) {
+    let img = make_image(dir, version);
+    let out = srv.admin(&["image", "add", img.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("registered image os {version}")),
+        "{out}"
+    );
+}
+
+/// The image file `os` `version` (see [`register_image`]), not registered.
+fn make_image(dir: &Scratch, version: &str) -> PathBuf {
     let disk = dir.join(format!("src-{version}.img"));
     fs::write(dir.join("VERSION.TXT"), format!("os {version}\n")).unwrap();
     fs::write(dir.join("BLOB.BIN"), sample_bytes(7, 200_000)).unwrap();
@@ -113,11 +123,7 @@ fn register_image(srv: &Server, dir: &Scratch, version: &str) {
         ..Default::default()
     };
     capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
-    let out = srv.admin(&["image", "add", img.to_str().unwrap()]);
-    assert!(
-        out.contains(&format!("registered image os {version}")),
-        "{out}"
-    );
+    img
 }
 
 /// A device: a blank disk-image file and the real agent's `img -checkin`.
@@ -394,6 +400,16 @@ impl Browser {
         fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
     }
 
+    /// Choose a file in a file input (WebDriver types its path).
+    fn choose_file(&self, css: &str, file: &Path) {
+        self.rt
+            .block_on(async {
+                let e = self.c().find(Locator::Css(css)).await?;
+                e.send_keys(file.to_str().unwrap()).await
+            })
+            .unwrap_or_else(|e| panic!("choosing {} in {css}: {e}", file.display()));
+    }
+
     fn sign_in(&self, token: &str) {
         self.go("/login");
         self.fill("#token", token);
@@ -584,6 +600,47 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
         .contains("aborted"));
     assert!(br.text(".notice.ok").contains("aborted"));
     br.shot("08-job-aborted");
+    // Retry the aborted job: a new job for the aborted device, which is aborted in turn.
+    br.click_nav("#job-actions form[action$='/retry'] button");
+    assert!(br.path().starts_with("/jobs/3"), "{}", br.path());
+    assert!(br.text(".notice.ok").contains("Retry of job 2"));
+    assert!(br
+        .text(&format!("#tasks tr[data-mac='{MAC_A}'] .state"))
+        .contains("pending"));
+    br.shot("11-job-retried");
+    br.click("#job-actions form[action$='/abort'] button");
+    assert!(br.accept_confirm().contains("Abort this job"));
+    br.wait_loaded();
+    br.wait_text("#job-state", "aborted", Duration::from_secs(20));
+
+    // A second image, deployed by the real agent; then roll the device back to the first.
+    register_image(&srv, &dir, "2.0");
+    br.go(&format!("/jobs/new?mac={MAC_A}"));
+    assert!(br.text("#image").contains("os 2.0"));
+    br.click_nav("#validate");
+    br.click_nav("#create");
+    assert!(br.path().starts_with("/jobs/4"), "{}", br.path());
+    let (code, out) = run_agent(&a, &srv, &br);
+    assert_eq!(code, Some(0), "{out}");
+    let before = br.text(&format!("#tasks tr[data-mac='{MAC_A}']"));
+    assert!(
+        before.contains("os 1.0"),
+        "the image it had before: {before}"
+    );
+    br.click("#job-actions form[action$='/rollback'] button");
+    assert!(br.accept_confirm().contains("the image they had before"));
+    br.wait_loaded();
+    assert!(br.path().starts_with("/jobs/5"), "{}", br.path());
+    assert!(br.text(".notice.ok").contains("Rollback of job 4"));
+    assert!(br.text("main").contains("os 1.0"), "{}", br.text("main"));
+    br.shot("12-job-rollback");
+    let (code, out) = run_agent(&a, &srv, &br);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = a.checkin(&srv);
+    assert_eq!(code, Some(0), "{out}");
+    br.go(&format!("/devices/{MAC_A}"));
+    let disk = br.text("main section h3");
+    assert!(disk.contains("image os 1.0"), "rolled back: {disk}");
     br.go("/jobs");
     br.shot("09-jobs");
 
@@ -592,6 +649,122 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     assert!(br.path().starts_with("/login"), "{}", br.path());
     br.go("/");
     assert!(br.path().starts_with("/login"), "{}", br.path());
+
+    // An admin: images from a URL, a device's group, forgetting a device, tokens.
+    let admin = srv.token("ada", "admin");
+    br.sign_in(&admin);
+    let web = dir.join("web");
+    fs::create_dir_all(&web).unwrap();
+    fs::rename(make_image(&dir, "3.0"), web.join("os-3.0.img")).unwrap();
+    let nginx = e2e::Nginx::serve(&web);
+    br.go("/images");
+    br.fill("#image-url", &nginx.url("missing.img"));
+    br.click_nav("#add-image-submit");
+    let said = br.text(".notice.error");
+    assert!(
+        said.contains("not registered") && said.contains("missing.img"),
+        "the error names what was wrong: {said}"
+    );
+    br.shot("13-image-url-error");
+    br.fill("#image-url", &nginx.url("os-3.0.img"));
+    br.click_nav("#add-image-submit");
+    assert!(br.text(".notice.ok").contains("Registered image os 3.0"));
+    assert!(br.text("#images").contains(&nginx.url("os-3.0.img")));
+    br.shot("14-images-admin");
+    let remove = br.js(
+        "var f = [...document.querySelectorAll('#images form[action$=\"/remove\"]')]
+           .find(f => f.closest('tr').textContent.includes('3.0'));
+         f.querySelector('button').id = 'remove-3'; return 0;",
+    );
+    assert_eq!(remove, serde_json::json!(0));
+    br.click("#remove-3");
+    assert!(br.accept_confirm().contains("Remove image os 3.0"));
+    br.wait_loaded();
+    assert!(
+        !br.text("#images").contains("os-3.0.img"),
+        "{}",
+        br.text("#images")
+    );
+
+    // Upload an image file from the browser: a file that is not an image is refused,
+    // named; a real one is registered.
+    fs::write(dir.join("junk.img"), b"not an image at all").unwrap();
+    br.choose_file("#upload-file", &dir.join("junk.img"));
+    br.click("#upload-submit");
+    let said = br.wait_text("#upload-status", "not registered", Duration::from_secs(60));
+    assert!(
+        said.contains("junk.img") && said.contains("the uploaded file"),
+        "the error names the file, not the server's temporary name: {said}"
+    );
+    br.shot("15-image-upload-error");
+    br.js("window.__before_click = true; return 0;");
+    br.choose_file("#upload-file", &make_image(&dir, "4.0"));
+    br.click("#upload-submit");
+    br.wait_loaded();
+    let list = br.text("#images");
+    assert!(list.contains("4.0"), "{list}");
+    let incoming = fs::read_dir(srv.data.join("incoming"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(incoming, 0, "no half-registered upload is left behind");
+
+    br.go(&format!("/devices/{MAC_B}"));
+    br.fill("#group", "lab, 2");
+    br.click_nav("#set-group");
+    assert!(br.text(".notice.error").contains("no commas"));
+    br.go(&format!("/devices/{MAC_B}"));
+    br.fill("#group", "lab-2");
+    br.click_nav("#set-group");
+    assert!(br.path().starts_with("/devices/"), "{}", br.path());
+    assert!(br.text("h1").contains(MAC_B));
+    let group = br.js("return document.querySelector('#group').value");
+    assert_eq!(group, serde_json::json!("lab-2"));
+    br.shot("16-device-admin");
+    br.go("/?group=lab-2");
+    assert!(br.text("#fleet").contains(MAC_B));
+    br.go(&format!("/devices/{MAC_B}"));
+    br.click("#device-manage form[action$='/forget'] button");
+    assert!(br.accept_confirm().contains("Forget"));
+    br.wait_loaded();
+    assert_eq!(br.path(), "/");
+    assert!(!br.text("#fleet").contains(MAC_B));
+
+    br.go("/tokens");
+    assert!(br.text("#tokens").contains("olga"));
+    br.fill("#token-name", "bad name");
+    br.js("document.querySelector('#add-token').noValidate = true; return 0;");
+    br.click_nav("#add-token-submit");
+    assert!(br.text(".notice.error").contains("token name"));
+    br.fill("#token-name", "otto");
+    br.click_nav("#add-token-submit");
+    let made = br.text("#new-token");
+    assert!(made.starts_with("imgadm_"), "{made}");
+    assert!(br.text("#tokens").contains("otto"));
+    br.shot("17-tokens");
+    br.click_nav("#signout");
+    br.sign_in(&made);
+    assert_eq!(br.path(), "/");
+    assert!(br.text("header").contains("otto"));
+    assert!(
+        !br.text("header nav").contains("Tokens"),
+        "an operator has no token page"
+    );
+    br.click_nav("#signout");
+    br.sign_in(&admin);
+    br.go("/tokens");
+    let revoke = br.js(
+        "var f = [...document.querySelectorAll('#tokens form[action$=\"/revoke\"]')]
+           .find(f => f.closest('tr').textContent.includes('otto'));
+         f.querySelector('button').id = 'revoke-otto'; return 0;",
+    );
+    assert_eq!(revoke, serde_json::json!(0));
+    br.click("#revoke-otto");
+    assert!(br.accept_confirm().contains("Revoke the token otto"));
+    br.wait_loaded();
+    assert!(br.text(".notice.ok").contains("Revoked the token otto"));
+    br.click_nav("#signout");
+    br.sign_in(&made);
+    assert!(br.text("main").contains("not a valid admin token"));
 
     // A viewer sees everything and no button; the server refuses a hand-made post anyway.
     br.sign_in(&viewer);
@@ -602,7 +775,8 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
         "/jobs/1",
         "/jobs/2",
         "/images",
-        &format!("/devices/{MAC_B}"),
+        "/jobs/4",
+        &format!("/devices/{MAC_A}"),
     ] {
         br.go(page);
         let buttons = br.count("main button, main .button");
@@ -626,8 +800,53 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
     );
     br.go("/jobs/new");
     assert!(br.text(".notice.error").contains("may not schedule"));
+    assert!(!br.text("header nav").contains("Tokens"));
+    br.go("/tokens");
+    assert!(
+        br.text(".notice.error").contains("tokens"),
+        "{}",
+        br.text("main")
+    );
+    for (path, body) in [
+        (format!("/devices/{MAC_A}/forget"), format!("csrf={csrf}")),
+        (
+            format!("/devices/{MAC_A}/group"),
+            format!("csrf={csrf}&group=x"),
+        ),
+        (
+            "/tokens/add".to_string(),
+            format!("csrf={csrf}&name=evil&role=admin"),
+        ),
+        (
+            "/images/add".to_string(),
+            format!("csrf={csrf}&url=http%3A%2F%2Fx%2Fy"),
+        ),
+    ] {
+        let status = br.js(&format!(
+            "var x = new XMLHttpRequest(); x.open('POST', '{path}', false);
+             x.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');
+             x.send('{body}'); return x.status + ' ' + x.responseText;"
+        ));
+        let status = status.as_str().unwrap();
+        assert!(status.starts_with("403"), "{path}: {status}");
+    }
+    let status = br.js(&format!(
+        "var x = new XMLHttpRequest(); x.open('PUT', '/images/upload', false);
+         x.setRequestHeader('x-console-csrf', '{csrf}');
+         x.send('not an image'); return x.status + ' ' + x.responseText;"
+    ));
+    let status = status.as_str().unwrap();
+    assert!(
+        status.starts_with("403") && status.contains("may not"),
+        "{status}"
+    );
+    assert!(
+        srv.admin(&["devices"]).contains(MAC_A),
+        "the viewer forgot nothing"
+    );
     // Nothing the viewer tried was made.
-    assert!(!srv.admin(&["jobs"]).lines().any(|l| l.starts_with('3')));
+    assert!(!srv.admin(&["jobs"]).lines().any(|l| l.starts_with('6')));
+    assert!(!srv.admin(&["admin", "list"]).contains("evil"));
     // The audit trail names the operator for each change.
     let audit = srv.admin(&["admin", "audit"]);
     assert!(
@@ -635,6 +854,24 @@ fn console_in_chromium_signs_in_schedules_watches_aborts_and_blocks() {
         "{audit}"
     );
     println!("screenshots in {}", shots.display());
+}
+
+/// Let the real agent do its pending work (one check-in) while the job's page, open in
+/// the browser, follows it by itself to done.
+fn run_agent(a: &Device, srv: &Server, br: &Browser) -> (Option<i32>, String) {
+    let agent = {
+        let (url, ca) = (srv.url.clone(), srv.data.join("ca.pem"));
+        let d = Device {
+            mac: a.mac,
+            disk: a.disk.clone(),
+            state: a.state.clone(),
+            config: a.config.clone(),
+        };
+        std::thread::spawn(move || d.checkin_at(&url, &ca))
+    };
+    br.wait_text("#job-state", "done", Duration::from_secs(300));
+    br.wait_count("#tasks[data-live='0']", 1, Duration::from_secs(20));
+    agent.join().unwrap()
 }
 
 /// curl's answer: status line and headers, then the body.

@@ -78,6 +78,41 @@
       var hint = document.getElementById("tz_hint");
       if (hint) { hint.textContent = "Empty: at once, no end. Times are in your time zone (" + zone + ")."; }
     }
+    // Upload an image: the chosen file is the body of a PUT (no multipart), the CSRF token
+    // a header; the server's answer, good or bad, is shown beside the button.
+    var up = document.getElementById("upload-image");
+    if (up) {
+      up.addEventListener("submit", function (e) {
+        e.preventDefault();
+        var f = document.getElementById("upload-file").files[0];
+        var status = document.getElementById("upload-status");
+        if (!f) { status.textContent = "Choose a file first."; return; }
+        var ram = document.getElementById("upload-ram").value || "0";
+        var button = document.getElementById("upload-submit");
+        button.disabled = true;
+        status.className = "muted";
+        status.textContent = "Uploading " + f.name + " (" + f.size + " bytes)…";
+        fetch("/images/upload?min_ram_mib=" + encodeURIComponent(ram), {
+          method: "PUT",
+          credentials: "same-origin",
+          headers: { "x-console-csrf": up.querySelector("input[name=csrf]").value },
+          body: f
+        })
+          .then(function (r) { return r.text().then(function (t) { return [r.ok, t]; }); })
+          .then(function (a) {
+            button.disabled = false;
+            status.className = a[0] ? "notice ok" : "notice error";
+            status.id = "upload-status";
+            status.textContent = a[0] ? a[1] : f.name + ": " + a[1];
+            if (a[0]) { location.assign("/images?uploaded=1"); }
+          })
+          .catch(function (err) {
+            button.disabled = false;
+            status.className = "notice error";
+            status.textContent = "The upload failed: " + err;
+          });
+      });
+    }
     var t = document.getElementById("tasks");
     if (t && t.getAttribute("data-live") === "1") { live(t); }
   });

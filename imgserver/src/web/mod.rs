@@ -7,9 +7,11 @@
 //! session's CSRF token, checked with the role before the admin core ([`ops`]) is asked,
 //! and the core checks the role again, so a viewer is refused even with a hand-made form.
 
+pub mod manage;
 pub mod ops;
 pub mod page;
 pub mod session;
+pub mod upload;
 pub mod views;
 
 use std::sync::Arc;
@@ -44,6 +46,17 @@ pub fn router() -> Router<Arc<AppState>> {
             post(views::device_operational),
         )
         .route("/images", get(views::images))
+        .route("/images/add", post(manage::image_add))
+        .route(
+            "/images/upload",
+            axum::routing::put(upload::image_upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/devices/{mac}/group", post(manage::device_group))
+        .route("/devices/{mac}/{action}", post(manage::device_admin))
+        .route("/tokens", get(manage::tokens))
+        .route("/tokens/add", post(manage::token_add))
+        .route("/tokens/{name}/revoke", post(manage::token_revoke))
         .route("/images/{id}/remove", post(views::image_remove))
         .route("/jobs", get(views::jobs))
         .route(

@@ -111,7 +111,7 @@ impl From<AdminError> for OpError {
 }
 
 /// The actor the core records: the token's name and its role as of this request.
-fn actor(who: &Signed) -> Actor {
+pub(crate) fn actor(who: &Signed) -> Actor {
     Actor {
         name: who.name.clone(),
         role: who.role,

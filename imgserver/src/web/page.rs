@@ -136,6 +136,7 @@ pub enum Nav {
     Jobs,
     NewJob,
     Images,
+    Tokens,
     None,
 }
 
@@ -160,6 +161,7 @@ pub fn frame(who: Option<&Signed>, nav: Nav, title: &str, body: &str, refresh: b
             (Nav::Jobs, "/jobs", "Jobs", true),
             (Nav::NewJob, "/jobs/new", "New job", w.may_schedule()),
             (Nav::Images, "/images", "Images", true),
+            (Nav::Tokens, "/tokens", "Tokens", w.may_manage()),
         ] {
             if shown {
                 let _ = write!(

@@ -30,7 +30,7 @@ pub const PAGE_ROWS: usize = 100;
 type Ctx = Extension<Arc<Console>>;
 
 /// Run a blocking closure (the store is synchronous SQLite).
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
 ) -> Result<T, OpError> {
     tokio::task::spawn_blocking(f)
@@ -39,7 +39,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// An error page.
-fn error_page(who: &Signed, e: OpError) -> Response {
+pub(crate) fn error_page(who: &Signed, e: OpError) -> Response {
     let status = e.status();
     let body = format!(
         "<h1>Refused</h1>{}<p><a href=\"/\">Fleet</a> · <a href=\"/jobs\">Jobs</a></p>",
@@ -54,7 +54,7 @@ fn error_page(who: &Signed, e: OpError) -> Response {
 
 /// Refuse a change that did not come from our own form, or from a role that may not make
 /// it (the core refuses it again).
-fn guard(who: &Signed, headers: &HeaderMap, csrf: &str, may: bool) -> Option<Response> {
+pub(crate) fn guard(who: &Signed, headers: &HeaderMap, csrf: &str, may: bool) -> Option<Response> {
     if !session::same_origin(headers) || !session::csrf_ok(who, csrf) {
         return Some(error_page(
             who,
@@ -304,6 +304,7 @@ pub async fn device(
         );
         b.push_str("</div>");
     }
+    b.push_str(&super::manage::device_forms(&who, s));
     let inv = d.inventory.as_ref();
     b.push_str("<section><h2>Inventory</h2><table class=kv>");
     let ram = if s.ram_bytes > 0 {
@@ -468,14 +469,26 @@ pub async fn device_operational(
 // Images
 
 pub async fn images(who: Signed, State(st): State<Arc<AppState>>, Extension(c): Ctx) -> Response {
+    images_with(who, st, c, String::new()).await
+}
+
+/// The image repository with `note` (a notice from a change) above it, and for an admin
+/// the form that registers an image from a URL (`super::manage`).
+pub(crate) async fn images_with(
+    who: Signed,
+    st: Arc<AppState>,
+    c: Arc<Console>,
+    note: String,
+) -> Response {
     let w = who.clone();
     let imgs = match blocking(move || ops::images(&c, &st, &w)).await {
         Ok(i) => i,
         Err(e) => return error_page(&who, e),
     };
     let mut b = String::from("<h1>Image repository</h1>");
+    b.push_str(&note);
     if imgs.is_empty() {
-        b.push_str("<p class=muted>No image registered yet. Register one on the server with <code>imgserver image add FILE</code> or through the admin API.</p>");
+        b.push_str("<p class=muted>No image registered yet. Register one from a URL here (admins), on the server with <code>imgserver image add FILE</code>, or through the admin API.</p>");
     } else {
         b.push_str("<table id=images><thead><tr><th>Name</th><th>Version</th><th>Kind</th><th>Size</th><th>Needs</th><th>Models</th><th>Signed by</th><th>Stored as</th><th>Added</th><th></th></tr></thead><tbody>");
         for i in &imgs {
@@ -531,6 +544,9 @@ pub async fn images(who: Signed, State(st): State<Arc<AppState>>, Extension(c): 
             }
         }
         b.push_str("</tbody></table>");
+    }
+    if who.may_manage() {
+        b.push_str(&super::manage::add_image_form(&who));
     }
     Html(frame(Some(&who), Nav::Images, "Images", &b, false)).into_response()
 }

@@ -1,6 +1,6 @@
 //! The administrator's side of the server: one core that the JSON API
 //! (`/api/v1/admin/`, [`api`]), the web console and the command line on the server host
-//! ([`cli`]) all call, so every way in checks the same roles, validates jobs the same way
+//! (`crate::cli`) all call, so every way in checks the same roles, validates jobs the same way
 //! and records every change in the same audit trail.
 //!
 //! # A guide for callers (the web console, the API, the CLI)
@@ -44,7 +44,6 @@
 //! Everything here is synchronous (SQLite): from async code call it on a blocking thread.
 
 pub mod api;
-pub mod cli;
 pub mod db;
 pub mod window;
 

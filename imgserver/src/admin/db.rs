@@ -1,7 +1,9 @@
 //! The administrator's tables: admin tokens (stored as SHA-256 only) and the audit trail
 //! (who changed what, when). They live in the server's database file (the schema step
-//! [`MIGRATION`] runs with the store's migrations) and are reached through a connection of
-//! their own, so the device-side [`crate::store::Store`] stays as narrow as it was.
+//! [`MIGRATION`] runs with the store's migrations) and are read through a connection of
+//! their own, so the device-side [`crate::store::Store`] stays as narrow as it was. An audit
+//! record is written in the transaction of the change it records: by the store for fleet
+//! changes (`store::with_audit`), here for token changes.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -187,10 +189,6 @@ impl AdminDb {
         }
         tx.commit()?;
         Ok(n > 0)
-    }
-
-    pub fn record(&self, e: &AuditEntry) -> Result<(), AdminError> {
-        Ok(crate::store::insert_audit(&self.lock(), e)?)
     }
 
     /// The newest `limit` records, newest first; only those on `target` if given.

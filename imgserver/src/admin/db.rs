@@ -1,7 +1,9 @@
 //! The administrator's tables: admin tokens (stored as SHA-256 only) and the audit trail
 //! (who changed what, when). They live in the server's database file (the schema step
-//! [`MIGRATION`] runs with the store's migrations) and are reached through a connection of
-//! their own, so the device-side [`crate::store::Store`] stays as narrow as it was.
+//! [`MIGRATION`] runs with the store's migrations) and are read through a connection of
+//! their own, so the device-side [`crate::store::Store`] stays as narrow as it was. An audit
+//! record is written in the transaction of the change it records: by the store for fleet
+//! changes (`store::with_audit`), here for token changes.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -10,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::{AdminError, Role};
+use crate::store::AuditEntry;
 
 /// The store's schema step for the admin tables (one entry of `store::MIGRATIONS`).
 pub const MIGRATION: &str = "CREATE TABLE admin_tokens (
@@ -104,10 +107,12 @@ impl AdminDb {
         name: &str,
         role: Role,
         hash: &str,
-        by: &str,
-        now: u64,
+        audit: &AuditEntry,
     ) -> Result<(), AdminError> {
-        let conn = self.lock();
+        let (by, now) = (audit.actor.as_str(), audit.at);
+        let mut conn = self.lock();
+        // The token and its audit record: one transaction.
+        let conn = conn.transaction()?;
         let taken: Option<i64> = conn
             .query_row(
                 "SELECT id FROM admin_tokens WHERE name = ?1 AND revoked IS NULL",
@@ -124,6 +129,8 @@ impl AdminDb {
             "INSERT INTO admin_tokens (name, role, hash, created, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![name, role.as_str(), hash, i(now), by],
         )?;
+        crate::store::insert_audit(&conn, audit)?;
+        conn.commit()?;
         Ok(())
     }
 
@@ -168,30 +175,20 @@ impl AdminDb {
         Ok(rows)
     }
 
-    /// Revoke the live token `name`; false if there is none.
-    pub fn revoke(&self, name: &str, now: u64) -> Result<bool, AdminError> {
-        let n = self.lock().execute(
+    /// Revoke the live token `name` and record it, in one transaction; false (and no
+    /// record) if there is none.
+    pub fn revoke(&self, name: &str, audit: &AuditEntry) -> Result<bool, AdminError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
             "UPDATE admin_tokens SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
-            params![name, i(now)],
+            params![name, i(audit.at)],
         )?;
+        if n > 0 {
+            crate::store::insert_audit(&tx, audit)?;
+        }
+        tx.commit()?;
         Ok(n > 0)
-    }
-
-    pub fn record(
-        &self,
-        at: u64,
-        actor: &str,
-        role: Role,
-        action: &str,
-        target: &str,
-        detail: &str,
-    ) -> Result<(), AdminError> {
-        self.lock()
-            .prepare_cached(
-                "INSERT INTO admin_audit (at, actor, role, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![i(at), actor, role.as_str(), action, target, detail])?;
-        Ok(())
     }
 
     /// The newest `limit` records, newest first; only those on `target` if given.

@@ -1,6 +1,6 @@
 //! The administrator's side of the server: one core that the JSON API
 //! (`/api/v1/admin/`, [`api`]), the web console and the command line on the server host
-//! ([`cli`]) all call, so every way in checks the same roles, validates jobs the same way
+//! (`crate::cli`) all call, so every way in checks the same roles, validates jobs the same way
 //! and records every change in the same audit trail.
 //!
 //! # A guide for callers (the web console, the API, the CLI)
@@ -44,7 +44,6 @@
 //! Everything here is synchronous (SQLite): from async code call it on a blocking thread.
 
 pub mod api;
-pub mod cli;
 pub mod db;
 pub mod window;
 
@@ -56,7 +55,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{self, DeviceState, JobOptions, TaskState, Validation};
 use crate::protocol::{CheckIn, ImageStamp, ProgressReport};
-use crate::store::{DeviceRow, ImageRow, JobRow, NewJob, Store, StoreError, TaskRow};
+use crate::store::{
+    AuditEntry, AuditHook, DeviceRow, ImageRow, JobRow, NewJob, Store, StoreError, TaskRow,
+};
 
 pub use db::{AuditRow, TokenInfo};
 
@@ -400,9 +401,42 @@ impl Admin {
         })
     }
 
-    fn record(&self, by: &Actor, action: &str, target: &str, detail: &str) -> Result<()> {
-        self.db
-            .record(now(), &by.name, by.role, action, target, detail)
+    /// The audit record of `by` doing `action` on `target` now.
+    fn entry(by: &Actor, action: &str, target: String, detail: String) -> AuditEntry {
+        AuditEntry {
+            at: now(),
+            actor: by.name.clone(),
+            role: by.role.as_str(),
+            action: action.to_string(),
+            target,
+            detail,
+        }
+    }
+
+    /// Run `change` (one store write) and its audit record as one transaction: `describe`
+    /// makes the record's target and detail from the store write's answer (None: the write
+    /// changed nothing, so nothing is recorded).
+    fn audited<T>(
+        &self,
+        by: &Actor,
+        action: &str,
+        change: impl FnOnce() -> Result<T>,
+        describe: impl FnOnce(&dyn std::any::Any) -> Option<(String, String)> + 'static,
+    ) -> Result<T> {
+        let (who, what) = (by.clone(), action.to_string());
+        let hook: AuditHook = Box::new(move |out: &dyn std::any::Any| {
+            let (target, detail) = describe(out)?;
+            Some(Self::entry(&who, &what, target, detail))
+        });
+        let (out, recorded) = crate::store::with_audit(hook, change);
+        let out = out?;
+        if !recorded {
+            // Fail closed: a change the audit trail did not see is a bug, not a success.
+            return Err(AdminError::Other(anyhow::anyhow!(
+                "{action}: the change made no store write to record it with"
+            )));
+        }
+        Ok(out)
     }
 
     // ---- tokens ----
@@ -444,10 +478,13 @@ impl Admin {
             name,
             role,
             &crate::api::hash_secret(&token),
-            &by.name,
-            now(),
+            &Self::entry(
+                by,
+                "token.add",
+                format!("token:{name}"),
+                role.as_str().into(),
+            ),
         )?;
-        self.record(by, "token.add", &format!("token:{name}"), role.as_str())?;
         Ok(token)
     }
 
@@ -458,12 +495,13 @@ impl Admin {
 
     pub fn revoke_token(&self, by: &Actor, name: &str) -> Result<()> {
         by.require(Role::Admin, "revoking admin tokens")?;
-        if !self.db.revoke(name, now())? {
+        let audit = Self::entry(by, "token.revoke", format!("token:{name}"), String::new());
+        if !self.db.revoke(name, &audit)? {
             return Err(AdminError::NotFound(format!(
                 "no live admin token {name:?}: see `imgserver admin list`"
             )));
         }
-        self.record(by, "token.revoke", &format!("token:{name}"), "")
+        Ok(())
     }
 
     /// The audit trail, newest first (`target` e.g. `job:7`, `device:MAC`).
@@ -620,13 +658,16 @@ impl Admin {
         by.require(Role::Operator, "making a device Operational")?;
         let mac = Self::mac(mac)?;
         let d = self.device_row(&mac)?;
-        self.store
-            .set_device_state(&mac, DeviceState::Operational, None)?;
-        self.record(
+        let (target, was) = (format!("device:{mac}"), format!("was {}", d.state.as_str()));
+        self.audited(
             by,
             "device.operational",
-            &format!("device:{mac}"),
-            &format!("was {}", d.state.as_str()),
+            || {
+                Ok(self
+                    .store
+                    .set_device_state(&mac, DeviceState::Operational, None)?)
+            },
+            move |_| Some((target, was)),
         )
     }
 
@@ -642,12 +683,15 @@ impl Admin {
                 )));
             }
         }
-        self.store.set_group(&mac, group)?;
-        self.record(
+        let (target, detail) = (
+            format!("device:{mac}"),
+            group.unwrap_or("(none)").to_string(),
+        );
+        self.audited(
             by,
             "device.group",
-            &format!("device:{mac}"),
-            group.unwrap_or("(none)"),
+            || Ok(self.store.set_group(&mac, group)?),
+            move |_| Some((target, detail)),
         )
     }
 
@@ -655,24 +699,38 @@ impl Admin {
     pub fn forget(&self, by: &Actor, mac: &str) -> Result<()> {
         by.require(Role::Admin, "forgetting a device")?;
         let mac = Self::mac(mac)?;
-        if !self.store.forget(&mac)? {
+        let target = format!("device:{mac}");
+        let found = self.audited(
+            by,
+            "device.forget",
+            || Ok(self.store.forget(&mac)?),
+            move |found| found_then(found, target),
+        )?;
+        if !found {
             return Err(AdminError::NotFound(format!(
                 "no device {mac}: see the device list"
             )));
         }
-        self.record(by, "device.forget", &format!("device:{mac}"), "")
+        Ok(())
     }
 
     /// Approve an enrolment made without the site enrolment secret.
     pub fn approve(&self, by: &Actor, mac: &str) -> Result<()> {
         by.require(Role::Admin, "approving an enrolment")?;
         let mac = Self::mac(mac)?;
-        if !self.store.approve(&mac, now())? {
+        let target = format!("device:{mac}");
+        let found = self.audited(
+            by,
+            "device.approve",
+            || Ok(self.store.approve(&mac, now())?),
+            move |found| found_then(found, target),
+        )?;
+        if !found {
             return Err(AdminError::NotFound(format!(
                 "{mac} has no enrolment waiting for approval"
             )));
         }
-        self.record(by, "device.approve", &format!("device:{mac}"), "")
+        Ok(())
     }
 
     pub fn transcript(
@@ -708,21 +766,21 @@ impl Admin {
         min_ram: u64,
     ) -> Result<ImageRow> {
         by.require(Role::Admin, "registering images")?;
-        let img = crate::repo::add_file(
-            self.store.as_ref(),
-            &self.data.join("repo"),
-            file,
-            move_it,
-            min_ram,
-        )
-        .map_err(repo_error)?;
-        self.record(
+        self.audited(
             by,
             "image.add",
-            &format!("image:{}", img.id),
-            &format!("{} {} (file)", img.name, img.version),
-        )?;
-        Ok(img)
+            || {
+                crate::repo::add_file(
+                    self.store.as_ref(),
+                    &self.data.join("repo"),
+                    file,
+                    move_it,
+                    min_ram,
+                )
+                .map_err(repo_error)
+            },
+            |added| image_added(added, "file"),
+        )
     }
 
     /// Register an image kept on another HTTP(S) server.
@@ -745,15 +803,13 @@ impl Admin {
             retries: 2,
             authorization: None,
         };
-        let img =
-            crate::repo::add_url(self.store.as_ref(), url, &http, min_ram).map_err(repo_error)?;
-        self.record(
+        let from = url.to_string();
+        self.audited(
             by,
             "image.add",
-            &format!("image:{}", img.id),
-            &format!("{} {} ({url})", img.name, img.version),
-        )?;
-        Ok(img)
+            || crate::repo::add_url(self.store.as_ref(), url, &http, min_ram).map_err(repo_error),
+            move |added| image_added(added, &from),
+        )
     }
 
     /// `NAME`, `NAME:VERSION` or an id.
@@ -776,13 +832,18 @@ impl Admin {
     pub fn remove_image(&self, by: &Actor, spec: &str) -> Result<ImageRow> {
         by.require(Role::Admin, "removing images")?;
         let img = self.find_image(spec)?;
-        crate::repo::remove(self.store.as_ref(), &self.data.join("repo"), &img)
-            .map_err(repo_error)?;
-        self.record(
+        let (target, detail) = (
+            format!("image:{}", img.id),
+            format!("{} {}", img.name, img.version),
+        );
+        self.audited(
             by,
             "image.remove",
-            &format!("image:{}", img.id),
-            &format!("{} {}", img.name, img.version),
+            || {
+                crate::repo::remove(self.store.as_ref(), &self.data.join("repo"), &img)
+                    .map_err(repo_error)
+            },
+            move |_| Some((target, detail)),
         )?;
         Ok(img)
     }
@@ -972,12 +1033,6 @@ impl Admin {
         job: &NewJob,
         _note: Option<&str>,
     ) -> Result<JobCreated> {
-        let (id, report) = self.store.add_job(job, now())?;
-        let validation: Vec<ValidationRow> = report
-            .iter()
-            .map(|(mac, v)| ValidationRow::new(mac.clone(), v))
-            .collect();
-        let blocked = blocked(&validation);
         let what = match (&job.kind[..], job.image) {
             ("deploy", Some(i)) => self
                 .store
@@ -999,10 +1054,21 @@ impl Admin {
                 window::show(u, &jiff::tz::TimeZone::UTC)
             ));
         }
-        if !blocked.is_empty() {
-            detail.push_str(&format!(", blocked by validation: {}", blocked.join(", ")));
-        }
-        self.record(by, action, &format!("job:{id}"), &detail)?;
+        let (id, report) = self.audited(
+            by,
+            action,
+            || Ok(self.store.add_job(job, now())?),
+            move |made| {
+                let (id, report) = made.downcast_ref::<(u64, Vec<(String, Validation)>)>()?;
+                let blocked = blocked(&rows(report));
+                if !blocked.is_empty() {
+                    detail.push_str(&format!(", blocked by validation: {}", blocked.join(", ")));
+                }
+                Some((format!("job:{id}"), detail))
+            },
+        )?;
+        let validation = rows(&report);
+        let blocked = blocked(&validation);
         Ok(JobCreated {
             job: Some(id),
             validation,
@@ -1132,21 +1198,29 @@ impl Admin {
     /// Seed 003's Abort: devices not started are cancelled; devices already imaging finish.
     pub fn abort_job(&self, by: &Actor, id: u64) -> Result<usize> {
         by.require(Role::Operator, "aborting jobs")?;
-        let n = self.store.abort_job(id, now())?;
-        self.record(
+        self.audited(
             by,
             "job.abort",
-            &format!("job:{id}"),
-            &format!("{n} device(s) not started cancelled"),
-        )?;
-        Ok(n)
+            || Ok(self.store.abort_job(id, now())?),
+            move |n| {
+                let n = n.downcast_ref::<usize>()?;
+                Some((
+                    format!("job:{id}"),
+                    format!("{n} device(s) not started cancelled"),
+                ))
+            },
+        )
     }
 
     /// Remove a job none of whose devices is imaging now.
     pub fn remove_job(&self, by: &Actor, id: u64) -> Result<()> {
         by.require(Role::Operator, "removing jobs")?;
-        self.store.remove_job(id)?;
-        self.record(by, "job.remove", &format!("job:{id}"), "")
+        self.audited(
+            by,
+            "job.remove",
+            || Ok(self.store.remove_job(id)?),
+            move |_| Some((format!("job:{id}"), String::new())),
+        )
     }
 
     /// Seed 003's Retry: a new job over the devices that failed, were rejected or aborted,
@@ -1307,6 +1381,29 @@ fn validation_table(
             ValidationRow::new(t.mac.clone(), &v)
         })
         .collect()
+}
+
+/// The validation table of a job's store answer.
+fn rows(report: &[(String, Validation)]) -> Vec<ValidationRow> {
+    report
+        .iter()
+        .map(|(mac, v)| ValidationRow::new(mac.clone(), v))
+        .collect()
+}
+
+/// An audit record for `target` if the store write answered true (it found the thing).
+fn found_then(found: &dyn std::any::Any, target: String) -> Option<(String, String)> {
+    found
+        .downcast_ref::<bool>()
+        .copied()
+        .unwrap_or(false)
+        .then(|| (target, String::new()))
+}
+
+/// The audit record of an image registration, from the store's (id, name, version).
+fn image_added(added: &dyn std::any::Any, from: &str) -> Option<(String, String)> {
+    let (id, name, version) = added.downcast_ref::<(u64, String, String)>()?;
+    Some((format!("image:{id}"), format!("{name} {version} ({from})")))
 }
 
 fn job_image(j: &JobRow, images: &BTreeMap<u64, ImageRow>) -> Option<String> {

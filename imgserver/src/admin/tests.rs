@@ -445,3 +445,49 @@ fn the_pxe_decision_respects_the_window() {
     );
     assert_ne!(later, open);
 }
+
+/// The change and its audit record are one transaction: when the audit write fails, the
+/// change is rolled back (so a crash between the two cannot leave a change unrecorded).
+#[test]
+fn a_failed_audit_write_rolls_the_change_back() {
+    let f = fixture();
+    let me = root();
+    let mac = "52:54:00:00:00:61";
+    f.admin.set_group(&me, mac, Some("lab")).unwrap();
+    let before = f.admin.audit(&me, None, 100).unwrap();
+    // Every audit insert now fails, as a full disk or a crash at that point would.
+    let raw = rusqlite::Connection::open(f.dir.join("imgserver.db")).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER no_audit BEFORE INSERT ON admin_audit BEGIN SELECT RAISE(ABORT, 'audit write refused'); END;",
+    )
+    .unwrap();
+    let err = f.admin.set_group(&me, mac, Some("other")).unwrap_err();
+    assert!(err.to_string().contains("audit write refused"), "{err}");
+    let d = f.store.device(mac).unwrap().unwrap();
+    assert_eq!(
+        d.group.as_deref(),
+        Some("lab"),
+        "the group change was undone"
+    );
+    assert!(f.admin.make_operational(&me, mac).is_err());
+    assert!(f.admin.forget(&me, mac).is_err());
+    assert!(f.store.device(mac).unwrap().is_some(), "forget was undone");
+    assert!(f.admin.add_token(&me, "ops", Role::Operator).is_err());
+    assert!(
+        f.admin.tokens(&me).unwrap().iter().all(|t| t.name != "ops"),
+        "the token was not issued"
+    );
+    assert_eq!(f.admin.audit(&me, None, 100).unwrap(), before);
+    // With the audit trail writable again, the same change goes through, recorded.
+    raw.execute_batch("DROP TRIGGER no_audit;").unwrap();
+    f.admin.set_group(&me, mac, Some("other")).unwrap();
+    let after = f
+        .admin
+        .audit(&me, Some(&format!("device:{mac}")), 1)
+        .unwrap();
+    assert_eq!(after[0].detail, "other");
+    assert_eq!(
+        f.store.device(mac).unwrap().unwrap().group.as_deref(),
+        Some("other")
+    );
+}

@@ -87,6 +87,8 @@ pub enum Command {
         image: Option<String>,
         options: JobOptions,
         note: Option<String>,
+        window: Window,
+        validate_only: bool,
     },
     ScheduleRemove {
         job: u64,
@@ -104,6 +106,7 @@ pub enum Command {
     Job {
         id: u64,
         action: Option<String>,
+        window: Window,
     },
     Forget {
         mac: String,
@@ -112,7 +115,30 @@ pub enum Command {
         mac: String,
         task: Option<u64>,
     },
+    /// `admin add NAME --role ROLE` (the role is checked when it runs: exit code 1).
+    AdminAdd {
+        name: String,
+        role: Option<String>,
+    },
+    AdminList,
+    AdminRevoke {
+        name: String,
+    },
+    AdminAudit {
+        target: Option<String>,
+        limit: Option<String>,
+    },
+    /// `admin` with words it does not know: its usage, exit code 1.
+    AdminUsage,
     Help,
+}
+
+/// `--at TIME --until TIME` of `schedule add` and `job N --retry|--rollback`: the window in
+/// which devices get the job (the admin core reads TIME in `--tz`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub at: Option<String>,
+    pub until: Option<String>,
 }
 
 /// `serve --pxe-*` (see `crate::pxe`).
@@ -131,6 +157,8 @@ pub struct PxeOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Args {
     pub data: PathBuf,
+    /// `--tz ZONE`: the zone times are read and shown in (default `$TZ`).
+    pub tz: Option<String>,
     pub command: Command,
 }
 
@@ -175,6 +203,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     let mut key = None;
     let mut expires = 3600u64;
     let mut base = None;
+    let mut window = Window::default();
+    let mut tz = None;
+    let mut validate_only = false;
+    let mut role = None;
+    let mut limit = None;
+    let mut target = None;
     let secs = |what: &str, v: String| -> anyhow::Result<std::time::Duration> {
         Ok(std::time::Duration::from_secs(num(what, &v)?))
     };
@@ -198,6 +232,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("help") | Short('h') => {
                 return Ok(Args {
                     data,
+                    tz,
                     command: Command::Help,
                 })
             }
@@ -282,11 +317,32 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("open-enrolment") => open_enrolment = true,
             Long("expires") => expires = num("--expires", &p.value()?.string()?)?,
             Long("base") => base = Some(p.value()?.string()?),
+            Long("at") => window.at = Some(p.value()?.string()?),
+            Long("until") => window.until = Some(p.value()?.string()?),
+            Long("tz") => tz = Some(p.value()?.string()?),
+            Long("validate-only") => validate_only = true,
+            Long("role") => role = Some(p.value()?.string()?),
+            Long("limit") => limit = Some(p.value()?.string()?),
+            Long("target") => target = Some(p.value()?.string()?),
             Value(v) => words.push(v.string()?),
             _ => return Err(arg.unexpected().into()),
         }
     }
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    // The job window goes with `schedule add` and `job N`; --tz with what reads or shows
+    // times.
+    let windowed = matches!(w.as_slice(), ["schedule", "add"] | ["job", _]);
+    let timed = windowed
+        || matches!(
+            w.as_slice(),
+            ["jobs" | "devices", ..] | ["transcript", _] | ["admin", ..]
+        );
+    if (!windowed && window != Window::default())
+        || (validate_only && w.as_slice() != ["schedule", "add"])
+        || (!timed && tz.is_some())
+    {
+        bail!("--at, --until, --tz and --validate-only go with `schedule add`, `job N --retry|--rollback`, `jobs` or `admin audit`");
+    }
     let command = match w.as_slice() {
         [] | ["help"] => Command::Help,
         ["init"] => Command::Init { names, renew },
@@ -341,6 +397,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
                 image,
                 options: o,
                 note,
+                window,
+                validate_only,
             }
         }
         ["schedule", "remove", n] => Command::ScheduleRemove {
@@ -356,12 +414,23 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
         ["job", n] => Command::Job {
             id: num("job", n)?,
             action,
+            window,
         },
         ["forget", m] => Command::Forget { mac: mac(m)? },
         ["transcript", m] => Command::Transcript { mac: mac(m)?, task },
+        ["admin", "add", name] => Command::AdminAdd {
+            name: name.to_string(),
+            role,
+        },
+        ["admin", "list"] => Command::AdminList,
+        ["admin", "revoke", name] => Command::AdminRevoke {
+            name: name.to_string(),
+        },
+        ["admin", "audit"] => Command::AdminAudit { target, limit },
+        ["admin", ..] => Command::AdminUsage,
         _ => bail!("unknown command {:?}\n{USAGE}", words.join(" ")),
     };
-    Ok(Args { data, command })
+    Ok(Args { data, tz, command })
 }
 
 #[cfg(test)]
@@ -416,7 +485,8 @@ mod tests {
             p("job 4 --rollback").unwrap(),
             Command::Job {
                 id: 4,
-                action: Some("rollback".into())
+                action: Some("rollback".into()),
+                window: Window::default(),
             }
         );
         assert_eq!(
@@ -435,6 +505,68 @@ mod tests {
                 .data,
             PathBuf::from("/x")
         );
+    }
+
+    #[test]
+    fn job_window_and_admin_options_parse_with_the_rest() {
+        let a = parse(
+            [
+                "--data",
+                "/d",
+                "schedule",
+                "add",
+                "--all",
+                "--image",
+                "os:2",
+                "--at",
+                "2026-11-29 07:00",
+                "--until=+2h",
+                "--tz",
+                "Asia/Tokyo",
+                "--validate-only",
+                "--partition",
+                "2",
+            ]
+            .map(OsString::from),
+        )
+        .unwrap();
+        assert_eq!(a.data, PathBuf::from("/d"));
+        assert_eq!(a.tz.as_deref(), Some("Asia/Tokyo"));
+        let Command::ScheduleAdd {
+            window,
+            validate_only,
+            options,
+            ..
+        } = a.command
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(window.at.as_deref(), Some("2026-11-29 07:00"));
+        assert_eq!(window.until.as_deref(), Some("+2h"));
+        assert!(validate_only);
+        assert_eq!(options.partition.as_deref(), Some("2"));
+        assert!(
+            p("schedule add --all --reboot --at").is_err(),
+            "--at needs a value"
+        );
+        assert!(p("image list --at now").is_err(), "no window on image list");
+        assert!(p("devices --validate-only").is_err());
+        assert!(p("jobs --tz UTC").is_ok());
+        assert_eq!(
+            p("admin add ops --role operator").unwrap(),
+            Command::AdminAdd {
+                name: "ops".into(),
+                role: Some("operator".into())
+            }
+        );
+        assert_eq!(
+            p("admin audit --target job:3 --limit 5").unwrap(),
+            Command::AdminAudit {
+                target: Some("job:3".into()),
+                limit: Some("5".into())
+            }
+        );
+        assert_eq!(p("admin frobnicate").unwrap(), Command::AdminUsage);
     }
 
     #[test]

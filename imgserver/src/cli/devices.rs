@@ -2,19 +2,16 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 
 use super::*;
-use crate::model::{self, DeviceState};
-use crate::store::Policy;
+use crate::admin::{window, DeviceFilter};
 
-/// `imgserver devices`: devices with state, image, last check-in.
-pub(super) fn devices(data: &Path, reload_wait: u64) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    let policy = Policy {
-        reload_wait,
-        ..Policy::default()
-    };
+/// `imgserver devices`: devices with state, image, last check-in (in `--tz`).
+pub(super) fn devices(data: &Path, reload_wait: u64, tz: Option<&str>) -> anyhow::Result<i32> {
+    let tz = window::zone(tz)?;
+    let mut admin = open_admin(data)?;
+    admin.reload_wait = reload_wait;
     let mut t = Table::new(&[
         "MAC",
         "STATE",
@@ -25,42 +22,35 @@ pub(super) fn devices(data: &Path, reload_wait: u64) -> anyhow::Result<i32> {
         "LAST CHECK-IN",
         "NOTE",
     ]);
-    let now = now();
-    for d in store.devices()? {
-        let state = model::effective_state(
-            d.state,
-            d.last_seen.unwrap_or(0),
-            d.trouble_since,
-            now,
-            policy.reload_wait,
-        );
+    for d in admin.devices(&Actor::host(), &DeviceFilter::default())? {
+        let note = if d.state == "pending_approval" {
+            format!(
+                "enrolment from {} without the site secret: `imgserver approve {}` or `imgserver forget {}`",
+                d.enrol_addr.as_deref().unwrap_or("?"),
+                d.mac,
+                d.mac
+            )
+        } else {
+            d.state_reason.clone().unwrap_or_default()
+        };
         t.row(vec![
-                d.mac.clone(),
-                if d.pending {
-                    "Pending Approval".into()
-                } else if d.enrolled || d.last_seen.is_some() {
-                    state.title().into()
-                } else {
-                    "(not enrolled)".into()
-                },
-                d.image
-                    .map(|i| format!("{} {}", i.name, i.version))
-                    .unwrap_or_else(|| "-".into()),
-                d.model.unwrap_or_else(|| "-".into()),
-                d.serial.unwrap_or_else(|| "-".into()),
-                d.group.unwrap_or_else(|| "-".into()),
-                d.last_seen.map(utc).unwrap_or_else(|| "never".into()),
-                if d.pending {
-                    format!(
-                        "enrolment from {} without the site secret: `imgserver approve {}` or `imgserver forget {}`",
-                        d.enrol_addr.as_deref().unwrap_or("?"),
-                        d.mac,
-                        d.mac
-                    )
-                } else {
-                    d.state_reason.unwrap_or_default()
-                },
-            ]);
+            d.mac.clone(),
+            if d.state == "not_enrolled" {
+                "(not enrolled)".into()
+            } else {
+                d.state_title.clone()
+            },
+            d.image
+                .map(|i| format!("{} {}", i.name, i.version))
+                .unwrap_or_else(|| "-".into()),
+            d.model.unwrap_or_else(|| "-".into()),
+            d.serial.unwrap_or_else(|| "-".into()),
+            d.group.unwrap_or_else(|| "-".into()),
+            d.last_seen
+                .map(|x| window::show(x, &tz))
+                .unwrap_or_else(|| "never".into()),
+            note,
+        ]);
     }
     print!("{}", t.render());
     Ok(0)
@@ -73,16 +63,21 @@ pub(super) fn device(
     operational: bool,
     group: Option<Option<String>>,
 ) -> anyhow::Result<i32> {
+    if operational || group.is_some() {
+        let admin = open_admin(data)?;
+        let me = Actor::host();
+        if let Some(g) = &group {
+            admin.set_group(&me, &mac, g.as_deref())?;
+            println!("{mac}: group {}", g.as_deref().unwrap_or("(none)"));
+        }
+        if operational {
+            // Seed 003's "Make Device Operational".
+            admin.make_operational(&me, &mac)?;
+            println!("{mac}: Operational");
+        }
+    }
+    // The view reads the store: it shows the device's id and its recorded state.
     let store = open_store(data)?;
-    if let Some(g) = &group {
-        store.set_group(&mac, g.as_deref())?;
-        println!("{mac}: group {}", g.as_deref().unwrap_or("(none)"));
-    }
-    if operational {
-        // Seed 003's "Make Device Operational".
-        store.set_device_state(&mac, DeviceState::Operational, None)?;
-        println!("{mac}: Operational");
-    }
     let d = store
         .device(&mac)?
         .ok_or_else(|| anyhow!("no device {mac}: see `imgserver devices`"))?;
@@ -166,35 +161,34 @@ pub(super) fn device(
 
 /// `imgserver approve`: approve an enrolment made without the site secret.
 pub(super) fn approve(data: &Path, mac: String) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    if store.approve(&mac, now())? {
-        println!("{mac}: enrolment approved; the device gets its jobs at its next check-in");
-        Ok(0)
-    } else {
-        bail!("{mac} has no enrolment waiting for approval: see `imgserver devices`")
-    }
+    open_admin(data)?.approve(&Actor::host(), &mac)?;
+    println!("{mac}: enrolment approved; the device gets its jobs at its next check-in");
+    Ok(0)
 }
 
 /// `imgserver forget`: delete a device's records.
 pub(super) fn forget(data: &Path, mac: String) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    if store.forget(&mac)? {
-        println!("{mac}: records deleted; the device enrols again at its next check-in and can be imaged again");
-        Ok(0)
-    } else {
-        bail!("no device {mac}: see `imgserver devices`")
-    }
+    open_admin(data)?.forget(&Actor::host(), &mac)?;
+    println!("{mac}: records deleted; the device enrols again at its next check-in and can be imaged again");
+    Ok(0)
 }
 
-/// `imgserver transcript`: a device's transcript.
-pub(super) fn transcript(data: &Path, mac: String, task: Option<u64>) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    for (at, t, line) in store.transcript(&mac, task)? {
+/// `imgserver transcript`: a device's transcript (times in `--tz`).
+pub(super) fn transcript(
+    data: &Path,
+    mac: String,
+    task: Option<u64>,
+    tz: Option<&str>,
+) -> anyhow::Result<i32> {
+    let tz = window::zone(tz)?;
+    for l in open_admin(data)?.transcript(&Actor::host(), &mac, task)? {
         println!(
-            "{} {} {line}",
-            utc(at),
-            t.map(|t| format!("[task {t}]"))
-                .unwrap_or_else(|| "[device]".into())
+            "{} {} {}",
+            window::show(l.at, &tz),
+            l.task
+                .map(|t| format!("[task {t}]"))
+                .unwrap_or_else(|| "[device]".into()),
+            l.line
         );
     }
     Ok(0)

@@ -6,30 +6,20 @@ use anyhow::bail;
 
 use super::*;
 
-/// `imgserver image add`: register an image file or URL (its metadata read from the image).
+/// `imgserver image add`: register an image file or URL (its metadata read from the image),
+/// through the admin core (validated and audited as the API does it).
 pub(super) fn image_add(
     data: &Path,
     what: String,
     min_ram: u64,
     ca: Option<PathBuf>,
 ) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
+    let admin = open_admin(data)?;
+    let me = Actor::host();
     let img = if what.starts_with("http://") || what.starts_with("https://") {
-        let http = imgengine::source::HttpConfig {
-            ca_file: ca,
-            timeout: None,
-            retries: 2,
-            authorization: None,
-        };
-        crate::repo::add_url(&store, &what, &http, min_ram)?
+        admin.add_image_url(&me, &what, ca, min_ram)?
     } else {
-        crate::repo::add_file(
-            &store,
-            &data.join("repo"),
-            std::path::Path::new(&what),
-            false,
-            min_ram,
-        )?
+        admin.add_image_file(&me, Path::new(&what), false, min_ram)?
     };
     println!(
         "registered image {} {} (id {}, {}{})",
@@ -48,7 +38,7 @@ pub(super) fn image_add(
 
 /// `imgserver image list`: the image register.
 pub(super) fn image_list(data: &Path) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
+    let images = open_admin(data)?.images(&Actor::host())?;
     let mut t = Table::new(&[
         "ID",
         "NAME",
@@ -60,7 +50,7 @@ pub(super) fn image_list(data: &Path) -> anyhow::Result<i32> {
         "SIGNED",
         "WHERE",
     ]);
-    for i in store.images()? {
+    for i in images {
         t.row(vec![
             i.id.to_string(),
             i.name,
@@ -94,9 +84,7 @@ pub(super) fn image_list(data: &Path) -> anyhow::Result<i32> {
 
 /// `imgserver image remove`: unregister an image (and delete its repository file).
 pub(super) fn image_remove(data: &Path, spec: String) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    let img = find_image(&store, &spec)?;
-    crate::repo::remove(&store, &data.join("repo"), &img)?;
+    let img = open_admin(data)?.remove_image(&Actor::host(), &spec)?;
     println!("unregistered image {} {}", img.name, img.version);
     Ok(0)
 }

@@ -1,119 +1,169 @@
-//! `imgserver schedule add|remove`, `jobs`, `job N [--abort|--retry|--rollback]`.
+//! `imgserver schedule add|remove`, `jobs`, `job N [--abort|--retry|--rollback]`: the
+//! changes and the jobs list through the admin core.
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 
 use super::*;
-use crate::model::{self, JobOptions, OnError, TaskState};
-use crate::store::{NewJob, Store};
+use crate::admin::{shown_state, window, JobCreated, JobRequest, ValidationRow};
+use crate::model::{JobOptions, OnError, TaskState};
 
-/// `imgserver schedule add`: schedule a job; exit code 3 when validation rejects a device.
-pub(super) fn schedule_add(
-    data: &Path,
-    selector: String,
+/// What `schedule add` asks the admin core for.
+pub(super) fn request(
+    target: String,
     kind: String,
     image: Option<String>,
     options: JobOptions,
     note: Option<String>,
-) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    let image_id = match (kind.as_str(), &image) {
-        ("deploy", Some(spec)) => {
-            let img = find_image(&store, spec)?;
-            if let (Some(from), None) = (&img.captured_from, &img.signed_by) {
-                bail!(
-                        "image {} {} was captured from {from} and nobody signed it yet: look at it, then `imgserver image sign {}:{} --key KEYFILE`",
-                        img.name, img.version, img.name, img.version
-                    );
-            }
-            Some(img.id)
-        }
+    w: Window,
+    tz: Option<&str>,
+) -> JobRequest {
+    let capture = match (&options.capture_name, &options.capture_version) {
+        (Some(n), Some(v)) if kind == "capture" => Some(format!("{n}:{v}")),
         _ => None,
     };
-    let job = NewJob {
+    JobRequest {
+        target,
+        image: image.filter(|_| kind == "deploy"),
+        capture,
         kind,
-        image: image_id,
         options,
-        selector,
-        devices: Vec::new(),
         note,
-    };
-    let (id, report) = store.add_job(&job, now())?;
-    println!("job {id} scheduled for {}", job.selector);
-    if !report.is_empty() {
-        print_validation(&report);
+        ..with_window(w, tz)
     }
-    Ok(if report.iter().any(|(_, v)| !v.ok()) {
-        3
-    } else {
-        0
-    })
+}
+
+fn with_window(w: Window, tz: Option<&str>) -> JobRequest {
+    JobRequest {
+        at: w.at,
+        until: w.until,
+        tz: tz.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// `imgserver schedule add`: validate and create a job; exit code 3 when validation keeps
+/// a device out of it (or every device: then nothing is created).
+pub(super) fn schedule_add(
+    data: &Path,
+    mut req: JobRequest,
+    validate_only: bool,
+) -> anyhow::Result<i32> {
+    let tz = window::zone(req.tz.as_deref())?;
+    let admin = open_admin(data)?;
+    req.validate_only = validate_only;
+    let made = match admin.create_job(&Actor::host(), &req) {
+        Err(AdminError::Blocked(msg, table)) => {
+            print_validation(&table);
+            return Err(AdminError::Blocked(msg, table).into());
+        }
+        r => r?,
+    };
+    if made.job.is_none() {
+        println!("validation only: nothing was created");
+    }
+    print_created(&made, &tz, &admin)?;
+    Ok(if made.blocked.is_empty() { 0 } else { 3 })
 }
 
 /// `imgserver schedule remove`: remove a job.
 pub(super) fn schedule_remove(data: &Path, job: u64) -> anyhow::Result<i32> {
-    open_store(data)?.remove_job(job)?;
+    open_admin(data)?.remove_job(&Actor::host(), job)?;
     println!("job {job} removed");
     Ok(0)
 }
 
-/// `imgserver jobs`: jobs with their devices' progress.
-pub(super) fn jobs(data: &Path) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
+/// `imgserver jobs`: jobs with their window, who made them and their devices' progress.
+pub(super) fn jobs(data: &Path, tz: Option<&str>) -> anyhow::Result<i32> {
+    let tz = window::zone(tz)?;
     let mut t = Table::new(&[
-        "JOB", "KIND", "IMAGE", "TARGET", "STATE", "CREATED", "PENDING", "RUNNING", "OK", "FAILED",
+        "JOB",
+        "KIND",
+        "IMAGE",
+        "TARGET",
+        "STATE",
+        "WINDOW",
+        "CHANGED BY",
+        "PENDING",
+        "RUNNING",
+        "OK",
+        "FAILED",
         "NOTE",
     ]);
-    for (j, tasks) in store.jobs()? {
-        let count =
-            |f: &dyn Fn(TaskState) -> bool| tasks.iter().filter(|t| f(t.state)).count().to_string();
-        let image = match j.image {
-            Some(id) => store
-                .image_by_id(id)?
-                .map(|i| format!("{} {}", i.name, i.version))
-                .unwrap_or_else(|| format!("#{id}")),
-            None => match (&j.options.capture_name, &j.options.capture_version) {
-                (Some(n), Some(v)) => format!("-> {n} {v}"),
-                _ => "-".into(),
-            },
-        };
+    let mut jobs = open_admin(data)?.jobs(&Actor::host())?;
+    jobs.reverse();
+    for j in jobs {
         t.row(vec![
             j.id.to_string(),
-            j.kind.clone(),
-            image,
-            j.selector.clone(),
-            shown_state(&j, &tasks),
-            utc(j.created),
-            count(&|s| s == TaskState::Pending),
-            count(&|s| matches!(s, TaskState::Sent | TaskState::Running)),
-            count(&|s| s == TaskState::Succeeded),
-            count(&|s| {
-                matches!(
-                    s,
-                    TaskState::Failed | TaskState::Rejected | TaskState::Aborted
-                )
-            }),
-            j.note.clone().unwrap_or_default(),
+            j.kind,
+            j.image.unwrap_or_else(|| "-".into()),
+            j.target,
+            j.state,
+            window_text(j.at, j.until, &tz),
+            j.changed_by.unwrap_or_else(|| "-".into()),
+            j.counts.pending.to_string(),
+            j.counts.running.to_string(),
+            j.counts.succeeded.to_string(),
+            j.counts.failed.to_string(),
+            j.note.unwrap_or_default(),
         ]);
     }
     print!("{}", t.render());
     Ok(0)
 }
 
-/// `imgserver job`: one job, or abort / retry / roll it back.
-pub(super) fn job(data: &Path, id: u64, action: Option<String>) -> anyhow::Result<i32> {
-    let store = open_store(data)?;
-    match action.as_deref() {
-        Some("abort") => {
-            let n = store.abort_job(id, now())?;
+/// `imgserver job`: one job, or abort / retry / roll it back (seed 003) through the core.
+pub(super) fn job(
+    data: &Path,
+    id: u64,
+    action: Option<String>,
+    w: Window,
+    tz: Option<&str>,
+) -> anyhow::Result<i32> {
+    let zone = window::zone(tz)?;
+    let me = Actor::host();
+    let Some(action) = action else {
+        return show_job(data, id, &zone);
+    };
+    let admin = open_admin(data)?;
+    match action.as_str() {
+        "abort" => {
+            let n = admin.abort_job(&me, id)?;
             println!("job {id} aborted: {n} device(s) not started are cancelled; devices already imaging finish (seed 003)");
-            return Ok(0);
         }
-        Some("retry") => return retry(&store, id),
-        Some("rollback") => return rollback(&store, id),
-        _ => {}
+        "retry" => {
+            let made = admin.retry_job(&me, id, &with_window(w, tz))?;
+            println!(
+                "job {} retries job {id} on {} device(s)",
+                made.job.unwrap_or_default(),
+                made.validation.len()
+            );
+            print_created(&made, &zone, &admin)?;
+        }
+        _ => {
+            let (made, skipped) = admin.rollback_job(&me, id, &with_window(w, tz))?;
+            for s in skipped {
+                println!("{s}");
+            }
+            for m in made {
+                let nid = m.job.unwrap_or_default();
+                let image = admin.job(&me, nid)?.summary.image.unwrap_or_default();
+                println!(
+                    "job {nid} rolls {} device(s) back to {image}",
+                    m.validation.len()
+                );
+                print_created(&m, &zone, &admin)?;
+            }
+        }
     }
+    Ok(0)
+}
+
+/// `imgserver job N`: the job with its options and per-device progress (removed jobs too),
+/// then its window and who made it.
+fn show_job(data: &Path, id: u64, tz: &jiff::tz::TimeZone) -> anyhow::Result<i32> {
+    let store = open_store(data)?;
     let (j, tasks) = store
         .job(id)?
         .ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
@@ -203,116 +253,62 @@ pub(super) fn job(data: &Path, id: u64, action: Option<String>) -> anyhow::Resul
         ]);
     }
     print!("{}", t.render());
+    // A removed job has no window to show.
+    let Ok(j) = open_admin(data)?.job(&Actor::host(), id) else {
+        return Ok(0);
+    };
+    println!(
+        "  window: {} ({}); changed by {}; last action {}",
+        window_text(j.summary.at, j.summary.until, tz),
+        match j.summary.window {
+            window::Window::Always => "at once",
+            window::Window::NotYet(_) => "not open yet",
+            window::Window::Open => "open",
+            window::Window::Closed(_) => "closed",
+        },
+        j.summary.changed_by.as_deref().unwrap_or("-"),
+        window::show(j.summary.last_action, tz)
+    );
     Ok(0)
 }
 
-fn print_validation(report: &[(String, model::Validation)]) {
+/// Seed 003's validation table: one line per device.
+fn print_validation(rows: &[ValidationRow]) {
     let mut t = Table::new(&["DEVICE", "VALIDATION", "NOTES"]);
-    for (mac, v) in report {
-        let status = if !v.ok() {
-            "error"
-        } else if !v.warnings.is_empty() {
-            "warning"
-        } else {
-            "success"
-        };
-        let notes: Vec<String> = v.errors.iter().chain(v.warnings.iter()).cloned().collect();
-        t.row(vec![mac.clone(), status.into(), notes.join("; ")]);
+    for r in rows {
+        let notes: Vec<String> = r.errors.iter().chain(r.warnings.iter()).cloned().collect();
+        t.row(vec![r.mac.clone(), r.status.clone(), notes.join("; ")]);
     }
     print!("{}", t.render());
 }
 
-/// A job for fixed devices whose tasks all ended is shown as done (or failed); jobs for
-/// all devices or a group stay active for devices that enrol later.
-fn shown_state(j: &crate::store::JobRow, tasks: &[crate::store::TaskRow]) -> String {
-    let fixed = j.selector.starts_with("mac:") || j.selector == "list";
-    if j.state == "active" && fixed && !tasks.is_empty() && tasks.iter().all(|t| t.state.is_final())
-    {
-        if tasks.iter().all(|t| t.state == TaskState::Succeeded) {
-            "done".into()
-        } else {
-            "done with errors".into()
-        }
-    } else {
-        j.state.clone()
+fn window_text(at: Option<u64>, until: Option<u64>, tz: &jiff::tz::TimeZone) -> String {
+    match (at, until) {
+        (None, None) => "at once".into(),
+        (Some(a), None) => format!("from {}", window::show(a, tz)),
+        (None, Some(u)) => format!("until {}", window::show(u, tz)),
+        (Some(a), Some(u)) => format!("from {} until {}", window::show(a, tz), window::show(u, tz)),
     }
 }
 
-/// Seed 003: retry a failed job as a new job over the devices that did not succeed.
-fn retry(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
-    let (j, tasks) = store
-        .job(id)?
-        .ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
-    let devices: Vec<u64> = tasks
-        .iter()
-        .filter(|t| {
-            matches!(
-                t.state,
-                TaskState::Failed | TaskState::Rejected | TaskState::Aborted
-            )
-        })
-        .map(|t| t.device)
-        .collect();
-    if devices.is_empty() {
-        bail!("job {id} has no failed, rejected or aborted device to retry");
-    }
-    let new = NewJob {
-        kind: j.kind.clone(),
-        image: j.image,
-        options: j.options.clone(),
-        selector: "list".into(),
-        devices,
-        note: Some(format!("retry of job {id}")),
-    };
-    let (nid, report) = store.add_job(&new, now())?;
-    println!("job {nid} retries job {id} on {} device(s)", report.len());
-    print_validation(&report);
-    Ok(0)
-}
-
-/// Seed 003: roll a deployed job back by deploying, on each device it changed, the image
-/// that was there before (recorded when the task was sent), as new jobs.
-fn rollback(store: &dyn Store, id: u64) -> anyhow::Result<i32> {
-    let (j, tasks) = store
-        .job(id)?
-        .ok_or_else(|| anyhow!("no job {id}: see `imgserver jobs`"))?;
-    if j.kind != "deploy" {
-        bail!("job {id} is a {} job: only deploy jobs roll back", j.kind);
-    }
-    let mut by_image: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
-    for t in tasks.iter().filter(|t| t.state == TaskState::Succeeded) {
-        match &t.prev_image {
-            Some(p) => by_image
-                .entry((p.name.clone(), p.version.clone()))
-                .or_default()
-                .push(t.device),
-            None => println!("{}: no previous image recorded, not rolled back", t.mac),
-        }
-    }
-    if by_image.is_empty() {
-        bail!("job {id}: nothing to roll back (no device with a known previous image)");
-    }
-    for ((name, version), devices) in by_image {
-        let Some(img) = store.image(&name, Some(&version))? else {
-            println!("image {name} {version} is no longer registered: register it again to roll {} device(s) back", devices.len());
-            continue;
-        };
-        let mut options = j.options.clone();
-        options.backup_first = false;
-        let new = NewJob {
-            kind: "deploy".into(),
-            image: Some(img.id),
-            options,
-            selector: "list".into(),
-            devices,
-            note: Some(format!("rollback of job {id}")),
-        };
-        let (nid, report) = store.add_job(&new, now())?;
+/// The job made (with its window), its validation table, and the devices it left out.
+fn print_created(made: &JobCreated, tz: &jiff::tz::TimeZone, admin: &Admin) -> anyhow::Result<()> {
+    if let Some(id) = made.job {
+        let j = admin.job(&Actor::host(), id)?;
         println!(
-            "job {nid} rolls {} device(s) back to {name} {version}",
-            report.len()
+            "job {id} scheduled for {} ({})",
+            j.summary.target,
+            window_text(j.summary.at, j.summary.until, tz)
         );
-        print_validation(&report);
     }
-    Ok(0)
+    if !made.validation.is_empty() {
+        print_validation(&made.validation);
+    }
+    if !made.blocked.is_empty() {
+        println!(
+            "not created for {} (validation errors): fix them and schedule those devices again",
+            made.blocked.join(", ")
+        );
+    }
+    Ok(())
 }

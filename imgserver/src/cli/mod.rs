@@ -5,16 +5,23 @@
 //! Arguments are parsed in two stages as elsewhere in the project: lexopt turns argv into a
 //! [`Command`] with no side effects (unit-tested), then [`run`] hands it to the file of its command family.
 //!
+//! Every change and every reading the admin core ([`crate::admin`]) offers goes through it,
+//! as [`Actor::host`], so the command line is validated and audited exactly as the API is.
+//!
 //! Files: `args.rs` (USAGE, [`Command`], [`parse`]), `serve.rs` (init, serve), `images.rs`
 //! (image add/list/remove/sign/url), `devices.rs` (devices, device, approve, forget,
-//! transcript), `jobs.rs` (schedule, jobs, job), `table.rs` (the table every listing prints).
+//! transcript), `jobs.rs` (schedule, jobs, job), `admin.rs` (admin tokens and the audit
+//! trail), `table.rs` (the table every listing prints).
 
 use std::ffi::OsString;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::admin::{Actor, Admin, AdminError};
 use crate::store::{SqliteStore, Store};
 
+mod admin;
 mod args;
 mod devices;
 mod images;
@@ -22,7 +29,7 @@ mod jobs;
 mod serve;
 mod table;
 
-pub use args::{parse, Args, Command, PxeOptions, USAGE};
+pub use args::{parse, Args, Command, PxeOptions, Window, USAGE};
 use table::Table;
 
 /// UTC `YYYY-MM-DD HH:MM:SS`.
@@ -100,6 +107,24 @@ pub fn site_secret(data: &std::path::Path, name: &str) -> anyhow::Result<String>
     }
 }
 
+/// The admin core over the server's database, which must exist already (`init` makes it).
+fn open_admin(data: &std::path::Path) -> anyhow::Result<Admin> {
+    let db = data.join("imgserver.db");
+    if !db.exists() {
+        bail!(
+            "no database at {}: run `imgserver --data {} init` first",
+            db.display(),
+            data.display()
+        );
+    }
+    let store = open_store(data)?;
+    Ok(Admin::open(
+        data,
+        Arc::new(store),
+        crate::model::DEFAULT_RELOAD_WAIT_SECS,
+    )?)
+}
+
 fn now() -> u64 {
     crate::api::now()
 }
@@ -137,6 +162,7 @@ fn fmt_bytes(n: u64) -> String {
 /// Stage two: carry the command out. Returns the exit code.
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let data = args.data.as_path();
+    let tz = args.tz.as_deref();
     match args.command {
         Command::Help => {
             println!("{USAGE}");
@@ -180,11 +206,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             image,
             options,
             note,
-        } => jobs::schedule_add(data, selector, kind, image, options, note),
+            window,
+            validate_only,
+        } => {
+            let req = jobs::request(selector, kind, image, options, note, window, tz);
+            jobs::schedule_add(data, req, validate_only)
+        }
         Command::ScheduleRemove { job } => jobs::schedule_remove(data, job),
-        Command::Jobs => jobs::jobs(data),
-        Command::Job { id, action } => jobs::job(data, id, action),
-        Command::Devices { reload_wait } => devices::devices(data, reload_wait),
+        Command::Jobs => jobs::jobs(data, tz),
+        Command::Job { id, action, window } => jobs::job(data, id, action, window, tz),
+        Command::Devices { reload_wait } => devices::devices(data, reload_wait, tz),
         Command::Device {
             mac,
             operational,
@@ -192,20 +223,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         } => devices::device(data, mac, operational, group),
         Command::Approve { mac } => devices::approve(data, mac),
         Command::Forget { mac } => devices::forget(data, mac),
-        Command::Transcript { mac, task } => devices::transcript(data, mac, task),
+        Command::Transcript { mac, task } => devices::transcript(data, mac, task, tz),
+        Command::AdminAdd { name, role } => admin::add(data, name, role),
+        Command::AdminList => admin::list(data, tz),
+        Command::AdminRevoke { name } => admin::revoke(data, name),
+        Command::AdminAudit { target, limit } => admin::audit(data, target, limit, tz),
+        Command::AdminUsage => bail!(
+            "usage: imgserver admin add NAME --role admin|operator|viewer | admin list | admin revoke NAME | admin audit [--target job:N|device:MAC|image:N|token:NAME] [--limit N]"
+        ),
     }
 }
 
-/// `imgserver` entry point: parse, run, map errors to exit codes (1 error, 2 usage).
+/// `imgserver` entry point: parse, run, map errors to exit codes (1 error, 2 usage, 3 a
+/// job that validation kept from some or all of its devices).
 pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
     // Everything imgserver creates (database, keys, uploads, repository files) is private
     // to its user.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    // `admin ...`, the changing commands and the job window options: the admin core.
-    let args: Vec<OsString> = args.into_iter().collect();
-    if let Some(code) = crate::admin::cli::intercept(&args) {
-        return code;
-    }
     let parsed = match parse(args) {
         Ok(a) => a,
         Err(e) => {
@@ -217,7 +251,10 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("imgserver: {e:#}");
-            1
+            match e.downcast_ref::<AdminError>() {
+                Some(AdminError::Blocked(..)) => 3,
+                _ => 1,
+            }
         }
     }
 }

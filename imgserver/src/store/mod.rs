@@ -266,8 +266,50 @@ pub trait Store: Send + Sync {
     fn result_count(&self) -> Result<u64>;
 }
 
+/// One record of the administrator's audit trail (`admin_audit`), as the store writes it
+/// in the transaction of the change it records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub at: u64,
+    pub actor: String,
+    pub role: &'static str,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// Makes the audit record of a change from what the change's store write answered (its
+/// return value); None: nothing to record (e.g. `forget` found no device).
+pub type AuditHook = Box<dyn FnOnce(&dyn std::any::Any) -> Option<AuditEntry>>;
+
+thread_local! {
+    static AUDIT_HOOK: std::cell::RefCell<Option<AuditHook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `change` so that the first store write it makes (on this thread) and the audit
+/// record `hook` makes of that write's answer commit as one transaction: a crash never
+/// leaves a change unrecorded, and a failed audit write undoes the change. Answers
+/// `change`'s answer and whether a store write took the hook (false: `change` wrote nothing).
+pub fn with_audit<T>(hook: AuditHook, change: impl FnOnce() -> T) -> (T, bool) {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            AUDIT_HOOK.with(|h| h.borrow_mut().take());
+        }
+    }
+    AUDIT_HOOK.with(|h| *h.borrow_mut() = Some(hook));
+    let _clear = Clear;
+    let out = change();
+    let taken = AUDIT_HOOK.with(|h| h.borrow_mut().take()).is_none();
+    (out, taken)
+}
+
+fn take_audit_hook() -> Option<AuditHook> {
+    AUDIT_HOOK.with(|h| h.borrow_mut().take())
+}
+
 mod sqlite;
-pub use sqlite::SqliteStore;
+pub use sqlite::{insert_audit, SqliteStore};
 
 #[cfg(test)]
 mod tests;

@@ -43,14 +43,28 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Run `f` in one transaction, committed when it returns Ok (rolled back otherwise).
-    fn write<T>(&self, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<T> {
+    /// Run `f` in one transaction, committed when it returns Ok (rolled back otherwise),
+    /// with the audit record of [`with_audit`] if the caller set one.
+    fn write<T: 'static>(&self, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<T> {
+        let hook = take_audit_hook();
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let out = f(&tx)?;
+        if let Some(entry) = hook.and_then(|h| h(&out)) {
+            insert_audit(&tx, &entry)?;
+        }
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// Append a record to the audit trail (the admin core's `admin_audit` table).
+pub fn insert_audit(conn: &Connection, e: &AuditEntry) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO admin_audit (at, actor, role, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![i(e.at), e.actor, e.role, e.action, e.target, e.detail])?;
+    Ok(())
 }
 
 fn u(v: i64) -> u64 {
@@ -292,7 +306,12 @@ impl Store for SqliteStore {
     }
 
     fn add_image(&self, img: &ImageRow) -> Result<u64> {
-        images::add_image(&self.lock(), img)
+        // The audit hook sees the new id with the image's name and version.
+        self.write(|tx| {
+            let id = images::add_image(tx, img)?;
+            Ok((id, img.name.clone(), img.version.clone()))
+        })
+        .map(|(id, ..)| id)
     }
 
     fn images(&self) -> Result<Vec<ImageRow>> {
@@ -308,7 +327,7 @@ impl Store for SqliteStore {
     }
 
     fn remove_image(&self, id: u64) -> Result<()> {
-        images::remove_image(&self.lock(), id)
+        self.write(|tx| images::remove_image(tx, id))
     }
 
     fn set_image_signature(
@@ -350,11 +369,11 @@ impl Store for SqliteStore {
     }
 
     fn set_device_state(&self, mac: &str, state: DeviceState, reason: Option<&str>) -> Result<()> {
-        devices::set_device_state(&self.lock(), mac, state, reason)
+        self.write(|tx| devices::set_device_state(tx, mac, state, reason))
     }
 
     fn set_group(&self, mac: &str, group: Option<&str>) -> Result<()> {
-        devices::set_group(&self.lock(), mac, group)
+        self.write(|tx| devices::set_group(tx, mac, group))
     }
 
     fn forget(&self, mac: &str) -> Result<bool> {

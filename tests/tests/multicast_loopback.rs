@@ -147,11 +147,14 @@ fn a_master_capturing_its_disk_and_two_clients_end_byte_identical_and_fsck_clean
         .unwrap()
     };
     let k1 = client("c1", &c1);
-    // `-s` after the name is the client abbreviation.
+    // `-s` abbreviates `-session` (seed 002).
     let k2 = img(
         &s,
         "c2",
-        &args(&format!("-s {session} -client -iface=lo -disk={}", c2.display())),
+        &args(&format!(
+            "-s {session} -client -iface=lo -disk={}",
+            c2.display()
+        )),
     )
     .spawn()
     .unwrap();

@@ -129,21 +129,21 @@ run() {
   done
   tx0=$(tx_bytes); start=$(now)
   if [ "$tool" = img ]; then
-    ip netns exec "${id}m0" timeout "$tmo" "$img" -session "$name" -master -clients="$n" \
+    ip netns exec "${id}m0" timeout -k 5 "$tmo" "$img" -session "$name" -master -clients="$n" \
       -image="$work/src.fimg" > "$work/master.log" 2>&1 & mpid=$!
   else
     # shellcheck disable=SC2086
-    ip netns exec "${id}m0" timeout "$tmo" udp-sender --file "$work/src.fimg" --interface eth0 \
+    ip netns exec "${id}m0" timeout -k 5 "$tmo" udp-sender --file "$work/src.fimg" --interface eth0 \
       --min-receivers "$n" --nokbd --no-progress $extra > "$work/master.log" 2>&1 & mpid=$!
   fi
   for ((i = 0; i < n; i++)); do
     (
       if [ "$tool" = img ]; then
         ip netns exec "${id}c$i" env IMG_STATE_DIR="$work/state$i" IMG_TRUSTED_DIR="$work/trust" \
-          /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout "$tmo" \
+          /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
           "$img" -session "$name" -client -disk="$work/t$i.img" > "$work/c$i.log" 2>&1 && rc=0 || rc=$?
       else
-        ip netns exec "${id}c$i" /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout "$tmo" \
+        ip netns exec "${id}c$i" /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
           udp-receiver --file "$work/t$i.fimg" --interface eth0 --nokbd --no-progress > "$work/c$i.log" 2>&1 && rc=0 || rc=$?
       fi
       now > "$work/end.$i"; echo "$rc" > "$work/rc.$i"

@@ -6,7 +6,7 @@
 #
 #   bash bench/multicast.sh                 FAT32 disk of 256 MiB, ~160 MiB of files
 #   SIZE_MIB=128 bash bench/multicast.sh    smaller, for a quick look
-#   COUNTS="1 2 4 8" LOSSES="0 2" SLOW_KBIT=40000 override the matrix
+#   COUNTS="1 2 4 8" LOSSES="0 2" SLOW_KBIT=40000 override the matrix (SLOW_KBIT=0: no slow case)
 #   IMG=/path/to/img bash bench/multicast.sh   another build of img (default: release, musl)
 #   RUN_TIMEOUT=120                         seconds before a hung sender or receiver is stopped (failed)
 #
@@ -129,21 +129,21 @@ run() {
   done
   tx0=$(tx_bytes); start=$(now)
   if [ "$tool" = img ]; then
-    ip netns exec "${id}m0" timeout "$tmo" "$img" -session "$name" -master -clients="$n" \
+    ip netns exec "${id}m0" timeout -k 5 "$tmo" "$img" -session "$name" -master -clients="$n" \
       -image="$work/src.fimg" > "$work/master.log" 2>&1 & mpid=$!
   else
     # shellcheck disable=SC2086
-    ip netns exec "${id}m0" timeout "$tmo" udp-sender --file "$work/src.fimg" --interface eth0 \
+    ip netns exec "${id}m0" timeout -k 5 "$tmo" udp-sender --file "$work/src.fimg" --interface eth0 \
       --min-receivers "$n" --nokbd --no-progress $extra > "$work/master.log" 2>&1 & mpid=$!
   fi
   for ((i = 0; i < n; i++)); do
     (
       if [ "$tool" = img ]; then
         ip netns exec "${id}c$i" env IMG_STATE_DIR="$work/state$i" IMG_TRUSTED_DIR="$work/trust" \
-          /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout "$tmo" \
+          /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
           "$img" -session "$name" -client -disk="$work/t$i.img" > "$work/c$i.log" 2>&1 && rc=0 || rc=$?
       else
-        ip netns exec "${id}c$i" /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout "$tmo" \
+        ip netns exec "${id}c$i" /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
           udp-receiver --file "$work/t$i.fimg" --interface eth0 --nokbd --no-progress > "$work/c$i.log" 2>&1 && rc=0 || rc=$?
       fi
       now > "$work/end.$i"; echo "$rc" > "$work/rc.$i"
@@ -170,6 +170,8 @@ run() {
     for ((i = 0; i < n; i++)); do [ "$(cat "$work/rc.$i")" = 0 ] || { tail -5 "$work/c$i.log" >&2; break; }; done
     tail -5 "$work/master.log" >&2
   fi
+  # The master's own traffic figures (packets, repairs, extra passes): where the wire bytes go.
+  if [ "$tool" = img ]; then grep -o "[0-9]* packets, .*" "$work/master.log" | sed 's/^/    master: /' || true; fi
   rm -f "$work"/t[0-9]*.img "$work"/t[0-9]*.fimg; rm -rf "$work"/state*
 }
 
@@ -216,6 +218,10 @@ for loss in $losses; do
 done
 
 set_loss 0
+if [ "$slow_kbit" = 0 ]; then  # SLOW_KBIT=0: no slow-receiver case (a quicker look)
+  echo; echo "== summary ($(nproc) cores; speed = udpcast time / our time, higher is better)"
+  printf '%s\n' "${summary[@]}"; exit 0
+fi
 echo "-- one slow receiver of 4 (c3 at ${slow_kbit} kbit/s), 0% loss"
 run img 4; report "img -session, 4 receivers, unimpeded" 4; ti_free=$T; oki="$OK"
 run udpcast 4; report "udpcast defaults, 4 receivers, unimpeded" 4; tu_free=$T; oku="$OK"

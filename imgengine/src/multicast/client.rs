@@ -45,6 +45,12 @@ const STATUS_EVERY: Duration = Duration::from_millis(200);
 /// A block that got no symbol for this long while incomplete is NACKed.
 const NACK_AFTER: Duration = Duration::from_millis(60);
 const NACK_REPEAT: Duration = Duration::from_millis(300);
+/// How long a due status waits for the receive queue to empty.
+const BACKLOG_WAIT: Duration = Duration::from_millis(800);
+/// An object with no symbol for this long: its unheard blocks are asked for by NACK.
+const OBJECT_QUIET: Duration = Duration::from_millis(300);
+/// An object being decoded with no symbol for this long is listed as needed again.
+const REPAIR_GIVE_UP: Duration = Duration::from_secs(3);
 
 /// How a client runs.
 #[derive(Debug, Clone)]
@@ -169,14 +175,28 @@ impl Rx {
         if self.head.is_none() {
             v.push(0);
         }
+        // Only what fits in the window: the master sends an object when some client asks
+        // for it, so asking for objects this client would drop (beyond its window) costs a
+        // send of the whole object for nothing and a second pass later. Asking within the
+        // window makes the master's pace follow what the clients can take.
+        let mut bytes = 0u64;
         for &w in &self.wanted {
+            let len = self.object(w).map_or(0, |x| x.len);
+            if bytes > 0 && bytes + len > WINDOW_BYTES {
+                break;
+            }
+            bytes += len;
             if self.store.contains_key(&w) {
                 continue;
             }
+            // An object being decoded is repaired block by block by the NACKs (see
+            // `nacks`): listing it as needed would make the master send the whole object
+            // again, every block the client already has included. Only an object that has
+            // heard nothing for [`REPAIR_GIVE_UP`] (the master lost track) is asked again.
             let busy = self.decoding.get(&w).is_some_and(|d| {
                 d.last_rx
                     .values()
-                    .any(|t| now.duration_since(*t) < Duration::from_secs(1))
+                    .any(|t| now.duration_since(*t) < REPAIR_GIVE_UP)
             });
             if !busy {
                 v.push(w);
@@ -204,10 +224,34 @@ impl Rx {
 
     fn nacks(&mut self, now: Instant) -> Vec<Nack> {
         let mut out = Vec::new();
+        let lens: HashMap<u32, u64> = self
+            .decoding
+            .keys()
+            .map(|&o| (o, self.object(o).map_or(0, |x| x.len)))
+            .collect();
         for (&o, d) in self.decoding.iter_mut() {
+            // The master sends an object's blocks in order: once nothing of the object has
+            // come for OBJECT_QUIET, a block with no symbol at all (all lost, or its decoder
+            // reset after a fault) will not come by itself: ask for all of it.
+            let object_quiet = d
+                .last_rx
+                .values()
+                .all(|t| now.duration_since(*t) >= OBJECT_QUIET);
             for (b, dec) in d.blocks.iter().enumerate() {
-                let Some(dec) = dec else { continue };
-                let b = b as u8;
+                if d.done[b].is_some() {
+                    continue;
+                }
+                let b8 = b as u8;
+                let missing = match dec {
+                    Some(dec) if dec.is_done() => continue,
+                    Some(dec) => dec.missing(),
+                    None if object_quiet => {
+                        let len = lens.get(&o).copied().unwrap_or(0);
+                        fec::source_symbols(fec::block_range(len, b as u32).1) + 1
+                    }
+                    None => continue,
+                };
+                let b = b8;
                 let quiet = d
                     .last_rx
                     .get(&b)
@@ -216,11 +260,11 @@ impl Rx {
                     .last_nack
                     .get(&b)
                     .is_none_or(|t| now.duration_since(*t) >= NACK_REPEAT);
-                if quiet && repeat && !dec.is_done() && out.len() < MAX_NACKS {
+                if quiet && repeat && out.len() < MAX_NACKS {
                     out.push(Nack {
                         object: o,
                         block: b,
-                        missing: dec.missing().min(u32::from(u16::MAX)) as u16,
+                        missing: missing.min(u32::from(u16::MAX)) as u16,
                     });
                     d.last_nack.insert(b, now);
                 }
@@ -570,7 +614,17 @@ impl RxCtx {
                     MASTER_SILENCE.as_secs()
                 ));
             }
-            if last_status.elapsed() >= STATUS_EVERY {
+            // With packets still queued (a busy device falls behind the master), what this
+            // device lacks may be in the queue: asking for it then would make the master
+            // send it again. So a status waits until the queue is empty (a device keeping
+            // up empties it within a few packets); after BACKLOG_WAIT it goes anyway, with
+            // progress and loss only, and no needs or NACKs.
+            let due = last_status.elapsed();
+            if due >= STATUS_EVERY {
+                let backlog = net::backlogged(&self.group);
+                if backlog && due < STATUS_EVERY + BACKLOG_WAIT {
+                    continue;
+                }
                 last_status = Instant::now();
                 let loss = match first_seq {
                     Some(f) => {
@@ -580,7 +634,7 @@ impl RxCtx {
                     None => 0,
                 };
                 (first_seq, got) = (None, 0);
-                self.status(loss);
+                self.status(loss, backlog);
             }
         }
     }
@@ -594,9 +648,11 @@ impl RxCtx {
         cv.notify_all();
     }
 
-    fn status(&self, loss_permille: u16) {
+    fn status(&self, loss_permille: u16, backlog: bool) {
         let now = Instant::now();
-        let (needs, nacks) = {
+        let (needs, nacks) = if backlog {
+            (Vec::new(), Vec::new())
+        } else {
             let mut rx = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
             (rx.needs(now), rx.nacks(now))
         };

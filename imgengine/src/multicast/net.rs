@@ -116,3 +116,11 @@ fn big_buffers(s: &Socket) {
     let _ = setsockopt(s, sockopt::RcvBufForce, &RCVBUF);
     let _ = setsockopt(s, sockopt::SndBufForce, &RCVBUF);
 }
+
+/// Are packets waiting in `s`'s receive queue? (A peek that never blocks.)
+pub fn backlogged(s: &UdpSocket) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    socket2::SockRef::from(s)
+        .recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .is_ok()
+}

@@ -47,6 +47,7 @@ usage: imgserver [--data DIR] COMMAND
   admin add NAME --role admin|operator|viewer    print a new admin API token (once)
   admin list | admin revoke NAME | admin audit [--target job:N|device:MAC] [--limit N]
 TIME: YYYY-MM-DD HH:MM in ZONE (default $TZ), RFC 3339, @UNIX, now, +10m; see docs/admin-api.md
+jobs, devices, transcript and admin list|audit show times in --tz ZONE (default $TZ).
 DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
 
 /// A parsed command line.

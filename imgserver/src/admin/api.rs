@@ -36,13 +36,8 @@ pub struct AdminState {
 /// The admin routes, merged into the server's router (`crate::api::router`). The admin
 /// core opens the database in the data directory (the repository's parent).
 pub fn router<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S> {
-    let data = app
-        .repo
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let admin = match Admin::open(&data, app.store.clone(), app.policy.reload_wait) {
-        Ok(a) => a,
+    let st = match state(app) {
+        Ok(st) => st,
         Err(e) => {
             let msg = format!("the admin API is unavailable: {e}");
             eprintln!("imgserver: {msg}");
@@ -55,11 +50,6 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
             );
         }
     };
-    let st = Arc::new(AdminState {
-        admin,
-        app: app.clone(),
-        incoming: app.incoming.clone(),
-    });
     let upload = Router::new().route(
         "/api/v1/admin/images/upload",
         put(upload_image).layer(DefaultBodyLimit::disable()),
@@ -131,6 +121,21 @@ async fn body_in_time(
         .await
 }
 
+/// The admin state for the server `app` (the web console builds its own router on it).
+pub fn state(app: &Arc<AppState>) -> Result<Arc<AdminState>, AdminError> {
+    let data = app
+        .repo
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let admin = Admin::open(&data, app.store.clone(), app.policy.reload_wait)?;
+    Ok(Arc::new(AdminState {
+        admin,
+        app: app.clone(),
+        incoming: app.incoming.clone(),
+    }))
+}
+
 #[derive(Serialize)]
 struct ErrorBody {
     error: String,
@@ -156,7 +161,8 @@ fn err(status: StatusCode, error: String) -> Response {
     r
 }
 
-fn error_response(e: AdminError) -> Response {
+/// An [`AdminError`] as the API answers it (status and `{"error"}`).
+pub fn error_response(e: AdminError) -> Response {
     let status = match &e {
         AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -192,7 +198,8 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
-fn authenticate(st: &AdminState, headers: &HeaderMap) -> Result<Actor, AdminError> {
+/// The actor whose `Authorization: Bearer` token the request carries (blocking: SQLite).
+pub fn authenticate(st: &AdminState, headers: &HeaderMap) -> Result<Actor, AdminError> {
     let token = bearer(headers).ok_or_else(|| {
         AdminError::Unauthorized(
             "no admin token: send `Authorization: Bearer TOKEN` (issued by `imgserver admin add NAME --role ...` on the server)".into(),
@@ -202,7 +209,7 @@ fn authenticate(st: &AdminState, headers: &HeaderMap) -> Result<Actor, AdminErro
 }
 
 /// Authenticate and run `f` with the core on a blocking thread; answer its value as JSON.
-async fn call<T: Serialize + Send + 'static>(
+pub async fn call<T: Serialize + Send + 'static>(
     st: Arc<AdminState>,
     headers: HeaderMap,
     f: impl FnOnce(&Admin, &Actor) -> Result<T, AdminError> + Send + 'static,

@@ -8,7 +8,8 @@
 //!   `image add|remove`) runs through the core, so it is validated and audited exactly as
 //!   the API does it; `schedule add` also takes `--at TIME`, `--until TIME`, `--tz ZONE`
 //!   and `--validate-only`;
-//! - `jobs` shows each job's window and who made it, in the administrator's zone.
+//! - `jobs`, `devices` and `transcript` show times in the administrator's zone (`--tz`,
+//!   else `$TZ`), and `jobs` each job's window and who made it.
 //!
 //! The rest of the command line (`init`, `serve`, the listings) stays in [`crate::cli`].
 
@@ -121,6 +122,22 @@ fn open(data: &Path) -> anyhow::Result<Admin> {
             db.display(),
             data.display()
         );
+    }
+    // As `crate::cli` opens it: the data directory 0700, the database files 0600 (an older
+    // installation's wider modes are tightened).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", data.display()))?;
+        for f in ["imgserver.db", "imgserver.db-wal", "imgserver.db-shm"] {
+            let p = data.join(f);
+            match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("making {} private (0600)", p.display()))
+                }
+                _ => {}
+            }
+        }
     }
     let store = SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?;
     Ok(Admin::open(
@@ -391,6 +408,30 @@ fn core_command(args: Args, e: &Extra) -> anyhow::Result<Option<i32>> {
             }
             Ok(Some(0))
         }
+        Command::Job { id, action: None } => {
+            // The job as `imgserver job N` shows it, then its window and who made it.
+            let code = crate::cli::run(Args {
+                data: data.clone(),
+                command: Command::Job { id, action: None },
+            })?;
+            // A removed job has no window to show.
+            let Ok(j) = open(&data)?.job(&me, id) else {
+                return Ok(Some(code));
+            };
+            println!(
+                "  window: {} ({}); changed by {}; last action {}",
+                window_text(j.summary.at, j.summary.until, &tz),
+                match j.summary.window {
+                    window::Window::Always => "at once",
+                    window::Window::NotYet(_) => "not open yet",
+                    window::Window::Open => "open",
+                    window::Window::Closed(_) => "closed",
+                },
+                j.summary.changed_by.as_deref().unwrap_or("-"),
+                window::show(j.summary.last_action, &tz)
+            );
+            Ok(Some(code))
+        }
         Command::Jobs => {
             let admin = open(&data)?;
             let mut t = Table::new(&[
@@ -426,6 +467,65 @@ fn core_command(args: Args, e: &Extra) -> anyhow::Result<Option<i32>> {
                 ]);
             }
             print!("{}", t.render());
+            Ok(Some(0))
+        }
+        Command::Devices { reload_wait } => {
+            let mut admin = open(&data)?;
+            admin.reload_wait = reload_wait;
+            let mut t = Table::new(&[
+                "MAC",
+                "STATE",
+                "IMAGE",
+                "MODEL",
+                "SERIAL",
+                "GROUP",
+                "LAST CHECK-IN",
+                "NOTE",
+            ]);
+            for d in admin.devices(&me, &super::DeviceFilter::default())? {
+                let note = if d.state == "pending_approval" {
+                    format!(
+                        "enrolment from {} without the site secret: `imgserver approve {}` or `imgserver forget {}`",
+                        d.enrol_addr.as_deref().unwrap_or("?"),
+                        d.mac,
+                        d.mac
+                    )
+                } else {
+                    d.state_reason.clone().unwrap_or_default()
+                };
+                t.row(vec![
+                    d.mac.clone(),
+                    if d.state == "not_enrolled" {
+                        "(not enrolled)".into()
+                    } else {
+                        d.state_title.clone()
+                    },
+                    d.image
+                        .map(|i| format!("{} {}", i.name, i.version))
+                        .unwrap_or_else(|| "-".into()),
+                    d.model.unwrap_or_else(|| "-".into()),
+                    d.serial.unwrap_or_else(|| "-".into()),
+                    d.group.unwrap_or_else(|| "-".into()),
+                    d.last_seen
+                        .map(|x| window::show(x, &tz))
+                        .unwrap_or_else(|| "never".into()),
+                    note,
+                ]);
+            }
+            print!("{}", t.render());
+            Ok(Some(0))
+        }
+        Command::Transcript { mac, task } => {
+            for l in open(&data)?.transcript(&me, &mac, task)? {
+                println!(
+                    "{} {} {}",
+                    window::show(l.at, &tz),
+                    l.task
+                        .map(|t| format!("[task {t}]"))
+                        .unwrap_or_else(|| "[device]".into()),
+                    l.line
+                );
+            }
             Ok(Some(0))
         }
         Command::Device {

@@ -7,7 +7,9 @@
 //!
 //! 1. Get an [`Admin`]: `Admin::open(data_dir, store)` (the store is the server's
 //!    `Arc<dyn Store>`; the admin tables sit in the same database file). In the server's
-//!    axum handlers use [`api::AdminState`], which holds one.
+//!    axum handlers get one with [`api::state`] (from the server's `Arc<AppState>`), then
+//!    [`api::call`] authenticates the request's bearer token and runs a closure over the
+//!    core on a blocking thread, answering JSON or [`api::error_response`].
 //! 2. Find out who is asking: `admin.authenticate(bearer_token)` gives an [`Actor`] (the
 //!    token's name and [`Role`]) or [`AdminError::Unauthorized`]. Device credentials are
 //!    never admin tokens (another table; a device credential is refused here, and an admin

@@ -414,3 +414,34 @@ fn devices_filter_and_show_history() {
     assert!(d.inventory.is_some());
     assert!(f.admin.device(&op, "52:54:00:00:00:09").is_err());
 }
+
+#[test]
+fn the_pxe_decision_respects_the_window() {
+    use crate::store::BootWork;
+    let f = fixture();
+    let p = Policy::default();
+    let mac = "52:54:00:00:00:01";
+    f.store
+        .checkin(&checkin(mac), &secrets(None, "c"), 1, &p)
+        .unwrap();
+    let op = actor(&f, "op", Role::Operator);
+    let mut req = JobRequest {
+        target: format!("mac:{mac}"),
+        kind: "reboot".into(),
+        at: Some("+1h".into()),
+        ..Default::default()
+    };
+    let later = f.admin.create_job(&op, &req).unwrap().job.unwrap();
+    assert_eq!(
+        f.store.boot_work(mac).unwrap(),
+        BootWork::Idle,
+        "before its window a job is no reason to boot the agent"
+    );
+    req.at = Some("2000-01-01T00:00:00Z".into());
+    let open = f.admin.create_job(&op, &req).unwrap().job.unwrap();
+    assert!(
+        matches!(f.store.boot_work(mac).unwrap(), BootWork::Work(w) if w.starts_with(&format!("job {open} "))),
+        "inside its window it is"
+    );
+    assert_ne!(later, open);
+}

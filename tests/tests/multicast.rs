@@ -578,7 +578,10 @@ fn with_latejoin_a_late_device_joins_the_running_session_and_finishes() {
         "m0",
         &master_args(
             "lateroom",
-            &["-clients=1", "-latejoin", "-throttle=1", &disk],
+            // A long enough session for the late device to start and join under load (at
+            // -throttle=1 the session was over in 9 s and a late device that came after
+            // the end rightly waited for the next session).
+            &["-clients=1", "-latejoin", "-throttle=4", &disk],
         ),
     );
     let c0 = spawn(&mut lab, "c0", &client_args("lateroom", &t0, &[]));

@@ -353,12 +353,15 @@ fn wire_task(
                     version: img.version.clone(),
                     url,
                     size: img.size,
+                    autogenic: false,
                 },
                 disk: o.disk.clone(),
                 partition: o.partition.clone(),
                 preserve: o.preserve.clone(),
                 backup_first: o.backup_first,
                 after: o.after,
+                from_backup: false,
+                fetch_to_backup: false,
             })
         }
         "capture" => TaskKind::Capture(CaptureSpec {

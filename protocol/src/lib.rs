@@ -57,6 +57,12 @@ pub struct CheckIn {
     /// device enrols pending the administrator's approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrol_proof: Option<String>,
+    /// Set when the device is in maintenance: re-imaging from the backup partition failed
+    /// on several boots in a row, so the agent stays at its console instead of booting a
+    /// half-written OS. The text says why; the server shows the device as Maintenance until
+    /// a check-in without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<String>,
 }
 
 /// The enrolment proof a device sends at first contact: HMAC-SHA256 of `img-enrol-v1\n`
@@ -161,6 +167,22 @@ pub struct Autogenic {
         skip_serializing_if = "Option::is_none"
     )]
     pub back_image_ver: Option<String>,
+    /// The image in the backup partition (name and version) and how much of it is there:
+    /// `backup_bytes` of `backup_size` verified (BI resumes from there). Absent on devices
+    /// without a backup partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_image: Option<ImageStamp>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backup_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backup_size: u64,
+    /// Size of the backup partition in bytes (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backup_partition_size: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The server's answer to a check-in.
@@ -212,12 +234,16 @@ pub enum TaskKind {
     Capture(CaptureSpec),
     Reboot,
     BootGuest,
+    /// Seed 001 step 4: make the device autogenic-capable (boot-agent, OS and backup
+    /// partitions), then image the OS partition with the job's image.
+    Convert(ConvertSpec),
 }
 
 impl TaskKind {
     pub fn name(&self) -> &'static str {
         match self {
             TaskKind::Deploy(_) => "deploy",
+            TaskKind::Convert(_) => "convert",
             TaskKind::Capture(_) => "capture",
             TaskKind::Reboot => "reboot",
             TaskKind::BootGuest => "boot_guest",
@@ -243,6 +269,32 @@ pub struct DeploySpec {
     pub backup_first: bool,
     #[serde(default)]
     pub after: After,
+    /// Seed 001's PI: image the OS partition from the image in the device's backup
+    /// partition, in the imaging engine at the next boot (no download in that boot). With
+    /// `fetch_to_backup` the image is first downloaded there (BI then PI, the seed's case
+    /// 2); without it the backup must already hold exactly this image, else the device
+    /// rejects the task.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_backup: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fetch_to_backup: bool,
+}
+
+/// Seed 001 step 4, "Autogenic Capable Device": the layout the device must get.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConvertSpec {
+    /// The autogenic image the OS partition is imaged with after the new layout is made;
+    /// its size sets the backup partition's default size (image + 100 MB).
+    pub image: ImageRef,
+    /// Disk to convert; None: the device's system disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Backup partition size in bytes when the administrator enlarged it (only on flash of
+    /// 4096 MB or less); None: image size + 100 MB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_size: Option<u64>,
+    /// The flash size the job was planned for: a device with another size rejects it.
+    pub flash_size: u64,
 }
 
 /// The image a deploy fetches: from the server's repository or any HTTP(S) server.
@@ -253,6 +305,9 @@ pub struct ImageRef {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Marked autogenic-capable on the server (seed 001: `<BackupImage>` in `image.rsp`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autogenic: bool,
 }
 
 /// What to do once the image is written (seed 003's install options).
@@ -506,6 +561,7 @@ mod tests {
                 support_img_backup: true,
                 backup_image_present: true,
                 back_image_ver: Some("7.1".into()),
+                ..Default::default()
             },
             ..Default::default()
         };
@@ -545,12 +601,15 @@ mod tests {
                     version: "2".into(),
                     url: "https://s/repo/os.img".into(),
                     size: Some(5),
+                    autogenic: false,
                 },
                 disk: None,
                 partition: Some("2".into()),
                 preserve: vec!["3".into()],
                 backup_first: true,
                 after: After::NoReboot,
+                from_backup: false,
+                fetch_to_backup: false,
             }),
         };
         let text = serde_json::to_string(&t).unwrap();

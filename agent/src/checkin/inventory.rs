@@ -175,6 +175,7 @@ pub fn autogenic(cfg: &AgentConfig) -> Autogenic {
         support_img_backup: true,
         backup_image_present: dir.join("backup.img").exists(),
         back_image_ver: meta.map(|m| m.version),
+        ..Default::default()
     }
 }
 

@@ -288,6 +288,10 @@ fn execute(
                 end: TaskEnd::Reboot,
             })
         }
+        TaskKind::Convert(_) => Err(Rejection(
+            "converting to the autogenic layout is not supported by this agent".into(),
+        )
+        .into()),
         TaskKind::BootGuest => {
             rep.log("booting the guest OS as the server asks");
             Ok(Done {
@@ -775,12 +779,15 @@ mod tests {
                     version: "1".into(),
                     url: url.into(),
                     size: None,
+                    autogenic: false,
                 },
                 disk: None,
                 partition: None,
                 preserve: vec![],
                 backup_first: true,
                 after: After::NoReboot,
+                from_backup: false,
+                fetch_to_backup: false,
             }),
         }
     }

@@ -170,6 +170,7 @@ pub fn checkin_once(
         autogenic: inventory::autogenic(cfg),
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
+        maintenance: None,
     };
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,

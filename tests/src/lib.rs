@@ -46,20 +46,32 @@ pub fn workspace_bin(name: &str, package: &str) -> PathBuf {
     bin
 }
 
-/// Build `package` once per test binary (cargo is a no-op when up to date, but not free:
-/// a suite calls this for every command it runs).
+/// Build the binary `bin` of `package` once per test binary (cargo is a no-op when up to
+/// date, but not free: a suite calls this for every command it runs).
+///
+/// With `--workspace`, cargo resolves the dependencies' features for the whole workspace, as
+/// `cargo test --workspace` does, so the binary reuses what the test build compiled; with
+/// `-p PACKAGE` alone the features differ and cargo compiles the engine and its dependencies
+/// once more for each package (minutes on a fresh CI machine).
 fn ensure_built(bin: &Path, package: &str) {
     static BUILT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if built.iter().any(|b| b == bin) {
         return;
     }
+    let name = bin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a binary's file name");
     let st = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", package])
+        .args(["build", "-q", "--workspace", "--bin", name])
         .current_dir(workspace_root())
         .status()
         .expect("running cargo build");
-    assert!(st.success(), "cargo build -p {package} failed");
+    assert!(
+        st.success(),
+        "cargo build --bin {name} (package {package}) failed"
+    );
     assert!(bin.exists(), "{} missing after build", bin.display());
     built.push(bin.to_path_buf());
 }

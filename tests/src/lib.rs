@@ -24,9 +24,14 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The `img` binary under test: `$IMG_BIN`, else the debug build (built on demand).
+/// scripts/test.sh sets `IMG_BIN` to the static release build it has just made (the binary
+/// that ships, and several times faster than the debug build for the suites that run `img`
+/// hundreds of times or move real data with it).
 pub fn img_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("IMG_BIN") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "IMG_BIN={} is not a file", p.display());
+        return p;
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

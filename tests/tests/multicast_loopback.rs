@@ -120,6 +120,14 @@ fn wait(s: &Scratch, mut c: Child, tag: &str, limit: Duration) -> (bool, String)
     }
 }
 
+/// Bytes of a file actually allocated (a blank disk is sparse and grows as a client writes).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
 fn blank(scratch: &Scratch, name: &str) -> PathBuf {
     let p = scratch.join(name);
     let _ = std::fs::remove_file(&p);
@@ -203,9 +211,16 @@ fn a_master_capturing_its_disk_and_two_clients_end_byte_identical_and_fsck_clean
     }
 }
 
-#[test]
-fn a_late_device_is_told_to_wait_and_with_latejoin_catches_up() {
-    let s = Scratch::new("mcast-late");
+/// A device that registers after the start: refused and queued for the next session, or with
+/// `-latejoin` on the master taken into the running one, where it catches up. Each case is a
+/// test of its own, so that the two sessions (about half a minute each at `-throttle=2`) run
+/// side by side.
+fn late_device(latejoin: bool) {
+    let s = Scratch::new(if latejoin {
+        "mcast-latejoin"
+    } else {
+        "mcast-late"
+    });
     let src = s.join("master.img");
     make_source(&src);
     let image = s.join("master.mcimg");
@@ -221,96 +236,113 @@ fn a_late_device_is_told_to_wait_and_with_latejoin_catches_up() {
         .unwrap();
     assert!(mk.status.success(), "{}", text(&mk));
 
-    for latejoin in [false, true] {
-        let session = format!("lo-late-{}-{latejoin}", std::process::id());
-        let (early, late) = (blank(&s, "early.img"), blank(&s, "late.img"));
-        let k1 = img(
-            &s,
-            &format!("early-{latejoin}"),
-            &args(&format!(
-                "-session {session} -client -iface=lo -disk={}",
-                early.display()
-            )),
-        )
-        .spawn()
-        .unwrap();
-        // 2 ms between packets: the ~21 MiB image takes about half a minute, time for the
-        // late device to arrive.
-        let m = img(
-            &s,
-            &format!("m-{latejoin}"),
-            &args(&format!(
-                "-session {session} -master -clients=1 -throttle=2 -iface=lo -image={}{}",
-                image.display(),
-                if latejoin { " -latejoin" } else { "" }
-            )),
-        )
-        .spawn()
-        .unwrap();
-        std::thread::sleep(Duration::from_secs(4));
-        let k2 = img(
-            &s,
-            &format!("late-{latejoin}"),
-            &args(&format!(
-                "-session {session} -client -iface=lo -disk={}",
-                late.display()
-            )),
-        )
-        .spawn()
-        .unwrap();
-        let (mok, mt) = wait(&s, m, &format!("m-{latejoin}"), Duration::from_secs(300));
-        let (ok1, t1) = wait(
-            &s,
-            k1,
-            &format!("early-{latejoin}"),
-            Duration::from_secs(60),
+    let session = format!("lo-late-{}-{latejoin}", std::process::id());
+    let (early, late) = (blank(&s, "early.img"), blank(&s, "late.img"));
+    let k1 = img(
+        &s,
+        &format!("early-{latejoin}"),
+        &args(&format!(
+            "-session {session} -client -iface=lo -disk={}",
+            early.display()
+        )),
+    )
+    .spawn()
+    .unwrap();
+    // 2 ms between packets: the ~21 MiB image takes about half a minute, time for the
+    // late device to arrive.
+    let m = img(
+        &s,
+        &format!("m-{latejoin}"),
+        &args(&format!(
+            "-session {session} -master -clients=1 -throttle=2 -iface=lo -image={}{}",
+            image.display(),
+            if latejoin { " -latejoin" } else { "" }
+        )),
+    )
+    .spawn()
+    .unwrap();
+    // The late device comes once the session runs: the early device has written data.
+    let until = Instant::now() + Duration::from_secs(120);
+    while allocated(&early) == 0 {
+        assert!(
+            Instant::now() < until,
+            "the session did not start:\n{}",
+            log(&s, &format!("m-{latejoin}"))
         );
-        assert!(mok, "master:\n{mt}\nearly:\n{t1}");
-        assert!(ok1, "early:\n{t1}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let k2 = img(
+        &s,
+        &format!("late-{latejoin}"),
+        &args(&format!(
+            "-session {session} -client -iface=lo -disk={}",
+            late.display()
+        )),
+    )
+    .spawn()
+    .unwrap();
+    let (mok, mt) = wait(&s, m, &format!("m-{latejoin}"), Duration::from_secs(300));
+    let (ok1, t1) = wait(
+        &s,
+        k1,
+        &format!("early-{latejoin}"),
+        Duration::from_secs(60),
+    );
+    assert!(mok, "master:\n{mt}\nearly:\n{t1}");
+    assert!(ok1, "early:\n{t1}");
+    assert!(Command::new("cmp")
+        .arg(&src)
+        .arg(&early)
+        .status()
+        .unwrap()
+        .success());
+    if latejoin {
+        let (ok2, t2) = wait(&s, k2, &format!("late-{latejoin}"), Duration::from_secs(60));
+        assert!(ok2, "late:\n{t2}\nmaster:\n{mt}");
+        assert!(mt.contains("late: it catches up"), "{mt}");
+        assert!(mt.contains("2 of 2 client(s) done"), "{mt}");
         assert!(Command::new("cmp")
             .arg(&src)
-            .arg(&early)
+            .arg(&late)
             .status()
             .unwrap()
             .success());
-        if latejoin {
-            let (ok2, t2) = wait(&s, k2, &format!("late-{latejoin}"), Duration::from_secs(60));
-            assert!(ok2, "late:\n{t2}\nmaster:\n{mt}");
-            assert!(mt.contains("late: it catches up"), "{mt}");
-            assert!(mt.contains("2 of 2 client(s) done"), "{mt}");
-            assert!(Command::new("cmp")
-                .arg(&src)
-                .arg(&late)
-                .status()
-                .unwrap()
-                .success());
-            fsck_clean(&late);
-        } else {
-            // Refused and queued: still waiting for the next session; nothing written.
-            assert!(
-                mt.contains("refused") && mt.contains("waits for the next session"),
-                "{mt}"
-            );
-            assert!(mt.contains("1 of 1 client(s) done"), "{mt}");
-            let mut k2 = k2;
-            assert!(
-                k2.try_wait().unwrap().is_none(),
-                "the queued device gave up"
-            );
-            let _ = k2.kill();
-            let _ = k2.wait();
-            let t2 = log(&s, &format!("late-{latejoin}"));
-            assert!(
-                t2.contains("has already started: waiting for the next session"),
-                "{t2}"
-            );
-            let zeros = sh(&format!("cmp {} /dev/zero 2>&1 || true", late.display()));
-            assert!(
-                zeros.contains("EOF on"),
-                "the queued device's disk was written: {zeros}"
-            );
-        }
+        fsck_clean(&late);
+    } else {
+        // Refused and queued: still waiting for the next session; nothing written.
+        assert!(
+            mt.contains("refused") && mt.contains("waits for the next session"),
+            "{mt}"
+        );
+        assert!(mt.contains("1 of 1 client(s) done"), "{mt}");
+        let mut k2 = k2;
+        assert!(
+            k2.try_wait().unwrap().is_none(),
+            "the queued device gave up"
+        );
+        let _ = k2.kill();
+        let _ = k2.wait();
+        let t2 = log(&s, &format!("late-{latejoin}"));
+        assert!(
+            t2.contains("has already started: waiting for the next session"),
+            "{t2}"
+        );
+        let zeros = sh(&format!("cmp {} /dev/zero 2>&1 || true", late.display()));
+        assert!(
+            zeros.contains("EOF on"),
+            "the queued device's disk was written: {zeros}"
+        );
     }
+}
+
+#[test]
+fn a_late_device_is_told_to_wait_for_the_next_session() {
+    late_device(false);
+}
+
+#[test]
+fn with_latejoin_a_late_device_catches_up() {
+    late_device(true);
 }
 
 #[test]
@@ -359,14 +391,8 @@ fn a_client_killed_mid_session_and_restarted_resumes_and_ends_byte_identical() {
     .spawn()
     .unwrap();
     // Kill the client once it has written 6 MiB of the ~21 MiB (the target is sparse).
-    let allocated = || {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&target)
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0)
-    };
     let until = Instant::now() + Duration::from_secs(120);
-    while allocated() < 6 * MIB {
+    while allocated(&target) < 6 * MIB {
         assert!(Instant::now() < until, "no progress:\n{}", log(&s, "m"));
         assert!(k1.try_wait().unwrap().is_none(), "{}", log(&s, "first"));
         std::thread::sleep(Duration::from_millis(100));

@@ -1320,6 +1320,73 @@ mod tests {
     }
 
     #[test]
+    fn a_pi_is_handed_over_but_is_not_pxe_work() {
+        // Seed 001: before PI the device boots from its disk, whose agent checks in.
+        let img = image_row("8.0", 1 << 20);
+        let mut pi = job_row(3, JobKind::Deploy, 0, OnError::Stop);
+        pi.options.from_backup = true;
+        let mut dev = device_row(DeviceState::Operational, false);
+        let inv = dev.inventory.as_mut().unwrap();
+        inv.autogenic.backup_image_present = true;
+        inv.autogenic.backup_image = Some(ImageStamp {
+            name: "os".into(),
+            version: "8.0".into(),
+        });
+        let mut auto = img.clone();
+        auto.autogenic = true;
+        let tasks: &[(u64, TaskState)] = &[(10, P)];
+        // (what, job, image, resend, sent, PXE work)
+        let rows = [
+            ("PI to be sent", &pi, &auto, None, true, false),
+            (
+                "PI of an ordinary image: rejected, so PXE work",
+                &pi,
+                &img,
+                None,
+                false,
+                true,
+            ),
+            (
+                "PI unfinished",
+                &pi,
+                &auto,
+                Some(Unfinished {
+                    task: 10,
+                    job: 3,
+                    kind: Some(JobKind::Deploy),
+                    from_backup: true,
+                }),
+                false,
+                false,
+            ),
+            (
+                "network deploy unfinished",
+                &pi,
+                &auto,
+                Some(Unfinished {
+                    task: 10,
+                    job: 3,
+                    kind: Some(JobKind::Deploy),
+                    from_backup: false,
+                }),
+                false,
+                true,
+            ),
+        ];
+        for (what, job, image, resend, sent, work) in rows {
+            let c = [Candidate {
+                job,
+                image: Some(image),
+                task: Some(10),
+                job_tasks: tasks,
+            }];
+            let plan = plan_next_task(&dev, resend, &c);
+            assert_eq!(plan.send.is_some(), sent, "{what}: {plan:?}");
+            assert_eq!(plan.boot_work(&c).is_some(), work, "{what}");
+        }
+    }
+
+    #[test]
     fn the_handover_records_the_previous_image_and_the_upload_key() {
         let img = image_row("8.0", 100 << 20);
         let deploy = job_row(3, JobKind::Deploy, 0, OnError::Stop);

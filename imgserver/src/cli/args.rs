@@ -691,4 +691,126 @@ mod tests {
         assert_eq!(limits.keep_free, 5);
         assert_eq!(limits.requests_per_device, 10, "defaults stay");
     }
+
+    #[test]
+    fn autogenic_flags_parse_into_the_job() {
+        // (command line, kind, from_backup, fetch_to_backup, backup_only, after, backup size)
+        let m = "schedule add --mac 52:54:00:00:00:01 --image os:2";
+        let rows = [
+            ("", "deploy", false, false, false, After::Reboot, None),
+            (
+                " --backup-only",
+                "deploy",
+                false,
+                false,
+                true,
+                After::CopyOnly,
+                None,
+            ),
+            (
+                " --from-backup",
+                "deploy",
+                true,
+                false,
+                false,
+                After::Reboot,
+                None,
+            ),
+            (
+                " --backup-only --from-backup",
+                "deploy",
+                true,
+                true,
+                false,
+                After::Reboot,
+                None,
+            ),
+            (
+                " --from-backup --backup-only --then no-reboot",
+                "deploy",
+                true,
+                true,
+                false,
+                After::NoReboot,
+                None,
+            ),
+            (
+                " --convert",
+                "convert",
+                false,
+                false,
+                false,
+                After::Reboot,
+                None,
+            ),
+            (
+                " --convert --backup-size 1500M",
+                "convert",
+                false,
+                false,
+                false,
+                After::Reboot,
+                Some(1500u64 << 20),
+            ),
+            (
+                " --convert --backup-size 2G",
+                "convert",
+                false,
+                false,
+                false,
+                After::Reboot,
+                Some(2u64 << 30),
+            ),
+        ];
+        for (extra, want_kind, fb, fetch, bo, after, size) in rows {
+            let line = format!("{m}{extra}");
+            let Command::ScheduleAdd {
+                kind,
+                image,
+                options: o,
+                ..
+            } = p(&line).unwrap()
+            else {
+                panic!("{line}")
+            };
+            assert_eq!(kind, want_kind, "{line}");
+            assert_eq!(image.as_deref(), Some("os:2"), "{line}");
+            assert_eq!(
+                (
+                    o.from_backup,
+                    o.fetch_to_backup,
+                    o.backup_only,
+                    o.after,
+                    o.backup_size
+                ),
+                (fb, fetch, bo, after, size),
+                "{line}"
+            );
+        }
+        for bad in [
+            " --backup-only --then no-reboot",
+            " --convert --from-backup",
+            " --backup-size 1G",
+            " --convert --backup-size lots",
+        ] {
+            assert!(p(&format!("{m}{bad}")).is_err(), "{bad}");
+        }
+        assert!(p("schedule add --all --reboot --from-backup").is_err());
+        assert!(p("devices --autogenic").is_err());
+        assert!(p("jobs --backup-only").is_err());
+        assert_eq!(
+            p("image add /pkg --autogenic --rsp /pkg/image.rsp").unwrap(),
+            Command::ImageAdd {
+                what: "/pkg".into(),
+                min_ram: 0,
+                ca: None,
+                autogenic: true,
+                rsp: Some("/pkg/image.rsp".into()),
+            }
+        );
+        assert_eq!(size("x", "4096").unwrap(), 4096);
+        assert_eq!(size("x", "100MiB").unwrap(), 100 << 20);
+        assert!(size("x", "99999999999T").is_err());
+        assert!(size("x", "-1").is_err());
+    }
 }

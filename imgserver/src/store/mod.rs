@@ -317,3 +317,5 @@ pub use sqlite::{insert_audit, SqliteStore};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_autogenic;

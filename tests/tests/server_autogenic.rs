@@ -230,15 +230,13 @@ fn parse_curl(out: std::process::Output) -> (u16, Value) {
     (status, v)
 }
 
+/// A backup partition: its size, the image there (name, version), verified bytes, size.
+type Backup<'a> = (u64, Option<(&'a str, &'a str)>, u64, u64);
+
 /// A device with `flash` bytes of flash laid out boot agent (1) / OS (2) with `os` stamped
 /// on the OS partition; `backup`: (backup partition size, image there, verified bytes, its
 /// size). A complete backup reports BackupImagePresent and BackImageVer as the agent does.
-fn device(
-    mac: &str,
-    flash: u64,
-    os: Option<(&str, &str)>,
-    backup: Option<(u64, Option<(&str, &str)>, u64, u64)>,
-) -> CheckIn {
+fn device(mac: &str, flash: u64, os: Option<(&str, &str)>, backup: Option<Backup>) -> CheckIn {
     let stamp = |(n, v): (&str, &str)| ImageStamp {
         name: n.into(),
         version: v.into(),

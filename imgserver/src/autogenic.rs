@@ -529,12 +529,14 @@ pub fn validate_convert(img: &ImageRow, opts: &JobOptions, dev: &CheckIn) -> Val
         .boot_agent_partition
         .and_then(|n| disk.partitions.iter().find(|p| p.number == n))
         .map(|p| p.size);
+    // The OS partition holds the image's content (its minimum target size) and, as the
+    // device's own layout code requires, at least the image's size.
     if let Err(e) = layout(
         disk.size,
         boot_agent,
         size,
         opts.backup_size,
-        img.facts.min_target_size,
+        img.facts.min_target_size.max(size),
     ) {
         v.errors.push(format!("device {mac}: {e}"));
     }

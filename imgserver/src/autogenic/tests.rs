@@ -426,6 +426,7 @@ fn conversions_validate_per_device() {
     let ordinary = img("2", false, 1024 * MIB);
     let mut whole = auto.clone();
     whole.facts.whole_disk = true;
+    let (os_too_big, fits_just) = (img("2", true, 2000 * MIB), img("2", true, 1900 * MIB));
     let mut unsized_ = auto.clone();
     unsized_.size = None;
     let planned = |f: u64| JobOptions {
@@ -455,6 +456,9 @@ fn conversions_validate_per_device() {
             0,
         ),
         ("image too big", &huge, planned(flash), &plain, vec!["device 52:54:00:00:00:01: 4096 MiB of flash cannot hold"], 0),
+        // The backup fits, but the OS partition left would be smaller than the image.
+        ("OS smaller than the image", &os_too_big, planned(flash), &plain, vec!["an OS partition of at least 2000 MiB"], 0),
+        ("just fits", &fits_just, planned(flash), &plain, vec![], 0),
         ("size unknown", &unsized_, planned(flash), &plain, vec!["size of image os 2 is unknown"], 0),
         (
             "no such disk",

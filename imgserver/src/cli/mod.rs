@@ -29,7 +29,7 @@ mod jobs;
 mod serve;
 mod table;
 
-pub use args::{parse, Args, Command, PxeOptions, Window, USAGE};
+pub use args::{parse, size, Args, Command, PxeOptions, Window, USAGE};
 use table::Table;
 
 /// UTC `YYYY-MM-DD HH:MM:SS`.
@@ -191,7 +191,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 open_enrolment,
             },
         ),
-        Command::ImageAdd { what, min_ram, ca } => images::image_add(data, what, min_ram, ca),
+        Command::ImageAdd {
+            what,
+            min_ram,
+            ca,
+            autogenic,
+            rsp,
+        } => images::image_add(data, what, min_ram, ca, autogenic, rsp),
         Command::ImageList => images::image_list(data),
         Command::ImageRemove { spec } => images::image_remove(data, spec),
         Command::ImageSign { spec, key } => images::image_sign(data, spec, key),

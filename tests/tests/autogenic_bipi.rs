@@ -509,3 +509,40 @@ fn a_corrupt_backup_is_refused_before_writing_and_three_failures_mean_maintenanc
         .count();
     assert_eq!(n, 1, "{transcript}");
 }
+
+/// Seed 003's "back up the current image first" on a device with a backup area: the OS
+/// partition is captured into the area, so a rollback is a PI from local flash (the
+/// device's own, unsigned capture, trusted by the digest the agent recorded).
+#[test]
+fn backup_first_captures_the_os_partition_so_a_rollback_is_a_pi() {
+    let lab = Lab::new("autogenic-rollback", 2, "");
+    let dev = lab.device("rollback");
+    dev.checkin();
+    lab.schedule(&dev.mac, &["--partition", "2", "--then", "no-reboot"]);
+    let t = dev.checkin();
+    assert!(t.contains("task done") && t.contains("nothing to back up"), "{t}");
+    // The second deploy backs up what the first one wrote.
+    lab.schedule(&dev.mac, &["--partition", "2", "--then", "no-reboot"]);
+    let t = dev.checkin();
+    assert!(t.contains("task done") && t.contains("backed up into the backup folder"), "{t}");
+    let st = dev.area_status();
+    assert_eq!(st["complete"], true, "{st}");
+    assert_eq!(st["image"]["version"], "2", "{st}");
+    // The OS partition is wiped (a broken OS); the rollback re-images it from the capture.
+    let f = std::fs::OpenOptions::new().write(true).open(&dev.disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; (32 * MIB) as usize], 41 * MIB).unwrap();
+    drop(f);
+    lab.schedule(&dev.mac, &["--partition", "2", "--then", "no-reboot", "--no-backup"]);
+    let (task, _) = lab.task_of(3);
+    dev.record_pi(task, 3);
+    lab.nginx.wait_idle();
+    let sent0 = lab.nginx.bytes_sent();
+    let t = dev.checkin();
+    assert!(t.contains("re-imaging from the backup partition at start: Succeeded"), "{t}");
+    assert!(t.contains("this device's own capture"), "{t}");
+    lab.nginx.wait_idle();
+    assert_eq!(lab.nginx.bytes_sent(), sent0, "the rollback must not download");
+    dev.check_os(lab.dir.path(), "os 2");
+    let (_, state) = lab.task_of(3);
+    assert_eq!(state, "succeeded", "{}", admin(&lab.data, &["job", "3"]));
+}

@@ -185,9 +185,19 @@ impl AreaEngine<'_> {
         })
     }
 
-    fn options(&self, rep: &Reporter) -> anyhow::Result<DeployOptions> {
+    /// The deploy options; `own`: the area holds this device's own capture (seed 003's
+    /// backup), whose digest the agent recorded: it carries no publisher signature, and its
+    /// every chunk is still checked against its manifest, whose digest must be the recorded
+    /// one.
+    fn options(&self, rep: &Reporter, own: bool) -> anyhow::Result<DeployOptions> {
+        let trusted_keys = if own {
+            rep.log("the backup is this device's own capture (its digest was recorded when it was taken): no publisher signature, every chunk checked");
+            Vec::new()
+        } else {
+            crate::checkin::job::signature_policy(self.cfg, rep)?
+        };
         Ok(DeployOptions {
-            trusted_keys: crate::checkin::job::signature_policy(self.cfg, rep)?,
+            trusted_keys,
             resume: ResumeMode::Auto,
             state_dir: self.state.journal_dir(),
             threads: 0,
@@ -223,7 +233,11 @@ impl PiEngine for AreaEngine<'_> {
                 want.version
             );
         }
-        let opts = self.options(rep)?;
+        let own = st
+            .digest
+            .as_deref()
+            .is_some_and(|d| super::own_capture(self.state, d));
+        let opts = self.options(rep, own)?;
         rep.log(format!(
             "checking {} {} in {} (signature and every chunk) before writing",
             want.name,
@@ -263,7 +277,12 @@ impl PiEngine for AreaEngine<'_> {
         let area = super::area::open(self.cfg)?
             .ok_or_else(|| anyhow::anyhow!("this device has no backup partition"))?;
         let (disk, part) = self.target(spec)?;
-        let opts = self.options(rep)?;
+        let st = area.status()?;
+        let own = st
+            .digest
+            .as_deref()
+            .is_some_and(|d| super::own_capture(self.state, d));
+        let opts = self.options(rep, own)?;
         let summary = deploy::deploy(&area.location()?, &disk, Some(&part), &opts, rep)
             .map_err(anyhow::Error::new)
             .context("writing the OS partition from the backup partition")?;

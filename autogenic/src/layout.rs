@@ -91,7 +91,7 @@ pub struct Layout {
 
 fn mb(b: u64) -> String {
     let m = b as f64 / MB as f64;
-    if b % MB == 0 {
+    if b.is_multiple_of(MB) {
         format!("{} MB", b / MB)
     } else {
         format!("{m:.1} MB")
@@ -193,7 +193,7 @@ pub fn compute(r: &LayoutRequest) -> anyhow::Result<Layout> {
             "a device with more flash, or a smaller image"
         };
         bail!(
-            "flash of {} cannot hold the OS partition and the backup: the boot-agent partition ({}) and the backup partition ({}, image {} + 100 MB{}) leave {} for the OS partition{why_region}, which must hold at least the image's {}; use {way_out}",
+            "flash of {} cannot hold the OS partition and the backup: the partition table and boot-agent partition ({}) and the backup partition ({}, image {} + 100 MB{}) leave {} for the OS partition{why_region}, which must hold at least the image's {}; use {way_out}",
             mb(r.flash),
             mb(os_start),
             mb(backup_len),
@@ -324,7 +324,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let v = if num.contains('.') {
         let f: f64 = num.parse().map_err(|_| bad())?;
         let b = f * mult as f64;
-        if !(b.is_finite() && b >= 0.0 && b < 1.8e19) {
+        if !(0.0..1.8e19).contains(&b) {
             return Err(bad());
         }
         b.round() as u64
@@ -356,9 +356,10 @@ mod tests {
     /// (flash, image, backup) → (OS MB, backup MB, free MB), the seed's rules as a table.
     #[test]
     fn the_seeds_rules_as_a_table() {
-        let rows: &[(u64, u64, Option<u64>, u64, u64, u64)] = &[
+        type Row = (u64, u64, Option<u64>, u64, u64, u64);
+        let rows: &[Row] = &[
             // flash ≤ 4096 MB: OS = flash − 1 MiB table − 16 − backup − 1 MiB GPT tail.
-            (1 * GB, 300 * MB, None, 1024 - 1 - 16 - 400 - 1, 400, 0),
+            (GB, 300 * MB, None, 1024 - 1 - 16 - 400 - 1, 400, 0),
             (2 * GB, 700 * MB, None, 2048 - 1 - 16 - 800 - 1, 800, 0),
             (
                 4096 * MB,

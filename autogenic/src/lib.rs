@@ -49,6 +49,7 @@
 
 pub mod area;
 pub mod backupfs;
+pub mod convert;
 pub mod layout;
 
 pub use area::{AreaStatus, BackupArea};

@@ -180,7 +180,11 @@ pub(crate) fn deploy_task(
 /// still sees it running): the record wins. A PI still to be tried is left for the next
 /// start (one try per start: that is what the attempts count); a finished one answers with
 /// its queued result. None: the record is not about this task.
-pub(crate) fn recorded_task(state: &StateDir, task: &Task, rep: &Reporter) -> anyhow::Result<Option<Done>> {
+pub(crate) fn recorded_task(
+    state: &StateDir,
+    task: &Task,
+    rep: &Reporter,
+) -> anyhow::Result<Option<Done>> {
     let Some(st) = status::load(state)? else {
         return Ok(None);
     };
@@ -295,14 +299,9 @@ pub fn capture_into(
     let size = w.pos;
     area.commit(size)?;
     // Its identity as the engine reads it back, then the area's status says so.
-    let info = imgengine::deploy::verify(
-        &area.location()?,
-        &Default::default(),
-        &imgengine::io::progress::NoProgress,
-    )
-    .map_err(anyhow::Error::new)
-    .context("reading the backup back")?;
-    area.begin(current, &info.manifest_digest, size)?;
+    let digest = bi::verify_source(&area.source()?, &[], &imgengine::io::progress::NoProgress)
+        .context("reading the backup back")?;
+    area.begin(current, &digest, size)?;
     area.commit(size)?;
     area.finish()?;
     // The capture is this device's own, unsigned: its digest is kept in the agent's state
@@ -310,7 +309,7 @@ pub fn capture_into(
     state.write_file(
         CAPTURE_FILE,
         &serde_json::to_vec_pretty(&serde_json::json!({
-            "digest": info.manifest_digest,
+            "digest": digest,
             "image": current,
         }))?,
     )?;

@@ -244,17 +244,15 @@ impl PiEngine for AreaEngine<'_> {
             want.version,
             area.describe()
         ));
-        let info = deploy::verify(&area.location()?, &opts, rep)
-            .map_err(anyhow::Error::new)
-            .context("the image in the backup partition failed its check; the OS partition was not touched")?;
-        if st
-            .digest
-            .as_deref()
-            .is_some_and(|d| d != info.manifest_digest)
-        {
+        let source = area.source()?;
+        let digest = super::bi::verify_source(&source, &opts.trusted_keys, rep).context(
+            "the image in the backup partition failed its check; the OS partition was not touched",
+        )?;
+        if st.digest.as_deref().is_some_and(|d| d != digest) {
             anyhow::bail!("the backup partition's image is not the one that was downloaded; the OS partition was not touched");
         }
-        if matches!(info.meta.content, imgengine::format::Content::Disk { .. }) {
+        let head = imgengine::format::fetch_head(&source).map_err(anyhow::Error::new)?;
+        if matches!(head.meta.content, imgengine::format::Content::Disk { .. }) {
             anyhow::bail!(
                 "{} {} is a whole-disk image: re-imaging from the backup partition writes the OS partition only",
                 want.name,
@@ -283,7 +281,8 @@ impl PiEngine for AreaEngine<'_> {
             .as_deref()
             .is_some_and(|d| super::own_capture(self.state, d));
         let opts = self.options(rep, own)?;
-        let summary = deploy::deploy(&area.location()?, &disk, Some(&part), &opts, rep)
+        let summary = deploy::OpenedImage::open_source(area.source()?)
+            .and_then(|o| o.deploy(&disk, Some(&part), &opts, rep))
             .map_err(anyhow::Error::new)
             .context("writing the OS partition from the backup partition")?;
         for n in &summary.notes {

@@ -418,7 +418,7 @@ fn bi_killed_mid_download_resumes_fetching_only_the_rest() {
     // The next start (a new process): the server sends the running task again.
     let t = dev.checkin();
     assert!(t.contains("task done"), "{t}");
-    assert!(t.contains(&format!("resuming the download into")), "{t}");
+    assert!(t.contains("resuming the download into"), "{t}");
     lab.nginx.wait_idle();
     let sent_second = lab.nginx.bytes_sent() - sent_first;
     eprintln!(

@@ -140,7 +140,7 @@ impl Area for DirArea {
     fn capacity(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.dir)
             .map(|s| {
-                let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+                let free = s.blocks_available() * s.fragment_size();
                 free + std::fs::metadata(self.image_path())
                     .map(|m| m.len())
                     .unwrap_or(0)
@@ -150,7 +150,7 @@ impl Area for DirArea {
 
     fn partition_size(&self) -> u64 {
         nix::sys::statvfs::statvfs(&self.dir)
-            .map(|s| s.blocks() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks() * s.fragment_size())
             .unwrap_or(0)
     }
 

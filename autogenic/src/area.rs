@@ -694,7 +694,7 @@ pub fn fuzz_area(data: &[u8]) {
 }
 
 /// A 48 MiB disk in memory: a GPT (protective MBR, both headers) with partition 1 named
-/// IMGBACKUP from 1 MiB, 45 MiB, formatted by [`crate::backupfs::format`]. The fuzz
+/// IMGBACKUP from 1 MiB, 45 MiB, formatted by [`crate::backupfs::format()`]. The fuzz
 /// target's starting point (random bytes never make a FAT32 of 40 MiB).
 pub fn template_disk() -> Vec<u8> {
     const SIZE: usize = 48 << 20;

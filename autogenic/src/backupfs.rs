@@ -9,7 +9,7 @@
 //! ```
 //!
 //! FAT32 files are at most 4 GiB − 1 byte long, so the image is cut into segments of
-//! 4 GiB − 1 cluster (a whole number of clusters). [`format`] writes the boot sector and its
+//! 4 GiB − 1 cluster (a whole number of clusters). [`format()`] writes the boot sector and its
 //! backup, FSInfo and its backup, both FATs (one chain per file, cluster after cluster),
 //! the two directories and a zeroed status file; the segments' data is not written (fast on
 //! flash). Afterwards nothing allocates: the area writes only inside these files' clusters,
@@ -47,7 +47,7 @@ pub fn segment_name(i: usize) -> String {
     format!("{DIR}/IMAGE.{i:03}")
 }
 
-/// What [`format`] makes of a partition.
+/// What [`format()`] makes of a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Geometry {
     pub bytes_per_sector: u32,
@@ -126,7 +126,7 @@ fn cluster_size_for(len: u64, bps: u64) -> u64 {
 /// cluster count at 512-byte clusters, the FAT, alignment and the status file.
 pub const MIN_PARTITION: u64 = 40 << 20;
 
-/// Compute what [`format`] would make of a partition of `len` bytes with `bps`-byte
+/// Compute what [`format()`] would make of a partition of `len` bytes with `bps`-byte
 /// sectors (512 or 4096). Errors name the sizes.
 pub fn plan(len: u64, bps: u32) -> anyhow::Result<Geometry> {
     if !matches!(bps, 512 | 1024 | 2048 | 4096) {
@@ -198,7 +198,7 @@ pub fn plan(len: u64, bps: u32) -> anyhow::Result<Geometry> {
     })
 }
 
-/// The image capacity of a backup partition of `len` bytes (what [`format`] leaves for
+/// The image capacity of a backup partition of `len` bytes (what [`format()`] leaves for
 /// the segments).
 pub fn capacity_for(len: u64, bps: u32) -> anyhow::Result<u64> {
     Ok(plan(len, bps)?.capacity())

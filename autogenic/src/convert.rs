@@ -23,7 +23,7 @@
 //!    read is the old one or the new one, whole, and the boot-agent partition's entry is
 //!    the same in both, so the device always boots its agent.
 //! 3. the kernel is asked to re-read the table (block devices; a failure is only a note).
-//! 4. the backup partition is formatted ([`crate::backupfs::format`]: boot sector cleared
+//! 4. the backup partition is formatted ([`crate::backupfs::format()`]: boot sector cleared
 //!    first, written last). A cut before its end leaves partition 3 named IMGBACKUP
 //!    without a file system: [`crate::BackupArea::open`] says so, and running the
 //!    conversion again finds the table already right and only formats.

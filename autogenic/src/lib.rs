@@ -35,17 +35,26 @@
 //!   `imgengine::deploy::OpenedImage::open_source(area.image_source()?)?.deploy(disk,
 //!   Some("2"), &opts, &progress)`.
 //!
-//! [`backupfs`], the backup partition's FAT32: [`backupfs::format`]`(disk, start, len,
+//! [`backupfs`], the backup partition's FAT32: [`backupfs::format()`]`(disk, start, len,
 //! sector_size)`, [`backupfs::format_path`], [`backupfs::plan`] (geometry without
 //! writing), [`backupfs::capacity_for`]`(partition_len, sector_size)`.
 //!
-//! [`layout`], the seed's rules (pure): [`layout::compute`]`(&LayoutRequest) ->
-//! Result<Layout>`, [`layout::same_flash_size`]`(planned, actual)`,
+//! [`layout`], the seed's rules (pure): [`layout::compute`]`(&LayoutRequest { flash,
+//! sector_size, boot_agent: BootAgent::Existing{..} | New{needed}, image, backup }) ->
+//! Result<Layout { boot_agent, os, backup: Part { number, start, len }, free,
+//! backup_capacity, notes, .. }>`, [`layout::same_flash_size`]`(planned, actual)`,
 //! [`layout::parse_size`]`("600MB")`.
 //!
-//! [`convert`], applying a layout to a disk: [`convert::plan_for_disk`]`(disk, image,
-//! backup) -> Result<Plan>` (reads the disk, computes the layout), [`convert::apply`]`(disk,
-//! &Plan) -> Result<BackupArea>` (partition table, then the backup's format).
+//! [`convert`], applying a layout to a disk: [`convert::plan_for_disk`]`(disk, image_bytes,
+//! backup: Option<u64>) -> Result<Plan>` (reads the disk, finds the boot-agent partition,
+//! computes the layout; `Plan { layout, current, replaced, table_unchanged }`,
+//! [`convert::Plan::describe`] is what `img -layout` prints), [`convert::plan_for_layout`]
+//! (the same from a `DiskLayout`), [`convert::apply`]`(&Plan) -> Result<Converted {
+//! table_written, geometry, notes }>` (the GPT, then the backup's format; open the result
+//! with [`BackupArea::open`]). A flash-size check for a job: [`layout::same_flash_size`].
+//!
+//! [`area::decode_status`]`(file bytes, capacity)` is the status decoder on its own
+//! (fuzzed); [`ImageStamp`] is `protocol::ImageStamp`, re-exported.
 
 pub mod area;
 pub mod backupfs;

@@ -16,6 +16,7 @@
 //! - [`exit`]: exit codes from errors.
 
 pub mod args;
+pub mod autogenic;
 pub mod bootagent;
 pub mod bootflow;
 pub mod bootstore;
@@ -28,6 +29,7 @@ pub mod handover;
 pub mod imaging;
 pub mod init;
 pub mod install;
+pub mod layout;
 pub mod personality;
 pub mod progress;
 pub mod session;

@@ -46,6 +46,11 @@ pub const USAGE: &str = "\
                                     and report; -loop keeps going until there is nothing to do;
                                     -disk=DISK without -state keeps the credential and results
                                     in DISK's boot-agent partition, as the boot agent does.
+                                    -backup=DIR is the backup area (autogenic BI downloads
+                                    into it, chunk by chunk, resumable; PI re-images the OS
+                                    partition from it). A PI in the imaging status record
+                                    (state/imagestatus.json) runs first, before any network;
+                                    after 3 failed tries the device reports maintenance.
                                     With -ca, plain HTTP is refused and images must be signed
                                     by a key in -trust-dir, unless DIR/lab.conf (-config, the
                                     boot partition's config folder) says plain_http = yes /
@@ -170,8 +175,11 @@ pub fn checkin_once(
         autogenic: inventory::autogenic(cfg),
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
-        maintenance: None,
+        maintenance: crate::autogenic::status::maintenance(state),
     };
+    if let Some(m) = &req.maintenance {
+        log(cfg, format!("reporting maintenance: {m}"));
+    }
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,
         Err(ClientError::Http {
@@ -237,6 +245,7 @@ pub fn checkin_once(
     for a in &reply.acked {
         state.acknowledge(a)?;
     }
+    crate::autogenic::status::after_acks(state, &reply.acked)?;
     Ok(reply)
 }
 
@@ -346,6 +355,7 @@ fn deliver(
     match client.post::<_, ResultReply>(&result_path(r.task), Some(token), r) {
         Ok(_) => {
             state.acknowledge(&r.report)?;
+            crate::autogenic::status::after_acks(state, std::slice::from_ref(&r.report))?;
             Ok(true)
         }
         // The server refuses it for good (not our task any more): keep it out of the way.
@@ -438,6 +448,12 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
             attempts,
         }))?;
         let (result, end) = job::run(&client, &token, &state, cfg, &task, attempts);
+        if end == TaskEnd::Deferred {
+            // A re-imaging from the backup partition failed and is tried again at the next
+            // start (the imaging status record holds it): no result yet, reboot.
+            state.set_current(None)?;
+            return Ok(LoopOutcome::Reboot);
+        }
         // Queue first, then forget the current task: a power cut in between leaves both, and
         // the next start finds the result instead of running the task again.
         state.queue_result(&result)?;
@@ -448,7 +464,7 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
         match end {
             TaskEnd::Reboot => return Ok(LoopOutcome::Reboot),
             TaskEnd::BootGuest => return Ok(LoopOutcome::BootGuest),
-            TaskEnd::Continue => {}
+            TaskEnd::Continue | TaskEnd::Deferred => {}
         }
         if cfg.max_tasks.is_some_and(|m| tasks_run >= m) {
             return Ok(LoopOutcome::TaskLimit { last: outcome });
@@ -539,6 +555,17 @@ pub fn parse_args(m: &Matches) -> anyhow::Result<(String, AgentConfig)> {
 /// `img -checkin` once the options are parsed: the loop, then its outcome as a line and an
 /// exit code.
 pub fn run_verb(server: &str, cfg: &AgentConfig) -> anyhow::Result<i32> {
+    // A re-imaging from the backup partition recorded before this start runs first, with
+    // no network, as at boot.
+    let state = StateDir::open(&cfg.state_dir)?;
+    match crate::autogenic::pi::at_start(&state, cfg)? {
+        crate::autogenic::pi::AtStart::Nothing => {}
+        crate::autogenic::pi::AtStart::Ran(o) => log(
+            cfg,
+            format!("re-imaging from the backup partition at start: {o:?}"),
+        ),
+        crate::autogenic::pi::AtStart::Maintenance(why) => log(cfg, format!("MAINTENANCE: {why}")),
+    }
     let outcome = agent_loop(server, cfg)?;
     let (line, code) = match &outcome {
         LoopOutcome::Idle { next_checkin } => (

@@ -56,14 +56,16 @@ pub const USAGE: &str = "\
                                     the agent inside the guest OS (systemd unit dist/img.service):
                                     checks in every -interval seconds (default: as the server
                                     says) with the state in DISK's boot-agent partition, at idle
-                                    I/O priority and nice 19; downloads into the backup partition
-                                    (BI) itself; for a deploy, PI, convert, capture or reboot it
-                                    records the task, makes the next boot the imaging engine and
-                                    reboots. No -server: the server that issued the device's
-                                    credential, then the stored URL list (img -serverurl).
-                                    A server that does not answer is retried after -retry-wait
-                                    (default 2000) ms, doubling up to 5 minutes; never exits on
-                                    its own. IMG_SERVICE_REBOOT=exit (testing): exit 0 instead of
+                                    I/O priority and nice 19; downloads into the backup area
+                                    (BI) itself; a PI goes into the imaging status record; for
+                                    a PI, deploy, convert, capture or reboot it makes the next
+                                    boot the imaging engine and reboots. No -server: the server
+                                    that issued the device's credential, then the stored URL
+                                    list (img -serverurl). A server that does not answer is
+                                    retried after -retry-wait (default 2000) ms, doubling up to
+                                    5 minutes; it never exits on its own; SIGTERM commits the
+                                    store and ends it. -backup: the backup area as a folder.
+                                    IMG_SERVICE_REBOOT=exit (testing): exit 0 instead of
                                     rebooting";
 
 /// The options of `img -service` (`cli::VERBS`).

@@ -541,7 +541,6 @@ fn bi_runs_in_the_service_pi_goes_through_the_engine_and_its_result_comes_back()
 
 /// The same on a disk converted by `img -convert`, the backup area its IMGBACKUP partition.
 #[test]
-#[ignore = "BI into the IMGBACKUP partition fails in agent/src/autogenic/bi.rs (bipi): it reads the area back through image_source() before finish(), and the partition area refuses an incomplete image; the folder area does not check. Run with --ignored once that is fixed"]
 fn bi_and_pi_through_the_service_on_the_imgbackup_partition() {
     bi_then_pi_through_the_service(true);
 }

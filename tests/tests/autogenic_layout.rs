@@ -662,3 +662,84 @@ fn a_flash_too_small_is_refused_with_the_sizes_and_nothing_written() {
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert!(text(&o).contains("no boot-agent partition"), "{}", text(&o));
 }
+
+/// What every reader sees of a disk cut short between the conversion's table writes: the
+/// old table or the new one, whole, and the boot agent's entry and bytes always the same.
+#[test]
+fn a_conversion_cut_between_its_table_writes_leaves_the_old_or_the_new_table() {
+    tools();
+    let dir = Scratch::new("autogenic-cut");
+    let old = device(&dir, 2048, Made::Mkfs);
+    let new = dir.join("new.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        old.display(),
+        new.display()
+    ));
+    let o = img(&[
+        "-convert",
+        &format!("-disk={}", new.display()),
+        "-image=700MB",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let size = 2048 * MB;
+    let sectors = size / 512;
+    // Regions: primary header (LBA 1), primary entries (LBA 2..34), backup entries and
+    // header (the last 33 sectors).
+    let head = (512u64, 512u64);
+    let entries = (1024u64, 32 * 512u64);
+    let tail = ((sectors - 33) * 512, 33 * 512u64);
+    let copy = |from: &Path, to: &Path, (at, len): (u64, u64)| {
+        use std::os::unix::fs::FileExt;
+        let b = read_range(from, at, len);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(to)
+            .unwrap()
+            .write_all_at(&b, at)
+            .unwrap();
+    };
+    // sgdisk -i 1 without the warnings it prints about a table it has to recover.
+    let entry_1 = |disk: &Path| -> String {
+        sh(&format!("sgdisk -i 1 {}", disk.display()))
+            .lines()
+            .filter(|l| {
+                ["Partition", "First sector", "Last sector", "Attribute"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let entry1 = entry_1(&old);
+    assert!(entry1.contains("BOOTAGENT"), "{entry1}");
+    let ba = read_range(&old, MB, 16 * MB);
+    let seen = |disk: &Path| -> Vec<u32> {
+        let t = imgengine::target::Target::open_disk_read_only(disk).unwrap();
+        let l = imgengine::disk::read_layout(&t, t.len()).unwrap();
+        assert!(read_range(disk, MB, 16 * MB) == ba, "boot agent bytes");
+        assert_eq!(entry_1(disk), entry1);
+        l.partitions.iter().map(|p| p.number).collect()
+    };
+    // Step 1 done (backup table new), step 2 not: the old primary is read.
+    let cut = dir.join("cut.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        old.display(),
+        cut.display()
+    ));
+    copy(&new, &cut, tail);
+    assert_eq!(seen(&cut), vec![1, 2], "after step 1");
+    assert_eq!(sgdisk_rows(&cut).len(), 2);
+    // Step 2 half done: new primary entries under the old header, whose CRC no longer
+    // matches them: the new backup table is read.
+    copy(&new, &cut, entries);
+    assert_eq!(seen(&cut), vec![1, 2, 3], "new entries, old header");
+    let rows = sgdisk_rows(&cut);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[2].4, "IMGBACKUP");
+    // Step 2 done.
+    copy(&new, &cut, head);
+    assert_eq!(seen(&cut), vec![1, 2, 3]);
+    sgdisk_verify(&cut);
+}

@@ -155,7 +155,16 @@ pub(crate) fn read(
     } else {
         LogicalBlockSize::Lb4096
     };
-    let win = Window::new(dev, 0, sectors * ss);
+    // The crate takes any primary header whose own CRC is right and then fails on its
+    // entry array's CRC; firmware and Linux use the backup then (a table rewrite cut
+    // between the primary's entries and header leaves exactly that). So when only the
+    // backup is valid, the crate is shown a blank primary header and reads the backup.
+    let masked = Masked {
+        dev,
+        from: if primary.is_none() { ss } else { 0 },
+        to: if primary.is_none() { 2 * ss } else { 0 },
+    };
+    let win = Window::new(&masked, 0, sectors * ss);
     let disk = GptConfig::new()
         .writable(false)
         .only_valid_headers(false)
@@ -222,6 +231,25 @@ pub(crate) fn read(
         extents.extend(clip(Extent::new(from, (b.current_lba + 1) * ss - from)));
     }
     Ok(Some((parts, crate::extent::normalize(extents, 0))))
+}
+
+/// `dev` with the bytes `from..to` read as zeros.
+struct Masked<'a, D: ReadAt + ?Sized> {
+    dev: &'a D,
+    from: u64,
+    to: u64,
+}
+
+impl<D: ReadAt + ?Sized> ReadAt for Masked<'_, D> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_exact_at(buf, offset)?;
+        let end = offset.saturating_add(buf.len() as u64);
+        let (a, b) = (self.from.max(offset), self.to.min(end));
+        if a < b {
+            buf[(a - offset) as usize..(b - offset) as usize].fill(0);
+        }
+        Ok(())
+    }
 }
 
 /// `buf.len()` bytes at `offset` of `target`, as an engine error naming the place.

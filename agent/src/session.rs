@@ -486,7 +486,7 @@ fn print_event(e: &Event, m: &Master, want: Option<usize>, deciles: &mut HashMap
 }
 
 /// Stable across restarts of this device: host name, machine id, target and partition.
-fn client_id(disk: &std::path::Path, part: Option<&str>) -> u64 {
+pub(crate) fn client_id(disk: &std::path::Path, part: Option<&str>) -> u64 {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
     let mut h = Sha256::new();

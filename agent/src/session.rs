@@ -166,10 +166,12 @@ fn session_args(m: &mut Matches) -> Result<SessionArgs, UsageError> {
     Ok(a)
 }
 
-/// Single key presses from the console (non-canonical while the session runs); nothing
-/// when standard input is not a terminal.
+/// Single key presses from the console (non-canonical while the session runs). When
+/// standard input is not a terminal (a serial console wired to a pipe, a remote console,
+/// a script), every byte read from it is a key press; end of input means no more keys.
 struct Keys {
     rx: Receiver<u8>,
+    pending: std::cell::RefCell<Vec<u8>>,
     saved: Option<nix::sys::termios::Termios>,
 }
 
@@ -188,21 +190,37 @@ impl Keys {
                     saved = Some(t);
                 }
             }
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                let mut i = std::io::stdin();
-                while let Ok(1) = i.read(&mut b) {
-                    if tx.send(b[0].to_ascii_lowercase()).is_err() {
-                        break;
-                    }
-                }
-            });
         }
-        Keys { rx, saved }
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            let mut i = std::io::stdin();
+            while let Ok(1) = i.read(&mut b) {
+                if tx.send(b[0].to_ascii_lowercase()).is_err() {
+                    break;
+                }
+            }
+        });
+        Keys {
+            rx,
+            pending: Default::default(),
+            saved,
+        }
     }
 
+    /// Whether `key` was pressed since it was last asked for (other keys stay for their
+    /// own question: `m` then `s` typed at once both count).
     fn pressed(&self, key: u8) -> bool {
-        self.rx.try_iter().any(|k| k == key)
+        let mut p = self.pending.borrow_mut();
+        p.extend(self.rx.try_iter());
+        let keep = p.len().saturating_sub(64);
+        p.drain(..keep);
+        match p.iter().position(|&k| k == key) {
+            Some(i) => {
+                p.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -273,7 +273,6 @@ fn expect_ok(f: &Finished, who: &str) {
 }
 
 /// The master's per-client summary names every client (by address or MAC).
-#[allow(dead_code)] // used by the tests of sessions without roles
 fn assert_summary_names(lab: &McastLab, master: &Finished, clients: &[&str]) {
     for c in clients {
         let node = lab.node(c);
@@ -631,4 +630,190 @@ fn when_the_master_dies_mid_session_the_clients_finish_from_the_server() {
         "the two clients fetched {gets} of 2 x {} chunk records from the server",
         records.len()
     );
+}
+
+/// `img args...` in `node` with its standard input a FIFO, as a console: the returned
+/// writer types keys on that device.
+fn spawn_with_console(lab: &mut McastLab, node: &str, args: &[String]) -> (Pid, std::fs::File) {
+    let fifo = lab.dir().join(format!("console-{node}"));
+    let _ = std::fs::remove_file(&fifo);
+    run(Command::new("mkfifo").arg(&fifo));
+    // `exec`: the lab's pid is img's own.
+    let cmd = format!(
+        "exec {} {} < {}",
+        img().display(),
+        args.join(" "),
+        fifo.display()
+    );
+    let pid = lab.spawn(node, Path::new("sh"), &["-c", &cmd]);
+    // Blocks until the shell opens the FIFO for reading.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("opening the device's console");
+    (pid, w)
+}
+
+fn press(console: &mut std::fs::File, key: &str) {
+    use std::io::Write;
+    console.write_all(key.as_bytes()).unwrap();
+    console.flush().unwrap();
+}
+
+#[test]
+fn with_no_role_m_makes_a_device_the_master_and_s_on_it_starts_the_session() {
+    let _one = serial();
+    // Three devices, all started the same way; m0 is the one whose operator presses m.
+    let mut lab = McastLab::new(1, 2);
+    let master = room_disk(lab.dir(), 81);
+    let targets: Vec<PathBuf> = (0..2)
+        .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
+        .collect();
+    let plain = |disk: &Path| {
+        vec![
+            "-session".to_string(),
+            "keyroom".into(),
+            format!("-disk={}", disk.display()),
+        ]
+    };
+    let (m, mut console_m) = spawn_with_console(&mut lab, "m0", &plain(&master.path));
+    let mut clients = Vec::new();
+    let mut consoles = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let (p, c) = spawn_with_console(&mut lab, &format!("c{i}"), &plain(t));
+        clients.push(p);
+        consoles.push(c);
+    }
+    for (i, p) in clients.iter().chain([&m]).enumerate() {
+        wait_until(SESSION_TIMEOUT, "every device waits for a master", || {
+            lab.output(*p)
+                .contains("press m to make this device the master")
+        });
+        assert!(lab.running(*p), "device {i} did not wait");
+    }
+    // Nobody is the master yet: nothing happens however long they wait.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(targets.iter().all(|t| allocated(t) == 0));
+    press(&mut console_m, "m");
+    wait_until(SESSION_TIMEOUT, "both devices registered with m0", || {
+        lab.output(m).contains("[2]")
+    });
+    let out = lab.output(m);
+    assert!(
+        out.contains("this device is the master; press s to start"),
+        "{out}"
+    );
+    // Registered, but the master waits for s (no -clients was given): nothing is sent.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        targets.iter().all(|t| allocated(t) == 0),
+        "a client wrote before s was pressed on the master"
+    );
+    assert!(!lab.output(m).contains("starting with"));
+    press(&mut console_m, "s");
+    for (i, p) in clients.iter().enumerate() {
+        expect_ok(&lab.wait(*p, SESSION_TIMEOUT), &format!("device c{i}"));
+    }
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    expect_ok(&fm, "device m0 (the master by m)");
+    assert!(
+        fm.output.contains("starting with 2 client(s) (s pressed)"),
+        "{}",
+        fm.output
+    );
+    assert_summary_names(&lab, &fm, &["c0", "c1"]);
+    for (i, t) in targets.iter().enumerate() {
+        assert_same_disk(&master, t, &format!("device c{i}"));
+    }
+    drop(consoles);
+}
+
+/// A second interface with an address in `node` (a veth pair inside it: this kernel has no
+/// dummy interfaces), and a default route through eth0: the session must take the default
+/// route's interface, not the other one.
+fn second_interface_and_default_route(lab: &McastLab, node: &str, n: u32) {
+    let ns = lab.node(node).ns.clone();
+    sh(&format!(
+        "ip -n {ns} link add side0 type veth peer name side1 && ip -n {ns} addr add 10.99.{n}.1/24 dev side0 \
+         && ip -n {ns} link set side0 up && ip -n {ns} link set side1 up && ip -n {ns} route add default dev eth0"
+    ));
+}
+
+#[test]
+fn the_addr_override_and_the_default_route_interface_carry_the_session() {
+    let _one = serial();
+    let mut lab = McastLab::new(1, 2);
+    for (i, n) in ["m0", "c0", "c1"].iter().enumerate() {
+        second_interface_and_default_route(&lab, n, i as u32);
+    }
+    let master = room_disk(lab.dir(), 91);
+    let t0 = master.blank_like(&lab.dir().join("client0.img"));
+    let t1 = master.blank_like(&lab.dir().join("client1.img"));
+    let addr = "-addr=239.255.42.1";
+    // No -iface anywhere: each device has two interfaces with addresses and a default route.
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "addrroom",
+            &[
+                "-clients=1",
+                addr,
+                &format!("-disk={}", master.path.display()),
+            ],
+        ),
+    );
+    let c0 = spawn(&mut lab, "c0", &client_args("addrroom", &t0, &[addr]));
+    // Same name, no -addr: it listens on the name's own group, where nothing is sent.
+    let c1 = spawn(&mut lab, "c1", &client_args("addrroom", &t1, &[]));
+    expect_ok(&lab.wait(c0, SESSION_TIMEOUT), "client c0 (-addr)");
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    expect_ok(&fm, "the master");
+    assert!(
+        fm.output
+            .contains("master on eth0 (10.88.0.1), group 239.255.42.1:9730"),
+        "the master did not take eth0 (the default route's) and the -addr group:\n{}",
+        fm.output
+    );
+    assert_same_disk(&master, &t0, "client c0");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lab.running(c1), "c1 (no -addr) ended:\n{}", lab.output(c1));
+    assert_eq!(
+        allocated(&t1),
+        0,
+        "c1 (no -addr) wrote data of the -addr session"
+    );
+    let derived = "231."; // the name's group is always in 231.0.0.0/8
+    assert!(
+        lab.output(c1)
+            .contains(&format!("waiting for the master on {derived}")),
+        "{}",
+        lab.output(c1)
+    );
+    // The same client with -iface=eth0 named explicitly joins the next session.
+    lab.kill(c1);
+    let m2 = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "addrroom",
+            &[
+                "-clients=1",
+                addr,
+                "-iface=eth0",
+                &format!("-disk={}", master.path.display()),
+            ],
+        ),
+    );
+    let c1 = spawn(
+        &mut lab,
+        "c1",
+        &client_args("addrroom", &t1, &[addr, "-iface=eth0"]),
+    );
+    expect_ok(
+        &lab.wait(c1, SESSION_TIMEOUT),
+        "client c1 (-addr, -iface=eth0)",
+    );
+    expect_ok(&lab.wait(m2, SESSION_TIMEOUT), "the second master");
+    assert_same_disk(&master, &t1, "client c1");
 }

@@ -239,7 +239,8 @@ pub enum TaskKind {
     Convert(ConvertSpec),
     /// Join a multicast session (`img -session NAME -client`) whose master the server runs,
     /// and write its image; what the session does not deliver comes from `image.url`.
-    Session(SessionSpec),
+    /// (Boxed: it would make every task message larger in memory than it needs.)
+    Session(Box<SessionSpec>),
 }
 
 impl TaskKind {
@@ -645,7 +646,7 @@ mod tests {
         let t = Task {
             id: 3,
             job: 9,
-            kind: TaskKind::Session(SessionSpec {
+            kind: TaskKind::Session(Box::new(SessionSpec {
                 name: "room1".into(),
                 addr: None,
                 image: ImageRef {
@@ -657,7 +658,7 @@ mod tests {
                 },
                 disk: None,
                 partition: None,
-            }),
+            })),
         };
         let v = serde_json::to_value(&t).unwrap();
         assert_eq!(

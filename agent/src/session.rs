@@ -44,7 +44,8 @@ Multicast sessions (one master sends, every client receives at once):
         [-server=URL [-ca=FILE]]    receive and restore, verified as -restore does; exit 0 only
                                     when every chunk is verified and written; with -server, a
                                     copy of the same image, what the session does not deliver
-                                    in time (or after it ended) is fetched by HTTP Range
+                                    (it ended, or nothing of it came for 10 s) is fetched by
+                                    HTTP Range and verified the same way
   -session NAME                     no role: press m to become the master (then s to start),
                                     or wait for a master
   -s NAME abbreviates -session NAME and -m abbreviates -master. NAME is hashed

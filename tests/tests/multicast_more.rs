@@ -817,3 +817,84 @@ fn the_addr_override_and_the_default_route_interface_carry_the_session() {
     expect_ok(&lab.wait(m2, SESSION_TIMEOUT), "the second master");
     assert_same_disk(&master, &t1, "client c1");
 }
+
+#[test]
+fn a_copy_that_is_not_the_sessions_image_is_refused_and_nothing_of_it_is_written() {
+    let _one = serial();
+    let mut lab = McastLab::new(2, 2);
+    let master = room_disk(lab.dir(), 101);
+    let (www, image) = publish_image(&lab, &master);
+    let good = std::fs::read(&image).unwrap();
+    // The server's copy: the same size and records, but one byte of every chunk's payload
+    // flipped after the first (a damaged or tampered copy). The session sends the good one.
+    let sent = lab.dir().join("sent.fimg");
+    std::fs::copy(&image, &sent).unwrap();
+    let mut bad = good.clone();
+    for (off, len) in chunk_records(&good).into_iter().skip(1) {
+        if len > 76 {
+            bad[(off + 76) as usize] ^= 0x55;
+        }
+    }
+    std::fs::write(&image, &bad).unwrap();
+    let server = LabServer::start(&mut lab, "m1", &www);
+    let t0 = master.blank_like(&lab.dir().join("client0.img"));
+    let t1 = master.blank_like(&lab.dir().join("client1.img"));
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "badcopy",
+            &[
+                "-clients=2",
+                "-throttle=5",
+                &format!("-image={}", sent.display()),
+            ],
+        ),
+    );
+    let c0 = spawn(&mut lab, "c0", &client_args("badcopy", &t0, &[]));
+    let server_arg = format!("-server={}/room.fimg", server.url);
+    let c1 = spawn_env(
+        &mut lab,
+        "c1",
+        &["IMG_SESSION_FALLBACK=2"],
+        &client_args("badcopy", &t1, &[&server_arg]),
+    );
+    wait_until(SESSION_TIMEOUT, "client c1 has written data", || {
+        allocated(&t1) > 2 * MIB
+    });
+    assert!(lab.running(c1), "c1 finished before the cut: throttle more");
+    cut_udp_towards(&lab, "c1");
+    let f1 = lab.wait(c1, SESSION_TIMEOUT);
+    assert_eq!(
+        f1.code,
+        Some(6),
+        "c1 must fail with the network exit code when the copy is not the session's image:\n{}",
+        e2e::tail(&f1.output, 30)
+    );
+    assert!(
+        f1.output.contains("not the same image") && f1.output.contains(&server.url),
+        "c1's error does not say the copy at the server is not the session's image:\n{}",
+        e2e::tail(&f1.output, 30)
+    );
+    // Nothing of the bad copy reached the disk: every chunk that c1 wrote is the master's.
+    // (What it wrote before the cut is correct; the rest stays zero, as on a new disk.)
+    let want = std::fs::read(&master.path).unwrap();
+    let got = std::fs::read(&t1).unwrap();
+    let foreign = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| **g != 0 && w != g)
+        .count();
+    assert_eq!(
+        foreign, 0,
+        "c1 wrote {foreign} bytes that are not the master's"
+    );
+    expect_ok(&lab.wait(c0, SESSION_TIMEOUT), "client c0");
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    assert!(
+        fm.output.contains("FAILED"),
+        "the master's summary does not report c1's failure:\n{}",
+        e2e::tail(&fm.output, 20)
+    );
+    assert_same_disk(&master, &t0, "client c0");
+}

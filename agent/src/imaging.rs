@@ -24,7 +24,7 @@ const TRUSTED_DIR: &str = "/etc/img/trusted.d";
 /// Where resume journals are kept when `-state` is not given. `IMG_STATE_DIR` overrides it.
 pub(crate) const STATE_DIR: &str = "/var/lib/img";
 
-fn http_config(ca: Option<&Path>) -> HttpConfig {
+pub(crate) fn http_config(ca: Option<&Path>) -> HttpConfig {
     let ca_file = ca
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("IMG_CA_FILE").map(PathBuf::from));

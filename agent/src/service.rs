@@ -235,7 +235,7 @@ pub enum Placement {
     Pi,
     /// The seed's case 2: BI here, then PI as above.
     BiThenPi,
-    /// It writes the OS disk or needs the engine (network deploy, convert, capture): the
+    /// It writes the OS disk or needs the engine (network deploy, convert, capture, a multicast session): the
     /// reboot into the imaging engine, which gets the task again at its check-in.
     Engine,
     /// A reboot: reported done, then the reboot (through the boot agent, as every boot).
@@ -250,7 +250,10 @@ pub fn placement(task: &Task) -> Placement {
         TaskKind::Deploy(d) if d.from_backup && d.fetch_to_backup => Placement::BiThenPi,
         TaskKind::Deploy(d) if d.from_backup => Placement::Pi,
         TaskKind::Deploy(d) if d.after == After::CopyOnly => Placement::Here,
-        TaskKind::Deploy(_) | TaskKind::Convert(_) | TaskKind::Capture(_) => Placement::Engine,
+        TaskKind::Deploy(_)
+        | TaskKind::Convert(_)
+        | TaskKind::Capture(_)
+        | TaskKind::Session(_) => Placement::Engine,
         TaskKind::Reboot => Placement::Reboot,
         TaskKind::BootGuest => Placement::Nothing,
     }

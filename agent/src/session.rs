@@ -4,6 +4,7 @@
 //! img -session NAME -master [-clients=N] [-timeout=MIN] [-throttle=MS] [-comp=0..9]
 //!     [-addr=A.B.C.D] [-iface=NAME] [-latejoin] (-image=FILE | [-disk=DISK] [-part=N|LABEL])
 //! img -session NAME -client [-disk=DISK] [-part=N|LABEL] [-addr=..] [-iface=..] [-trust=KEY.pub]..
+//!     [-server=URL [-ca=FILE]]
 //! img -session NAME            (no role: press m to become the master, then s to start)
 //! ```
 //! `-s NAME` abbreviates `-session NAME` and `-m` abbreviates `-master` (seed 002). The protocol is in `imgengine::multicast` and `docs/multicast.md`; this
@@ -18,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use imgengine::deploy::{DeployOptions, ResumeMode};
+use imgengine::multicast::fallback::{self, Fallback};
 use imgengine::multicast::master::{Event, Master, MasterConfig, Outcome};
 use imgengine::multicast::packet::{Body, MasterState, Packet, MAX_PACKET};
 use imgengine::multicast::{self, client, net};
+use imgengine::source::Location;
 use sha2::{Digest, Sha256};
 
 use crate::args::{flag, many, value, DiskSel, MakeArgs, Matches, Opt, UsageError};
@@ -38,8 +41,11 @@ Multicast sessions (one master sends, every client receives at once):
                                     (default 5) after the last registration; later devices are
                                     told to wait for the next session unless -latejoin
   -session NAME -client [-disk=DISK] [-part=N|LABEL] [-addr=..] [-iface=..] [-trust=KEY.pub]..
-                                    receive and restore, verified as -restore does; exit 0 only
-                                    when every chunk is verified and written
+        [-server=URL [-ca=FILE]]    receive and restore, verified as -restore does; exit 0 only
+                                    when every chunk is verified and written; with -server, a
+                                    copy of the same image, what the session does not deliver
+                                    (it ended, or nothing of it came for 10 s) is fetched by
+                                    HTTP Range and verified the same way
   -session NAME                     no role: press m to become the master (then s to start),
                                     or wait for a master
   -s NAME abbreviates -session NAME and -m abbreviates -master. NAME is hashed
@@ -62,6 +68,9 @@ struct SessionArgs {
     trust: Vec<PathBuf>,
     state: Option<PathBuf>,
     threads: Option<usize>,
+    /// Client: a copy of the image for the HTTP Range fallback.
+    server: Option<String>,
+    ca: Option<PathBuf>,
 }
 
 /// `-session`'s options (stage one: anything else is refused before [`run_verb`]).
@@ -81,6 +90,8 @@ pub const OPTS: &[Opt] = &[
     many(&["trust"]),
     value(&["state"]),
     value(&["threads"]),
+    value(&["server"]),
+    value(&["ca"]),
 ];
 
 /// `-session NAME ...` (alias `-s`): stage two, then the session.
@@ -115,6 +126,8 @@ fn session_args(m: &mut Matches) -> Result<SessionArgs, UsageError> {
         trust: m.all("trust").into_iter().map(PathBuf::from).collect(),
         state: m.value("state").map(PathBuf::from),
         threads: m.number("threads")?,
+        server: m.value("server").map(str::to_string),
+        ca: m.value("ca").map(PathBuf::from),
     };
     multicast::check_name(&a.name).map_err(|e| usage(e.to_string()))?;
     if a.comp > 9 {
@@ -138,6 +151,11 @@ fn session_args(m: &mut Matches) -> Result<SessionArgs, UsageError> {
             "-session -client: -image, -clients and -latejoin are the master's options",
         ));
     }
+    if a.master && (a.server.is_some() || a.ca.is_some()) {
+        return Err(usage(
+            "-session -master: -server and -ca are the client's options (where it fetches what it missed)",
+        ));
+    }
     if a.image.is_some() && (a.sel.disk.is_some() || a.sel.part.is_some()) {
         return Err(usage(
             "-session -master: send either -image=FILE or a -disk/-part, not both",
@@ -149,10 +167,12 @@ fn session_args(m: &mut Matches) -> Result<SessionArgs, UsageError> {
     Ok(a)
 }
 
-/// Single key presses from the console (non-canonical while the session runs); nothing
-/// when standard input is not a terminal.
+/// Single key presses from the console (non-canonical while the session runs). When
+/// standard input is not a terminal (a serial console wired to a pipe, a remote console,
+/// a script), every byte read from it is a key press; end of input means no more keys.
 struct Keys {
     rx: Receiver<u8>,
+    pending: std::cell::RefCell<Vec<u8>>,
     saved: Option<nix::sys::termios::Termios>,
 }
 
@@ -171,21 +191,37 @@ impl Keys {
                     saved = Some(t);
                 }
             }
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                let mut i = std::io::stdin();
-                while let Ok(1) = i.read(&mut b) {
-                    if tx.send(b[0].to_ascii_lowercase()).is_err() {
-                        break;
-                    }
-                }
-            });
         }
-        Keys { rx, saved }
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            let mut i = std::io::stdin();
+            while let Ok(1) = i.read(&mut b) {
+                if tx.send(b[0].to_ascii_lowercase()).is_err() {
+                    break;
+                }
+            }
+        });
+        Keys {
+            rx,
+            pending: Default::default(),
+            saved,
+        }
     }
 
+    /// Whether `key` was pressed since it was last asked for (other keys stay for their
+    /// own question: `m` then `s` typed at once both count).
     fn pressed(&self, key: u8) -> bool {
-        self.rx.try_iter().any(|k| k == key)
+        let mut p = self.pending.borrow_mut();
+        p.extend(self.rx.try_iter());
+        let keep = p.len().saturating_sub(64);
+        p.drain(..keep);
+        match p.iter().position(|&k| k == key) {
+            Some(i) => {
+                p.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -469,7 +505,7 @@ fn print_event(e: &Event, m: &Master, want: Option<usize>, deciles: &mut HashMap
 }
 
 /// Stable across restarts of this device: host name, machine id, target and partition.
-fn client_id(disk: &std::path::Path, part: Option<&str>) -> u64 {
+pub(crate) fn client_id(disk: &std::path::Path, part: Option<&str>) -> u64 {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
     let mut h = Sha256::new();
@@ -520,6 +556,15 @@ fn run_client(a: &SessionArgs, ifaddr: Ipv4Addr, group: Ipv4Addr) -> Result<i32>
             threads: imaging::threads(a.threads),
             ..DeployOptions::default()
         },
+        fallback: a.server.as_deref().map(|url| Fallback {
+            location: Location::parse(url),
+            http: imaging::http_config(a.ca.as_deref()),
+            after: std::env::var("IMG_SESSION_FALLBACK")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .unwrap_or(fallback::DEFAULT_AFTER),
+        }),
     };
     let progress = ConsoleProgress::new(quiet);
     let name = a.name.clone();

@@ -237,6 +237,10 @@ pub enum TaskKind {
     /// Seed 001 step 4: make the device autogenic-capable (boot-agent, OS and backup
     /// partitions), then image the OS partition with the job's image.
     Convert(ConvertSpec),
+    /// Join a multicast session (`img -session NAME -client`) whose master the server runs,
+    /// and write its image; what the session does not deliver comes from `image.url`.
+    /// (Boxed: it would make every task message larger in memory than it needs.)
+    Session(Box<SessionSpec>),
 }
 
 impl TaskKind {
@@ -247,6 +251,7 @@ impl TaskKind {
             TaskKind::Capture(_) => "capture",
             TaskKind::Reboot => "reboot",
             TaskKind::BootGuest => "boot_guest",
+            TaskKind::Session(_) => "session",
         }
     }
 }
@@ -295,6 +300,25 @@ pub struct ConvertSpec {
     pub backup_size: Option<u64>,
     /// The flash size the job was planned for: a device with another size rejects it.
     pub flash_size: u64,
+}
+
+/// A multicast session to join as a client (docs/multicast.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    /// The session's name (its group address is derived from it).
+    pub name: String,
+    /// The group address when the server overrides the derived one (`-addr=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// The image the session sends; its URL is the HTTP Range fallback for what the
+    /// session does not deliver.
+    pub image: ImageRef,
+    /// Disk to write; None: the device's system disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Partition (number or label) for a partition image; None: the whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
 }
 
 /// The image a deploy fetches: from the server's repository or any HTTP(S) server.
@@ -615,6 +639,34 @@ mod tests {
         let text = serde_json::to_string(&t).unwrap();
         assert!(text.contains("\"after\":\"no_reboot\""), "{text}");
         assert_eq!(serde_json::from_str::<Task>(&text).unwrap(), t);
+    }
+
+    #[test]
+    fn session_task_round_trips_and_optional_fields_may_be_absent() {
+        let t = Task {
+            id: 3,
+            job: 9,
+            kind: TaskKind::Session(Box::new(SessionSpec {
+                name: "room1".into(),
+                addr: None,
+                image: ImageRef {
+                    name: "os".into(),
+                    version: "2".into(),
+                    url: "https://s/repo/os.img".into(),
+                    size: None,
+                    autogenic: false,
+                },
+                disk: None,
+                partition: None,
+            })),
+        };
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": 3, "job": 9, "kind": "session", "name": "room1",
+                "image": {"name": "os", "version": "2", "url": "https://s/repo/os.img"}})
+        );
+        assert_eq!(serde_json::from_value::<Task>(v).unwrap(), t);
     }
 
     /// The fuzz entry points never panic on pseudo-random or mutated valid input.

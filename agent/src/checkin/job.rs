@@ -23,6 +23,9 @@ use protocol::{
     ProgressReport, Task, TaskKind, TaskResult,
 };
 
+#[path = "session_task.rs"]
+mod session_task;
+
 use super::client::Client;
 use super::state::{new_report_id, stamp_key, StateDir};
 use super::AgentConfig;
@@ -306,6 +309,7 @@ fn execute(
         TaskKind::Convert(spec) => {
             crate::autogenic::convert::task(client, state, cfg, task, spec, rep)
         }
+        TaskKind::Session(spec) => session_task::session_task(client, state, cfg, spec, rep),
         TaskKind::BootGuest => {
             rep.log("booting the guest OS as the server asks");
             Ok(Done {

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::fallback::{Fallback, RangeFetcher};
 use super::fec::{self, BlockDecoder};
 use super::packet::{
     Announce, Body, ClientState, MasterState, Nack, Packet, ReplyCode, Status, MAX_NACKS,
@@ -66,6 +67,8 @@ pub struct ClientConfig {
     pub target: PathBuf,
     pub part: Option<String>,
     pub deploy: DeployOptions,
+    /// A copy of the image to fetch by HTTP Range what the carousel does not deliver.
+    pub fallback: Option<Fallback>,
 }
 
 /// What the client tells its caller while it waits.
@@ -109,6 +112,14 @@ struct Rx {
     active: Vec<(u32, u32)>,
     abort: Option<String>,
     faults: u64,
+    /// The manifest digest every packet names (checks what the fallback fetches).
+    digest: [u8; 32],
+    /// The HTTP Range fallback, when a copy of the image is known.
+    range: Option<Arc<RangeFetcher>>,
+    /// Why the fallback failed (reported instead of the deploy's truncated read).
+    range_error: Option<String>,
+    /// When the last data packet of the session arrived.
+    last_data: Instant,
 }
 
 impl Rx {
@@ -374,6 +385,10 @@ pub fn run(
     });
 
     let tail_empty = announce.tail_len == 0;
+    let range = cfg
+        .fallback
+        .clone()
+        .map(|f| Arc::new(RangeFetcher::new(f, announce.image_len)));
     let shared: Shared = Arc::new((
         Mutex::new(Rx {
             announce,
@@ -391,6 +406,10 @@ pub fn run(
             active: Vec::new(),
             abort: None,
             faults: 0,
+            digest,
+            range: range.clone(),
+            range_error: None,
+            last_data: Instant::now(),
         }),
         Condvar::new(),
     ));
@@ -427,8 +446,29 @@ pub fn run(
             let (m, cv) = &*shared;
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
             while rx.objects.is_none() {
-                if let Some(why) = &rx.abort {
-                    return Err(Error::new(ErrorKind::Network, why.clone()));
+                if let Some(why) = rx.abort.clone() {
+                    // The carousel is over before the manifest came: the head and tail
+                    // from the copy, checked against the digest the packets named.
+                    if rx.range.is_some() {
+                        drop(rx);
+                        let (tail, missing) = {
+                            let rx = m.lock().unwrap_or_else(|e| e.into_inner());
+                            let t = rx.tail_index();
+                            (t, [0, t].map(|o| !rx.have(o)))
+                        };
+                        for (o, _) in [0, tail].into_iter().zip(missing).filter(|x| x.1) {
+                            range_fetch(&shared, o)
+                                .map_err(|e| Error::new(ErrorKind::Network, e.to_string()))?;
+                        }
+                        rx = m.lock().unwrap_or_else(|e| e.into_inner());
+                        if rx.objects.is_none() {
+                            return Err(Error::corrupt(
+                                "session image: the copy's manifest is not the one the packets name",
+                            ));
+                        }
+                        break;
+                    }
+                    return Err(Error::new(ErrorKind::Network, why));
                 }
                 rx = cv
                     .wait_timeout(rx, Duration::from_millis(200))
@@ -457,15 +497,32 @@ pub fn run(
         server.stop();
         // When the receiver gave up (silent master, session ended), that is the reason,
         // not the truncated read the deploy saw.
-        let aborted = shared
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .abort
-            .clone();
-        match (r, aborted) {
-            (Err(e), Some(why)) => Err(Error::new(ErrorKind::Network, format!("{why} ({e})"))),
-            (r, _) => r,
+        let (aborted, range_error) = {
+            let rx = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            (rx.abort.clone(), rx.range_error.clone())
+        };
+        match (r, aborted, range_error) {
+            (Err(e), _, Some(why)) => Err(Error::new(
+                ErrorKind::Network,
+                format!("fetching the missing chunks by HTTP Range: {why} ({e})"),
+            )),
+            (Err(e), Some(why), None) => {
+                Err(Error::new(ErrorKind::Network, format!("{why} ({e})")))
+            }
+            (Ok(mut s), _, _) => {
+                if let Some(f) = &range {
+                    let n = f.objects.load(Ordering::Relaxed);
+                    if n > 0 {
+                        s.notes.push(format!(
+                            "{n} object(s) the session did not deliver in time ({} bytes) fetched by HTTP Range from {}",
+                            f.bytes.load(Ordering::Relaxed),
+                            f.location()
+                        ));
+                    }
+                }
+                Ok(s)
+            }
+            (r, _, _) => r,
         }
     })();
 
@@ -691,6 +748,7 @@ impl RxCtx {
     fn symbol(&self, object: u32, block: u8, esi: u32, symbol: &[u8]) {
         let (m, cv) = &*self.shared;
         let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        rx.last_data = Instant::now();
         if rx.have(object) {
             return;
         }
@@ -1043,10 +1101,31 @@ fn send_objects(
     to: u64,
 ) -> std::io::Result<()> {
     let (m, cv) = (&shared.0, &shared.1);
+    let head_len = m
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .announce
+        .head_len;
     for (i, o) in objs {
+        let since = Instant::now();
         let data = {
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
             loop {
+                let have = rx.have(i);
+                // The carousel is over, or nothing of it has reached this device for a
+                // while (cut off, or its master gone silent): from the copy. A device that
+                // still receives waits for the next pass, as the others do.
+                if let (false, Some(f)) = (have, rx.range.clone()) {
+                    let silent =
+                        since.elapsed() >= f.after() && rx.last_data.elapsed() >= f.after();
+                    if rx.abort.is_some() || silent {
+                        rx.wanted.insert(i);
+                        drop(rx);
+                        range_fetch(shared, i)?;
+                        rx = m.lock().unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                }
                 if let Some(why) = &rx.abort {
                     return Err(std::io::Error::other(why.clone()));
                 }
@@ -1070,8 +1149,11 @@ fn send_objects(
         let s = from.max(o.offset) - o.offset;
         let e = to.min(o.offset + o.len) - o.offset;
         w.write_all(&data[s as usize..e as usize])?;
-        if e == o.len {
-            // Read to its end: the deploy has it; free the memory.
+        if e == o.len && from >= head_len {
+            // Read to its end by a read of the chunks: the deploy has it; free the memory.
+            // (The deploy's first read of the head takes a fixed number of bytes from 0,
+            // which may cover the first small chunks whole: those are read again with the
+            // chunks, and freeing them here would cost this client a whole pass.)
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
             if i != 0 && i != rx.tail_index() {
                 rx.store.remove(&i);
@@ -1080,4 +1162,49 @@ fn send_objects(
         }
     }
     w.flush()
+}
+
+/// Fetch object `i` from the fallback copy and hand it to [`accept`], which checks it as it
+/// checks a decoded object. An object that fails the check is an error: the copy is not
+/// the session's image.
+fn range_fetch(shared: &Shared, i: u32) -> std::io::Result<()> {
+    let m = &shared.0;
+    let (f, obj, digest) = {
+        let rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(f) = rx.range.clone() else {
+            return Err(std::io::Error::other("no copy of the image to fetch from"));
+        };
+        let Some(obj) = rx.object(i) else {
+            return Err(std::io::Error::other(format!(
+                "object {i} is not in the image"
+            )));
+        };
+        (f, obj, rx.digest)
+    };
+    if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
+        eprintln!("client: object {i} by HTTP Range from {}", f.location());
+    }
+    let fail = |why: String| {
+        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        rx.range_error.get_or_insert_with(|| why.clone());
+        shared.1.notify_all();
+        std::io::Error::other(why)
+    };
+    let data = f.fetch(i, obj).map_err(|e| fail(e.to_string()))?;
+    let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+    let faults = rx.faults;
+    accept(&mut rx, i, data, &digest);
+    let tail = rx.tail_index();
+    let bad = rx.faults != faults
+        || ((i == 0 || i == tail) && !rx.have(i))
+        || (i != 0 && i != tail && rx.wanted.contains(&i) && !rx.store.contains_key(&i));
+    drop(rx);
+    shared.1.notify_all();
+    if bad {
+        return Err(fail(format!(
+            "{}: object {i} does not match the session's manifest (not the same image)",
+            f.location()
+        )));
+    }
+    Ok(())
 }

@@ -18,6 +18,7 @@
 //! written exactly as `img -restore` does it, tables last, resumable by its journal.
 
 pub mod client;
+pub mod fallback;
 pub mod fec;
 pub mod master;
 pub mod net;

@@ -1,0 +1,900 @@
+//! `img -session`, the parts beyond the room itself (tests/tests/multicast.rs has the room):
+//! the HTTP Range fallback of a client that falls behind or outlives its master, the
+//! sessions an operator starts without roles (keys on the console), and the network choices
+//! (`-addr=`, the default interface). Real processes in network namespaces
+//! (tests/src/mcastlab.rs), real nginx as the server, real file systems compared byte for
+//! byte and fsck'ed.
+//!
+//! The release `img` is used when `IMG_BIN` names it (tests/src/lib.rs). No test asserts a
+//! time; sessions are slowed with `-throttle` where a test must act half-way.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use e2e::mcastlab::{Finished, McastLab, Pid};
+use e2e::{img_bin, require_tool, run, sh, Scratch};
+
+const MIB: u64 = 1 << 20;
+/// Long enough for a debug build under a busy machine; a hung session fails, never hangs.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(600);
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn img() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(img_bin).clone()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fs {
+    Fat32,
+    Ntfs,
+}
+
+/// One partition of a test disk: label, file system, size, and the seed of its files.
+struct Part {
+    label: &'static str,
+    fs: Fs,
+    mib: u64,
+    seed: u64,
+}
+
+/// A GPT disk made as an administrator makes one: sgdisk, then mkfs.fat / mkntfs with real
+/// files (half text, half random) copied in with mtools / ntfscp. Free space is zero, so
+/// a correct copy is byte-identical to it as a whole.
+struct Disk {
+    path: PathBuf,
+    parts: Vec<(u64, u64, Fs)>,
+}
+
+impl Disk {
+    fn build(path: &Path, parts: &[Part]) -> Disk {
+        for t in [
+            "sgdisk", "mkfs.fat", "mcopy", "mkntfs", "ntfscp", "fsck.fat", "ntfsfix",
+        ] {
+            require_tool(t);
+        }
+        let total: u64 = 2 + parts.iter().map(|p| p.mib).sum::<u64>();
+        let _ = std::fs::remove_file(path);
+        sh(&format!("truncate -s {total}M {}", path.display()));
+        let mut args = String::new();
+        for (i, p) in parts.iter().enumerate() {
+            let n = i + 1;
+            // 0700: Microsoft basic data, for FAT32 and NTFS alike.
+            args.push_str(&format!(
+                " -n {n}:0:+{}M -t {n}:0700 -c {n}:{}",
+                p.mib, p.label
+            ));
+        }
+        sh(&format!("sgdisk{args} {} >/dev/null", path.display()));
+        let dir = path.with_extension("parts");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut offset = MIB;
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let fsimg = dir.join(format!("p{i}.img"));
+            let _ = std::fs::remove_file(&fsimg);
+            let sector = offset / 512;
+            let files = part_files(p.seed);
+            match p.fs {
+                Fs::Fat32 => {
+                    sh(&format!(
+                        "mkfs.fat -F 32 -n {} -h {sector} -C {} {} >/dev/null",
+                        p.label,
+                        fsimg.display(),
+                        p.mib * 1024
+                    ));
+                    sh(&format!("mmd -i {} ::/DATA", fsimg.display()));
+                    for (name, data) in &files {
+                        let f = dir.join(name);
+                        std::fs::write(&f, data).unwrap();
+                        sh(&format!(
+                            "mcopy -i {} {} ::/DATA/",
+                            fsimg.display(),
+                            f.display()
+                        ));
+                    }
+                }
+                Fs::Ntfs => {
+                    sh(&format!("truncate -s {}M {}", p.mib, fsimg.display()));
+                    sh(&format!(
+                        "mkntfs -F -q -Q -L {} -p {sector} {} >/dev/null 2>&1",
+                        p.label,
+                        fsimg.display()
+                    ));
+                    for (name, data) in &files {
+                        let f = dir.join(name);
+                        std::fs::write(&f, data).unwrap();
+                        sh(&format!(
+                            "ntfscp -f {} {} /{name} >/dev/null 2>&1",
+                            fsimg.display(),
+                            f.display()
+                        ));
+                    }
+                }
+            }
+            sh(&format!(
+                "dd if={} of={} bs=1M seek={} conv=notrunc,sparse status=none",
+                fsimg.display(),
+                path.display(),
+                offset / MIB
+            ));
+            out.push((offset, p.mib * MIB, p.fs));
+            offset += p.mib * MIB;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let disk = Disk {
+            path: path.to_path_buf(),
+            parts: out,
+        };
+        for i in 0..disk.parts.len() {
+            disk.fsck(i);
+        }
+        disk
+    }
+
+    /// A disk of the same size, all zeros (a new device).
+    fn blank_like(&self, path: &Path) -> PathBuf {
+        let len = std::fs::metadata(&self.path).unwrap().len();
+        let _ = std::fs::remove_file(path);
+        std::fs::File::create(path).unwrap().set_len(len).unwrap();
+        path.to_path_buf()
+    }
+
+    /// fsck.fat -n / ntfsfix -n on partition `i` (a copy of it: the tools take a file).
+    fn fsck(&self, i: usize) {
+        fsck_part(&self.path, self.parts[i]);
+    }
+}
+
+fn part_files(seed: u64) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (
+            format!("SYS{seed}.BIN"),
+            e2e::sample_bytes(seed, 5 * MIB as usize + seed as usize),
+        ),
+        (
+            format!("RND{seed}.BIN"),
+            e2e::random_bytes(seed + 1000, 3 * MIB as usize + 17),
+        ),
+        (
+            format!("CFG{seed}.TXT"),
+            format!("server=https://imgserver seed {seed}\n")
+                .repeat(500)
+                .into_bytes(),
+        ),
+    ]
+}
+
+fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+fn fsck_part(disk: &Path, (offset, len, fs): (u64, u64, Fs)) {
+    let copy = disk.with_extension(format!("fsck-{offset}"));
+    std::fs::write(&copy, read_range(disk, offset, len)).unwrap();
+    let out = match fs {
+        Fs::Fat32 => Command::new("fsck.fat").arg("-n").arg(&copy).output(),
+        Fs::Ntfs => Command::new("ntfsfix").arg("-n").arg(&copy).output(),
+    }
+    .expect("running fsck");
+    let _ = std::fs::remove_file(&copy);
+    assert!(
+        out.status.success(),
+        "{} at offset {offset} of {} is not clean:\n{}{}",
+        if fs == Fs::Fat32 {
+            "fsck.fat -n"
+        } else {
+            "ntfsfix -n"
+        },
+        disk.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every byte of `client` equals `master`'s, and each partition is fsck-clean.
+fn assert_same_disk(master: &Disk, client: &Path, who: &str) {
+    let a = std::fs::read(&master.path).unwrap();
+    let b = std::fs::read(client).unwrap();
+    assert_eq!(a.len(), b.len(), "{who}: disk size changed");
+    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        let part = master
+            .parts
+            .iter()
+            .position(|(o, l, _)| (*o..o + l).contains(&(at as u64)))
+            .map(|i| format!("partition {}", i + 1))
+            .unwrap_or_else(|| "outside the partitions (partition table)".into());
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        panic!("{who}: disk differs from the master's from byte {at} ({part}); {differing} bytes differ");
+    }
+    for p in &master.parts {
+        fsck_part(client, *p);
+    }
+}
+
+/// Bytes of a file actually allocated (a sparse new disk grows as the client writes).
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Wait until `cond` holds; fails after `timeout` with `what`.
+fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn master_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut v = vec!["-session".to_string(), name.to_string(), "-master".into()];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn client_args(name: &str, disk: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "-session".to_string(),
+        name.to_string(),
+        "-client".into(),
+        format!("-disk={}", disk.display()),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn spawn(lab: &mut McastLab, node: &str, args: &[String]) -> Pid {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn(node, &img(), &a)
+}
+
+fn expect_ok(f: &Finished, who: &str) {
+    assert!(
+        f.ok(),
+        "{who} exited with {:?} (a client exits 0 only when every chunk is verified and written):\n{}",
+        f.code,
+        e2e::tail(&f.output, 60)
+    );
+}
+
+/// The master's per-client summary names every client (by address or MAC).
+fn assert_summary_names(lab: &McastLab, master: &Finished, clients: &[&str]) {
+    for c in clients {
+        let node = lab.node(c);
+        let mac = sh(&format!(
+            "ip -n {} -br link show eth0 | awk '{{print $3}}'",
+            node.ns
+        ));
+        let mac = mac.trim();
+        assert!(
+            master.output.contains(&node.ip) || master.output.to_lowercase().contains(mac),
+            "the master's summary does not name client {c} ({} / {mac}):\n{}",
+            node.ip,
+            e2e::tail(&master.output, 40)
+        );
+    }
+}
+
+/// The room most tests use: a FAT32 boot partition and an NTFS system partition.
+fn room_disk(s: &Scratch, seed: u64) -> Disk {
+    Disk::build(
+        &s.join(format!("master-{seed}.img")),
+        &[
+            Part {
+                label: "BOOT",
+                fs: Fs::Fat32,
+                mib: 40,
+                seed,
+            },
+            Part {
+                label: "OS",
+                fs: Fs::Ntfs,
+                mib: 48,
+                seed: seed + 1,
+            },
+        ],
+    )
+}
+
+/// `img` with environment variables set, started in `node` (through `env`, which execs it,
+/// so the lab's pid is `img`'s own).
+fn spawn_env(lab: &mut McastLab, node: &str, env: &[&str], args: &[String]) -> Pid {
+    let mut a: Vec<String> = env.iter().map(|s| s.to_string()).collect();
+    a.push(img().display().to_string());
+    a.extend(args.iter().cloned());
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    lab.spawn(node, Path::new("env"), &a)
+}
+
+/// The image server of the room: a real nginx in its own node of the lab (reachable only
+/// inside the lab), serving `root`, with an access log of method, status, Range header and
+/// body bytes per request.
+struct LabServer {
+    url: String,
+    log: PathBuf,
+    node: String,
+}
+
+impl LabServer {
+    fn start(lab: &mut McastLab, node: &str, root: &Path) -> LabServer {
+        require_tool("nginx");
+        let dir = lab.dir().join(format!("nginx-{node}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("access.log");
+        let conf = dir.join("nginx.conf");
+        let ip = lab.node(node).ip.clone();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{\n  log_format ranges '$request_method $status \"$http_range\" $body_bytes_sent';\n\
+                 access_log {log} ranges;\n\
+                 client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
+                 types {{ application/octet-stream fimg; }}\n\
+                 server {{ listen {ip}:8080; root {root}; }}\n}}\n",
+                pid = dir.join("nginx.pid").display(),
+                err = dir.join("error.log").display(),
+                log = log.display(),
+                tmp = dir.display(),
+                root = root.display(),
+            ),
+        )
+        .unwrap();
+        let c = conf.display().to_string();
+        let d = dir.display().to_string();
+        lab.spawn(node, Path::new("nginx"), &["-c", &c, "-p", &d]);
+        let ns = lab.node(node).ns.clone();
+        wait_until(Duration::from_secs(30), "nginx listens in the lab", || {
+            sh(&format!("ip netns exec {ns} ss -Hltn 'sport = :8080'")).contains("8080")
+        });
+        LabServer {
+            url: format!("http://{ip}:8080"),
+            log,
+            node: node.to_string(),
+        }
+    }
+
+    /// The access log's requests: (method, status, Range header, body bytes).
+    fn requests(&self) -> Vec<(String, u16, String, u64)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let q: Vec<&str> = l.split('"').collect();
+                let head: Vec<&str> = q[0].split_whitespace().collect();
+                (
+                    head[0].to_string(),
+                    head[1].parse().unwrap(),
+                    q[1].to_string(),
+                    q[2].trim().parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The chunk records of an image file: (offset, record length), walked from the first
+/// `ICHK` after the head: each record is its 76-byte header (magic, ..., the payload's
+/// length as a little-endian u32 at byte 32) and the payload, and the next record follows.
+fn chunk_records(image: &[u8]) -> Vec<(u64, u64)> {
+    let mut v = Vec::new();
+    let mut at = image
+        .windows(4)
+        .position(|w| w == b"ICHK")
+        .expect("the image has a chunk record");
+    while image.get(at..at + 4) == Some(b"ICHK") {
+        let comp = u32::from_le_bytes(image[at + 32..at + 36].try_into().unwrap()) as usize;
+        v.push((at as u64, (76 + comp) as u64));
+        at += 76 + comp;
+    }
+    v
+}
+
+/// Every request in the server's log is a Range request (206) for exactly one chunk record
+/// of `image` (or the one HEAD that sizes the copy), never the same record twice; returns
+/// the records fetched.
+fn assert_only_chunk_ranges(server: &LabServer, image: &[u8]) -> Vec<(u64, u64)> {
+    let records = chunk_records(image);
+    let mut fetched = Vec::new();
+    for (method, status, range, bytes) in server.requests() {
+        if method == "HEAD" {
+            assert_eq!(status, 200, "the size probe failed");
+            continue;
+        }
+        assert_eq!(
+            (method.as_str(), status),
+            ("GET", 206),
+            "a request that is not a Range request: {method} {status} {range}"
+        );
+        let (a, b) = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once('-'))
+            .unwrap_or_else(|| panic!("Range header {range}"));
+        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+        let rec = (a, b + 1 - a);
+        assert!(
+            records.contains(&rec),
+            "Range {range} is not exactly one chunk record of the image"
+        );
+        assert_eq!(bytes, rec.1, "Range {range}: body bytes");
+        assert!(!fetched.contains(&rec), "Range {range} was fetched twice");
+        fetched.push(rec);
+    }
+    assert!(
+        fetched.len() <= records.len(),
+        "more ranges than chunk records"
+    );
+    fetched
+}
+
+/// A session's image, made from `master` with 1 MiB chunks (many records, so "only what was
+/// missed" is visibly less than all of them), published in `www` for the server.
+fn publish_image(lab: &McastLab, master: &Disk) -> (PathBuf, PathBuf) {
+    let www = lab.dir().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let image = www.join("room.fimg");
+    run(Command::new(img()).args([
+        "-make".as_ref(),
+        image.as_os_str(),
+        format!("-disk={}", master.path.display()).as_ref(),
+        "-chunk=1".as_ref(),
+    ]));
+    (www, image)
+}
+
+/// Drop every UDP packet the bridge sends towards `node` from now on (the session's data,
+/// the master's replies), while TCP (the server) still gets through: a device that lost the
+/// session half-way.
+fn cut_udp_towards(lab: &McastLab, node: &str) {
+    let n = lab.node(node);
+    let hub = format!(
+        "{}hub",
+        n.ns.strip_suffix(&n.name)
+            .expect("node namespaces end with the node's name")
+    );
+    let rules = format!(
+        "table bridge cut {{\n  chain out {{\n    type filter hook forward priority -10; policy accept;\n    \
+         oifname \"{}\" meta l4proto udp counter drop\n  }}\n}}\n",
+        n.port
+    );
+    let file = lab.dir().join(format!("cut-{node}.nft"));
+    std::fs::write(&file, rules).unwrap();
+    run(Command::new("ip").args(["netns", "exec", &hub, "nft", "-f", file.to_str().unwrap()]));
+}
+
+#[test]
+fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range() {
+    let _one = serial();
+    // m0 the master, m1 the image server, c0 and c1 the room.
+    let mut lab = McastLab::new(2, 2);
+    let master = room_disk(lab.dir(), 61);
+    let (www, image) = publish_image(&lab, &master);
+    let bytes = std::fs::read(&image).unwrap();
+    let server = LabServer::start(&mut lab, "m1", &www);
+    let t0 = master.blank_like(&lab.dir().join("client0.img"));
+    let t1 = master.blank_like(&lab.dir().join("client1.img"));
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "cutroom",
+            &[
+                "-clients=2",
+                "-throttle=5",
+                &format!("-image={}", image.display()),
+            ],
+        ),
+    );
+    let c0 = spawn(&mut lab, "c0", &client_args("cutroom", &t0, &[]));
+    let server_arg = format!("-server={}/room.fimg", server.url);
+    let c1 = spawn_env(
+        &mut lab,
+        "c1",
+        &["IMG_SESSION_FALLBACK=2"],
+        &client_args("cutroom", &t1, &[&server_arg]),
+    );
+    // The whole image fits in a client's window, so the cut must come early in the pass
+    // that delivers the chunks (the first pass ends with the manifest): at -throttle=5 a
+    // pass takes about 40 s, and c1 has written its first chunks.
+    wait_until(SESSION_TIMEOUT, "client c1 has written data", || {
+        allocated(&t1) > 2 * MIB
+    });
+    assert!(lab.running(c1), "c1 finished before the cut: throttle more");
+    cut_udp_towards(&lab, "c1");
+    let f1 = lab.wait(c1, SESSION_TIMEOUT);
+    expect_ok(&f1, "client c1 (cut off mid-session)");
+    assert!(
+        f1.output.contains("fetched by HTTP Range"),
+        "c1 does not say it fetched chunks by HTTP Range:\n{}",
+        e2e::tail(&f1.output, 30)
+    );
+    expect_ok(&lab.wait(c0, SESSION_TIMEOUT), "client c0");
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    expect_ok(&fm, "the master");
+    assert_same_disk(&master, &t0, "client c0");
+    assert_same_disk(&master, &t1, "client c1");
+    let records = chunk_records(&bytes);
+    let fetched = assert_only_chunk_ranges(&server, &bytes);
+    assert!(!fetched.is_empty(), "c1 fetched nothing from the server");
+    assert!(
+        fetched.len() < records.len(),
+        "c1 fetched all {} chunk records by Range although it had received some",
+        records.len()
+    );
+    assert!(
+        !fetched.contains(&records[0]),
+        "c1 fetched the first chunk, which it had written before the cut"
+    );
+    eprintln!(
+        "c1 fetched {} of {} chunk records ({} bytes of {}) from {}",
+        fetched.len(),
+        records.len(),
+        fetched.iter().map(|r| r.1).sum::<u64>(),
+        bytes.len(),
+        server.node
+    );
+}
+
+#[test]
+fn when_the_master_dies_mid_session_the_clients_finish_from_the_server() {
+    let _one = serial();
+    let mut lab = McastLab::new(2, 2);
+    let master = room_disk(lab.dir(), 71);
+    let (www, image) = publish_image(&lab, &master);
+    let bytes = std::fs::read(&image).unwrap();
+    let server = LabServer::start(&mut lab, "m1", &www);
+    let targets: Vec<PathBuf> = (0..2)
+        .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
+        .collect();
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "deadroom",
+            &[
+                "-clients=2",
+                "-throttle=5",
+                &format!("-image={}", image.display()),
+            ],
+        ),
+    );
+    let server_arg = format!("-server={}/room.fimg", server.url);
+    let clients: Vec<Pid> = (0..2)
+        .map(|i| {
+            spawn_env(
+                &mut lab,
+                &format!("c{i}"),
+                &["IMG_SESSION_FALLBACK=2"],
+                &client_args("deadroom", &targets[i], &[&server_arg]),
+            )
+        })
+        .collect();
+    wait_until(SESSION_TIMEOUT, "both clients have written data", || {
+        targets.iter().all(|t| allocated(t) > 2 * MIB)
+    });
+    assert!(
+        clients.iter().all(|c| lab.running(*c)),
+        "a client finished before the master died: throttle more"
+    );
+    // A power cut on the master: no end of session is ever sent.
+    lab.kill(m);
+    for (i, c) in clients.iter().enumerate() {
+        let f = lab.wait(*c, SESSION_TIMEOUT);
+        expect_ok(&f, &format!("client c{i} (its master died)"));
+        assert!(f.output.contains("fetched by HTTP Range"), "{}", f.output);
+        assert_same_disk(&master, &targets[i], &format!("client c{i}"));
+    }
+    let records = chunk_records(&bytes);
+    // Each client fetched each record at most once: the log may hold a record twice only
+    // when both clients missed it, so count per record.
+    let reqs = server.requests();
+    let gets = reqs.iter().filter(|r| r.0 == "GET").count();
+    assert!(gets > 0, "nothing was fetched from the server");
+    assert!(
+        gets < 2 * records.len(),
+        "the clients fetched every chunk record although they had received some"
+    );
+    for (method, status, range, _) in &reqs {
+        assert!(
+            method == "HEAD" || (method == "GET" && *status == 206 && range.starts_with("bytes=")),
+            "not a Range request: {method} {status} {range}"
+        );
+        if method == "GET" {
+            let (a, b) = range[6..].split_once('-').unwrap();
+            let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+            assert!(
+                records.contains(&(a, b + 1 - a)),
+                "Range {range} is not exactly one chunk record of the image"
+            );
+            let n = reqs.iter().filter(|r| &r.2 == range).count();
+            assert!(n <= 2, "{range} fetched {n} times by two clients");
+        }
+    }
+    eprintln!(
+        "the two clients fetched {gets} of 2 x {} chunk records from the server",
+        records.len()
+    );
+}
+
+/// `img args...` in `node` with its standard input a FIFO, as a console: the returned
+/// writer types keys on that device.
+fn spawn_with_console(lab: &mut McastLab, node: &str, args: &[String]) -> (Pid, std::fs::File) {
+    let fifo = lab.dir().join(format!("console-{node}"));
+    let _ = std::fs::remove_file(&fifo);
+    run(Command::new("mkfifo").arg(&fifo));
+    // `exec`: the lab's pid is img's own.
+    let cmd = format!(
+        "exec {} {} < {}",
+        img().display(),
+        args.join(" "),
+        fifo.display()
+    );
+    let pid = lab.spawn(node, Path::new("sh"), &["-c", &cmd]);
+    // Blocks until the shell opens the FIFO for reading.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("opening the device's console");
+    (pid, w)
+}
+
+fn press(console: &mut std::fs::File, key: &str) {
+    use std::io::Write;
+    console.write_all(key.as_bytes()).unwrap();
+    console.flush().unwrap();
+}
+
+#[test]
+fn with_no_role_m_makes_a_device_the_master_and_s_on_it_starts_the_session() {
+    let _one = serial();
+    // Three devices, all started the same way; m0 is the one whose operator presses m.
+    let mut lab = McastLab::new(1, 2);
+    let master = room_disk(lab.dir(), 81);
+    let targets: Vec<PathBuf> = (0..2)
+        .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
+        .collect();
+    let plain = |disk: &Path| {
+        vec![
+            "-session".to_string(),
+            "keyroom".into(),
+            format!("-disk={}", disk.display()),
+        ]
+    };
+    let (m, mut console_m) = spawn_with_console(&mut lab, "m0", &plain(&master.path));
+    let mut clients = Vec::new();
+    let mut consoles = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let (p, c) = spawn_with_console(&mut lab, &format!("c{i}"), &plain(t));
+        clients.push(p);
+        consoles.push(c);
+    }
+    for (i, p) in clients.iter().chain([&m]).enumerate() {
+        wait_until(SESSION_TIMEOUT, "every device waits for a master", || {
+            lab.output(*p)
+                .contains("press m to make this device the master")
+        });
+        assert!(lab.running(*p), "device {i} did not wait");
+    }
+    // Nobody is the master yet: nothing happens however long they wait.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(targets.iter().all(|t| allocated(t) == 0));
+    press(&mut console_m, "m");
+    wait_until(SESSION_TIMEOUT, "both devices registered with m0", || {
+        lab.output(m).contains("[2]")
+    });
+    let out = lab.output(m);
+    assert!(
+        out.contains("this device is the master; press s to start"),
+        "{out}"
+    );
+    // Registered, but the master waits for s (no -clients was given): nothing is sent.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        targets.iter().all(|t| allocated(t) == 0),
+        "a client wrote before s was pressed on the master"
+    );
+    assert!(!lab.output(m).contains("starting with"));
+    press(&mut console_m, "s");
+    for (i, p) in clients.iter().enumerate() {
+        expect_ok(&lab.wait(*p, SESSION_TIMEOUT), &format!("device c{i}"));
+    }
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    expect_ok(&fm, "device m0 (the master by m)");
+    assert!(
+        fm.output.contains("starting with 2 client(s) (s pressed)"),
+        "{}",
+        fm.output
+    );
+    assert_summary_names(&lab, &fm, &["c0", "c1"]);
+    for (i, t) in targets.iter().enumerate() {
+        assert_same_disk(&master, t, &format!("device c{i}"));
+    }
+    drop(consoles);
+}
+
+/// A second interface with an address in `node` (a veth pair inside it: this kernel has no
+/// dummy interfaces), and a default route through eth0: the session must take the default
+/// route's interface, not the other one.
+fn second_interface_and_default_route(lab: &McastLab, node: &str, n: u32) {
+    let ns = lab.node(node).ns.clone();
+    sh(&format!(
+        "ip -n {ns} link add side0 type veth peer name side1 && ip -n {ns} addr add 10.99.{n}.1/24 dev side0 \
+         && ip -n {ns} link set side0 up && ip -n {ns} link set side1 up && ip -n {ns} route add default dev eth0"
+    ));
+}
+
+#[test]
+fn the_addr_override_and_the_default_route_interface_carry_the_session() {
+    let _one = serial();
+    let mut lab = McastLab::new(1, 2);
+    for (i, n) in ["m0", "c0", "c1"].iter().enumerate() {
+        second_interface_and_default_route(&lab, n, i as u32);
+    }
+    let master = room_disk(lab.dir(), 91);
+    let t0 = master.blank_like(&lab.dir().join("client0.img"));
+    let t1 = master.blank_like(&lab.dir().join("client1.img"));
+    let addr = "-addr=239.255.42.1";
+    // No -iface anywhere: each device has two interfaces with addresses and a default route.
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "addrroom",
+            &[
+                "-clients=1",
+                addr,
+                &format!("-disk={}", master.path.display()),
+            ],
+        ),
+    );
+    let c0 = spawn(&mut lab, "c0", &client_args("addrroom", &t0, &[addr]));
+    // Same name, no -addr: it listens on the name's own group, where nothing is sent.
+    let c1 = spawn(&mut lab, "c1", &client_args("addrroom", &t1, &[]));
+    expect_ok(&lab.wait(c0, SESSION_TIMEOUT), "client c0 (-addr)");
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    expect_ok(&fm, "the master");
+    assert!(
+        fm.output
+            .contains("master on eth0 (10.88.0.1), group 239.255.42.1:9730"),
+        "the master did not take eth0 (the default route's) and the -addr group:\n{}",
+        fm.output
+    );
+    assert_same_disk(&master, &t0, "client c0");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lab.running(c1), "c1 (no -addr) ended:\n{}", lab.output(c1));
+    assert_eq!(
+        allocated(&t1),
+        0,
+        "c1 (no -addr) wrote data of the -addr session"
+    );
+    let derived = "231."; // the name's group is always in 231.0.0.0/8
+    assert!(
+        lab.output(c1)
+            .contains(&format!("waiting for the master on {derived}")),
+        "{}",
+        lab.output(c1)
+    );
+    // The same client with -iface=eth0 named explicitly joins the next session.
+    lab.kill(c1);
+    let m2 = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "addrroom",
+            &[
+                "-clients=1",
+                addr,
+                "-iface=eth0",
+                &format!("-disk={}", master.path.display()),
+            ],
+        ),
+    );
+    let c1 = spawn(
+        &mut lab,
+        "c1",
+        &client_args("addrroom", &t1, &[addr, "-iface=eth0"]),
+    );
+    expect_ok(
+        &lab.wait(c1, SESSION_TIMEOUT),
+        "client c1 (-addr, -iface=eth0)",
+    );
+    expect_ok(&lab.wait(m2, SESSION_TIMEOUT), "the second master");
+    assert_same_disk(&master, &t1, "client c1");
+}
+
+#[test]
+fn a_copy_that_is_not_the_sessions_image_is_refused_and_nothing_of_it_is_written() {
+    let _one = serial();
+    let mut lab = McastLab::new(2, 2);
+    let master = room_disk(lab.dir(), 101);
+    let (www, image) = publish_image(&lab, &master);
+    let good = std::fs::read(&image).unwrap();
+    // The server's copy: the same size and records, but one byte of every chunk's payload
+    // flipped after the first (a damaged or tampered copy). The session sends the good one.
+    let sent = lab.dir().join("sent.fimg");
+    std::fs::copy(&image, &sent).unwrap();
+    let mut bad = good.clone();
+    for (off, len) in chunk_records(&good).into_iter().skip(1) {
+        if len > 76 {
+            bad[(off + 76) as usize] ^= 0x55;
+        }
+    }
+    std::fs::write(&image, &bad).unwrap();
+    let server = LabServer::start(&mut lab, "m1", &www);
+    let t0 = master.blank_like(&lab.dir().join("client0.img"));
+    let t1 = master.blank_like(&lab.dir().join("client1.img"));
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "badcopy",
+            &[
+                "-clients=2",
+                "-throttle=5",
+                &format!("-image={}", sent.display()),
+            ],
+        ),
+    );
+    let c0 = spawn(&mut lab, "c0", &client_args("badcopy", &t0, &[]));
+    let server_arg = format!("-server={}/room.fimg", server.url);
+    let c1 = spawn_env(
+        &mut lab,
+        "c1",
+        &["IMG_SESSION_FALLBACK=2"],
+        &client_args("badcopy", &t1, &[&server_arg]),
+    );
+    wait_until(SESSION_TIMEOUT, "client c1 has written data", || {
+        allocated(&t1) > 2 * MIB
+    });
+    assert!(lab.running(c1), "c1 finished before the cut: throttle more");
+    cut_udp_towards(&lab, "c1");
+    let f1 = lab.wait(c1, SESSION_TIMEOUT);
+    assert_eq!(
+        f1.code,
+        Some(6),
+        "c1 must fail with the network exit code when the copy is not the session's image:\n{}",
+        e2e::tail(&f1.output, 30)
+    );
+    assert!(
+        f1.output.contains("not the same image") && f1.output.contains(&server.url),
+        "c1's error does not say the copy at the server is not the session's image:\n{}",
+        e2e::tail(&f1.output, 30)
+    );
+    // Nothing of the bad copy reached the disk: every chunk that c1 wrote is the master's.
+    // (What it wrote before the cut is correct; the rest stays zero, as on a new disk.)
+    let want = std::fs::read(&master.path).unwrap();
+    let got = std::fs::read(&t1).unwrap();
+    let foreign = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| **g != 0 && w != g)
+        .count();
+    assert_eq!(
+        foreign, 0,
+        "c1 wrote {foreign} bytes that are not the master's"
+    );
+    expect_ok(&lab.wait(c0, SESSION_TIMEOUT), "client c0");
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    assert!(
+        fm.output.contains("FAILED"),
+        "the master's summary does not report c1's failure:\n{}",
+        e2e::tail(&fm.output, 20)
+    );
+    assert_same_disk(&master, &t0, "client c0");
+}

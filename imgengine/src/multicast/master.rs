@@ -730,7 +730,11 @@ impl Master {
         let r = loop {
             match self.sock.send_to(&b, self.dest) {
                 Ok(_) => break Ok(()),
-                Err(e) if e.kind() == IoKind::WouldBlock => {
+                // A full queue (ENOBUFS on a busy interface) passes: wait and send again.
+                Err(e)
+                    if e.kind() == IoKind::WouldBlock
+                        || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                {
                     std::thread::sleep(Duration::from_micros(200))
                 }
                 Err(e) if e.kind() == IoKind::Interrupted => {}

@@ -43,11 +43,11 @@ pub use super::packet::SYMBOL_SIZE;
 
 /// Symbols per source block. Decoding a block after loss solves a K x K system, whose
 /// cost grows much faster than K: measured with raptorq 2.0.1, K = 1024 takes over a
-/// second, K = 128 a few milliseconds. 128 symbols are 177 KB; a 4 MiB chunk is 24 blocks.
+/// second, K = 128 a few milliseconds. 128 symbols are 184 KB; a 4 MiB chunk is 23 blocks.
 pub const MAX_BLOCK_SYMBOLS: u64 = 128;
 /// Bytes of one full block.
 pub const BLOCK_BYTES: u64 = MAX_BLOCK_SYMBOLS * SYMBOL_SIZE as u64;
-/// Largest object the protocol carries: 255 blocks (the block number is one byte), 45 MB;
+/// Largest object the protocol carries: 255 blocks (the block number is one byte), 47 MB;
 /// enough for chunks of up to 32 MiB stored uncompressed and for the head of an image
 /// with a 1 MiB description and a half-million-chunk manifest.
 pub const MAX_OBJECT: u64 = 255 * BLOCK_BYTES;

@@ -155,8 +155,8 @@ pub struct Stats {
     pub nack_repairs: u64,
 }
 
-/// Encoders kept for repairs: 64 blocks of 177 KB (source and intermediate symbols,
-/// about 23 MB).
+/// Encoders kept for repairs: 64 blocks of 184 KB (source and intermediate symbols,
+/// about 24 MB). Blocks sent without repairs are never encoded.
 const ENCODER_CACHE: usize = 64;
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
 /// While registrations are taken, a device that just started hears of the master sooner.

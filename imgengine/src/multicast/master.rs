@@ -1133,6 +1133,90 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    fn report(client: u64, loss: u16, window_end: u32, needs: Vec<(u32, u32)>) -> Body {
+        Body::Status(Status {
+            client,
+            state: ClientState::Receiving,
+            bytes_done: 0,
+            bytes_total: 1,
+            loss_permille: loss,
+            window_end,
+            needs,
+            nacks: vec![Nack {
+                object: 1,
+                block: 0,
+                missing: 40,
+            }],
+            message: String::new(),
+        })
+    }
+
+    /// The warm-up sends only head and tail until every client has them; then an object
+    /// goes out only when every client keeping pace can keep it; a client far lossier than
+    /// the room stops holding objects back, sizing repairs and slowing the rate.
+    #[test]
+    fn the_room_is_kept_together_and_a_lossy_client_waits() {
+        let (mut m, dir) = master("room");
+        for c in [1, 2, 3] {
+            m.handle(
+                Body::Register {
+                    client: c,
+                    name: format!("c{c}"),
+                },
+                from(3000 + c as u16),
+            );
+        }
+        m.start();
+        let tail = m.tail_index();
+        assert!(tail > 6, "test image too small: {tail} objects");
+        m.handle(report(1, 0, 5, vec![(1, tail)]), from(3001));
+        m.handle(report(2, 0, 4, vec![(1, tail)]), from(3002));
+        // Client 3 has not got the head and tail yet: only they may go out.
+        m.handle(report(3, 0, 0, vec![(0, 1), (tail, tail + 1)]), from(3003));
+        assert!(m.warming());
+        assert_eq!(m.next_object(0), Ok(0));
+        assert_eq!(m.next_object(1), Ok(tail));
+        m.pending.clear();
+        // Now it knows the image: chunks go out, up to the smallest window (client 2's).
+        m.handle(report(3, 0, 6, vec![(1, tail)]), from(3003));
+        assert!(!m.warming());
+        assert_eq!(m.next_object(1), Ok(1));
+        assert_eq!(m.next_object(3), Ok(3));
+        assert_eq!(
+            m.next_object(4),
+            Err(Some(1)),
+            "client 2 cannot keep object 4"
+        );
+        // The three NACKs of block (1, 0) were gathered into one repair of 40 symbols.
+        assert_eq!(m.pending.get(&(1, 0)).map(|p| p.0), Some(40));
+        m.pending.clear();
+        // Client 2 loses 40 % while the others lose nothing: lagging. It no longer holds
+        // object 4 back, its NACKs wait, and neither repairs nor rate follow its loss.
+        m.handle(report(2, 400, 4, vec![(1, tail)]), from(3002));
+        m.handle(report(2, 400, 4, vec![(1, tail)]), from(3002));
+        m.find_laggards(ADJUST_EVERY);
+        assert!(m.clients[1].lagging);
+        m.pending.clear();
+        m.handle(report(2, 400, 4, vec![(1, tail)]), from(3002));
+        assert!(m.pending.is_empty(), "a lagging client's NACKs wait");
+        assert!(!m.clients[0].lagging && !m.clients[2].lagging);
+        assert_eq!(m.next_object(4), Ok(4));
+        assert_eq!(m.proactive(128), 0);
+        let rate = m.rate;
+        m.adjust_rate();
+        m.react();
+        assert_eq!(m.rate, rate, "one lossy client does not slow the room");
+        // Many clients lossy beyond the usual level: the rate is cut at once.
+        m.last_cut = Instant::now() - CUT_EVERY;
+        m.handle(report(1, 300, 5, vec![(1, tail)]), from(3001));
+        m.handle(report(3, 300, 6, vec![(1, tail)]), from(3003));
+        assert!(
+            m.rate < rate,
+            "the room reports congestion: the rate is cut"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn late_devices_are_refused_once_started_unless_late_join() {
         let (mut m, dir) = master("late");

@@ -48,6 +48,9 @@ const NACK_REPEAT: Duration = Duration::from_millis(300);
 /// How often the receiver looks for NACKs that are due: they go out at once in a status
 /// of their own (not at the next 200 ms report), so the NACKs of every client for a block
 /// reach the master together and one repair answers them all.
+/// Objects the deploy skipped (read out of image order, e.g. partition tables written
+/// last) that stay held once received, at most this many bytes.
+const KEEP_SKIPPED: u64 = 1 << 20;
 /// Datagrams taken per system call (and per lock of the receiver's state).
 const RECV_BATCH: usize = 32;
 const NACK_CHECK: Duration = Duration::from_millis(20);
@@ -1108,10 +1111,24 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
             rx.active.push((first, last));
             let floor = rx.active.iter().map(|a| a.0).min().unwrap_or(first);
             let skipped: Vec<u32> = rx.wanted.range(1..floor.max(1)).copied().collect();
+            // Except small objects already received: the partition-table chunks, which the
+            // deploy reads last (dropping them would cost a whole pass at the end). At most
+            // KEEP_SKIPPED bytes stay held this way.
+            let mut kept: u64 = rx
+                .store
+                .iter()
+                .filter(|(o, _)| !rx.wanted.contains(o))
+                .map(|(_, d)| d.len() as u64)
+                .sum();
             for o in skipped {
                 rx.wanted.remove(&o);
-                rx.store.remove(&o);
                 rx.decoding.remove(&o);
+                let len = rx.store.get(&o).map_or(0, |d| d.len() as u64);
+                if len > 0 && len <= KEEP_SKIPPED && kept + len <= KEEP_SKIPPED {
+                    kept += len;
+                } else {
+                    rx.store.remove(&o);
+                }
             }
         }
         v

@@ -51,6 +51,8 @@ const NACK_REPEAT: Duration = Duration::from_millis(300);
 /// Objects the deploy skipped (read out of image order, e.g. partition tables written
 /// last) that stay held once received, at most this many bytes.
 const KEEP_SKIPPED: u64 = 1 << 20;
+/// Objects up to this size count as small for [`KEEP_SKIPPED`].
+const KEEP_SMALL: u64 = 64 << 10;
 /// Datagrams taken per system call (and per lock of the receiver's state).
 const RECV_BATCH: usize = 32;
 const NACK_CHECK: Duration = Duration::from_millis(20);
@@ -1124,7 +1126,7 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
                 rx.wanted.remove(&o);
                 rx.decoding.remove(&o);
                 let len = rx.store.get(&o).map_or(0, |d| d.len() as u64);
-                if len > 0 && len <= KEEP_SKIPPED && kept + len <= KEEP_SKIPPED {
+                if len > 0 && len <= KEEP_SMALL && kept + len <= KEEP_SKIPPED {
                     kept += len;
                 } else {
                     rx.store.remove(&o);
@@ -1189,8 +1191,18 @@ fn send_objects(
             // Read to its end: the deploy has it; free the memory.
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
             if i != 0 && i != rx.tail_index() {
-                rx.store.remove(&i);
                 rx.wanted.remove(&i);
+                // A small object (a partition-table chunk: the deploy reads it again when
+                // it writes the tables, last) stays, within KEEP_SKIPPED bytes in all.
+                let kept: u64 = rx
+                    .store
+                    .iter()
+                    .filter(|(o, _)| !rx.wanted.contains(o) && **o != i)
+                    .map(|(_, d)| d.len() as u64)
+                    .sum();
+                if o.len > KEEP_SMALL || kept + o.len > KEEP_SKIPPED {
+                    rx.store.remove(&i);
+                }
             }
         }
     }

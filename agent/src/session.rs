@@ -371,7 +371,7 @@ fn run_master(
     let _ = std::io::stdout().flush();
     let mut last_reg: Option<Instant> = None;
     loop {
-        for e in m.poll(Duration::from_millis(200))? {
+        for e in m.poll(Duration::from_millis(50))? {
             print_event(&e, &m, a.clients, &mut HashMap::new());
             if matches!(e, Event::Registered { .. }) {
                 last_reg = Some(Instant::now());
@@ -432,7 +432,7 @@ fn run_master(
     }
     let s = &m.stats;
     println!(
-        "session {}: {ok} of {} client(s) done; {} packets, {} on the wire for a {} image ({:.3}x), {} repair packets, {} extra pass(es)",
+        "session {}: {ok} of {} client(s) done; {} packets, {} on the wire for a {} image ({:.3}x), {} repair packets ({} asked for by NACKs), {} extra pass(es), {} block(s) encoded, held back {:.1} s for the room, {} client(s) caught up alone, rate cut {} time(s) (lowest {:.1} MB/s)",
         a.name,
         m.clients.len(),
         s.packets,
@@ -440,7 +440,13 @@ fn run_master(
         human(s.image_bytes),
         s.wire_bytes as f64 / s.image_bytes.max(1) as f64,
         s.repair_packets,
-        s.passes
+        s.nack_repairs,
+        s.passes,
+        s.blocks_encoded,
+        s.held_back.as_secs_f64(),
+        m.clients.iter().filter(|c| c.lagging).count(),
+        s.rate_cuts,
+        s.min_rate / 1e6
     );
     Ok(if ok == m.clients.len() {
         Exit::Success.code()

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use super::fallback::{Fallback, RangeFetcher};
 use super::fec::{self, BlockDecoder};
 use super::packet::{
-    Announce, Body, ClientState, MasterState, Nack, Packet, ReplyCode, Status, MAX_NACKS,
-    MAX_NEEDS, MAX_PACKET,
+    data_tag, is_data, Announce, Body, ClientState, Data, MasterState, Nack, Packet, ReplyCode,
+    Status, MAX_NACKS, MAX_NEEDS, MAX_PACKET, TAG_LEN,
 };
 use super::{net, Object};
 use crate::deploy::{self, DeployOptions, DeploySummary};
@@ -46,6 +46,17 @@ const STATUS_EVERY: Duration = Duration::from_millis(200);
 /// A block that got no symbol for this long while incomplete is NACKed.
 const NACK_AFTER: Duration = Duration::from_millis(60);
 const NACK_REPEAT: Duration = Duration::from_millis(300);
+/// How often the receiver looks for NACKs that are due: they go out at once in a status
+/// of their own (not at the next 200 ms report), so the NACKs of every client for a block
+/// reach the master together and one repair answers them all.
+/// Objects the deploy skipped (read out of image order, e.g. partition tables written
+/// last) that stay held once received, at most this many bytes.
+const KEEP_SKIPPED: u64 = 1 << 20;
+/// Objects up to this size count as small for [`KEEP_SKIPPED`].
+const KEEP_SMALL: u64 = 64 << 10;
+/// Datagrams taken per system call (and per lock of the receiver's state).
+const RECV_BATCH: usize = 32;
+const NACK_CHECK: Duration = Duration::from_millis(20);
 /// How long a due status waits for the receive queue to empty.
 const BACKLOG_WAIT: Duration = Duration::from_millis(800);
 /// An object with no symbol for this long: its unheard blocks are asked for by NACK.
@@ -120,6 +131,8 @@ struct Rx {
     range_error: Option<String>,
     /// When the last data packet of the session arrived.
     last_data: Instant,
+    /// Something the master must hear at once (the image's objects became known).
+    status_now: bool,
 }
 
 impl Rx {
@@ -179,6 +192,21 @@ impl Rx {
         false
     }
 
+    /// The first object beyond the window (what the master may not send for this client
+    /// now); 0 while the objects are not known.
+    fn window_end(&self) -> u32 {
+        let Some(objs) = &self.objects else { return 0 };
+        let mut bytes = 0u64;
+        for &w in &self.wanted {
+            let len = objs.get(w as usize).map_or(0, |x| x.len);
+            if bytes > 0 && bytes + len > WINDOW_BYTES {
+                return w;
+            }
+            bytes += len;
+        }
+        objs.len() as u32
+    }
+
     /// What to ask the master for: head and tail until known, then wanted objects not
     /// held and not being repaired.
     fn needs(&self, now: Instant) -> Vec<(u32, u32)> {
@@ -233,7 +261,8 @@ impl Rx {
         r
     }
 
-    fn nacks(&mut self, now: Instant) -> Vec<Nack> {
+    /// `dry`: only say whether some NACK is due (at most one returned, nothing recorded).
+    fn nacks(&mut self, now: Instant, dry: bool) -> Vec<Nack> {
         let mut out = Vec::new();
         let lens: HashMap<u32, u64> = self
             .decoding
@@ -272,6 +301,14 @@ impl Rx {
                     .get(&b)
                     .is_none_or(|t| now.duration_since(*t) >= NACK_REPEAT);
                 if quiet && repeat && out.len() < MAX_NACKS {
+                    if dry {
+                        out.push(Nack {
+                            object: o,
+                            block: b,
+                            missing: 0,
+                        });
+                        return out;
+                    }
                     out.push(Nack {
                         object: o,
                         block: b,
@@ -343,6 +380,11 @@ pub fn run(
     let mut accepted: Option<[u8; 32]> = None;
     let mut last_register = None::<Instant>;
     let mut buf = vec![0u8; MAX_PACKET + 1];
+    // The latest announcement heard: once the master accepts us, no need to wait for the next.
+    let mut last_ann: Option<(SocketAddr, [u8; 32], Announce)> = None;
+    group
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| net_err("session socket", e))?;
     let (master, digest, announce) = loop {
         while let Some((code, msg, d)) = poll_reply(&ctrl, &mut buf, &session, cfg.client_id)? {
             match code {
@@ -355,12 +397,18 @@ pub fn run(
                 }
             }
         }
+        if let (Some(d), Some((from, ad, a))) = (accepted, &last_ann) {
+            if *ad == d {
+                break (*from, d, a.clone());
+            }
+        }
         let Some((pkt, from)) = recv(&group, &mut buf, &session)? else {
             continue;
         };
         let Body::Announce(a) = pkt.body else {
             continue;
         };
+        last_ann = Some((from, pkt.digest, a.clone()));
         if accepted == Some(pkt.digest) {
             break (from, pkt.digest, a);
         }
@@ -410,6 +458,7 @@ pub fn run(
             range: range.clone(),
             range_error: None,
             last_data: Instant::now(),
+            status_now: false,
         }),
         Condvar::new(),
     ));
@@ -615,35 +664,48 @@ impl RxCtx {
         let mut buf = vec![0u8; MAX_PACKET + 1];
         let mut heard = Instant::now();
         let mut last_status = Instant::now() - STATUS_EVERY;
-        let (mut first_seq, mut last_seq, mut got) = (None::<u32>, 0u32, 0u64);
+        let mut last_nack_check = Instant::now();
+        let mut final_sent = false;
+        let tag: [u8; TAG_LEN] = data_tag(&self.session, &self.digest);
+        // Loss: data packets the master's sequence says were sent, against those that came.
+        let (mut prev_seq, mut expected, mut got) = (None::<u16>, 0u64, 0u64);
         let _ = self.group.set_read_timeout(Some(Duration::from_millis(20)));
+        let mut batch = net::RecvBatch::new(RECV_BATCH, MAX_PACKET + 1);
         while !self.stop.load(Ordering::Relaxed) {
-            let pkt = match recv(&self.group, &mut buf, &self.session) {
-                Ok(p) => p,
+            let count = match batch.recv(&self.group) {
+                Ok(n) => n,
                 Err(e) => {
-                    self.fail(e.to_string());
+                    self.fail(net_err("receiving the session", e).to_string());
                     return;
                 }
             };
-            if let Some((p, _)) = pkt {
-                if p.digest == self.digest {
-                    heard = Instant::now();
-                    match p.body {
-                        Body::Data {
-                            object,
-                            block,
-                            esi,
-                            seq,
-                            symbol,
-                        } => {
-                            if first_seq.is_none() {
-                                first_seq = Some(seq);
-                            }
-                            last_seq = seq;
-                            got += 1;
-                            self.symbol(object, block, esi, &symbol);
+            let mut symbols: Vec<Data<'_>> = Vec::with_capacity(count);
+            for i in 0..count {
+                let b = batch.get(i);
+                if is_data(b) {
+                    // Data of this session and image only: the tag names both.
+                    let Ok(d) = Data::parse(b) else { continue };
+                    if d.tag != tag {
+                        continue;
+                    }
+                    match prev_seq.map(|p| d.seq.wrapping_sub(p)) {
+                        None => {
+                            expected += 1;
+                            prev_seq = Some(d.seq);
                         }
-                        Body::End { aborted } => {
+                        Some(gap) if gap > 0 && gap < 0x8000 => {
+                            expected += u64::from(gap);
+                            prev_seq = Some(d.seq);
+                        }
+                        // A duplicate or a reordered packet: nothing more expected.
+                        Some(_) => {}
+                    }
+                    got += 1;
+                    symbols.push(d);
+                } else if let Ok(p) = Packet::parse(b) {
+                    if p.session == self.session && p.digest == self.digest {
+                        heard = Instant::now();
+                        if let Body::End { aborted } = p.body {
                             let unfinished = self
                                 .finished
                                 .lock()
@@ -653,9 +715,12 @@ impl RxCtx {
                                 self.fail("the master ended the session before this device had the whole image".into());
                             }
                         }
-                        _ => {}
                     }
                 }
+            }
+            if !symbols.is_empty() {
+                heard = Instant::now();
+                self.symbols(&symbols);
             }
             // Replies on the unicast socket.
             while let Ok(Some((p, _))) = recv(&self.ctrl, &mut buf, &self.session) {
@@ -676,21 +741,35 @@ impl RxCtx {
             // send it again. So a status waits until the queue is empty (a device keeping
             // up empties it within a few packets); after BACKLOG_WAIT it goes anyway, with
             // progress and loss only, and no needs or NACKs.
-            let due = last_status.elapsed();
+            let mut due = last_status.elapsed();
+            if due < STATUS_EVERY && last_nack_check.elapsed() >= NACK_CHECK {
+                last_nack_check = Instant::now();
+                let now = Instant::now();
+                let (nack_due, urgent) = {
+                    let mut rx = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+                    let u = std::mem::take(&mut rx.status_now);
+                    (!rx.nacks(now, true).is_empty(), u)
+                };
+                // The result goes out as soon as the deploy has it.
+                let result = !final_sent
+                    && self
+                        .finished
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_some();
+                final_sent |= result;
+                if urgent || result || (nack_due && !net::backlogged(&self.group)) {
+                    due = STATUS_EVERY;
+                }
+            }
             if due >= STATUS_EVERY {
                 let backlog = net::backlogged(&self.group);
                 if backlog && due < STATUS_EVERY + BACKLOG_WAIT {
                     continue;
                 }
                 last_status = Instant::now();
-                let loss = match first_seq {
-                    Some(f) => {
-                        let expected = u64::from(last_seq.wrapping_sub(f)) + 1;
-                        (expected.saturating_sub(got) * 1000 / expected.max(1)).min(1000) as u16
-                    }
-                    None => 0,
-                };
-                (first_seq, got) = (None, 0);
+                let loss = (expected.saturating_sub(got) * 1000 / expected.max(1)).min(1000) as u16;
+                (expected, got) = (0, 0);
                 self.status(loss, backlog);
             }
         }
@@ -711,7 +790,7 @@ impl RxCtx {
             (Vec::new(), Vec::new())
         } else {
             let mut rx = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
-            (rx.needs(now), rx.nacks(now))
+            (rx.needs(now), rx.nacks(now, false))
         };
         let fin = self
             .finished
@@ -719,6 +798,12 @@ impl RxCtx {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let (state, message) = fin.unwrap_or((ClientState::Receiving, String::new()));
+        let window_end = self
+            .shared
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .window_end();
         let b = Packet {
             session: self.session,
             digest: self.digest,
@@ -728,6 +813,7 @@ impl RxCtx {
                 bytes_done: self.done.load(Ordering::Relaxed),
                 bytes_total: self.total.load(Ordering::Relaxed),
                 loss_permille,
+                window_end,
                 needs: if state == ClientState::Receiving {
                     needs
                 } else {
@@ -745,21 +831,37 @@ impl RxCtx {
         let _ = self.ctrl.send_to(&b, self.master);
     }
 
-    fn symbol(&self, object: u32, block: u8, esi: u32, symbol: &[u8]) {
+    /// Take a batch of symbols under one lock.
+    fn symbols(&self, batch: &[Data<'_>]) {
         let (m, cv) = &*self.shared;
         let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
         rx.last_data = Instant::now();
-        if rx.have(object) {
-            return;
+        let mut completed = false;
+        for d in batch {
+            completed |= symbol(&mut rx, d.object, d.block, d.esi, d.symbol, &self.digest);
         }
-        let Some(obj) = rx.object(object) else { return };
+        if completed {
+            cv.notify_all();
+        }
+    }
+}
+
+/// Feed one symbol; `true` when it completed an object.
+fn symbol(rx: &mut Rx, object: u32, block: u8, esi: u32, symbol: &[u8], digest: &[u8; 32]) -> bool {
+    {
+        if rx.have(object) {
+            return false;
+        }
+        let Some(obj) = rx.object(object) else {
+            return false;
+        };
         let blocks = fec::block_count(obj.len);
         if u32::from(block) >= blocks {
-            return;
+            return false;
         }
         if !rx.decoding.contains_key(&object) {
             if !rx.in_window(object) {
-                return;
+                return false;
             }
             rx.decoding.insert(
                 object,
@@ -776,7 +878,7 @@ impl RxCtx {
         let d = rx.decoding.get_mut(&object).expect("inserted above");
         let b = block as usize;
         if d.done[b].is_some() {
-            return;
+            return false;
         }
         d.last_rx.insert(block, now);
         let dec = d.blocks[b].get_or_insert_with(|| {
@@ -791,15 +893,15 @@ impl RxCtx {
             d.blocks[b] = None;
         }
         if d.remaining > 0 {
-            return;
+            return false;
         }
         let d = rx.decoding.remove(&object).expect("present");
         let mut data = Vec::with_capacity(obj.len as usize);
         for part in d.done.into_iter().flatten() {
             data.extend_from_slice(&part);
         }
-        accept(&mut rx, object, data, &self.digest);
-        cv.notify_all();
+        accept(rx, object, data, digest);
+        true
     }
 }
 
@@ -826,6 +928,7 @@ fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
                         rx.wanted.extend(1..=m.entries.len() as u32);
                         rx.manifest = Some(m);
                         rx.objects = Some(objs);
+                        rx.status_now = true;
                     }
                     Err(_) => {
                         // Not the image the packets name: fetch both again.
@@ -1068,10 +1171,24 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
             rx.active.push((first, last));
             let floor = rx.active.iter().map(|a| a.0).min().unwrap_or(first);
             let skipped: Vec<u32> = rx.wanted.range(1..floor.max(1)).copied().collect();
+            // Except small objects already received: the partition-table chunks, which the
+            // deploy reads last (dropping them would cost a whole pass at the end). At most
+            // KEEP_SKIPPED bytes stay held this way.
+            let mut kept: u64 = rx
+                .store
+                .iter()
+                .filter(|(o, _)| !rx.wanted.contains(o))
+                .map(|(_, d)| d.len() as u64)
+                .sum();
             for o in skipped {
                 rx.wanted.remove(&o);
-                rx.store.remove(&o);
                 rx.decoding.remove(&o);
+                let len = rx.store.get(&o).map_or(0, |d| d.len() as u64);
+                if len > 0 && len <= KEEP_SMALL && kept + len <= KEEP_SKIPPED {
+                    kept += len;
+                } else {
+                    rx.store.remove(&o);
+                }
             }
         }
         v
@@ -1156,8 +1273,18 @@ fn send_objects(
             // chunks, and freeing them here would cost this client a whole pass.)
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
             if i != 0 && i != rx.tail_index() {
-                rx.store.remove(&i);
                 rx.wanted.remove(&i);
+                // A small object (a partition-table chunk: the deploy reads it again when
+                // it writes the tables, last) stays, within KEEP_SKIPPED bytes in all.
+                let kept: u64 = rx
+                    .store
+                    .iter()
+                    .filter(|(o, _)| !rx.wanted.contains(o) && **o != i)
+                    .map(|(_, d)| d.len() as u64)
+                    .sum();
+                if o.len > KEEP_SMALL || kept + o.len > KEEP_SKIPPED {
+                    rx.store.remove(&i);
+                }
             }
         }
     }

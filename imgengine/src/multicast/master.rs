@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use super::fec::{self, BlockEncoder};
 use super::packet::{
-    Announce, Body, ClientState, MasterState, Packet, ReplyCode, Status, MAX_PACKET,
+    data_tag, Announce, Body, ClientState, Data, MasterState, Packet, ReplyCode, Status,
+    MAX_PACKET, SYMBOL_SIZE, TAG_LEN,
 };
 use super::{net, Object};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -97,6 +98,18 @@ pub struct ClientInfo {
     needs: Option<Vec<(u32, u32)>>,
     /// When `needs` was reported.
     needs_at: Instant,
+    /// The first object it could not keep now (0: it does not know the objects yet).
+    window_end: u32,
+    /// Its reported loss, smoothed (per mille).
+    loss_avg: f64,
+    /// It cannot keep pace with the room (far more loss than the others, or it alone held
+    /// the carousel back for long): from now on it catches up on later passes and no
+    /// longer sizes repairs, holds objects back or slows the rate.
+    pub lagging: bool,
+    /// Time it alone held the carousel back in the current rate period, and how many
+    /// periods in a row that was most of the period.
+    held: Duration,
+    held_periods: u32,
 }
 
 /// What happened, for the console.
@@ -131,17 +144,45 @@ pub struct Stats {
     pub repair_packets: u64,
     pub passes: u64,
     pub image_bytes: u64,
+    /// Data packets sent whose symbol the encoder computed (repairs) and blocks encoded.
+    pub blocks_encoded: u64,
+    /// Time the carousel waited because clients that keep pace had no room.
+    pub held_back: Duration,
+    /// Times the automatic rate was cut, and its lowest value (bytes/s).
+    pub rate_cuts: u64,
+    pub min_rate: f64,
+    /// Repair symbols asked for by NACKs, and the proactive ones.
+    pub nack_repairs: u64,
 }
 
-/// Encoders kept for repairs: 64 blocks of 177 KB (source and intermediate symbols,
-/// about 23 MB).
+/// Encoders kept for repairs: 64 blocks of 184 KB (source and intermediate symbols,
+/// about 24 MB). Blocks sent without repairs are never encoded.
 const ENCODER_CACHE: usize = 64;
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+/// While registrations are taken, a device that just started hears of the master sooner.
+const ANNOUNCE_WAITING: Duration = Duration::from_millis(100);
 /// A NACK for a block repaired this recently is already being answered.
 const REPAIR_HOLDOFF: Duration = Duration::from_millis(150);
 /// An object is sent again to a client only if it still reports needing it this long
 /// after it was last sent (its reports come every 200 ms).
 const RESEND_AFTER: Duration = Duration::from_millis(100);
+/// NACKs for one block are gathered this long, so one repair answers every client that
+/// reported the block (the largest count, not the sum).
+const NACK_GATHER: Duration = Duration::from_millis(20);
+/// The automatic rate is reconsidered this often.
+const ADJUST_EVERY: Duration = Duration::from_millis(250);
+/// The rate is cut at most this often.
+const CUT_EVERY: Duration = Duration::from_millis(100);
+/// At the start only the image's head and tail go out, until every registered client has
+/// them (or this long has passed), so the whole room takes the chunks from the first pass.
+const WARMUP_MAX: Duration = Duration::from_secs(3);
+/// A client whose smoothed loss is over this (per mille) while the room's median is
+/// under [`ROOM_LOSS_OK`] cannot keep pace (a slow link): it is served on later passes.
+const LAGGING_LOSS: f64 = 200.0;
+const ROOM_LOSS_OK: f64 = 50.0;
+/// A client that alone held the carousel back for most of this many rate periods in a
+/// row (a slow disk) is served on later passes.
+const LAGGING_HELD_PERIODS: u32 = 16;
 
 pub struct Master {
     cfg: MasterConfig,
@@ -159,12 +200,21 @@ pub struct Master {
     last_announce: Option<Instant>,
     rate: f64,
     next_send: Instant,
-    pending: BTreeMap<(u32, u8), u32>,
+    pending: BTreeMap<(u32, u8), (u32, Instant)>,
     last_repair: HashMap<(u32, u8), Instant>,
     next_esi: HashMap<(u32, u8), u32>,
     cache: VecDeque<((u32, u8), Rc<BlockEncoder>)>,
     sent_at: HashMap<u32, Instant>,
     plans: HashMap<u32, Rc<fec::Plan>>,
+    tag: [u8; TAG_LEN],
+    /// Reused buffers: one datagram, one block of the image.
+    pkt_buf: Vec<u8>,
+    block_buf: Vec<u8>,
+    started: Option<Instant>,
+    /// The room's median loss of the last rate periods: the loss that is there whatever
+    /// the rate (a lossy link), against which a rise (congestion) is judged.
+    loss_history: VecDeque<f64>,
+    last_cut: Instant,
     pub stats: Stats,
 }
 
@@ -203,10 +253,12 @@ impl Master {
             head_len,
             tail_len: head.image_len - end,
         };
+        let cfg_name = cfg.name.clone();
+        let max_rate = cfg.max_rate as f64;
         Ok(Master {
             dest: SocketAddr::V4(SocketAddrV4::new(cfg.group, cfg.port)),
             session: super::name_hash(&cfg.name),
-            rate: (cfg.max_rate as f64 / 2.0).max(1e6),
+            rate: (cfg.max_rate as f64).max(1e6),
             cfg,
             sock,
             digest,
@@ -225,8 +277,17 @@ impl Master {
             cache: VecDeque::new(),
             sent_at: HashMap::new(),
             plans: HashMap::new(),
+            tag: data_tag(&super::name_hash(&cfg_name), &digest),
+            pkt_buf: Vec::with_capacity(MAX_PACKET),
+            block_buf: Vec::new(),
+            started: None,
+            // No loss until the clients say otherwise: loss present from the first report
+            // on is not taken for the link's usual level.
+            loss_history: VecDeque::from([0.0]),
+            last_cut: Instant::now(),
             stats: Stats {
                 image_bytes: head.image_len,
+                min_rate: max_rate,
                 ..Stats::default()
             },
         })
@@ -261,10 +322,14 @@ impl Master {
     }
 
     fn announce_if_due(&mut self) {
-        if self
-            .last_announce
-            .is_some_and(|t| t.elapsed() < ANNOUNCE_EVERY)
-        {
+        if self.last_announce.is_some_and(|t| {
+            t.elapsed()
+                < if self.running {
+                    ANNOUNCE_EVERY
+                } else {
+                    ANNOUNCE_WAITING
+                }
+        }) {
             return;
         }
         self.last_announce = Some(Instant::now());
@@ -293,6 +358,7 @@ impl Master {
     /// From now on registrations are refused (unless late join) and the carousel may run.
     pub fn start(&mut self) {
         self.running = true;
+        self.started = Some(Instant::now());
         self.last_announce = None;
         let now = Instant::now();
         for c in &mut self.clients {
@@ -393,6 +459,11 @@ impl Master {
                     last_seen: now,
                     needs: None,
                     needs_at: now,
+                    window_end: 0,
+                    loss_avg: 0.0,
+                    lagging: false,
+                    held: Duration::ZERO,
+                    held_periods: 0,
                 });
                 self.send_to(
                     Body::Reply {
@@ -427,12 +498,22 @@ impl Master {
         c.bytes_done = s.bytes_done;
         c.bytes_total = s.bytes_total;
         c.loss_permille = s.loss_permille;
+        c.loss_avg = if c.needs.is_none() {
+            f64::from(s.loss_permille)
+        } else {
+            0.5 * c.loss_avg + 0.5 * f64::from(s.loss_permille)
+        };
+        c.window_end = s.window_end;
+        let lagging = c.lagging;
         c.needs = Some(s.needs);
         c.needs_at = Instant::now();
         let id = c.id;
         match s.state {
             ClientState::Receiving => {
-                if running {
+                // A lagging client's NACKs wait until the room is done: repairs sized for
+                // it would be lost on its link again and slow everyone.
+                let room_busy = lagging && self.active().any(|c| self.in_step(c));
+                if running && !room_busy {
                     let now = Instant::now();
                     for n in s.nacks {
                         let key = (n.object, n.block);
@@ -446,9 +527,10 @@ impl Master {
                             continue;
                         }
                         let want = u32::from(n.missing).min(fec::MAX_BLOCK_SYMBOLS as u32 + 2);
-                        let e = self.pending.entry(key).or_insert(0);
-                        *e = (*e).max(want);
+                        let e = self.pending.entry(key).or_insert((0, now));
+                        e.0 = e.0.max(want);
                     }
+                    self.react();
                 }
                 Some(Event::Progress { id })
             }
@@ -473,56 +555,139 @@ impl Master {
             .filter(|c| c.outcome == Outcome::Receiving)
     }
 
-    /// The first object at or after `from` some client needs. An object sent since the
-    /// client's last report is not counted: the report may predate its arrival.
-    fn next_needed(&self, from: u32) -> Option<u32> {
+    /// A client that keeps pace with the room: registered at the start, knows the image's
+    /// objects, not lagging. Only these size the repairs, hold objects back and steer the
+    /// rate; the others catch up on later passes.
+    fn in_step(&self, c: &ClientInfo) -> bool {
+        c.outcome == Outcome::Receiving && !c.late && !c.lagging && c.window_end > 0
+    }
+
+    fn tail_index(&self) -> u32 {
+        self.objects.len() as u32 - 1
+    }
+
+    /// Still in the warm-up: some client registered at the start has not got the head and
+    /// tail yet (its needs still list them, or it has not reported).
+    fn warming(&self) -> bool {
+        let Some(t0) = self.started else { return false };
+        if t0.elapsed() >= WARMUP_MAX {
+            return false;
+        }
+        let tail = self.tail_index();
+        self.active()
+            .filter(|c| !c.late && !c.lagging)
+            .any(|c| match &c.needs {
+                None => true,
+                Some(r) => r.iter().any(|&(a, z)| a == 0 || (a..z).contains(&tail)),
+            })
+    }
+
+    /// Can every in-step client keep object `o` now? (`Err(client)`: the in-step client
+    /// with the smallest window that cannot.)
+    fn keepable(&self, o: u32) -> std::result::Result<(), usize> {
+        if o == 0 || o == self.tail_index() {
+            return Ok(());
+        }
+        let mut worst: Option<usize> = None;
+        for (i, c) in self.clients.iter().enumerate() {
+            if self.in_step(c)
+                && o >= c.window_end
+                && worst.is_none_or(|w| self.clients[w].window_end > c.window_end)
+            {
+                worst = Some(i);
+            }
+        }
+        worst.map_or(Ok(()), Err)
+    }
+
+    /// The first object at or after `from` some client needs and every in-step client can
+    /// keep. An object sent since the client's last report is not counted: the report may
+    /// predate its arrival. `Err(Some(i))`: something is needed but held back by client
+    /// `i`'s window.
+    fn next_object(&self, from: u32) -> std::result::Result<u32, Option<usize>> {
         let n = self.objects.len() as u32;
+        let warming = self.warming();
+        let tail = self.tail_index();
+        // While clients that keep pace are receiving, lagging ones wait.
+        let room = self.active().any(|c| self.in_step(c));
         let mut best: Option<u32> = None;
+        let mut held: Option<usize> = None;
         for c in self.active() {
+            if room && !self.in_step(c) && !warming && (c.lagging || c.late) {
+                continue;
+            }
             let fresh = |o: &u32| {
                 self.sent_at
                     .get(o)
                     .is_none_or(|t| c.needs_at > *t + RESEND_AFTER)
             };
-            let cand = match &c.needs {
-                // No report yet (it comes within 200 ms of registering): nothing to send
-                // for it yet; guessing "everything" would send the image before the client
-                // knows what it is.
-                None => None,
-                Some(r) => r
-                    .iter()
-                    .filter(|&&(_, z)| z > from)
-                    .find_map(|&(a, z)| (a.max(from)..z.min(n)).find(fresh)),
-            };
-            if let Some(o) = cand {
-                best = Some(best.map_or(o, |b| b.min(o)));
+            // No report yet (it comes within 200 ms of registering): nothing to send for
+            // it yet; guessing "everything" would send the image before the client knows
+            // what it is.
+            let Some(r) = &c.needs else { continue };
+            for &(a, z) in r.iter().filter(|&&(_, z)| z > from) {
+                for o in a.max(from)..z.min(n) {
+                    if best.is_some_and(|b| b <= o) {
+                        break;
+                    }
+                    if warming && o != 0 && o != tail {
+                        continue;
+                    }
+                    if !fresh(&o) {
+                        continue;
+                    }
+                    match self.keepable(o) {
+                        Ok(()) => {
+                            best = Some(o);
+                            break;
+                        }
+                        Err(i) => {
+                            held.get_or_insert(i);
+                        }
+                    }
+                }
             }
         }
-        best
+        best.ok_or(held)
+    }
+
+    /// The first needed object at or after `from` (for the tests: ignores hold-back).
+    #[cfg(test)]
+    fn next_needed(&self, from: u32) -> Option<u32> {
+        self.next_object(from).ok()
     }
 
     fn encoder(&mut self, object: u32, block: u8) -> Result<Rc<BlockEncoder>> {
         if let Some((_, e)) = self.cache.iter().find(|(k, _)| *k == (object, block)) {
             return Ok(e.clone());
         }
-        let o = self.objects[object as usize];
-        let (off, len) = fec::block_range(o.len, u32::from(block));
-        let mut data = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut data, o.offset + off)
-            .ctx(|| format!("reading {}", self.cfg.image.display()))?;
-        let k = fec::source_symbols(len);
+        self.read_block(object, block)?;
+        let data = std::mem::take(&mut self.block_buf);
+        let k = fec::source_symbols(data.len() as u64);
         let plan = self
             .plans
             .entry(k)
             .or_insert_with(|| Rc::new(fec::Plan::new(k)))
             .clone();
         let e = Rc::new(BlockEncoder::with_plan(block, &data, &plan));
+        self.block_buf = data;
+        self.stats.blocks_encoded += 1;
         if self.cache.len() >= ENCODER_CACHE {
             self.cache.pop_front();
         }
         self.cache.push_back(((object, block), e.clone()));
         Ok(e)
+    }
+
+    /// Read block `block` of `object` into `block_buf`.
+    fn read_block(&mut self, object: u32, block: u8) -> Result<()> {
+        let o = self.objects[object as usize];
+        let (off, len) = fec::block_range(o.len, u32::from(block));
+        self.block_buf.clear();
+        self.block_buf.resize(len as usize, 0);
+        self.file
+            .read_exact_at(&mut self.block_buf, o.offset + off)
+            .ctx(|| format!("reading {}", self.cfg.image.display()))
     }
 
     /// Wait until the next packet may go: the throttle, or the automatic rate.
@@ -540,62 +705,181 @@ impl Master {
         }
     }
 
-    fn send_symbol(&mut self, object: u32, block: u8, esi: u32, symbol: Vec<u8>) -> Result<()> {
+    /// Send one symbol (`symbol`: at most [`SYMBOL_SIZE`] bytes, zero-padded here, as
+    /// RaptorQ pads a block's last source symbol).
+    fn send_symbol(&mut self, object: u32, block: u8, esi: u32, symbol: &[u8]) -> Result<()> {
         self.seq = self.seq.wrapping_add(1);
-        let b = self.packet(Body::Data {
+        let mut b = std::mem::take(&mut self.pkt_buf);
+        let mut padded = [0u8; SYMBOL_SIZE];
+        let symbol = if symbol.len() == SYMBOL_SIZE {
+            symbol
+        } else {
+            padded[..symbol.len()].copy_from_slice(symbol);
+            &padded[..]
+        };
+        Data {
+            tag: self.tag,
+            seq: self.seq as u16,
             object,
             block,
             esi,
-            seq: self.seq,
             symbol,
-        });
+        }
+        .encode_into(&mut b);
         self.pace(b.len());
-        loop {
+        let r = loop {
             match self.sock.send_to(&b, self.dest) {
-                Ok(_) => break,
-                Err(e) if e.kind() == IoKind::WouldBlock => {
+                Ok(_) => break Ok(()),
+                // A full queue (ENOBUFS on a busy interface) passes: wait and send again.
+                Err(e)
+                    if e.kind() == IoKind::WouldBlock
+                        || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                {
                     std::thread::sleep(Duration::from_micros(200))
                 }
                 Err(e) if e.kind() == IoKind::Interrupted => {}
                 Err(e) => {
-                    return Err(Error::new(
+                    break Err(Error::new(
                         ErrorKind::Network,
                         format!("sending to {}: {e}", self.dest),
                     ))
                 }
             }
-        }
+        };
         self.stats.packets += 1;
         self.stats.wire_bytes += b.len() as u64;
-        Ok(())
+        self.pkt_buf = b;
+        r
     }
 
-    /// Extra repair symbols per block on the first send: the worst loss a client
-    /// reported, with a margin.
+    /// Extra repair symbols per block on the first send: the median smoothed loss of the
+    /// in-step clients, rounded up. NACKs cover the rest (the worst receiver's loss per
+    /// block); sizing these on the worst client would send its loss to every block.
     fn proactive(&self, k: u32) -> u32 {
-        let worst = self
+        let mut l: Vec<f64> = self
             .active()
-            .map(|c| u32::from(c.loss_permille))
-            .max()
-            .unwrap_or(0)
-            .min(300);
-        if worst == 0 {
-            0
-        } else {
-            (u64::from(k) * u64::from(worst) * 3 / 2000) as u32 + 1
+            .filter(|c| self.in_step(c))
+            .map(|c| c.loss_avg)
+            .collect();
+        if l.is_empty() {
+            return 0;
+        }
+        l.sort_by(f64::total_cmp);
+        let median = l[(l.len() - 1) / 2].min(300.0);
+        (f64::from(k) * median / 1000.0).ceil() as u32
+    }
+
+    /// The automatic rate: drop by 30 % when many in-step clients report loss beyond the
+    /// room's usual level (congestion), grow by 15 % while none does. "Many": more than a
+    /// third, and at least two when there are two or more, so one slow or lossy device does
+    /// not slow the room. The usual level is the lowest median loss of the last 5 s: loss
+    /// that is there whatever the rate (a lossy link) is repaired, not a reason to slow.
+    fn adjust_rate(&mut self) {
+        let losses = self.rate_losses();
+        if losses.is_empty() {
+            return;
+        }
+        self.loss_history.push_back(losses[losses.len() / 2]);
+        if self.loss_history.len() > 20 {
+            self.loss_history.pop_front();
+        }
+        let base = self.loss_base();
+        if self.congested(&losses, base) {
+            self.cut_rate();
+        } else if losses.iter().all(|&l| l <= (base + 10.0).max(10.0))
+            && self.last_cut.elapsed() >= ADJUST_EVERY * 2
+        {
+            self.rate = (self.rate * 1.15).min(self.cfg.max_rate as f64);
         }
     }
 
-    fn adjust_rate(&mut self) {
-        let active: Vec<u16> = self.active().map(|c| c.loss_permille).collect();
-        let n = active.len();
-        let lossy = active.iter().filter(|&&l| l > 50).count();
-        // "Many" receivers: more than a third, and at least two when there are two or
-        // more, so one slow device does not slow the room.
-        if n > 0 && lossy * 3 > n && (lossy >= 2 || n == 1) {
-            self.rate = (self.rate * 0.7).max(500_000.0);
-        } else if active.iter().all(|&l| l <= 10) {
-            self.rate = (self.rate * 1.15).min(self.cfg.max_rate as f64);
+    /// On every status: a room that reports congestion slows down at once (at most every
+    /// [`CUT_EVERY`]), not at the next rate period: a whole image can go out in less.
+    fn react(&mut self) {
+        if self.cfg.throttle_ms > 0 || self.last_cut.elapsed() < CUT_EVERY {
+            return;
+        }
+        let losses = self.rate_losses();
+        if self.congested(&losses, self.loss_base()) {
+            self.cut_rate();
+        }
+    }
+
+    fn cut_rate(&mut self) {
+        self.rate = (self.rate * 0.7).max(500_000.0);
+        self.last_cut = Instant::now();
+        self.stats.rate_cuts += 1;
+        self.stats.min_rate = self.stats.min_rate.min(self.rate);
+    }
+
+    /// Smoothed losses that steer the rate, ascending: the in-step clients', or everyone's
+    /// when none keeps pace (a lagging client alone, once the room is done).
+    fn rate_losses(&self) -> Vec<f64> {
+        let any = self.active().any(|c| self.in_step(c));
+        let mut v: Vec<f64> = self
+            .active()
+            .filter(|c| c.needs.is_some() && (self.in_step(c) || !any))
+            .map(|c| c.loss_avg)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn loss_base(&self) -> f64 {
+        self.loss_history
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(1000.0)
+    }
+
+    /// Many clients lose well beyond the usual level.
+    fn congested(&self, losses: &[f64], base: f64) -> bool {
+        let n = losses.len();
+        let lossy = losses
+            .iter()
+            .filter(|&&l| l > 50.0 && l > base + 30.0)
+            .count();
+        n > 0 && lossy * 3 > n && (lossy >= 2 || n == 1)
+    }
+
+    /// Mark clients that cannot keep pace: far more loss than the room, or alone holding
+    /// the carousel back for [`LAGGING_HELD_PERIODS`] rate periods in a row.
+    fn find_laggards(&mut self, period: Duration) {
+        let mut losses: Vec<f64> = self
+            .active()
+            .filter(|c| !c.late && !c.lagging && c.needs.is_some())
+            .map(|c| c.loss_avg)
+            .collect();
+        if losses.len() < 2 {
+            for c in &mut self.clients {
+                c.held = Duration::ZERO;
+            }
+            return;
+        }
+        losses.sort_by(f64::total_cmp);
+        let median = losses[(losses.len() - 1) / 2];
+        for c in &mut self.clients {
+            if c.outcome != Outcome::Receiving || c.lagging {
+                continue;
+            }
+            if c.held * 10 >= period * 8 {
+                c.held_periods += 1;
+            } else {
+                c.held_periods = 0;
+            }
+            c.held = Duration::ZERO;
+            if (c.needs.is_some() && c.loss_avg > LAGGING_LOSS && median < ROOM_LOSS_OK)
+                || c.held_periods >= LAGGING_HELD_PERIODS
+            {
+                c.lagging = true;
+                if debug() {
+                    eprintln!(
+                        "master: {} cannot keep pace (loss {:.0} per mille, room {median:.0}): it catches up on later passes",
+                        c.name, c.loss_avg
+                    );
+                }
+            }
         }
     }
 
@@ -610,11 +894,23 @@ impl Master {
         let syms = enc.repair(first, count);
         self.next_esi.insert((object, block), first + count);
         for (esi, s) in syms {
-            self.send_symbol(object, block, esi, s)?;
+            self.send_symbol(object, block, esi, &s)?;
             self.stats.repair_packets += 1;
+            self.stats.nack_repairs += 1;
         }
         self.last_repair.insert((object, block), Instant::now());
         Ok(())
+    }
+
+    /// A block whose NACKs have been gathered long enough.
+    fn due_repair(&mut self) -> Option<((u32, u8), u32)> {
+        let now = Instant::now();
+        let key = self
+            .pending
+            .iter()
+            .find(|(_, (_, t))| now.duration_since(*t) >= NACK_GATHER)
+            .map(|(k, _)| *k)?;
+        self.pending.remove(&key).map(|(n, _)| (key, n))
     }
 
     fn service(&mut self, on_event: &mut dyn FnMut(&Event, &Master)) -> Result<()> {
@@ -625,6 +921,57 @@ impl Master {
         Ok(())
     }
 
+    /// Send one object: each block's source symbols straight from the image file (no
+    /// encoding), then its proactive repair symbols (encoded only when there are any).
+    fn send_object(
+        &mut self,
+        object: u32,
+        serviced: &mut Instant,
+        on_event: &mut dyn FnMut(&Event, &Master),
+    ) -> Result<bool> {
+        let len = self.objects[object as usize].len;
+        for block in 0..fec::block_count(len) {
+            let block = block as u8;
+            self.read_block(object, block)?;
+            let data = std::mem::take(&mut self.block_buf);
+            let k = fec::source_symbols(data.len() as u64);
+            let mut r = Ok(());
+            for esi in 0..k {
+                let at = esi as usize * SYMBOL_SIZE;
+                let end = (at + SYMBOL_SIZE).min(data.len());
+                r = self.send_symbol(object, block, esi, data.get(at..end).unwrap_or(&[]));
+                if r.is_err() {
+                    break;
+                }
+                if serviced.elapsed() >= Duration::from_millis(20) {
+                    *serviced = Instant::now();
+                    r = self.service(on_event);
+                    if r.is_err() {
+                        break;
+                    }
+                    if self.active().next().is_none() {
+                        self.block_buf = data;
+                        return Ok(false);
+                    }
+                }
+            }
+            self.block_buf = data;
+            r?;
+            let extra = self.proactive(k);
+            if extra > 0 {
+                let enc = self.encoder(object, block)?;
+                for (esi, s) in enc.repair(k, extra) {
+                    self.send_symbol(object, block, esi, &s)?;
+                    self.stats.repair_packets += 1;
+                }
+            }
+            // Later repairs of this block continue after these symbol ids.
+            let next = self.next_esi.entry((object, block)).or_insert(k);
+            *next = (*next).max(k + extra);
+        }
+        Ok(true)
+    }
+
     /// Run the carousel until every client has finished or is lost. `on_event` sees
     /// registrations (late join), progress, results.
     pub fn run(&mut self, on_event: &mut dyn FnMut(&Event, &Master)) -> Result<()> {
@@ -632,70 +979,57 @@ impl Master {
         let mut cursor: u32 = 0;
         let mut last_rate = Instant::now();
         let mut serviced = Instant::now();
-        'carousel: loop {
+        loop {
             self.service(on_event)?;
             if self.active().next().is_none() {
                 break;
             }
-            if last_rate.elapsed() >= Duration::from_secs(1) {
-                self.adjust_rate();
+            let since = last_rate.elapsed();
+            if since >= ADJUST_EVERY {
+                if self.cfg.throttle_ms == 0 {
+                    self.adjust_rate();
+                }
+                self.find_laggards(since);
                 last_rate = Instant::now();
             }
-            if let Some(((o, b), n)) = self.pending.pop_first() {
+            if let Some(((o, b), n)) = self.due_repair() {
                 self.send_repairs(o, b, n)?;
                 continue;
             }
-            let object = match self.next_needed(cursor) {
-                Some(o) => o,
-                None => match self.next_needed(0) {
-                    Some(o) => {
-                        self.stats.passes += 1;
+            let object = match self.next_object(cursor) {
+                Ok(o) => o,
+                Err(held) => match self.next_object(0) {
+                    Ok(o) => {
+                        // A pass counts when an object goes out a second time.
+                        if self.sent_at.contains_key(&o) {
+                            self.stats.passes += 1;
+                        }
                         o
                     }
-                    None => {
-                        std::thread::sleep(Duration::from_millis(10));
+                    Err(h) => {
+                        // Nothing to send now (or nothing the room can keep yet).
+                        let idle = self.pending.is_empty() && held.or(h).is_none();
+                        let wait = Duration::from_millis(if idle { 5 } else { 2 });
+                        std::thread::sleep(wait);
+                        if let Some(i) = held.or(h) {
+                            self.clients[i].held += wait;
+                            self.stats.held_back += wait;
+                        }
                         continue;
                     }
                 },
             };
             cursor = object + 1;
-            let len = self.objects[object as usize].len;
             if debug() {
                 eprintln!(
-                    "master: sending object {object} ({len} bytes) at {:.0} B/s",
-                    self.rate
+                    "master: sending object {object} ({} bytes) at {:.0} B/s",
+                    self.objects[object as usize].len, self.rate
                 );
             }
-            for block in 0..fec::block_count(len) {
-                let block = block as u8;
-                let enc = self.encoder(object, block)?;
-                let extra = self.proactive(enc.k());
-                for (esi, s) in enc.source().into_iter().enumerate() {
-                    self.send_symbol(object, block, esi as u32, s)?;
-                    if serviced.elapsed() >= Duration::from_millis(20) {
-                        serviced = Instant::now();
-                        self.service(on_event)?;
-                        if self.active().next().is_none() {
-                            break 'carousel;
-                        }
-                    }
-                }
-                let first = enc.k();
-                for (esi, s) in enc.repair(first, extra) {
-                    self.send_symbol(object, block, esi, s)?;
-                    self.stats.repair_packets += 1;
-                }
-                // Later repairs of this block continue after these symbol ids.
-                let next = self.next_esi.entry((object, block)).or_insert(first);
-                *next = (*next).max(first + extra);
+            if !self.send_object(object, &mut serviced, on_event)? {
+                break;
             }
             self.sent_at.insert(object, Instant::now());
-            if debug() {
-                eprintln!(
-                    "master: object {object} done, {} packets so far",
-                    self.stats.packets
-                );
-            }
         }
         for _ in 0..3 {
             self.send_to(Body::End { aborted: false }, self.dest);
@@ -737,6 +1071,7 @@ mod tests {
             bytes_done: 0,
             bytes_total: 1,
             loss_permille: 0,
+            window_end: 0,
             needs,
             nacks,
             message: String::new(),
@@ -776,14 +1111,14 @@ mod tests {
             from(1002),
         );
         m.handle(status(1, vec![nack(3, 0, 4)], vec![(3, 4)]), from(1001));
-        assert_eq!(m.pending.get(&(3, 0)), Some(&9));
-        assert_eq!(m.pending.get(&(4, 0)), Some(&2));
+        assert_eq!(m.pending.get(&(3, 0)).map(|p| p.0), Some(9));
+        assert_eq!(m.pending.get(&(4, 0)).map(|p| p.0), Some(2));
         // An object index past the image is ignored.
         m.handle(status(1, vec![nack(999, 0, 4)], vec![]), from(1001));
         assert_eq!(m.pending.len(), 2);
         // Sent: 9 fresh repair symbols with ids after K, then a NACK inside the hold-off
         // is not queued again.
-        let ((o, b), n) = m.pending.pop_first().unwrap();
+        let ((o, b), (n, _)) = m.pending.pop_first().unwrap();
         m.send_repairs(o, b, n).unwrap();
         assert_eq!(m.stats.repair_packets, 9);
         let k = m.encoder(3, 0).unwrap().k();
@@ -795,6 +1130,90 @@ mod tests {
         assert_eq!(m.next_needed(0), Some(3));
         assert_eq!(m.next_needed(4), Some(4));
         assert_eq!(m.next_needed(5), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn report(client: u64, loss: u16, window_end: u32, needs: Vec<(u32, u32)>) -> Body {
+        Body::Status(Status {
+            client,
+            state: ClientState::Receiving,
+            bytes_done: 0,
+            bytes_total: 1,
+            loss_permille: loss,
+            window_end,
+            needs,
+            nacks: vec![Nack {
+                object: 1,
+                block: 0,
+                missing: 40,
+            }],
+            message: String::new(),
+        })
+    }
+
+    /// The warm-up sends only head and tail until every client has them; then an object
+    /// goes out only when every client keeping pace can keep it; a client far lossier than
+    /// the room stops holding objects back, sizing repairs and slowing the rate.
+    #[test]
+    fn the_room_is_kept_together_and_a_lossy_client_waits() {
+        let (mut m, dir) = master("room");
+        for c in [1, 2, 3] {
+            m.handle(
+                Body::Register {
+                    client: c,
+                    name: format!("c{c}"),
+                },
+                from(3000 + c as u16),
+            );
+        }
+        m.start();
+        let tail = m.tail_index();
+        assert!(tail > 6, "test image too small: {tail} objects");
+        m.handle(report(1, 0, 5, vec![(1, tail)]), from(3001));
+        m.handle(report(2, 0, 4, vec![(1, tail)]), from(3002));
+        // Client 3 has not got the head and tail yet: only they may go out.
+        m.handle(report(3, 0, 0, vec![(0, 1), (tail, tail + 1)]), from(3003));
+        assert!(m.warming());
+        assert_eq!(m.next_object(0), Ok(0));
+        assert_eq!(m.next_object(1), Ok(tail));
+        m.pending.clear();
+        // Now it knows the image: chunks go out, up to the smallest window (client 2's).
+        m.handle(report(3, 0, 6, vec![(1, tail)]), from(3003));
+        assert!(!m.warming());
+        assert_eq!(m.next_object(1), Ok(1));
+        assert_eq!(m.next_object(3), Ok(3));
+        assert_eq!(
+            m.next_object(4),
+            Err(Some(1)),
+            "client 2 cannot keep object 4"
+        );
+        // The three NACKs of block (1, 0) were gathered into one repair of 40 symbols.
+        assert_eq!(m.pending.get(&(1, 0)).map(|p| p.0), Some(40));
+        m.pending.clear();
+        // Client 2 loses 40 % while the others lose nothing: lagging. It no longer holds
+        // object 4 back, its NACKs wait, and neither repairs nor rate follow its loss.
+        m.handle(report(2, 400, 4, vec![(1, tail)]), from(3002));
+        m.handle(report(2, 400, 4, vec![(1, tail)]), from(3002));
+        m.find_laggards(ADJUST_EVERY);
+        assert!(m.clients[1].lagging);
+        m.pending.clear();
+        m.handle(report(2, 400, 4, vec![(1, tail)]), from(3002));
+        assert!(m.pending.is_empty(), "a lagging client's NACKs wait");
+        assert!(!m.clients[0].lagging && !m.clients[2].lagging);
+        assert_eq!(m.next_object(4), Ok(4));
+        assert_eq!(m.proactive(128), 0);
+        let rate = m.rate;
+        m.adjust_rate();
+        m.react();
+        assert_eq!(m.rate, rate, "one lossy client does not slow the room");
+        // Many clients lossy beyond the usual level: the rate is cut at once.
+        m.last_cut = Instant::now() - CUT_EVERY;
+        m.handle(report(1, 300, 5, vec![(1, tail)]), from(3001));
+        m.handle(report(3, 300, 6, vec![(1, tail)]), from(3003));
+        assert!(
+            m.rate < rate,
+            "the room reports congestion: the rate is cut"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -124,3 +124,57 @@ pub fn backlogged(s: &UdpSocket) -> bool {
         .recv_with_flags(&mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT)
         .is_ok()
 }
+
+/// Datagrams received with one `recvmmsg` call: a receiver busy with a whole room's
+/// traffic pays one system call (and one lock of its state) per batch, not per packet.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    hdrs: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrIn>,
+}
+
+impl RecvBatch {
+    /// Room for `n` datagrams of up to `size` bytes each.
+    pub fn new(n: usize, size: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: vec![vec![0u8; size]; n],
+            lens: Vec::with_capacity(n),
+            hdrs: nix::sys::socket::MultiHeaders::preallocate(n, None),
+        }
+    }
+
+    /// Wait for at least one datagram (up to the socket's read timeout: then 0), and take
+    /// those already queued behind it.
+    pub fn recv(&mut self, s: &UdpSocket) -> std::io::Result<usize> {
+        use nix::sys::socket::{recvmmsg, MsgFlags};
+        use std::io::IoSliceMut;
+        use std::os::fd::AsRawFd;
+        self.lens.clear();
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .bufs
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(&mut b[..])])
+            .collect();
+        match recvmmsg(
+            s.as_raw_fd(),
+            &mut self.hdrs,
+            iovs.iter_mut(),
+            MsgFlags::MSG_WAITFORONE,
+            None,
+        ) {
+            Ok(res) => {
+                for m in res {
+                    self.lens.push(m.bytes);
+                }
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(self.lens.len())
+    }
+
+    /// Datagram `i` of the last [`Self::recv`].
+    pub fn get(&self, i: usize) -> &[u8] {
+        &self.bufs[i][..self.lens[i].min(self.bufs[i].len())]
+    }
+}

@@ -1,7 +1,14 @@
-//! The wire format of a multicast session: one UDP datagram per packet, a fixed 72-byte
+//! The wire format of a multicast session: one UDP datagram per packet. All integers are
+//! big-endian; the byte tables are in `docs/multicast.md`.
+//!
+//! Control packets (announce, register, reply, status, ack, end) carry a fixed 72-byte
 //! header naming the protocol, the session (SHA-256 of its lower-cased name) and the image
-//! (SHA-256 of its manifest), then a body per packet kind. All integers are big-endian.
-//! The byte tables are in `docs/multicast.md`.
+//! (SHA-256 of its manifest), then a body per kind. Data packets, nearly all the traffic,
+//! carry a 32-byte header instead: the same magic, version and kind, a 16-bit sequence,
+//! and a 16-byte *tag* that names session and image together (the first 16 bytes of
+//! SHA-256 over the two 32-byte hashes, see [`data_tag`]), then object, block and symbol.
+//! The 40 bytes saved go to the symbol (1440 bytes instead of 1384): the header costs
+//! 2.2 % of the payload instead of 6.1 %.
 //!
 //! Everything here comes from the network and is hostile: [`Packet::parse`] checks every
 //! length against the datagram before it reads, refuses unknown kinds, versions and
@@ -12,16 +19,21 @@ use crate::error::{Error, Result};
 /// First four bytes of every packet.
 pub const MAGIC: [u8; 4] = *b"IMGM";
 /// Protocol version; a receiver refuses any other.
-pub const VERSION: u8 = 1;
-/// Bytes of the common header.
+pub const VERSION: u8 = 2;
+/// Bytes of the control packets' common header.
 pub const HEADER_LEN: usize = 72;
-/// Bytes of one FEC symbol; with the header and the 12-byte data fields a data packet is
-/// 1468 bytes, inside the 1472 a 1500-byte Ethernet MTU leaves for UDP over IPv4.
-pub const SYMBOL_SIZE: usize = 1384;
-/// Data-packet fields after the header: object, source-block and symbol id, sequence.
-pub const DATA_FIELDS_LEN: usize = 12;
+/// Kind byte of a data packet.
+pub const KIND_DATA: u8 = 2;
+/// Bytes of a data packet's header: magic, version, kind, sequence u16, tag, object u32,
+/// block u8 + symbol id u24.
+pub const DATA_HEADER_LEN: usize = 32;
+/// Bytes of the tag naming session and image in a data packet.
+pub const TAG_LEN: usize = 16;
+/// Bytes of one FEC symbol: a data packet is 1472 bytes, exactly what a 1500-byte
+/// Ethernet MTU leaves for UDP over IPv4. A multiple of 8 (RaptorQ's alignment here).
+pub const SYMBOL_SIZE: usize = 1440;
 /// Largest datagram this protocol sends or accepts.
-pub const MAX_PACKET: usize = HEADER_LEN + DATA_FIELDS_LEN + SYMBOL_SIZE;
+pub const MAX_PACKET: usize = DATA_HEADER_LEN + SYMBOL_SIZE;
 /// At most this many needed-object ranges and block NACKs in one status packet.
 pub const MAX_NEEDS: usize = 64;
 pub const MAX_NACKS: usize = 64;
@@ -81,6 +93,10 @@ pub struct Status {
     pub bytes_total: u64,
     /// Data packets lost since the previous status, per mille.
     pub loss_permille: u16,
+    /// The first object this client could not keep now (its window's end; 0 while it
+    /// does not know the image's objects yet). The master holds back objects past the
+    /// window of the clients that keep pace, so they are not sent for nothing.
+    pub window_end: u32,
     /// Objects still needed, as half-open ranges `[from, to)`, ascending.
     pub needs: Vec<(u32, u32)>,
     pub nacks: Vec<Nack>,
@@ -97,14 +113,6 @@ pub enum ReplyCode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Announce(Announce),
-    /// One FEC symbol of block `block` of object `object`; `seq` counts data packets.
-    Data {
-        object: u32,
-        block: u8,
-        esi: u32,
-        seq: u32,
-        symbol: Vec<u8>,
-    },
     /// A client asks to join; `client` is stable across its restarts.
     Register {
         client: u64,
@@ -139,7 +147,6 @@ impl Body {
     fn kind(&self) -> u8 {
         match self {
             Body::Announce(_) => 1,
-            Body::Data { .. } => 2,
             Body::Register { .. } => 3,
             Body::Reply { .. } => 4,
             Body::Status(_) => 5,
@@ -176,18 +183,6 @@ impl Packet {
                 o.extend_from_slice(&a.head_len.to_be_bytes());
                 o.extend_from_slice(&a.tail_len.to_be_bytes());
             }
-            Body::Data {
-                object,
-                block,
-                esi,
-                seq,
-                symbol,
-            } => {
-                o.extend_from_slice(&object.to_be_bytes());
-                o.extend_from_slice(&((u32::from(*block) << 24) | (esi & MAX_ESI)).to_be_bytes());
-                o.extend_from_slice(&seq.to_be_bytes());
-                o.extend_from_slice(symbol);
-            }
             Body::Register { client, name } => {
                 o.extend_from_slice(&client.to_be_bytes());
                 put_text(&mut o, name);
@@ -207,6 +202,7 @@ impl Packet {
                 o.extend_from_slice(&s.bytes_done.to_be_bytes());
                 o.extend_from_slice(&s.bytes_total.to_be_bytes());
                 o.extend_from_slice(&s.loss_permille.to_be_bytes());
+                o.extend_from_slice(&s.window_end.to_be_bytes());
                 let needs = &s.needs[..s.needs.len().min(MAX_NEEDS)];
                 let nacks = &s.nacks[..s.nacks.len().min(MAX_NACKS)];
                 o.push(needs.len() as u8);
@@ -279,18 +275,10 @@ impl Packet {
                 }
                 Body::Announce(a)
             }
-            2 => {
-                let object = c.u32()?;
-                let id = c.u32()?;
-                let seq = c.u32()?;
-                let symbol = c.take(SYMBOL_SIZE)?.to_vec();
-                Body::Data {
-                    object,
-                    block: (id >> 24) as u8,
-                    esi: id & MAX_ESI,
-                    seq,
-                    symbol,
-                }
+            KIND_DATA => {
+                return Err(Error::corrupt(
+                    "multicast packet: a data packet where a control packet was expected",
+                ))
             }
             3 => Body::Register {
                 client: c.u64()?,
@@ -323,6 +311,7 @@ impl Packet {
                 if loss_permille > 1000 {
                     return Err(Error::corrupt("status: loss over 1000 per mille"));
                 }
+                let window_end = c.u32()?;
                 let n_needs = c.u8()? as usize;
                 let n_nacks = c.u8()? as usize;
                 if n_needs > MAX_NEEDS || n_nacks > MAX_NACKS {
@@ -350,6 +339,7 @@ impl Packet {
                     bytes_done,
                     bytes_total,
                     loss_permille,
+                    window_end,
                     needs,
                     nacks,
                     message: c.text()?,
@@ -435,11 +425,108 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Fuzz entry point: parse arbitrary bytes as a packet; a packet that parses must encode
-/// back to the same bytes. Must never panic.
+/// The tag a data packet carries: the first [`TAG_LEN`] bytes of
+/// SHA-256(session hash ‖ manifest digest). A receiver compares it with the tag it computed
+/// from the session it joined and the digest it checked the manifest against, so data of
+/// another session or another image (2^-128 chance of a collision) is never taken.
+pub fn data_tag(session: &[u8; 32], digest: &[u8; 32]) -> [u8; TAG_LEN] {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::new()
+        .chain_update(session)
+        .chain_update(digest)
+        .finalize();
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(&h[..TAG_LEN]);
+    t
+}
+
+/// One FEC symbol of block `block` of object `object`, borrowed from the datagram it came
+/// in (no copy on the receive path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Data<'a> {
+    pub tag: [u8; TAG_LEN],
+    /// Counts data packets (wrapping): the receivers' loss figure.
+    pub seq: u16,
+    pub object: u32,
+    pub block: u8,
+    pub esi: u32,
+    pub symbol: &'a [u8],
+}
+
+/// Is this datagram a data packet (magic, version and kind; the rest is for [`Data::parse`])?
+pub fn is_data(b: &[u8]) -> bool {
+    b.len() >= 6 && b[..4] == MAGIC && b[4] == VERSION && b[5] == KIND_DATA
+}
+
+impl<'a> Data<'a> {
+    /// Encode into `out` (cleared first): exactly [`MAX_PACKET`] bytes.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(KIND_DATA);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.tag);
+        out.extend_from_slice(&self.object.to_be_bytes());
+        out.extend_from_slice(
+            &((u32::from(self.block) << 24) | (self.esi & MAX_ESI)).to_be_bytes(),
+        );
+        out.extend_from_slice(self.symbol);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(MAX_PACKET);
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// Parse one data packet: exactly [`MAX_PACKET`] bytes, our magic, version and kind.
+    pub fn parse(b: &'a [u8]) -> Result<Data<'a>> {
+        if b.len() != MAX_PACKET {
+            return Err(Error::corrupt(format!(
+                "multicast data packet of {} bytes, not {MAX_PACKET}",
+                b.len()
+            )));
+        }
+        if b[..4] != MAGIC {
+            return Err(Error::corrupt("multicast packet: bad magic"));
+        }
+        if b[4] != VERSION {
+            return Err(Error::corrupt(format!(
+                "multicast packet version {}: this img speaks {VERSION}; use the same img on every device",
+                b[4]
+            )));
+        }
+        if b[5] != KIND_DATA {
+            return Err(Error::corrupt("multicast packet: not a data packet"));
+        }
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&b[8..8 + TAG_LEN]);
+        let u32at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let id = u32at(28);
+        Ok(Data {
+            tag,
+            seq: u16::from_be_bytes([b[6], b[7]]),
+            object: u32at(24),
+            block: (id >> 24) as u8,
+            esi: id & MAX_ESI,
+            symbol: &b[DATA_HEADER_LEN..],
+        })
+    }
+}
+
+/// Fuzz entry point: parse arbitrary bytes as a control and as a data packet; a packet
+/// that parses must encode back to the same bytes. Must never panic.
 pub fn fuzz_parse(data: &[u8]) {
     if let Ok(p) = Packet::parse(data) {
         assert_eq!(p.encode(), data, "a parsed packet re-encodes to its bytes");
+    }
+    if let Ok(d) = Data::parse(data) {
+        assert_eq!(
+            d.encode(),
+            data,
+            "a parsed data packet re-encodes to its bytes"
+        );
     }
 }
 
@@ -462,13 +549,6 @@ mod tests {
                 head_len: 2000,
                 tail_len: 1000,
             })),
-            p(Body::Data {
-                object: 3,
-                block: 2,
-                esi: 70000,
-                seq: 99,
-                symbol: (0..SYMBOL_SIZE).map(|i| i as u8).collect(),
-            }),
             p(Body::Register {
                 client: 42,
                 name: "pc-07 (10.0.0.7)".into(),
@@ -484,6 +564,7 @@ mod tests {
                 bytes_done: 5,
                 bytes_total: 10,
                 loss_permille: 20,
+                window_end: 17,
                 needs: vec![(0, 1), (5, 9)],
                 nacks: vec![Nack {
                     object: 5,
@@ -505,7 +586,59 @@ mod tests {
             assert_eq!(Packet::parse(&b).unwrap(), p);
         }
         // The data packet fills the budget exactly as documented.
-        assert_eq!(samples()[1].encode().len(), 1468);
+        let sym: Vec<u8> = (0..SYMBOL_SIZE).map(|i| i as u8).collect();
+        let d = data_sample(&sym);
+        let b = d.encode();
+        assert_eq!(b.len(), 1472);
+        assert!(is_data(&b));
+        assert_eq!(Data::parse(&b).unwrap(), d);
+        // A data packet is not a control packet, and the other way round.
+        assert!(Packet::parse(&b).is_err());
+        for p in samples() {
+            assert!(!is_data(&p.encode()));
+            assert!(Data::parse(&p.encode()).is_err());
+        }
+    }
+
+    fn data_sample(sym: &[u8]) -> Data<'_> {
+        Data {
+            tag: data_tag(&[7; 32], &[9; 32]),
+            seq: 99,
+            object: 3,
+            block: 2,
+            esi: 70000,
+            symbol: sym,
+        }
+    }
+
+    /// The tag depends on both the session and the image.
+    #[test]
+    fn the_data_tag_names_session_and_image() {
+        let t = data_tag(&[7; 32], &[9; 32]);
+        assert_ne!(t, data_tag(&[8; 32], &[9; 32]));
+        assert_ne!(t, data_tag(&[7; 32], &[8; 32]));
+        assert_ne!(t, data_tag(&[9; 32], &[7; 32]));
+    }
+
+    #[test]
+    fn data_truncations_and_bad_fields_are_refused() {
+        let sym = vec![5u8; SYMBOL_SIZE];
+        let b = data_sample(&sym).encode();
+        for cut in 0..b.len() {
+            assert!(Data::parse(&b[..cut]).is_err(), "cut {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(Data::parse(&long).is_err());
+        let mut v1 = b.clone();
+        v1[4] = 1;
+        assert!(Data::parse(&v1)
+            .unwrap_err()
+            .to_string()
+            .contains("version 1"));
+        let mut k = b.clone();
+        k[5] = 1;
+        assert!(Data::parse(&k).is_err());
     }
 
     #[test]
@@ -524,11 +657,11 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let mut b = samples()[0].encode();
-        b[4] = 2;
+        b[4] = 1;
         assert!(Packet::parse(&b)
             .unwrap_err()
             .to_string()
-            .contains("version 2"));
+            .contains("version 1"));
         let mut b = samples()[0].encode();
         b[5] = 77;
         assert!(Packet::parse(&b)
@@ -536,7 +669,7 @@ mod tests {
             .to_string()
             .contains("unknown kind"));
         // A reversed need range.
-        let mut s = samples()[4].clone();
+        let mut s = samples()[3].clone();
         if let Body::Status(st) = &mut s.body {
             st.needs = vec![(9, 5)];
         }
@@ -566,6 +699,9 @@ mod tests {
             let random: Vec<u8> = (0..n).map(|_| rnd() as u8).collect();
             fuzz_parse(&random);
             let mut m = valid[i % valid.len()].clone();
+            if i % 5 == 0 {
+                m = data_sample(&[3u8; SYMBOL_SIZE]).encode();
+            }
             for _ in 0..1 + i % 3 {
                 let p = (rnd() as usize) % m.len();
                 m[p] ^= 1 << (rnd() % 8);

@@ -9,7 +9,7 @@ use std::ffi::OsString;
 
 use crate::args::{self, Matches, Opt, Token, UsageError};
 use crate::exit::Exit;
-use crate::{bootstore, checkin, discover, handover, imaging, install, session};
+use crate::{bootstore, checkin, discover, handover, imaging, install, service, session};
 
 /// One verb of `img`.
 pub struct Verb {
@@ -128,6 +128,12 @@ pub const VERBS: &[Verb] = &[
         opts: checkin::OPTS,
         run: bootstore::run_checkin,
     },
+    // The agent inside the guest OS (service.rs).
+    Verb {
+        names: &["service"],
+        opts: service::OPTS,
+        run: service::run,
+    },
     // The boot-agent partition (install.rs, handover.rs).
     Verb {
         names: &["install"],
@@ -243,6 +249,7 @@ pub fn help(m: Matches) -> anyhow::Result<i32> {
     println!("{USAGE}");
     println!("\nFinding the server:\n{}", discover::USAGE);
     println!("\nCheck-in:\n{}", checkin::USAGE);
+    println!("{}", service::USAGE);
     println!("\nBoot-agent partition:\n{}", install::USAGE);
     println!("{}", handover::USAGE);
     println!("\n{}", session::USAGE);

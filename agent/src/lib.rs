@@ -13,6 +13,7 @@
 //!   store, `-install` and `-bootnext`;
 //! - [`init`], [`bootagent`], [`console`], [`personality`]: PID 1, the boot agent and its
 //!   console;
+//! - [`service`]: `-service`, the agent inside the guest OS;
 //! - [`exit`]: exit codes from errors.
 
 pub mod args;
@@ -30,4 +31,5 @@ pub mod init;
 pub mod install;
 pub mod personality;
 pub mod progress;
+pub mod service;
 pub mod session;

@@ -23,6 +23,7 @@ need_pkgs=(
   openssl binutils      # test CAs for HTTPS tests; readelf for the static-binary check
   kmod                  # depmod: builds modules.dep for the fetched kernel (scripts/fetch-kernel.sh)
   strace                # the deploy power-cut test checks the order of writes and flushes
+  systemd util-linux    # systemd-analyze verify (dist/img.service), ionice (autogenic_service)
   chromium chromium-driver libnss3-tools  # web_console: headless Chromium over WebDriver;
                         # certutil puts the server's CA in the browser's NSS database
 )

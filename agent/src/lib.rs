@@ -17,6 +17,7 @@
 //! - [`exit`]: exit codes from errors.
 
 pub mod args;
+pub mod autogenic;
 pub mod bootagent;
 pub mod bootflow;
 pub mod bootstore;

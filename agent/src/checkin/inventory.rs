@@ -163,20 +163,10 @@ pub fn disk_report(path: &Path, model: Option<String>, state: &StateDir) -> Disk
 }
 
 /// Seed 000's autogenic flags: the device supports image backup when it has a backup
-/// location; the backup image and its version are what the last copy put there.
+/// partition (or location); the backup image, its version and how much of it is verified
+/// come from the area's own status (`crate::autogenic::inventory`).
 pub fn autogenic(cfg: &AgentConfig) -> Autogenic {
-    let Some(dir) = &cfg.backup_dir else {
-        return Autogenic::default();
-    };
-    let meta: Option<protocol::ImageStamp> = std::fs::read(dir.join("backup.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    Autogenic {
-        support_img_backup: true,
-        backup_image_present: dir.join("backup.img").exists(),
-        back_image_ver: meta.map(|m| m.version),
-        ..Default::default()
-    }
+    crate::autogenic::inventory(cfg)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context};
 use imgengine::capture::{self, CaptureOptions};
 use imgengine::deploy::{self, DeployOptions, ResumeMode};
 use imgengine::io::progress::Progress;
-use imgengine::source::{HttpConfig, Location, Source};
+use imgengine::source::{HttpConfig, Location};
 use imgengine::ErrorKind;
 use protocol::{
     progress_path, After, CaptureSpec, DeploySpec, ImageStamp, Outcome, ProgressReply,
@@ -34,6 +34,9 @@ pub enum TaskEnd {
     Continue,
     Reboot,
     BootGuest,
+    /// No result yet: a re-imaging from the backup partition failed and is tried again at
+    /// the next start (the imaging status record carries it); reboot into the agent.
+    Deferred,
 }
 
 pub fn unix_now() -> u64 {
@@ -210,6 +213,12 @@ pub fn run(
         r
     });
     let (outcome, message, image, bytes, end) = match outcome {
+        // The autogenic path queued its result itself (the imaging status record names it).
+        Ok(Done {
+            preset: Some(r),
+            end,
+            ..
+        }) => return (r, end),
         Ok(done) => {
             rep.log(format!("task {} succeeded", task.id));
             (
@@ -252,7 +261,7 @@ pub fn run(
 
 /// The device refuses a task it cannot carry out as asked (nothing was changed).
 #[derive(Debug)]
-struct Rejection(String);
+pub(crate) struct Rejection(pub(crate) String);
 
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -262,11 +271,13 @@ impl std::fmt::Display for Rejection {
 
 impl std::error::Error for Rejection {}
 
-struct Done {
-    message: Option<String>,
-    image: Option<ImageStamp>,
-    bytes: u64,
-    end: TaskEnd,
+pub(crate) struct Done {
+    pub(crate) message: Option<String>,
+    pub(crate) image: Option<ImageStamp>,
+    pub(crate) bytes: u64,
+    pub(crate) end: TaskEnd,
+    /// A result already queued in the outbox (autogenic PI): sent as it is.
+    pub(crate) preset: Option<TaskResult>,
 }
 
 fn execute(
@@ -277,7 +288,7 @@ fn execute(
     rep: &Reporter,
 ) -> anyhow::Result<Done> {
     match &task.kind {
-        TaskKind::Deploy(spec) => deploy_task(client, state, cfg, spec, rep),
+        TaskKind::Deploy(spec) => deploy_task(client, state, cfg, task, spec, rep),
         TaskKind::Capture(spec) => capture_task(client, cfg, spec, rep),
         TaskKind::Reboot => {
             rep.log("rebooting as the server asks");
@@ -286,12 +297,10 @@ fn execute(
                 image: None,
                 bytes: 0,
                 end: TaskEnd::Reboot,
+                preset: None,
             })
         }
-        TaskKind::Convert(_) => Err(Rejection(
-            "converting to the autogenic layout is not supported by this agent".into(),
-        )
-        .into()),
+        TaskKind::Convert(spec) => crate::autogenic::convert::task(cfg, spec, rep),
         TaskKind::BootGuest => {
             rep.log("booting the guest OS as the server asks");
             Ok(Done {
@@ -299,13 +308,14 @@ fn execute(
                 image: None,
                 bytes: 0,
                 end: TaskEnd::BootGuest,
+                preset: None,
             })
         }
     }
 }
 
 /// The disk a task names, or the device's one system disk.
-fn target_disk(cfg: &AgentConfig, named: Option<&str>) -> anyhow::Result<PathBuf> {
+pub(crate) fn target_disk(cfg: &AgentConfig, named: Option<&str>) -> anyhow::Result<PathBuf> {
     if let Some(n) = named {
         let p = PathBuf::from(n);
         let known = super::inventory::disks(cfg)
@@ -365,7 +375,7 @@ fn trusted_keys(cfg: &AgentConfig) -> anyhow::Result<Vec<imgengine::sign::Verify
 /// The signing keys a deploy checks against. Signatures are required: with no trusted key
 /// nothing is deployed (unsigned, raw or signed by anyone), unless the lab setting
 /// `unsigned_images = yes` says otherwise, which the transcript then shows.
-fn signature_policy(
+pub(crate) fn signature_policy(
     cfg: &AgentConfig,
     rep: &Reporter,
 ) -> anyhow::Result<Vec<imgengine::sign::VerifyingKey>> {
@@ -437,6 +447,7 @@ fn deploy_task(
     client: &Client,
     state: &StateDir,
     cfg: &AgentConfig,
+    task: &Task,
     spec: &DeploySpec,
     rep: &Reporter,
 ) -> anyhow::Result<Done> {
@@ -471,8 +482,17 @@ fn deploy_task(
         partition_onto_disk: false,
     };
     let src = Location::parse(&spec.image.url);
-    if spec.after == After::CopyOnly {
-        return copy_to_backup(cfg, &src, &http, &opts, &stamp, rep);
+    if crate::autogenic::is_autogenic(spec) {
+        return crate::autogenic::deploy_task(
+            state,
+            cfg,
+            task,
+            spec,
+            &src,
+            &http,
+            &opts.trusted_keys,
+            rep,
+        );
     }
     if spec.backup_first {
         backup_current(state, cfg, &disk, spec.partition.as_deref(), rep)?;
@@ -532,12 +552,13 @@ fn deploy_task(
         image: Some(stamp),
         bytes: summary.bytes_written,
         end,
+        preset: None,
     })
 }
 
 /// The partition number for a spec that may be a label (stamps are kept by number, as the
 /// inventory reports partitions by number).
-fn partition_number(disk: &Path, spec: &str) -> Option<String> {
+pub(crate) fn partition_number(disk: &Path, spec: &str) -> Option<String> {
     if spec.parse::<u32>().is_ok() {
         return Some(spec.to_string());
     }
@@ -556,10 +577,6 @@ fn backup_current(
     part: Option<&str>,
     rep: &Reporter,
 ) -> anyhow::Result<()> {
-    let Some(dir) = &cfg.backup_dir else {
-        rep.log("no backup location on this device: backup skipped");
-        return Ok(());
-    };
     let name = disk.display().to_string();
     let key = stamp_key(&name, part);
     let current = state.stamps()?.get(&key).cloned();
@@ -567,97 +584,11 @@ fn backup_current(
         rep.log("the target holds no image written by this agent: nothing to back up");
         return Ok(());
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join("backup.img.part");
-    let mut out =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let opts = CaptureOptions {
-        comp: 1,
-        name: current.name.clone(),
-        version: current.version.clone(),
-        description: Some("backup taken before a deploy".into()),
-        ..CaptureOptions::default()
-    };
-    rep.log(format!(
-        "backing up {} {} from {name}{} first",
-        current.name,
-        current.version,
-        part.map(|p| format!(" partition {p}")).unwrap_or_default()
-    ));
-    capture::capture(disk, part, &mut out, &opts, rep)
-        .map_err(anyhow::Error::new)
-        .context("backing up the current image (schedule with --no-backup to skip it)")?;
-    out.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("backup.img"))
-        .with_context(|| format!("renaming {}", tmp.display()))?;
-    std::fs::write(dir.join("backup.json"), serde_json::to_vec(&current)?)
-        .with_context(|| format!("writing {}", dir.display()))?;
+    if !crate::autogenic::capture_into(cfg, disk, part, &current, rep)? {
+        rep.log("no backup partition or location on this device: backup skipped");
+    }
     Ok(())
 }
-
-/// Seed 001's BI / seed 003's "copy only": fetch the image into the backup location and
-/// check every chunk; nothing is installed.
-fn copy_to_backup(
-    cfg: &AgentConfig,
-    src: &Location,
-    http: &HttpConfig,
-    opts: &DeployOptions,
-    stamp: &ImageStamp,
-    rep: &Reporter,
-) -> anyhow::Result<Done> {
-    let dir = cfg
-        .backup_dir
-        .as_ref()
-        .ok_or_else(|| Rejection("copy only: this device has no backup location".into()))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join("backup.img.part");
-    let bytes = with_retries(cfg, rep, "copy", || {
-        let mut source = Source::open(src, http)?;
-        rep.begin("copying into the backup location", source.len());
-        let mut input = source.stream()?;
-        let mut out = std::fs::File::create(&tmp)
-            .map_err(|e| imgengine::Error::io(format!("creating {}", tmp.display()), e))?;
-        let mut buf = vec![0u8; imgengine::io::BUFFER_SIZE];
-        let mut n = 0u64;
-        loop {
-            let k = input.read(&mut buf).map_err(|e| {
-                imgengine::Error::new(ErrorKind::Network, "reading the image").with_source(e)
-            })?;
-            if k == 0 {
-                break;
-            }
-            std::io::Write::write_all(&mut out, &buf[..k])
-                .map_err(|e| imgengine::Error::io(format!("writing {}", tmp.display()), e))?;
-            rep.advance(k as u64);
-            n += k as u64;
-        }
-        out.sync_all()
-            .map_err(|e| imgengine::Error::io(format!("syncing {}", tmp.display()), e))?;
-        rep.end();
-        Ok(n)
-    })?;
-    let local = Location::File(tmp.clone());
-    deploy::verify(&local, opts, rep)
-        .map_err(anyhow::Error::new)
-        .context("verifying the copied image")?;
-    std::fs::rename(&tmp, dir.join("backup.img"))
-        .with_context(|| format!("renaming {}", tmp.display()))?;
-    std::fs::write(dir.join("backup.json"), serde_json::to_vec(stamp)?)
-        .with_context(|| format!("writing {}", dir.display()))?;
-    rep.log(format!(
-        "{} {} copied into the backup location and verified",
-        stamp.name, stamp.version
-    ));
-    Ok(Done {
-        message: Some("copied only".into()),
-        image: Some(stamp.clone()),
-        bytes,
-        end: TaskEnd::Continue,
-    })
-}
-
-use std::io::Read;
 
 fn capture_task(
     client: &Client,
@@ -723,6 +654,7 @@ fn capture_task(
         }),
         bytes: summary.image_bytes,
         end: TaskEnd::Continue,
+        preset: None,
     })
 }
 

@@ -170,7 +170,7 @@ pub fn checkin_once(
         autogenic: inventory::autogenic(cfg),
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
-        maintenance: None,
+        maintenance: crate::autogenic::status::maintenance(state),
     };
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,
@@ -237,6 +237,7 @@ pub fn checkin_once(
     for a in &reply.acked {
         state.acknowledge(a)?;
     }
+    crate::autogenic::status::after_acks(state, &reply.acked)?;
     Ok(reply)
 }
 
@@ -346,6 +347,7 @@ fn deliver(
     match client.post::<_, ResultReply>(&result_path(r.task), Some(token), r) {
         Ok(_) => {
             state.acknowledge(&r.report)?;
+            crate::autogenic::status::after_acks(state, std::slice::from_ref(&r.report))?;
             Ok(true)
         }
         // The server refuses it for good (not our task any more): keep it out of the way.
@@ -438,6 +440,12 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
             attempts,
         }))?;
         let (result, end) = job::run(&client, &token, &state, cfg, &task, attempts);
+        if end == TaskEnd::Deferred {
+            // A re-imaging from the backup partition failed and is tried again at the next
+            // start (the imaging status record holds it): no result yet, reboot.
+            state.set_current(None)?;
+            return Ok(LoopOutcome::Reboot);
+        }
         // Queue first, then forget the current task: a power cut in between leaves both, and
         // the next start finds the result instead of running the task again.
         state.queue_result(&result)?;
@@ -448,7 +456,7 @@ pub fn agent_loop(server_url: &str, cfg: &AgentConfig) -> anyhow::Result<LoopOut
         match end {
             TaskEnd::Reboot => return Ok(LoopOutcome::Reboot),
             TaskEnd::BootGuest => return Ok(LoopOutcome::BootGuest),
-            TaskEnd::Continue => {}
+            TaskEnd::Continue | TaskEnd::Deferred => {}
         }
         if cfg.max_tasks.is_some_and(|m| tasks_run >= m) {
             return Ok(LoopOutcome::TaskLimit { last: outcome });
@@ -539,6 +547,17 @@ pub fn parse_args(m: &Matches) -> anyhow::Result<(String, AgentConfig)> {
 /// `img -checkin` once the options are parsed: the loop, then its outcome as a line and an
 /// exit code.
 pub fn run_verb(server: &str, cfg: &AgentConfig) -> anyhow::Result<i32> {
+    // A re-imaging from the backup partition recorded before this start runs first, with
+    // no network, as at boot.
+    let state = StateDir::open(&cfg.state_dir)?;
+    match crate::autogenic::pi::at_start(&state, cfg)? {
+        crate::autogenic::pi::AtStart::Nothing => {}
+        crate::autogenic::pi::AtStart::Ran(o) => log(
+            cfg,
+            format!("re-imaging from the backup partition at start: {o:?}"),
+        ),
+        crate::autogenic::pi::AtStart::Maintenance(why) => log(cfg, format!("MAINTENANCE: {why}")),
+    }
     let outcome = agent_loop(server, cfg)?;
     let (line, code) = match &outcome {
         LoopOutcome::Idle { next_checkin } => (

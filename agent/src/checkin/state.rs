@@ -141,6 +141,30 @@ impl StateDir {
         })
     }
 
+    /// A file of the state directory by name (the autogenic status record).
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Read a state file by name; None when it does not exist.
+    pub fn read_file(&self, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let p = self.file_path(name);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// Write a state file by name (atomic, then the change hook commits it).
+    pub fn write_file(&self, name: &str, data: &[u8]) -> anyhow::Result<()> {
+        write_atomic(&self.file_path(name), data, false)
+    }
+
+    pub fn remove_file(&self, name: &str) -> anyhow::Result<()> {
+        remove(&self.file_path(name))
+    }
+
     pub fn journal_dir(&self) -> PathBuf {
         self.dir.join("journal")
     }

@@ -1,0 +1,284 @@
+//! Autogenic imaging (seed 001), the agent's side: BI downloads an image into the backup
+//! area ([`bi`]), PI re-images the OS partition from it at an agent start ([`pi`]), the
+//! imaging status record carries a PI across reboots ([`status`]), and `backup_first`
+//! captures the OS partition into the area so a rollback can be a PI ([`capture_into`]).
+//!
+//! [`deploy_task`] is the check-in's hook: a deploy task with `after: copy_only` (BI),
+//! `from_backup` (PI) or both (`fetch_to_backup`, the seed's case 2) is carried out here.
+
+pub mod area;
+pub mod bi;
+pub mod convert;
+pub mod pi;
+pub mod status;
+
+use anyhow::Context;
+use imgengine::capture::{self, CaptureOptions};
+use imgengine::sign::VerifyingKey;
+use imgengine::source::{HttpConfig, Location};
+use imgengine::ErrorKind;
+use protocol::{After, Autogenic, DeploySpec, ImageStamp, Outcome, Task};
+
+use crate::checkin::job::{Done, Rejection, Reporter, TaskEnd};
+use crate::checkin::state::StateDir;
+use crate::checkin::AgentConfig;
+use area::Area;
+
+/// Is this deploy autogenic work (BI, PI or both)?
+pub fn is_autogenic(spec: &DeploySpec) -> bool {
+    spec.after == After::CopyOnly || spec.from_backup
+}
+
+fn network_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<imgengine::Error>()
+            .is_some_and(|e| e.kind() == ErrorKind::Network)
+    })
+}
+
+/// BI with retries after network failures (each try resumes from the committed bytes).
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_with_retries(
+    cfg: &AgentConfig,
+    area: &mut dyn Area,
+    src: &Location,
+    http: &HttpConfig,
+    keys: &[VerifyingKey],
+    stamp: &ImageStamp,
+    rep: &Reporter,
+) -> anyhow::Result<bi::BiSummary> {
+    let mut wait = cfg.retry_wait;
+    let mut attempt = 1u32;
+    loop {
+        match bi::fetch(area, src, http, keys, stamp, rep, &|l| rep.log(l)) {
+            Ok(s) => return Ok(s),
+            Err(e) if network_error(&e) && attempt <= cfg.job_retries => {
+                rep.log(format!(
+                    "download into the backup partition interrupted ({e:#}); resuming in {}s (attempt {}/{})",
+                    wait.as_secs(),
+                    attempt + 1,
+                    cfg.job_retries + 1
+                ));
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(cfg.max_retry_wait);
+                attempt += 1;
+            }
+            Err(e) => return Err(e.context("downloading into the backup partition")),
+        }
+    }
+}
+
+/// The check-in's hook for a BI / PI deploy (see the module docs). `keys` are the
+/// signature policy's keys (empty: the lab allows unsigned images).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn deploy_task(
+    state: &StateDir,
+    cfg: &AgentConfig,
+    task: &Task,
+    spec: &DeploySpec,
+    src: &Location,
+    http: &HttpConfig,
+    keys: &[VerifyingKey],
+    rep: &Reporter,
+) -> anyhow::Result<Done> {
+    let stamp = ImageStamp {
+        name: spec.image.name.clone(),
+        version: spec.image.version.clone(),
+    };
+    let mut area = area::open(cfg)?.ok_or_else(|| {
+        Rejection(
+            "this device has no backup partition: convert it to the autogenic layout first (imgserver schedule add ... --convert)".into(),
+        )
+    })?;
+    let mut fetched = 0;
+    if spec.after == After::CopyOnly || spec.fetch_to_backup {
+        let s = fetch_with_retries(cfg, area.as_mut(), src, http, keys, &stamp, rep)?;
+        fetched = s.fetched;
+        if !spec.from_backup {
+            // BI alone: the seed's V02 right away, no reboot.
+            return Ok(Done {
+                message: Some(if s.already {
+                    format!(
+                        "the backup partition already held {} {}",
+                        stamp.name, stamp.version
+                    )
+                } else {
+                    format!(
+                        "downloaded into the backup partition: {} bytes ({} fetched{})",
+                        s.size,
+                        s.fetched,
+                        if s.resumed_from > 0 {
+                            format!(", resumed at byte {}", s.resumed_from)
+                        } else {
+                            String::new()
+                        }
+                    )
+                }),
+                image: Some(stamp),
+                bytes: s.fetched,
+                end: TaskEnd::Continue,
+                preset: None,
+            });
+        }
+    } else {
+        let st = area.status()?;
+        let holds = st.complete && st.image.as_ref() == Some(&stamp);
+        if !holds {
+            return Err(Rejection(format!(
+                "re-imaging from the backup partition needs it to hold {} {}, and {} holds {}: schedule the download into the backup partition first (imgserver schedule add ... --backup-only), or both at once (--backup-only --from-backup)",
+                stamp.name,
+                stamp.version,
+                area.describe(),
+                st.describe()
+            ))
+            .into());
+        }
+    }
+    drop(area);
+    // PI: record it, then run it as every start would.
+    let existing = status::load(state)?;
+    if existing.as_ref().is_none_or(|s| s.task.id != task.id) {
+        if let Some(m) = existing.as_ref().and_then(|s| s.maintenance.clone()) {
+            rep.log(format!(
+                "the previous re-imaging left maintenance ({m}); this task replaces it"
+            ));
+        }
+        status::save(state, &status::ImagingStatus::new(task.clone()))?;
+    }
+    rep.log("imaging status record: pending");
+    let engine = pi::AreaEngine { cfg, state };
+    match pi::run_recorded(state, &engine, rep)? {
+        pi::AtStart::Ran(Outcome::Failed) => Ok(Done {
+            message: Some("re-imaging failed; it is tried again at the next start".into()),
+            image: None,
+            bytes: fetched,
+            end: TaskEnd::Deferred,
+            preset: None,
+        }),
+        _ => {
+            // Succeeded or given up: the result is in the outbox under the record's report.
+            let st = status::load(state)?.context("the imaging status record vanished")?;
+            let r = st.report.as_deref().and_then(|rep_id| {
+                state
+                    .outbox()
+                    .ok()?
+                    .into_iter()
+                    .find(|r| r.report == rep_id)
+            });
+            Ok(Done {
+                message: None,
+                image: None,
+                bytes: fetched,
+                end: TaskEnd::Continue,
+                preset: r,
+            })
+        }
+    }
+}
+
+/// The inventory's autogenic facts from the device's backup area.
+pub fn inventory(cfg: &AgentConfig) -> Autogenic {
+    let Ok(Some(area)) = area::open(cfg) else {
+        return Autogenic::default();
+    };
+    let st = area.status().unwrap_or_default();
+    Autogenic {
+        support_img_backup: true,
+        backup_image_present: st.complete,
+        back_image_ver: st
+            .image
+            .as_ref()
+            .filter(|_| st.complete)
+            .map(|s| s.version.clone()),
+        backup_image: st.image.clone(),
+        backup_bytes: st.verified_bytes,
+        backup_size: st.size,
+        backup_partition_size: area.partition_size(),
+    }
+}
+
+/// Seed 003's "back up the current image first" on a device with a backup area: capture
+/// the target (the OS partition) into the area, so a rollback is a PI from local flash.
+/// Returns false when the device has no area (the caller falls back or skips).
+pub fn capture_into(
+    cfg: &AgentConfig,
+    disk: &std::path::Path,
+    part: Option<&str>,
+    current: &ImageStamp,
+    rep: &Reporter,
+) -> anyhow::Result<bool> {
+    let Some(mut area) = area::open(cfg)? else {
+        return Ok(false);
+    };
+    let cap = area.capacity();
+    area.begin(current, "capture", cap)?;
+    let opts = CaptureOptions {
+        comp: 1,
+        name: current.name.clone(),
+        version: current.version.clone(),
+        description: Some("backup taken before a deploy".into()),
+        ..CaptureOptions::default()
+    };
+    rep.log(format!(
+        "backing up {} {} from {}{} into {} first",
+        current.name,
+        current.version,
+        disk.display(),
+        part.map(|p| format!(" partition {p}")).unwrap_or_default(),
+        area.describe()
+    ));
+    let mut w = AreaWriter {
+        area: area.as_mut(),
+        pos: 0,
+        cap,
+    };
+    capture::capture(disk, part, &mut w, &opts, rep)
+        .map_err(anyhow::Error::new)
+        .context("backing up the current image (schedule with --no-backup to skip it)")?;
+    let size = w.pos;
+    area.commit(size)?;
+    // Its identity as the engine reads it back, then the area's status says so.
+    let info = imgengine::deploy::verify(
+        &area.location()?,
+        &Default::default(),
+        &imgengine::io::progress::NoProgress,
+    )
+    .map_err(anyhow::Error::new)
+    .context("reading the backup back")?;
+    area.begin(current, &info.manifest_digest, size)?;
+    area.commit(size)?;
+    area.finish()?;
+    rep.log(format!(
+        "{} {} backed up into {} ({size} bytes): a rollback re-images from it",
+        current.name,
+        current.version,
+        area.describe()
+    ));
+    Ok(true)
+}
+
+struct AreaWriter<'a> {
+    area: &'a mut dyn Area,
+    pos: u64,
+    cap: u64,
+}
+
+impl std::io::Write for AreaWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.pos + buf.len() as u64 > self.cap {
+            return Err(std::io::Error::other(format!(
+                "the backup does not fit in the backup partition ({} bytes)",
+                self.cap
+            )));
+        }
+        self.area
+            .write_at(self.pos, buf)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -9,7 +9,9 @@ use std::ffi::OsString;
 
 use crate::args::{self, Matches, Opt, Token, UsageError};
 use crate::exit::Exit;
-use crate::{bootstore, checkin, discover, handover, imaging, install, service, session};
+use crate::{
+    bootstore, checkin, discover, handover, imaging, install, layout, service, session,
+};
 
 /// One verb of `img`.
 pub struct Verb {
@@ -145,6 +147,17 @@ pub const VERBS: &[Verb] = &[
         opts: handover::OPTS,
         run: handover::run,
     },
+    // Autogenic layout (layout.rs).
+    Verb {
+        names: &["layout"],
+        opts: layout::OPTS,
+        run: layout::run_layout,
+    },
+    Verb {
+        names: &["convert"],
+        opts: layout::OPTS,
+        run: layout::run_convert,
+    },
     // Multicast sessions (session.rs).
     Verb {
         names: &["session", "s"],
@@ -252,6 +265,7 @@ pub fn help(m: Matches) -> anyhow::Result<i32> {
     println!("{}", service::USAGE);
     println!("\nBoot-agent partition:\n{}", install::USAGE);
     println!("{}", handover::USAGE);
+    println!("\n{}", layout::USAGE);
     println!("\n{}", session::USAGE);
     Ok(0)
 }

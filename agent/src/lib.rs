@@ -30,6 +30,7 @@ pub mod handover;
 pub mod imaging;
 pub mod init;
 pub mod install;
+pub mod layout;
 pub mod personality;
 pub mod progress;
 pub mod service;

@@ -113,6 +113,18 @@ enum Kind {
     File(Arc<File>),
     Stdin { taken: bool },
     Http(Http),
+    Ranged(Arc<dyn RangeRead>),
+}
+
+/// An image held somewhere that reads at any offset (the autogenic backup partition's
+/// segments): [`Source::from_ranged`] makes it a source a deploy reads exactly like a file,
+/// with every check (signature, manifest, each chunk's CRC and SHA-256).
+#[allow(clippy::len_without_is_empty)] // an image is never empty
+pub trait RangeRead: Send + Sync {
+    /// The image's length in bytes.
+    fn len(&self) -> u64;
+    /// Fill `buf` from `offset` (`offset + buf.len()` is at most [`RangeRead::len`]).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
 #[derive(Clone)]
@@ -158,6 +170,18 @@ impl Source {
         })
     }
 
+    /// A source over `reader`, named `name` in messages ("backup partition 3 of /dev/sda");
+    /// ranged like a file. The name is never opened.
+    pub fn from_ranged(name: &str, reader: Arc<dyn RangeRead>) -> Source {
+        Source {
+            location: Location::File(PathBuf::from(name)),
+            len: Some(reader.len()),
+            kind: Kind::Ranged(reader),
+            ranges: true,
+            fetched: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     /// Total size when known (files; HTTP with Content-Length).
     #[allow(clippy::len_without_is_empty)] // an unknown length is not "empty"
     pub fn len(&self) -> Option<u64> {
@@ -184,6 +208,12 @@ impl Source {
                 file: f.clone(),
                 pos: 0,
                 end: self.len.unwrap_or(0),
+                fetched,
+            })),
+            Kind::Ranged(r) => Ok(Box::new(RangedReader {
+                inner: r.clone(),
+                pos: 0,
+                end: r.len(),
                 fetched,
             })),
             Kind::Stdin { taken } => {
@@ -231,6 +261,12 @@ impl Source {
         match &self.kind {
             Kind::File(f) => Ok(Box::new(FileRange {
                 file: f.clone(),
+                pos: offset,
+                end,
+                fetched,
+            })),
+            Kind::Ranged(r) => Ok(Box::new(RangedReader {
+                inner: r.clone(),
                 pos: offset,
                 end,
                 fetched,
@@ -558,6 +594,30 @@ impl Read for FileRange {
         self.pos += got as u64;
         self.fetched.fetch_add(got as u64, Ordering::Relaxed);
         Ok(got)
+    }
+}
+
+/// `[pos, end)` of a [`RangeRead`].
+struct RangedReader {
+    inner: Arc<dyn RangeRead>,
+    pos: u64,
+    end: u64,
+    fetched: Arc<AtomicU64>,
+}
+
+impl Read for RangedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf
+            .len()
+            .min(1 << 20)
+            .min((self.end.saturating_sub(self.pos)).min(usize::MAX as u64) as usize);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.inner.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 

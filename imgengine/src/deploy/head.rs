@@ -57,6 +57,12 @@ impl OpenedImage {
         Self::from_source(Source::open(src, http)?, true)
     }
 
+    /// Open an already made source (e.g. [`Source::from_ranged`]) as [`OpenedImage::open`]
+    /// opens a location.
+    pub fn open_source(source: Source) -> Result<OpenedImage> {
+        Self::from_source(source, true)
+    }
+
     /// `use_ranges` false: read the source front to back even if it could do ranges
     /// (`verify` reads every byte anyway).
     pub(super) fn from_source(mut source: Source, use_ranges: bool) -> Result<OpenedImage> {

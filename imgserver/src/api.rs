@@ -31,8 +31,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::protocol::{
-    Action, CaptureSpec, CheckIn, CheckInReply, DeploySpec, ErrorReply, ImageRef, ProgressReply,
-    ProgressReport, ResultReply, Task, TaskKind, TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
+    Action, CaptureSpec, CheckIn, CheckInReply, ConvertSpec, DeploySpec, ErrorReply, ImageRef,
+    ProgressReply, ProgressReport, ResultReply, Task, TaskKind, TaskResult, CHECKIN_PATH,
+    PROTOCOL_VERSION,
 };
 use crate::store::{
     CheckInSecrets, DeviceRow, ImageRow, JobRow, Policy, Store, StoreError, TaskRow,
@@ -339,31 +340,39 @@ fn wire_task(
     upload_key: Option<&str>,
 ) -> Option<Task> {
     let o = &job.options;
+    let image_ref = || -> Option<ImageRef> {
+        let img = image?;
+        let url = match (&img.url, &img.file) {
+            (Some(u), _) => u.clone(),
+            (None, Some(f)) => format!("{base}/repo/{f}"),
+            (None, None) => return None,
+        };
+        Some(ImageRef {
+            name: img.name.clone(),
+            version: img.version.clone(),
+            url,
+            size: img.size,
+            autogenic: img.autogenic,
+        })
+    };
     let kind = match job.kind.as_str() {
-        "deploy" => {
-            let img = image?;
-            let url = match (&img.url, &img.file) {
-                (Some(u), _) => u.clone(),
-                (None, Some(f)) => format!("{base}/repo/{f}"),
-                (None, None) => return None,
-            };
-            TaskKind::Deploy(DeploySpec {
-                image: ImageRef {
-                    name: img.name.clone(),
-                    version: img.version.clone(),
-                    url,
-                    size: img.size,
-                    autogenic: false,
-                },
-                disk: o.disk.clone(),
-                partition: o.partition.clone(),
-                preserve: o.preserve.clone(),
-                backup_first: o.backup_first,
-                after: o.after,
-                from_backup: false,
-                fetch_to_backup: false,
-            })
-        }
+        "deploy" => TaskKind::Deploy(DeploySpec {
+            image: image_ref()?,
+            disk: o.disk.clone(),
+            partition: o.partition.clone(),
+            preserve: o.preserve.clone(),
+            backup_first: o.backup_first,
+            after: o.after,
+            from_backup: o.from_backup,
+            fetch_to_backup: o.from_backup && o.fetch_to_backup,
+        }),
+        // Seed 001 step 4 (`crate::autogenic`): the flash size the job was planned for.
+        "convert" => TaskKind::Convert(ConvertSpec {
+            image: image_ref()?,
+            disk: o.disk.clone(),
+            backup_size: o.backup_size,
+            flash_size: o.flash_size?,
+        }),
         "capture" => TaskKind::Capture(CaptureSpec {
             disk: o.disk.clone(),
             partition: o.partition.clone(),

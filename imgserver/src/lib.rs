@@ -14,12 +14,15 @@
 //! - [`cli`]: the administrator's commands and their tables;
 //! - [`admin`]: the admin core (tokens, roles, audit, jobs at a time) behind the admin API
 //!   `/api/v1/admin/`, the web console and the CLI;
-//! - [`web`]: the web console at `/` (`docs/console.md`).
+//! - [`web`]: the web console at `/` (`docs/console.md`);
+//! - [`autogenic`]: seed 001's autogenic imaging (image.rsp, BI / PI / convert validation,
+//!   the layout rules, Maintenance reported by the device), pure functions.
 
 pub use ::protocol;
 
 pub mod admin;
 pub mod api;
+pub mod autogenic;
 pub mod cli;
 pub mod model;
 pub mod pxe;

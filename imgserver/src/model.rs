@@ -208,6 +208,8 @@ pub enum JobKind {
     Capture,
     Reboot,
     BootGuest,
+    /// Seed 001 step 4: lay the device out for autogenic imaging, then image it.
+    Convert,
 }
 
 state_words!(JobKind {
@@ -215,6 +217,7 @@ state_words!(JobKind {
     Capture = "capture",
     Reboot = "reboot",
     BootGuest = "boot_guest",
+    Convert = "convert",
 });
 
 /// The word a device's enrolment approval holds while it waits for the administrator
@@ -260,6 +263,22 @@ pub struct JobOptions {
     pub at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
+    /// Seed 001's PI: image from the device's backup partition (`crate::autogenic`); with
+    /// `fetch_to_backup` the image is downloaded there first (BI+PI). BI alone is
+    /// `after: copy_only` with `backup_only` (`--backup-only`, validated as BI; a plain
+    /// `--then copy-only` keeps seed 003's "copy only" with its warning).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_backup: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backup_only: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fetch_to_backup: bool,
+    /// Conversion jobs: the backup partition size the administrator chose (None: image +
+    /// 100 MB) and the flash size the job was planned for (every device's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flash_size: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -285,6 +304,11 @@ impl Default for JobOptions {
             comp: None,
             at: None,
             until: None,
+            from_backup: false,
+            backup_only: false,
+            fetch_to_backup: false,
+            backup_size: None,
+            flash_size: None,
         }
     }
 }
@@ -410,7 +434,12 @@ pub fn validate_deploy(
             )),
         }
     }
-    if (opts.backup_first || copy_only) && !dev.autogenic.support_img_backup {
+    // BI and PI (`crate::autogenic`) make a missing backup partition an error instead.
+    if (opts.backup_first || copy_only)
+        && !opts.backup_only
+        && !opts.from_backup
+        && !dev.autogenic.support_img_backup
+    {
         v.warnings.push(
             "device has no backup partition (SupportImgBackup=0): the backup is skipped".into(),
         );
@@ -545,8 +574,20 @@ pub fn batch_start(batch: u32, position: usize) -> usize {
 /// The job's validation of one device (errors reject the task, warnings are recorded).
 pub fn validate_task(job: &JobRow, image: Option<&ImageRow>, inv: Option<&CheckIn>) -> Validation {
     match (job.kind.parse::<JobKind>(), image) {
-        (Ok(JobKind::Deploy), Some(img)) => validate_deploy(&img.facts, &job.options, inv),
-        (Ok(JobKind::Deploy), None) => Validation {
+        (Ok(JobKind::Deploy), Some(img)) => {
+            let mut v = validate_deploy(&img.facts, &job.options, inv);
+            if let Some(dev) = inv {
+                let a = crate::autogenic::validate_backup_deploy(img, &job.options, dev);
+                v.errors.extend(a.errors);
+                v.warnings.extend(a.warnings);
+            }
+            v
+        }
+        (Ok(JobKind::Convert), Some(img)) => match inv {
+            Some(dev) => crate::autogenic::validate_convert(img, &job.options, dev),
+            None => validate_deploy(&img.facts, &job.options, None),
+        },
+        (Ok(JobKind::Deploy | JobKind::Convert), None) => Validation {
             errors: vec!["the job's image was unregistered".into()],
             ..Default::default()
         },
@@ -595,6 +636,8 @@ pub struct Unfinished {
     pub task: u64,
     pub job: u64,
     pub kind: Option<JobKind>,
+    /// A PI (`JobOptions::from_backup`): resumed by the device's own disk, not over PXE.
+    pub from_backup: bool,
 }
 
 /// One job that may give a device work at a check-in, as the store found it.
@@ -655,6 +698,11 @@ impl TaskPlan {
     /// the PXE decision describes it; None when the device has nothing to do.
     pub fn boot_work(&self, candidates: &[Candidate]) -> Option<String> {
         if let Some(u) = &self.resend {
+            // Seed 001: PI runs in the imaging engine of the device's own disk (a power cut
+            // in the middle leads back there), never in a network-booted agent.
+            if u.from_backup {
+                return None;
+            }
             return Some(format!("task {} of job {} unfinished", u.task, u.job));
         }
         let (c, rejected) = match (self.rejected.first(), &self.send) {
@@ -663,6 +711,11 @@ impl TaskPlan {
             (None, None) => return None,
         };
         let Candidate { job, image, .. } = candidates[c];
+        // A PI is not PXE work: before it the device boots from its disk (seed 001), whose
+        // boot agent checks in and gets it.
+        if !rejected && job.options.from_backup {
+            return None;
+        }
         let mut what = match image {
             Some(img) => format!("job {} {} {} {}", job.id, job.kind, img.name, img.version),
             None => format!("job {} {}", job.id, job.kind),
@@ -803,8 +856,9 @@ pub fn plan_result(job: &JobRow, r: &TaskResult) -> ResultPlan {
             .unwrap_or_default()
     );
     let ok = task == TaskState::Succeeded;
-    let changes_image =
-        job.kind == JobKind::Deploy.as_str() && job.options.after != After::CopyOnly;
+    let changes_image = (job.kind == JobKind::Deploy.as_str()
+        && job.options.after != After::CopyOnly)
+        || job.kind == JobKind::Convert.as_str();
     ResultPlan {
         task,
         summary,
@@ -1025,6 +1079,7 @@ mod tests {
             description: None,
             added: 0,
             captured_from: None,
+            autogenic: false,
         }
     }
 
@@ -1117,6 +1172,7 @@ mod tests {
             task: 9,
             job: 2,
             kind: Some(JobKind::Capture),
+            from_backup: false,
         });
         let rows: Vec<Row> = vec![
             ("nothing scheduled", &ok, None, vec![], false, vec![], None),
@@ -1260,6 +1316,73 @@ mod tests {
                     "{what}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_pi_is_handed_over_but_is_not_pxe_work() {
+        // Seed 001: before PI the device boots from its disk, whose agent checks in.
+        let img = image_row("8.0", 1 << 20);
+        let mut pi = job_row(3, JobKind::Deploy, 0, OnError::Stop);
+        pi.options.from_backup = true;
+        let mut dev = device_row(DeviceState::Operational, false);
+        let inv = dev.inventory.as_mut().unwrap();
+        inv.autogenic.backup_image_present = true;
+        inv.autogenic.backup_image = Some(ImageStamp {
+            name: "os".into(),
+            version: "8.0".into(),
+        });
+        let mut auto = img.clone();
+        auto.autogenic = true;
+        let tasks: &[(u64, TaskState)] = &[(10, P)];
+        // (what, job, image, resend, sent, PXE work)
+        let rows = [
+            ("PI to be sent", &pi, &auto, None, true, false),
+            (
+                "PI of an ordinary image: rejected, so PXE work",
+                &pi,
+                &img,
+                None,
+                false,
+                true,
+            ),
+            (
+                "PI unfinished",
+                &pi,
+                &auto,
+                Some(Unfinished {
+                    task: 10,
+                    job: 3,
+                    kind: Some(JobKind::Deploy),
+                    from_backup: true,
+                }),
+                false,
+                false,
+            ),
+            (
+                "network deploy unfinished",
+                &pi,
+                &auto,
+                Some(Unfinished {
+                    task: 10,
+                    job: 3,
+                    kind: Some(JobKind::Deploy),
+                    from_backup: false,
+                }),
+                false,
+                true,
+            ),
+        ];
+        for (what, job, image, resend, sent, work) in rows {
+            let c = [Candidate {
+                job,
+                image: Some(image),
+                task: Some(10),
+                job_tasks: tasks,
+            }];
+            let plan = plan_next_task(&dev, resend, &c);
+            assert_eq!(plan.send.is_some(), sent, "{what}: {plan:?}");
+            assert_eq!(plan.boot_work(&c).is_some(), work, "{what}");
         }
     }
 

@@ -68,7 +68,19 @@ pub fn add_file(
     move_it: bool,
     min_ram: u64,
 ) -> anyhow::Result<ImageRow> {
-    register(store, repo, file, move_it, min_ram, None)
+    register(store, repo, file, move_it, min_ram, None, false)
+}
+
+/// [`add_file`], marked autogenic (seed 001) when `autogenic`.
+pub fn add_file_as(
+    store: &dyn Store,
+    repo: &Path,
+    file: &Path,
+    move_it: bool,
+    min_ram: u64,
+    autogenic: bool,
+) -> anyhow::Result<ImageRow> {
+    register(store, repo, file, move_it, min_ram, None, autogenic)
 }
 
 /// What a capture task expects of its upload: the name and version its job gave, and who
@@ -93,7 +105,7 @@ pub fn add_capture(
     file: &Path,
     origin: CaptureOrigin,
 ) -> anyhow::Result<ImageRow> {
-    register(store, repo, file, true, 0, Some(origin))
+    register(store, repo, file, true, 0, Some(origin), false)
 }
 
 fn register(
@@ -103,6 +115,7 @@ fn register(
     move_it: bool,
     min_ram: u64,
     capture: Option<CaptureOrigin>,
+    autogenic: bool,
 ) -> anyhow::Result<ImageRow> {
     let info =
         inspect(&Location::File(file.to_path_buf()), &HttpConfig::default()).map_err(|e| {
@@ -176,6 +189,7 @@ fn register(
         description: info.meta.description.clone(),
         added: now(),
         captured_from: capture.map(|c| c.from),
+        autogenic,
     };
     match store.add_image(&row) {
         Ok(id) => row.id = id,
@@ -193,6 +207,17 @@ pub fn add_url(
     url: &str,
     http: &HttpConfig,
     min_ram: u64,
+) -> anyhow::Result<ImageRow> {
+    add_url_as(store, url, http, min_ram, false)
+}
+
+/// [`add_url`], marked autogenic (seed 001) when `autogenic`.
+pub fn add_url_as(
+    store: &dyn Store,
+    url: &str,
+    http: &HttpConfig,
+    min_ram: u64,
+    autogenic: bool,
 ) -> anyhow::Result<ImageRow> {
     let loc = Location::parse(url);
     let info = inspect(&loc, http)?;
@@ -215,6 +240,7 @@ pub fn add_url(
         description: info.meta.description.clone(),
         added: now(),
         captured_from: None,
+        autogenic,
     };
     row.id = store.add_image(&row)?;
     Ok(row)

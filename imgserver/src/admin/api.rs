@@ -430,6 +430,12 @@ struct ImageUrlBody {
     url: String,
     #[serde(default)]
     min_ram: u64,
+    /// Seed 001: mark it autogenic.
+    #[serde(default)]
+    autogenic: bool,
+    /// The text of the package's image.rsp: a <BackupImage> tag marks it autogenic.
+    #[serde(default)]
+    rsp: Option<String>,
 }
 
 async fn add_image_url(
@@ -438,7 +444,15 @@ async fn add_image_url(
     Json(b): Json<ImageUrlBody>,
 ) -> Response {
     call(st, headers, move |a, me| {
-        a.add_image_url(me, &b.url, None, b.min_ram)
+        let tagged = match &b.rsp {
+            Some(text) => {
+                crate::autogenic::parse_rsp(text.as_bytes())
+                    .map_err(AdminError::Invalid)?
+                    .backup_image
+            }
+            None => false,
+        };
+        a.add_image_url_as(me, &b.url, None, b.min_ram, b.autogenic || tagged)
     })
     .await
 }
@@ -447,6 +461,9 @@ async fn add_image_url(
 struct UploadQuery {
     #[serde(default)]
     min_ram: u64,
+    /// Seed 001: mark it autogenic.
+    #[serde(default)]
+    autogenic: bool,
 }
 
 /// Deletes a half-written upload unless it was handed on.
@@ -586,9 +603,11 @@ async fn upload_image(
         );
     }
     drop(file);
-    let min_ram = q.min_ram;
+    let (min_ram, autogenic) = (q.min_ram, q.autogenic);
     let r = tokio::task::spawn_blocking(move || {
-        let r = st.admin.add_image_file(&me, &path, true, min_ram);
+        let r = st
+            .admin
+            .add_image_file_as(&me, &path, true, min_ram, autogenic);
         // Moved into the repository on success; removed by the guard otherwise.
         if r.is_ok() {
             guard.0 = None;

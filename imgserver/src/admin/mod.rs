@@ -196,15 +196,14 @@ pub struct DeviceSummary {
     pub ram_bytes: u64,
     pub last_seen: Option<u64>,
     pub enrol_addr: Option<String>,
+    /// The backup partition (seed 001 step 7); None until the device checked in.
+    #[serde(default)]
+    pub backup: Option<BackupImage>,
 }
 
-/// The backup image a device keeps (seed 000's autogenic flags).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BackupImage {
-    pub supported: bool,
-    pub present: bool,
-    pub version: Option<String>,
-}
+/// The backup image a device keeps (seed 000's autogenic flags, and seed 001 step 7: the
+/// backup partition's image, version and BI progress).
+pub type BackupImage = crate::autogenic::BackupView;
 
 /// One task of a device's history (seed 003's device History tab).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -544,6 +543,7 @@ impl Admin {
             ram_bytes: d.ram_bytes,
             last_seen: d.last_seen,
             enrol_addr: d.enrol_addr.clone(),
+            backup: d.inventory.as_ref().map(BackupImage::of),
         }
     }
 
@@ -639,11 +639,7 @@ impl Admin {
         let backup_image = d
             .inventory
             .as_ref()
-            .map(|i| BackupImage {
-                supported: i.autogenic.support_img_backup,
-                present: i.autogenic.backup_image_present,
-                version: i.autogenic.back_image_ver.clone(),
-            })
+            .map(BackupImage::of)
             .unwrap_or_default();
         Ok(DeviceDetail {
             summary: self.summary(&d, now()),
@@ -765,17 +761,30 @@ impl Admin {
         move_it: bool,
         min_ram: u64,
     ) -> Result<ImageRow> {
+        self.add_image_file_as(by, file, move_it, min_ram, false)
+    }
+
+    /// [`Admin::add_image_file`], marked autogenic (seed 001) when `autogenic`.
+    pub fn add_image_file_as(
+        &self,
+        by: &Actor,
+        file: &Path,
+        move_it: bool,
+        min_ram: u64,
+        autogenic: bool,
+    ) -> Result<ImageRow> {
         by.require(Role::Admin, "registering images")?;
         self.audited(
             by,
             "image.add",
             || {
-                crate::repo::add_file(
+                crate::repo::add_file_as(
                     self.store.as_ref(),
                     &self.data.join("repo"),
                     file,
                     move_it,
                     min_ram,
+                    autogenic,
                 )
                 .map_err(repo_error)
             },
@@ -790,6 +799,18 @@ impl Admin {
         url: &str,
         ca: Option<PathBuf>,
         min_ram: u64,
+    ) -> Result<ImageRow> {
+        self.add_image_url_as(by, url, ca, min_ram, false)
+    }
+
+    /// [`Admin::add_image_url`], marked autogenic (seed 001) when `autogenic`.
+    pub fn add_image_url_as(
+        &self,
+        by: &Actor,
+        url: &str,
+        ca: Option<PathBuf>,
+        min_ram: u64,
+        autogenic: bool,
     ) -> Result<ImageRow> {
         by.require(Role::Admin, "registering images")?;
         if !(url.starts_with("https://") || url.starts_with("http://")) {
@@ -807,7 +828,10 @@ impl Admin {
         self.audited(
             by,
             "image.add",
-            || crate::repo::add_url(self.store.as_ref(), url, &http, min_ram).map_err(repo_error),
+            || {
+                crate::repo::add_url_as(self.store.as_ref(), url, &http, min_ram, autogenic)
+                    .map_err(repo_error)
+            },
             move |added| image_added(added, &from),
         )
     }
@@ -855,10 +879,13 @@ impl Admin {
         let now = now();
         let kind = req.kind.as_str();
         let mut options = req.options.clone();
+        crate::autogenic::check_request(kind, &options).map_err(AdminError::Invalid)?;
         let (image, image_id) = match kind {
-            "deploy" => {
+            "deploy" | "convert" => {
                 let spec = req.image.as_deref().ok_or_else(|| {
-                    AdminError::Invalid("a deploy job needs an image (NAME[:VERSION] or id)".into())
+                    AdminError::Invalid(format!(
+                        "a {kind} job needs an image (NAME[:VERSION] or id)"
+                    ))
                 })?;
                 let img = self.find_image(spec)?;
                 if let (Some(from), None) = (&img.captured_from, &img.signed_by) {
@@ -889,7 +916,7 @@ impl Admin {
             "reboot" | "boot_guest" => (None, None),
             other => {
                 return Err(AdminError::Invalid(format!(
-                    "job kind {other:?}: use deploy, capture, reboot or boot_guest"
+                    "job kind {other:?}: use deploy, convert, capture, reboot or boot_guest"
                 )))
             }
         };
@@ -975,6 +1002,21 @@ impl Admin {
                 "target {target:?}: use mac:MAC, macs:MAC,MAC,..., group:NAME or all"
             )));
         };
+        if kind == "convert" {
+            // Seed 001 step 4: one flash size for every device of the job, planned now.
+            let sizes: Vec<(String, Option<u64>)> = targets
+                .iter()
+                .map(|t| {
+                    let size = t
+                        .inventory
+                        .as_ref()
+                        .and_then(|i| crate::autogenic::flash_size(i, options.disk.as_deref()));
+                    (t.mac.clone(), size)
+                })
+                .collect();
+            options.flash_size =
+                Some(crate::autogenic::same_flash(&sizes).map_err(AdminError::Invalid)?);
+        }
         let job = NewJob {
             kind: kind.to_string(),
             image: image_id,
@@ -1034,11 +1076,16 @@ impl Admin {
         _note: Option<&str>,
     ) -> Result<JobCreated> {
         let what = match (&job.kind[..], job.image) {
-            ("deploy", Some(i)) => self
+            (k @ ("deploy" | "convert"), Some(i)) => self
                 .store
                 .image_by_id(i)?
-                .map(|i| format!("deploy {} {}", i.name, i.version))
-                .unwrap_or_else(|| "deploy".into()),
+                .map(|i| {
+                    let how = crate::autogenic::job_words(&job.options)
+                        .map(|w| format!(", {w}"))
+                        .unwrap_or_default();
+                    format!("{k} {} {}{how}", i.name, i.version)
+                })
+                .unwrap_or_else(|| k.into()),
             (k, _) => k.to_string(),
         };
         let mut detail = format!("{what} for {}", job.selector);
@@ -1292,16 +1339,37 @@ impl Admin {
                 j.kind
             )));
         }
+        if j.options.after == crate::protocol::After::CopyOnly {
+            return Err(AdminError::Conflict(format!(
+                "job {id} only copied an image into backup locations: the devices still run what they ran, nothing to roll back"
+            )));
+        }
+        // Seed 001 / issue 11: a device whose backup partition holds the previous image
+        // (autogenic) is re-imaged from there (PI), without a download.
+        let inventories: BTreeMap<u64, Option<CheckIn>> = self
+            .store
+            .devices()?
+            .into_iter()
+            .map(|d| (d.id, d.inventory))
+            .collect();
         let mut skipped = Vec::new();
-        let mut by_image: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+        let mut by_image: BTreeMap<(String, String, bool), Vec<u64>> = BTreeMap::new();
         for t in tasks.iter().filter(|t| t.state == TaskState::Succeeded) {
-            match &t.prev_image {
-                Some(p) => by_image
-                    .entry((p.name.clone(), p.version.clone()))
-                    .or_default()
-                    .push(t.device),
-                None => skipped.push(format!("{}: no previous image recorded", t.mac)),
-            }
+            let Some(p) = &t.prev_image else {
+                skipped.push(format!("{}: no previous image recorded", t.mac));
+                continue;
+            };
+            let local = match self.store.image(&p.name, Some(&p.version))? {
+                Some(img) => crate::autogenic::rollback_from_backup(
+                    inventories.get(&t.device).and_then(|i| i.as_ref()),
+                    &img,
+                ),
+                None => false,
+            };
+            by_image
+                .entry((p.name.clone(), p.version.clone(), local))
+                .or_default()
+                .push(t.device);
         }
         if by_image.is_empty() {
             return Err(AdminError::Conflict(format!(
@@ -1312,7 +1380,7 @@ impl Admin {
         options.backup_first = false;
         self.new_window(&mut options, window)?;
         let mut made = Vec::new();
-        for ((name, version), devices) in by_image {
+        for ((name, version, local), devices) in by_image {
             let Some(img) = self.store.image(&name, Some(&version))? else {
                 skipped.push(format!(
                     "image {name} {version} is no longer registered: register it again to roll {} device(s) back",
@@ -1320,13 +1388,21 @@ impl Admin {
                 ));
                 continue;
             };
+            let mut options = options.clone();
+            options.from_backup = local;
+            options.fetch_to_backup = false;
+            options.backup_only = false;
             let new = NewJob {
                 kind: "deploy".into(),
                 image: Some(img.id),
-                options: options.clone(),
+                options,
                 selector: "list".into(),
                 devices,
-                note: Some(format!("rollback of job {id}")),
+                note: Some(if local {
+                    format!("rollback of job {id} from the backup partition")
+                } else {
+                    format!("rollback of job {id}")
+                }),
             };
             made.push(self.insert_job(by, "job.rollback", &new, None)?);
         }
@@ -1368,16 +1444,21 @@ fn validation_table(
     image: Option<&ImageRow>,
     targets: &[DeviceTarget],
 ) -> Vec<ValidationRow> {
+    // The same validation the store runs when it makes the tasks (`model::validate_task`).
+    let row = JobRow {
+        id: 0,
+        kind: job.kind.clone(),
+        image: job.image,
+        options: job.options.clone(),
+        selector: job.selector.clone(),
+        state: model::JobState::Active.as_str().into(),
+        created: 0,
+        note: None,
+    };
     targets
         .iter()
         .map(|t| {
-            let v = match (job.kind.as_str(), image) {
-                ("deploy", Some(img)) => {
-                    model::validate_deploy(&img.facts, &job.options, t.inventory.as_ref())
-                }
-                ("capture", _) => model::validate_capture(&job.options, t.inventory.as_ref()),
-                _ => Validation::default(),
-            };
+            let v = model::validate_task(&row, image, t.inventory.as_ref());
             ValidationRow::new(t.mac.clone(), &v)
         })
         .collect()
@@ -1407,12 +1488,15 @@ fn image_added(added: &dyn std::any::Any, from: &str) -> Option<(String, String)
 }
 
 fn job_image(j: &JobRow, images: &BTreeMap<u64, ImageRow>) -> Option<String> {
+    let how = crate::autogenic::short_words(&j.options)
+        .map(|w| format!(" ({w})"))
+        .unwrap_or_default();
     match j.image {
         Some(id) => Some(
             images
                 .get(&id)
-                .map(|i| format!("{} {}", i.name, i.version))
-                .unwrap_or_else(|| format!("#{id}")),
+                .map(|i| format!("{} {}{how}", i.name, i.version))
+                .unwrap_or_else(|| format!("#{id}{how}")),
         ),
         None => match (&j.options.capture_name, &j.options.capture_version) {
             (Some(n), Some(v)) => Some(format!("-> {n} {v}")),

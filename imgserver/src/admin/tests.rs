@@ -109,6 +109,7 @@ fn image(s: &SqliteStore, version: &str, min: u64) -> u64 {
         description: None,
         added: 1,
         captured_from: None,
+        autogenic: false,
     })
     .unwrap()
 }

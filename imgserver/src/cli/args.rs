@@ -17,13 +17,22 @@ usage: imgserver [--data DIR] COMMAND
         [--header-timeout SECS] [--body-timeout SECS] [--conns-per-address N]
         [--rate-per-address N] [--rate-per-device N] [--enrol-rate N] [--keep-free BYTES]
         [--open-enrolment]   (labs only: enrol every device without the site secret)
-  image add FILE|URL [--min-ram BYTES] [--ca PEM]   register an image (reads its metadata)
+  image add FILE|URL|DIR [--min-ram BYTES] [--ca PEM] [--autogenic] [--rsp FILE]
+                                      register an image (reads its metadata); autogenic
+                                      (seed 001) with --autogenic, or when its package script
+                                      (--rsp FILE, or image.rsp in the package DIR) has <BackupImage>
   image list
   image remove NAME[:VERSION]|ID      unregister (and delete a repository file)
   image sign NAME:VERSION|ID --key KEYFILE    seal and sign a repository image (captures)
   image url NAME[:VERSION]|ID [--expires SECS] [--base URL]   a signed URL (e.g. for a CDN)
   schedule add (--mac MAC | --group NAME | --all) WHAT [OPTIONS]
       WHAT:    --image NAME[:VERSION] | --capture NAME:VERSION | --reboot | --boot-guest
+      AUTOGENIC (seed 001; an autogenic image, a device with a backup partition):
+               --backup-only         BI: download into the backup partition, no install
+               --from-backup         PI: image from the backup partition (it must hold the image)
+               --backup-only --from-backup   BI then PI in one job
+               --convert [--backup-size SIZE]   lay the device out for autogenic imaging
+                                     (boot agent, OS, backup = image + 100 MB), then image it
       OPTIONS: --partition P  --disk D  --preserve P (repeatable)  --no-backup
                --then reboot|no-reboot|copy-only  --on-error stop|continue
                --batch N | --sequential  --comp 0..9  --note TEXT
@@ -64,6 +73,10 @@ pub enum Command {
         what: String,
         min_ram: u64,
         ca: Option<PathBuf>,
+        /// Seed 001: mark it autogenic (`--autogenic`).
+        autogenic: bool,
+        /// The package script `image.rsp` that comes with it (`--rsp FILE`).
+        rsp: Option<PathBuf>,
     },
     ImageList,
     ImageRemove {
@@ -166,6 +179,27 @@ fn mac(s: &str) -> anyhow::Result<String> {
     normalize_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
 }
 
+/// A size: bytes, or a number with K, M, G or T (KiB ... TiB; `MB` and `MiB` mean the same,
+/// as in seed 001's sizes).
+pub fn size(what: &str, s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => bail!("{what}: {s:?} is not a size (bytes, or a number with K, M, G or T)"),
+    };
+    let n: u64 = n.parse().map_err(|_| {
+        anyhow!("{what}: {s:?} is not a size (bytes, or a number with K, M, G or T)")
+    })?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| anyhow!("{what}: {s:?} is too large"))
+}
+
 fn num<T: std::str::FromStr>(what: &str, s: &str) -> anyhow::Result<T> {
     s.parse()
         .map_err(|_| anyhow!("{what}: {s:?} is not a number"))
@@ -209,6 +243,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     let mut role = None;
     let mut limit = None;
     let mut target = None;
+    let mut autogenic = false;
+    let mut rsp = None;
+    let mut backup_only = false;
+    let mut from_backup = false;
+    let mut convert = false;
+    let mut backup_size = None;
     let secs = |what: &str, v: String| -> anyhow::Result<std::time::Duration> {
         Ok(std::time::Duration::from_secs(num(what, &v)?))
     };
@@ -324,6 +364,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             Long("role") => role = Some(p.value()?.string()?),
             Long("limit") => limit = Some(p.value()?.string()?),
             Long("target") => target = Some(p.value()?.string()?),
+            Long("autogenic") => autogenic = true,
+            Long("rsp") => rsp = Some(PathBuf::from(p.value()?)),
+            Long("backup-only") => backup_only = true,
+            Long("from-backup") => from_backup = true,
+            Long("convert") => convert = true,
+            Long("backup-size") => {
+                backup_size = Some(size("--backup-size", &p.value()?.string()?)?)
+            }
             Value(v) => words.push(v.string()?),
             _ => return Err(arg.unexpected().into()),
         }
@@ -343,6 +391,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     {
         bail!("--at, --until, --tz and --validate-only go with `schedule add`, `job N --retry|--rollback`, `jobs` or `admin audit`");
     }
+    let image_add = matches!(w.as_slice(), ["image", "add", _]);
+    if !image_add && (autogenic || rsp.is_some()) {
+        bail!("--autogenic and --rsp go with `image add`");
+    }
+    let scheduling = w.as_slice() == ["schedule", "add"];
+    if !scheduling && (backup_only || from_backup || convert || backup_size.is_some()) {
+        bail!("--backup-only, --from-backup, --convert and --backup-size go with `schedule add`");
+    }
     let command = match w.as_slice() {
         [] | ["help"] => Command::Help,
         ["init"] => Command::Init { names, renew },
@@ -360,6 +416,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
             what: what.to_string(),
             min_ram,
             ca,
+            autogenic,
+            rsp,
         },
         ["image", "list"] | ["images"] => Command::ImageList,
         ["image", "remove", spec] => Command::ImageRemove {
@@ -380,9 +438,39 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
         ["schedule", "add"] => {
             let selector = selector
                 .ok_or_else(|| anyhow!("schedule add needs --mac MAC, --group NAME or --all"))?;
-            let (kind, image) = kind.ok_or_else(|| {
+            let (mut kind, image) = kind.ok_or_else(|| {
                 anyhow!("schedule add needs --image, --capture, --reboot or --boot-guest")
             })?;
+            // Seed 001's autogenic jobs: flags on a deploy of an autogenic image.
+            if (backup_only || from_backup || convert) && kind != "deploy" {
+                bail!("--backup-only, --from-backup and --convert go with --image NAME[:VERSION]");
+            }
+            if convert {
+                if backup_only || from_backup {
+                    bail!("--convert lays the device out and images it: schedule --backup-only / --from-backup as a later job");
+                }
+                kind = "convert".into();
+            } else if backup_size.is_some() {
+                bail!("--backup-size goes with --convert");
+            }
+            o.backup_size = backup_size;
+            match (backup_only, from_backup) {
+                (true, true) => {
+                    o.from_backup = true;
+                    o.fetch_to_backup = true;
+                }
+                (true, false) => {
+                    if o.after != After::Reboot && o.after != After::CopyOnly {
+                        bail!(
+                            "--backup-only only copies into the backup partition: leave out --then"
+                        );
+                    }
+                    o.backup_only = true;
+                    o.after = After::CopyOnly;
+                }
+                (false, true) => o.from_backup = true,
+                (false, false) => {}
+            }
             if kind == "capture" {
                 let spec = image.clone().unwrap_or_default();
                 let (n, v) = spec.split_once(':').ok_or_else(|| {
@@ -602,5 +690,127 @@ mod tests {
         assert_eq!(limits.conns_per_address, 0);
         assert_eq!(limits.keep_free, 5);
         assert_eq!(limits.requests_per_device, 10, "defaults stay");
+    }
+
+    #[test]
+    fn autogenic_flags_parse_into_the_job() {
+        // (command line, kind, from_backup, fetch_to_backup, backup_only, after, backup size)
+        let m = "schedule add --mac 52:54:00:00:00:01 --image os:2";
+        let rows = [
+            ("", "deploy", false, false, false, After::Reboot, None),
+            (
+                " --backup-only",
+                "deploy",
+                false,
+                false,
+                true,
+                After::CopyOnly,
+                None,
+            ),
+            (
+                " --from-backup",
+                "deploy",
+                true,
+                false,
+                false,
+                After::Reboot,
+                None,
+            ),
+            (
+                " --backup-only --from-backup",
+                "deploy",
+                true,
+                true,
+                false,
+                After::Reboot,
+                None,
+            ),
+            (
+                " --from-backup --backup-only --then no-reboot",
+                "deploy",
+                true,
+                true,
+                false,
+                After::NoReboot,
+                None,
+            ),
+            (
+                " --convert",
+                "convert",
+                false,
+                false,
+                false,
+                After::Reboot,
+                None,
+            ),
+            (
+                " --convert --backup-size 1500M",
+                "convert",
+                false,
+                false,
+                false,
+                After::Reboot,
+                Some(1500u64 << 20),
+            ),
+            (
+                " --convert --backup-size 2G",
+                "convert",
+                false,
+                false,
+                false,
+                After::Reboot,
+                Some(2u64 << 30),
+            ),
+        ];
+        for (extra, want_kind, fb, fetch, bo, after, size) in rows {
+            let line = format!("{m}{extra}");
+            let Command::ScheduleAdd {
+                kind,
+                image,
+                options: o,
+                ..
+            } = p(&line).unwrap()
+            else {
+                panic!("{line}")
+            };
+            assert_eq!(kind, want_kind, "{line}");
+            assert_eq!(image.as_deref(), Some("os:2"), "{line}");
+            assert_eq!(
+                (
+                    o.from_backup,
+                    o.fetch_to_backup,
+                    o.backup_only,
+                    o.after,
+                    o.backup_size
+                ),
+                (fb, fetch, bo, after, size),
+                "{line}"
+            );
+        }
+        for bad in [
+            " --backup-only --then no-reboot",
+            " --convert --from-backup",
+            " --backup-size 1G",
+            " --convert --backup-size lots",
+        ] {
+            assert!(p(&format!("{m}{bad}")).is_err(), "{bad}");
+        }
+        assert!(p("schedule add --all --reboot --from-backup").is_err());
+        assert!(p("devices --autogenic").is_err());
+        assert!(p("jobs --backup-only").is_err());
+        assert_eq!(
+            p("image add /pkg --autogenic --rsp /pkg/image.rsp").unwrap(),
+            Command::ImageAdd {
+                what: "/pkg".into(),
+                min_ram: 0,
+                ca: None,
+                autogenic: true,
+                rsp: Some("/pkg/image.rsp".into()),
+            }
+        );
+        assert_eq!(size("x", "4096").unwrap(), 4096);
+        assert_eq!(size("x", "100MiB").unwrap(), 100 << 20);
+        assert!(size("x", "99999999999T").is_err());
+        assert!(size("x", "-1").is_err());
     }
 }

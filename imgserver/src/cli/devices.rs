@@ -16,6 +16,7 @@ pub(super) fn devices(data: &Path, reload_wait: u64, tz: Option<&str>) -> anyhow
         "MAC",
         "STATE",
         "IMAGE",
+        "BACKUP",
         "MODEL",
         "SERIAL",
         "GROUP",
@@ -42,6 +43,11 @@ pub(super) fn devices(data: &Path, reload_wait: u64, tz: Option<&str>) -> anyhow
             },
             d.image
                 .map(|i| format!("{} {}", i.name, i.version))
+                .unwrap_or_else(|| "-".into()),
+            // Seed 001 step 7: the backup partition's image, version and BI progress.
+            d.backup
+                .as_ref()
+                .map(|b| b.text())
                 .unwrap_or_else(|| "-".into()),
             d.model.unwrap_or_else(|| "-".into()),
             d.serial.unwrap_or_else(|| "-".into()),
@@ -121,6 +127,18 @@ pub(super) fn device(
             a.backup_image_present as u8,
             a.back_image_ver.as_deref().unwrap_or("-")
         );
+        let b = crate::autogenic::BackupView::of(&inv);
+        if b.supported {
+            println!(
+                "  backup:  {}{}",
+                b.text(),
+                if b.partition_size > 0 {
+                    format!(" (backup partition {})", fmt_bytes(b.partition_size))
+                } else {
+                    String::new()
+                }
+            );
+        }
         let mut t = Table::new(&["DISK", "PART", "START", "SIZE", "FS", "LABEL", "IMAGE"]);
         for disk in &inv.disks {
             t.row(vec![

@@ -13,16 +13,34 @@ pub(super) fn image_add(
     what: String,
     min_ram: u64,
     ca: Option<PathBuf>,
+    autogenic: bool,
+    rsp: Option<PathBuf>,
 ) -> anyhow::Result<i32> {
+    let url = what.starts_with("http://") || what.starts_with("https://");
+    // Seed 001: a package is the image file and its script image.rsp; a <BackupImage> tag
+    // in the script makes the image autogenic.
+    let (file, rsp) = if !url && Path::new(&what).is_dir() {
+        let (image, found) =
+            crate::autogenic::package_dir(Path::new(&what)).map_err(|e| anyhow::anyhow!(e))?;
+        (image, rsp.or(found))
+    } else {
+        (PathBuf::from(&what), rsp)
+    };
+    let script = rsp
+        .as_deref()
+        .map(crate::autogenic::read_rsp)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let tagged = script.as_ref().is_some_and(|s| s.backup_image);
     let admin = open_admin(data)?;
     let me = Actor::host();
-    let img = if what.starts_with("http://") || what.starts_with("https://") {
-        admin.add_image_url(&me, &what, ca, min_ram)?
+    let img = if url {
+        admin.add_image_url_as(&me, &what, ca, min_ram, autogenic || tagged)?
     } else {
-        admin.add_image_file(&me, Path::new(&what), false, min_ram)?
+        admin.add_image_file_as(&me, &file, false, min_ram, autogenic || tagged)?
     };
     println!(
-        "registered image {} {} (id {}, {}{})",
+        "registered image {} {} (id {}, {}{}{})",
         img.name,
         img.version,
         img.id,
@@ -31,8 +49,19 @@ pub(super) fn image_add(
         } else {
             "partition"
         },
-        if img.sealed { ", sealed" } else { "" }
+        if img.sealed { ", sealed" } else { "" },
+        match (img.autogenic, tagged) {
+            (true, true) => ", autogenic: <BackupImage> in image.rsp",
+            (true, false) => ", autogenic",
+            (false, _) => "",
+        }
     );
+    if let (Some(path), false) = (&rsp, img.autogenic) {
+        println!(
+            "{} has no <BackupImage> tag: registered as an ordinary image (add --autogenic to mark it)",
+            path.display()
+        );
+    }
     Ok(0)
 }
 
@@ -48,6 +77,7 @@ pub(super) fn image_list(data: &Path) -> anyhow::Result<i32> {
         "MIN TARGET",
         "MODELS",
         "SIGNED",
+        "AUTOGENIC",
         "WHERE",
     ]);
     for i in images {
@@ -73,6 +103,7 @@ pub(super) fn image_list(data: &Path) -> anyhow::Result<i32> {
                 (None, None) if i.sealed => "sealed".into(),
                 (None, None) => "no".into(),
             },
+            if i.autogenic { "yes" } else { "no" }.into(),
             i.url
                 .or(i.file.map(|f| format!("repo/{f}")))
                 .unwrap_or_default(),

@@ -25,7 +25,7 @@ pub(super) fn request(
     };
     JobRequest {
         target,
-        image: image.filter(|_| kind == "deploy"),
+        image: image.filter(|_| kind == "deploy" || kind == "convert"),
         capture,
         kind,
         options,
@@ -199,6 +199,18 @@ fn show_job(data: &Path, id: u64, tz: &jiff::tz::TimeZone) -> anyhow::Result<i32
             n => format!("parallel in batches of {n}"),
         }
     );
+    if let Some(w) = crate::autogenic::job_words(o) {
+        println!("  autogenic: {w}");
+    }
+    if j.kind == "convert" {
+        println!(
+            "  convert: flash {}, backup partition {}",
+            o.flash_size.map(fmt_bytes).unwrap_or_else(|| "-".into()),
+            o.backup_size
+                .map(fmt_bytes)
+                .unwrap_or_else(|| "image + 100 MiB".into())
+        );
+    }
     let ok = tasks
         .iter()
         .filter(|t| t.state == TaskState::Succeeded)

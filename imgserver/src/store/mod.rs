@@ -139,6 +139,10 @@ pub struct ImageRow {
     /// For images uploaded by a capture task: which device and task. Such an image is never
     /// the implicit "latest" of its name.
     pub captured_from: Option<String>,
+    /// Seed 001's autogenic image (`image add --autogenic`, or `<BackupImage>` in the
+    /// package's image.rsp): it may go to devices' backup partitions (BI, PI, convert).
+    #[serde(default)]
+    pub autogenic: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,3 +317,5 @@ pub use sqlite::{insert_audit, SqliteStore};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_autogenic;

@@ -69,6 +69,7 @@ fn image(s: &SqliteStore) -> u64 {
         description: None,
         added: 1,
         captured_from: None,
+        autogenic: false,
     })
     .unwrap()
 }

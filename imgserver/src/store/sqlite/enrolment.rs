@@ -37,6 +37,26 @@ pub(super) fn checkin(
         i(now),
         state.as_str(),
     ])?;
+    // Seed 001: a device whose re-imaging from its backup partition failed too often
+    // reports Maintenance (with why) until a check-in without it.
+    if let Some((state, reason)) = crate::autogenic::maintenance_at_checkin(
+        state,
+        known.state_reason.as_deref(),
+        req.maintenance.as_deref(),
+    ) {
+        let changed = tx
+            .prepare_cached(
+                "UPDATE devices SET state = ?2, state_reason = ?3 WHERE id = ?1 AND (state != ?2 OR state_reason IS NOT ?3)",
+            )?
+            .execute(params![i(device), state.as_str(), reason])?;
+        if changed > 0 {
+            let line = match &reason {
+                Some(r) => format!("Maintenance: {r}"),
+                None => "the device no longer reports maintenance: Operational".into(),
+            };
+            transcript(tx, device, None, now, &line)?;
+        }
+    }
     if pending {
         // Until approved: the inventory is shown to the administrator, nothing else.
         return Ok(CheckInDecision {

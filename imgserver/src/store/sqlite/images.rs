@@ -17,7 +17,7 @@ pub(super) fn add_image(conn: &Connection, img: &ImageRow) -> Result<u64> {
         )));
     }
     conn.execute(
-        "INSERT INTO images (name, version, file, url, size, facts, sealed, signed_by, description, added, captured_from) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO images (name, version, file, url, size, facts, sealed, signed_by, description, added, captured_from, autogenic) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             img.name,
             img.version,
@@ -29,7 +29,8 @@ pub(super) fn add_image(conn: &Connection, img: &ImageRow) -> Result<u64> {
             img.signed_by,
             img.description,
             i(img.added),
-            img.captured_from
+            img.captured_from,
+            img.autogenic
         ],
     )?;
     Ok(u(conn.last_insert_rowid()))

@@ -78,9 +78,9 @@ pub(super) fn device_may_fetch(conn: &Connection, device: u64, file: &str) -> Re
     let found = conn
         .prepare_cached(
             "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN images m ON m.id = j.image_id
-             WHERE t.device_id = ?1 AND t.state IN (?3, ?4) AND j.kind = ?5 AND m.file = ?2 LIMIT 1",
+             WHERE t.device_id = ?1 AND t.state IN (?3, ?4) AND j.kind IN (?5, ?6) AND m.file = ?2 LIMIT 1",
         )?
-        .query_row(params![i(device), file, TaskState::Sent.as_str(), TaskState::Running.as_str(), JobKind::Deploy.as_str()], |_| Ok(()))
+        .query_row(params![i(device), file, TaskState::Sent.as_str(), TaskState::Running.as_str(), JobKind::Deploy.as_str(), JobKind::Convert.as_str()], |_| Ok(()))
         .optional()?
         .is_some();
     Ok(found)
@@ -310,7 +310,7 @@ fn candidates(found: &[Found]) -> Vec<model::Candidate<'_>> {
 fn unfinished_task(conn: &Connection, device: u64) -> Result<Option<model::Unfinished>> {
     Ok(conn
         .prepare_cached(
-            "SELECT t.id, t.job_id, j.kind FROM tasks t JOIN jobs j ON j.id = t.job_id
+            "SELECT t.id, t.job_id, j.kind, j.options FROM tasks t JOIN jobs j ON j.id = t.job_id
              WHERE t.device_id = ?1 AND t.state IN (?2, ?3) ORDER BY t.id LIMIT 1",
         )?
         .query_row(
@@ -324,6 +324,8 @@ fn unfinished_task(conn: &Connection, device: u64) -> Result<Option<model::Unfin
                     task: u(r.get(0)?),
                     job: u(r.get(1)?),
                     kind: r.get::<_, String>(2)?.parse().ok(),
+                    from_backup: serde_json::from_str::<model::JobOptions>(&r.get::<_, String>(3)?)
+                        .is_ok_and(|o| o.from_backup),
                 })
             },
         )

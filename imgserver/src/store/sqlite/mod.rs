@@ -104,7 +104,7 @@ fn device_row(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
 }
 
 const IMAGE_COLS: &str =
-    "id, name, version, file, url, size, facts, sealed, signed_by, description, added, captured_from";
+    "id, name, version, file, url, size, facts, sealed, signed_by, description, added, captured_from, autogenic";
 
 fn image_row(r: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
     let facts: String = r.get(6)?;
@@ -121,6 +121,7 @@ fn image_row(r: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
         description: r.get(9)?,
         added: u(r.get(10)?),
         captured_from: r.get(11)?,
+        autogenic: r.get(12)?,
     })
 }
 

@@ -77,6 +77,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE tasks ADD COLUMN ignored_results INTEGER NOT NULL DEFAULT 0;",
     // 3: admin tokens and the audit trail (`crate::admin::db`).
     crate::admin::db::MIGRATION,
+    // 4: seed 001's autogenic images (`crate::autogenic`).
+    "ALTER TABLE images ADD COLUMN autogenic INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Bring the database up to the newest schema; refuse one newer than this program knows.

@@ -54,3 +54,4 @@ pub mod layout;
 
 pub use area::{AreaStatus, BackupArea};
 pub use backupfs::LABEL;
+pub use protocol::ImageStamp;

@@ -33,6 +33,11 @@ pub struct GrubenvHandoff;
 
 impl GuestOsHandoff for GrubenvHandoff {
     fn boot_guest_os(&self) -> anyhow::Result<()> {
+        // Never into a half-written OS partition (autogenic PI), not even at the no-server
+        // question: the agent runs again instead.
+        if let Some(why) = crate::autogenic::guest_boot_refusal(&agent_config_base().state_dir) {
+            anyhow::bail!("the guest OS is not booted: {why}");
+        }
         if let Err(e) = handover::prepare_guest_boot() {
             eprintln!("agent: {e:#}; the next boot runs the agent again");
         }
@@ -100,6 +105,21 @@ fn run_agent() -> anyhow::Result<AgentExit> {
             .filter(|s| !s.trim().is_empty()),
         ..discovery::Config::default()
     };
+    // A re-imaging from the backup partition recorded before this boot runs now, before
+    // discovery: it needs no network.
+    {
+        let acfg = crate::checkin::AgentConfig {
+            lab,
+            ..agent_config_base()
+        };
+        match crate::checkin::state::StateDir::open(&acfg.state_dir)
+            .and_then(|s| crate::autogenic::pi::at_start(&s, &acfg))
+        {
+            Ok(crate::autogenic::pi::AtStart::Nothing) => {}
+            Ok(r) => eprintln!("agent: re-imaging from the backup partition: {r:?}"),
+            Err(e) => eprintln!("agent: re-imaging from the backup partition: {e:#}"),
+        }
+    }
     let mut console = TtyConsole::stdio();
     let server = match bootflow::find_server_or_fallback(&cfg, &mut console, &GrubenvHandoff)? {
         BootOutcome::Server { chosen, .. } => chosen.url,
@@ -117,18 +137,52 @@ fn checkin_and_work(
     lab: discovery::LabSettings,
 ) -> anyhow::Result<AgentExit> {
     use crate::checkin::{self, AgentConfig, LoopOutcome};
-    let mut acfg = AgentConfig {
+    let acfg = AgentConfig {
         ca_file: ca,
         config_dir,
         lab,
-        ..AgentConfig::default()
+        ..agent_config_base()
     };
+    loop {
+        let outcome = checkin::agent_loop(server, &acfg)?;
+        // Maintenance (autogenic PI given up on a half-written OS partition): the device
+        // stays with the agent and keeps checking in, so the administrator can schedule a
+        // network deploy of the OS partition; it is never handed to the guest.
+        if let Some(why) = crate::autogenic::guest_boot_refusal(&acfg.state_dir) {
+            match outcome {
+                LoopOutcome::Idle { next_checkin } => {
+                    let wait = next_checkin.clamp(5, 60);
+                    eprintln!("agent: {why}; checking in again in {wait}s");
+                    std::thread::sleep(std::time::Duration::from_secs(u64::from(wait)));
+                    continue;
+                }
+                // A PI to try again at the next start: reboot into the agent.
+                _ => return Ok(AgentExit::Done),
+            }
+        }
+        return Ok(match outcome {
+            // No work, the server says boot the guest, or a task (a deploy) wants the
+            // reboot into the new OS: the next boot is the guest's, once.
+            LoopOutcome::Idle { .. } | LoopOutcome::BootGuest | LoopOutcome::Reboot => {
+                eprintln!("agent: the work is done; the guest OS boots next");
+                GrubenvHandoff.boot_guest_os()?;
+                AgentExit::GuestOs
+            }
+            LoopOutcome::TaskLimit { .. } => AgentExit::Done,
+        });
+    }
+}
+
+/// The agent's settings at boot before the server is known: the disk (`IMG_DISK`), the
+/// state, CA-independent parts. The credential, the outbox of unsent results, the resume
+/// journal and the imaging status record must survive a reboot: they live in the directory
+/// backed by the boot-agent partition, and the signing keys kept there (put there by the
+/// administrator) are trusted.
+fn agent_config_base() -> crate::checkin::AgentConfig {
+    let mut acfg = crate::checkin::AgentConfig::default();
     if let Some(d) = std::env::var_os("IMG_DISK") {
         acfg.disk = Some(PathBuf::from(d));
     }
-    // The credential, the outbox of unsent results and the resume journal must survive a
-    // reboot: keep them in the directory backed by the boot-agent partition, and trust the
-    // CA and signing keys kept there (put there by the administrator).
     let boot = std::path::Path::new(BOOT_PARTITION);
     if std::env::var_os("IMG_AGENT_STATE").is_none() && boot.is_dir() {
         acfg.state_dir = boot.join("state");
@@ -136,16 +190,7 @@ fn checkin_and_work(
     if std::env::var_os("IMG_TRUSTED_DIR").is_none() && boot.join("trusted").is_dir() {
         acfg.trusted_dir = Some(boot.join("trusted"));
     }
-    Ok(match checkin::agent_loop(server, &acfg)? {
-        // No work, the server says boot the guest, or a task (a deploy) wants the reboot
-        // into the new OS: the next boot is the guest's, once.
-        LoopOutcome::Idle { .. } | LoopOutcome::BootGuest | LoopOutcome::Reboot => {
-            eprintln!("agent: the work is done; the guest OS boots next");
-            GrubenvHandoff.boot_guest_os()?;
-            AgentExit::GuestOs
-        }
-        LoopOutcome::TaskLimit { .. } => AgentExit::Done,
-    })
+    acfg
 }
 
 #[cfg(test)]

@@ -117,6 +117,15 @@ pub fn fetch(
             if let Some(s) = &head.signature {
                 head_bytes.extend_from_slice(&s.encode());
             }
+            // The sealed layout ends with a footer pointing back at the manifest.
+            tail_bytes.extend_from_slice(
+                &format::layout::Footer {
+                    manifest_offset: head.preamble_bytes.len() as u64,
+                    manifest_len: head.manifest_bytes.len() as u64,
+                    chunk_count: entries.len() as u64,
+                }
+                .encode(),
+            );
         }
         Layout::Streaming => {
             tail_bytes.extend_from_slice(&head.manifest_bytes);

@@ -282,3 +282,20 @@ impl std::io::Write for AreaWriter<'_> {
         Ok(())
     }
 }
+
+/// May the guest OS be booted now? No while a PI is recorded and not done, or while
+/// maintenance says the OS partition is half-written: the reason, naming the way out.
+pub fn guest_boot_refusal(state_dir: &std::path::Path) -> Option<String> {
+    let state = StateDir::open(state_dir).ok()?;
+    match status::load(&state) {
+        Ok(Some(st)) if !st.guest_bootable() => Some(match &st.maintenance {
+            Some(m) => format!("maintenance: {m}"),
+            None => format!(
+                "re-imaging from the backup partition (task {}) is not finished; the next start runs it",
+                st.task.id
+            ),
+        }),
+        Ok(_) => None,
+        Err(e) => Some(format!("{e:#}")),
+    }
+}

@@ -91,7 +91,7 @@ pub fn run_recorded(
             .unwrap_or(AtStart::Nothing)),
         Step::GiveUp => {
             let why = st.maintenance.clone().unwrap_or_default();
-            rep.log(format!("MAINTENANCE: {why}"));
+            rep.log(format!("task {} failed: MAINTENANCE: {why}", st.task.id));
             let r = result(&st.task, Outcome::Failed, Some(why.clone()), None, 0, rep);
             state.queue_result(&r)?;
             st.reported(&r.report);
@@ -133,7 +133,7 @@ pub fn run_recorded(
                     rep.log(format!("re-imaging failed: {msg}"));
                     if st.failed(&msg) {
                         let why = st.maintenance.clone().unwrap_or_default();
-                        rep.log(format!("MAINTENANCE: {why}"));
+                        rep.log(format!("task {} failed: MAINTENANCE: {why}", st.task.id));
                         let r = result(&st.task, Outcome::Failed, Some(why.clone()), None, 0, rep);
                         state.queue_result(&r)?;
                         st.reported(&r.report);

@@ -172,6 +172,9 @@ pub fn checkin_once(
         results: state.outbox()?,
         maintenance: crate::autogenic::status::maintenance(state),
     };
+    if let Some(m) = &req.maintenance {
+        log(cfg, format!("reporting maintenance: {m}"));
+    }
     let reply: CheckInReply = match client.post(CHECKIN_PATH, token.as_deref(), &req) {
         Ok(r) => r,
         Err(ClientError::Http {

@@ -9,13 +9,18 @@
 //! - BI (a deploy with `after: copy_only`): runs here, at idle I/O priority and nice 19, so
 //!   the user does not notice it; progress and the result (the seed's V02) are reported
 //!   without a reboot.
-//! - Everything that writes the OS disk or needs the imaging engine (a deploy, PI included,
-//!   convert, capture, reboot): never in the guest. The service records the task in the
-//!   imaging status record (`state/imagestatus.json`, phase `pending`), makes sure the next
-//!   boot is the imaging engine (grubenv `next_entry` cleared), posts "rebooting into the
-//!   imaging engine", commits the store and reboots (`systemctl reboot` under systemd, else
-//!   sync + reboot(2)). The engine gets the task again at its check-in (the server resends
-//!   a handed-out task until its result arrives) or, for PI, from the status record.
+//! - PI (`from_backup`): checked against the backup partition (it must hold the image,
+//!   whole), recorded in the imaging status record (`state/imagestatus.json`, phase
+//!   `pending`, `crate::autogenic::status`), then the reboot into the imaging engine, which
+//!   runs it at its start before it looks for the server. BI+PI (`fetch_to_backup`): the
+//!   BI here first, then the same.
+//! - A network deploy, convert, capture: never in the guest: the reboot into the imaging
+//!   engine, which gets the task again at its check-in (the server resends a handed-out
+//!   task until its result arrives). A reboot task: reported done, then the reboot.
+//! - The reboot: the store committed, grubenv `next_entry` cleared (the next boot is the
+//!   boot agent, the imaging engine), progress "rebooting into the imaging engine" posted,
+//!   the store committed again, then `systemctl reboot` under systemd, else sync +
+//!   reboot(2).
 //! - BootGuest and Wait: nothing to do in a running guest.
 //!
 //! Results the engine left in the outbox (a PI done at boot) go with the next check-in.
@@ -35,7 +40,6 @@ use protocol::{
     progress_path, Action, After, CheckInReply, Outcome, ProgressReply, ProgressReport, Task,
     TaskKind, TaskResult,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::args::{flag, value, Matches, Opt, UsageError};
 use crate::bootstore::{self, Backing, TempRoot};
@@ -48,7 +52,7 @@ use crate::handover::{self, NextBoot};
 /// Usage lines for `img -help`.
 pub const USAGE: &str = "\
   -service -disk=DISK [-server=URL] [-ca=PEM] [-interval=SECONDS] [-retry-wait=MS]
-        [-mac=MAC] [-serial=S] [-model=M] [-q]
+        [-backup=DIR] [-mac=MAC] [-serial=S] [-model=M] [-q]
                                     the agent inside the guest OS (systemd unit dist/img.service):
                                     checks in every -interval seconds (default: as the server
                                     says) with the state in DISK's boot-agent partition, at idle
@@ -69,6 +73,7 @@ pub const OPTS: &[Opt] = &[
     value(&["ca"]),
     value(&["interval"]),
     value(&["retry-wait"]),
+    value(&["backup"]),
     value(&["mac"]),
     value(&["serial"]),
     value(&["model"]),
@@ -80,8 +85,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long SIGTERM waits for a check-in or task in flight before the store is committed
 /// and the process ends anyway (systemd's default stop timeout is 90 s).
 const STOP_GRACE: Duration = Duration::from_secs(20);
-/// The imaging status record, relative to the agent's directory.
-pub const STATUS_FILE: &str = "state/imagestatus.json";
 
 /// What `img -service` was asked to do (stage two of the parser).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +95,8 @@ pub struct ServiceRequest {
     /// None: the server's `Wait { seconds }`.
     pub interval: Option<Duration>,
     pub retry_wait: Duration,
+    /// A backup folder for a device without an IMGBACKUP partition (as `-checkin -backup`).
+    pub backup: Option<PathBuf>,
     pub mac: Option<String>,
     pub serial: Option<String>,
     pub model: Option<String>,
@@ -127,6 +132,7 @@ pub fn parse(m: &Matches) -> Result<ServiceRequest, UsageError> {
         ca: m.value("ca").map(PathBuf::from),
         interval,
         retry_wait,
+        backup: m.value("backup").map(PathBuf::from),
         mac: m.value("mac").map(str::to_string),
         serial: m.value("serial").map(str::to_string),
         model: m.value("model").map(str::to_string),
@@ -214,55 +220,23 @@ fn nap(d: Duration) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// The imaging status record
-
-/// The imaging status record (`state/imagestatus.json`, the seed's `Imagestatus.log`) in
-/// the shape the imaging engine reads: the task, its phase, the imaging boots so far.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingStatus {
-    pub task: Task,
-    pub phase: String,
-    pub attempts: u32,
-    pub report: Option<String>,
-    pub message: Option<String>,
-    pub maintenance: Option<String>,
-}
-
-/// Record `task` as pending for the imaging engine in the agent directory `root` (written
-/// to a temporary name, synced and renamed: the store commit that follows sees the old or
-/// the new record, never half of one).
-pub fn write_pending_status(root: &Path, task: &Task, message: &str) -> anyhow::Result<()> {
-    let rec = PendingStatus {
-        task: task.clone(),
-        phase: "pending".into(),
-        attempts: 0,
-        report: None,
-        message: Some(message.to_string()),
-        maintenance: None,
-    };
-    let path = root.join(STATUS_FILE);
-    let tmp = path.with_extension("json.tmp");
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let data = serde_json::to_vec_pretty(&rec)?;
-    {
-        use std::io::Write;
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
-}
+// Where a task runs
 
 /// Where a task runs when it reaches the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
     /// BI: here, at low priority, without a reboot.
     Here,
-    /// It writes the OS disk or needs the engine: reboot into the imaging engine.
+    /// PI (re-image the OS partition from the backup partition): recorded in the imaging
+    /// status record, then the reboot into the imaging engine, which runs it at its start.
+    Pi,
+    /// The seed's case 2: BI here, then PI as above.
+    BiThenPi,
+    /// It writes the OS disk or needs the engine (network deploy, convert, capture): the
+    /// reboot into the imaging engine, which gets the task again at its check-in.
     Engine,
+    /// A reboot: reported done, then the reboot (through the boot agent, as every boot).
+    Reboot,
     /// Nothing to do in a running guest (boot the guest OS).
     Nothing,
 }
@@ -270,11 +244,79 @@ pub enum Placement {
 /// Where `task` runs (see the module docs).
 pub fn placement(task: &Task) -> Placement {
     match &task.kind {
-        TaskKind::Deploy(d) if d.after == After::CopyOnly && !d.from_backup => Placement::Here,
-        TaskKind::Deploy(_) | TaskKind::Convert(_) | TaskKind::Capture(_) | TaskKind::Reboot => {
-            Placement::Engine
-        }
+        TaskKind::Deploy(d) if d.from_backup && d.fetch_to_backup => Placement::BiThenPi,
+        TaskKind::Deploy(d) if d.from_backup => Placement::Pi,
+        TaskKind::Deploy(d) if d.after == After::CopyOnly => Placement::Here,
+        TaskKind::Deploy(_) | TaskKind::Convert(_) | TaskKind::Capture(_) => Placement::Engine,
+        TaskKind::Reboot => Placement::Reboot,
         TaskKind::BootGuest => Placement::Nothing,
+    }
+}
+
+/// The BI half of a BI-then-PI task: the same task (id, image) as a download into the
+/// backup partition only.
+fn bi_half(task: &Task) -> Task {
+    let mut t = task.clone();
+    if let TaskKind::Deploy(d) = &mut t.kind {
+        d.after = After::CopyOnly;
+        d.from_backup = false;
+        d.fetch_to_backup = false;
+    }
+    t
+}
+
+/// Record `task` as the PI the imaging engine runs at its next start (the imaging status
+/// record, phase `pending`); a record of the same task is kept as it is (its attempts
+/// count).
+pub fn record_pi(state: &StateDir, task: &Task) -> anyhow::Result<()> {
+    use crate::autogenic::status::{self, ImagingStatus};
+    match status::load(state)? {
+        Some(st) if st.task.id == task.id => Ok(()),
+        _ => status::save(state, &ImagingStatus::new(task.clone())),
+    }
+}
+
+/// Why a PI cannot run on this device: the backup partition must hold exactly the task's
+/// image, whole (checked here so a wrong schedule costs no reboot).
+fn pi_refusal(cfg: &AgentConfig, task: &Task) -> anyhow::Result<Option<String>> {
+    let TaskKind::Deploy(d) = &task.kind else {
+        return Ok(None);
+    };
+    let Some(area) = crate::autogenic::area::open(cfg)? else {
+        return Ok(Some("this device has no backup partition: convert it to the autogenic layout first (imgserver schedule add ... --convert)".into()));
+    };
+    let st = area.status()?;
+    let want = protocol::ImageStamp {
+        name: d.image.name.clone(),
+        version: d.image.version.clone(),
+    };
+    if st.complete && st.image.as_ref() == Some(&want) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "re-imaging from the backup partition needs it to hold {} {}, and {} holds {}: schedule the download into the backup partition first (--backup-only), or both at once",
+        want.name,
+        want.version,
+        area.describe(),
+        st.describe()
+    )))
+}
+
+fn simple_result(task: &Task, outcome: Outcome, message: String) -> TaskResult {
+    TaskResult {
+        task: task.id,
+        report: new_report_id(),
+        outcome,
+        transcript: vec![format!(
+            "task {} of job {}: {}: {message}",
+            task.id,
+            task.job,
+            task.kind.name()
+        )],
+        message: Some(message),
+        image: None,
+        bytes: 0,
+        finished: job::unix_now(),
     }
 }
 
@@ -342,10 +384,12 @@ impl Service {
         &self.root.backing
     }
 
-    /// Commit the directory into the store; remember the record it is now.
+    /// Commit the directory into the store; remember the record it is now (the commits
+    /// made after each state change, by the check-in code, are ours too).
     fn commit(&mut self) -> anyhow::Result<()> {
-        if let Some(s) = bootstore::commit(self.backing())? {
-            self.seq = s;
+        match bootstore::commit(self.backing())? {
+            Some(s) => self.seq = s,
+            None => self.seq = store_seq(&self.req.disk)?,
         }
         Ok(())
     }
@@ -356,6 +400,11 @@ impl Service {
     fn refresh(&mut self) -> anyhow::Result<()> {
         let now = store_seq(&self.req.disk)?;
         if now == self.seq {
+            return Ok(());
+        }
+        let stored = Store::open(BootPartition::open(&self.req.disk, false)?)?.load()?;
+        if stored.tree == bootstore::collect(self.root.root())? {
+            self.seq = stored.seq;
             return Ok(());
         }
         let root = self.root.root().to_path_buf();
@@ -394,6 +443,7 @@ impl Service {
         let mut cfg = AgentConfig {
             state_dir: root.join("state"),
             disk: Some(self.req.disk.clone()),
+            backup_dir: self.req.backup.clone(),
             config_dir: root.join("config"),
             mac: self.req.mac.clone(),
             serial: self.req.serial.clone(),
@@ -608,47 +658,119 @@ impl Service {
                     &self.req,
                     format!("task {}: boot the guest OS: it is running", task.id),
                 );
-                state.queue_result(&TaskResult {
-                    task: task.id,
-                    report: new_report_id(),
-                    outcome: Outcome::Succeeded,
-                    message: Some("the guest OS is running (img -service)".into()),
-                    transcript: vec![format!(
-                        "task {} of job {}: boot_guest: the guest OS is already running",
-                        task.id, task.job
-                    )],
-                    image: None,
-                    bytes: 0,
-                    finished: job::unix_now(),
-                })?;
+                state.queue_result(&simple_result(
+                    &task,
+                    Outcome::Succeeded,
+                    "the guest OS is running (img -service)".into(),
+                ))?;
                 Ok(Next::Again)
             }
             Placement::Here => {
-                log(
-                    &self.req,
-                    format!(
-                        "task {} of job {}: {} runs here, in the background",
-                        task.id,
-                        task.job,
-                        describe(&task)
-                    ),
-                );
-                let (result, _end) = job::run(client, &token, state, cfg, &task, 1);
-                log(
-                    &self.req,
-                    format!("task {} ended: {:?}", task.id, result.outcome),
-                );
-                state.queue_result(&result)?;
+                self.bi(client, &token, state, cfg, &task, true)?;
                 Ok(Next::Again)
             }
+            Placement::BiThenPi => {
+                if !self.bi(client, &token, state, cfg, &bi_half(&task), false)? {
+                    return Ok(Next::Again);
+                }
+                self.pi(client, &token, state, cfg, &task)
+            }
+            Placement::Pi => self.pi(client, &token, state, cfg, &task),
             Placement::Engine => {
+                self.to_engine(client, &token, &task)?;
+                Ok(Next::Sleep(Duration::from_secs(3600)))
+            }
+            Placement::Reboot => {
+                // Reported before the reboot: the server asked for nothing more.
+                let r = simple_result(
+                    &task,
+                    Outcome::Succeeded,
+                    "rebooted by the guest OS's service".into(),
+                );
+                state.queue_result(&r)?;
+                match client.post::<_, protocol::ResultReply>(
+                    &protocol::result_path(task.id),
+                    Some(&token),
+                    &r,
+                ) {
+                    Ok(_) => state.acknowledge(&r.report)?,
+                    Err(e) => log(
+                        &self.req,
+                        format!("result not delivered yet ({e}); it goes with the next check-in"),
+                    ),
+                }
                 self.to_engine(client, &token, &task)?;
                 Ok(Next::Sleep(Duration::from_secs(3600)))
             }
         }
     }
 
-    /// Hand `task` to the imaging engine: status record, next boot, progress, commit,
+    /// BI (or the BI half of BI+PI) here, at this process's low priority. Returns whether
+    /// it succeeded; a failure's result is queued (the task ends with it), a success's only
+    /// when the BI is the whole task (`whole`).
+    fn bi(
+        &mut self,
+        client: &Client,
+        token: &str,
+        state: &StateDir,
+        cfg: &AgentConfig,
+        task: &Task,
+        whole: bool,
+    ) -> anyhow::Result<bool> {
+        log(
+            &self.req,
+            format!(
+                "task {} of job {}: {} runs here, in the background",
+                task.id,
+                task.job,
+                describe(task)
+            ),
+        );
+        let (result, _end) = job::run(client, token, state, cfg, task, 1);
+        log(
+            &self.req,
+            format!(
+                "task {} ended: {:?}{}",
+                task.id,
+                result.outcome,
+                result
+                    .message
+                    .as_deref()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            ),
+        );
+        let ok = result.outcome == Outcome::Succeeded;
+        if !ok || whole {
+            state.queue_result(&result)?;
+        }
+        Ok(ok)
+    }
+
+    /// PI: checked against the backup partition, recorded, then the reboot.
+    fn pi(
+        &mut self,
+        client: &Client,
+        token: &str,
+        state: &StateDir,
+        cfg: &AgentConfig,
+        task: &Task,
+    ) -> anyhow::Result<Next> {
+        if let Some(why) = pi_refusal(cfg, task)? {
+            log(&self.req, format!("task {} rejected: {why}", task.id));
+            state.queue_result(&simple_result(task, Outcome::Rejected, why))?;
+            return Ok(Next::Again);
+        }
+        record_pi(state, task)?;
+        log(
+            &self.req,
+            format!("task {}: imaging status record written (pending)", task.id),
+        );
+        self.to_engine(client, token, task)?;
+        Ok(Next::Sleep(Duration::from_secs(3600)))
+    }
+
+    /// Hand `task` to the imaging engine: commit, next boot, progress, commit,
     /// reboot. Returns only under `IMG_SERVICE_REBOOT=exit` (then the process exits) or
     /// when the reboot could not be started.
     fn to_engine(&mut self, client: &Client, token: &str, task: &Task) -> anyhow::Result<()> {
@@ -660,14 +782,10 @@ impl Service {
                 task.id, task.job
             ),
         );
-        write_pending_status(
-            self.root.root(),
-            task,
-            &format!("{what}: handed to the imaging engine by the guest OS's service"),
-        )?;
-        // The record must be on the disk before anything else: the engine acts on it.
+        // The state (a PI's record, a reboot's result) must be on the disk before the next
+        // boot is changed: the engine acts on it.
         self.commit()
-            .context("saving the imaging status record (nothing else was changed)")?;
+            .context("saving the agent's state (the next boot was not changed)")?;
         let msg = handover::set_next_boot(&self.req.disk, NextBoot::Agent)
             .context("making the imaging engine the next boot")?;
         log(&self.req, msg);
@@ -804,63 +922,83 @@ mod tests {
 
     #[test]
     fn only_bi_runs_in_the_guest() {
-        assert_eq!(
-            placement(&deploy(After::CopyOnly, false, false)),
-            Placement::Here
-        );
-        for t in [
-            deploy(After::Reboot, false, false),
-            deploy(After::NoReboot, false, false),
-            deploy(After::Reboot, true, false),
-            deploy(After::Reboot, true, true),
-            deploy(After::CopyOnly, true, true),
-            Task {
-                id: 1,
-                job: 1,
-                kind: TaskKind::Reboot,
-            },
-            Task {
-                id: 1,
-                job: 1,
-                kind: TaskKind::Capture(CaptureSpec {
-                    disk: None,
-                    partition: None,
-                    name: "n".into(),
-                    version: "1".into(),
-                    models: vec![],
-                    description: None,
-                    comp: 1,
-                    upload_url: "https://s/up".into(),
-                }),
-            },
-        ] {
-            assert_eq!(placement(&t), Placement::Engine, "{t:?}");
+        let cases = [
+            (deploy(After::CopyOnly, false, false), Placement::Here),
+            (deploy(After::Reboot, true, false), Placement::Pi),
+            (deploy(After::NoReboot, true, false), Placement::Pi),
+            (deploy(After::Reboot, true, true), Placement::BiThenPi),
+            (deploy(After::CopyOnly, true, true), Placement::BiThenPi),
+            (deploy(After::Reboot, false, false), Placement::Engine),
+            (deploy(After::NoReboot, false, false), Placement::Engine),
+            (
+                Task {
+                    id: 1,
+                    job: 1,
+                    kind: TaskKind::Capture(CaptureSpec {
+                        disk: None,
+                        partition: None,
+                        name: "n".into(),
+                        version: "1".into(),
+                        models: vec![],
+                        description: None,
+                        comp: 1,
+                        upload_url: "https://s/up".into(),
+                    }),
+                },
+                Placement::Engine,
+            ),
+            (
+                Task {
+                    id: 1,
+                    job: 1,
+                    kind: TaskKind::Reboot,
+                },
+                Placement::Reboot,
+            ),
+            (
+                Task {
+                    id: 1,
+                    job: 1,
+                    kind: TaskKind::BootGuest,
+                },
+                Placement::Nothing,
+            ),
+        ];
+        for (t, want) in cases {
+            assert_eq!(placement(&t), want, "{t:?}");
         }
-        let g = Task {
-            id: 1,
-            job: 1,
-            kind: TaskKind::BootGuest,
-        };
-        assert_eq!(placement(&g), Placement::Nothing);
+        // The BI half of BI+PI is a BI of the same task.
+        let half = bi_half(&deploy(After::Reboot, true, true));
+        assert_eq!(half.id, 7);
+        assert_eq!(placement(&half), Placement::Here);
     }
 
     #[test]
-    fn the_pending_record_has_the_shared_shape() {
+    fn the_pi_record_is_written_once_per_task() {
+        use crate::autogenic::status;
         let dir = std::env::temp_dir().join(format!("svc-status-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let state = StateDir::open(&dir).unwrap();
         let t = deploy(After::Reboot, true, false);
-        write_pending_status(&dir, &t, "m").unwrap();
+        record_pi(&state, &t).unwrap();
         let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join(STATUS_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(dir.join(status::FILE)).unwrap()).unwrap();
         assert_eq!(v["phase"], "pending");
         assert_eq!(v["attempts"], 0);
         assert_eq!(v["task"]["id"], 7);
-        assert_eq!(v["task"]["kind"], "deploy");
         assert_eq!(v["task"]["from_backup"], true);
-        assert!(v["report"].is_null() && v["maintenance"].is_null());
-        let back: Task = serde_json::from_value(v["task"].clone()).unwrap();
-        assert_eq!(back, t);
-        assert!(!dir.join("state/imagestatus.json.tmp").exists());
+        // A record of the same task keeps its count (a power cut in the engine counted).
+        let mut st = status::load(&state).unwrap().unwrap();
+        st.start_attempt();
+        status::save(&state, &st).unwrap();
+        record_pi(&state, &t).unwrap();
+        assert_eq!(status::load(&state).unwrap().unwrap().attempts, 1);
+        // Another task replaces it.
+        let mut other = t.clone();
+        other.id = 8;
+        record_pi(&state, &other).unwrap();
+        let st = status::load(&state).unwrap().unwrap();
+        assert_eq!((st.task.id, st.attempts), (8, 0));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -623,14 +623,33 @@ fn convert(site: &Site, dev: &mut Device, mut g: Boot, fig: &mut Figures) -> Boo
         STAGE_LIMIT,
     );
     assert!(row.contains("succeeded"), "{row}");
+    // The guest's service reports the new partition at its check-ins.
+    let end = Instant::now() + STAGE_LIMIT;
+    while !backup_shown(site).contains("SupportImgBackup=1") {
+        assert!(
+            Instant::now() < end,
+            "the server does not see the backup partition:\n{}",
+            site.admin(&["device", MAC])
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    fig.add(
+        "convert: scheduled → the server sees SupportImgBackup=1",
+        t0.elapsed(),
+    );
     g
 }
 
-/// What `imgserver device MAC` says about the backup partition (its lines naming it).
+/// What `imgserver device MAC` says about the backup partition: the check-in's flags
+/// (`autogenic: SupportImgBackup=.. BackupImagePresent=.. BackImageVer=..`) and the
+/// `backup:` line (image, version, BI progress).
 fn backup_shown(site: &Site) -> String {
     site.admin(&["device", MAC])
         .lines()
-        .filter(|l| l.to_lowercase().contains("backup"))
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("autogenic:") || l.starts_with("backup:")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -640,12 +659,14 @@ fn wait_backup_v2(site: &Site, limit: Duration) -> String {
     let end = Instant::now() + limit;
     loop {
         let shown = backup_shown(site);
-        if shown.contains("guest 2") && !shown.contains('%') {
+        if shown.contains("BackupImagePresent=1 BackImageVer=2")
+            && shown.contains("guest 2 (complete)")
+        {
             return shown;
         }
         assert!(
             Instant::now() < end,
-            "the server does not show guest 2 in the backup partition:\n{}",
+            "the server does not show guest 2 complete in the backup partition:\n{}",
             site.admin(&["device", MAC])
         );
         std::thread::sleep(Duration::from_secs(1));
@@ -761,29 +782,44 @@ fn print_gaps(what: &str, beats: &[f64]) -> String {
     s
 }
 
-#[test]
-#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_autogenic -- --ignored"]
-fn autogenic_convert_bi_pi_loop() {
-    let lab = Lab::new("autogenic-loop");
+/// How the device gets its backup layout in a loop run.
+#[derive(Clone, Copy, PartialEq)]
+enum Conversion {
+    /// A convert job from the server, carried out by the imaging engine (seed 001 step 4).
+    Job,
+    /// At the factory: `img -convert -disk=` on the host, guest v1 restored onto the new
+    /// partition 2 (`img -restore`), before the device is ever powered on.
+    Host,
+}
+
+/// The whole loop on one device: convert, BI while the guest runs, PI, guest v2.
+fn autogenic_loop(tag: &str, conversion: Conversion) {
+    let lab = Lab::new(tag);
     let dir = lab.dir.path();
     let site = site(dir, "l");
     // 4 MB/s: the WAN of a branch office, and BI long enough to watch the heartbeat.
     let ngx = serve_images(&lab, &site, "4m");
     let mut dev = lab.device(&site);
     let mut fig = Figures(Vec::new());
+    assert_eq!(
+        partition3_name(&dev),
+        "",
+        "a backup partition before the convert"
+    );
+    if conversion == Conversion::Host {
+        host_convert(&lab, &dev);
+    }
 
     // Boot 1 the agent enrols; boot 2 guest v1 with its service. The idle heartbeat.
     let (mut g, _) = boot_to_guest(&mut dev, "1", 2);
     let from = g.q.mark();
     wait_heartbeats(&mut g, from, 30, GUEST_LIMIT);
     let idle = heartbeats(&g.q.text(), from);
-    assert_eq!(
-        partition3_name(&dev),
-        "",
-        "a backup partition before the convert"
-    );
 
-    let mut g = convert(&site, &mut dev, g, &mut fig);
+    let mut g = match conversion {
+        Conversion::Job => convert(&site, &mut dev, g, &mut fig),
+        Conversion::Host => g,
+    };
     let (_, during) = bi(&site, &mut g, &mut fig);
     assert!(
         during.len() >= 4,
@@ -796,9 +832,47 @@ fn autogenic_convert_bi_pi_loop() {
     let idle_s = print_gaps("idle", &idle);
     let bi_s = print_gaps("during BI", &during);
     eprintln!(
-        "autogenic figure (TCG, 2 cores shared): {}; heartbeat {idle_s}; {bi_s}",
+        "autogenic figure (TCG, 2 cores shared, {tag}): {}; heartbeat {idle_s}; {bi_s}",
         fig.0.join("; ")
     );
+}
+
+/// The factory's conversion on the host: `img -convert` for an image of v1's size, then v1
+/// restored onto the new partition 2.
+fn host_convert(lab: &Lab, dev: &Device) {
+    let size = std::fs::metadata(&lab.v1).unwrap().len();
+    let out = run(Command::new(img_bin())
+        .arg("-convert")
+        .arg(format!("-disk={}", dev.disk.display()))
+        .arg(format!("-image={}MiB", size.div_ceil(1 << 20))));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        partition3_name(dev),
+        "IMGBACKUP",
+        "img -convert made no backup partition"
+    );
+    run(Command::new(img_bin())
+        .env("IMG_QUIET", "1")
+        .arg("-restore")
+        .arg(&lab.v1)
+        .arg(format!("-disk={}", dev.disk.display()))
+        .arg("-part=2")
+        .arg(format!("-trust={}", lab.key_pub.display())));
+    assert_eq!(dev.guest_on_disk(), "guest 1");
+}
+
+#[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_autogenic -- --ignored"]
+fn autogenic_convert_bi_pi_loop() {
+    autogenic_loop("autogenic-loop", Conversion::Job);
+}
+
+/// The same loop on a device converted at the factory (`img -convert` on the host): BI and
+/// PI over real reboots without the convert job.
+#[test]
+#[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_autogenic -- --ignored"]
+fn autogenic_bi_pi_loop_on_a_factory_converted_device() {
+    autogenic_loop("autogenic-factory", Conversion::Host);
 }
 
 #[test]

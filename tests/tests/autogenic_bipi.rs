@@ -142,10 +142,29 @@ impl Lab {
     /// with the server's CA, the site's enrol.key and the publisher's key), partition 2 the
     /// OS partition (zeros).
     fn device(&self, name: &str) -> Device {
+        self.device_of(name, 96)
+    }
+
+    /// A device converted to the autogenic layout by `img -convert` (boot-agent partition
+    /// kept, OS partition 2, IMGBACKUP partition 3): the backup area is the partition.
+    fn converted_device(&self, name: &str) -> Device {
+        let mut dev = self.device_of(name, 256);
+        let o = img(&[
+            "-convert",
+            &format!("-disk={}", dev.disk.display()),
+            "-image=8MB",
+        ]);
+        assert!(o.status.success(), "img -convert:\n{}", text(&o));
+        dev.backup = None;
+        dev.os_start = sgdisk_first_sector(&dev.disk, 2) * 512;
+        dev
+    }
+
+    fn device_of(&self, name: &str, mib: u64) -> Device {
         let disk = self.dir.join(format!("{name}.img"));
         std::fs::File::create(&disk)
             .unwrap()
-            .set_len(96 * MIB)
+            .set_len(mib * MIB)
             .unwrap();
         run(Command::new("sgdisk")
             .args([
@@ -179,10 +198,11 @@ impl Lab {
             name.bytes().map(u32::from).sum::<u32>() % 250
         );
         Device {
-            backup: self.dir.join(format!("{name}-backup")),
+            backup: Some(self.dir.join(format!("{name}-backup"))),
             disk,
             mac,
             url: self.server.url.clone(),
+            os_start: 41 * MIB,
         }
     }
 
@@ -209,9 +229,21 @@ impl Lab {
 
 struct Device {
     disk: PathBuf,
-    backup: PathBuf,
+    /// The backup folder (`-backup=DIR`); None: the disk's IMGBACKUP partition.
+    backup: Option<PathBuf>,
     mac: String,
     url: String,
+    /// Where the OS partition (2) starts.
+    os_start: u64,
+}
+
+/// `sgdisk -i N`'s first sector.
+fn sgdisk_first_sector(disk: &Path, n: u32) -> u64 {
+    let out = sh(&format!("sgdisk -i {n} {}", disk.display()));
+    out.lines()
+        .find_map(|l| l.strip_prefix("First sector: "))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("sgdisk -i {n}:\n{out}"))
 }
 
 impl Device {
@@ -221,12 +253,16 @@ impl Device {
             "-checkin",
             &format!("-server={}", self.url),
             &format!("-disk={}", self.disk.display()),
-            &format!("-backup={}", self.backup.display()),
             &format!("-mac={}", self.mac),
             "-serial=AUTOGENIC",
             "-retries=2",
             "-progress=200",
         ])
+        .args(
+            self.backup
+                .iter()
+                .map(|b| format!("-backup={}", b.display())),
+        )
         .env_remove("IMG_AGENT_STATE")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -240,14 +276,15 @@ impl Device {
         t
     }
 
-    /// The OS partition's bytes (partition 2: from 41 MiB to the GPT backup area).
+    /// The first 32 MiB of the OS partition (partition 2), the size of the image's
+    /// partition.
     fn os_partition(&self) -> Vec<u8> {
         let d = std::fs::read(&self.disk).unwrap();
-        d[(41 * MIB) as usize..(d.len() - 64 * 1024)].to_vec()
+        d[self.os_start as usize..(self.os_start + 32 * MIB) as usize].to_vec()
     }
 
     fn area_status(&self) -> serde_json::Value {
-        std::fs::read(self.backup.join("STATUS.JSON"))
+        std::fs::read(self.backup.as_ref().unwrap().join("STATUS.JSON"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(serde_json::Value::Null)
@@ -287,8 +324,9 @@ impl Device {
     fn check_os(&self, scratch: &Path, expect: &str) {
         let vol = scratch.join("os-vol.img");
         sh(&format!(
-            "dd if={} of={} bs=1M skip=41 count=32 status=none; fsck.fat -n {} >/dev/null",
+            "dd if={} of={} bs=1M skip={} count=32 status=none; fsck.fat -n {} >/dev/null",
             self.disk.display(),
+            self.os_start / MIB,
             vol.display(),
             vol.display()
         ));
@@ -321,7 +359,7 @@ fn bi_downloads_into_the_backup_and_the_server_shows_it() {
     assert!(t.contains("stored in the backup folder"), "{t}");
     let size = std::fs::metadata(&lab.image).unwrap().len();
     assert_eq!(
-        std::fs::read(dev.backup.join("IMAGE.BIN")).unwrap(),
+        std::fs::read(dev.backup.as_ref().unwrap().join("IMAGE.BIN")).unwrap(),
         std::fs::read(&lab.image).unwrap(),
         "the backup must be the published image"
     );
@@ -392,7 +430,7 @@ fn bi_killed_mid_download_resumes_fetching_only_the_rest() {
         size - kept
     );
     assert_eq!(
-        std::fs::read(dev.backup.join("IMAGE.BIN")).unwrap(),
+        std::fs::read(dev.backup.as_ref().unwrap().join("IMAGE.BIN")).unwrap(),
         std::fs::read(&lab.image).unwrap()
     );
 }
@@ -409,12 +447,29 @@ fn pi_writes_what_a_network_deploy_writes_and_reports_once() {
     let t = a.checkin();
     assert!(t.contains("task done"), "{t}");
     a.check_os(lab.dir.path(), "os 2");
-    // Device B: BI, then a PI recorded for its next start.
-    let b = lab.device("pib");
+    // Device B, converted to the autogenic layout: BI into its IMGBACKUP partition, then a
+    // PI recorded for its next start.
+    let b = lab.converted_device("pib");
     b.checkin();
     lab.schedule(&b.mac, &["--then", "copy-only"]);
     let t = b.checkin();
     assert!(t.contains("task done"), "{t}");
+    let area = autogenic::BackupArea::open(&b.disk, false).unwrap();
+    assert!(area.status().complete, "{:?}", area.status());
+    let mut stored = vec![0u8; area.status().size as usize];
+    area.read_at(0, &mut stored).unwrap();
+    assert!(
+        stored == std::fs::read(&lab.image).unwrap(),
+        "the backup partition must hold the published image"
+    );
+    drop(area);
+    let t = b.checkin();
+    assert!(t.contains("nothing to do"), "{t}");
+    let shown = admin(&lab.data, &["device", &b.mac]);
+    assert!(
+        shown.contains("SupportImgBackup=1 BackupImagePresent=1 BackImageVer=2"),
+        "{shown}"
+    );
     lab.schedule(&b.mac, &["--partition", "2", "--then", "no-reboot"]);
     let (task, _) = lab.task_of(3);
     b.record_pi(task, 3);
@@ -468,7 +523,7 @@ fn a_corrupt_backup_is_refused_before_writing_and_three_failures_mean_maintenanc
     let t = dev.checkin();
     assert!(t.contains("task done"), "{t}");
     // One byte in the middle of the image (inside a chunk's payload) flipped.
-    let p = dev.backup.join("IMAGE.BIN");
+    let p = dev.backup.as_ref().unwrap().join("IMAGE.BIN");
     let mut bytes = std::fs::read(&p).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
@@ -508,4 +563,61 @@ fn a_corrupt_backup_is_refused_before_writing_and_three_failures_mean_maintenanc
         .filter(|l| l.contains(&format!("] task {task} failed")))
         .count();
     assert_eq!(n, 1, "{transcript}");
+}
+
+/// Seed 003's "back up the current image first" on a device with a backup area: the OS
+/// partition is captured into the area, so a rollback is a PI from local flash (the
+/// device's own, unsigned capture, trusted by the digest the agent recorded).
+#[test]
+fn backup_first_captures_the_os_partition_so_a_rollback_is_a_pi() {
+    let lab = Lab::new("autogenic-rollback", 2, "");
+    let dev = lab.device("rollback");
+    dev.checkin();
+    lab.schedule(&dev.mac, &["--partition", "2", "--then", "no-reboot"]);
+    let t = dev.checkin();
+    assert!(
+        t.contains("task done") && t.contains("nothing to back up"),
+        "{t}"
+    );
+    // The second deploy backs up what the first one wrote.
+    lab.schedule(&dev.mac, &["--partition", "2", "--then", "no-reboot"]);
+    let t = dev.checkin();
+    assert!(
+        t.contains("task done") && t.contains("backed up into the backup folder"),
+        "{t}"
+    );
+    let st = dev.area_status();
+    assert_eq!(st["complete"], true, "{st}");
+    assert_eq!(st["image"]["version"], "2", "{st}");
+    // The OS partition is wiped (a broken OS); the rollback re-images it from the capture.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev.disk)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; (32 * MIB) as usize], dev.os_start)
+        .unwrap();
+    drop(f);
+    lab.schedule(
+        &dev.mac,
+        &["--partition", "2", "--then", "no-reboot", "--no-backup"],
+    );
+    let (task, _) = lab.task_of(3);
+    dev.record_pi(task, 3);
+    lab.nginx.wait_idle();
+    let sent0 = lab.nginx.bytes_sent();
+    let t = dev.checkin();
+    assert!(
+        t.contains("re-imaging from the backup partition at start: Succeeded"),
+        "{t}"
+    );
+    assert!(t.contains("this device's own capture"), "{t}");
+    lab.nginx.wait_idle();
+    assert_eq!(
+        lab.nginx.bytes_sent(),
+        sent0,
+        "the rollback must not download"
+    );
+    dev.check_os(lab.dir.path(), "os 2");
+    let (_, state) = lab.task_of(3);
+    assert_eq!(state, "succeeded", "{}", admin(&lab.data, &["job", "3"]));
 }

@@ -16,8 +16,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ::autogenic::BackupArea;
 use anyhow::Context;
-use imgengine::source::Location;
+use imgengine::source::{HttpConfig, Location, Source};
 use protocol::ImageStamp;
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +73,9 @@ pub trait Area: Send {
     fn commit(&mut self, verified: u64) -> anyhow::Result<()>;
     /// All `size` bytes are there and checked.
     fn finish(&mut self) -> anyhow::Result<()>;
-    /// Where the imaging engine reads the image from (signature and chunks are checked
+    /// The complete image as the imaging engine's source (signature and chunks are checked
     /// again there, as for a network deploy).
-    fn location(&self) -> anyhow::Result<Location>;
+    fn source(&self) -> anyhow::Result<Source>;
 }
 
 /// A folder as the backup area.
@@ -215,16 +216,83 @@ impl Area for DirArea {
         self.write_status(&s)
     }
 
-    fn location(&self) -> anyhow::Result<Location> {
-        Ok(Location::File(self.image_path()))
+    fn source(&self) -> anyhow::Result<Source> {
+        Source::open(&Location::File(self.image_path()), &HttpConfig::default())
+            .map_err(anyhow::Error::new)
     }
 }
 
-/// The device's backup area: the configured backup folder (`-backup=DIR`) when there is
-/// one; None when the device has none (no `SupportImgBackup`).
+/// The IMGBACKUP partition (the `autogenic` crate's [`BackupArea`]) as an [`Area`].
+pub struct PartitionArea(pub BackupArea);
+
+impl Area for PartitionArea {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.0.capacity()
+    }
+
+    fn partition_size(&self) -> u64 {
+        self.0.partition_len()
+    }
+
+    fn status(&self) -> anyhow::Result<AreaStatus> {
+        let s = self.0.status();
+        Ok(AreaStatus {
+            image: s.image.clone(),
+            digest: Some(s.manifest_digest.clone()).filter(|d| !d.is_empty()),
+            size: s.size,
+            verified_bytes: s.verified_bytes,
+            complete: s.complete,
+        })
+    }
+
+    fn begin(&mut self, stamp: &ImageStamp, digest: &str, size: u64) -> anyhow::Result<()> {
+        // A fresh start: the partition's begin keeps a matching status (resume), so a
+        // restart from 0 clears it first.
+        self.0.clear()?;
+        self.0.begin(stamp.clone(), digest, size).map(|_| ())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.0.write_at(offset, data)
+    }
+
+    fn commit(&mut self, verified: u64) -> anyhow::Result<()> {
+        self.0.commit(verified)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.0.finish()
+    }
+
+    fn source(&self) -> anyhow::Result<Source> {
+        self.0.image_source()
+    }
+}
+
+/// The device's backup area: the configured backup folder (`-backup=DIR`) when one is
+/// given, else the IMGBACKUP partition of the device's disk (found by its name or label);
+/// None when the device has neither (no `SupportImgBackup`).
 pub fn open(cfg: &crate::checkin::AgentConfig) -> anyhow::Result<Option<Box<dyn Area>>> {
     if let Some(dir) = &cfg.backup_dir {
         return Ok(Some(Box::new(DirArea::open(dir)?)));
+    }
+    for (disk, _) in crate::checkin::inventory::disks(cfg) {
+        let Ok(t) = imgengine::target::Target::open_disk_read_only(&disk) else {
+            continue;
+        };
+        let Ok(layout) = imgengine::disk::read_layout(&t, t.len()) else {
+            continue;
+        };
+        drop(t);
+        if ::autogenic::area::locate(&layout)?.is_some() {
+            return Ok(Some(Box::new(PartitionArea(BackupArea::open(
+                &disk, true,
+            )?))));
+        }
     }
     Ok(None)
 }

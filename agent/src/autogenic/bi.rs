@@ -258,19 +258,10 @@ pub fn fetch(
     }
     progress.end();
     let fetched = source.bytes_fetched() - before;
-    // The whole area through the engine's own checks before it counts as a backup.
-    let opts = deploy::DeployOptions {
-        trusted_keys: keys.to_vec(),
-        ..deploy::DeployOptions::default()
-    };
-    let info = deploy::verify(
-        &area.location()?,
-        &opts,
-        &imgengine::io::progress::NoProgress,
-    )
-    .map_err(anyhow::Error::new)
-    .context("reading the backup back: it is fetched again at the next try")?;
-    if info.manifest_digest != digest {
+    // The whole area read back and checked again before it counts as a backup.
+    let back = verify_source(&area.source()?, keys, &imgengine::io::progress::NoProgress)
+        .context("reading the backup back: it is fetched again at the next try")?;
+    if back != digest {
         anyhow::bail!("the backup read back is not the image that was fetched");
     }
     area.finish()?;
@@ -292,4 +283,60 @@ pub fn fetch(
         already: false,
         digest,
     })
+}
+
+/// Check an image on a range-capable source without writing anything: its head and
+/// signature (as [`fetch`] does), then every chunk against the manifest (header, CRC32,
+/// SHA-256), in image order. Returns the manifest digest.
+pub fn verify_source(
+    source: &Source,
+    keys: &[VerifyingKey],
+    progress: &dyn Progress,
+) -> anyhow::Result<String> {
+    let head = format::fetch_head(source)
+        .map_err(anyhow::Error::new)
+        .context("reading the image's head")?;
+    check_trust(&head, keys)?;
+    let entries = &head.manifest.entries;
+    let total: u64 = entries.iter().map(|e| e.record_len()).sum();
+    progress.begin("checking the backup", Some(total));
+    if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+        let end = last.image_offset + last.record_len();
+        let mut body = source
+            .read_range(first.image_offset, end - first.image_offset)
+            .map_err(anyhow::Error::new)?;
+        let mut pos = first.image_offset;
+        for e in entries {
+            if e.image_offset != pos {
+                anyhow::bail!(
+                    "manifest: chunk {} is not where the previous one ends",
+                    e.header.index
+                );
+            }
+            let hb = read_exactly(&mut body, CHUNK_HEADER_LEN, "reading a chunk header")
+                .map_err(anyhow::Error::new)?;
+            let hdr: &[u8; CHUNK_HEADER_LEN] = hb.as_slice().try_into().expect("header length");
+            let header = ChunkHeader::decode(hdr, &format!("at image offset {pos}"))
+                .map_err(anyhow::Error::new)?;
+            let payload = read_exactly(
+                &mut body,
+                header.comp_len as usize,
+                "reading a chunk's payload",
+            )
+            .map_err(anyhow::Error::new)?;
+            deploy::verify_chunk(
+                ChunkRecord {
+                    header,
+                    image_offset: pos,
+                    payload,
+                },
+                &head.manifest,
+            )
+            .map_err(anyhow::Error::new)?;
+            pos += e.record_len();
+            progress.advance(e.record_len());
+        }
+    }
+    progress.end();
+    Ok(head.manifest.digest())
 }

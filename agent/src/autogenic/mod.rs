@@ -176,6 +176,53 @@ pub(crate) fn deploy_task(
     }
 }
 
+/// A task the server hands out again while the imaging status record holds it (the server
+/// still sees it running): the record wins. A PI still to be tried is left for the next
+/// start (one try per start: that is what the attempts count); a finished one answers with
+/// its queued result. None: the record is not about this task.
+pub(crate) fn recorded_task(
+    state: &StateDir,
+    task: &Task,
+    rep: &Reporter,
+) -> anyhow::Result<Option<Done>> {
+    let Some(st) = status::load(state)? else {
+        return Ok(None);
+    };
+    if st.task.id != task.id {
+        return Ok(None);
+    }
+    let queued = st.report.as_deref().and_then(|id| {
+        let mut all = state.outbox().ok()?;
+        all.extend(state.done().ok()?);
+        all.into_iter().find(|r| r.report == id)
+    });
+    if let Some(r) = queued {
+        return Ok(Some(Done {
+            message: None,
+            image: None,
+            bytes: 0,
+            end: TaskEnd::Continue,
+            preset: Some(r),
+        }));
+    }
+    if st.maintenance.is_some() {
+        return Ok(None);
+    }
+    rep.log(format!(
+        "task {} is recorded for re-imaging from the backup partition ({} of {} tries made): the next start tries again",
+        task.id,
+        st.attempts,
+        status::MAX_ATTEMPTS
+    ));
+    Ok(Some(Done {
+        message: None,
+        image: None,
+        bytes: 0,
+        end: TaskEnd::Deferred,
+        preset: None,
+    }))
+}
+
 /// The inventory's autogenic facts from the device's backup area.
 pub fn inventory(cfg: &AgentConfig) -> Autogenic {
     let Ok(Some(area)) = area::open(cfg) else {
@@ -197,10 +244,24 @@ pub fn inventory(cfg: &AgentConfig) -> Autogenic {
     }
 }
 
+/// The state file naming the digest of the backup this device captured itself.
+pub const CAPTURE_FILE: &str = "backupcapture.json";
+
+/// Is `digest` the image this device captured into its backup area itself?
+pub fn own_capture(state: &StateDir, digest: &str) -> bool {
+    state
+        .read_file(CAPTURE_FILE)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["digest"].as_str() == Some(digest))
+}
+
 /// Seed 003's "back up the current image first" on a device with a backup area: capture
 /// the target (the OS partition) into the area, so a rollback is a PI from local flash.
 /// Returns false when the device has no area (the caller falls back or skips).
 pub fn capture_into(
+    state: &StateDir,
     cfg: &AgentConfig,
     disk: &std::path::Path,
     part: Option<&str>,
@@ -238,16 +299,20 @@ pub fn capture_into(
     let size = w.pos;
     area.commit(size)?;
     // Its identity as the engine reads it back, then the area's status says so.
-    let info = imgengine::deploy::verify(
-        &area.location()?,
-        &Default::default(),
-        &imgengine::io::progress::NoProgress,
-    )
-    .map_err(anyhow::Error::new)
-    .context("reading the backup back")?;
-    area.begin(current, &info.manifest_digest, size)?;
+    let digest = bi::verify_source(&area.source()?, &[], &imgengine::io::progress::NoProgress)
+        .context("reading the backup back")?;
+    area.begin(current, &digest, size)?;
     area.commit(size)?;
     area.finish()?;
+    // The capture is this device's own, unsigned: its digest is kept in the agent's state
+    // (the boot-agent partition), so a PI trusts exactly this image and nothing swapped in.
+    state.write_file(
+        CAPTURE_FILE,
+        &serde_json::to_vec_pretty(&serde_json::json!({
+            "digest": digest,
+            "image": current,
+        }))?,
+    )?;
     rep.log(format!(
         "{} {} backed up into {} ({size} bytes): a rollback re-images from it",
         current.name,
@@ -297,5 +362,107 @@ pub fn guest_boot_refusal(state_dir: &std::path::Path) -> Option<String> {
         }),
         Ok(_) => None,
         Err(e) => Some(format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{ImageRef, TaskKind};
+
+    fn pi_task(fetch: bool) -> (Task, DeploySpec) {
+        let spec = DeploySpec {
+            image: ImageRef {
+                name: "os".into(),
+                version: "3".into(),
+                url: "https://127.0.0.1:9/repo/os-3.img".into(),
+                size: None,
+                autogenic: true,
+            },
+            disk: None,
+            partition: Some("2".into()),
+            preserve: vec![],
+            backup_first: false,
+            after: After::Reboot,
+            from_backup: true,
+            fetch_to_backup: fetch,
+        };
+        (
+            Task {
+                id: 5,
+                job: 2,
+                kind: TaskKind::Deploy(spec.clone()),
+            },
+            spec,
+        )
+    }
+
+    /// PI alone on a backup that holds another image: rejected, saying what the backup
+    /// holds and how to schedule the download; nothing recorded, nothing fetched.
+    #[test]
+    fn pi_alone_needs_the_backup_to_hold_exactly_that_image() {
+        let d = std::env::temp_dir().join(format!("img-autogenic-pi-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let cfg = AgentConfig {
+            state_dir: d.join("state"),
+            backup_dir: Some(d.join("backup")),
+            quiet: true,
+            ..AgentConfig::default()
+        };
+        let state = StateDir::open(&cfg.state_dir).unwrap();
+        let mut area = area::DirArea::open(&d.join("backup")).unwrap();
+        let old = ImageStamp {
+            name: "os".into(),
+            version: "2".into(),
+        };
+        area.begin(&old, "aa", 4).unwrap();
+        area.write_at(0, b"abcd").unwrap();
+        area.finish().unwrap();
+        let (task, spec) = pi_task(false);
+        let rep = Reporter::new(true);
+        let e = deploy_task(
+            &state,
+            &cfg,
+            &task,
+            &spec,
+            &Location::parse(&spec.image.url),
+            &HttpConfig::default(),
+            &[],
+            &rep,
+        )
+        .err()
+        .expect("must be rejected");
+        assert!(e.chain().any(|c| c.downcast_ref::<Rejection>().is_some()));
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("holds os 2 (complete)") && msg.contains("--backup-only"),
+            "{msg}"
+        );
+        assert!(status::load(&state).unwrap().is_none());
+        // A device without any backup area rejects BI and PI alike.
+        let none = AgentConfig {
+            backup_dir: None,
+            ..cfg.clone()
+        };
+        let (task, spec) = pi_task(true);
+        let e = deploy_task(
+            &state,
+            &none,
+            &task,
+            &spec,
+            &Location::parse(&spec.image.url),
+            &HttpConfig::default(),
+            &[],
+            &rep,
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{e:#}").contains("no backup partition"), "{e:#}");
+        assert_eq!(inventory(&none), Autogenic::default());
+        let inv = inventory(&cfg);
+        assert!(inv.support_img_backup && inv.backup_image_present);
+        assert_eq!(inv.back_image_ver.as_deref(), Some("2"));
+        assert_eq!((inv.backup_bytes, inv.backup_size), (4, 4));
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

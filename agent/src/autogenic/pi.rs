@@ -185,9 +185,19 @@ impl AreaEngine<'_> {
         })
     }
 
-    fn options(&self, rep: &Reporter) -> anyhow::Result<DeployOptions> {
+    /// The deploy options; `own`: the area holds this device's own capture (seed 003's
+    /// backup), whose digest the agent recorded: it carries no publisher signature, and its
+    /// every chunk is still checked against its manifest, whose digest must be the recorded
+    /// one.
+    fn options(&self, rep: &Reporter, own: bool) -> anyhow::Result<DeployOptions> {
+        let trusted_keys = if own {
+            rep.log("the backup is this device's own capture (its digest was recorded when it was taken): no publisher signature, every chunk checked");
+            Vec::new()
+        } else {
+            crate::checkin::job::signature_policy(self.cfg, rep)?
+        };
         Ok(DeployOptions {
-            trusted_keys: crate::checkin::job::signature_policy(self.cfg, rep)?,
+            trusted_keys,
             resume: ResumeMode::Auto,
             state_dir: self.state.journal_dir(),
             threads: 0,
@@ -223,24 +233,26 @@ impl PiEngine for AreaEngine<'_> {
                 want.version
             );
         }
-        let opts = self.options(rep)?;
+        let own = st
+            .digest
+            .as_deref()
+            .is_some_and(|d| super::own_capture(self.state, d));
+        let opts = self.options(rep, own)?;
         rep.log(format!(
             "checking {} {} in {} (signature and every chunk) before writing",
             want.name,
             want.version,
             area.describe()
         ));
-        let info = deploy::verify(&area.location()?, &opts, rep)
-            .map_err(anyhow::Error::new)
-            .context("the image in the backup partition failed its check; the OS partition was not touched")?;
-        if st
-            .digest
-            .as_deref()
-            .is_some_and(|d| d != info.manifest_digest)
-        {
+        let source = area.source()?;
+        let digest = super::bi::verify_source(&source, &opts.trusted_keys, rep).context(
+            "the image in the backup partition failed its check; the OS partition was not touched",
+        )?;
+        if st.digest.as_deref().is_some_and(|d| d != digest) {
             anyhow::bail!("the backup partition's image is not the one that was downloaded; the OS partition was not touched");
         }
-        if matches!(info.meta.content, imgengine::format::Content::Disk { .. }) {
+        let head = imgengine::format::fetch_head(&source).map_err(anyhow::Error::new)?;
+        if matches!(head.meta.content, imgengine::format::Content::Disk { .. }) {
             anyhow::bail!(
                 "{} {} is a whole-disk image: re-imaging from the backup partition writes the OS partition only",
                 want.name,
@@ -263,8 +275,14 @@ impl PiEngine for AreaEngine<'_> {
         let area = super::area::open(self.cfg)?
             .ok_or_else(|| anyhow::anyhow!("this device has no backup partition"))?;
         let (disk, part) = self.target(spec)?;
-        let opts = self.options(rep)?;
-        let summary = deploy::deploy(&area.location()?, &disk, Some(&part), &opts, rep)
+        let st = area.status()?;
+        let own = st
+            .digest
+            .as_deref()
+            .is_some_and(|d| super::own_capture(self.state, d));
+        let opts = self.options(rep, own)?;
+        let summary = deploy::OpenedImage::open_source(area.source()?)
+            .and_then(|o| o.deploy(&disk, Some(&part), &opts, rep))
             .map_err(anyhow::Error::new)
             .context("writing the OS partition from the backup partition")?;
         for n in &summary.notes {

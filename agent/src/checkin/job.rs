@@ -287,6 +287,9 @@ fn execute(
     task: &Task,
     rep: &Reporter,
 ) -> anyhow::Result<Done> {
+    if let Some(done) = crate::autogenic::recorded_task(state, task, rep)? {
+        return Ok(done);
+    }
     match &task.kind {
         TaskKind::Deploy(spec) => deploy_task(client, state, cfg, task, spec, rep),
         TaskKind::Capture(spec) => capture_task(client, cfg, spec, rep),
@@ -584,7 +587,7 @@ fn backup_current(
         rep.log("the target holds no image written by this agent: nothing to back up");
         return Ok(());
     };
-    if !crate::autogenic::capture_into(cfg, disk, part, &current, rep)? {
+    if !crate::autogenic::capture_into(state, cfg, disk, part, &current, rep)? {
         rep.log("no backup partition or location on this device: backup skipped");
     }
     Ok(())

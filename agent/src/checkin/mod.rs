@@ -46,6 +46,11 @@ pub const USAGE: &str = "\
                                     and report; -loop keeps going until there is nothing to do;
                                     -disk=DISK without -state keeps the credential and results
                                     in DISK's boot-agent partition, as the boot agent does.
+                                    -backup=DIR is the backup area (autogenic BI downloads
+                                    into it, chunk by chunk, resumable; PI re-images the OS
+                                    partition from it). A PI in the imaging status record
+                                    (state/imagestatus.json) runs first, before any network;
+                                    after 3 failed tries the device reports maintenance.
                                     With -ca, plain HTTP is refused and images must be signed
                                     by a key in -trust-dir, unless DIR/lab.conf (-config, the
                                     boot partition's config folder) says plain_http = yes /

@@ -56,14 +56,16 @@ pub const USAGE: &str = "\
                                     the agent inside the guest OS (systemd unit dist/img.service):
                                     checks in every -interval seconds (default: as the server
                                     says) with the state in DISK's boot-agent partition, at idle
-                                    I/O priority and nice 19; downloads into the backup partition
-                                    (BI) itself; for a deploy, PI, convert, capture or reboot it
-                                    records the task, makes the next boot the imaging engine and
-                                    reboots. No -server: the server that issued the device's
-                                    credential, then the stored URL list (img -serverurl).
-                                    A server that does not answer is retried after -retry-wait
-                                    (default 2000) ms, doubling up to 5 minutes; never exits on
-                                    its own. IMG_SERVICE_REBOOT=exit (testing): exit 0 instead of
+                                    I/O priority and nice 19; downloads into the backup area
+                                    (BI) itself; a PI goes into the imaging status record; for
+                                    a PI, deploy, convert, capture or reboot it makes the next
+                                    boot the imaging engine and reboots. No -server: the server
+                                    that issued the device's credential, then the stored URL
+                                    list (img -serverurl). A server that does not answer is
+                                    retried after -retry-wait (default 2000) ms, doubling up to
+                                    5 minutes; it never exits on its own; SIGTERM commits the
+                                    store and ends it. -backup: the backup area as a folder.
+                                    IMG_SERVICE_REBOOT=exit (testing): exit 0 instead of
                                     rebooting";
 
 /// The options of `img -service` (`cli::VERBS`).
@@ -677,7 +679,7 @@ impl Service {
             }
             Placement::Pi => self.pi(client, &token, state, cfg, &task),
             Placement::Engine => {
-                self.to_engine(client, &token, &task)?;
+                self.hand_to_engine(client, &token, &task)?;
                 Ok(Next::Sleep(Duration::from_secs(3600)))
             }
             Placement::Reboot => {
@@ -699,7 +701,7 @@ impl Service {
                         format!("result not delivered yet ({e}); it goes with the next check-in"),
                     ),
                 }
-                self.to_engine(client, &token, &task)?;
+                self.hand_to_engine(client, &token, &task)?;
                 Ok(Next::Sleep(Duration::from_secs(3600)))
             }
         }
@@ -766,14 +768,14 @@ impl Service {
             &self.req,
             format!("task {}: imaging status record written (pending)", task.id),
         );
-        self.to_engine(client, token, task)?;
+        self.hand_to_engine(client, token, task)?;
         Ok(Next::Sleep(Duration::from_secs(3600)))
     }
 
     /// Hand `task` to the imaging engine: commit, next boot, progress, commit,
     /// reboot. Returns only under `IMG_SERVICE_REBOOT=exit` (then the process exits) or
     /// when the reboot could not be started.
-    fn to_engine(&mut self, client: &Client, token: &str, task: &Task) -> anyhow::Result<()> {
+    fn hand_to_engine(&mut self, client: &Client, token: &str, task: &Task) -> anyhow::Result<()> {
         let what = describe(task);
         log(
             &self.req,
@@ -1010,6 +1012,7 @@ mod tests {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             let line = lower_priority();
+            // SAFETY: errno is this thread's; plain syscalls with integer arguments.
             #[allow(unsafe_code)]
             let (nice, io) = unsafe {
                 *libc::__errno_location() = 0;
@@ -1022,12 +1025,14 @@ mod tests {
                 && line.contains("I/O class idle")
                 && nice == 19
                 && (io >> IOPRIO_CLASS_SHIFT) == IOPRIO_CLASS_IDLE as libc::c_long;
+            // SAFETY: the forked child ends here without running the parent's destructors.
             #[allow(unsafe_code)]
             unsafe {
                 libc::_exit(if ok { 0 } else { 1 })
             };
         }
         let mut status = 0;
+        // SAFETY: waits for our own child; `status` outlives the call.
         #[allow(unsafe_code)]
         unsafe {
             libc::waitpid(pid, &mut status, 0)

@@ -469,3 +469,215 @@ fn the_shipped_systemd_unit_verifies() {
     let (_, said) = verify(&ours.replace("IOSchedulingClass=idle", "IOSchedulingClass=bogus"));
     assert!(said.contains("IO scheduling class"), "{said}");
 }
+
+/// An autogenic OS partition image "os 2.1" (FAT16 with VERSION.TXT), registered with
+/// `--autogenic`.
+fn autogenic_image(dir: &Scratch, data: &Path) {
+    let src = dir.join("src.img");
+    sh(&format!(
+        "cd {dir}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT
+         head -c 3000000 /dev/urandom > BULK.BIN
+         truncate -s 48M {src}
+         sgdisk -o -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
+         mcopy -i {src}@@1048576 VERSION.TXT BULK.BIN ::",
+        dir = dir.path().display(),
+        src = src.display()
+    ));
+    let image = dir.join("os-2.1.img");
+    run(Command::new(img_bin()).args([
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=1",
+        "-name=os",
+        "-version=2.1",
+    ]));
+    admin(
+        data,
+        &["image", "add", image.to_str().unwrap(), "--autogenic"],
+    );
+}
+
+/// VERSION.TXT of the OS partition (partition 2, 41 MiB into the disk), if it holds one.
+fn os_version(dir: &Scratch, disk: &Path) -> String {
+    let vol = dir.join("p2.img");
+    sh(&format!(
+        "dd if={} of={} bs=1M skip=41 count=32 status=none",
+        disk.display(),
+        vol.display()
+    ));
+    let o = Command::new("mtype")
+        .args(["-i", vol.to_str().unwrap(), "::VERSION.TXT"])
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Seed 001 through the guest's service with the real server: BI (`--backup-only`) runs in
+/// the service and is reported without a reboot; PI (`--from-backup`) is recorded in the
+/// imaging status record, the next boot made the imaging engine, and the service exits where
+/// it would reboot; the engine's start (the real code: `img -checkin -disk=`, here with no
+/// server reachable) re-images the OS partition from the backup and leaves its result in the
+/// outbox; the service's next check-in delivers it and the record is cleared.
+#[test]
+fn bi_runs_in_the_service_pi_goes_through_the_engine_and_its_result_comes_back() {
+    let dir = Scratch::new("autogenic-service-bipi");
+    let data = dir.join("server");
+    std::fs::create_dir_all(&data).unwrap();
+    admin(&data, &["init"]);
+    let listen = format!("127.0.0.1:{}", e2e::free_port());
+    let server = Server::start(&data, &listen);
+    let disk = device_disk(&dir, &data);
+    let d = disk.to_str().unwrap().to_string();
+    autogenic_image(&dir, &data);
+    let token = admin(&data, &["admin", "add", "watcher", "--role", "viewer"])
+        .split_whitespace()
+        .find(|w| w.starts_with("imgadm_"))
+        .expect("a viewer token")
+        .to_string();
+    // The backup area: a folder (the IMGBACKUP partition is the layout branch's).
+    let backup = dir.join("backup");
+    let backup_arg = format!("-backup={}", backup.display());
+    let server_arg = format!("-server={}", server.url);
+    let mut svc = Service::start(&dir, "bi", &disk, &[server_arg.clone(), backup_arg.clone()]);
+    svc.wait_for("the first check-in", 180, |l| checkins(l) >= 1);
+
+    // BI: in the service, no reboot, the result (V02) reported.
+    let out = admin(
+        &data,
+        &[
+            "schedule",
+            "add",
+            "--mac",
+            MAC,
+            "--image",
+            "os:2.1",
+            "--partition",
+            "2",
+            "--backup-only",
+        ],
+    );
+    assert!(out.contains("scheduled"), "{out}");
+    svc.wait_for("BI's end", 300, |l| l.contains("ended: Succeeded"));
+    let n = checkins(&svc.log());
+    svc.wait_for("a check-in after BI", 120, |l| checkins(l) > n);
+    let log = svc.log();
+    assert!(
+        log.contains("runs here, in the background") && !log.contains("rebooting into it"),
+        "{log}"
+    );
+    assert!(svc.child.try_wait().unwrap().is_none(), "the service ended");
+    let job = admin_get(&data, &server.url, &token, "/api/v1/admin/jobs/1");
+    assert_eq!(job["tasks"][0]["state"], "succeeded", "{job}");
+    let dev = admin(&data, &["device", MAC]);
+    assert!(
+        dev.contains("os 2.1"),
+        "the server does not show the backup image:\n{dev}"
+    );
+    assert_eq!(
+        os_version(&dir, &disk),
+        "",
+        "BI must not touch the OS partition"
+    );
+
+    // PI: recorded, next boot = engine, "rebooting", exit (IMG_SERVICE_REBOOT=exit).
+    run(Command::new(img_bin()).args(["-bootnext", "guest", &format!("-disk={d}")]));
+    let out = admin(
+        &data,
+        &[
+            "schedule",
+            "add",
+            "--mac",
+            MAC,
+            "--image",
+            "os:2.1",
+            "--partition",
+            "2",
+            "--from-backup",
+        ],
+    );
+    assert!(out.contains("scheduled"), "{out}");
+    let st = svc.wait_exit(180);
+    let log = svc.log();
+    assert!(st.success(), "{st}\n{log}");
+    assert!(
+        log.contains("imaging status record written (pending)")
+            && log.contains("IMG_SERVICE_REBOOT=exit"),
+        "{log}"
+    );
+    let tree = store_tree(&disk);
+    let rec: serde_json::Value = serde_json::from_slice(
+        &tree
+            .get("state/imagestatus.json")
+            .unwrap_or_else(|| panic!("no status record: {:?}", tree.keys()))
+            .data,
+    )
+    .unwrap();
+    assert_eq!(rec["phase"], "pending", "{rec}");
+    assert_eq!(rec["attempts"], 0, "{rec}");
+    assert_eq!(rec["task"]["from_backup"], true, "{rec}");
+    let env = grubenv_list(&dir, &disk);
+    assert!(!env.contains("next_entry"), "grub-editenv list:\n{env}");
+    let job = admin_get(&data, &server.url, &token, "/api/v1/admin/jobs/2");
+    let task = &job["tasks"][0];
+    assert_eq!(task["task"], rec["task"]["id"], "{job}");
+    assert_eq!(
+        task["progress"]["phase"], "rebooting into the imaging engine",
+        "{job}"
+    );
+    assert_eq!(
+        os_version(&dir, &disk),
+        "",
+        "the service must not write the OS partition"
+    );
+
+    // The imaging engine's start: PI from the backup before any network (no server
+    // answers at this address), the result into the outbox.
+    let o = Command::new(img_bin())
+        .args([
+            "-checkin",
+            "-server=https://127.0.0.1:1",
+            &format!("-disk={d}"),
+            &backup_arg,
+            &format!("-mac={MAC}"),
+            "-serial=SVC-1",
+            "-retries=1",
+        ])
+        .env_remove("IMG_AGENT_STATE")
+        .output()
+        .unwrap();
+    let engine = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        engine.contains("re-imaging from the backup partition at start: Succeeded"),
+        "{engine}"
+    );
+    assert_eq!(os_version(&dir, &disk), "os 2.1", "{engine}");
+    let tree = store_tree(&disk);
+    assert!(
+        tree.keys().any(|k| k.starts_with("state/outbox/")),
+        "no result in the outbox: {:?}",
+        tree.keys()
+    );
+
+    // The guest again: the service's first check-in delivers it, the record is cleared.
+    let mut svc = Service::start(&dir, "after", &disk, &[server_arg, backup_arg]);
+    svc.wait_for("a check-in after the engine", 180, |l| checkins(l) >= 1);
+    let job = admin_get(&data, &server.url, &token, "/api/v1/admin/jobs/2");
+    assert_eq!(job["tasks"][0]["state"], "succeeded", "{job}");
+    let tree = store_tree(&disk);
+    assert!(
+        !tree.keys().any(|k| k.starts_with("state/outbox/"))
+            && !tree.contains_key("state/imagestatus.json"),
+        "{:?}",
+        tree.keys()
+    );
+    let (st, _) = svc.terminate();
+    assert!(st.success(), "{}", svc.log());
+    drop(server);
+}

@@ -57,6 +57,78 @@ impl AreaStatus {
     }
 }
 
+/// What a status file's bytes say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DecodedStatus {
+    /// The status (empty when no record is valid, or the valid one is not usable).
+    pub status: AreaStatus,
+    /// Slot and sequence number of the newest valid record.
+    pub newest: Option<(usize, u64)>,
+    /// Why a valid record was not used.
+    pub note: Option<String>,
+}
+
+/// Records numbered above this are ignored (see [`decode_status`]).
+pub const MAX_SEQ: u64 = 1 << 62;
+
+/// Decode the status file `file` (untrusted bytes) of an area of `capacity` bytes: the
+/// newest valid record (magic, version, length, CRC), its JSON, checked against the area.
+pub fn decode_status(file: &[u8], capacity: u64) -> DecodedStatus {
+    let mut d = DecodedStatus::default();
+    // The newest valid record, as grub::store::newest finds it, among sequence numbers a
+    // commit can still count up from (a damaged or hostile record with a huge number is
+    // ignored, so it can never pin the status).
+    let mut best: Option<(usize, u64, &[u8])> = None;
+    for i in 0..2 {
+        let Some(slot) = file.get(i * SLOT_LEN..(i + 1) * SLOT_LEN) else {
+            continue;
+        };
+        if let Some((seq, p)) = store::decode_slot(slot).filter(|(seq, _)| *seq <= MAX_SEQ) {
+            if best.is_none_or(|(_, s, _)| seq > s) {
+                best = Some((i, seq, p));
+            }
+        }
+    }
+    if let Some((slot, seq, payload)) = best {
+        d.newest = Some((slot, seq));
+        match serde_json::from_slice::<AreaStatus>(payload) {
+            Ok(s) if s.sane(capacity) => d.status = s,
+            Ok(s) => {
+                d.note = Some(format!(
+                    "status record {seq} does not fit the area ({} of {} bytes verified, capacity {capacity}): treated as empty",
+                    s.verified_bytes, s.size
+                ))
+            }
+            Err(e) => {
+                d.note = Some(format!(
+                    "status record {seq} cannot be read ({e}): treated as empty"
+                ))
+            }
+        }
+    }
+    d
+}
+
+/// Fuzz entry point: a status file's bytes. Never panics; what it accepts is sane and
+/// reads back the same after it is written again.
+pub fn fuzz_status(data: &[u8]) {
+    let cap = 1u64 << 40;
+    let d = decode_status(data, cap);
+    assert!(d.status.sane(cap));
+    if let Some((slot, seq)) = d.newest {
+        assert!(slot < 2);
+        let payload = serde_json::to_vec(&d.status).expect("encodes");
+        let rec = store::encode_slot(seq + 1, &payload, None).expect("fits a slot");
+        let mut file = data.to_vec();
+        file.resize(STATUS_LEN as usize, 0);
+        let at = (1 - slot) * SLOT_LEN;
+        file[at..at + rec.len()].copy_from_slice(&rec);
+        let again = decode_status(&file, cap);
+        assert_eq!(again.status, d.status);
+        assert_eq!(again.newest, Some((1 - slot, seq + 1)));
+    }
+}
+
 /// The disk shared by the FAT reader (at open), the area and its image readers.
 #[derive(Clone)]
 struct Shared(Arc<Mutex<Box<dyn Disk>>>);
@@ -321,28 +393,10 @@ impl BackupArea {
         self.disk
             .read_at(&mut file, self.status_at)
             .with_context(|| format!("reading {STATUS_FILE} on {}", self.describe()))?;
-        self.status = AreaStatus::default();
-        self.status_note = None;
-        self.newest = None;
-        if let Some((slot, seq, payload)) = store::newest(&file) {
-            self.newest = Some((slot, seq));
-            match serde_json::from_slice::<AreaStatus>(payload) {
-                Ok(s) if s.sane(self.capacity()) => self.status = s,
-                Ok(s) => {
-                    self.status_note = Some(format!(
-                        "status record {seq} does not fit the area ({} of {} bytes verified, capacity {}): treated as empty",
-                        s.verified_bytes,
-                        s.size,
-                        self.capacity()
-                    ))
-                }
-                Err(e) => {
-                    self.status_note = Some(format!(
-                        "status record {seq} cannot be read ({e}): treated as empty"
-                    ))
-                }
-            }
-        }
+        let d = decode_status(&file, self.capacity());
+        self.status = d.status;
+        self.newest = d.newest;
+        self.status_note = d.note;
         Ok(())
     }
 
@@ -623,6 +677,178 @@ pub fn fuzz_area(data: &[u8]) {
     }
 }
 
+/// A 48 MiB disk in memory: a GPT (protective MBR, both headers) with partition 1 named
+/// IMGBACKUP from 1 MiB, 45 MiB, formatted by [`crate::backupfs::format`]. The fuzz
+/// target's starting point (random bytes never make a FAT32 of 40 MiB).
+pub fn template_disk() -> Vec<u8> {
+    const SIZE: usize = 48 << 20;
+    let sectors = (SIZE / 512) as u64;
+    let mut d = vec![0u8; SIZE];
+    d[446 + 4] = 0xEE;
+    d[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    d[446 + 12..446 + 16].copy_from_slice(&((sectors - 1) as u32).to_le_bytes());
+    d[510] = 0x55;
+    d[511] = 0xAA;
+    let mut e = vec![0u8; 128 * 128];
+    // Microsoft basic data, mixed endian.
+    e[..16].copy_from_slice(&[
+        0xA2, 0xA0, 0xD0, 0xEB, 0xE5, 0xB9, 0x33, 0x44, 0x87, 0xC0, 0x68, 0xB6, 0xB7, 0x26, 0x99,
+        0xC7,
+    ]);
+    e[16..32].fill(0x42);
+    e[32..40].copy_from_slice(&2048u64.to_le_bytes());
+    e[40..48].copy_from_slice(&(2048u64 + (45 << 20) / 512 - 1).to_le_bytes());
+    for (i, u) in LABEL.encode_utf16().enumerate() {
+        e[56 + 2 * i..58 + 2 * i].copy_from_slice(&u.to_le_bytes());
+    }
+    let ecrc = crc32fast::hash(&e);
+    let header = |current: u64, backup: u64, entries: u64| {
+        let mut h = [0u8; 512];
+        h[..8].copy_from_slice(b"EFI PART");
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&current.to_le_bytes());
+        h[32..40].copy_from_slice(&backup.to_le_bytes());
+        h[40..48].copy_from_slice(&34u64.to_le_bytes());
+        h[48..56].copy_from_slice(&(sectors - 34).to_le_bytes());
+        h[56..72].fill(0x24);
+        h[72..80].copy_from_slice(&entries.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&ecrc.to_le_bytes());
+        let crc = crc32fast::hash(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        h
+    };
+    d[512..1024].copy_from_slice(&header(1, sectors - 1, 2));
+    d[1024..1024 + e.len()].copy_from_slice(&e);
+    let last = (sectors - 1) as usize * 512;
+    d[last..last + 512].copy_from_slice(&header(sectors - 1, 1, sectors - 33));
+    let be = (sectors - 33) as usize * 512;
+    d[be..be + e.len()].copy_from_slice(&e);
+    let mut m = grub::bootpart::MemDisk(d);
+    crate::backupfs::format(&mut m, 1 << 20, 45 << 20, 512).expect("the template formats");
+    m.0
+}
+
+/// The template disk with changes on top, recording every write (fuzzing without copying
+/// 48 MiB per input).
+struct Overlay {
+    base: &'static [u8],
+    changes: std::collections::BTreeMap<u64, Vec<u8>>,
+    writes: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+impl Overlay {
+    fn sector(&self, i: u64) -> &[u8] {
+        match self.changes.get(&i) {
+            Some(s) => s,
+            None => &self.base[(i * 512) as usize..(i * 512 + 512) as usize],
+        }
+    }
+    fn put(&mut self, offset: u64, buf: &[u8]) {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let (i, o) = (at / 512, (at % 512) as usize);
+            let n = (512 - o).min(buf.len() - pos);
+            let mut s = self.sector(i).to_vec();
+            s[o..o + n].copy_from_slice(&buf[pos..pos + n]);
+            self.changes.insert(i, s);
+            pos += n;
+        }
+    }
+}
+
+impl Disk for Overlay {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.base.len() as u64)
+        {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let (i, o) = (at / 512, (at % 512) as usize);
+            let n = (512 - o).min(buf.len() - pos);
+            buf[pos..pos + n].copy_from_slice(&self.sector(i)[o..o + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.base.len() as u64)
+        {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.writes
+            .lock()
+            .expect("not poisoned")
+            .push((offset, buf.len() as u64));
+        self.put(offset, buf);
+        Ok(())
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.base.len() as u64
+    }
+}
+
+/// Fuzz entry point: `data` is a list of 4-byte mutations (region, offset (2 bytes),
+/// value) of [`template_disk`]'s partition table, boot sector, FAT, directories and status
+/// file. Opening must never panic, and writes through an opened area must stay inside its
+/// own files.
+pub fn fuzz_area_mutations(data: &[u8]) {
+    static T: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let base: &'static [u8] = T.get_or_init(template_disk);
+    let g = crate::backupfs::plan(45 << 20, 512).expect("the template's geometry");
+    let p = 1u64 << 20;
+    let hot = [
+        0u64,
+        p,
+        p + u64::from(g.reserved_sectors) * 512,
+        p + g.cluster_offset(2),
+        p + g.cluster_offset(g.status_cluster),
+        base.len() as u64 - 33 * 512,
+    ];
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let mut o = Overlay {
+        base,
+        changes: Default::default(),
+        writes: writes.clone(),
+    };
+    for m in data.chunks_exact(4).take(64) {
+        let at = hot[m[0] as usize % hot.len()] + u64::from(u16::from_le_bytes([m[1], m[2]]));
+        o.put(at.min(base.len() as u64 - 1), &[m[3]]);
+    }
+    let Ok(mut a) = BackupArea::from_disk(Box::new(o), Path::new("fuzz.img"), true) else {
+        return;
+    };
+    let mut owned: Vec<(u64, u64)> = a.segments().to_vec();
+    owned.push((a.status_offset(), STATUS_LEN));
+    let n = a.capacity().min(5000);
+    if n > 0 && a.begin(ImageStamp::default(), "d", n).is_ok() {
+        a.write_at(0, &vec![0x5A; n as usize]).unwrap();
+        a.commit(n).unwrap();
+        let mut back = vec![0u8; n as usize];
+        a.read_at(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5A));
+        assert_eq!(a.status().verified_bytes, n);
+    }
+    for (at, len) in writes.lock().expect("not poisoned").iter() {
+        assert!(
+            owned.iter().any(|(o, l)| at >= o && at + len <= o + l),
+            "a write at {at} ({len} bytes) outside the area's files"
+        );
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -827,6 +1053,51 @@ pub(crate) mod tests {
             .unwrap();
         assert!(format!("{e:#}").contains("no backup partition"), "{e:#}");
         let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn the_fuzz_template_opens_and_mutations_never_panic() {
+        let a = BackupArea::from_disk(
+            Box::new(MemDisk(template_disk())),
+            Path::new("t.img"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(a.partition_number(), 1);
+        assert_eq!(a.segments().len(), 1);
+        fuzz_area_mutations(&[]);
+        let mut rng = 0xFACE_u64;
+        for _ in 0..300 {
+            let mut m = Vec::new();
+            for _ in 0..1 + rng % 6 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                m.extend_from_slice(&rng.to_le_bytes()[..4]);
+            }
+            fuzz_area_mutations(&m);
+        }
+    }
+
+    #[test]
+    fn a_huge_sequence_number_cannot_pin_the_status() {
+        let mut file = vec![0u8; STATUS_LEN as usize];
+        let s = AreaStatus {
+            image: Some(ImageStamp::default()),
+            manifest_digest: "d".into(),
+            size: 10,
+            verified_bytes: 5,
+            complete: false,
+        };
+        let rec = store::encode_slot(u64::MAX, &serde_json::to_vec(&s).unwrap(), None).unwrap();
+        file[..rec.len()].copy_from_slice(&rec);
+        assert_eq!(decode_status(&file, 100), DecodedStatus::default());
+        let ok = store::encode_slot(3, &serde_json::to_vec(&s).unwrap(), None).unwrap();
+        file[SLOT_LEN..SLOT_LEN + ok.len()].copy_from_slice(&ok);
+        assert_eq!(decode_status(&file, 100).status, s);
+        fuzz_status(&file);
+        fuzz_status(&file[..100]);
+        fuzz_status(&[]);
     }
 
     /// Deterministic stand-in for the fuzz target: mutate the boot sector, FAT, directories

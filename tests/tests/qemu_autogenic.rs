@@ -334,6 +334,42 @@ fn gap_stats(beats: &[f64]) -> (usize, f64, f64, f64) {
     (gaps.len(), at(0.5), at(0.95), *gaps.last().unwrap())
 }
 
+/// The console from `from` on without the heartbeat's lines: the shell's `echo` writes a
+/// heartbeat line in one write, but the service's lines come in several writes, so a
+/// heartbeat can land in the middle of one of them.
+fn without_heartbeats(text: &str, from: usize) -> String {
+    let mut out = String::new();
+    let mut rest = text.get(from..).unwrap_or("");
+    while let Some(at) = rest.find("HEARTBEAT ") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let end = tail.find('\n').map(|n| n + 1).unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Wait for `needle` in a guest boot's console after `from`, heartbeats taken out.
+fn wait_guest(b: &mut Boot, needle: &str, from: usize, limit: Duration) -> Duration {
+    let end = Instant::now() + limit;
+    loop {
+        let exited = b.q.exited();
+        if without_heartbeats(&b.q.text(), from).contains(needle) {
+            b.q.save_log(&b.log);
+            return b.q.elapsed();
+        }
+        b.q.save_log(&b.log);
+        assert!(
+            Instant::now() < end && !exited,
+            "`{needle}` did not appear on boot {}'s console:\n{}",
+            b.n,
+            e2e::tail(&without_heartbeats(&b.q.text(), 0), 60)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Wait until the guest has printed `n` heartbeats after `from`.
 fn wait_heartbeats(b: &mut Boot, from: usize, n: usize, limit: Duration) {
     let end = Instant::now() + limit;
@@ -460,7 +496,7 @@ fn boot_to_guest(dev: &mut Device, version: &str, max_boots: u32) -> (Boot, Vec<
                     b.n,
                     e2e::tail(&text, 40)
                 );
-                b.wait_for("GUEST SERVICE", GUEST_LIMIT);
+                wait_guest(&mut b, "GUEST SERVICE", 0, GUEST_LIMIT);
                 return (b, before);
             }
             if exited {
@@ -500,10 +536,16 @@ fn wait_job(site: &Site, job: u64, done: impl Fn(&str) -> bool, limit: Duration)
     let end = Instant::now() + limit;
     loop {
         let out = site.admin(&["job", &job.to_string()]);
+        // The task's row (it starts with the task number), not the job's header line.
         if let Some(row) = out
             .lines()
             .map(str::to_lowercase)
-            .find(|l| l.contains(MAC))
+            .find(|l| {
+                l.contains(MAC)
+                    && l.split_whitespace()
+                        .next()
+                        .is_some_and(|w| w.parse::<u64>().is_ok())
+            })
             .filter(|r| done(r))
         {
             return row;
@@ -601,7 +643,7 @@ fn convert(site: &Site, dev: &mut Device, mut g: Boot, fig: &mut Figures) -> Boo
     let p1_before = qemu::partition(&dev.disk, 1);
     let t0 = Instant::now();
     let job = schedule(site, &["--image", "guest:1", "--convert"]);
-    g.wait_for(SERVICE_HANDS_OVER, STAGE_LIMIT);
+    wait_guest(&mut g, SERVICE_HANDS_OVER, 0, STAGE_LIMIT);
     let (_, _) = g.end();
     fig.add("convert: scheduled → the service rebooted", t0.elapsed());
     let (g, _) = boot_to_guest(dev, "1", 3);
@@ -679,7 +721,7 @@ fn bi(site: &Site, g: &mut Boot, fig: &mut Figures) -> (u64, Vec<f64>) {
     let t0 = Instant::now();
     let mark = g.q.mark();
     let job = schedule(site, &["--image", "guest:2", "--backup-only"]);
-    g.q.wait_for_from("runs here, in the background", mark, STAGE_LIMIT);
+    wait_guest(g, "runs here, in the background", mark, STAGE_LIMIT);
     let from = g.q.mark();
     let row = wait_job(
         site,
@@ -713,7 +755,7 @@ fn pi(
 ) -> Boot {
     let t0 = Instant::now();
     let job = schedule(site, &["--image", "guest:2", "--from-backup"]);
-    g.wait_for(SERVICE_HANDS_OVER, STAGE_LIMIT);
+    wait_guest(&mut g, SERVICE_HANDS_OVER, 0, STAGE_LIMIT);
     let _ = g.end();
     fig.add("PI: scheduled → the service rebooted", t0.elapsed());
     let requests = ngx.sent("guest-").len();
@@ -893,7 +935,7 @@ fn autogenic_power_cuts_end_in_the_right_version() {
     let mark = g.q.mark();
     let mut g = g;
     let job = schedule(&site, &["--image", "guest:2", "--backup-only"]);
-    g.q.wait_for_from("runs here, in the background", mark, STAGE_LIMIT);
+    wait_guest(&mut g, "runs here, in the background", mark, STAGE_LIMIT);
     let base = tap_tx_bytes(&site);
     let end = Instant::now() + STAGE_LIMIT;
     while tap_tx_bytes(&site) < base + size * 2 / 5 {
@@ -929,7 +971,7 @@ fn autogenic_power_cuts_end_in_the_right_version() {
 
     // Cut 2: right after the service wrote the status record and grubenv for PI.
     let job = schedule(&site, &["--image", "guest:2", "--from-backup"]);
-    let t = g.wait_for(SERVICE_REBOOTS, STAGE_LIMIT);
+    let t = wait_guest(&mut g, SERVICE_REBOOTS, 0, STAGE_LIMIT);
     let by_itself = g.q.exited();
     let _ = g.power_cut();
     eprintln!(

@@ -12,15 +12,16 @@ use crate::args::{value, Matches, Opt, UsageError};
 
 pub const USAGE: &str = "\
 Autogenic layout (seed 001: a backup partition holding an image to re-image from):
-  -layout [-disk=DISK] [-image=SIZE] [-backup=SIZE]
-                                    show the layout for an image of SIZE: flash size, boot-agent
+  -layout [-disk=DISK] [-image=SIZE|IMAGE] [-backup=SIZE] [-ca=PEM]
+                                    show the layout for an image of SIZE (or of the image file or
+                                    http(s) URL IMAGE: its length): flash size, boot-agent
                                     partition (kept as it is), OS partition 2, backup partition 3
                                     (FAT32, IMGBACKUP; image + 100 MB unless -backup, which only
                                     flash of 4096 MB or less allows), what stays free (flash over
                                     4096 MB keeps the seed's 4096 MB layout), and what the new
                                     table replaces; nothing is written. Without -image: the disk's
                                     partitions and its backup area's content
-  -convert [-disk=DISK] -image=SIZE [-backup=SIZE]
+  -convert [-disk=DISK] -image=SIZE|IMAGE [-backup=SIZE] [-ca=PEM]
                                     apply it: the GPT is rewritten around the boot-agent partition
                                     (its entry and bytes unchanged), the backup partition formatted;
                                     the OS partition is imaged afterwards (its old content is lost)
@@ -28,14 +29,67 @@ Autogenic layout (seed 001: a backup partition holding an image to re-image from
                                     DISK: IMG_DISK, else the disk holding the boot-agent partition";
 
 /// The options of `-layout` and `-convert` (`cli::VERBS`).
-pub const OPTS: &[Opt] = &[value(&["disk"]), value(&["image"]), value(&["backup"])];
+pub const OPTS: &[Opt] = &[
+    value(&["disk"]),
+    value(&["image"]),
+    value(&["backup"]),
+    value(&["ca"]),
+];
+
+/// `-image=`: a size, or an image whose length is the size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSize {
+    Bytes(u64),
+    /// A file or an http(s) URL.
+    Image(String),
+}
 
 /// Stage two of both verbs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayoutArgs {
     pub disk: Option<PathBuf>,
-    pub image: Option<u64>,
+    pub image: Option<ImageSize>,
     pub backup: Option<u64>,
+    pub ca: Option<PathBuf>,
+}
+
+/// A URL, a path with a slash, or an existing file is an image; anything else a size.
+fn image_arg(v: &str, verb: &str) -> Result<ImageSize, UsageError> {
+    let lower = v.to_ascii_lowercase();
+    if lower.starts_with("http://")
+        || lower.starts_with("https://")
+        || v.contains('/')
+        || std::path::Path::new(v).is_file()
+    {
+        return Ok(ImageSize::Image(v.to_string()));
+    }
+    parse_size(v)
+        .map(ImageSize::Bytes)
+        .map_err(|e| UsageError(format!("-{verb} -image: {e}, or an image file or URL")))
+}
+
+impl LayoutArgs {
+    /// The image size in bytes: given, or the image's length (files; URLs whose server
+    /// sends Content-Length).
+    pub fn image_bytes(&self) -> anyhow::Result<Option<u64>> {
+        match &self.image {
+            None => Ok(None),
+            Some(ImageSize::Bytes(b)) => Ok(Some(*b)),
+            Some(ImageSize::Image(s)) => {
+                let loc = imgengine::source::Location::parse(s);
+                let http = imgengine::source::HttpConfig {
+                    ca_file: self.ca.clone(),
+                    ..Default::default()
+                };
+                let src = imgengine::source::Source::open(&loc, &http)
+                    .with_context(|| format!("finding the size of the image {s}"))?;
+                let len = src.len().with_context(|| {
+                    format!("{s}: the server does not say the image's length; give -image=SIZE")
+                })?;
+                Ok(Some(len))
+            }
+        }
+    }
 }
 
 fn size(m: &Matches, verb: &str, name: &str) -> Result<Option<u64>, UsageError> {
@@ -48,8 +102,9 @@ pub fn parse(m: Matches, verb: &str) -> Result<LayoutArgs, UsageError> {
     m.finish()?;
     let a = LayoutArgs {
         disk: m.value("disk").map(PathBuf::from),
-        image: size(&m, verb, "image")?,
+        image: m.value("image").map(|v| image_arg(v, verb)).transpose()?,
         backup: size(&m, verb, "backup")?,
+        ca: m.value("ca").map(PathBuf::from),
     };
     if verb == "convert" && a.image.is_none() {
         return Err(UsageError(
@@ -78,7 +133,7 @@ fn unsuitable(e: anyhow::Error) -> anyhow::Error {
 pub fn run_layout(m: Matches) -> anyhow::Result<i32> {
     let a = parse(m, "layout")?;
     let disk = disk(&a)?;
-    let Some(image) = a.image else {
+    let Some(image) = a.image_bytes()? else {
         return show_disk(&disk);
     };
     let plan = autogenic::convert::plan_for_disk(&disk, image, a.backup).map_err(unsuitable)?;
@@ -133,7 +188,7 @@ fn show_disk(disk: &std::path::Path) -> anyhow::Result<i32> {
 pub fn run_convert(m: Matches) -> anyhow::Result<i32> {
     let a = parse(m, "convert")?;
     let disk = disk(&a)?;
-    let image = a.image.expect("checked by parse");
+    let image = a.image_bytes()?.expect("checked by parse");
     let plan = autogenic::convert::plan_for_disk(&disk, image, a.backup).map_err(unsuitable)?;
     print!("{}", plan.describe());
     let done = autogenic::convert::apply(&plan)
@@ -181,8 +236,9 @@ mod tests {
             a,
             LayoutArgs {
                 disk: Some("d.img".into()),
-                image: Some(600 << 20),
-                backup: Some(1 << 30)
+                image: Some(ImageSize::Bytes(600 << 20)),
+                backup: Some(1 << 30),
+                ca: None,
             }
         );
         let e = parse(m(&["-disk=d.img"]), "convert").unwrap_err();
@@ -195,5 +251,12 @@ mod tests {
         );
         assert!(parse(m(&["-backup=1GB"]), "layout").is_err());
         assert!(parse(m(&["-image=1GB", "x"]), "layout").is_err());
+        let a = parse(m(&["-image=https://srv/img/w7.img"]), "convert").unwrap();
+        assert_eq!(
+            a.image,
+            Some(ImageSize::Image("https://srv/img/w7.img".into()))
+        );
+        let a = parse(m(&["-image=./w7.img"]), "convert").unwrap();
+        assert_eq!(a.image, Some(ImageSize::Image("./w7.img".into())));
     }
 }

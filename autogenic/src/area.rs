@@ -261,8 +261,13 @@ pub struct BackupArea {
 impl BackupArea {
     /// Find and open the backup partition of `disk` (block device or disk-image file).
     pub fn open(disk: &Path, writable: bool) -> anyhow::Result<BackupArea> {
-        let d = FileDisk::open(disk, writable)?;
-        BackupArea::from_disk(Box::new(d), disk, writable)
+        let shared = Shared(Arc::new(Mutex::new(Box::new(FileDisk::open(
+            disk, writable,
+        )?))));
+        let (part, ss) = Self::find(&shared, disk)?;
+        // The table was just read: the FAT reader opens the partition by its range.
+        let bp = BootPartition::open_range(disk, false, part.number, part.start, part.len)?;
+        Self::with_partition(shared, bp, disk, writable, ss)
     }
 
     /// The same over any disk; `name` is what messages call it.
@@ -272,8 +277,21 @@ impl BackupArea {
         writable: bool,
     ) -> anyhow::Result<BackupArea> {
         let shared = Shared(Arc::new(Mutex::new(disk)));
-        let size = shared.size();
-        let layout = imgengine::disk::read_layout(&AsReadAt(&shared), size)
+        let (part, ss) = Self::find(&shared, name)?;
+        let bp =
+            BootPartition::from_disk(Box::new(shared.clone()), name, false, Some(part.number))?;
+        if (bp.partition_start(), bp.partition_len()) != (part.start, part.len) {
+            bail!(
+                "the partition table of {} changed while it was read",
+                name.display()
+            );
+        }
+        Self::with_partition(shared, bp, name, writable, ss)
+    }
+
+    /// The backup partition of the disk and the table's sector size.
+    fn find(shared: &Shared, name: &Path) -> anyhow::Result<(PartitionInfo, u64)> {
+        let layout = imgengine::disk::read_layout(&AsReadAt(shared), shared.size())
             .with_context(|| format!("reading the partition table of {}", name.display()))?;
         let part = locate(&layout)?.with_context(|| {
             format!(
@@ -290,9 +308,7 @@ impl BackupArea {
                 part.fs
             );
         }
-        let bp =
-            BootPartition::from_disk(Box::new(shared.clone()), name, false, Some(part.number))?;
-        Self::with_partition(shared, bp, name, writable, layout.sector_size)
+        Ok((part.clone(), layout.sector_size))
     }
 
     fn with_partition(

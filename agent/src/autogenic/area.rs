@@ -222,8 +222,36 @@ impl Area for DirArea {
     }
 }
 
-/// The IMGBACKUP partition (the `autogenic` crate's [`BackupArea`]) as an [`Area`].
-pub struct PartitionArea(pub BackupArea);
+/// The IMGBACKUP partition (the `autogenic` crate's [`BackupArea`]) as an [`Area`]; the
+/// path is the disk's (the read-back before the area is complete opens it again).
+pub struct PartitionArea(pub BackupArea, pub PathBuf);
+
+/// The area's first `len` bytes, complete or not, as a ranged source (BI's read-back
+/// before `finish`; the `autogenic` crate's own source serves complete images only).
+struct AreaRange {
+    area: std::sync::Mutex<BackupArea>,
+    len: u64,
+}
+
+impl imgengine::source::RangeRead for AreaRange {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the image in the backup partition",
+            ));
+        }
+        self.area
+            .lock()
+            .map_err(|_| std::io::Error::other("backup area lock poisoned"))?
+            .read_at(offset, buf)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }
+}
 
 impl Area for PartitionArea {
     fn describe(&self) -> String {
@@ -269,7 +297,26 @@ impl Area for PartitionArea {
     }
 
     fn source(&self) -> anyhow::Result<Source> {
-        self.0.image_source()
+        let s = self.0.status();
+        if s.complete {
+            return self.0.image_source();
+        }
+        if s.image.is_none() || s.verified_bytes != s.size {
+            anyhow::bail!(
+                "{} holds no whole image ({} of {} bytes verified)",
+                self.0.describe(),
+                s.verified_bytes,
+                s.size
+            );
+        }
+        let reader = AreaRange {
+            area: std::sync::Mutex::new(BackupArea::open(&self.1, false)?),
+            len: s.size,
+        };
+        Ok(Source::from_ranged(
+            &self.0.describe(),
+            std::sync::Arc::new(reader),
+        ))
     }
 }
 
@@ -289,9 +336,8 @@ pub fn open(cfg: &crate::checkin::AgentConfig) -> anyhow::Result<Option<Box<dyn 
         };
         drop(t);
         if ::autogenic::area::locate(&layout)?.is_some() {
-            return Ok(Some(Box::new(PartitionArea(BackupArea::open(
-                &disk, true,
-            )?))));
+            let area = BackupArea::open(&disk, true)?;
+            return Ok(Some(Box::new(PartitionArea(area, disk))));
         }
     }
     Ok(None)

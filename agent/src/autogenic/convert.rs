@@ -1,38 +1,68 @@
 //! The convert task (seed 001 step 4): check the job's flash size against the device's
-//! disk, apply the autogenic layout, then deploy the image into the new OS partition.
+//! disk, apply the autogenic layout (the `autogenic` crate: boot-agent partition kept, OS
+//! partition 2, IMGBACKUP partition 3 formatted), then deploy the image into the new OS
+//! partition through the ordinary deploy path (signature, every chunk, tables last).
 
-use protocol::ConvertSpec;
+use protocol::{After, ConvertSpec, DeploySpec, Task};
 
+use crate::checkin::client::Client;
 use crate::checkin::job::{target_disk, Done, Rejection, Reporter};
+use crate::checkin::state::StateDir;
 use crate::checkin::AgentConfig;
 
 /// The device's flash (the disk's size) must be the one the job was planned for: the
 /// layout was computed for that size (seed 001: one flash size per conversion job).
 pub(crate) fn check_flash_size(disk_len: u64, spec: &ConvertSpec) -> Result<(), Rejection> {
-    if disk_len != spec.flash_size {
-        return Err(Rejection(format!(
-            "this device's flash is {disk_len} bytes ({} MB) and the conversion job was planned for {} bytes ({} MB): schedule the conversion for devices of this flash size in a job of their own",
-            disk_len >> 20,
-            spec.flash_size,
-            spec.flash_size >> 20
-        )));
-    }
-    Ok(())
+    ::autogenic::layout::same_flash_size(spec.flash_size, disk_len)
+        .map_err(|e| Rejection(format!("{e:#}")))
 }
 
-pub(crate) fn task(cfg: &AgentConfig, spec: &ConvertSpec, rep: &Reporter) -> anyhow::Result<Done> {
+pub(crate) fn task(
+    client: &Client,
+    state: &StateDir,
+    cfg: &AgentConfig,
+    task: &Task,
+    spec: &ConvertSpec,
+    rep: &Reporter,
+) -> anyhow::Result<Done> {
     let disk = target_disk(cfg, spec.disk.as_deref())?;
-    let t = imgengine::target::Target::open_disk_read_only(&disk).map_err(anyhow::Error::new)?;
-    check_flash_size(t.len(), spec)?;
+    let len = imgengine::target::Target::open_disk_read_only(&disk)
+        .map_err(anyhow::Error::new)?
+        .len();
+    check_flash_size(len, spec)?;
+    let image = spec.image.size.ok_or_else(|| {
+        Rejection(format!(
+            "the conversion task does not say how large {} {} is (the backup partition is sized from it): the server must send the image's size",
+            spec.image.name, spec.image.version
+        ))
+    })?;
+    let plan = ::autogenic::convert::plan_for_disk(&disk, image, spec.backup_size)
+        .map_err(|e| Rejection(format!("{e:#}: nothing was changed")))?;
+    rep.log(plan.describe());
+    let done = ::autogenic::convert::apply(&plan)?;
+    for n in &done.notes {
+        rep.log(n.clone());
+    }
     rep.log(format!(
-        "{}: {} bytes of flash, as the job expects",
+        "{}: converted to the autogenic layout{}; now the OS partition is imaged",
         disk.display(),
-        t.len()
+        if done.table_written {
+            ""
+        } else {
+            " (the partition table already was; the backup partition was formatted)"
+        }
     ));
-    Err(Rejection(
-        "converting to the autogenic layout needs the layout engine, which this agent build does not include yet: nothing was changed".into(),
-    )
-    .into())
+    let deploy = DeploySpec {
+        image: spec.image.clone(),
+        disk: spec.disk.clone(),
+        partition: Some("2".into()),
+        preserve: vec![],
+        backup_first: false,
+        after: After::Reboot,
+        from_backup: false,
+        fetch_to_backup: false,
+    };
+    crate::checkin::job::deploy_task(client, state, cfg, task, &deploy, rep)
 }
 
 #[cfg(test)]

@@ -297,7 +297,10 @@ pub fn capture_into(
         .map_err(anyhow::Error::new)
         .context("backing up the current image (schedule with --no-backup to skip it)")?;
     let size = w.pos;
+    // The area sized to what was captured, so it can be read back as an image.
+    area.begin(current, "captured", size)?;
     area.commit(size)?;
+    area.finish()?;
     // Its identity as the engine reads it back, then the area's status says so.
     let digest = bi::verify_source(&area.source()?, &[], &imgengine::io::progress::NoProgress)
         .context("reading the backup back")?;

@@ -303,7 +303,9 @@ fn execute(
                 preset: None,
             })
         }
-        TaskKind::Convert(spec) => crate::autogenic::convert::task(cfg, spec, rep),
+        TaskKind::Convert(spec) => {
+            crate::autogenic::convert::task(client, state, cfg, task, spec, rep)
+        }
         TaskKind::BootGuest => {
             rep.log("booting the guest OS as the server asks");
             Ok(Done {
@@ -446,7 +448,7 @@ fn with_retries<T>(
     }
 }
 
-fn deploy_task(
+pub(crate) fn deploy_task(
     client: &Client,
     state: &StateDir,
     cfg: &AgentConfig,

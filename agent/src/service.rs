@@ -64,7 +64,8 @@ pub const USAGE: &str = "\
                                     list (img -serverurl). A server that does not answer is
                                     retried after -retry-wait (default 2000) ms, doubling up to
                                     5 minutes; it never exits on its own; SIGTERM commits the
-                                    store and ends it. -backup: the backup area as a folder.
+                                    store and ends it. -backup: the backup area as a folder
+                                    (default: DISK's IMGBACKUP partition).
                                     IMG_SERVICE_REBOOT=exit (testing): exit 0 instead of
                                     rebooting";
 

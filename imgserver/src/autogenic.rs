@@ -90,7 +90,7 @@ pub fn parse_rsp(bytes: &[u8]) -> Result<Rsp, String> {
 
 fn decode_text(bytes: &[u8]) -> Result<String, String> {
     let utf16 = |le: bool, body: &[u8]| -> Result<String, String> {
-        if body.len() % 2 != 0 {
+        if !body.len().is_multiple_of(2) {
             return Err("image.rsp: UTF-16 text with an odd number of bytes".into());
         }
         let units = body.chunks_exact(2).map(|c| {
@@ -239,17 +239,15 @@ impl BackupView {
             (None, Some(v)) => format!("version {v}"),
             (None, None) => return "empty".into(),
         };
-        if self.present {
-            format!("{name} (complete)")
-        } else if self.size > 0 {
-            format!(
-                "{name}: {}% (BI {} of {})",
-                self.bytes.min(self.size).saturating_mul(100) / self.size,
+        let percent = (self.bytes.min(self.size).saturating_mul(100)).checked_div(self.size);
+        match percent {
+            _ if self.present => format!("{name} (complete)"),
+            Some(p) => format!(
+                "{name}: {p}% (BI {} of {})",
                 mib(self.bytes),
                 mib(self.size)
-            )
-        } else {
-            format!("{name} (incomplete)")
+            ),
+            None => format!("{name} (incomplete)"),
         }
     }
 }

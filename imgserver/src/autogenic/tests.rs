@@ -433,7 +433,15 @@ fn conversions_validate_per_device() {
         ..Default::default()
     };
     // (what, image, options, device, error parts, warnings)
-    let rows: Vec<(&str, &ImageRow, JobOptions, &CheckIn, Vec<&str>, usize)> = vec![
+    type Row<'a> = (
+        &'a str,
+        &'a ImageRow,
+        JobOptions,
+        &'a CheckIn,
+        Vec<&'a str>,
+        usize,
+    );
+    let rows: Vec<Row> = vec![
         ("fits", &auto, planned(flash), &plain, vec![], 0),
         ("again: a warning", &auto, planned(flash), &converted, vec![], 1),
         ("ordinary image", &ordinary, planned(flash), &plain, vec!["is not autogenic"], 0),
@@ -540,12 +548,8 @@ fn maintenance_reported_and_cleared() {
     use DeviceState::*;
     let reported = format!("{REPORTED_MAINTENANCE}PI failed 4 times");
     // (stored, stored reason, reported, change)
-    let rows: Vec<(
-        DeviceState,
-        Option<&str>,
-        Option<&str>,
-        Option<(DeviceState, Option<String>)>,
-    )> = vec![
+    type Change = Option<(DeviceState, Option<String>)>;
+    let rows: Vec<(DeviceState, Option<&str>, Option<&str>, Change)> = vec![
         (Operational, None, None, None),
         (
             Operational,

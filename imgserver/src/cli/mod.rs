@@ -29,7 +29,7 @@ mod jobs;
 mod serve;
 mod table;
 
-pub use args::{parse, Args, Command, PxeOptions, Window, USAGE};
+pub use args::{parse, size, Args, Command, PxeOptions, Window, USAGE};
 use table::Table;
 
 /// UTC `YYYY-MM-DD HH:MM:SS`.

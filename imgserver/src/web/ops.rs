@@ -143,6 +143,11 @@ pub struct JobForm {
     /// The browser's IANA time zone (set by the console's script); empty: the server's.
     pub tz: String,
     pub note: String,
+    /// Seed 001: BI (download to the backup partition) and PI (image from it); both: BI
+    /// then PI. `backup_size` for a conversion (`kind` convert), as `--backup-size`.
+    pub backup_only: bool,
+    pub from_backup: bool,
+    pub backup_size: String,
 }
 
 impl JobForm {
@@ -173,6 +178,9 @@ impl JobForm {
             until: get("until"),
             tz: get("tz"),
             note: get("note"),
+            backup_only: fields.iter().any(|(n, _)| n == "backup_only"),
+            from_backup: fields.iter().any(|(n, _)| n == "from_backup"),
+            backup_size: get("backup_size"),
         }
     }
 
@@ -245,7 +253,7 @@ impl JobForm {
             })?
         };
         let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        let options = JobOptions {
+        let mut options = JobOptions {
             partition: none_if_empty(&self.partition),
             disk: none_if_empty(&self.disk),
             preserve: self
@@ -261,6 +269,26 @@ impl JobForm {
             batch,
             ..JobOptions::default()
         };
+        // Seed 001, as `schedule add --backup-only / --from-backup / --backup-size`; the
+        // core refuses the combinations that make no sense.
+        match (self.backup_only, self.from_backup) {
+            (true, true) => {
+                options.from_backup = true;
+                options.fetch_to_backup = true;
+            }
+            (true, false) => {
+                options.backup_only = true;
+                options.after = After::CopyOnly;
+            }
+            (false, true) => options.from_backup = true,
+            (false, false) => {}
+        }
+        if !self.backup_size.is_empty() {
+            options.backup_size = Some(
+                crate::cli::size("backup partition size", &self.backup_size)
+                    .map_err(|e| OpError::Invalid(e.to_string()))?,
+            );
+        }
         let capture = (self.kind == "capture").then(|| {
             format!(
                 "{}:{}",
@@ -273,7 +301,7 @@ impl JobForm {
         Ok(JobRequest {
             target,
             kind: self.kind.clone(),
-            image: (self.kind == "deploy")
+            image: (self.kind == "deploy" || self.kind == "convert")
                 .then(|| none_if_empty(&self.image))
                 .flatten(),
             capture,
@@ -472,7 +500,23 @@ mod tests {
         assert_eq!(one.request().unwrap().target, "mac:52:54:00:00:00:0a");
         let g = form(&[("kind", "reboot"), ("target", "group"), ("group", "lab")]);
         assert_eq!(g.request().unwrap().target, "group:lab");
+        // Seed 001's flags, as the CLI sets them.
+        let f = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("kind", "deploy"), ("image", "3"), ("target", "all")];
+            all.extend_from_slice(pairs);
+            form(&all).request().unwrap()
+        };
+        let bi = f(&[("backup_only", "1")]).options;
+        assert!(bi.backup_only && bi.after == After::CopyOnly && !bi.from_backup);
+        let pi = f(&[("from_backup", "1")]).options;
+        assert!(pi.from_backup && !pi.fetch_to_backup && pi.after == After::Reboot);
+        let both = f(&[("backup_only", "1"), ("from_backup", "1")]).options;
+        assert!(both.from_backup && both.fetch_to_backup && !both.backup_only);
+        let conv = f(&[("kind", "convert"), ("backup_size", "1500M")]);
+        assert_eq!(conv.image.as_deref(), Some("3"));
+        assert_eq!(conv.options.backup_size, Some(1500 << 20));
         for bad in [
+            form(&[("target", "all"), ("backup_size", "big")]),
             form(&[("kind", "reboot"), ("target", "macs")]),
             form(&[("kind", "reboot"), ("target", "group")]),
             form(&[("target", "all"), ("batch", "-1")]),

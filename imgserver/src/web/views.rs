@@ -312,15 +312,22 @@ pub async fn device(
     } else {
         "<span class=muted>—</span>".into()
     };
+    // Seed 001 step 7: the backup partition's image, version and BI progress.
     let backup = if !d.backup_image.supported {
         "<span class=muted>no backup partition</span>".to_string()
-    } else if d.backup_image.present {
-        format!(
-            "present, version {}",
-            opt(d.backup_image.version.as_deref())
-        )
     } else {
-        "supported, none kept yet".into()
+        format!(
+            "<span id=backup>{}</span>{}",
+            esc(&d.backup_image.text()),
+            if d.backup_image.partition_size > 0 {
+                format!(
+                    " <small>(backup partition {})</small>",
+                    size(d.backup_image.partition_size)
+                )
+            } else {
+                String::new()
+            }
+        )
     };
     for (k, v) in [
         ("Serial", opt(s.serial.as_deref())),
@@ -534,6 +541,9 @@ pub(crate) async fn images_with(
             }
             if let Some(f) = &i.captured_from {
                 sub.push(format!("captured from {}", esc(f)));
+            }
+            if i.autogenic {
+                sub.push("<span class=autogenic>autogenic</span>: may be kept in devices' backup partitions (BI, PI, convert)".into());
             }
             if !sub.is_empty() {
                 let _ = write!(
@@ -1160,6 +1170,10 @@ async fn render_new_job(
         ("deploy", "Deploy an image"),
         ("capture", "Capture an image"),
         ("reboot", "Reboot"),
+        (
+            "convert",
+            "Convert for autogenic imaging (boot agent, OS, backup partition), then deploy",
+        ),
     ] {
         let _ = write!(b, "<option value={v}{}>{l}</option>", sel(v, &f.kind));
     }
@@ -1170,7 +1184,7 @@ async fn render_new_job(
     for i in images.iter().rev() {
         let _ = write!(
             b,
-            "<option value={}{}>{} {} ({}, {})</option>",
+            "<option value={}{}>{} {} ({}, {}{})</option>",
             i.id,
             sel(&i.id.to_string(), &f.image),
             esc(&i.name),
@@ -1180,7 +1194,8 @@ async fn render_new_job(
             } else {
                 "partition"
             },
-            i.size.map(size).unwrap_or_default()
+            i.size.map(size).unwrap_or_default(),
+            if i.autogenic { ", autogenic" } else { "" }
         );
     }
     b.push_str("</select></label>");
@@ -1262,6 +1277,14 @@ async fn render_new_job(
         esc(&f.batch)
     );
     b.push_str("</fieldset>");
+    // Seed 001: autogenic imaging (an autogenic image, devices with a backup partition).
+    let _ = write!(
+        b,
+        "<fieldset><legend>Autogenic</legend><label class=check><input type=checkbox name=backup_only id=backup_only value=1{}> Download to the backup partition (BI)</label><label class=check><input type=checkbox name=from_backup id=from_backup value=1{}> Image from the backup partition (PI)</label><p class=hint>Both: download, then image from it. Convert: backup partition size <input name=backup_size id=backup_size value=\"{}\" placeholder=\"image + 100 MB\" size=12> (flash of 4096 MB or less)</p></fieldset>",
+        chk(f.backup_only),
+        chk(f.from_backup),
+        esc(&f.backup_size)
+    );
     // When
     b.push_str("<fieldset><legend>When</legend>");
     let _ = write!(

@@ -9,9 +9,7 @@ use std::ffi::OsString;
 
 use crate::args::{self, Matches, Opt, Token, UsageError};
 use crate::exit::Exit;
-use crate::{
-    bootstore, checkin, discover, handover, imaging, install, layout, service, session,
-};
+use crate::{bootstore, checkin, discover, handover, imaging, install, layout, service, session};
 
 /// One verb of `img`.
 pub struct Verb {

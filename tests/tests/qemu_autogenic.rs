@@ -838,7 +838,14 @@ enum Conversion {
 fn autogenic_loop(tag: &str, conversion: Conversion) {
     let lab = Lab::new(tag);
     let dir = lab.dir.path();
-    let site = site(dir, "l");
+    // One network namespace per test (both loops may run in the same process).
+    let site = site(
+        dir,
+        match conversion {
+            Conversion::Job => "j",
+            Conversion::Host => "f",
+        },
+    );
     // 4 MB/s: the WAN of a branch office, and BI long enough to watch the heartbeat.
     let ngx = serve_images(&lab, &site, "4m");
     let mut dev = lab.device(&site);

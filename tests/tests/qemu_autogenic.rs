@@ -754,7 +754,10 @@ fn pi(
     fig: &mut Figures,
 ) -> Boot {
     let t0 = Instant::now();
-    let job = schedule(site, &["--image", "guest:2", "--from-backup"]);
+    let job = schedule(
+        site,
+        &["--image", "guest:2", "--partition", "2", "--from-backup"],
+    );
     wait_guest(&mut g, SERVICE_HANDS_OVER, 0, STAGE_LIMIT);
     let _ = g.end();
     fig.add("PI: scheduled → the service rebooted", t0.elapsed());
@@ -977,7 +980,10 @@ fn autogenic_power_cuts_end_in_the_right_version() {
     assert_eq!(dev.guest_on_disk(), "guest 1");
 
     // Cut 2: right after the service wrote the status record and grubenv for PI.
-    let job = schedule(&site, &["--image", "guest:2", "--from-backup"]);
+    let job = schedule(
+        &site,
+        &["--image", "guest:2", "--partition", "2", "--from-backup"],
+    );
     let t = wait_guest(&mut g, SERVICE_REBOOTS, 0, STAGE_LIMIT);
     let by_itself = g.q.exited();
     let _ = g.power_cut();

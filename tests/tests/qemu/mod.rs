@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use e2e::{require_tool, run, sh, workspace_bin, workspace_root};
 
+pub mod life;
+
 /// A boot under TCG takes about 5 s; iPXE's TFTP of a 14 MiB kernel a little more.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -27,7 +27,9 @@
 //! A server that does not answer is retried with a growing pause, forever; SIGTERM ends
 //! the service after the store is committed.
 //!
-//! Testing aid: `IMG_SERVICE_REBOOT=exit` makes the service exit 0 where it would reboot.
+//! Testing aids: `IMG_SERVICE_REBOOT=exit` makes the service exit 0 where it would reboot;
+//! `IMG_SERVICE_REBOOT=hang` makes it log the hand-over, sync and wait there (until SIGTERM)
+//! instead of rebooting, so a test can pull the plug at exactly that point.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,7 +69,8 @@ pub const USAGE: &str = "\
                                     store and ends it. -backup: the backup area as a folder
                                     (default: DISK's IMGBACKUP partition).
                                     IMG_SERVICE_REBOOT=exit (testing): exit 0 instead of
-                                    rebooting";
+                                    rebooting; =hang: wait there instead (a power-cut test
+                                    pulls the plug)";
 
 /// The options of `img -service` (`cli::VERBS`).
 pub const OPTS: &[Opt] = &[
@@ -836,8 +839,22 @@ fn describe(task: &Task) -> String {
 
 /// Reboot the machine: `systemctl reboot` under systemd (the guest's services stop in
 /// order, ours commits on SIGTERM), else sync + reboot(2). `IMG_SERVICE_REBOOT=exit`: exit
-/// 0 instead (a testing aid).
+/// 0 instead (a testing aid); `IMG_SERVICE_REBOOT=hang`: sync and wait until SIGTERM
+/// (a testing aid: the state and the next boot are on the disk, the plug can be pulled).
 fn reboot(req: &ServiceRequest) -> anyhow::Result<()> {
+    if std::env::var("IMG_SERVICE_REBOOT").as_deref() == Ok("hang") {
+        // SAFETY: a plain syscall.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::sync();
+        }
+        log(
+            req,
+            "IMG_SERVICE_REBOOT=hang: waiting instead of rebooting (testing aid; the state and the next boot are on the disk)",
+        );
+        while nap(Duration::from_secs(60)) {}
+        std::process::exit(0);
+    }
     if std::env::var("IMG_SERVICE_REBOOT").as_deref() == Ok("exit") {
         log(
             req,

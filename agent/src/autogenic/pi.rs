@@ -109,7 +109,7 @@ pub fn run_recorded(
             let tried = engine.check(&st.task, rep).and_then(|()| {
                 st.writing();
                 status::save(state, &st)?;
-                engine.write(&st.task, rep)
+                with_console_progress(rep, || engine.write(&st.task, rep))
             });
             match tried {
                 Ok(w) => {
@@ -146,6 +146,44 @@ pub fn run_recorded(
             }
         }
     }
+}
+
+/// How often re-imaging prints its progress on the console.
+const CONSOLE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Run `f` (the write) while a line `img: PI progress: N of T bytes (P%) PHASE` goes to the
+/// console every [`CONSOLE_TICK`] the count moved: the operator at the device sees the
+/// re-imaging advance (the boot agent has no server to show it to), and a power-cut test
+/// knows the OS partition is half-written. Console only, not the transcript.
+fn with_console_progress<T>(rep: &Reporter, f: impl FnOnce() -> T) -> T {
+    if rep.quiet() {
+        return f();
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut last = None;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(CONSOLE_TICK)
+            {
+                let (what, done, total) = rep.position();
+                if last == Some(done) {
+                    continue;
+                }
+                last = Some(done);
+                match total.filter(|t| *t > 0) {
+                    Some(t) => eprintln!(
+                        "img: PI progress: {done} of {t} bytes ({}%) {what}",
+                        (done.min(t) * 100) / t
+                    ),
+                    None => eprintln!("img: PI progress: {done} bytes {what}"),
+                }
+            }
+        });
+        let r = f();
+        drop(tx);
+        r
+    })
 }
 
 fn result(

@@ -97,6 +97,17 @@ impl Reporter {
             .push(line);
     }
 
+    /// The current phase, its bytes done and its total (for a console progress line).
+    pub fn position(&self) -> (String, u64, Option<u64>) {
+        let p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        (p.what.clone(), p.done, p.total)
+    }
+
+    /// Whether nothing goes to the console.
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
     pub fn lines(&self) -> Vec<String> {
         self.transcript
             .lock()

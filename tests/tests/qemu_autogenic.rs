@@ -100,7 +100,7 @@ fn server_url() -> String {
 /// The guest's initramfs: static busybox, the static agent `img`, the virtio modules from
 /// the kernel cache, and an /init that brings up disk and network, prints the marker and
 /// the heartbeat, and runs the service.
-fn guest_initrd(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
+fn guest_initrd(dir: &Path, k: &Kernel, version: &str, g: &GuestKind) -> PathBuf {
     let root = dir.join(format!("guest-root-v{version}"));
     let _ = std::fs::remove_dir_all(&root);
     for d in ["bin", "dev", "proc", "sys", "tmp", "run", "lib/modules"] {
@@ -154,7 +154,7 @@ ip addr add {ip}/24 dev eth0
 echo "GUEST NET $(ip -4 -o addr show eth0)"
 (while :; do echo "HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"; sleep 0.5; done) &
 if img -help 2>&1 | grep -q -- '-service'; then
-  echo "GUEST SERVICE img -service"
+{env}  echo "GUEST SERVICE img -service"
   img -service -disk=/dev/vda -server={url} -interval=2
   echo "GUEST SERVICE ended with $?"
 else
@@ -165,6 +165,10 @@ while :; do sleep 3600; done
 "#,
         mods = GUEST_MODULES.join(" "),
         ip = GUEST_IP,
+        env = g
+            .service_reboot
+            .map(|v| format!("  export IMG_SERVICE_REBOOT={v}\n"))
+            .unwrap_or_default(),
     );
     let init_path = root.join("init");
     std::fs::write(&init_path, init).unwrap();
@@ -181,15 +185,15 @@ while :; do sleep 3600; done
 }
 
 /// The guest OS partition v`version` as a FAT image of PART2_MIB: kernel, initramfs,
-/// VERSION.TXT and 4 MiB of the version's own (incompressible) data.
-fn guest_partition(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
-    let initrd = guest_initrd(dir, k, version);
+/// VERSION.TXT and `g.data_mib` MiB of the version's own (incompressible) data.
+fn guest_partition(dir: &Path, k: &Kernel, version: &str, g: &GuestKind) -> PathBuf {
+    let initrd = guest_initrd(dir, k, version, g);
     let part = dir.join(format!("guest-v{version}.fat"));
     let ver = dir.join(format!("VERSION-v{version}.TXT"));
     std::fs::write(&ver, format!("guest {version}\n")).unwrap();
     let data = dir.join(format!("APPDATA-v{version}.BIN"));
     let seed = version.bytes().fold(11u64, |a, b| a * 31 + u64::from(b));
-    std::fs::write(&data, e2e::random_bytes(seed, 4 << 20)).unwrap();
+    std::fs::write(&data, e2e::random_bytes(seed, (g.data_mib << 20) as usize)).unwrap();
     sh(&format!(
         "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {PART2_MIB}M {p}
          mkfs.fat -n GUEST {p} >/dev/null
@@ -208,8 +212,8 @@ fn guest_partition(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
 
 /// Guest v`version` captured as the server deploys it: `img -make -part=2` of a source
 /// disk with the device's first two partitions, then `img -sign` with the site key.
-fn guest_image(dir: &Path, k: &Kernel, version: &str, key: &Path) -> PathBuf {
-    let part = guest_partition(dir, k, version);
+fn guest_image(dir: &Path, k: &Kernel, version: &str, key: &Path, g: &GuestKind) -> PathBuf {
+    let part = guest_partition(dir, k, version, g);
     let src = dir.join(format!("source-v{version}.img"));
     sh(&format!(
         "rm -f {d}; truncate -s {SOURCE_MIB}M {d}
@@ -249,14 +253,31 @@ struct Lab {
     grub: PathBuf,
 }
 
+/// What differs between the guests of the tests.
+struct GuestKind {
+    /// MiB of the version's own random data on its partition (the image's size).
+    data_mib: u64,
+    /// `IMG_SERVICE_REBOOT` for the guest's service (a testing aid), if any.
+    service_reboot: Option<&'static str>,
+}
+
+const GUEST: GuestKind = GuestKind {
+    data_mib: 4,
+    service_reboot: None,
+};
+
 impl Lab {
     fn new(tag: &str) -> Lab {
+        Lab::with(tag, &GUEST)
+    }
+
+    fn with(tag: &str, g: &GuestKind) -> Lab {
         tools();
         let dir = Scratch::new(tag);
         let k = kernel();
         let (key, key_pub) = site_key(dir.path());
-        let v1 = guest_image(dir.path(), &k, "1", &key);
-        let v2 = guest_image(dir.path(), &k, "2", &key);
+        let v1 = guest_image(dir.path(), &k, "1", &key, g);
+        let v2 = guest_image(dir.path(), &k, "2", &key, g);
         let agent_initrd = agent_initrd(dir.path(), &k, &key_pub);
         let grub = qemu::standalone_grub(dir.path());
         Lab {
@@ -471,11 +492,92 @@ fn guest_service_checks_in_while_the_heartbeat_runs() {
 /// What the service prints when it hands a task to the imaging engine (after the status
 /// record and grubenv are written, before the reboot).
 const SERVICE_HANDS_OVER: &str = "runs in the imaging engine: rebooting into it";
-const SERVICE_REBOOTS: &str = "img: service: rebooting";
+/// What the service prints under `IMG_SERVICE_REBOOT=hang` where it would reboot (after the
+/// state and the next boot are on the disk).
+const SERVICE_HANGS: &str = "IMG_SERVICE_REBOOT=hang: waiting instead of rebooting";
 /// What the engine prints when PI starts and when it has written the OS partition.
 const PI_STARTS: &str = "re-imaging the OS partition from the backup partition";
-const PI_WRITES: &str = "before writing";
+/// The engine's console progress line while it writes the OS partition.
+const PI_PROGRESS: &str = "img: PI progress: ";
 const PI_DONE: &str = "was re-imaged from the backup partition";
+
+/// The service handed over: the boot ends by itself (the reboot under `-no-reboot`), or,
+/// under `IMG_SERVICE_REBOOT=hang`, the plug is pulled once the service says it waits.
+fn service_rebooted(mut g: Boot) {
+    let end = Instant::now() + BOOT_LIMIT;
+    loop {
+        if g.q.exited() {
+            let _ = g.end();
+            return;
+        }
+        if g.q.text().contains(SERVICE_HANGS) {
+            let _ = g.power_cut();
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "the service did not reboot:\n{}",
+            e2e::tail(&without_heartbeats(&g.q.text(), 0), 40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SHA-256 of partition 2's bytes on the device's disk (the OS partition).
+fn os_partition_sum(dev: &Device) -> String {
+    let (start, len) = qemu::partition(&dev.disk, 2);
+    sh(&format!(
+        "dd if={d} bs=1M iflag=skip_bytes,count_bytes skip={start} count={len} status=none | sha256sum",
+        d = dev.disk.display(),
+    ))
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .to_string()
+}
+
+/// The imaging status record's phase and attempts (it must be there).
+fn status_phase(dev: &Device, when: &str) -> (String, u64, String) {
+    let s = status_record(dev).unwrap_or_else(|| panic!("no imaging status record {when}"));
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    (
+        v["phase"].as_str().unwrap_or("?").to_string(),
+        v["attempts"].as_u64().unwrap_or(0),
+        s,
+    )
+}
+
+/// Follow a PI boot's console every 20 ms from the start of re-imaging until the engine's
+/// first progress line between 1 % and 99 %, and pull the plug right then. Fails when the
+/// write finished or the boot ended first (the cut would land too late). The line.
+fn cut_mid_write(mut b: Boot) -> (String, String) {
+    let end = Instant::now() + STAGE_LIMIT;
+    loop {
+        let text = b.q.text();
+        let at = text.find(PI_STARTS).unwrap_or(0);
+        let mid = text[at..]
+            .lines()
+            .filter(|l| l.contains(PI_PROGRESS) && l.contains("%)"))
+            .find(|l| {
+                l.split('(')
+                    .nth(1)
+                    .and_then(|r| r.split('%').next())
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .is_some_and(|p| (1..=99).contains(&p))
+            })
+            .map(str::to_string);
+        if let Some(line) = mid {
+            let text = b.power_cut();
+            return (line, text);
+        }
+        assert!(
+            !text[at..].contains(PI_DONE) && !b.q.exited() && Instant::now() < end,
+            "the cut missed the middle of re-imaging (no progress line between 1 and 99 % before the write ended):\n{}",
+            e2e::tail(&text, 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// Power on and follow the chain of boots (agent passes that reboot) until the guest's
 /// service runs; the guest's version must be `version`. Returns that boot (still running)
@@ -644,7 +746,7 @@ fn convert(site: &Site, dev: &mut Device, mut g: Boot, fig: &mut Figures) -> Boo
     let t0 = Instant::now();
     let job = schedule(site, &["--image", "guest:1", "--convert"]);
     wait_guest(&mut g, SERVICE_HANDS_OVER, 0, STAGE_LIMIT);
-    let (_, _) = g.end();
+    service_rebooted(g);
     fig.add("convert: scheduled → the service rebooted", t0.elapsed());
     let (g, _) = boot_to_guest(dev, "1", 3);
     fig.add(
@@ -930,11 +1032,20 @@ fn autogenic_bi_pi_loop_on_a_factory_converted_device() {
 #[test]
 #[ignore = "slow virtual-machine suite: scripts/test.sh runs it (QUICK=1 skips it), or cargo test -p e2e --test qemu_autogenic -- --ignored"]
 fn autogenic_power_cuts_end_in_the_right_version() {
-    let lab = Lab::new("autogenic-cuts");
+    // 16 MiB of data per version (33 MB images): the re-imaging lasts long enough to cut in
+    // its middle. The guest's service waits where it would reboot (IMG_SERVICE_REBOOT=hang):
+    // the plug is pulled right after the hand-over, not after QEMU exited by itself.
+    let lab = Lab::with(
+        "autogenic-cuts",
+        &GuestKind {
+            data_mib: 16,
+            service_reboot: Some("hang"),
+        },
+    );
     let dir = lab.dir.path();
     let site = site(dir, "c");
-    // 1 MB/s: BI takes long enough to pull the plug in the middle.
-    let ngx = serve_images(&lab, &site, "1m");
+    // 2 MB/s: BI takes long enough to pull the plug in the middle.
+    let ngx = serve_images(&lab, &site, "2m");
     let size = std::fs::metadata(&lab.v2).unwrap().len();
     let mut dev = lab.device(&site);
     let mut fig = Figures(Vec::new());
@@ -979,48 +1090,84 @@ fn autogenic_power_cuts_end_in_the_right_version() {
     );
     assert_eq!(dev.guest_on_disk(), "guest 1");
 
-    // Cut 2: right after the service wrote the status record and grubenv for PI.
+    // Cut 2: right after the hand-over. The service committed the status record (pending),
+    // cleared next_entry, logged it and waits (IMG_SERVICE_REBOOT=hang) where it would reboot.
+    let before_entry = dev.next_entry();
     let job = schedule(
         &site,
         &["--image", "guest:2", "--partition", "2", "--from-backup"],
     );
-    let t = wait_guest(&mut g, SERVICE_REBOOTS, 0, STAGE_LIMIT);
-    let by_itself = g.q.exited();
-    let _ = g.power_cut();
-    eprintln!(
-        "cut after the hand-over at {:.1} s (QEMU had {}exited by itself)",
-        t.as_secs_f64(),
-        if by_itself { "" } else { "not " }
+    let t = wait_guest(&mut g, SERVICE_HANGS, 0, STAGE_LIMIT);
+    assert!(
+        !g.q.exited(),
+        "QEMU exited by itself before the cut: it would land after the hand-over"
     );
-    let s = status_record(&dev).expect("no imaging status record after the hand-over");
-    assert!(s.contains("pending"), "{s}");
-    assert_eq!(dev.next_entry(), None, "the next boot is not the engine");
+    let said = without_heartbeats(&g.q.text(), 0);
+    assert!(
+        said.contains("imaging status record written (pending)")
+            && said.contains(SERVICE_HANDS_OVER),
+        "{}",
+        e2e::tail(&said, 30)
+    );
+    let _ = g.power_cut();
+    let (phase, attempts, s) = status_phase(&dev, "after the hand-over");
+    let after_entry = dev.next_entry();
+    eprintln!(
+        "cut after the hand-over at {t:.1?} (the service waiting, QEMU still running): status phase {phase}, attempts {attempts}; grubenv next_entry {before_entry:?} before PI, {after_entry:?} at the cut"
+    );
+    assert_eq!((phase.as_str(), attempts), ("pending", 0), "{s}");
+    assert_eq!(after_entry, None, "the next boot is not the engine");
+    assert_eq!(dev.guest_on_disk(), "guest 1");
+    let v1_sum = os_partition_sum(&dev);
 
-    // Cut 3: in the middle of re-imaging.
+    // Cut 3: in the middle of re-imaging, at the engine's first progress line past 0 %.
     let mut b = dev.power_on();
     b.wait_for(PI_STARTS, STAGE_LIMIT);
-    b.wait_for(PI_WRITES, STAGE_LIMIT);
-    std::thread::sleep(Duration::from_secs(2));
-    let text = b.power_cut();
-    let s = status_record(&dev).expect("no imaging status record mid-PI");
+    let (line, text) = cut_mid_write(b);
+    assert!(!text.contains(PI_DONE), "PI had finished");
+    let (phase, attempts, s) = status_phase(&dev, "mid-PI");
+    let mid_sum = os_partition_sum(&dev);
     eprintln!(
-        "cut in the middle of re-imaging: {}; status {s}",
-        if text.contains(PI_DONE) {
-            "too late, PI had finished"
-        } else {
-            "PI unfinished"
-        }
+        "cut in the middle of re-imaging at `{}`: status phase {phase}, attempts {attempts}; OS partition {} v1",
+        line.trim(),
+        if mid_sum == v1_sum { "still equal to" } else { "no longer" }
+    );
+    assert_eq!((phase.as_str(), attempts), ("imaging", 1), "{s}");
+    assert_ne!(
+        mid_sum, v1_sum,
+        "the cut landed before the OS partition was written"
     );
     assert_eq!(dev.next_entry(), None, "the half-written guest would boot");
 
-    // Cut 4: right after re-imaging finished.
+    // Cut 4: right after re-imaging finished (the restart's second attempt).
     let mut b = dev.power_on();
     b.wait_for(PI_STARTS, STAGE_LIMIT);
     b.wait_for(PI_DONE, STAGE_LIMIT);
-    let _ = b.power_cut();
-    let s = status_record(&dev).expect("no imaging status record after PI");
-    eprintln!("cut right after re-imaging: status {s}");
+    let text = b.power_cut();
+    let again = text
+        .lines()
+        .find(|l| l.contains(PI_STARTS))
+        .unwrap_or("")
+        .to_string();
+    let (phase, attempts, s) = status_phase(&dev, "after PI");
+    let v2_sum = os_partition_sum(&dev);
+    eprintln!(
+        "cut right after re-imaging (`{}`): status phase {phase}, attempts {attempts}; the half-written partition {} v2",
+        again.trim(),
+        if mid_sum == v2_sum { "equal to" } else { "differed from" }
+    );
+    assert!(again.contains("(attempt 2 of"), "{again}");
+    // `done` once the result is queued; `imaging` if the plug beat that commit (the next
+    // start then tries again): either way the second attempt was counted.
+    assert!(
+        matches!(phase.as_str(), "done" | "imaging") && attempts == 2,
+        "{s}"
+    );
     assert_eq!(dev.guest_on_disk(), "guest 2");
+    assert_ne!(
+        mid_sum, v2_sum,
+        "the cut landed after the OS partition was written"
+    );
 
     // The restart ends in guest v2, the result recorded once, the status cleared.
     let (g, _) = boot_to_guest(&mut dev, "2", 3);
@@ -1034,6 +1181,7 @@ fn autogenic_power_cuts_end_in_the_right_version() {
     cleared_and_reported_once(&site, &dev, task_of(&row));
     let line = site.device_line(MAC);
     assert!(line.contains("guest 2"), "{line}");
+    eprintln!("after the cuts: guest v2 booted, task {} recorded once, status record cleared; server: {line}", task_of(&row));
     let _ = g.power_cut();
     eprintln!("autogenic figure (TCG, power cuts): {}", fig.0.join("; "));
 }

@@ -548,8 +548,9 @@ fn status_phase(dev: &Device, when: &str) -> (String, u64, String) {
 }
 
 /// Follow a PI boot's console every 20 ms from the start of re-imaging until the engine's
-/// first progress line between 1 % and 99 %, and pull the plug right then. Fails when the
-/// write finished or the boot ended first (the cut would land too late). The line.
+/// first progress line of the write (`deploying`) between 1 % and 99 %, and pull the plug
+/// right then. Fails when the write finished or the boot ended first (the cut would land
+/// too late). The line.
 fn cut_mid_write(mut b: Boot) -> (String, String) {
     let end = Instant::now() + STAGE_LIMIT;
     loop {
@@ -557,7 +558,8 @@ fn cut_mid_write(mut b: Boot) -> (String, String) {
         let at = text.find(PI_STARTS).unwrap_or(0);
         let mid = text[at..]
             .lines()
-            .filter(|l| l.contains(PI_PROGRESS) && l.contains("%)"))
+            // The write itself (`deploying`), not the resume check before it.
+            .filter(|l| l.contains(PI_PROGRESS) && l.contains("%) deploying"))
             .find(|l| {
                 l.split('(')
                     .nth(1)
@@ -1120,7 +1122,7 @@ fn autogenic_power_cuts_end_in_the_right_version() {
     assert_eq!(dev.guest_on_disk(), "guest 1");
     let v1_sum = os_partition_sum(&dev);
 
-    // Cut 3: in the middle of re-imaging, at the engine's first progress line past 0 %.
+    // Cut 3: in the middle of re-imaging, at the engine's first write progress line past 0 %.
     let mut b = dev.power_on();
     b.wait_for(PI_STARTS, STAGE_LIMIT);
     let (line, text) = cut_mid_write(b);

@@ -197,10 +197,10 @@ fn guest_partition(dir: &Path, k: &Kernel, version: &str, g: &GuestKind) -> Path
     sh(&format!(
         "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {PART2_MIB}M {p}
          mkfs.fat -n GUEST {p} >/dev/null
-         mcopy -i {p} {k} ::/vmlinuz
-         mcopy -i {p} {i} ::/initrd.img
+         mcopy -i {p} {a} ::/APPDATA.BIN
          mcopy -i {p} {v} ::/VERSION.TXT
-         mcopy -i {p} {a} ::/APPDATA.BIN",
+         mcopy -i {p} {k} ::/vmlinuz
+         mcopy -i {p} {i} ::/initrd.img",
         p = part.display(),
         k = k.vmlinuz.display(),
         i = initrd.display(),
@@ -251,6 +251,7 @@ struct Lab {
     v2: PathBuf,
     agent_initrd: PathBuf,
     grub: PathBuf,
+    agent_cmdline: String,
 }
 
 /// What differs between the guests of the tests.
@@ -259,11 +260,14 @@ struct GuestKind {
     data_mib: u64,
     /// `IMG_SERVICE_REBOOT` for the guest's service (a testing aid), if any.
     service_reboot: Option<&'static str>,
+    /// More of the agent's kernel command line (after AGENT_CMDLINE).
+    agent_cmdline: &'static str,
 }
 
 const GUEST: GuestKind = GuestKind {
     data_mib: 4,
     service_reboot: None,
+    agent_cmdline: "",
 };
 
 impl Lab {
@@ -288,6 +292,9 @@ impl Lab {
             v2,
             agent_initrd,
             grub,
+            agent_cmdline: format!("{AGENT_CMDLINE} {}", g.agent_cmdline)
+                .trim()
+                .to_string(),
         }
     }
 
@@ -302,7 +309,7 @@ impl Lab {
             .arg(format!("-kernel={}", self.k.vmlinuz.display()))
             .arg(format!("-initrd={}", self.agent_initrd.display()))
             .arg(format!("-efi={}", self.grub.display()))
-            .arg(format!("-cmdline={AGENT_CMDLINE}"))
+            .arg(format!("-cmdline={}", self.agent_cmdline))
             .arg(format!("-guest=linux:/vmlinuz,/initrd.img,{GUEST_CMDLINE}")));
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("installed the boot agent"),
@@ -1042,6 +1049,10 @@ fn autogenic_power_cuts_end_in_the_right_version() {
         &GuestKind {
             data_mib: 16,
             service_reboot: Some("hang"),
+            // The engine's kernel writes back dirty pages at once (a device with a small
+            // write cache), so a cut in the middle of the write leaves a half-written OS
+            // partition on the disk rather than the old one untouched in guest memory.
+            agent_cmdline: "sysctl.vm.dirty_background_bytes=1048576 sysctl.vm.dirty_bytes=4194304 sysctl.vm.dirty_writeback_centisecs=10 sysctl.vm.dirty_expire_centisecs=10",
         },
     );
     let dir = lab.dir.path();

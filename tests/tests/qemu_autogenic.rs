@@ -25,8 +25,11 @@
 //!   the OS partition from flash (no image byte fetched in that boot) → guest v2 → the result
 //!   reported once and the status cleared. Prints each stage's time.
 //! - `autogenic_power_cuts_end_in_the_right_version`: the plug pulled during BI, right after
-//!   the service said it reboots for PI, in the middle of re-imaging and right after it;
-//!   every restart ends in a booting device with the right version and a truthful report.
+//!   the service handed PI over (it waits there under `IMG_SERVICE_REBOOT=hang`), at the
+//!   engine's first write progress line (in the middle of re-imaging) and right after it;
+//!   each cut is checked from the host (status record, grubenv, OS partition) and fails the
+//!   test when it missed its point; every restart ends in a booting device with the right
+//!   version and a truthful report.
 //!
 //! Figures are printed (never asserted): `cargo test -p e2e --test qemu_autogenic --
 //! --ignored --nocapture 2>&1 | grep 'autogenic figure'`. These take many minutes under

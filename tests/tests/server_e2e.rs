@@ -702,7 +702,8 @@ fn backup_first_rollback_and_copy_only_with_autogenic_flags() {
     ]);
     checkin::agent_loop(&srv.url, &cfg).unwrap();
     check_deployed(&dir, &target, "os 2");
-    assert!(dir.join("backup-part/backup.img").exists());
+    // The backup folder now holds the image as IMAGE.BIN (the backup area, as on a partition).
+    assert!(dir.join("backup-part/IMAGE.BIN").exists());
     let dev = srv.admin(&["device", MAC_A]);
     assert!(
         dev.contains("SupportImgBackup=1 BackupImagePresent=1 BackImageVer=1"),

@@ -26,13 +26,50 @@ use std::rc::Rc;
 use super::chunks::ChunkSource;
 use crate::capture::{self, CaptureOptions, CaptureSummary};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::layout::{Footer, Preamble};
+use crate::format::layout::{Footer, Preamble, CHUNK_HEADER_LEN};
 use crate::format::{self, ChunkKind, ImageHead, Layout, Manifest};
 use crate::io::Progress;
 
 /// Chunk records kept after they were made (at least one, whatever its size): the
 /// carousel reads an object block by block, and repairs come soon after a block was sent.
-pub const CACHE_BYTES: usize = 16 << 20;
+pub const CACHE_BYTES: usize = 8 << 20;
+
+/// One chunk record: the inline header and the payload, kept apart so the payload
+/// `encode_chunk` returns is kept as it is, not copied.
+pub struct Record {
+    header: [u8; CHUNK_HEADER_LEN],
+    payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn len(&self) -> usize {
+        CHUNK_HEADER_LEN + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Copy the record's bytes from `at` into `buf` (as many as fit); returns how many.
+    pub fn copy_to(&self, at: usize, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        if at < CHUNK_HEADER_LEN {
+            n = (CHUNK_HEADER_LEN - at).min(buf.len());
+            buf[..n].copy_from_slice(&self.header[at..at + n]);
+        }
+        let p = (at + n).saturating_sub(CHUNK_HEADER_LEN);
+        let m = (self.payload.len().saturating_sub(p)).min(buf.len() - n);
+        buf[n..n + m].copy_from_slice(&self.payload[p..p + m]);
+        n + m
+    }
+
+    /// The record's bytes, as in the image file.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = self.header.to_vec();
+        v.extend_from_slice(&self.payload);
+        v
+    }
+}
 
 /// The image of a disk or partition, made chunk by chunk when read.
 pub struct OnTheFly {
@@ -45,7 +82,7 @@ pub struct OnTheFly {
     /// Where the manifest starts: the image's tail (manifest and footer) follows the chunks.
     tail_at: u64,
     tail: Vec<u8>,
-    cache: VecDeque<(u64, Rc<Vec<u8>>)>,
+    cache: VecDeque<(u64, Rc<Record>)>,
     cached: usize,
     summary: CaptureSummary,
     /// Chunk records made again from the disk (cache misses), for the master's summary.
@@ -127,7 +164,7 @@ impl OnTheFly {
 
     /// Chunk record `index` (inline header and payload), exactly as `img -make` wrote it:
     /// from the cache, or read from the disk, compressed and checked against the manifest.
-    pub fn record(&mut self, index: u64) -> Result<Rc<Vec<u8>>> {
+    pub fn record(&mut self, index: u64) -> Result<Rc<Record>> {
         if let Some((_, r)) = self.cache.iter().find(|(i, _)| *i == index) {
             return Ok(r.clone());
         }
@@ -138,9 +175,11 @@ impl OnTheFly {
             .get(index as usize)
             .ok_or_else(|| Error::invalid(format!("chunk {index}: past the image's end")))?;
         let want = entry.header;
-        let mut rec = Vec::with_capacity(entry.record_len() as usize);
-        if want.kind == ChunkKind::Zero {
-            rec.extend_from_slice(&want.encode());
+        let rec = if want.kind == ChunkKind::Zero {
+            Record {
+                header: want.encode(),
+                payload: Vec::new(),
+            }
         } else {
             let mut data = vec![0u8; want.raw_len as usize];
             let at = self.origin + want.disk_offset;
@@ -158,9 +197,11 @@ impl OnTheFly {
                     ),
                 ));
             }
-            rec.extend_from_slice(&h.encode());
-            rec.extend_from_slice(&payload);
-        }
+            Record {
+                header: h.encode(),
+                payload,
+            }
+        };
         self.remade += 1;
         let rec = Rc::new(rec);
         while !self.cache.is_empty() && self.cached + rec.len() > CACHE_BYTES {
@@ -206,9 +247,7 @@ impl ChunkSource for OnTheFly {
                 let i = entries.partition_point(|e| e.image_offset <= offset) - 1;
                 let start = entries[i].image_offset;
                 let rec = self.record(i as u64)?;
-                let at = (offset - start) as usize;
-                n = (rec.len() - at).min(buf.len());
-                buf[..n].copy_from_slice(&rec[at..at + n]);
+                n = rec.copy_to((offset - start) as usize, buf);
             }
             offset += n as u64;
             buf = &mut buf[n..];
@@ -257,8 +296,9 @@ mod tests {
         for e in entries.iter().rev() {
             let at = e.image_offset as usize;
             let rec = otf.record(e.header.index).unwrap();
+            assert_eq!(rec.len() as u64, e.record_len());
             assert_eq!(
-                &rec[..],
+                &rec.to_vec()[..],
                 &img[at..at + e.record_len() as usize],
                 "chunk {}",
                 e.header.index

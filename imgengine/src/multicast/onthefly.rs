@@ -100,6 +100,7 @@ impl OnTheFly {
     ) -> Result<OnTheFly> {
         let shown = disk.display().to_string();
         let c = capture::capture_to(disk, part, std::io::sink(), opts, progress)?;
+        give_back_freed_memory();
         let preamble_bytes = Preamble::new(Layout::Streaming, c.meta.to_json()?).encode();
         let manifest_bytes = c.manifest.encode();
         let tail_at = c
@@ -212,6 +213,19 @@ impl OnTheFly {
         self.cached += rec.len();
         self.cache.push_back((index, rec.clone()));
         Ok(rec)
+    }
+}
+
+/// Pass 1's buffers are freed, but glibc keeps them in the worker threads' arenas, where
+/// the session's allocations (on the main thread) do not reuse them: hand them back to the
+/// system. musl (the shipped static binary) unmaps large buffers when they are freed.
+#[allow(unsafe_code)]
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's arenas; it takes no
+    // pointer and is safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -43,11 +43,12 @@ Multicast sessions (one master sends, every client receives at once):
                                     first (used blocks only, at -comp; clients wait for the
                                     master meanwhile), then each chunk is read and compressed
                                     again as it is sent and checked against the manifest
-                                    (memory under 64 MiB; if the disk changes, the session
-                                    stops naming the chunk: keep it unmounted); starts when
-                                    -clients registered, when s is pressed, or -timeout minutes
-                                    (default 5) after the last registration; later devices are
-                                    told to wait for the next session unless -latejoin
+                                    (memory under 64 MiB up to -comp=6; if the disk changes,
+                                    the session stops naming the chunk: keep it unmounted);
+                                    starts when -clients registered, when s is pressed, or
+                                    -timeout minutes (default 5) after the last registration;
+                                    later devices are told to wait for the next session unless
+                                    -latejoin
   -session NAME -client [-disk=DISK] [-part=N|LABEL] [-addr=..] [-iface=..] [-trust=KEY.pub]..
         [-server=URL [-ca=FILE]]    receive and restore, verified as -restore does; exit 0 only
                                     when every chunk is verified and written; with -server, a
@@ -322,8 +323,9 @@ fn run_master(
                 chunk_size: CaptureOptions::default().chunk_size,
                 // Two compressors unless -threads says otherwise: pass 1 keeps the
                 // capture's pipeline (two chunks per thread in flight) well inside the
-                // master's memory bound whatever the CPU count.
-                threads: imaging::threads(a.threads.or(Some(2))),
+                // master's memory bound whatever the CPU count. From -comp=7 (zstd 12 and
+                // up) one compressor's own tables are 50 MiB or more: one only.
+                threads: imaging::threads(a.threads.or(Some(if a.comp >= 7 { 1 } else { 2 }))),
                 raw: false,
             };
             let progress = ConsoleProgress::new(quiet);

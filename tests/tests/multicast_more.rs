@@ -979,7 +979,10 @@ fn a_master_sends_its_own_disk_on_the_fly_with_no_image_file_in_bounded_memory()
     // No file appears in the spool folder at any moment of the session.
     let end = Instant::now() + SESSION_TIMEOUT;
     let mut looks = 0u64;
-    while lab.running(m) {
+    let fm = loop {
+        if let Some(f) = lab.try_wait(m) {
+            break f;
+        }
         let files: Vec<_> = std::fs::read_dir(&spool)
             .unwrap()
             .filter_map(|e| e.ok())
@@ -992,12 +995,11 @@ fn a_master_sends_its_own_disk_on_the_fly_with_no_image_file_in_bounded_memory()
         looks += 1;
         assert!(Instant::now() < end, "the session did not end");
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
     assert!(looks > 10, "the session ended before the spool was watched");
     for (i, p) in clients.iter().enumerate() {
         expect_ok(&lab.wait(*p, SESSION_TIMEOUT), &format!("client c{i}"));
     }
-    let fm = lab.wait(m, SESSION_TIMEOUT);
     expect_ok(&fm, "the master (its own disk, on the fly)");
     assert!(
         fm.output.contains("no image file") && fm.output.contains("captured on the fly"),

@@ -18,15 +18,18 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use imgengine::capture::CaptureOptions;
 use imgengine::deploy::{DeployOptions, ResumeMode};
+use imgengine::multicast::chunks::{ChunkSource, FileChunks};
 use imgengine::multicast::fallback::{self, Fallback};
 use imgengine::multicast::master::{Event, Master, MasterConfig, Outcome};
+use imgengine::multicast::onthefly::OnTheFly;
 use imgengine::multicast::packet::{Body, MasterState, Packet, MAX_PACKET};
 use imgengine::multicast::{self, client, net};
 use imgengine::source::Location;
 use sha2::{Digest, Sha256};
 
-use crate::args::{flag, many, value, DiskSel, MakeArgs, Matches, Opt, UsageError};
+use crate::args::{flag, many, value, DiskSel, Matches, Opt, UsageError};
 use crate::exit::Exit;
 use crate::imaging;
 use crate::progress::{human, ConsoleProgress};
@@ -36,10 +39,16 @@ Multicast sessions (one master sends, every client receives at once):
   -session NAME -master [-clients=N] [-timeout=MIN] [-throttle=MS] [-comp=0..9] [-latejoin]
         [-addr=A.B.C.D] [-iface=NAME] (-image=FILE | [-disk=DISK] [-part=N|LABEL])
                                     send an image file, or this device's disk or partition
-                                    (captured first, used blocks only, at -comp); starts when
-                                    -clients registered, when s is pressed, or -timeout minutes
-                                    (default 5) after the last registration; later devices are
-                                    told to wait for the next session unless -latejoin
+                                    with no image file anywhere: its manifest is captured
+                                    first (used blocks only, at -comp; clients wait for the
+                                    master meanwhile), then each chunk is read and compressed
+                                    again as it is sent and checked against the manifest
+                                    (memory under 64 MiB up to -comp=6; if the disk changes,
+                                    the session stops naming the chunk: keep it unmounted);
+                                    starts when -clients registered, when s is pressed, or
+                                    -timeout minutes (default 5) after the last registration;
+                                    later devices are told to wait for the next session unless
+                                    -latejoin
   -session NAME -client [-disk=DISK] [-part=N|LABEL] [-addr=..] [-iface=..] [-trust=KEY.pub]..
         [-server=URL [-ca=FILE]]    receive and restore, verified as -restore does; exit 0 only
                                     when every chunk is verified and written; with -server, a
@@ -280,17 +289,6 @@ fn run(a: &SessionArgs) -> Result<i32> {
     }
 }
 
-/// Removes the master's temporary capture.
-struct TempImage(Option<PathBuf>);
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 fn run_master(
     a: &SessionArgs,
     ifname: &str,
@@ -299,49 +297,53 @@ fn run_master(
     keys: &Keys,
 ) -> Result<i32> {
     let quiet = std::env::var_os("IMG_QUIET").is_some();
-    let mut temp = TempImage(None);
-    let image = match &a.image {
-        Some(p) => p.clone(),
+    let source: Box<dyn ChunkSource> = match &a.image {
+        Some(p) => {
+            Box::new(FileChunks::open(p).with_context(|| format!("opening {}", p.display()))?)
+        }
         None => {
-            // The master's own disk: captured with img -make's code (used blocks only) to a
-            // temporary image, which the carousel then reads at random.
-            let dir = std::env::var_os("IMG_SESSION_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir);
-            let p = dir.join(format!("session-{}-{}.img", a.name, std::process::id()));
-            temp.0 = Some(p.clone());
+            // The master's own disk, with no image file anywhere: pass 1 is img -make's
+            // capture (used blocks only, at -comp) keeping only the manifest; the carousel
+            // then makes each chunk again from the disk, checked against that manifest.
+            let disk = imaging::resolve_disk(&a.sel)?;
+            let what = match &a.sel.part {
+                Some(p) => format!("partition {p} of {}", disk.display()),
+                None => format!("disk {}", disk.display()),
+            };
             eprintln!(
-                "session {}: capturing this device's {} at -comp={} into {}",
-                a.name,
-                a.sel
-                    .part
-                    .as_deref()
-                    .map(|p| format!("partition {p}"))
-                    .unwrap_or_else(|| "disk".into()),
-                a.comp,
-                p.display()
+                "session {}: capturing {what} at -comp={} (manifest only, no image file); clients wait for the master's announcement",
+                a.name, a.comp
             );
-            imaging::make(
-                &MakeArgs {
-                    dest: p.display().to_string(),
-                    sel: a.sel.clone(),
-                    comp: a.comp,
-                    name: Some(a.name.clone()),
-                    version: None,
-                    models: Vec::new(),
-                    description: Some(format!("multicast session {}", a.name)),
-                    raw: false,
-                    chunk_mib: None,
-                    ca: None,
-                    threads: a.threads,
-                },
-                quiet,
-            )
-            .context("capturing the master's disk for the session")?;
-            p
+            let opts = CaptureOptions {
+                comp: a.comp,
+                name: a.name.clone(),
+                version: "1".into(),
+                models: Vec::new(),
+                description: Some(format!("multicast session {}", a.name)),
+                chunk_size: CaptureOptions::default().chunk_size,
+                // Two compressors unless -threads says otherwise: pass 1 keeps the
+                // capture's pipeline (two chunks per thread in flight) well inside the
+                // master's memory bound whatever the CPU count. From -comp=7 (zstd 12 and
+                // up) one compressor's own tables are 50 MiB or more: one only.
+                threads: imaging::threads(a.threads.or(Some(if a.comp >= 7 { 1 } else { 2 }))),
+                raw: false,
+            };
+            let progress = ConsoleProgress::new(quiet);
+            let otf = OnTheFly::capture(&disk, a.sel.part.as_deref(), &opts, &progress)
+                .with_context(|| format!("capturing {what} for the session"))?;
+            let s = otf.summary();
+            eprintln!(
+                "session {}: captured {what}: {} used, {} chunks, {} of data in a {} image, made again chunk by chunk as it is sent",
+                a.name,
+                human(s.used_bytes),
+                s.chunks,
+                human(s.data_bytes),
+                human(s.image_bytes)
+            );
+            Box::new(otf)
         }
     };
-    let mut cfg = MasterConfig::new(&a.name, image.clone(), ifaddr);
+    let mut cfg = MasterConfig::new(&a.name, PathBuf::from(source.describe()), ifaddr);
     cfg.group = group;
     cfg.throttle_ms = a.throttle_ms;
     cfg.latejoin = a.latejoin;
@@ -351,13 +353,13 @@ fn run_master(
     {
         cfg.max_rate = mb.max(1) * 1_000_000;
     }
-    let mut m = Master::open(cfg).with_context(|| format!("opening {}", image.display()))?;
+    let mut m = Master::with_source(cfg, source)?;
     let timeout = Duration::from_secs(60 * a.timeout_min.unwrap_or(5));
     println!(
         "session {}: master on {ifname} ({ifaddr}), group {group}:{}; image {} ({}, manifest {})",
         a.name,
         multicast::PORT,
-        image.display(),
+        m.source_name(),
         human(m.image_len()),
         &m.digest_hex()[..16]
     );
@@ -404,7 +406,12 @@ fn run_master(
     }
     let started = Instant::now();
     let mut deciles: HashMap<u64, u64> = HashMap::new();
-    m.run(&mut |e, m| print_event(e, m, None, &mut deciles))?;
+    if let Err(e) = m.run(&mut |e, m| print_event(e, m, None, &mut deciles)) {
+        // Tell the clients at once (they fail, or fetch the rest from a server they know)
+        // rather than leaving them to time out.
+        m.abort();
+        return Err(anyhow::Error::new(e).context(format!("session {}: stopped", a.name)));
+    }
     let secs = started.elapsed().as_secs_f64();
     println!("session {}: summary after {secs:.1} s", a.name);
     let mut ok = 0;

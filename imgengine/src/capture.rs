@@ -204,6 +204,30 @@ pub fn capture(
     opts: &CaptureOptions,
     progress: &dyn Progress,
 ) -> Result<CaptureSummary> {
+    let out = BufWriter::with_capacity(crate::io::BUFFER_SIZE, out);
+    capture_to(disk, part, out, opts, progress).map(|c| c.summary)
+}
+
+/// What [`capture_to`] made: besides the summary, the image's metadata and manifest, and
+/// where image offset 0 is on the device (a partition's start, or 0).
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub summary: CaptureSummary,
+    pub meta: ImageMeta,
+    pub manifest: format::Manifest,
+    pub origin: u64,
+}
+
+/// [`capture`] onto any writer, returning what the image's head and manifest hold too. A
+/// multicast master that sends its own disk runs it onto `std::io::sink()` and makes each
+/// chunk again when it is needed (`multicast::onthefly`).
+pub fn capture_to<W: Write>(
+    disk: &Path,
+    part: Option<&str>,
+    out: W,
+    opts: &CaptureOptions,
+    progress: &dyn Progress,
+) -> Result<Captured> {
     let zstd_level = format::zstd_level(opts.comp)?;
     let cs = u64::from(opts.chunk_size);
     if !(64 << 10..=format::layout::MAX_CHUNK_RAW).contains(&cs) || cs % BLOCK != 0 {
@@ -276,8 +300,7 @@ pub fn capture(
     progress.begin("capturing", Some(total));
 
     let threads = worker_threads(opts.threads);
-    let mut writer =
-        ImageWriter::streaming(BufWriter::with_capacity(crate::io::BUFFER_SIZE, out), &meta)?;
+    let mut writer = ImageWriter::streaming(out, &meta)?;
     let mut unknown_nonzero = 0u64;
     let dev_ref = &dev;
     let unknown_nonzero_ref = &mut unknown_nonzero;
@@ -312,11 +335,16 @@ pub fn capture(
         .filter(|e| e.header.kind == ChunkKind::Table)
         .map(|e| e.header.raw_len)
         .sum();
-    Ok(CaptureSummary {
-        chunks: manifest.entries.len() as u64,
-        data_bytes,
-        image_bytes,
-        used_bytes: fs_used + unknown_nonzero + table_bytes,
+    Ok(Captured {
+        summary: CaptureSummary {
+            chunks: manifest.entries.len() as u64,
+            data_bytes,
+            image_bytes,
+            used_bytes: fs_used + unknown_nonzero + table_bytes,
+        },
+        meta,
+        manifest,
+        origin,
     })
 }
 

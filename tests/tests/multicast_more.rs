@@ -898,3 +898,141 @@ fn a_copy_that_is_not_the_sessions_image_is_refused_and_nothing_of_it_is_written
     );
     assert_same_disk(&master, &t0, "client c0");
 }
+
+/// A master that sends its own disk (`-disk=`, no `-image=`) writes no image anywhere: it
+/// captures the manifest first (img -make's code, used blocks only) and makes each chunk
+/// again from the disk as the carousel sends it. The disk holds more than 64 MiB of used
+/// data, so the image could not be held in the master's memory bound either: GNU time's
+/// maximum resident size of the master stays under 64 MiB. Both clients end byte-identical
+/// to the master's disk (partitions and tables) and fsck-clean, and the master's spool
+/// folder (`IMG_SESSION_DIR`, `TMPDIR`) stays empty from start to end.
+#[test]
+fn a_master_sends_its_own_disk_on_the_fly_with_no_image_file_in_bounded_memory() {
+    let _one = serial();
+    let gnu_time = Path::new("/usr/bin/time");
+    assert!(
+        gnu_time.is_file(),
+        "GNU time (/usr/bin/time) is not installed: run `bash scripts/install-deps.sh` as root"
+    );
+    let mut lab = McastLab::new(1, 2);
+    let master = Disk::build(
+        &lab.dir().join("master-otf.img"),
+        &[
+            Part {
+                label: "BOOT",
+                fs: Fs::Fat32,
+                mib: 120,
+                seed: 91,
+            },
+            Part {
+                label: "OS",
+                fs: Fs::Ntfs,
+                mib: 48,
+                seed: 92,
+            },
+        ],
+    );
+    // 84 MiB more in the FAT32 partition (half compressible, half random): with the
+    // partitions' own files, over 100 MiB of used data.
+    let big = lab.dir().join("BIG.BIN");
+    let mut data = e2e::sample_bytes(93, 44 * MIB as usize);
+    data.extend(e2e::random_bytes(94, 40 * MIB as usize));
+    std::fs::write(&big, &data).unwrap();
+    drop(data);
+    sh(&format!(
+        "mcopy -i {}@@{} {} ::/DATA/",
+        master.path.display(),
+        master.parts[0].0,
+        big.display()
+    ));
+    std::fs::remove_file(&big).unwrap();
+    master.fsck(0);
+    let spool = lab.dir().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let targets: Vec<PathBuf> = (0..2)
+        .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
+        .collect();
+    let img = img();
+    let mut args: Vec<String> = vec![
+        format!("IMG_SESSION_DIR={}", spool.display()),
+        format!("TMPDIR={}", spool.display()),
+        gnu_time.display().to_string(),
+        "-f".into(),
+        "master max RSS %M KiB".into(),
+        img.display().to_string(),
+    ];
+    args.extend(master_args(
+        "otfroom",
+        &[
+            "-clients=2",
+            "-comp=3",
+            &format!("-disk={}", master.path.display()),
+        ],
+    ));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let m = lab.spawn("m0", Path::new("env"), &a);
+    let clients: Vec<Pid> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| spawn(&mut lab, &format!("c{i}"), &client_args("otfroom", t, &[])))
+        .collect();
+    // No file appears in the spool folder at any moment of the session.
+    let end = Instant::now() + SESSION_TIMEOUT;
+    let mut looks = 0u64;
+    let fm = loop {
+        if let Some(f) = lab.try_wait(m) {
+            break f;
+        }
+        let files: Vec<_> = std::fs::read_dir(&spool)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            files.is_empty(),
+            "the master wrote {files:?} into its spool folder"
+        );
+        looks += 1;
+        assert!(Instant::now() < end, "the session did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(looks > 10, "the session ended before the spool was watched");
+    for (i, p) in clients.iter().enumerate() {
+        expect_ok(&lab.wait(*p, SESSION_TIMEOUT), &format!("client c{i}"));
+    }
+    expect_ok(&fm, "the master (its own disk, on the fly)");
+    assert!(
+        fm.output.contains("no image file") && fm.output.contains("captured on the fly"),
+        "{}",
+        e2e::tail(&fm.output, 40)
+    );
+    assert!(fm.output.contains("2 of 2 client(s) done"), "{}", fm.output);
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    for (i, t) in targets.iter().enumerate() {
+        assert_same_disk(&master, t, &format!("client c{i}"));
+    }
+    // More used data than the memory bound, and the master within it.
+    let used = fm
+        .output
+        .lines()
+        .find(|l| l.contains("captured disk"))
+        .unwrap_or_default()
+        .to_string();
+    let rss_kib: u64 = fm
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("master max RSS "))
+        .and_then(|l| l.strip_suffix(" KiB"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no GNU time line in:\n{}", e2e::tail(&fm.output, 20)));
+    eprintln!("{used}\nmaster max RSS {rss_kib} KiB");
+    assert!(
+        used.contains(" data in a "),
+        "no capture summary: {}",
+        fm.output
+    );
+    assert!(
+        rss_kib < 64 * 1024,
+        "the master used {rss_kib} KiB (GNU time's max RSS), over 64 MiB: {used}"
+    );
+}

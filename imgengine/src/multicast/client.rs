@@ -1266,11 +1266,14 @@ fn send_objects(
         let s = from.max(o.offset) - o.offset;
         let e = to.min(o.offset + o.len) - o.offset;
         w.write_all(&data[s as usize..e as usize])?;
-        if e == o.len && from >= head_len {
+        if e == o.len && (from >= head_len || to > crate::format::FIRST_BYTES) {
             // Read to its end by a read of the chunks: the deploy has it; free the memory.
             // (The deploy's first read of the head takes a fixed number of bytes from 0,
             // which may cover the first small chunks whole: those are read again with the
-            // chunks, and freeing them here would cost this client a whole pass.)
+            // chunks, and freeing them here would cost this client a whole pass. A longer
+            // read from the start is the deploy streaming the image: freeing nothing there
+            // filled the window with chunks already written once the image was larger than
+            // the window, and the session stalled.)
             let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
             if i != 0 && i != rx.tail_index() {
                 rx.wanted.remove(&i);

@@ -11,23 +11,20 @@
 //! repair symbol helps every receiver.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fs::File;
 use std::io::ErrorKind as IoKind;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use super::chunks::{ChunkSource, FileChunks};
 use super::fec::{self, BlockEncoder};
 use super::packet::{
     data_tag, Announce, Body, ClientState, Data, MasterState, Packet, ReplyCode, Status,
     MAX_PACKET, SYMBOL_SIZE, TAG_LEN,
 };
 use super::{net, Object};
-use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format;
-use crate::source::{HttpConfig, Location, Source};
+use crate::error::{Error, ErrorKind, Result};
 
 /// How a master runs.
 #[derive(Debug, Clone)]
@@ -192,7 +189,7 @@ pub struct Master {
     digest: [u8; 32],
     announce: Announce,
     objects: Vec<Object>,
-    file: File,
+    source: Box<dyn ChunkSource>,
     pub clients: Vec<ClientInfo>,
     refused: Vec<u64>,
     running: bool,
@@ -221,8 +218,13 @@ pub struct Master {
 impl Master {
     /// Read the image's head and manifest and open the sockets.
     pub fn open(cfg: MasterConfig) -> Result<Master> {
-        let src = Source::open(&Location::File(cfg.image.clone()), &HttpConfig::default())?;
-        let head = format::fetch_head(&src)?;
+        let source = FileChunks::open(&cfg.image)?;
+        Master::with_source(cfg, Box::new(source))
+    }
+
+    /// [`Master::open`] with the image's bytes from `source` (`cfg.image` is not read).
+    pub fn with_source(cfg: MasterConfig, source: Box<dyn ChunkSource>) -> Result<Master> {
+        let head = source.head();
         let entries = &head.manifest.entries;
         let head_len = entries
             .first()
@@ -241,7 +243,6 @@ impl Master {
         let mut digest = [0u8; 32];
         hex::decode_to_slice(head.manifest.digest(), &mut digest)
             .map_err(|_| Error::corrupt("manifest digest"))?;
-        let file = File::open(&cfg.image).ctx(|| format!("opening {}", cfg.image.display()))?;
         let sock = net::unicast_socket(cfg.iface, cfg.ttl)?;
         sock.set_nonblocking(true)
             .map_err(|e| Error::io("making the session socket non-blocking", e))?;
@@ -253,6 +254,7 @@ impl Master {
             head_len,
             tail_len: head.image_len - end,
         };
+        let image_len = head.image_len;
         let cfg_name = cfg.name.clone();
         let max_rate = cfg.max_rate as f64;
         Ok(Master {
@@ -264,7 +266,7 @@ impl Master {
             digest,
             announce,
             objects,
-            file,
+            source,
             clients: Vec::new(),
             refused: Vec::new(),
             running: false,
@@ -286,7 +288,7 @@ impl Master {
             loss_history: VecDeque::from([0.0]),
             last_cut: Instant::now(),
             stats: Stats {
-                image_bytes: head.image_len,
+                image_bytes: image_len,
                 min_rate: max_rate,
                 ..Stats::default()
             },
@@ -296,6 +298,11 @@ impl Master {
     /// The image's manifest digest (hex).
     pub fn digest_hex(&self) -> String {
         hex::encode(self.digest)
+    }
+
+    /// What is sent, for the console.
+    pub fn source_name(&self) -> String {
+        self.source.describe()
     }
 
     pub fn image_len(&self) -> u64 {
@@ -685,9 +692,7 @@ impl Master {
         let (off, len) = fec::block_range(o.len, u32::from(block));
         self.block_buf.clear();
         self.block_buf.resize(len as usize, 0);
-        self.file
-            .read_exact_at(&mut self.block_buf, o.offset + off)
-            .ctx(|| format!("reading {}", self.cfg.image.display()))
+        self.source.read_at(o.offset + off, &mut self.block_buf)
     }
 
     /// Wait until the next packet may go: the throttle, or the automatic rate.

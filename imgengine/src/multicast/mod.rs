@@ -17,11 +17,13 @@
 //! image is verified (CRC32, SHA-256, the signature when the device trusts keys) and
 //! written exactly as `img -restore` does it, tables last, resumable by its journal.
 
+pub mod chunks;
 pub mod client;
 pub mod fallback;
 pub mod fec;
 pub mod master;
 pub mod net;
+pub mod onthefly;
 pub mod packet;
 
 use std::net::Ipv4Addr;

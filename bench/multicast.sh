@@ -168,7 +168,7 @@ run() {
   else
     # shellcheck disable=SC2086
     ip netns exec "${id}m0" /usr/bin/time -f "%U %S" -o "$work/mcpu" timeout -k 5 "$tmo" udp-sender --file "$work/src.fimg" --interface eth0 \
-      --min-receivers "$n" --nokbd --no-progress $extra > "$work/master.log" 2>&1 & mpid=$!
+      --min-receivers "$n" --nokbd --no-progress ${UDPCAST_FLAGS:-} $extra > "$work/master.log" 2>&1 & mpid=$!
   fi
   for ((i = 0; i < n; i++)); do
     (

@@ -10,6 +10,9 @@
 #   IMG=/path/to/img bash bench/multicast.sh   another build of img (default: release, musl)
 #   RUN_TIMEOUT=120                         seconds before a hung sender or receiver is stopped (failed)
 #   ONLY=img                                our runs only (no udpcast, no ratios): a quick look while developing
+#   LINK_MBIT=100                           the sender's link rate in Mbit/s (default 100, a classroom or
+#                                           branch switch port); LINK_MBIT=0: unlimited (the bridge is then
+#                                           as fast as the CPUs, and every run is CPU-bound)
 #
 # The image: one FAT32 disk made with mkfs.fat + mtools, files half text half random, captured
 # once with `img -make` into src.fimg. Both tools move exactly those bytes:
@@ -24,9 +27,14 @@
 # Loss: nftables `numgen random mod 100 < N drop` on every bridge port (the master's too, so
 # acknowledgements and repair requests are lost as well); this kernel has no netem.
 # The slow receiver: a tbf qdisc on its bridge port (SLOW_KBIT kbit/s).
+# The link: a tbf qdisc on the sender's own interface (eth0 in its namespace), for both tools alike,
+# with a queue of 1000 full frames (a NIC's default txqueuelen), so the wire and not the CPUs sets the
+# pace, as on a LAN; a sender that overruns it loses packets in its own queue, as on a real NIC.
 # Measured: completion time from the sender's start to the last receiver's exit; bytes the
 # master's veth sent (/sys/class/net/eth0/statistics/tx_bytes in its namespace: whole Ethernet
-# frames, so a full 1472-byte datagram costs 1514 bytes); CPU (user + system, GNU time) per
+# frames, so a full 1472-byte datagram costs 1514 bytes), and the UDP payload that left the sender
+# (an nft counter on the ingress of its bridge port: IP bytes less 28 per datagram, no Ethernet, IP or UDP
+# header, but our own 32-byte packet header and udpcast's are in it); CPU (user + system, GNU time) per
 # receiver and of the sender; every receiver's result is checked (cmp) against the source.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +53,7 @@ size_mib=${SIZE_MIB:-256}
 counts=${COUNTS:-"1 2 4 8"}
 losses=${LOSSES:-"0 2"}
 slow_kbit=${SLOW_KBIT:-40000}
+link_mbit=${LINK_MBIT:-100}
 tmo=${RUN_TIMEOUT:-120}  # a receiver still running then counts as failed
 maxn=8
 for n in $counts; do [ "$n" -gt "$maxn" ] && maxn=$n; done
@@ -85,7 +94,7 @@ for ((i = 0; i < maxn; i++)); do node "c$i" "10.89.0.$((101 + i))"; done
 ports="pm0 $(for ((i = 0; i < maxn; i++)); do printf 'pc%d ' "$i"; done)"
 
 set_loss() {  # PERCENT, on every port
-  { echo "flush ruleset"
+  { echo "table bridge lab { }"; echo "delete table bridge lab"  # only the loss table: the UDP counter stays
     echo "table bridge lab {"
     echo "  chain ports {"
     echo "    type filter hook forward priority 0; policy accept;"
@@ -93,6 +102,28 @@ set_loss() {  # PERCENT, on every port
     echo "  }"
     echo "}"; } > "$work/loss.nft"
   ip netns exec "$hub" nft -f "$work/loss.nft"
+}
+# The sender's link.
+if [ "$link_mbit" != 0 ]; then
+  burst=$((link_mbit * 125)); [ "$burst" -lt 15140 ] && burst=15140  # 1 ms of the rate, at least 10 frames
+  ip netns exec "${id}m0" tc qdisc replace dev eth0 root tbf rate "${link_mbit}mbit" burst "$burst" limit 1514000
+fi
+# The UDP counter sits on the sender's bridge port (the hub's ingress from pm0): it counts what
+# left the sender on the wire, not datagrams its own queue dropped.
+ip netns exec "$hub" nft -f - <<'NFT'
+table netdev bench {
+  counter udpout { }
+  chain in {
+    type filter hook ingress device "pm0" priority 0; policy accept;
+    ip protocol udp counter name "udpout"
+  }
+}
+NFT
+udp_reset() { ip netns exec "$hub" nft reset counter netdev bench udpout >/dev/null; }
+udp_payload() {  # UDP payload bytes sent since the last udp_reset: IP bytes less 20 + 8 per datagram
+  ip netns exec "$hub" nft list counter netdev bench udpout | awk '/packets/ {
+    for (i = 1; i < NF; i++) { if ($i == "packets") p = $(i + 1); if ($i == "bytes") b = $(i + 1) }
+    print b - 28 * p }'
 }
 set_slow() { ip netns exec "$hub" tc qdisc replace dev "pc$1" root tbf rate "${2}kbit" burst 32kbit latency 400ms; }
 clear_slow() { ip netns exec "$hub" tc qdisc del dev "pc$1" root 2>/dev/null || true; }
@@ -121,7 +152,7 @@ payload=$(stat -c %s "$work/src.fimg")
 disk_len=$(stat -c %s "$work/src.img")
 
 # run TOOL N [udpcast flags...]: one session; sets T (s), T_OTHERS (all but the last
-# receiver, for the slow case), WIRE (bytes), CPU (mean s per receiver), MCPU (sender's s),
+# receiver, for the slow case), WIRE (Ethernet frame bytes), UDP (UDP payload bytes), CPU (mean s per receiver), MCPU (sender's s),
 # OK (correct receivers).
 run() {
   local tool=$1 n=$2; shift 2
@@ -130,14 +161,14 @@ run() {
   for ((i = 0; i < n; i++)); do
     if [ "$tool" = img ]; then truncate -s "$disk_len" "$work/t$i.img"; mkdir -p "$work/state$i"; fi
   done
-  tx0=$(tx_bytes); start=$(now)
+  udp_reset; tx0=$(tx_bytes); start=$(now)
   if [ "$tool" = img ]; then
     ip netns exec "${id}m0" /usr/bin/time -f "%U %S" -o "$work/mcpu" timeout -k 5 "$tmo" "$img" -session "$name" -master -clients="$n" \
       -image="$work/src.fimg" > "$work/master.log" 2>&1 & mpid=$!
   else
     # shellcheck disable=SC2086
     ip netns exec "${id}m0" /usr/bin/time -f "%U %S" -o "$work/mcpu" timeout -k 5 "$tmo" udp-sender --file "$work/src.fimg" --interface eth0 \
-      --min-receivers "$n" --nokbd --no-progress $extra > "$work/master.log" 2>&1 & mpid=$!
+      --min-receivers "$n" --nokbd --no-progress ${UDPCAST_FLAGS:-} $extra > "$work/master.log" 2>&1 & mpid=$!
   fi
   for ((i = 0; i < n; i++)); do
     (
@@ -154,7 +185,7 @@ run() {
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
   wait "$mpid" || true
-  WIRE=$(( $(tx_bytes) - tx0 ))
+  WIRE=$(( $(tx_bytes) - tx0 )); UDP=$(udp_payload)
   T=0; T_OTHERS=0; CPU=0; OK=0
   read -r MCPU < <(tail -1 "$work/mcpu" 2>/dev/null | awk '{print $1 + $2}' || echo 0)
   MCPU=${MCPU:-0}
@@ -186,17 +217,23 @@ ratio() {
   echo "scale=3; $1 / $2" | bc -l | awk '{printf "%.2f", $1}'
 }
 report() {  # LABEL N
-  printf "  %-44s %7.2f s  wire %6.3fx payload  cpu/receiver %6.2f s  sender cpu %6.2f s  correct %d/%d\n" \
-    "$1" "$T" "$(echo "$WIRE / $payload" | bc -l)" "$CPU" "$MCPU" "$OK" "$2"
+  printf "  %-44s %7.2f s  frames %6.3fx udp %6.3fx payload  cpu/receiver %6.2f s  sender cpu %6.2f s  correct %d/%d\n" \
+    "$1" "$T" "$(echo "$WIRE / $payload" | bc -l)" "$(echo "$UDP / $payload" | bc -l)" "$CPU" "$MCPU" "$OK" "$2"
 }
 
 echo "== multicast: img -session vs udpcast $(dpkg-query -W -f='${Version}' udpcast 2>/dev/null)"
 echo "   machine: $(nproc) cores (sender and all receivers share them: 8 receivers contend for CPU)"
 echo "   image: FAT32 ${size_mib} MiB disk, src.fimg $payload bytes (the payload both tools send)"
+if [ "$link_mbit" = 0 ]; then
+  echo "   link: unlimited (LINK_MBIT=0): the bridge is as fast as the CPUs, so every run is CPU-bound"
+else
+  echo "   link: ${link_mbit} Mbit/s on the sender's interface (tbf, 1000-frame queue), both tools alike (LINK_MBIT=${link_mbit})"
+fi
 echo "   loss on every bridge port with nft numgen; slow receiver: tbf ${slow_kbit} kbit/s"
-echo "   wire = Ethernet frames the sender's veth sent / payload; the floor for ours is 1514/1440 = 1.051 (frame, IP, UDP and our 32-byte header per 1440-byte symbol) plus repairs"
+echo "   frames = Ethernet frame bytes the sender's veth sent / payload; ours has a floor of 1514/1440 = 1.051 (frame, IP, UDP and our 32-byte header per 1440-byte symbol) plus repairs"
+echo "   udp = UDP payload bytes that left the sender (counted on its bridge port) / payload (no Ethernet, IP or UDP headers; each tool's own packet header is in it); ours has a floor of 1472/1440 = 1.022"
 summary=()
-declare -A Ti Tu Wi Wu
+declare -A Ti Tu Wi Wu Ui Uu
 for loss in $losses; do
   set_loss "$loss"
   echo "-- ${loss}% loss"
@@ -204,25 +241,25 @@ for loss in $losses; do
     # Ours: a run counts only when every receiver ended with the source's bytes.
     run img "$n"; report "img -session, $n receiver(s)" "$n"
     ci=$CPU; okd="$OK/$n"
-    if [ "$OK" -eq "$n" ]; then Ti[$loss,$n]=$T; Wi[$loss,$n]=$WIRE; else Ti[$loss,$n]=""; Wi[$loss,$n]=""; fi
+    if [ "$OK" -eq "$n" ]; then Ti[$loss,$n]=$T; Wi[$loss,$n]=$WIRE; Ui[$loss,$n]=$UDP; else Ti[$loss,$n]=""; Wi[$loss,$n]=""; Ui[$loss,$n]=""; fi
     mi=$MCPU
     # udpcast: its best correct setting (defaults, and its FEC when there is loss).
-    Tu[$loss,$n]=""; Wu[$loss,$n]=""; cu=""; mu=""; uflags="no correct run"
+    Tu[$loss,$n]=""; Wu[$loss,$n]=""; Uu[$loss,$n]=""; cu=""; mu=""; uflags="no correct run"
     if [ "${ONLY:-}" = img ]; then
-      summary+=("${loss}% loss, $n rcv: ours correct $okd; wire ours $(ratio "${Wi[$loss,$n]}" "$payload")x payload (udpcast not run: ONLY=img)")
+      summary+=("${loss}% loss, $n rcv: ours correct $okd; ours $(ratio "${Wi[$loss,$n]}" "$payload")x payload in frames, $(ratio "${Ui[$loss,$n]}" "$payload")x in UDP payload (udpcast not run: ONLY=img)")
       continue
     fi
     run udpcast "$n"; report "udpcast defaults, $n receiver(s)" "$n"
-    if [ "$OK" -eq "$n" ]; then Tu[$loss,$n]=$T; Wu[$loss,$n]=$WIRE; cu=$CPU; mu=$MCPU; uflags="defaults"; fi
+    if [ "$OK" -eq "$n" ]; then Tu[$loss,$n]=$T; Wu[$loss,$n]=$WIRE; Uu[$loss,$n]=$UDP; cu=$CPU; mu=$MCPU; uflags="defaults"; fi
     if [ "$loss" -gt 0 ]; then
       run udpcast "$n" --fec 8x8/128; report "udpcast --fec 8x8/128, $n receiver(s)" "$n"
       if [ "$OK" -eq "$n" ] && { [ -z "${Tu[$loss,$n]}" ] || (( $(echo "$T < ${Tu[$loss,$n]}" | bc -l) )); }; then
-        Tu[$loss,$n]=$T; Wu[$loss,$n]=$WIRE; cu=$CPU; mu=$MCPU; uflags="--fec 8x8/128"
+        Tu[$loss,$n]=$T; Wu[$loss,$n]=$WIRE; Uu[$loss,$n]=$UDP; cu=$CPU; mu=$MCPU; uflags="--fec 8x8/128"
       fi
     fi
     target=1.25; [ "$loss" -gt 0 ] && target=2
-    wtarget=""; [ "$loss" -gt 0 ] && wtarget=" (target ours <= 1.06x payload)"
-    summary+=("${loss}% loss, $n rcv: ours correct $okd; speed vs udpcast ($uflags) $(ratio "${Tu[$loss,$n]}" "${Ti[$loss,$n]}")x (target >= $target); wire ours $(ratio "${Wi[$loss,$n]}" "$payload")x / udpcast $(ratio "${Wu[$loss,$n]}" "$payload")x payload = $(ratio "${Wi[$loss,$n]}" "${Wu[$loss,$n]}")x udpcast's$wtarget; cpu ours/udpcast per receiver $(ratio "$ci" "$cu")x, sender $(ratio "$mi" "$mu")x")
+    wtarget=""; [ "$loss" -gt 0 ] && wtarget=" (target: ours <= 1.06x payload; in frames the floor at 2 % loss is 1.051/0.98 = 1.072)"
+    summary+=("${loss}% loss, $n rcv: ours correct $okd; speed vs udpcast ($uflags) $(ratio "${Tu[$loss,$n]}" "${Ti[$loss,$n]}")x (target >= $target); frames ours $(ratio "${Wi[$loss,$n]}" "$payload")x / udpcast $(ratio "${Wu[$loss,$n]}" "$payload")x payload; UDP payload ours $(ratio "${Ui[$loss,$n]}" "$payload")x / udpcast $(ratio "${Uu[$loss,$n]}" "$payload")x$wtarget; cpu ours/udpcast per receiver $(ratio "$ci" "$cu")x, sender $(ratio "$mi" "$mu")x")
   done
   first=${counts%% *}; last=${counts##* }
   summary+=("${loss}% loss: T($last)/T($first) ours $(ratio "${Ti[$loss,$last]}" "${Ti[$loss,$first]}") (target <= 1.1), udpcast $(ratio "${Tu[$loss,$last]}" "${Tu[$loss,$first]}")")
@@ -240,7 +277,7 @@ if [ "$slow_kbit" != 0 ] && [ "${ONLY:-}" = img ]; then
   slow_kbit=0
 fi
 if [ "$slow_kbit" = 0 ]; then  # SLOW_KBIT=0: no slow-receiver case (a quicker look)
-  echo; echo "== summary ($(nproc) cores; speed = udpcast time / our time, higher is better)"
+  echo; echo "== summary ($(nproc) cores, link $([ "$link_mbit" = 0 ] && echo unlimited || echo "$link_mbit Mbit/s"); speed = udpcast time / our time, higher is better)"
   printf '%s\n' "${summary[@]}"; exit 0
 fi
 echo "-- one slow receiver of 4 (c3 at ${slow_kbit} kbit/s), 0% loss"
@@ -255,5 +292,5 @@ clear_slow 3
 summary+=("slow receiver (1 of 4 at ${slow_kbit} kbit/s): the others' time / unimpeded: ours $(ratio "$ti_oth" "$ti_free")x (target <= 1.2; correct $oki of 4+4), udpcast $(ratio "$tu_oth" "$tu_free")x (correct $oku of 4+4)")
 
 echo
-echo "== summary ($(nproc) cores; speed = udpcast time / our time, higher is better)"
+echo "== summary ($(nproc) cores, link $([ "$link_mbit" = 0 ] && echo unlimited || echo "$link_mbit Mbit/s"); speed = udpcast time / our time, higher is better)"
 printf '%s\n' "${summary[@]}"

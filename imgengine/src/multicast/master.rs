@@ -246,6 +246,7 @@ impl Master {
         let sock = net::unicast_socket(cfg.iface, cfg.ttl)?;
         sock.set_nonblocking(true)
             .map_err(|e| Error::io("making the session socket non-blocking", e))?;
+        net::report_local_drops(&sock);
         let announce = Announce {
             state: MasterState::Waiting,
             latejoin: cfg.latejoin,
@@ -388,8 +389,18 @@ impl Master {
                 Err(e) if e.kind() == IoKind::WouldBlock || e.kind() == IoKind::Interrupted => {
                     break
                 }
-                // ICMP port unreachable from a client that went away surfaces here.
-                Err(e) if e.kind() == IoKind::ConnectionRefused => continue,
+                // ICMP from a client that went away (port or host unreachable) surfaces
+                // here, queued by IP_RECVERR: take it and go on.
+                Err(e)
+                    if e.kind() == IoKind::ConnectionRefused
+                        || matches!(
+                            e.raw_os_error(),
+                            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ENOBUFS)
+                        ) =>
+                {
+                    net::clear_errors(&self.sock);
+                    continue;
+                }
                 Err(e) => return Err(Error::io("receiving on the session socket", e)),
             }
         }

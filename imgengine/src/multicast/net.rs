@@ -117,6 +117,34 @@ fn big_buffers(s: &Socket) {
     let _ = setsockopt(s, sockopt::SndBufForce, &RCVBUF);
 }
 
+/// Make a send that its own interface's queue drops fail with ENOBUFS instead of passing in
+/// silence (IP_RECVERR): a master faster than its link then waits and sends again, as it
+/// does for a full socket buffer, where otherwise every packet over the link's rate would be
+/// lost before the wire and repaired later at the price of a NACK round.
+pub fn report_local_drops(s: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::Ipv4RecvErr, &true);
+}
+
+/// Take the errors IP_RECVERR queued on `s` (ICMP from clients that went away): they hold
+/// receive-buffer memory until read.
+pub fn clear_errors(s: &UdpSocket) {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 64];
+    for _ in 0..64 {
+        if recv(
+            s.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        )
+        .is_err()
+        {
+            break;
+        }
+    }
+}
+
 /// Are packets waiting in `s`'s receive queue? (A peek that never blocks.)
 pub fn backlogged(s: &UdpSocket) -> bool {
     let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];

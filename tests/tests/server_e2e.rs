@@ -22,7 +22,7 @@ use agent::checkin;
 use checkin::client::{Client, ClientError};
 use checkin::state::StateDir;
 use checkin::{AgentConfig, LoopOutcome};
-use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
+use e2e::{imgserver_admin as admin, require_tool, sample_bytes, sh, Scratch};
 use imgengine::capture::{capture, CaptureOptions};
 use imgengine::io::NoProgress;
 use imgserver::protocol::{
@@ -33,56 +33,29 @@ const MIB: u64 = 1 << 20;
 const MAC_A: &str = "52:54:00:00:00:0a";
 const MAC_B: &str = "52:54:00:00:00:0b";
 
-/// A running `imgserver serve` on 127.0.0.1 with TLS; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Option<Child>,
-    url: String,
-    port: u16,
+/// A running `imgserver serve` on 127.0.0.1 with TLS (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut e2e::server::Server {
+        &mut self.0
+    }
 }
 
 impl Server {
     /// `imgserver init` in `data` (if not done) and serve on `port` (0: any).
     fn start(data: &Path, port: u16) -> Server {
-        if !data.join("ca.pem").exists() {
-            admin(data, &["init"]);
-        }
-        let (child, addr) = e2e::spawn_imgserver(
-            Command::new(imgserver_bin()).args([
-                "--data",
-                data.to_str().unwrap(),
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--interval",
-                "7",
-            ]),
-            "listening on https://",
-        );
-        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server {
-            data: data.to_path_buf(),
-            child: Some(child),
-            url: format!("https://127.0.0.1:{port}"),
-            port,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        admin(&self.data, args)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
+        Server(e2e::server::Server::start(
+            data,
+            &["--listen", &format!("127.0.0.1:{port}"), "--interval", "7"],
+        ))
     }
 }
 

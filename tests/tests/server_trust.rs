@@ -34,42 +34,21 @@ const MAC_B: &str = "52:54:00:00:01:0b";
 const MAC_C: &str = "52:54:00:00:01:0c";
 const MAC_D: &str = "52:54:00:00:01:0d";
 
-/// A running `imgserver serve` with TLS on 127.0.0.1; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Child,
-    url: String,
-    port: u16,
+/// A running `imgserver serve` with TLS on 127.0.0.1 (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(data: &Path, extra: &[&str]) -> Server {
-        if !data.join("ca.pem").exists() {
-            admin(data, &["init"]);
-        }
-        let (child, addr) = e2e::spawn_imgserver(
-            Command::new(imgserver_bin())
-                .arg("--data")
-                .arg(data)
-                .args(["serve", "--listen", "127.0.0.1:0", "--interval", "7"])
-                .args(extra),
-            "listening on https://",
-        );
-        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server {
-            data: data.to_path_buf(),
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-            port,
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        admin(&self.data, args)
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.data.join("ca.pem")
+        let mut args = vec!["--listen", "127.0.0.1:0", "--interval", "7"];
+        args.extend_from_slice(extra);
+        Server(e2e::server::Server::start(data, &args))
     }
 
     fn client(&self) -> Client {
@@ -78,17 +57,6 @@ impl Server {
 
     fn http(&self) -> ureq::Agent {
         http_agent(Some(&self.ca()), Duration::from_secs(20)).unwrap()
-    }
-
-    fn enrol_secret(&self) -> String {
-        fs::read_to_string(self.data.join("enrol.key")).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -213,3 +213,36 @@ pub fn installed_disk(dir: &Path, disk: &Path, mib: u64, os_name: Option<&str>) 
         .arg(format!("-initrd={}", dir.join("initrd.img").display())));
     disk.to_path_buf()
 }
+
+/// An administrator's source disk at `disk`: `mib` MiB of GPT with one FAT16 partition
+/// SYSTEM (1 MiB .. 33 MiB, made by sgdisk, mkfs.fat and mtools) holding VERSION.TXT =
+/// `version_txt` and BLOB.BIN = `blob` (both written into `dir` first).
+pub fn fat16_source_disk(dir: &Path, disk: &Path, mib: u64, version_txt: &str, blob: &[u8]) {
+    std::fs::write(dir.join("VERSION.TXT"), version_txt).unwrap();
+    std::fs::write(dir.join("BLOB.BIN"), blob).unwrap();
+    crate::sh(&format!(
+        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
+         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
+         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
+         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
+         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
+        d = dir.display(),
+        size = mib * MIB,
+        disk = disk.display()
+    ));
+}
+
+/// `disk` (partition `part`, or whole when None) captured by the engine as image `name`
+/// `version` into the file `img`.
+pub fn capture_image(disk: &Path, part: Option<&str>, name: &str, version: &str, img: &Path) {
+    use imgengine::capture::{capture, CaptureOptions};
+    let mut f = std::fs::File::create(img).unwrap();
+    let o = CaptureOptions {
+        name: name.into(),
+        version: version.into(),
+        comp: 1,
+        threads: 2,
+        ..Default::default()
+    };
+    capture(disk, part, &mut f, &o, &imgengine::io::NoProgress).unwrap();
+}

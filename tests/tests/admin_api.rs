@@ -14,10 +14,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use e2e::server::parse_curl;
-use e2e::{require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
+use e2e::server::{capture_image, fat16_source_disk, parse_curl};
+use e2e::{require_tool, sample_bytes, Scratch};
 use imgserver::protocol::{
     CheckIn, DeviceIdentity, DiskReport, ImageStamp, Outcome, PartitionReport, TaskResult,
     CHECKIN_PATH, PROTOCOL_VERSION,
@@ -150,28 +148,10 @@ fn make_image(dir: &Scratch, name: &str, version: &str) -> PathBuf {
         require_tool(t);
     }
     let disk = dir.join(format!("{name}-{version}-source.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(dir.join("BLOB.BIN"), sample_bytes(7, 256 << 10)).unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 48 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(7, 256 << 10);
+    fat16_source_disk(dir.path(), &disk, 48, &format!("{name} {version}\n"), &blob);
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, None, name, version, &img);
     img
 }
 

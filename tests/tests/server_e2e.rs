@@ -22,9 +22,8 @@ use agent::checkin;
 use checkin::client::{Client, ClientError};
 use checkin::state::StateDir;
 use checkin::{AgentConfig, LoopOutcome};
+use e2e::server::{capture_image, fat16_source_disk};
 use e2e::{imgserver_admin as admin, require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
 use imgserver::protocol::{
     progress_path, result_path, task_path, Outcome, ProgressReport, Task, TaskResult,
 };
@@ -69,37 +68,15 @@ fn tools() {
 /// VERSION.TXT = `version` and a `payload`-byte file of noise.
 fn make_source_disk(dir: &Scratch, name: &str, version: &str, payload: usize) -> PathBuf {
     let disk = dir.join(format!("{name}-{version}-source.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(
-        dir.join("BLOB.BIN"),
-        sample_bytes(payload as u64 + 7, payload),
-    )
-    .unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 48 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(payload as u64 + 7, payload);
+    fat16_source_disk(dir.path(), &disk, 48, &format!("{name} {version}\n"), &blob);
     disk
 }
 
 /// Capture `disk` whole as image `name` `version` and register it with the server.
 fn register_image(srv: &Server, dir: &Scratch, disk: &Path, name: &str, version: &str) -> PathBuf {
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(disk, None, name, version, &img);
     let out = srv.admin(&["image", "add", img.to_str().unwrap()]);
     assert!(
         out.contains(&format!("registered image {name} {version}")),

@@ -19,9 +19,8 @@ use agent::checkin;
 use checkin::client::{http_agent, Client, ClientError};
 use checkin::state::StateDir;
 use checkin::AgentConfig;
+use e2e::server::{capture_image, fat16_source_disk};
 use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
 use imgserver::protocol::{
     enrolment_proof, progress_path, result_path, task_path, Action, CheckIn, CheckInReply,
     DeviceIdentity, DiskReport, Outcome, ProgressReport, Task, TaskKind, TaskResult, CHECKIN_PATH,
@@ -129,28 +128,10 @@ fn tools() {
 /// as image `name` `version` into `dir/<name>-<version>.img`.
 fn make_image(dir: &Scratch, name: &str, version: &str) -> PathBuf {
     let disk = dir.join(format!("{name}-{version}-src.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(dir.join("BLOB.BIN"), sample_bytes(11, 200_000)).unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 40 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(11, 200_000);
+    fat16_source_disk(dir.path(), &disk, 40, &format!("{name} {version}\n"), &blob);
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, None, name, version, &img);
     img
 }
 

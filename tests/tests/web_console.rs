@@ -14,10 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::server::{capture_image, fat16_source_disk};
 use e2e::{imgserver_admin as admin, require_tool, sample_bytes, sh, Scratch};
 use fantoccini::{Client, ClientBuilder, Locator};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
 
 const MIB: u64 = 1 << 20;
 const MAC_A: &str = "52:54:00:00:0c:0a";
@@ -67,28 +66,10 @@ fn register_image(srv: &Server, dir: &Scratch, version: &str) {
 /// The image file `os` `version` (see [`register_image`]), not registered.
 fn make_image(dir: &Scratch, version: &str) -> PathBuf {
     let disk = dir.join(format!("src-{version}.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("os {version}\n")).unwrap();
-    fs::write(dir.join("BLOB.BIN"), sample_bytes(7, 200_000)).unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 48 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(7, 200_000);
+    fat16_source_disk(dir.path(), &disk, 48, &format!("os {version}\n"), &blob);
     let img = dir.join(format!("os-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: "os".into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, None, "os", version, &img);
     img
 }
 

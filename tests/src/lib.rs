@@ -9,6 +9,7 @@
 pub mod netlab;
 pub use netlab::NetLab;
 pub mod mcastlab;
+pub mod server;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

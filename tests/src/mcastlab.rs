@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use crate::{require_tool, run, tail, Scratch};
 
+pub mod room;
+
 /// The lab's subnet: masters are .1, .2, ...; clients .101, .102, ...
 const SUBNET: &str = "10.88.0";
 

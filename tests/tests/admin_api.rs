@@ -11,73 +11,43 @@
 //! the audit trail records who did what.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
+use e2e::server::{capture_image, fat16_source_disk, parse_curl};
+use e2e::{require_tool, sample_bytes, Scratch};
 use imgserver::protocol::{
-    enrolment_proof, CheckIn, DeviceIdentity, DiskReport, ImageStamp, Outcome, PartitionReport,
-    TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
+    CheckIn, DeviceIdentity, DiskReport, ImageStamp, Outcome, PartitionReport, TaskResult,
+    CHECKIN_PATH, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
-/// `imgserver serve` with TLS on 127.0.0.1; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Child,
-    url: String,
+/// `imgserver serve` with TLS on 127.0.0.1 (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(data: &Path) -> Server {
-        admin(data, &["init"]);
-        let mut child = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(data)
-            .args(["serve", "--listen", "127.0.0.1:0", "--interval", "7"])
-            // The table-driven test sends a few hundred requests at once.
-            .args(["--rate-per-address", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("imgserver said {line:?}"))
-            .to_string();
-        Server {
-            data: data.to_path_buf(),
-            child,
-            url: format!("https://{addr}"),
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        admin(&self.data, args)
-    }
-
-    /// A new admin token with `role`, issued on the host.
-    fn token(&self, name: &str, role: &str) -> String {
-        let out = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(&self.data)
-            .args(["admin", "add", name, "--role", role])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let t = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        assert!(t.starts_with("imgadm_"), "{t}");
-        t
+        Server(e2e::server::Server::start(
+            data,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--interval",
+                "7",
+                // The table-driven test sends a few hundred requests at once.
+                "--rate-per-address",
+                "0",
+            ],
+        ))
     }
 
     /// One HTTPS request with curl: (status, JSON body or Null).
@@ -88,19 +58,8 @@ impl Server {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut c = Command::new("curl");
-        c.args(["-sS", "--max-time", "60", "--cacert"])
-            .arg(self.data.join("ca.pem"))
-            .args(["-X", method, "-w", "\n%{http_code}"]);
-        if let Some(t) = token {
-            c.arg("-H").arg(format!("Authorization: Bearer {t}"));
-        }
-        if let Some(b) = body {
-            c.args(["-H", "Content-Type: application/json", "--data-binary"])
-                .arg(b.to_string());
-        }
-        c.arg(format!("{}{path}", self.url));
-        parse_curl(c.output().expect("running curl"))
+        let (status, text) = self.call_text(method, path, token, body);
+        (status, json_or_null(&text))
     }
 
     fn get(&self, path: &str, token: &str) -> Value {
@@ -122,7 +81,8 @@ impl Server {
             .arg(format!("{}/api/v1/admin/images/upload{query}", self.url))
             .output()
             .unwrap();
-        parse_curl(out)
+        let (status, text) = parse_curl(out);
+        (status, json_or_null(&text))
     }
 
     /// A device check-in (protocol v1) with `cred` (None: enrol with the site secret).
@@ -133,16 +93,6 @@ impl Server {
             cred,
             Some(&serde_json::to_value(req).unwrap()),
         )
-    }
-
-    /// Enrol `dev`: its credential.
-    fn enrol(&self, dev: &CheckIn) -> String {
-        let secret = fs::read_to_string(self.data.join("enrol.key")).unwrap();
-        let mut first = dev.clone();
-        first.enrol_proof = Some(enrolment_proof(&secret, &dev.device.mac));
-        let (s, v) = self.checkin(&first, None);
-        assert_eq!(s, 200, "{v}");
-        v["credential"].as_str().expect("credential").to_string()
     }
 
     /// Check in as an enrolled device: the task id handed over, if any.
@@ -157,30 +107,9 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn parse_curl(out: std::process::Output) -> (u16, Value) {
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text
-        .trim_end()
-        .rsplit_once('\n')
-        .unwrap_or(("", text.trim()));
-    let status: u16 = code
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("curl said {text:?}"));
-    let v = serde_json::from_str(body).unwrap_or(Value::Null);
-    (status, v)
+/// A response body as JSON, or Null when it is not JSON.
+fn json_or_null(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
 /// A device with one disk `disk_size` bytes big; its disk carries `stamp` if given.
@@ -219,28 +148,10 @@ fn make_image(dir: &Scratch, name: &str, version: &str) -> PathBuf {
         require_tool(t);
     }
     let disk = dir.join(format!("{name}-{version}-source.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(dir.join("BLOB.BIN"), sample_bytes(7, 256 << 10)).unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 48 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(7, 256 << 10);
+    fat16_source_disk(dir.path(), &disk, 48, &format!("{name} {version}\n"), &blob);
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, None, name, version, &img);
     img
 }
 

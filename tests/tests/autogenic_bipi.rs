@@ -17,10 +17,10 @@
 //!   unchanged), three times, and the device reports maintenance.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{img_bin, imgserver_admin as admin, imgserver_bin, require_tool, run, sh, Scratch};
+use e2e::{img_bin, imgserver_admin as admin, require_tool, sh, Scratch};
 use grub::bootpart::BootPartition;
 use grub::store::{Item, Store};
 
@@ -38,36 +38,23 @@ fn img(args: &[&str]) -> Output {
     Command::new(img_bin()).args(args).output().unwrap()
 }
 
-/// A running `imgserver serve` on 127.0.0.1; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
+/// A running `imgserver serve` on 127.0.0.1 (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(data: &Path) -> Server {
         admin(data, &["init"]);
-        let (child, addr) = e2e::spawn_imgserver(
-            Command::new(imgserver_bin()).args([
-                "--data",
-                data.to_str().unwrap(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-            ]),
-            "listening on https://",
-        );
-        Server {
-            child,
-            url: format!("https://{addr}"),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Server(e2e::server::Server::start(
+            data,
+            &["--listen", "127.0.0.1:0"],
+        ))
     }
 }
 
@@ -161,29 +148,12 @@ impl Lab {
     }
 
     fn device_of(&self, name: &str, mib: u64) -> Device {
-        let disk = self.dir.join(format!("{name}.img"));
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(mib * MIB)
-            .unwrap();
-        run(Command::new("sgdisk")
-            .args([
-                "-o",
-                "-n1:1M:+40M",
-                "-t1:ef00",
-                "-c1:BOOTAGENT",
-                "-n2:0:0",
-                "-t2:0700",
-                "-c2:OS",
-            ])
-            .arg(&disk));
-        std::fs::write(self.dir.join("vmlinuz"), e2e::random_bytes(1, 300_000)).unwrap();
-        std::fs::write(self.dir.join("initrd.img"), e2e::random_bytes(2, 500_000)).unwrap();
-        run(Command::new(img_bin())
-            .arg("-install")
-            .arg(&disk)
-            .arg(format!("-kernel={}", self.dir.join("vmlinuz").display()))
-            .arg(format!("-initrd={}", self.dir.join("initrd.img").display())));
+        let disk = e2e::server::installed_disk(
+            self.dir.path(),
+            &self.dir.join(format!("{name}.img")),
+            mib,
+            Some("OS"),
+        );
         let d = disk.display();
         sh(&format!(
             "export MTOOLS_SKIP_CHECK=1

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{img_bin, imgserver_admin as admin, imgserver_bin, require_tool, run, sh, Scratch};
+use e2e::{img_bin, imgserver_admin as admin, require_tool, run, sh, Scratch};
 use grub::bootpart::BootPartition;
 use grub::store::Store;
 
@@ -36,28 +36,7 @@ fn device_disk_of(dir: &Scratch, data: &Path, mib: u64) -> PathBuf {
     for t in ["sgdisk", "mcopy", "grub-editenv", "ionice"] {
         require_tool(t);
     }
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(mib * MIB)
-        .unwrap();
-    run(Command::new("sgdisk")
-        .args([
-            "-o",
-            "-n1:1M:+40M",
-            "-t1:ef00",
-            "-c1:BOOTAGENT",
-            "-n2:0:0",
-            "-t2:0700",
-        ])
-        .arg(&disk));
-    std::fs::write(dir.join("vmlinuz"), e2e::random_bytes(1, 300_000)).unwrap();
-    std::fs::write(dir.join("initrd.img"), e2e::random_bytes(2, 500_000)).unwrap();
-    run(Command::new(img_bin())
-        .arg("-install")
-        .arg(&disk)
-        .arg(format!("-kernel={}", dir.join("vmlinuz").display()))
-        .arg(format!("-initrd={}", dir.join("initrd.img").display())));
+    let disk = e2e::server::installed_disk(dir.path(), &dir.join("disk.img"), mib, None);
     std::fs::write(dir.join("lab.conf"), "unsigned_images = yes\n").unwrap();
     sh(&format!(
         "export MTOOLS_SKIP_CHECK=1; d={d}
@@ -71,43 +50,26 @@ fn device_disk_of(dir: &Scratch, data: &Path, mib: u64) -> PathBuf {
     disk
 }
 
-/// A running `imgserver serve` (TLS with its own CA); killed on drop.
+/// A running `imgserver serve` (TLS with its own CA; tests/src/server.rs); killed on drop.
 struct Server {
-    child: Child,
+    server: e2e::server::Server,
     url: String,
     listen: String,
 }
 
 impl Server {
     fn start(data: &Path, listen: &str) -> Server {
-        let (child, addr) = e2e::spawn_imgserver(
-            Command::new(imgserver_bin()).args([
-                "--data",
-                data.to_str().unwrap(),
-                "serve",
-                "--listen",
-                listen,
-            ]),
-            "listening on https://",
-        );
+        let server = e2e::server::Server::start(data, &["--listen", listen]);
         Server {
-            child,
-            url: format!("https://{addr}"),
+            url: server.url.clone(),
+            server,
             listen: listen.to_string(),
         }
     }
 
     fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
         self.listen.clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -12,9 +12,9 @@
 //!   store's outbox and is delivered once by the next check-in, a new process.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
-use e2e::{img_bin, imgserver_admin as admin, imgserver_bin, require_tool, run, sh, Scratch};
+use e2e::{img_bin, imgserver_admin as admin, require_tool, sh, Scratch};
 use grub::bootpart::BootPartition;
 use grub::store::{self, Store};
 
@@ -30,29 +30,7 @@ fn installed_disk_of(dir: &Scratch, mib: u64) -> PathBuf {
     for t in ["sgdisk", "fsck.fat", "mtype", "mcopy"] {
         require_tool(t);
     }
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(mib * MIB)
-        .unwrap();
-    run(Command::new("sgdisk")
-        .args([
-            "-o",
-            "-n1:1M:+40M",
-            "-t1:ef00",
-            "-c1:BOOTAGENT",
-            "-n2:0:0",
-            "-t2:0700",
-        ])
-        .arg(&disk));
-    std::fs::write(dir.join("vmlinuz"), e2e::random_bytes(1, 300_000)).unwrap();
-    std::fs::write(dir.join("initrd.img"), e2e::random_bytes(2, 500_000)).unwrap();
-    run(Command::new(img_bin())
-        .arg("-install")
-        .arg(&disk)
-        .arg(format!("-kernel={}", dir.join("vmlinuz").display()))
-        .arg(format!("-initrd={}", dir.join("initrd.img").display())));
-    disk
+    e2e::server::installed_disk(dir.path(), &dir.join("disk.img"), mib, None)
 }
 
 /// The boot-agent partition's bytes (1 MiB into the disk, 40 MiB long).
@@ -211,10 +189,15 @@ fn in_place_store_writes_keep_the_fat_clean_and_its_metadata_identical() {
     assert!(text(&o).contains("no boot-agent partition"), "{}", text(&o));
 }
 
-/// A running `imgserver serve` on 127.0.0.1 (TLS with its own CA); killed on drop.
-struct Server {
-    child: Child,
-    url: String,
+/// A running `imgserver serve` on 127.0.0.1 (TLS with its own CA; tests/src/server.rs);
+/// killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
@@ -225,40 +208,7 @@ impl Server {
 
     /// `serve` on `listen` with the data folder as it is (a restart keeps its port).
     fn start_on(data: &Path, listen: &str) -> Server {
-        let mut child = Command::new(imgserver_bin())
-            .args([
-                "--data",
-                data.to_str().unwrap(),
-                "serve",
-                "--listen",
-                listen,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("imgserver said {line:?}"))
-            .to_string();
-        Server {
-            child,
-            url: format!("https://{addr}"),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Server(e2e::server::Server::start(data, &["--listen", listen]))
     }
 }
 

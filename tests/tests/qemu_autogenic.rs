@@ -109,11 +109,7 @@ fn guest_initrd(dir: &Path, k: &Kernel, version: &str, g: &GuestKind) -> PathBuf
     for d in ["bin", "dev", "proc", "sys", "tmp", "run", "lib/modules"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed: run `bash scripts/install-deps.sh` as root");
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    std::fs::copy(qemu::busybox(), root.join("bin/busybox")).unwrap();
     std::fs::copy(qemu::static_agent(), root.join("bin/img")).unwrap();
     // Each module's file from modules.dep (the kernel cache names them by path).
     let dep = std::fs::read_to_string(k.modules.join("modules.dep")).expect("modules.dep");
@@ -197,19 +193,16 @@ fn guest_partition(dir: &Path, k: &Kernel, version: &str, g: &GuestKind) -> Path
     let data = dir.join(format!("APPDATA-v{version}.BIN"));
     let seed = version.bytes().fold(11u64, |a, b| a * 31 + u64::from(b));
     std::fs::write(&data, e2e::random_bytes(seed, (g.data_mib << 20) as usize)).unwrap();
-    sh(&format!(
-        "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {PART2_MIB}M {p}
-         mkfs.fat -n GUEST {p} >/dev/null
-         mcopy -i {p} {a} ::/APPDATA.BIN
-         mcopy -i {p} {v} ::/VERSION.TXT
-         mcopy -i {p} {k} ::/vmlinuz
-         mcopy -i {p} {i} ::/initrd.img",
-        p = part.display(),
-        k = k.vmlinuz.display(),
-        i = initrd.display(),
-        v = ver.display(),
-        a = data.display(),
-    ));
+    guest_fat(
+        &part,
+        PART2_MIB,
+        &[
+            (&data, "APPDATA.BIN"),
+            (&ver, "VERSION.TXT"),
+            (&k.vmlinuz, "vmlinuz"),
+            (&initrd, "initrd.img"),
+        ],
+    );
     part
 }
 
@@ -225,20 +218,7 @@ fn guest_image(dir: &Path, k: &Kernel, version: &str, key: &Path, g: &GuestKind)
         d = src.display(),
         g = part.display(),
     ));
-    let image = dir.join(format!("guest-{version}.img"));
-    run(Command::new(img_bin()).env("IMG_QUIET", "1").args([
-        "-make",
-        image.to_str().unwrap(),
-        &format!("-disk={}", src.display()),
-        "-part=2",
-        "-chunk=1",
-        "-name=guest",
-        &format!("-version={version}"),
-    ]));
-    run(Command::new(img_bin())
-        .arg("-sign")
-        .arg(&image)
-        .arg(format!("-key={}", key.display())));
+    let image = signed_guest_image(dir, &src, version, key);
     std::fs::remove_file(&src).unwrap();
     std::fs::remove_file(&part).unwrap();
     image
@@ -306,18 +286,12 @@ impl Lab {
     /// restored onto partition 2, no backup partition; plugged into `site`.
     fn device(&self, site: &Site) -> Device {
         let mut dev = Device::new(self.dir.path(), MAC, DISK_MIB, TABLE);
-        let out = run(Command::new(img_bin())
-            .arg("-install")
-            .arg(&dev.disk)
-            .arg(format!("-kernel={}", self.k.vmlinuz.display()))
-            .arg(format!("-initrd={}", self.agent_initrd.display()))
-            .arg(format!("-efi={}", self.grub.display()))
-            .arg(format!("-cmdline={}", self.agent_cmdline))
-            .arg(format!("-guest=linux:/vmlinuz,/initrd.img,{GUEST_CMDLINE}")));
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("installed the boot agent"),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
+        install_agent(
+            &dev.disk,
+            &self.k,
+            &self.agent_initrd,
+            &self.grub,
+            &self.agent_cmdline,
         );
         let (p1, _) = qemu::partition(&dev.disk, 1);
         sh(&format!(
@@ -326,13 +300,7 @@ impl Lab {
             d = dev.disk.display(),
             k = self.key_pub.display(),
         ));
-        run(Command::new(img_bin())
-            .env("IMG_QUIET", "1")
-            .arg("-restore")
-            .arg(&self.v1)
-            .arg(format!("-disk={}", dev.disk.display()))
-            .arg("-part=2")
-            .arg(format!("-trust={}", self.key_pub.display())));
+        restore_guest(&dev.disk, &self.v1, &self.key_pub);
         assert_eq!(dev.guest_on_disk(), "guest 1");
         dev.ns = Some(site.ns.0.clone());
         dev

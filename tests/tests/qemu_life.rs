@@ -81,19 +81,16 @@ fn guest_partition(dir: &Path, k: &Kernel, version: &str) -> PathBuf {
     let data = dir.join(format!("APPDATA-v{version}.BIN"));
     let seed = version.bytes().fold(7u64, |a, b| a * 31 + u64::from(b));
     std::fs::write(&data, e2e::random_bytes(seed, 10 << 20)).unwrap();
-    sh(&format!(
-        "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {PART2_MIB}M {p}
-         mkfs.fat -n GUEST {p} >/dev/null
-         mcopy -i {p} {k} ::/vmlinuz
-         mcopy -i {p} {i} ::/initrd.img
-         mcopy -i {p} {v} ::/VERSION.TXT
-         mcopy -i {p} {a} ::/APPDATA.BIN",
-        p = part.display(),
-        k = k.vmlinuz.display(),
-        i = initrd.display(),
-        v = ver.display(),
-        a = data.display(),
-    ));
+    guest_fat(
+        &part,
+        PART2_MIB,
+        &[
+            (&k.vmlinuz, "vmlinuz"),
+            (&initrd, "initrd.img"),
+            (&ver, "VERSION.TXT"),
+            (&data, "APPDATA.BIN"),
+        ],
+    );
     part
 }
 
@@ -116,21 +113,7 @@ fn source_disk(dir: &Path, guest: &Path, name: &str) -> PathBuf {
 fn guest_image(dir: &Path, k: &Kernel, version: &str, key: &Path) -> PathBuf {
     let part = guest_partition(dir, k, version);
     let src = source_disk(dir, &part, &format!("source-v{version}.img"));
-    let image = dir.join(format!("guest-{version}.img"));
-    run(Command::new(img_bin()).env("IMG_QUIET", "1").args([
-        "-make",
-        image.to_str().unwrap(),
-        &format!("-disk={}", src.display()),
-        "-part=2",
-        // 1 MiB chunks: a resumed deploy shows its granularity on a 15 MB image.
-        "-chunk=1",
-        "-name=guest",
-        &format!("-version={version}"),
-    ]));
-    run(Command::new(img_bin())
-        .arg("-sign")
-        .arg(&image)
-        .arg(format!("-key={}", key.display())));
+    let image = signed_guest_image(dir, &src, version, key);
     std::fs::remove_file(&src).unwrap();
     image
 }
@@ -174,26 +157,8 @@ impl Lab {
     /// onto partition 2 by `img -restore` with the site key.
     fn flashed_device(&self, mac: &str, cmdline: &str) -> Device {
         let dev = new_device(self.dir.path(), mac);
-        let out = run(Command::new(img_bin())
-            .arg("-install")
-            .arg(&dev.disk)
-            .arg(format!("-kernel={}", self.k.vmlinuz.display()))
-            .arg(format!("-initrd={}", self.agent_initrd.display()))
-            .arg(format!("-efi={}", self.grub.display()))
-            .arg(format!("-cmdline={cmdline}"))
-            .arg(format!("-guest=linux:/vmlinuz,/initrd.img,{GUEST_CMDLINE}")));
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("installed the boot agent"),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        run(Command::new(img_bin())
-            .env("IMG_QUIET", "1")
-            .arg("-restore")
-            .arg(&self.v1)
-            .arg(format!("-disk={}", dev.disk.display()))
-            .arg("-part=2")
-            .arg(format!("-trust={}", self.key_pub.display())));
+        install_agent(&dev.disk, &self.k, &self.agent_initrd, &self.grub, cmdline);
+        restore_guest(&dev.disk, &self.v1, &self.key_pub);
         assert_eq!(dev.guest_on_disk(), "guest 1");
         dev
     }

@@ -15,16 +15,14 @@
 //! disk.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use e2e::{imgserver_admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
+use e2e::server::{capture_image, fat16_source_disk};
+use e2e::{imgserver_admin, require_tool, sample_bytes, Scratch};
 use imgserver::protocol::{
-    enrolment_proof, Autogenic, CheckIn, DeviceIdentity, DiskReport, ImageStamp, Outcome,
-    PartitionReport, TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
+    Autogenic, CheckIn, DeviceIdentity, DiskReport, ImageStamp, Outcome, PartitionReport,
+    TaskResult, CHECKIN_PATH, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -34,11 +32,14 @@ const B: &str = "52:54:00:11:00:0b";
 const C: &str = "52:54:00:11:00:0c";
 const D: &str = "52:54:00:11:00:0d";
 
-/// `imgserver serve` with TLS on 127.0.0.1; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Child,
-    url: String,
+/// `imgserver serve` with TLS on 127.0.0.1 (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
@@ -49,66 +50,22 @@ impl Server {
         fs::create_dir_all(data.join("pxe")).unwrap();
         fs::write(data.join("pxe/vmlinuz"), b"kernel").unwrap();
         fs::write(data.join("pxe/initrd.img"), b"initrd").unwrap();
-        let mut child = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(data)
-            .args(["serve", "--listen", "127.0.0.1:0", "--interval", "7"])
-            .args(["--rate-per-address", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("imgserver said {line:?}"))
-            .to_string();
-        Server {
-            data: data.to_path_buf(),
-            child,
-            url: format!("https://{addr}"),
-        }
-    }
-
-    /// An administrator's command that must succeed.
-    fn admin(&self, args: &[&str]) -> String {
-        imgserver_admin(&self.data, args)
-    }
-
-    /// An administrator's command: (exit code, stdout + stderr).
-    fn try_admin(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(&self.data)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        Server(e2e::server::Server::start(
+            data,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--interval",
+                "7",
+                "--rate-per-address",
+                "0",
+            ],
+        ))
     }
 
     /// A new admin API token with `role` (printed alone on stdout).
     fn token(&self, role: &str) -> String {
-        let out = Command::new(imgserver_bin())
-            .arg("--data")
-            .arg(&self.data)
-            .args(["admin", "add", &format!("t-{role}"), "--role", role])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let t = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        assert!(t.starts_with("imgadm_"), "{t}");
-        t
+        self.0.token(&format!("t-{role}"), role)
     }
 
     /// One HTTPS request with curl: (status, JSON body or the text).
@@ -119,34 +76,8 @@ impl Server {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut c = Command::new("curl");
-        c.args(["-sS", "--max-time", "60", "--cacert"])
-            .arg(self.data.join("ca.pem"))
-            .args(["-X", method, "-w", "\n%{http_code}"]);
-        if let Some(t) = token {
-            c.arg("-H").arg(format!("Authorization: Bearer {t}"));
-        }
-        if let Some(b) = body {
-            c.args(["-H", "Content-Type: application/json", "--data-binary"])
-                .arg(b.to_string());
-        }
-        c.arg(format!("{}{path}", self.url));
-        parse_curl(c.output().expect("running curl"))
-    }
-
-    /// Enrol `dev` with the site secret: its credential.
-    fn enrol(&self, dev: &CheckIn) -> String {
-        let secret = fs::read_to_string(self.data.join("enrol.key")).unwrap();
-        let mut first = dev.clone();
-        first.enrol_proof = Some(enrolment_proof(&secret, &dev.device.mac));
-        let (s, v) = self.call(
-            "POST",
-            CHECKIN_PATH,
-            None,
-            Some(&serde_json::to_value(&first).unwrap()),
-        );
-        assert_eq!(s, 200, "{v}");
-        v["credential"].as_str().expect("credential").to_string()
+        let (status, text) = self.call_text(method, path, token, body);
+        (status, json_or_text(text))
     }
 
     /// A check-in: the task handed over (its JSON), if any.
@@ -204,30 +135,15 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// curl's answer (tests/src/server.rs): (status, JSON body or the text).
+fn parse_curl(out: std::process::Output) -> (u16, Value) {
+    let (status, text) = e2e::server::parse_curl(out);
+    (status, json_or_text(text))
 }
 
-fn parse_curl(out: std::process::Output) -> (u16, Value) {
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text
-        .trim_end()
-        .rsplit_once('\n')
-        .unwrap_or(("", text.trim()));
-    let status: u16 = code
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("curl said {text:?}"));
-    let v = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
-    (status, v)
+/// A response body as JSON, or the text when it is not JSON.
+fn json_or_text(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
 }
 
 /// A backup partition: its size, the image there (name, version), verified bytes, size.
@@ -303,32 +219,10 @@ fn partition_image(dir: &Scratch, name: &str, version: &str) -> PathBuf {
         require_tool(t);
     }
     let disk = dir.join(format!("{name}-{version}-source.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(
-        dir.join("BLOB.BIN"),
-        sample_bytes(version.len() as u64, 128 << 10),
-    )
-    .unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 40 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(version.len() as u64, 128 << 10);
+    fat16_source_disk(dir.path(), &disk, 40, &format!("{name} {version}\n"), &blob);
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, Some("1"), &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, Some("1"), name, version, &img);
     img
 }
 

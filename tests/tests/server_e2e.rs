@@ -22,9 +22,8 @@ use agent::checkin;
 use checkin::client::{Client, ClientError};
 use checkin::state::StateDir;
 use checkin::{AgentConfig, LoopOutcome};
-use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
+use e2e::server::{capture_image, fat16_source_disk};
+use e2e::{imgserver_admin as admin, require_tool, sample_bytes, sh, Scratch};
 use imgserver::protocol::{
     progress_path, result_path, task_path, Outcome, ProgressReport, Task, TaskResult,
 };
@@ -33,56 +32,29 @@ const MIB: u64 = 1 << 20;
 const MAC_A: &str = "52:54:00:00:00:0a";
 const MAC_B: &str = "52:54:00:00:00:0b";
 
-/// A running `imgserver serve` on 127.0.0.1 with TLS; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Option<Child>,
-    url: String,
-    port: u16,
+/// A running `imgserver serve` on 127.0.0.1 with TLS (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut e2e::server::Server {
+        &mut self.0
+    }
 }
 
 impl Server {
     /// `imgserver init` in `data` (if not done) and serve on `port` (0: any).
     fn start(data: &Path, port: u16) -> Server {
-        if !data.join("ca.pem").exists() {
-            admin(data, &["init"]);
-        }
-        let (child, addr) = e2e::spawn_imgserver(
-            Command::new(imgserver_bin()).args([
-                "--data",
-                data.to_str().unwrap(),
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--interval",
-                "7",
-            ]),
-            "listening on https://",
-        );
-        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server {
-            data: data.to_path_buf(),
-            child: Some(child),
-            url: format!("https://127.0.0.1:{port}"),
-            port,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        admin(&self.data, args)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
+        Server(e2e::server::Server::start(
+            data,
+            &["--listen", &format!("127.0.0.1:{port}"), "--interval", "7"],
+        ))
     }
 }
 
@@ -96,37 +68,15 @@ fn tools() {
 /// VERSION.TXT = `version` and a `payload`-byte file of noise.
 fn make_source_disk(dir: &Scratch, name: &str, version: &str, payload: usize) -> PathBuf {
     let disk = dir.join(format!("{name}-{version}-source.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(
-        dir.join("BLOB.BIN"),
-        sample_bytes(payload as u64 + 7, payload),
-    )
-    .unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 48 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(payload as u64 + 7, payload);
+    fat16_source_disk(dir.path(), &disk, 48, &format!("{name} {version}\n"), &blob);
     disk
 }
 
 /// Capture `disk` whole as image `name` `version` and register it with the server.
 fn register_image(srv: &Server, dir: &Scratch, disk: &Path, name: &str, version: &str) -> PathBuf {
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(disk, None, name, version, &img);
     let out = srv.admin(&["image", "add", img.to_str().unwrap()]);
     assert!(
         out.contains(&format!("registered image {name} {version}")),

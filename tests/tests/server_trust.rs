@@ -19,9 +19,8 @@ use agent::checkin;
 use checkin::client::{http_agent, Client, ClientError};
 use checkin::state::StateDir;
 use checkin::AgentConfig;
+use e2e::server::{capture_image, fat16_source_disk};
 use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
 use imgserver::protocol::{
     enrolment_proof, progress_path, result_path, task_path, Action, CheckIn, CheckInReply,
     DeviceIdentity, DiskReport, Outcome, ProgressReport, Task, TaskKind, TaskResult, CHECKIN_PATH,
@@ -34,42 +33,21 @@ const MAC_B: &str = "52:54:00:00:01:0b";
 const MAC_C: &str = "52:54:00:00:01:0c";
 const MAC_D: &str = "52:54:00:00:01:0d";
 
-/// A running `imgserver serve` with TLS on 127.0.0.1; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Child,
-    url: String,
-    port: u16,
+/// A running `imgserver serve` with TLS on 127.0.0.1 (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(data: &Path, extra: &[&str]) -> Server {
-        if !data.join("ca.pem").exists() {
-            admin(data, &["init"]);
-        }
-        let (child, addr) = e2e::spawn_imgserver(
-            Command::new(imgserver_bin())
-                .arg("--data")
-                .arg(data)
-                .args(["serve", "--listen", "127.0.0.1:0", "--interval", "7"])
-                .args(extra),
-            "listening on https://",
-        );
-        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Server {
-            data: data.to_path_buf(),
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-            port,
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        admin(&self.data, args)
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.data.join("ca.pem")
+        let mut args = vec!["--listen", "127.0.0.1:0", "--interval", "7"];
+        args.extend_from_slice(extra);
+        Server(e2e::server::Server::start(data, &args))
     }
 
     fn client(&self) -> Client {
@@ -78,17 +56,6 @@ impl Server {
 
     fn http(&self) -> ureq::Agent {
         http_agent(Some(&self.ca()), Duration::from_secs(20)).unwrap()
-    }
-
-    fn enrol_secret(&self) -> String {
-        fs::read_to_string(self.data.join("enrol.key")).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -161,28 +128,10 @@ fn tools() {
 /// as image `name` `version` into `dir/<name>-<version>.img`.
 fn make_image(dir: &Scratch, name: &str, version: &str) -> PathBuf {
     let disk = dir.join(format!("{name}-{version}-src.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("{name} {version}\n")).unwrap();
-    fs::write(dir.join("BLOB.BIN"), sample_bytes(11, 200_000)).unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 40 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(11, 200_000);
+    fat16_source_disk(dir.path(), &disk, 40, &format!("{name} {version}\n"), &blob);
     let img = dir.join(format!("{name}-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: name.into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, None, name, version, &img);
     img
 }
 

@@ -14,60 +14,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::{imgserver_admin as admin, imgserver_bin, require_tool, sample_bytes, sh, Scratch};
+use e2e::server::{capture_image, fat16_source_disk};
+use e2e::{imgserver_admin as admin, require_tool, sample_bytes, sh, Scratch};
 use fantoccini::{Client, ClientBuilder, Locator};
-use imgengine::capture::{capture, CaptureOptions};
-use imgengine::io::NoProgress;
 
 const MIB: u64 = 1 << 20;
 const MAC_A: &str = "52:54:00:00:0c:0a";
 const MAC_B: &str = "52:54:00:00:0c:0b";
 
-/// `imgserver serve` on 127.0.0.1 with TLS; killed on drop.
-struct Server {
-    data: PathBuf,
-    child: Child,
-    url: String,
+/// `imgserver serve` on 127.0.0.1 with TLS (tests/src/server.rs); killed on drop.
+struct Server(e2e::server::Server);
+
+impl std::ops::Deref for Server {
+    type Target = e2e::server::Server;
+    fn deref(&self) -> &e2e::server::Server {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(data: &Path) -> Server {
-        use std::io::{BufRead, BufReader};
         admin(data, &["init"]);
-        let mut child = Command::new(imgserver_bin())
-            .args([
-                "--data",
-                data.to_str().unwrap(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--interval",
-                "5",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting imgserver");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("imgserver said {line:?}"))
-            .to_string();
-        let port = addr.rsplit(':').next().unwrap();
-        Server {
-            data: data.to_path_buf(),
-            child,
-            // The name the server certificate carries (tls::default_names).
-            url: format!("https://localhost:{port}"),
-        }
-    }
-
-    fn admin(&self, args: &[&str]) -> String {
-        admin(&self.data, args)
+        let mut server =
+            e2e::server::Server::start(data, &["--listen", "127.0.0.1:0", "--interval", "5"]);
+        // The name the server certificate carries (tls::default_names).
+        server.url = format!("https://localhost:{}", server.port);
+        Server(server)
     }
 
     /// A new admin token (printed once on stdout).
@@ -77,13 +49,6 @@ impl Server {
             .find(|l| l.starts_with("imgadm_"))
             .unwrap_or_else(|| panic!("no token in {out:?}"))
             .to_string()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -101,28 +66,10 @@ fn register_image(srv: &Server, dir: &Scratch, version: &str) {
 /// The image file `os` `version` (see [`register_image`]), not registered.
 fn make_image(dir: &Scratch, version: &str) -> PathBuf {
     let disk = dir.join(format!("src-{version}.img"));
-    fs::write(dir.join("VERSION.TXT"), format!("os {version}\n")).unwrap();
-    fs::write(dir.join("BLOB.BIN"), sample_bytes(7, 200_000)).unwrap();
-    sh(&format!(
-        "cd {d}; export MTOOLS_SKIP_CHECK=1; truncate -s {size} {disk}
-         sgdisk -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {disk} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {disk} 32768 >/dev/null
-         mcopy -i {disk}@@1048576 VERSION.TXT ::VERSION.TXT
-         mcopy -i {disk}@@1048576 BLOB.BIN ::BLOB.BIN",
-        d = dir.path().display(),
-        size = 48 * MIB,
-        disk = disk.display()
-    ));
+    let blob = sample_bytes(7, 200_000);
+    fat16_source_disk(dir.path(), &disk, 48, &format!("os {version}\n"), &blob);
     let img = dir.join(format!("os-{version}.img"));
-    let mut f = fs::File::create(&img).unwrap();
-    let o = CaptureOptions {
-        name: "os".into(),
-        version: version.into(),
-        comp: 1,
-        threads: 2,
-        ..Default::default()
-    };
-    capture(&disk, None, &mut f, &o, &NoProgress).unwrap();
+    capture_image(&disk, None, "os", version, &img);
     img
 }
 

@@ -283,6 +283,76 @@ pub fn agent_initrd(dir: &Path, k: &Kernel, key_pub: &Path) -> PathBuf {
     out
 }
 
+/// A guest OS partition: a FAT file system image `part` of `mib` MiB labelled GUEST with
+/// `files` (host file, name at its root) copied in that order (the order places them).
+pub fn guest_fat(part: &Path, mib: u64, files: &[(&Path, &str)]) {
+    let mut script = format!(
+        "export MTOOLS_SKIP_CHECK=1; rm -f {p}; truncate -s {mib}M {p}\n mkfs.fat -n GUEST {p} >/dev/null",
+        p = part.display()
+    );
+    for (file, name) in files {
+        script.push_str(&format!(
+            "\n mcopy -i {p} {f} ::/{name}",
+            p = part.display(),
+            f = file.display()
+        ));
+    }
+    sh(&script);
+}
+
+/// Guest v`version` captured as the server deploys it from the source disk `src` (the
+/// device's layout, the guest in partition 2): `img -make -part=2`, then `img -sign` with the
+/// site key `key`. The image is `dir/guest-<version>.img`.
+pub fn signed_guest_image(dir: &Path, src: &Path, version: &str, key: &Path) -> PathBuf {
+    let image = dir.join(format!("guest-{version}.img"));
+    run(Command::new(img_bin()).env("IMG_QUIET", "1").args([
+        "-make",
+        image.to_str().unwrap(),
+        &format!("-disk={}", src.display()),
+        "-part=2",
+        // 1 MiB chunks: a resumed deploy shows its granularity on a 15 MB image.
+        "-chunk=1",
+        "-name=guest",
+        &format!("-version={version}"),
+    ]));
+    run(Command::new(img_bin())
+        .arg("-sign")
+        .arg(&image)
+        .arg(format!("-key={}", key.display())));
+    image
+}
+
+/// `img -install` of the boot agent onto partition 1 of `disk`: kernel `k`, the agent's
+/// initramfs `initrd`, the shipped GRUB `grub`, the agent's command line `cmdline`, booting
+/// the guest from partition 2 when told to. Fails unless it says it installed the agent.
+pub fn install_agent(disk: &Path, k: &Kernel, initrd: &Path, grub: &Path, cmdline: &str) {
+    let out = run(Command::new(img_bin())
+        .arg("-install")
+        .arg(disk)
+        .arg(format!("-kernel={}", k.vmlinuz.display()))
+        .arg(format!("-initrd={}", initrd.display()))
+        .arg(format!("-efi={}", grub.display()))
+        .arg(format!("-cmdline={cmdline}"))
+        .arg(format!("-guest=linux:/vmlinuz,/initrd.img,{GUEST_CMDLINE}")));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("installed the boot agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `img -restore` of the signed guest `image` onto partition 2 of `disk`, trusting `key_pub`
+/// (the factory's flashing of the guest).
+pub fn restore_guest(disk: &Path, image: &Path, key_pub: &Path) {
+    run(Command::new(img_bin())
+        .env("IMG_QUIET", "1")
+        .arg("-restore")
+        .arg(image)
+        .arg(format!("-disk={}", disk.display()))
+        .arg("-part=2")
+        .arg(format!("-trust={}", key_pub.display())));
+}
+
 // ---- The network: a namespace with a bridge, the device's tap, dnsmasq and the server. ----
 
 /// The address plan of the whole-life namespace.

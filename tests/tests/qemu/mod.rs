@@ -309,6 +309,14 @@ pub fn standalone_grub(dir: &Path) -> PathBuf {
     efi
 }
 
+/// The static busybox of the test guests' initrds (package busybox-static).
+pub fn busybox() -> &'static str {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is not installed: run `bash scripts/install-deps.sh` as root")
+}
+
 /// The test guest OS's initrd: a static busybox whose /init prints `GUEST OS <version>
 /// reached` on the serial console and powers off.
 pub fn guest_initrd(dir: &Path, version: &str) -> PathBuf {
@@ -318,11 +326,7 @@ pub fn guest_initrd(dir: &Path, version: &str) -> PathBuf {
     for d in ["bin", "dev", "proc"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed: run `bash scripts/install-deps.sh` as root");
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    std::fs::copy(busybox(), root.join("bin/busybox")).unwrap();
     let init = root.join("init");
     std::fs::write(
         &init,

@@ -11,11 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::mcastlab::room::{
     allocated, assert_same_disk, assert_summary_names, client_args, expect_ok, img, master_args,
-    room_disk, spawn, wait_until, Disk, MIB, SESSION_TIMEOUT,
+    room_disk, spawn, wait_until, Disk, Fs, Part, MIB, SESSION_TIMEOUT,
 };
 use e2e::mcastlab::{McastLab, Pid};
 use e2e::{require_tool, run, sh};

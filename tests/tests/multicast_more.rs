@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use e2e::mcastlab::room::{
@@ -19,12 +18,6 @@ use e2e::mcastlab::room::{
 };
 use e2e::mcastlab::{McastLab, Pid};
 use e2e::{require_tool, run, sh};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// `img` with environment variables set, started in `node` (through `env`, which execs it,
 /// so the lab's pid is `img`'s own).
@@ -195,7 +188,6 @@ fn cut_udp_towards(lab: &McastLab, node: &str) {
 
 #[test]
 fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range() {
-    let _one = serial();
     // m0 the master, m1 the image server, c0 and c1 the room.
     let mut lab = McastLab::new(2, 2);
     let master = room_disk(lab.dir(), 61);
@@ -268,7 +260,6 @@ fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range(
 
 #[test]
 fn when_the_master_dies_mid_session_the_clients_finish_from_the_server() {
-    let _one = serial();
     let mut lab = McastLab::new(2, 2);
     let master = room_disk(lab.dir(), 71);
     let (www, image) = publish_image(&lab, &master);
@@ -377,7 +368,6 @@ fn press(console: &mut std::fs::File, key: &str) {
 
 #[test]
 fn with_no_role_m_makes_a_device_the_master_and_s_on_it_starts_the_session() {
-    let _one = serial();
     // Three devices, all started the same way; m0 is the one whose operator presses m.
     let mut lab = McastLab::new(1, 2);
     let master = room_disk(lab.dir(), 81);
@@ -456,7 +446,6 @@ fn second_interface_and_default_route(lab: &McastLab, node: &str, n: u32) {
 
 #[test]
 fn the_addr_override_and_the_default_route_interface_carry_the_session() {
-    let _one = serial();
     let mut lab = McastLab::new(1, 2);
     for (i, n) in ["m0", "c0", "c1"].iter().enumerate() {
         second_interface_and_default_route(&lab, n, i as u32);
@@ -535,7 +524,6 @@ fn the_addr_override_and_the_default_route_interface_carry_the_session() {
 
 #[test]
 fn a_copy_that_is_not_the_sessions_image_is_refused_and_nothing_of_it_is_written() {
-    let _one = serial();
     let mut lab = McastLab::new(2, 2);
     let master = room_disk(lab.dir(), 101);
     let (www, image) = publish_image(&lab, &master);
@@ -623,7 +611,6 @@ fn a_copy_that_is_not_the_sessions_image_is_refused_and_nothing_of_it_is_written
 /// folder (`IMG_SESSION_DIR`, `TMPDIR`) stays empty from start to end.
 #[test]
 fn a_master_sends_its_own_disk_on_the_fly_with_no_image_file_in_bounded_memory() {
-    let _one = serial();
     let gnu_time = Path::new("/usr/bin/time");
     assert!(
         gnu_time.is_file(),

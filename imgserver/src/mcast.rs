@@ -238,6 +238,15 @@ fn write(
     Ok(stop != 0)
 }
 
+fn stop_requested(conn: &Connection, name: &str) -> bool {
+    conn.query_row(
+        "SELECT stop FROM mcast_sessions WHERE name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .is_ok_and(|s| s != 0)
+}
+
 /// The job's tasks that never reached a device end with the session.
 fn end_pending(conn: &Connection, s: &SessionRow, why: &str) -> anyhow::Result<usize> {
     let now = crate::api::now() as i64;
@@ -373,6 +382,7 @@ fn run(data: &Path, store: &dyn Store, name: &str) -> anyhow::Result<()> {
     let want = s.settings.clients;
     let mut last_reg: Option<Instant> = None;
     let mut last_write = Instant::now() - WRITE_EVERY;
+    let mut last_waiting: Option<(String, Vec<ClientRow>)> = None;
     // Registration.
     loop {
         for e in m.poll(Duration::from_millis(50))? {
@@ -408,7 +418,15 @@ fn run(data: &Path, store: &dyn Store, name: &str) -> anyhow::Result<()> {
                 "master on {ifname} ({ifaddr}), group {group}; {n}{} device(s) registered",
                 want.map(|w| format!(" of {w}")).unwrap_or_default()
             );
-            if write(&conn, name, WAITING, &msg, &client_rows(&m))? {
+            let rows = client_rows(&m);
+            let now = (msg.clone(), rows.clone());
+            let stopping = if last_waiting.as_ref() != Some(&now) {
+                last_waiting = Some(now);
+                write(&conn, name, WAITING, &msg, &rows)?
+            } else {
+                stop_requested(&conn, name)
+            };
+            if stopping {
                 m.abort();
                 let msg = format!(
                     "stopped by the administrator before it started ({n} device(s) had registered)"
@@ -427,15 +445,20 @@ fn run(data: &Path, store: &dyn Store, name: &str) -> anyhow::Result<()> {
         let (shared, finished, stop) = (&shared, &finished, &stop);
         sc.spawn(move || {
             let Ok(c) = open_db(data) else { return };
+            let mut last = None;
             while !finished.load(Ordering::Relaxed) {
                 let rows = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let done = rows.iter().filter(|r| r.state == "done").count();
-                let msg = format!(
-                    "sending: {done} of {} device(s) done after {:.0} s",
-                    rows.len(),
-                    started.elapsed().as_secs_f64()
-                );
-                if write(&c, name, RUNNING, &msg, &rows).unwrap_or(false) {
+                let msg = format!("sending: {done} of {} device(s) done", rows.len());
+                // Written when something changed; the stop flag is read every time.
+                let now = (msg.clone(), rows.clone());
+                let stopping = if last.as_ref() != Some(&now) {
+                    last = Some(now);
+                    write(&c, name, RUNNING, &msg, &rows).unwrap_or(false)
+                } else {
+                    stop_requested(&c, name)
+                };
+                if stopping {
                     stop.store(true, Ordering::Relaxed);
                 }
                 std::thread::sleep(WRITE_EVERY);

@@ -289,7 +289,11 @@ fn list(data: &Path, tz: Option<&str>) -> anyhow::Result<i32> {
                 } else {
                     c.state.clone()
                 },
-                pct(c.bytes_done, c.bytes_total),
+                if c.state == "done" {
+                    "100%".into()
+                } else {
+                    pct(c.bytes_done, c.bytes_total)
+                },
                 fmt_bytes(c.bytes_done),
                 c.message.clone(),
             ]);
@@ -304,11 +308,15 @@ fn list(data: &Path, tz: Option<&str>) -> anyhow::Result<i32> {
                     k.mac.clone(),
                     k.id.to_string(),
                     k.state.as_str().into(),
-                    k.progress
-                        .as_ref()
-                        .and_then(|p| p.percent)
-                        .map(|p| format!("{p:.0}%"))
-                        .unwrap_or_else(|| "-".into()),
+                    if k.state == crate::model::TaskState::Succeeded {
+                        "100%".into()
+                    } else {
+                        k.progress
+                            .as_ref()
+                            .and_then(|p| p.percent)
+                            .map(|p| format!("{p:.0}%"))
+                            .unwrap_or_else(|| "-".into())
+                    },
                     k.message.unwrap_or_default(),
                 ]);
             }

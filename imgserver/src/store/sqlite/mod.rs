@@ -48,7 +48,10 @@ impl SqliteStore {
     fn write<T: 'static>(&self, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<T> {
         let hook = take_audit_hook();
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        // Immediate: the write lock is taken (waiting up to the busy timeout) before the
+        // first read, so a write another process (the admin commands, a session's master
+        // thread) committed meanwhile cannot fail the upgrade with "database is locked".
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         if let Some(entry) = hook.and_then(|h| h(&out)) {
             insert_audit(&tx, &entry)?;

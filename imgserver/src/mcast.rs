@@ -254,8 +254,10 @@ fn end_pending(conn: &Connection, s: &SessionRow, why: &str) -> anyhow::Result<u
         "UPDATE tasks SET state = 'aborted', message = ?2, updated = ?3, finished = ?3 WHERE job_id = ?1 AND state = 'pending'",
         params![s.job as i64, why, now],
     )?;
+    // A job for all devices or a group would reach devices that enrol later: it ends too.
+    // A job for fixed devices keeps its state (its tasks have all ended now).
     conn.execute(
-        "UPDATE jobs SET state = 'aborted' WHERE id = ?1 AND state = 'active'",
+        "UPDATE jobs SET state = 'aborted' WHERE id = ?1 AND state = 'active' AND (selector = 'all' OR selector LIKE 'group:%')",
         [s.job as i64],
     )?;
     Ok(n)

@@ -24,12 +24,14 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let conn = Connection::open(path)?;
+        // First: the pragmas below take locks too, and another process (the server, an
+        // admin command, a session's master thread) may hold one for a moment.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // WAL: readers (the admin command) never block the server; NORMAL sync is durable
         // across application crashes, which is what idempotent retries rely on.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         let store = SqliteStore {
             conn: Mutex::new(conn),
         };

@@ -127,7 +127,7 @@ pub fn parse(
             imgengine::multicast::check_name(name).map_err(|e| anyhow!("{e}"))?;
             let image = image
                 .ok_or_else(|| anyhow!("session start {name} needs --image NAME[:VERSION]|ID"))?;
-            if macs.is_empty() == !all {
+            if macs.is_empty() != all {
                 bail!("session start {name}: give --mac MAC (repeatable) or --all");
             }
             macs.sort();

@@ -32,8 +32,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::protocol::{
     Action, CaptureSpec, CheckIn, CheckInReply, ConvertSpec, DeploySpec, ErrorReply, ImageRef,
-    ProgressReply, ProgressReport, ResultReply, Task, TaskKind, TaskResult, CHECKIN_PATH,
-    PROTOCOL_VERSION,
+    ProgressReply, ProgressReport, ResultReply, SessionSpec, Task, TaskKind, TaskResult,
+    CHECKIN_PATH, PROTOCOL_VERSION,
 };
 use crate::store::{
     CheckInSecrets, DeviceRow, ImageRow, JobRow, Policy, Store, StoreError, TaskRow,
@@ -386,6 +386,14 @@ fn wire_task(
                 None => format!("{base}/api/v1/tasks/{}/upload", task.id),
             },
         }),
+        // `crate::mcast`: the server's master sends the image; its URL is the fallback.
+        "session" => TaskKind::Session(Box::new(SessionSpec {
+            name: o.session.clone()?,
+            addr: o.session_addr.clone(),
+            image: image_ref()?,
+            disk: o.disk.clone(),
+            partition: o.partition.clone(),
+        })),
         "reboot" => TaskKind::Reboot,
         "boot_guest" => TaskKind::BootGuest,
         _ => return None,

@@ -24,6 +24,7 @@ pub mod admin;
 pub mod api;
 pub mod autogenic;
 pub mod cli;
+pub mod mcast;
 pub mod model;
 pub mod pxe;
 pub mod repo;

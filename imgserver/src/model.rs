@@ -210,6 +210,8 @@ pub enum JobKind {
     BootGuest,
     /// Seed 001 step 4: lay the device out for autogenic imaging, then image it.
     Convert,
+    /// Join the server's multicast session (`imgserver session start`, `crate::mcast`).
+    Session,
 }
 
 state_words!(JobKind {
@@ -218,6 +220,7 @@ state_words!(JobKind {
     Reboot = "reboot",
     BootGuest = "boot_guest",
     Convert = "convert",
+    Session = "session",
 });
 
 /// The word a device's enrolment approval holds while it waits for the administrator
@@ -279,6 +282,12 @@ pub struct JobOptions {
     pub backup_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flash_size: Option<u64>,
+    /// Session jobs (`crate::mcast`): the session's name and its group address when the
+    /// administrator overrode the derived one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_addr: Option<String>,
 }
 
 fn yes() -> bool {
@@ -309,6 +318,8 @@ impl Default for JobOptions {
             fetch_to_backup: false,
             backup_size: None,
             flash_size: None,
+            session: None,
+            session_addr: None,
         }
     }
 }
@@ -587,7 +598,8 @@ pub fn validate_task(job: &JobRow, image: Option<&ImageRow>, inv: Option<&CheckI
             Some(dev) => crate::autogenic::validate_convert(img, &job.options, dev),
             None => validate_deploy(&img.facts, &job.options, None),
         },
-        (Ok(JobKind::Deploy | JobKind::Convert), None) => Validation {
+        (Ok(JobKind::Session), Some(img)) => validate_deploy(&img.facts, &job.options, inv),
+        (Ok(JobKind::Deploy | JobKind::Convert | JobKind::Session), None) => Validation {
             errors: vec!["the job's image was unregistered".into()],
             ..Default::default()
         },
@@ -691,6 +703,9 @@ pub struct TaskPlan {
     /// Pending tasks rejected on the way, in candidate order (all before `send`).
     pub rejected: Vec<Rejection>,
     pub send: Option<Handover>,
+    /// Pending tasks the device's agent cannot run (it did not announce their kind): they
+    /// stay pending with this message, in candidate order.
+    pub held: Vec<(usize, String)>,
 }
 
 impl TaskPlan {
@@ -744,6 +759,19 @@ fn batch_turn(c: &Candidate) -> bool {
     batch_allows(batch, pos, unfinished)
 }
 
+/// Why `job`'s task cannot go to a device whose last check-in is `inv`: its agent did not
+/// announce the job's kind (an agent older than the kind). None: it may.
+pub fn unknown_kind(job: &JobRow, inv: Option<&CheckIn>) -> Option<String> {
+    let default = CheckIn::default();
+    let inv = inv.unwrap_or(&default);
+    (!inv.knows(&job.kind)).then(|| {
+        format!(
+            "the device's agent does not know {} tasks: update the agent (it waits, pending)",
+            job.kind
+        )
+    })
+}
+
 /// The task to hand `device` at a check-in (seed 003): an unfinished one again, else the
 /// first candidate (pending tasks in id order, then jobs reaching the device for the first
 /// time) that its job's batch rule lets start and validation accepts; candidates validation
@@ -769,6 +797,10 @@ pub fn plan_next_task(
             continue;
         }
         let job = c.job;
+        if let Some(why) = unknown_kind(job, inv) {
+            plan.held.push((n, why));
+            continue;
+        }
         let v = validate_task(job, c.image, inv);
         if !v.ok() {
             let message = rejection_message(&v);
@@ -858,7 +890,8 @@ pub fn plan_result(job: &JobRow, r: &TaskResult) -> ResultPlan {
     let ok = task == TaskState::Succeeded;
     let changes_image = (job.kind == JobKind::Deploy.as_str()
         && job.options.after != After::CopyOnly)
-        || job.kind == JobKind::Convert.as_str();
+        || job.kind == JobKind::Convert.as_str()
+        || job.kind == JobKind::Session.as_str();
     ResultPlan {
         task,
         summary,
@@ -1127,6 +1160,7 @@ mod tests {
             JobKind::Capture,
             JobKind::Reboot,
             JobKind::BootGuest,
+            JobKind::Session,
         ] {
             assert_eq!(k.as_str().parse::<JobKind>(), Ok(k));
             // The serde spelling is the same word.
@@ -1136,6 +1170,68 @@ mod tests {
         assert!("".parse::<TaskState>().is_err());
         assert_eq!(TaskState::parse("from a newer server"), TaskState::Pending);
         assert_eq!(DeviceState::parse("?"), DeviceState::Operational);
+    }
+
+    #[test]
+    fn task_kinds_the_agent_did_not_announce_stay_pending_with_a_reason() {
+        let img = image_row("8.0", 1 << 20);
+        let mut session = job_row(3, JobKind::Session, 0, OnError::Stop);
+        session.options.session = Some("room1".into());
+        session.image = Some(1);
+        let convert = job_row(4, JobKind::Convert, 0, OnError::Stop);
+        let deploy = job_row(5, JobKind::Deploy, 0, OnError::Stop);
+        let mut old = device_row(DeviceState::Operational, false);
+        // An agent older than the field: the v1 kinds.
+        old.inventory.as_mut().unwrap().task_kinds = None;
+        let tasks: &[(u64, TaskState)] = &[(10, TaskState::Pending)];
+        let cands = |jobs: &[&JobRow]| -> Vec<(JobRow, u64)> {
+            jobs.iter().map(|j| ((*j).clone(), 10)).collect()
+        };
+        let owned = cands(&[&session, &convert, &deploy]);
+        let c: Vec<Candidate> = owned
+            .iter()
+            .map(|(j, t)| Candidate {
+                job: j,
+                image: Some(&img),
+                task: Some(*t),
+                job_tasks: tasks,
+            })
+            .collect();
+        let plan = plan_next_task(&old, None, &c);
+        // Session and convert are held (not rejected, not sent); the deploy goes.
+        assert_eq!(plan.held.len(), 2, "{plan:?}");
+        assert_eq!(plan.held[0].0, 0);
+        assert_eq!(plan.held[1].0, 1);
+        assert!(
+            plan.held[0]
+                .1
+                .contains("the device's agent does not know session tasks: update the agent"),
+            "{}",
+            plan.held[0].1
+        );
+        assert!(plan.held[1].1.contains("convert tasks"));
+        assert!(plan.rejected.is_empty());
+        assert_eq!(plan.send.as_ref().map(|s| s.candidate), Some(2));
+        // An agent that announced session gets it (validated as a deploy of the image).
+        let mut new = old.clone();
+        new.inventory.as_mut().unwrap().task_kinds =
+            Some(crate::protocol::ALL_TASK_KINDS.map(String::from).to_vec());
+        let plan = plan_next_task(&new, None, &c);
+        assert!(plan.held.is_empty());
+        assert_eq!(plan.send.as_ref().map(|s| s.candidate), Some(0));
+        // An agent that announced a list without reboot does not get a reboot either.
+        let mut narrow = old.clone();
+        narrow.inventory.as_mut().unwrap().task_kinds = Some(vec!["deploy".into()]);
+        let reboot = job_row(6, JobKind::Reboot, 0, OnError::Stop);
+        let c = [Candidate {
+            job: &reboot,
+            image: None,
+            task: Some(10),
+            job_tasks: tasks,
+        }];
+        let plan = plan_next_task(&narrow, None, &c);
+        assert!(plan.send.is_none());
+        assert!(plan.held[0].1.contains("reboot tasks"));
     }
 
     #[test]

@@ -63,6 +63,38 @@ pub struct CheckIn {
     /// a check-in without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<String>,
+    /// The task kinds this agent understands ([`TaskKind::name`]). The server hands a
+    /// device only tasks of kinds it announced; absent (an agent older than the field):
+    /// [`V1_TASK_KINDS`]. Use [`CheckIn::knows`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_kinds: Option<Vec<String>>,
+}
+
+/// The task kinds every agent of protocol v1 understands (a check-in without
+/// `task_kinds`).
+pub const V1_TASK_KINDS: [&str; 4] = ["deploy", "capture", "reboot", "boot_guest"];
+
+/// Every task kind this crate defines: what an agent built with it announces.
+pub const ALL_TASK_KINDS: [&str; 6] = [
+    "deploy",
+    "capture",
+    "reboot",
+    "boot_guest",
+    "convert",
+    "session",
+];
+
+/// Most task kinds a check-in may announce.
+pub const MAX_TASK_KINDS: usize = 64;
+
+impl CheckIn {
+    /// Does the device's agent understand tasks of `kind` (a [`TaskKind::name`])?
+    pub fn knows(&self, kind: &str) -> bool {
+        match &self.task_kinds {
+            Some(k) => k.iter().any(|k| k == kind),
+            None => V1_TASK_KINDS.contains(&kind),
+        }
+    }
 }
 
 /// The enrolment proof a device sends at first contact: HMAC-SHA256 of `img-enrol-v1\n`
@@ -533,6 +565,12 @@ pub fn decode_checkin(bytes: &[u8]) -> Result<CheckIn, DecodeError> {
         text(what, v)?;
     }
     limit("agent version length", c.device.agent_version.len(), 256)?;
+    if let Some(k) = &c.task_kinds {
+        limit("task kinds", k.len(), MAX_TASK_KINDS)?;
+        for k in k {
+            limit("task kind length", k.len(), 32)?;
+        }
+    }
     limit("disks", c.disks.len(), MAX_DISKS)?;
     for d in &c.disks {
         limit("disk name length", d.name.len(), MAX_TEXT)?;
@@ -572,6 +610,47 @@ pub fn normalize_mac(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_kinds_default_to_the_v1_set_and_are_bounded() {
+        // An agent older than the field: the v1 kinds only.
+        let old =
+            decode_checkin(br#"{"protocol":1,"device":{"mac":"52:54:00:00:00:01"}}"#).unwrap();
+        assert_eq!(old.task_kinds, None);
+        for k in V1_TASK_KINDS {
+            assert!(old.knows(k), "{k}");
+        }
+        assert!(!old.knows("session"));
+        assert!(!old.knows("convert"));
+        // A new agent: what it announced, nothing more.
+        let new = decode_checkin(
+            br#"{"protocol":1,"device":{"mac":"52:54:00:00:00:01"},"task_kinds":["deploy","session"]}"#,
+        )
+        .unwrap();
+        assert!(new.knows("session"));
+        assert!(!new.knows("convert"));
+        assert!(!new.knows("reboot"));
+        // Absent stays absent on the wire (an old server sees what it always saw).
+        assert!(!serde_json::to_string(&old).unwrap().contains("task_kinds"));
+        // Bounded: too many, or too long.
+        let many = format!(
+            r#"{{"protocol":1,"device":{{"mac":"m"}},"task_kinds":[{}]}}"#,
+            vec!["\"deploy\""; MAX_TASK_KINDS + 1].join(",")
+        );
+        assert!(decode_checkin(many.as_bytes()).is_err());
+        let long = format!(
+            r#"{{"protocol":1,"device":{{"mac":"m"}},"task_kinds":["{}"]}}"#,
+            "x".repeat(33)
+        );
+        assert!(decode_checkin(long.as_bytes()).is_err());
+        // Every kind the crate defines is in ALL_TASK_KINDS.
+        for k in [TaskKind::Reboot, TaskKind::BootGuest] {
+            assert!(ALL_TASK_KINDS.contains(&k.name()));
+        }
+        for k in V1_TASK_KINDS {
+            assert!(ALL_TASK_KINDS.contains(&k));
+        }
+    }
 
     #[test]
     fn checkin_round_trips_with_seed_flag_names() {

@@ -209,6 +209,12 @@ fn device(mac: &str, flash: u64, os: Option<(&str, &str)>, backup: Option<Backup
             ..Default::default()
         }],
         autogenic: a,
+        // A current agent: it announces every task kind (convert included).
+        task_kinds: Some(
+            imgserver::protocol::ALL_TASK_KINDS
+                .map(String::from)
+                .to_vec(),
+        ),
         ..Default::default()
     }
 }

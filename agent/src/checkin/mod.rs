@@ -176,6 +176,7 @@ pub fn checkin_once(
         current_task: state.current()?.map(|c| c.task.id),
         results: state.outbox()?,
         maintenance: crate::autogenic::status::maintenance(state),
+        task_kinds: Some(task_kinds()),
     };
     if let Some(m) = &req.maintenance {
         log(cfg, format!("reporting maintenance: {m}"));
@@ -294,6 +295,16 @@ pub fn bound_credential(
 /// the initramfs); with it the device proves it belongs to the site when it first enrols
 /// (`protocol::enrolment_proof`; the secret itself is never sent). Without it
 /// the server holds the enrolment for approval.
+/// The task kinds this agent carries out (`job::execute` handles every [`TaskKind`] of the
+/// protocol crate it is built with), announced at every check-in so the server hands it
+/// nothing it does not know.
+pub fn task_kinds() -> Vec<String> {
+    protocol::ALL_TASK_KINDS
+        .iter()
+        .map(|k| k.to_string())
+        .collect()
+}
+
 fn enrol_proof(cfg: &AgentConfig, mac: &str) -> Option<String> {
     let beside_ca = cfg
         .ca_file
@@ -589,6 +600,53 @@ pub fn run_verb(server: &str, cfg: &AgentConfig) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_agent_announces_every_task_kind_it_runs() {
+        use protocol::{ConvertSpec, ImageRef, SessionSpec, TaskKind};
+        let image = ImageRef {
+            name: "i".into(),
+            version: "1".into(),
+            url: "http://s/repo/i".into(),
+            size: None,
+            autogenic: false,
+        };
+        let kinds = task_kinds();
+        // Every kind `job::execute` matches on, by the protocol's own names.
+        for k in [
+            TaskKind::Reboot,
+            TaskKind::BootGuest,
+            TaskKind::Convert(ConvertSpec {
+                image: image.clone(),
+                disk: None,
+                backup_size: None,
+                flash_size: 0,
+            }),
+            TaskKind::Session(Box::new(SessionSpec {
+                name: "room1".into(),
+                addr: None,
+                image,
+                disk: None,
+                partition: None,
+            })),
+        ] {
+            assert!(kinds.iter().any(|n| n == k.name()), "{}", k.name());
+        }
+        for k in ["deploy", "capture"] {
+            assert!(kinds.iter().any(|n| n == k), "{k}");
+        }
+        // On the wire, so a server sees them.
+        let req = protocol::CheckIn {
+            task_kinds: Some(kinds),
+            ..Default::default()
+        };
+        let j = serde_json::to_value(&req).unwrap();
+        assert!(j["task_kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "session"));
+    }
     use super::*;
 
     fn args(s: &str) -> Result<Matches, UsageError> {

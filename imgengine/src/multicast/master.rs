@@ -213,6 +213,8 @@ pub struct Master {
     loss_history: VecDeque<f64>,
     last_cut: Instant,
     pub stats: Stats,
+    /// Set from another thread to end the session ([`Master::set_stop`]).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Master {
@@ -293,7 +295,21 @@ impl Master {
                 min_rate: max_rate,
                 ..Stats::default()
             },
+            stop: None,
         })
+    }
+
+    /// A flag another thread sets to end the session (a server's `session stop`): `run`
+    /// then tells the group the session is over ([`Master::abort`]) and returns.
+    pub fn set_stop(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    /// Has the stop flag been set?
+    pub fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The image's manifest digest (hex).
@@ -965,7 +981,7 @@ impl Master {
                     if r.is_err() {
                         break;
                     }
-                    if self.active().next().is_none() {
+                    if self.active().next().is_none() || self.stopped() {
                         self.block_buf = data;
                         return Ok(false);
                     }
@@ -997,6 +1013,10 @@ impl Master {
         let mut serviced = Instant::now();
         loop {
             self.service(on_event)?;
+            if self.stopped() {
+                self.abort();
+                return Ok(());
+            }
             if self.active().next().is_none() {
                 break;
             }
@@ -1046,6 +1066,10 @@ impl Master {
                 break;
             }
             self.sent_at.insert(object, Instant::now());
+        }
+        if self.stopped() {
+            self.abort();
+            return Ok(());
         }
         for _ in 0..3 {
             self.send_to(Body::End { aborted: false }, self.dest);

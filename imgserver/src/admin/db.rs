@@ -112,7 +112,7 @@ impl AdminDb {
         let (by, now) = (audit.actor.as_str(), audit.at);
         let mut conn = self.lock();
         // The token and its audit record: one transaction.
-        let conn = conn.transaction()?;
+        let conn = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let taken: Option<i64> = conn
             .query_row(
                 "SELECT id FROM admin_tokens WHERE name = ?1 AND revoked IS NULL",
@@ -179,7 +179,7 @@ impl AdminDb {
     /// record) if there is none.
     pub fn revoke(&self, name: &str, audit: &AuditEntry) -> Result<bool, AdminError> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let n = tx.execute(
             "UPDATE admin_tokens SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
             params![name, i(audit.at)],

@@ -881,7 +881,12 @@ impl Admin {
         let mut options = req.options.clone();
         crate::autogenic::check_request(kind, &options).map_err(AdminError::Invalid)?;
         let (image, image_id) = match kind {
-            "deploy" | "convert" => {
+            "deploy" | "convert" | "session" => {
+                if kind == "session" && options.session.is_none() {
+                    return Err(AdminError::Invalid(
+                        "a session job is made by `imgserver session start NAME`".into(),
+                    ));
+                }
                 let spec = req.image.as_deref().ok_or_else(|| {
                     AdminError::Invalid(format!(
                         "a {kind} job needs an image (NAME[:VERSION] or id)"
@@ -1076,7 +1081,7 @@ impl Admin {
         _note: Option<&str>,
     ) -> Result<JobCreated> {
         let what = match (&job.kind[..], job.image) {
-            (k @ ("deploy" | "convert"), Some(i)) => self
+            (k @ ("deploy" | "convert" | "session"), Some(i)) => self
                 .store
                 .image_by_id(i)?
                 .map(|i| {

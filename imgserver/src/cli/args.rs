@@ -48,6 +48,13 @@ usage: imgserver [--data DIR] COMMAND
   transcript MAC [--task N]
   admin add NAME --role admin|operator|viewer    print a new admin API token (once)
   admin list | admin revoke NAME | admin audit [--target job:N|device:MAC] [--limit N]
+  session start NAME --image NAME[:VERSION]|ID (--mac MAC ... | --all)
+        [--clients N] [--timeout MIN] [--throttle MS] [--latejoin] [--addr A.B.C.D]
+        [--interface IF] [--disk D] [--part P]
+                                      the server (imgserver serve) sends the image to the
+                                      devices at once; they join at their next check-in
+  session list                        sessions: state, clients, each device's progress/result
+  session stop NAME                   end it: master stopped, devices' pending tasks cancelled
 TIME: YYYY-MM-DD HH:MM in ZONE (default $TZ), RFC 3339, @UNIX, now, +10m; see docs/admin-api.md
 jobs, devices, transcript and admin list|audit show times in --tz ZONE (default $TZ).
 DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
@@ -143,6 +150,8 @@ pub enum Command {
     },
     /// `admin` with words it does not know: its usage, exit code 1.
     AdminUsage,
+    /// `session start|list|stop` (`super::session`).
+    Session(super::session::SessionCommand),
     Help,
 }
 
@@ -208,6 +217,15 @@ fn num<T: std::str::FromStr>(what: &str, s: &str) -> anyhow::Result<T> {
 /// Stage one: argv to [`Args`], no side effects.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
     use lexopt::prelude::*;
+    let args: Vec<OsString> = args.into_iter().collect();
+    if super::session::is_session(&args) {
+        let (data, tz, cmd) = super::session::parse(args)?;
+        return Ok(Args {
+            data,
+            tz,
+            command: Command::Session(cmd),
+        });
+    }
     let mut p = lexopt::Parser::from_iter(std::iter::once(OsString::from("imgserver")).chain(args));
     let mut data = std::env::var_os("IMGSERVER_DATA")
         .map(PathBuf::from)

@@ -11,7 +11,8 @@
 //! Files: `args.rs` (USAGE, [`Command`], [`parse`]), `serve.rs` (init, serve), `images.rs`
 //! (image add/list/remove/sign/url), `devices.rs` (devices, device, approve, forget,
 //! transcript), `jobs.rs` (schedule, jobs, job), `admin.rs` (admin tokens and the audit
-//! trail), `table.rs` (the table every listing prints).
+//! trail), `session.rs` (multicast sessions the server runs), `table.rs` (the table every
+//! listing prints).
 
 use std::ffi::OsString;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ mod devices;
 mod images;
 mod jobs;
 mod serve;
+mod session;
 mod table;
 
 pub use args::{parse, size, Args, Command, PxeOptions, Window, USAGE};
@@ -234,6 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Command::AdminList => admin::list(data, tz),
         Command::AdminRevoke { name } => admin::revoke(data, name),
         Command::AdminAudit { target, limit } => admin::audit(data, target, limit, tz),
+        Command::Session(c) => session::run(data, tz, c),
         Command::AdminUsage => bail!(
             "usage: imgserver admin add NAME --role admin|operator|viewer | admin list | admin revoke NAME | admin audit [--target job:N|device:MAC|image:N|token:NAME] [--limit N]"
         ),

@@ -127,6 +127,11 @@ pub(super) fn serve(data: &Path, s: Settings) -> anyhow::Result<i32> {
         open_enrolment,
         guards: Default::default(),
     });
+    // Multicast sessions (`imgserver session start`): this process is their master.
+    {
+        let (data, store) = (data.to_path_buf(), st.store.clone());
+        std::thread::spawn(move || crate::mcast::supervise(data, store));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

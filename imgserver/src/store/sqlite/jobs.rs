@@ -78,9 +78,9 @@ pub(super) fn device_may_fetch(conn: &Connection, device: u64, file: &str) -> Re
     let found = conn
         .prepare_cached(
             "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN images m ON m.id = j.image_id
-             WHERE t.device_id = ?1 AND t.state IN (?3, ?4) AND j.kind IN (?5, ?6) AND m.file = ?2 LIMIT 1",
+             WHERE t.device_id = ?1 AND t.state IN (?3, ?4) AND j.kind IN (?5, ?6, ?7) AND m.file = ?2 LIMIT 1",
         )?
-        .query_row(params![i(device), file, TaskState::Sent.as_str(), TaskState::Running.as_str(), JobKind::Deploy.as_str(), JobKind::Convert.as_str()], |_| Ok(()))
+        .query_row(params![i(device), file, TaskState::Sent.as_str(), TaskState::Running.as_str(), JobKind::Deploy.as_str(), JobKind::Convert.as_str(), JobKind::Session.as_str()], |_| Ok(()))
         .optional()?
         .is_some();
     Ok(found)
@@ -242,6 +242,20 @@ pub(super) fn next_task(
             )?;
         }
         return task_of_device(tx, device, u.task);
+    }
+    for (c, why) in &plan.held {
+        // It stays pending; the reason is where `imgserver job N` and `devices` show it.
+        if let Some(task) = found[*c].2 {
+            tx.execute(
+                "UPDATE tasks SET message = ?2, updated = ?3 WHERE id = ?1 AND state = ?4 AND message IS NOT ?2",
+                params![i(task), why, i(now), TaskState::Pending.as_str()],
+            )?;
+            // The device list's note says it too (while nothing else is to be said).
+            tx.execute(
+                "UPDATE devices SET state_reason = ?2 WHERE id = ?1 AND state = ?3 AND state_reason IS NULL",
+                params![i(device), format!("job {}: {why}", found[*c].0.id), DeviceState::Operational.as_str()],
+            )?;
+        }
     }
     for r in &plan.rejected {
         let (job, _, task, _) = &found[r.candidate];

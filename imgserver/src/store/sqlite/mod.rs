@@ -24,12 +24,14 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let conn = Connection::open(path)?;
+        // First: the pragmas below take locks too, and another process (the server, an
+        // admin command, a session's master thread) may hold one for a moment.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // WAL: readers (the admin command) never block the server; NORMAL sync is durable
         // across application crashes, which is what idempotent retries rely on.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         let store = SqliteStore {
             conn: Mutex::new(conn),
         };
@@ -48,7 +50,10 @@ impl SqliteStore {
     fn write<T: 'static>(&self, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<T> {
         let hook = take_audit_hook();
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        // Immediate: the write lock is taken (waiting up to the busy timeout) before the
+        // first read, so a write another process (the admin commands, a session's master
+        // thread) committed meanwhile cannot fail the upgrade with "database is locked".
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         if let Some(entry) = hook.and_then(|h| h(&out)) {
             insert_audit(&tx, &entry)?;

@@ -93,6 +93,13 @@ pub fn zero_chunk(index: u64, disk_offset: u64, len: u64) -> ChunkHeader {
     }
 }
 
+thread_local! {
+    /// One zstd decompression context per worker thread, kept across chunks (a fresh one
+    /// per chunk is a large allocation, mapped and unmapped every time).
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Check and decode a chunk's payload: CRC32, then decompression bounded by `raw_len`,
 /// then SHA-256. Returns the disk bytes (empty for Zero chunks).
 pub fn decode_chunk(h: &ChunkHeader, payload: Vec<u8>) -> Result<Vec<u8>> {
@@ -119,9 +126,25 @@ pub fn decode_chunk(h: &ChunkHeader, payload: Vec<u8>) -> Result<Vec<u8>> {
         Compression::Stored => payload,
         Compression::Zstd => {
             // raw_len is bounded by MAX_CHUNK_RAW in check_bounds, so this capacity is too.
-            let out = zstd::bulk::decompress(&payload, h.raw_len as usize).map_err(|e| {
-                Error::corrupt(format!("{what}: zstd frame does not decode")).with_source(e)
-            })?;
+            // Into a reused buffer, with a reused context: see io::pool for why.
+            let mut out = crate::io::pool::take(h.raw_len as usize);
+            out.reserve_exact(h.raw_len as usize);
+            let r = ZSTD.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                d.as_mut()
+                    .expect("set above")
+                    .decompress_to_buffer(&payload, &mut out)
+            });
+            crate::io::pool::give(payload);
+            if let Err(e) = r {
+                crate::io::pool::give(out);
+                return Err(
+                    Error::corrupt(format!("{what}: zstd frame does not decode")).with_source(e),
+                );
+            }
             out
         }
     };

@@ -230,6 +230,28 @@ mod tests {
     }
 
     #[test]
+    fn reused_buffers_never_widen_the_bound_or_leak_old_bytes() {
+        // A 1 MiB chunk decoded into a buffer from the pool (io::pool), then a chunk whose
+        // frame decodes to more than its header says, into what may be that buffer again:
+        // refused, although the buffer would hold it.
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 7) as u8).collect();
+        let (h, p) = encode_chunk(1, ChunkKind::Data, 0, big.clone(), 3).unwrap();
+        crate::io::pool::give(decode_chunk(&h, p).unwrap());
+        let data = sample();
+        let (mut h, p) = encode_chunk(2, ChunkKind::Data, 0, data.clone(), 3).unwrap();
+        let honest = h;
+        h.raw_len = 1000;
+        let e = decode_chunk(&h, p.clone()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        // Decoded into a reused buffer: exactly its own bytes, nothing of the one before.
+        for _ in 0..3 {
+            let out = decode_chunk(&honest, p.clone()).unwrap();
+            assert!(out == data);
+            crate::io::pool::give(out);
+        }
+    }
+
+    #[test]
     fn zero_chunk_has_no_payload() {
         let h = zero_chunk(1, 0, 1 << 30);
         h.check_bounds().unwrap();

@@ -34,7 +34,7 @@
 # master's veth sent (/sys/class/net/eth0/statistics/tx_bytes in its namespace: whole Ethernet
 # frames, so a full 1472-byte datagram costs 1514 bytes), and the UDP payload that left the sender
 # (an nft counter on the ingress of its bridge port: IP bytes less 28 per datagram, no Ethernet, IP or UDP
-# header, but our own 32-byte packet header and udpcast's are in it); CPU (user + system, GNU time) per
+# header, but our own 32-byte packet header and udpcast's are in it); CPU (user + system, GNU time) and page faults per
 # receiver and of the sender; every receiver's result is checked (cmp) against the source.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -174,10 +174,10 @@ run() {
     (
       if [ "$tool" = img ]; then
         ip netns exec "${id}c$i" env IMG_STATE_DIR="$work/state$i" IMG_TRUSTED_DIR="$work/trust" \
-          /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
+          /usr/bin/time -f "%U %S %R %F" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
           "$img" -session "$name" -client -disk="$work/t$i.img" > "$work/c$i.log" 2>&1 && rc=0 || rc=$?
       else
-        ip netns exec "${id}c$i" /usr/bin/time -f "%U %S" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
+        ip netns exec "${id}c$i" /usr/bin/time -f "%U %S %R %F" -o "$work/cpu.$i" timeout -k 5 "$tmo" \
           udp-receiver --file "$work/t$i.fimg" --interface eth0 --nokbd --no-progress > "$work/c$i.log" 2>&1 && rc=0 || rc=$?
       fi
       now > "$work/end.$i"; echo "$rc" > "$work/rc.$i"
@@ -186,16 +186,17 @@ run() {
   for p in "${pids[@]}"; do wait "$p" || true; done
   wait "$mpid" || true
   WIRE=$(( $(tx_bytes) - tx0 )); UDP=$(udp_payload)
-  T=0; T_OTHERS=0; CPU=0; OK=0
+  T=0; T_OTHERS=0; CPU=0; FLT=0; OK=0
   read -r MCPU < <(tail -1 "$work/mcpu" 2>/dev/null | awk '{print $1 + $2}' || echo 0)
   MCPU=${MCPU:-0}
   for ((i = 0; i < n; i++)); do
-    local e c u s
+    local e c u s minf majf
     e=$(echo "$(cat "$work/end.$i") - $start" | bc -l)
     T=$(echo "if ($e > $T) $e else $T" | bc -l)
     if [ "$i" -lt $((n - 1)) ]; then T_OTHERS=$(echo "if ($e > $T_OTHERS) $e else $T_OTHERS" | bc -l); fi
-    read -r u s < <(tail -1 "$work/cpu.$i" 2>/dev/null || echo "0 0")
+    read -r u s minf majf < <(tail -1 "$work/cpu.$i" 2>/dev/null || echo "0 0 0 0")
     CPU=$(echo "$CPU + ($u + $s) / $n" | bc -l)
+    FLT=$(echo "$FLT + (${minf:-0} + ${majf:-0}) / $n" | bc -l)
     if [ "$(cat "$work/rc.$i")" = 0 ]; then
       if [ "$tool" = img ]; then cmp -s "$work/t$i.img" "$work/src.img" && OK=$((OK + 1));
       else cmp -s "$work/t$i.fimg" "$work/src.fimg" && OK=$((OK + 1)); fi
@@ -217,8 +218,8 @@ ratio() {
   echo "scale=3; $1 / $2" | bc -l | awk '{printf "%.2f", $1}'
 }
 report() {  # LABEL N
-  printf "  %-44s %7.2f s  frames %6.3fx udp %6.3fx payload  cpu/receiver %6.2f s  sender cpu %6.2f s  correct %d/%d\n" \
-    "$1" "$T" "$(echo "$WIRE / $payload" | bc -l)" "$(echo "$UDP / $payload" | bc -l)" "$CPU" "$MCPU" "$OK" "$2"
+  printf "  %-44s %7.2f s  frames %6.3fx udp %6.3fx payload  cpu/receiver %6.2f s  page faults/receiver %7.0f  sender cpu %6.2f s  correct %d/%d\n" \
+    "$1" "$T" "$(echo "$WIRE / $payload" | bc -l)" "$(echo "$UDP / $payload" | bc -l)" "$CPU" "$FLT" "$MCPU" "$OK" "$2"
 }
 
 echo "== multicast: img -session vs udpcast $(dpkg-query -W -f='${Version}' udpcast 2>/dev/null)"

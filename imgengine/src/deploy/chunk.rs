@@ -31,6 +31,13 @@ impl VerifiedChunk {
     }
 }
 
+impl Drop for VerifiedChunk {
+    /// Its buffer goes back to the pool for the next chunk (see `io::pool`).
+    fn drop(&mut self) {
+        crate::io::pool::give(std::mem::take(&mut self.data));
+    }
+}
+
 /// The manifest check: the chunk found at `image_offset` with `header` must be exactly
 /// the manifest's entry for its index (chunks swapped, replaced, moved or not in the image
 /// at all are refused).

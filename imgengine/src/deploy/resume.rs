@@ -156,7 +156,10 @@ fn intact_chunks(
             {
                 return Ok(false);
             }
-            let mut buf = vec![0u8; h.raw_len.min(HASH_PIECE) as usize];
+            // A reused buffer (see io::pool): one per chunk would be mapped and faulted in anew.
+            let want = h.raw_len.min(HASH_PIECE) as usize;
+            let mut buf = crate::io::pool::take(want);
+            buf.resize(want, 0);
             let mut sha = Sha256::new();
             let mut off = 0;
             while off < h.raw_len {
@@ -165,6 +168,7 @@ fn intact_chunks(
                 sha.update(&buf[..n]);
                 off += n as u64;
             }
+            crate::io::pool::give(buf);
             progress.advance(h.raw_len);
             Ok(<[u8; 32]>::from(sha.finalize()) == h.sha256)
         },

@@ -93,6 +93,13 @@ pub fn zero_chunk(index: u64, disk_offset: u64, len: u64) -> ChunkHeader {
     }
 }
 
+thread_local! {
+    /// One zstd decompression context per worker thread, kept across chunks (a fresh one
+    /// per chunk is a large allocation, mapped and unmapped every time).
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Check and decode a chunk's payload: CRC32, then decompression bounded by `raw_len`,
 /// then SHA-256. Returns the disk bytes (empty for Zero chunks).
 pub fn decode_chunk(h: &ChunkHeader, payload: Vec<u8>) -> Result<Vec<u8>> {
@@ -119,9 +126,25 @@ pub fn decode_chunk(h: &ChunkHeader, payload: Vec<u8>) -> Result<Vec<u8>> {
         Compression::Stored => payload,
         Compression::Zstd => {
             // raw_len is bounded by MAX_CHUNK_RAW in check_bounds, so this capacity is too.
-            let out = zstd::bulk::decompress(&payload, h.raw_len as usize).map_err(|e| {
-                Error::corrupt(format!("{what}: zstd frame does not decode")).with_source(e)
-            })?;
+            // Into a reused buffer, with a reused context: see io::pool for why.
+            let mut out = crate::io::pool::take(h.raw_len as usize);
+            out.reserve_exact(h.raw_len as usize);
+            let r = ZSTD.with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                d.as_mut()
+                    .expect("set above")
+                    .decompress_to_buffer(&payload, &mut out)
+            });
+            crate::io::pool::give(payload);
+            if let Err(e) = r {
+                crate::io::pool::give(out);
+                return Err(
+                    Error::corrupt(format!("{what}: zstd frame does not decode")).with_source(e),
+                );
+            }
             out
         }
     };
@@ -204,6 +227,28 @@ mod tests {
         let (h, p) = encode_chunk(0, ChunkKind::Data, 0, data.clone(), 19).unwrap();
         assert_eq!(h.compression, Compression::Stored);
         assert_eq!(decode_chunk(&h, p).unwrap(), data);
+    }
+
+    #[test]
+    fn reused_buffers_never_widen_the_bound_or_leak_old_bytes() {
+        // A 1 MiB chunk decoded into a buffer from the pool (io::pool), then a chunk whose
+        // frame decodes to more than its header says, into what may be that buffer again:
+        // refused, although the buffer would hold it.
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 7) as u8).collect();
+        let (h, p) = encode_chunk(1, ChunkKind::Data, 0, big.clone(), 3).unwrap();
+        crate::io::pool::give(decode_chunk(&h, p).unwrap());
+        let data = sample();
+        let (mut h, p) = encode_chunk(2, ChunkKind::Data, 0, data.clone(), 3).unwrap();
+        let honest = h;
+        h.raw_len = 1000;
+        let e = decode_chunk(&h, p.clone()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        // Decoded into a reused buffer: exactly its own bytes, nothing of the one before.
+        for _ in 0..3 {
+            let out = decode_chunk(&honest, p.clone()).unwrap();
+            assert!(out == data);
+            crate::io::pool::give(out);
+        }
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub(crate) fn read_payload(
     // Grown in 1 MiB steps of read_exact (large reads, no probing), so a truncated stream
     // claiming a large payload costs at most 1 MiB more than it delivered.
     const STEP: u64 = 1 << 20;
-    let mut v = Vec::new();
+    // A reused buffer when one that fits is idle (no new memory either way).
+    let mut v = crate::io::pool::take(len.min(usize::MAX as u64) as usize);
     while (v.len() as u64) < len {
         let got = v.len();
         let n = (len - got as u64).min(STEP) as usize;

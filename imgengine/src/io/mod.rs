@@ -5,6 +5,7 @@ pub mod count;
 pub mod decompress;
 pub mod ordered;
 pub mod peek;
+pub mod pool;
 pub mod progress;
 pub mod read_at;
 pub mod write_at;

@@ -896,7 +896,9 @@ fn symbol(rx: &mut Rx, object: u32, block: u8, esi: u32, symbol: &[u8], digest: 
             return false;
         }
         let d = rx.decoding.remove(&object).expect("present");
-        let mut data = Vec::with_capacity(obj.len as usize);
+        // Into a reused buffer (see io::pool): a chunk's object is a few MiB.
+        let mut data = crate::io::pool::take(obj.len as usize);
+        data.reserve_exact(obj.len as usize);
         for part in d.done.into_iter().flatten() {
             data.extend_from_slice(&part);
         }
@@ -956,8 +958,18 @@ fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
     })();
     if ok.is_some() && rx.wanted.contains(&object) {
         rx.store.insert(object, Arc::new(data));
-    } else if ok.is_none() {
-        rx.faults += 1;
+    } else {
+        if ok.is_none() {
+            rx.faults += 1;
+        }
+        crate::io::pool::give(data);
+    }
+}
+
+/// An object's buffer back to the pool once nothing else holds it.
+fn recycle(data: Option<Arc<Vec<u8>>>) {
+    if let Some(v) = data.and_then(|a| Arc::try_unwrap(a).ok()) {
+        crate::io::pool::give(v);
     }
 }
 
@@ -1187,7 +1199,7 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
                 if len > 0 && len <= KEEP_SMALL && kept + len <= KEEP_SKIPPED {
                     kept += len;
                 } else {
-                    rx.store.remove(&o);
+                    recycle(rx.store.remove(&o));
                 }
             }
         }
@@ -1286,7 +1298,10 @@ fn send_objects(
                     .map(|(_, d)| d.len() as u64)
                     .sum();
                 if o.len > KEEP_SMALL || kept + o.len > KEEP_SKIPPED {
-                    rx.store.remove(&i);
+                    let gone = rx.store.remove(&i);
+                    drop(rx);
+                    drop(data);
+                    recycle(gone);
                 }
             }
         }

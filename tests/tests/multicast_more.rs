@@ -186,21 +186,31 @@ fn cut_udp_towards(lab: &McastLab, node: &str) {
     run(Command::new("ip").args(["netns", "exec", &hub, "nft", "-f", file.to_str().unwrap()]));
 }
 
-#[test]
-fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range() {
-    // m0 the master, m1 the image server, c0 and c1 the room.
-    let mut lab = McastLab::new(2, 2);
-    let master = room_disk(lab.dir(), 61);
-    let (www, image) = publish_image(&lab, &master);
-    let bytes = std::fs::read(&image).unwrap();
-    let server = LabServer::start(&mut lab, "m1", &www);
+/// A room cut in two: the master (m0) sends `image` to c0 and c1 at `-throttle=5`; c1 also
+/// knows `server` (its Range fallback after 2 s without data). Returns once c1 has written its
+/// first chunks and every UDP packet towards it is dropped from then on.
+struct CutRoom {
+    m: Pid,
+    c0: Pid,
+    c1: Pid,
+    t0: PathBuf,
+    t1: PathBuf,
+}
+
+fn room_with_c1_cut(
+    lab: &mut McastLab,
+    name: &str,
+    image: &Path,
+    server: &LabServer,
+    master: &Disk,
+) -> CutRoom {
     let t0 = master.blank_like(&lab.dir().join("client0.img"));
     let t1 = master.blank_like(&lab.dir().join("client1.img"));
     let m = spawn(
-        &mut lab,
+        lab,
         "m0",
         &master_args(
-            "cutroom",
+            name,
             &[
                 "-clients=2",
                 "-throttle=5",
@@ -208,13 +218,13 @@ fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range(
             ],
         ),
     );
-    let c0 = spawn(&mut lab, "c0", &client_args("cutroom", &t0, &[]));
+    let c0 = spawn(lab, "c0", &client_args(name, &t0, &[]));
     let server_arg = format!("-server={}/room.fimg", server.url);
     let c1 = spawn_env(
-        &mut lab,
+        lab,
         "c1",
         &["IMG_SESSION_FALLBACK=2"],
-        &client_args("cutroom", &t1, &[&server_arg]),
+        &client_args(name, &t1, &[&server_arg]),
     );
     // The whole image fits in a client's window, so the cut must come early in the pass
     // that delivers the chunks (the first pass ends with the manifest): at -throttle=5 a
@@ -223,7 +233,20 @@ fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range(
         allocated(&t1) > 2 * MIB
     });
     assert!(lab.running(c1), "c1 finished before the cut: throttle more");
-    cut_udp_towards(&lab, "c1");
+    cut_udp_towards(lab, "c1");
+    CutRoom { m, c0, c1, t0, t1 }
+}
+
+#[test]
+fn a_client_cut_off_mid_session_fetches_only_the_chunks_it_missed_by_http_range() {
+    // m0 the master, m1 the image server, c0 and c1 the room.
+    let mut lab = McastLab::new(2, 2);
+    let master = room_disk(lab.dir(), 61);
+    let (www, image) = publish_image(&lab, &master);
+    let bytes = std::fs::read(&image).unwrap();
+    let server = LabServer::start(&mut lab, "m1", &www);
+    let CutRoom { m, c0, c1, t0, t1 } =
+        room_with_c1_cut(&mut lab, "cutroom", &image, &server, &master);
     let f1 = lab.wait(c1, SESSION_TIMEOUT);
     expect_ok(&f1, "client c1 (cut off mid-session)");
     assert!(
@@ -540,33 +563,8 @@ fn a_copy_that_is_not_the_sessions_image_is_refused_and_nothing_of_it_is_written
     }
     std::fs::write(&image, &bad).unwrap();
     let server = LabServer::start(&mut lab, "m1", &www);
-    let t0 = master.blank_like(&lab.dir().join("client0.img"));
-    let t1 = master.blank_like(&lab.dir().join("client1.img"));
-    let m = spawn(
-        &mut lab,
-        "m0",
-        &master_args(
-            "badcopy",
-            &[
-                "-clients=2",
-                "-throttle=5",
-                &format!("-image={}", sent.display()),
-            ],
-        ),
-    );
-    let c0 = spawn(&mut lab, "c0", &client_args("badcopy", &t0, &[]));
-    let server_arg = format!("-server={}/room.fimg", server.url);
-    let c1 = spawn_env(
-        &mut lab,
-        "c1",
-        &["IMG_SESSION_FALLBACK=2"],
-        &client_args("badcopy", &t1, &[&server_arg]),
-    );
-    wait_until(SESSION_TIMEOUT, "client c1 has written data", || {
-        allocated(&t1) > 2 * MIB
-    });
-    assert!(lab.running(c1), "c1 finished before the cut: throttle more");
-    cut_udp_towards(&lab, "c1");
+    let CutRoom { m, c0, c1, t0, t1 } =
+        room_with_c1_cut(&mut lab, "badcopy", &sent, &server, &master);
     let f1 = lab.wait(c1, SESSION_TIMEOUT);
     assert_eq!(
         f1.code,

@@ -278,25 +278,7 @@ fn service_checks_in_survives_the_server_hands_a_deploy_to_the_engine_and_delive
     eprintln!("SIGTERM to exit: {took:?}");
 
     // 4. A deploy is handed to the imaging engine, not run in the guest.
-    let src = dir.join("src.img");
-    sh(&format!(
-        "cd {dir}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT
-         truncate -s 48M {src}
-         sgdisk -o -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
-         mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
-         mcopy -i {src}@@1048576 VERSION.TXT ::VERSION.TXT",
-        dir = dir.path().display(),
-        src = src.display()
-    ));
-    let image = dir.join("os-2.1.img");
-    run(Command::new(img_bin()).args([
-        "-make",
-        image.to_str().unwrap(),
-        &format!("-disk={}", src.display()),
-        "-part=1",
-        "-name=os",
-        "-version=2.1",
-    ]));
+    let image = os_image(&dir, "");
     admin(&data, &["image", "add", image.to_str().unwrap()]);
     // The guest was booted with next_entry=guest (GRUB clears it; here it is left set so
     // that clearing it is seen).
@@ -436,17 +418,21 @@ fn the_shipped_systemd_unit_verifies() {
     assert!(said.contains("IO scheduling class"), "{said}");
 }
 
-/// An autogenic OS partition image "os 2.1" (FAT16 with VERSION.TXT), registered with
-/// `--autogenic`.
-fn autogenic_image(dir: &Scratch, data: &Path) {
+/// An OS partition image "os 2.1" made by `img -make` from a 48 MiB GPT disk whose
+/// partition 1 is FAT16 with VERSION.TXT and, when `bulk` is a shell command, BULK.BIN
+/// holding its output ("" for none).
+fn os_image(dir: &Scratch, bulk: &str) -> PathBuf {
     let src = dir.join("src.img");
+    let (make, copy) = match bulk {
+        "" => (String::new(), "::VERSION.TXT".to_string()),
+        e => (format!("{e} > BULK.BIN\n"), "BULK.BIN ::".to_string()),
+    };
     sh(&format!(
         "cd {dir}; export MTOOLS_SKIP_CHECK=1; echo 'os 2.1' > VERSION.TXT
-         head -c 3000000 /dev/urandom > BULK.BIN
-         truncate -s 48M {src}
+         {make}truncate -s 48M {src}
          sgdisk -o -n 1:2048:+32M -t 1:0700 -c 1:SYSTEM {src} >/dev/null
          mkfs.fat -F 16 -n SYSTEM --offset 2048 {src} 32768 >/dev/null
-         mcopy -i {src}@@1048576 VERSION.TXT BULK.BIN ::",
+         mcopy -i {src}@@1048576 VERSION.TXT {copy}",
         dir = dir.path().display(),
         src = src.display()
     ));
@@ -459,6 +445,13 @@ fn autogenic_image(dir: &Scratch, data: &Path) {
         "-name=os",
         "-version=2.1",
     ]));
+    image
+}
+
+/// An autogenic OS partition image "os 2.1" (FAT16 with VERSION.TXT and 3 MB of random
+/// BULK.BIN), registered with `--autogenic`.
+fn autogenic_image(dir: &Scratch, data: &Path) {
+    let image = os_image(dir, "head -c 3000000 /dev/urandom");
     admin(
         data,
         &["image", "add", image.to_str().unwrap(), "--autogenic"],

@@ -91,8 +91,12 @@ pub(super) fn intact(
     }
 }
 
-/// Data chunks hashed before `IntactCheck::Probe` decides.
+/// Data chunks hashed before `IntactCheck::Probe` decides: at most this many, and no more
+/// than [`PROBE_BYTES`] of the target (at least one chunk). A small disk would otherwise be
+/// read whole before the first byte is written, and a slow flash takes seconds for 64 MiB
+/// (while a multicast session already runs).
 const PROBE_CHUNKS: usize = 16;
+const PROBE_BYTES: u64 = 16 << 20;
 /// Target bytes hashed per read.
 const HASH_PIECE: u64 = 1 << 20;
 
@@ -102,13 +106,22 @@ fn probe_intact(
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<Option<Vec<bool>>> {
+    let (mut chunks, mut bytes) = (0, 0u64);
     let cut = m
         .entries
         .iter()
-        .enumerate()
-        .filter(|(_, e)| e.header.kind == ChunkKind::Data)
-        .nth(PROBE_CHUNKS)
-        .map_or(m.entries.len(), |(i, _)| i);
+        .position(|e| {
+            if e.header.kind != ChunkKind::Data {
+                return false;
+            }
+            if chunks >= PROBE_CHUNKS || (chunks > 0 && bytes >= PROBE_BYTES) {
+                return true;
+            }
+            chunks += 1;
+            bytes += e.header.raw_len;
+            false
+        })
+        .unwrap_or(m.entries.len());
     let mut intact = intact_chunks(t, &m.entries[..cut], threads, progress)?;
     if !intact.iter().any(|&ok| ok) {
         return Ok(None);

@@ -419,3 +419,50 @@ fn a_server_without_range_is_read_once_head_included() {
     assert_eq!(fs::read(&tgt).unwrap(), disk);
     assert_eq!(s.bytes_fetched, image_len, "read exactly once: {s:?}");
 }
+
+/// Progress that keeps the total of every "checking target" phase.
+#[derive(Default)]
+struct Checks(std::sync::Mutex<Vec<u64>>);
+impl crate::io::Progress for Checks {
+    fn begin(&self, what: &str, total: Option<u64>) {
+        if what == "checking target" {
+            self.0.lock().unwrap().push(total.unwrap_or(0));
+        }
+    }
+    fn advance(&self, _bytes: u64) {}
+    fn end(&self) {}
+}
+
+#[test]
+fn with_no_journal_only_the_first_16_mib_of_the_target_are_probed() {
+    // About 50 MiB of data in 2 MiB chunks (a 16 MiB zero hole in a 64 MiB disk): the byte
+    // bound decides (8 chunks, not 16). Then 256 KiB chunks, where the chunk count decides
+    // (16 chunks, 4 MiB).
+    let d = Dir::new("probe");
+    let len = 64 << 20;
+    let disk = testimg::disk(len);
+    for (chunk, bound) in [(2usize << 20, 16u64 << 20), (256 << 10, 4 << 20)] {
+        let img = d.p("p.img");
+        fs::write(&img, testimg::image(&disk, chunk)).unwrap();
+        let tgt = d.p("t.raw");
+        fs::write(&tgt, vec![0x55u8; len]).unwrap();
+        let checks = Checks::default();
+        let s = deploy(&Location::File(img.clone()), &tgt, None, &d.opts(), &checks).unwrap();
+        assert!(!s.resumed && s.chunks_skipped == 0, "{s:?}");
+        assert_eq!(*checks.0.lock().unwrap(), vec![bound], "one probe of {bound} bytes");
+        assert!(fs::read(&tgt).unwrap() == disk);
+        // The same image again (the journal is gone after success): the probe finds the
+        // first chunks intact, every chunk is checked, none is written.
+        let checks = Checks::default();
+        let s = deploy(&Location::File(img.clone()), &tgt, None, &d.opts(), &checks).unwrap();
+        let es = entries(&img);
+        let data_es = es.iter().filter(|e| e.header.kind == ChunkKind::Data);
+        let data = data_es.clone().count() as u64;
+        let data_bytes: u64 = data_es.map(|e| e.header.raw_len).sum();
+        assert!(s.resumed && s.chunks_skipped == data && s.bytes_written == 0, "{s:?}");
+        let probed = checks.0.lock().unwrap().clone();
+        assert_eq!(probed.len(), 2, "{probed:?}");
+        assert_eq!(probed[0], bound);
+        assert_eq!(probed[0] + probed[1], data_bytes, "{probed:?}");
+    }
+}

@@ -9,6 +9,8 @@
 #   COUNTS="1 2 4 8" LOSSES="0 2" SLOW_KBIT=40000 override the matrix (SLOW_KBIT=0: no slow case)
 #   IMG=/path/to/img bash bench/multicast.sh   another build of img (default: release, musl)
 #   RUN_TIMEOUT=120                         seconds before a hung sender or receiver is stopped (failed)
+#   KEEP_LOGS=DIR                           keep every run's sender and receiver logs under DIR
+#                                           (with IMG_SESSION_DEBUG=1: the master's and clients' timelines)
 #   ONLY=img                                our runs only (no udpcast, no ratios): a quick look while developing
 #   LINK_MBIT=100                           the sender's link rate in Mbit/s (default 100, a classroom or
 #                                           branch switch port); LINK_MBIT=0: unlimited (the bridge is then
@@ -209,6 +211,10 @@ run() {
   fi
   # The master's own traffic figures (packets, repairs, extra passes): where the wire bytes go.
   if [ "$tool" = img ]; then grep -o "[0-9]* packets, .*" "$work/master.log" | sed 's/^/    master: /' || true; fi
+  if [ -n "${KEEP_LOGS:-}" ]; then  # each run's logs, to read where the time went
+    local keep="$KEEP_LOGS/$tool-n$n-$(date +%H%M%S%N)"; mkdir -p "$keep"; cp "$work"/*.log "$work"/end.* "$keep"/ 2>/dev/null || true
+    echo "$start" > "$keep/start"
+  fi
   rm -f "$work"/t[0-9]*.img "$work"/t[0-9]*.fimg; rm -rf "$work"/state*
 }
 

@@ -45,7 +45,11 @@ pub const MASTER_SILENCE: Duration = Duration::from_secs(60);
 const STATUS_EVERY: Duration = Duration::from_millis(200);
 /// A block that got no symbol for this long while incomplete is NACKed.
 const NACK_AFTER: Duration = Duration::from_millis(60);
-const NACK_REPEAT: Duration = Duration::from_millis(300);
+/// A block NACKed this long ago and still short is NACKed again: the repair was lost too.
+/// The master's send queue is bounded (tens of ms) and it answers between blocks, so a
+/// repair normally arrives well within this; the master ignores a repeat that comes before
+/// its hold-off (100 ms) is over.
+const NACK_REPEAT: Duration = Duration::from_millis(150);
 /// How often the receiver looks for NACKs that are due: they go out at once in a status
 /// of their own (not at the next 200 ms report), so the NACKs of every client for a block
 /// reach the master together and one repair answers them all.
@@ -56,7 +60,18 @@ const KEEP_SKIPPED: u64 = 1 << 20;
 const KEEP_SMALL: u64 = 64 << 10;
 /// Datagrams taken per system call (and per lock of the receiver's state).
 const RECV_BATCH: usize = 32;
+/// When the last batch was small, the receiver waits this long before the next one, so the
+/// next wake-up takes several datagrams: one wake-up per datagram cost a receiver about a
+/// fifth of its CPU. Only with a receive queue of [`COALESCE_MIN_QUEUE`] or more, which
+/// holds far more than this long's worth of datagrams at any rate the master sends.
+const COALESCE: Duration = Duration::from_millis(1);
+const COALESCE_MIN_QUEUE: usize = 2 << 20;
 const NACK_CHECK: Duration = Duration::from_millis(20);
+/// A registration not answered this long ago is sent again at the next announcement (the
+/// master announces every 100 ms while it waits; a lost registration or reply costs this).
+const REGISTER_AGAIN: Duration = Duration::from_millis(150);
+/// Data packets a loss figure is measured over, at least.
+const LOSS_SAMPLE: u64 = 64;
 /// How long a due status waits for the receive queue to empty.
 const BACKLOG_WAIT: Duration = Duration::from_millis(800);
 /// An object with no symbol for this long: its unheard blocks are asked for by NACK.
@@ -314,6 +329,7 @@ impl Rx {
                         block: b,
                         missing: missing.min(u32::from(u16::MAX)) as u16,
                     });
+                    super::trace(format_args!("client: NACK object {o} block {b}: {missing} symbol(s) missing"));
                     d.last_nack.insert(b, now);
                 }
             }
@@ -413,7 +429,7 @@ pub fn run(
             break (from, pkt.digest, a);
         }
         let may = a.state == MasterState::Waiting || a.latejoin || refused != Some(pkt.digest);
-        if may && last_register.is_none_or(|t: Instant| t.elapsed() >= Duration::from_millis(300)) {
+        if may && last_register.is_none_or(|t: Instant| t.elapsed() >= REGISTER_AGAIN) {
             last_register = Some(Instant::now());
             let b = Packet {
                 session,
@@ -669,10 +685,16 @@ impl RxCtx {
         let tag: [u8; TAG_LEN] = data_tag(&self.session, &self.digest);
         // Loss: data packets the master's sequence says were sent, against those that came.
         let (mut prev_seq, mut expected, mut got) = (None::<u16>, 0u64, 0u64);
+        let mut loss = 0u16;
         let _ = self.group.set_read_timeout(Some(Duration::from_millis(20)));
         let mut batch = net::RecvBatch::new(RECV_BATCH, MAX_PACKET + 1);
+        let coalesce = net::recv_queue_bytes(&self.group) >= COALESCE_MIN_QUEUE;
+        let mut count = 0;
         while !self.stop.load(Ordering::Relaxed) {
-            let count = match batch.recv(&self.group) {
+            if coalesce && count > 0 && count < RECV_BATCH / 2 {
+                std::thread::sleep(COALESCE);
+            }
+            count = match batch.recv(&self.group) {
                 Ok(n) => n,
                 Err(e) => {
                     self.fail(net_err("receiving the session", e).to_string());
@@ -713,6 +735,11 @@ impl RxCtx {
                                 .is_none();
                             if aborted || unfinished {
                                 self.fail("the master ended the session before this device had the whole image".into());
+                            } else {
+                                // The master ends a session only when it holds every
+                                // client's result, ours included: an acknowledgement too
+                                // (the Ack itself may have been lost).
+                                self.acked.store(true, Ordering::Relaxed);
                             }
                         }
                     }
@@ -768,8 +795,13 @@ impl RxCtx {
                     continue;
                 }
                 last_status = Instant::now();
-                let loss = (expected.saturating_sub(got) * 1000 / expected.max(1)).min(1000) as u16;
-                (expected, got) = (0, 0);
+                // Loss is measured over at least LOSS_SAMPLE packets: one lost packet of
+                // the first four is not 25 % loss (the master would take this device for
+                // one on a bad link and serve it apart). Until then the last figure stands.
+                if expected >= LOSS_SAMPLE {
+                    loss = (expected.saturating_sub(got) * 1000 / expected).min(1000) as u16;
+                    (expected, got) = (0, 0);
+                }
                 self.status(loss, backlog);
             }
         }
@@ -909,9 +941,7 @@ fn symbol(rx: &mut Rx, object: u32, block: u8, esi: u32, symbol: &[u8], digest: 
 
 /// A decoded object: check it and keep it, or drop it (it stays needed).
 fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
-    if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
-        eprintln!("client: object {object} decoded ({} bytes)", data.len());
-    }
+    super::trace(format_args!("client: object {object} decoded ({} bytes)", data.len()));
     let tail = rx.tail_index();
     if object == 0 || object == tail {
         if object == 0 {
@@ -1044,9 +1074,7 @@ impl LocalSource {
                         .name("mcast-req".into())
                         .spawn(move || {
                             if let Err(e) = serve(c, &sh, &p) {
-                                if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
-                                    eprintln!("session: local source: {e}");
-                                }
+                                super::trace(format_args!("session: local source: {e}"));
                             }
                         });
                 }
@@ -1326,9 +1354,7 @@ fn range_fetch(shared: &Shared, i: u32) -> std::io::Result<()> {
         };
         (f, obj, rx.digest)
     };
-    if std::env::var_os("IMG_SESSION_DEBUG").is_some() {
-        eprintln!("client: object {i} by HTTP Range from {}", f.location());
-    }
+    super::trace(format_args!("client: object {i} by HTTP Range from {}", f.location()));
     let fail = |why: String| {
         let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
         rx.range_error.get_or_insert_with(|| why.clone());

@@ -23,7 +23,7 @@ use super::packet::{
     data_tag, Announce, Body, ClientState, Data, MasterState, Packet, ReplyCode, Status,
     MAX_PACKET, SYMBOL_SIZE, TAG_LEN,
 };
-use super::{net, Object};
+use super::{net, trace, Object};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How a master runs.
@@ -159,7 +159,9 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
 /// While registrations are taken, a device that just started hears of the master sooner.
 const ANNOUNCE_WAITING: Duration = Duration::from_millis(100);
 /// A NACK for a block repaired this recently is already being answered.
-const REPAIR_HOLDOFF: Duration = Duration::from_millis(150);
+/// (Shorter than the clients' NACK repeat, 150 ms, so a repeat for a repair that was lost is
+/// answered.)
+const REPAIR_HOLDOFF: Duration = Duration::from_millis(100);
 /// An object is sent again to a client only if it still reports needing it this long
 /// after it was last sent (its reports come every 200 ms).
 const RESEND_AFTER: Duration = Duration::from_millis(100);
@@ -249,6 +251,7 @@ impl Master {
         sock.set_nonblocking(true)
             .map_err(|e| Error::io("making the session socket non-blocking", e))?;
         net::report_local_drops(&sock);
+        net::bound_send_queue(&sock);
         let announce = Announce {
             state: MasterState::Waiting,
             latejoin: cfg.latejoin,
@@ -839,6 +842,7 @@ impl Master {
 
     fn cut_rate(&mut self) {
         self.rate = (self.rate * 0.7).max(500_000.0);
+        trace(format_args!("master: rate cut to {:.0} B/s", self.rate));
         self.last_cut = Instant::now();
         self.stats.rate_cuts += 1;
         self.stats.min_rate = self.stats.min_rate.min(self.rate);
@@ -905,12 +909,10 @@ impl Master {
                 || c.held_periods >= LAGGING_HELD_PERIODS
             {
                 c.lagging = true;
-                if debug() {
-                    eprintln!(
-                        "master: {} cannot keep pace (loss {:.0} per mille, room {median:.0}): it catches up on later passes",
-                        c.name, c.loss_avg
-                    );
-                }
+                trace(format_args!(
+                    "master: {} cannot keep pace (loss {:.0} per mille, room {median:.0}): it catches up on later passes",
+                    c.name, c.loss_avg
+                ));
             }
         }
     }
@@ -923,6 +925,9 @@ impl Master {
             .entry((object, block))
             .or_insert_with(|| enc.k() + proactive);
         let first = first.max(enc.k());
+        trace(format_args!(
+            "master: {count} repair symbol(s) for object {object} block {block}"
+        ));
         let syms = enc.repair(first, count);
         self.next_esi.insert((object, block), first + count);
         for (esi, s) in syms {
@@ -989,6 +994,11 @@ impl Master {
             }
             self.block_buf = data;
             r?;
+            // Repairs asked for meanwhile go out between blocks, not after the whole object
+            // (a 4 MiB chunk is 0.35 s of a 100 Mbit/s link).
+            while let Some(((o, b), n)) = self.due_repair() {
+                self.send_repairs(o, b, n)?;
+            }
             let extra = self.proactive(k);
             if extra > 0 {
                 let enc = self.encoder(object, block)?;
@@ -1056,12 +1066,10 @@ impl Master {
                 },
             };
             cursor = object + 1;
-            if debug() {
-                eprintln!(
-                    "master: sending object {object} ({} bytes) at {:.0} B/s",
-                    self.objects[object as usize].len, self.rate
-                );
-            }
+            trace(format_args!(
+                "master: sending object {object} ({} bytes) at {:.0} B/s",
+                self.objects[object as usize].len, self.rate
+            ));
             if !self.send_object(object, &mut serviced, on_event)? {
                 break;
             }
@@ -1085,9 +1093,6 @@ impl Master {
     }
 }
 
-fn debug() -> bool {
-    std::env::var_os("IMG_SESSION_DEBUG").is_some()
-}
 
 #[cfg(test)]
 mod tests {

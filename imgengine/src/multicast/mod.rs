@@ -38,6 +38,22 @@ pub const PORT: u16 = 9730;
 pub const MAX_NAME: usize = 64;
 
 /// Check a session name: 1..=64 bytes, no control characters or spaces.
+/// `IMG_SESSION_DEBUG` is set: master and clients print their timelines to stderr.
+fn debug() -> bool {
+    std::env::var_os("IMG_SESSION_DEBUG").is_some()
+}
+
+/// One timeline line (with `IMG_SESSION_DEBUG`), stamped with the wall clock's seconds
+/// within the minute, so the lines of a master and its clients can be read side by side.
+pub(crate) fn trace(what: std::fmt::Arguments<'_>) {
+    if debug() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!("[{:06.3}] {what}", (t.as_millis() % 60_000) as f64 / 1000.0);
+    }
+}
+
 pub fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > MAX_NAME

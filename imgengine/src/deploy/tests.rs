@@ -449,7 +449,11 @@ fn with_no_journal_only_the_first_16_mib_of_the_target_are_probed() {
         let checks = Checks::default();
         let s = deploy(&Location::File(img.clone()), &tgt, None, &d.opts(), &checks).unwrap();
         assert!(!s.resumed && s.chunks_skipped == 0, "{s:?}");
-        assert_eq!(*checks.0.lock().unwrap(), vec![bound], "one probe of {bound} bytes");
+        assert_eq!(
+            *checks.0.lock().unwrap(),
+            vec![bound],
+            "one probe of {bound} bytes"
+        );
         assert!(fs::read(&tgt).unwrap() == disk);
         // The same image again (the journal is gone after success): the probe finds the
         // first chunks intact, every chunk is checked, none is written.
@@ -459,7 +463,10 @@ fn with_no_journal_only_the_first_16_mib_of_the_target_are_probed() {
         let data_es = es.iter().filter(|e| e.header.kind == ChunkKind::Data);
         let data = data_es.clone().count() as u64;
         let data_bytes: u64 = data_es.map(|e| e.header.raw_len).sum();
-        assert!(s.resumed && s.chunks_skipped == data && s.bytes_written == 0, "{s:?}");
+        assert!(
+            s.resumed && s.chunks_skipped == data && s.bytes_written == 0,
+            "{s:?}"
+        );
         let probed = checks.0.lock().unwrap().clone();
         assert_eq!(probed.len(), 2, "{probed:?}");
         assert_eq!(probed[0], bound);

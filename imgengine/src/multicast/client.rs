@@ -329,7 +329,9 @@ impl Rx {
                         block: b,
                         missing: missing.min(u32::from(u16::MAX)) as u16,
                     });
-                    super::trace(format_args!("client: NACK object {o} block {b}: {missing} symbol(s) missing"));
+                    super::trace(format_args!(
+                        "client: NACK object {o} block {b}: {missing} symbol(s) missing"
+                    ));
                     d.last_nack.insert(b, now);
                 }
             }
@@ -933,6 +935,7 @@ fn symbol(rx: &mut Rx, object: u32, block: u8, esi: u32, symbol: &[u8], digest: 
         data.reserve_exact(obj.len as usize);
         for part in d.done.into_iter().flatten() {
             data.extend_from_slice(&part);
+            crate::io::pool::give(part);
         }
         accept(rx, object, data, digest);
         true
@@ -941,7 +944,10 @@ fn symbol(rx: &mut Rx, object: u32, block: u8, esi: u32, symbol: &[u8], digest: 
 
 /// A decoded object: check it and keep it, or drop it (it stays needed).
 fn accept(rx: &mut Rx, object: u32, data: Vec<u8>, digest: &[u8; 32]) {
-    super::trace(format_args!("client: object {object} decoded ({} bytes)", data.len()));
+    super::trace(format_args!(
+        "client: object {object} decoded ({} bytes)",
+        data.len()
+    ));
     let tail = rx.tail_index();
     if object == 0 || object == tail {
         if object == 0 {
@@ -1354,7 +1360,10 @@ fn range_fetch(shared: &Shared, i: u32) -> std::io::Result<()> {
         };
         (f, obj, rx.digest)
     };
-    super::trace(format_args!("client: object {i} by HTTP Range from {}", f.location()));
+    super::trace(format_args!(
+        "client: object {i} by HTTP Range from {}",
+        f.location()
+    ));
     let fail = |why: String| {
         let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
         rx.range_error.get_or_insert_with(|| why.clone());

@@ -144,12 +144,22 @@ fn pad(d: &[u8]) -> Vec<u8> {
 }
 
 /// The decoder of one block: collects distinct symbols and decodes once it has K.
+///
+/// Source symbols are copied straight into the block's buffer (a reused one, see
+/// `io::pool`): a block whose K source symbols all came — every block on a clean link — is
+/// complete without the RaptorQ decoder, which is built only when a repair symbol is needed,
+/// and then fed everything held so far.
 pub struct BlockDecoder {
     dec: Option<SourceBlockDecoder>,
     block: u8,
     len: u64,
     k: u32,
     seen: HashSet<u32>,
+    /// The source symbols received, in place (K x SYMBOL_SIZE bytes once the first came).
+    src: Vec<u8>,
+    src_count: u32,
+    /// Repair symbols held until the decoder is needed.
+    repairs: Vec<(u32, Vec<u8>)>,
     result: Option<Vec<u8>>,
     /// The crate panicked or returned the wrong length: this block must be fetched anew.
     pub faulted: bool,
@@ -158,14 +168,15 @@ pub struct BlockDecoder {
 impl BlockDecoder {
     /// Block `block` of `len` bytes (1 ..= [`BLOCK_BYTES`]; 0 is decoded as 1 and cut).
     pub fn new(block: u8, len: u64) -> BlockDecoder {
-        let k = source_symbols(len);
-        let l = u64::from(k) * SYMBOL_SIZE as u64;
         BlockDecoder {
-            dec: Some(SourceBlockDecoder::new(block, &oti(l), l)),
+            dec: None,
             block,
             len,
-            k,
+            k: source_symbols(len),
             seen: HashSet::new(),
+            src: Vec::new(),
+            src_count: 0,
+            repairs: Vec::new(),
             result: None,
             faulted: false,
         }
@@ -209,29 +220,92 @@ impl BlockDecoder {
         {
             return false;
         }
+        if esi < self.k {
+            if self.src.is_empty() {
+                let n = self.k as usize * SYMBOL_SIZE;
+                self.src = crate::io::pool::take(n);
+                self.src.resize(n, 0);
+            }
+            let at = esi as usize * SYMBOL_SIZE;
+            self.src[at..at + SYMBOL_SIZE].copy_from_slice(symbol);
+            self.src_count += 1;
+            if self.src_count == self.k {
+                // Every source symbol: the block is its source symbols (RaptorQ is
+                // systematic), whatever repairs came too.
+                let mut data = std::mem::take(&mut self.src);
+                data.truncate(self.len as usize);
+                self.finish(data);
+                return true;
+            }
+        } else if self.dec.is_none() {
+            self.repairs.push((esi, symbol.to_vec()));
+        }
+        if self.dec.is_some() {
+            let pkt = EncodingPacket::new(PayloadId::new(self.block, esi), symbol.to_vec());
+            return self.feed(vec![pkt]);
+        }
+        if self.received() < self.k {
+            return false;
+        }
+        // K symbols, some of them repairs: decode, with everything held so far.
+        let l = u64::from(self.k) * SYMBOL_SIZE as u64;
+        self.dec = Some(SourceBlockDecoder::new(self.block, &oti(l), l));
+        let mut pkts: Vec<EncodingPacket> = self
+            .seen
+            .iter()
+            .filter(|&&e| e < self.k)
+            .map(|&e| {
+                let at = e as usize * SYMBOL_SIZE;
+                EncodingPacket::new(
+                    PayloadId::new(self.block, e),
+                    self.src[at..at + SYMBOL_SIZE].to_vec(),
+                )
+            })
+            .collect();
+        pkts.extend(
+            std::mem::take(&mut self.repairs)
+                .into_iter()
+                .map(|(e, s)| EncodingPacket::new(PayloadId::new(self.block, e), s)),
+        );
+        self.feed(pkts)
+    }
+
+    /// Feed the decoder; `true` when the block decoded. A panic inside the crate, or a
+    /// block of the wrong length, marks the block faulted.
+    fn feed(&mut self, pkts: Vec<EncodingPacket>) -> bool {
         let Some(dec) = self.dec.as_mut() else {
             return false;
         };
-        let pkt = EncodingPacket::new(PayloadId::new(self.block, esi), symbol.to_vec());
-        match catch_unwind(AssertUnwindSafe(|| dec.decode(std::iter::once(pkt)))) {
+        match catch_unwind(AssertUnwindSafe(|| dec.decode(pkts))) {
             Ok(Some(mut data)) => {
                 if (data.len() as u64) < self.len {
-                    self.faulted = true;
-                    self.dec = None;
+                    self.fault();
                     return false;
                 }
                 data.truncate(self.len as usize);
-                self.result = Some(data);
-                self.dec = None;
+                self.finish(data);
                 true
             }
             Ok(None) => false,
             Err(_) => {
-                self.faulted = true;
-                self.dec = None;
+                self.fault();
                 false
             }
         }
+    }
+
+    fn finish(&mut self, data: Vec<u8>) {
+        self.result = Some(data);
+        self.dec = None;
+        self.repairs = Vec::new();
+        crate::io::pool::give(std::mem::take(&mut self.src));
+    }
+
+    fn fault(&mut self) {
+        self.faulted = true;
+        self.dec = None;
+        self.repairs = Vec::new();
+        crate::io::pool::give(std::mem::take(&mut self.src));
     }
 
     pub fn take(&mut self) -> Option<Vec<u8>> {
@@ -311,6 +385,50 @@ mod tests {
         }
         assert_eq!(r1.take().unwrap(), d);
         assert_eq!(r2.take().unwrap(), d);
+    }
+
+    /// A block whose source symbols all come is complete without building the RaptorQ
+    /// decoder (repair symbols that came first are held, not decoded); with one source
+    /// symbol missing, the first repair symbol builds it and the block decodes.
+    #[test]
+    fn source_symbols_alone_need_no_decoder_and_a_repair_builds_it() {
+        let d = data(150_000);
+        let enc = BlockEncoder::new(3, &d);
+        let k = enc.k();
+        let src = enc.source();
+        let repairs = enc.repair(k, 4);
+        let mut r = BlockDecoder::new(3, d.len() as u64);
+        for (i, s) in src.iter().enumerate().rev() {
+            assert!(r.dec.is_none(), "decoder built at symbol {i}");
+            assert_eq!(r.add(i as u32, s), i == 0);
+        }
+        assert!(r.dec.is_none());
+        assert_eq!(r.take().unwrap(), d);
+        // A repair symbol first is held: no decoder until K symbols are in, then one
+        // decode of the K - 1 source symbols and the repair.
+        let mut r = BlockDecoder::new(3, d.len() as u64);
+        assert!(!r.add(repairs[0].0, &repairs[0].1));
+        for (i, s) in src.iter().enumerate().rev() {
+            assert!(r.dec.is_none(), "decoder built before symbol {i}");
+            assert_eq!(r.repairs.len(), 1);
+            if r.add(i as u32, s) {
+                assert_eq!(i, 1, "decoded at source symbol {i}");
+                break;
+            }
+        }
+        assert!(r.repairs.is_empty());
+        assert_eq!(r.take().unwrap(), d);
+
+        let mut r = BlockDecoder::new(3, d.len() as u64);
+        for (i, s) in src.iter().enumerate() {
+            if i != 5 {
+                assert!(!r.add(i as u32, s));
+            }
+        }
+        assert!(r.dec.is_none());
+        assert_eq!(r.missing(), 1);
+        assert!(r.add(repairs[1].0, &repairs[1].1));
+        assert_eq!(r.take().unwrap(), d);
     }
 
     #[test]

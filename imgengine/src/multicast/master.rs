@@ -1093,7 +1093,6 @@ impl Master {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,8 @@ pub struct Master {
     /// the rate (a lossy link), against which a rise (congestion) is judged.
     loss_history: VecDeque<f64>,
     last_cut: Instant,
+    /// When the rate and the laggards were last reconsidered.
+    last_adjust: Instant,
     pub stats: Stats,
     /// Set from another thread to end the session ([`Master::set_stop`]).
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -293,6 +295,7 @@ impl Master {
             // on is not taken for the link's usual level.
             loss_history: VecDeque::from([0.0]),
             last_cut: Instant::now(),
+            last_adjust: Instant::now(),
             stats: Stats {
                 image_bytes: image_len,
                 min_rate: max_rate,
@@ -917,6 +920,20 @@ impl Master {
         }
     }
 
+    /// Every [`ADJUST_EVERY`]: the automatic rate, and which clients cannot keep pace. Run
+    /// between objects and between the blocks of one, so a device on a slow link is set
+    /// apart within a rate period even while a large object (or its repairs) goes out.
+    fn adjust_if_due(&mut self) {
+        let since = self.last_adjust.elapsed();
+        if since >= ADJUST_EVERY {
+            if self.cfg.throttle_ms == 0 {
+                self.adjust_rate();
+            }
+            self.find_laggards(since);
+            self.last_adjust = Instant::now();
+        }
+    }
+
     fn send_repairs(&mut self, object: u32, block: u8, count: u32) -> Result<()> {
         let enc = self.encoder(object, block)?;
         let proactive = self.proactive(enc.k());
@@ -996,6 +1013,7 @@ impl Master {
             r?;
             // Repairs asked for meanwhile go out between blocks, not after the whole object
             // (a 4 MiB chunk is 0.35 s of a 100 Mbit/s link).
+            self.adjust_if_due();
             while let Some(((o, b), n)) = self.due_repair() {
                 self.send_repairs(o, b, n)?;
             }
@@ -1019,7 +1037,6 @@ impl Master {
     pub fn run(&mut self, on_event: &mut dyn FnMut(&Event, &Master)) -> Result<()> {
         self.start();
         let mut cursor: u32 = 0;
-        let mut last_rate = Instant::now();
         let mut serviced = Instant::now();
         loop {
             self.service(on_event)?;
@@ -1030,14 +1047,7 @@ impl Master {
             if self.active().next().is_none() {
                 break;
             }
-            let since = last_rate.elapsed();
-            if since >= ADJUST_EVERY {
-                if self.cfg.throttle_ms == 0 {
-                    self.adjust_rate();
-                }
-                self.find_laggards(since);
-                last_rate = Instant::now();
-            }
+            self.adjust_if_due();
             if let Some(((o, b), n)) = self.due_repair() {
                 self.send_repairs(o, b, n)?;
                 continue;

@@ -806,9 +806,15 @@ fn a_master_whose_disk_changes_mid_session_stops_it_and_no_client_writes_the_cha
         .map(|(i, t)| spawn(&mut lab, &format!("c{i}"), &client_args("chgroom", t, &[])))
         .collect();
     let fm = lab.wait(m, SESSION_TIMEOUT);
-    assert_eq!(fm.code, Some(3), "the master: {}", e2e::tail(&fm.output, 30));
+    assert_eq!(
+        fm.code,
+        Some(3),
+        "the master: {}",
+        e2e::tail(&fm.output, 30)
+    );
     assert!(
-        fm.output.contains("changed since the session's image was captured")
+        fm.output
+            .contains("changed since the session's image was captured")
             && fm.output.contains("chunk ")
             && fm.output.contains("start the session again"),
         "{}",

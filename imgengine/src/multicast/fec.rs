@@ -161,6 +161,8 @@ pub struct BlockDecoder {
     /// Repair symbols held until the decoder is needed.
     repairs: Vec<(u32, Vec<u8>)>,
     result: Option<Vec<u8>>,
+    /// Decoded (whether or not the result was taken): later symbols are ignored.
+    finished: bool,
     /// The crate panicked or returned the wrong length: this block must be fetched anew.
     pub faulted: bool,
 }
@@ -178,6 +180,7 @@ impl BlockDecoder {
             src_count: 0,
             repairs: Vec::new(),
             result: None,
+            finished: false,
             faulted: false,
         }
     }
@@ -196,7 +199,7 @@ impl BlockDecoder {
     /// asked for in advance; the NACK answers the whole room and every symbol of margin
     /// would go to every block). After K symbols that did not decode, two more are asked for.
     pub fn missing(&self) -> u32 {
-        if self.result.is_some() {
+        if self.finished {
             0
         } else if self.received() < self.k {
             self.k - self.received()
@@ -206,12 +209,12 @@ impl BlockDecoder {
     }
 
     pub fn is_done(&self) -> bool {
-        self.result.is_some()
+        self.finished
     }
 
     /// Feed one symbol; `true` when this symbol completed the block.
     pub fn add(&mut self, esi: u32, symbol: &[u8]) -> bool {
-        if self.result.is_some()
+        if self.finished
             || self.faulted
             || symbol.len() != SYMBOL_SIZE
             || esi > MAX_ESI
@@ -296,6 +299,7 @@ impl BlockDecoder {
 
     fn finish(&mut self, data: Vec<u8>) {
         self.result = Some(data);
+        self.finished = true;
         self.dec = None;
         self.repairs = Vec::new();
         crate::io::pool::give(std::mem::take(&mut self.src));
@@ -404,6 +408,11 @@ mod tests {
         }
         assert!(r.dec.is_none());
         assert_eq!(r.take().unwrap(), d);
+        // Symbols after the block is complete (and taken) are ignored: a repair symbol
+        // then once made the decoder read source symbols from a buffer already handed on
+        // (found by the fuzz target).
+        assert!(!r.add(repairs[1].0, &repairs[1].1));
+        assert!(r.dec.is_none() && r.take().is_none());
         // A repair symbol first is held: no decoder until K symbols are in, then one
         // decode of the K - 1 source symbols and the repair.
         let mut r = BlockDecoder::new(3, d.len() as u64);

@@ -8,7 +8,8 @@ use anyhow::{anyhow, bail};
 use crate::model::{self, JobOptions, OnError};
 use crate::protocol::{normalize_mac, After};
 
-pub const USAGE: &str = "\
+pub const USAGE: &str = concat!(
+    "\
 usage: imgserver [--data DIR] COMMAND
   init [--name NAME]... [--renew]     create the device CA and the server certificate
   serve [--listen ADDR] [--public-url URL] [--plain] [--interval SECS] [--reload-wait SECS]
@@ -48,16 +49,13 @@ usage: imgserver [--data DIR] COMMAND
   transcript MAC [--task N]
   admin add NAME --role admin|operator|viewer    print a new admin API token (once)
   admin list | admin revoke NAME | admin audit [--target job:N|device:MAC] [--limit N]
-  session start NAME --image NAME[:VERSION]|ID (--mac MAC ... | --all)
-        [--clients N] [--timeout MIN] [--throttle MS] [--latejoin] [--addr A.B.C.D]
-        [--interface IF] [--disk D] [--part P]
-                                      the server (imgserver serve) sends the image to the
-                                      devices at once; they join at their next check-in
-  session list                        sessions: state, clients, each device's progress/result
-  session stop NAME                   end it: master stopped, devices' pending tasks cancelled
+",
+    super::session::session_usage!(),
+    "
 TIME: YYYY-MM-DD HH:MM in ZONE (default $TZ), RFC 3339, @UNIX, now, +10m; see docs/admin-api.md
 jobs, devices, transcript and admin list|audit show times in --tz ZONE (default $TZ).
-DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver.";
+DIR defaults to $IMGSERVER_DATA or /var/lib/imgserver."
+);
 
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq)]

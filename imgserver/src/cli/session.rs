@@ -15,14 +15,22 @@ use crate::mcast::{self, Settings};
 use crate::model::JobOptions;
 use crate::protocol::After;
 
-pub const USAGE: &str = "\
-  session start NAME --image NAME[:VERSION]|ID (--mac MAC ... | --all)
+/// The `session` lines of the usage text, written once: `imgserver` prints them in its whole
+/// usage (`args::USAGE`) and `session` alone prints them when its words are wrong.
+macro_rules! session_usage {
+    () => {
+        "  session start NAME --image NAME[:VERSION]|ID (--mac MAC ... | --all)
         [--clients N] [--timeout MIN] [--throttle MS] [--latejoin] [--addr A.B.C.D]
         [--interface IF] [--disk D] [--part P]
                                       the server (imgserver serve) sends the image to the
                                       devices at once; they join at their next check-in
   session list                        sessions: state, clients, each device's progress/result
-  session stop NAME                   end it: master stopped, devices' pending tasks cancelled";
+  session stop NAME                   end it: master stopped, devices' pending tasks cancelled"
+    };
+}
+pub(crate) use session_usage;
+
+pub const USAGE: &str = session_usage!();
 
 /// A parsed `session` command.
 #[derive(Debug, Clone, PartialEq)]

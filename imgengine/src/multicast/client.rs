@@ -774,7 +774,7 @@ impl RxCtx {
             // while the batch was handled are no backlog: with the wait between small
             // batches (COALESCE) there nearly always are some, and a slow-link device whose
             // statuses waited for an empty queue was recognised as slow 0.8 s late.
-            let behind = count == RECV_BATCH && net::backlogged(&self.group);
+            let behind = || count == RECV_BATCH && net::backlogged(&self.group);
             let mut due = last_status.elapsed();
             if due < STATUS_EVERY && last_nack_check.elapsed() >= NACK_CHECK {
                 last_nack_check = Instant::now();
@@ -792,12 +792,12 @@ impl RxCtx {
                         .unwrap_or_else(|e| e.into_inner())
                         .is_some();
                 final_sent |= result;
-                if urgent || result || (nack_due && !behind) {
+                if urgent || result || (nack_due && !behind()) {
                     due = STATUS_EVERY;
                 }
             }
             if due >= STATUS_EVERY {
-                let backlog = behind;
+                let backlog = behind();
                 if backlog && due < STATUS_EVERY + BACKLOG_WAIT {
                     continue;
                 }

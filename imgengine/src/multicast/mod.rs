@@ -40,7 +40,9 @@ pub const MAX_NAME: usize = 64;
 /// Check a session name: 1..=64 bytes, no control characters or spaces.
 /// `IMG_SESSION_DEBUG` is set: master and clients print their timelines to stderr.
 fn debug() -> bool {
-    std::env::var_os("IMG_SESSION_DEBUG").is_some()
+    // Read once: traces are made per status, NACK and repair.
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("IMG_SESSION_DEBUG").is_some())
 }
 
 /// One timeline line (with `IMG_SESSION_DEBUG`), stamped with the wall clock's seconds

@@ -14,8 +14,10 @@
 //! - [`init`], [`bootagent`], [`console`], [`personality`]: PID 1, the boot agent and its
 //!   console;
 //! - [`service`]: `-service`, the agent inside the guest OS;
-//! - [`exit`]: exit codes from errors.
+//! - [`exit`]: exit codes from errors;
+//! - [`alloc`]: the binary's allocator (musl's, with a bounded cache of large blocks).
 
+pub mod alloc;
 pub mod args;
 pub mod autogenic;
 pub mod bootagent;

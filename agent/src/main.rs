@@ -8,6 +8,10 @@ use std::ffi::OsString;
 use agent::personality::{self, Personality};
 use agent::{bootagent, cli, init};
 
+/// musl's allocator with a bounded cache of large freed blocks (see `agent::alloc`).
+#[global_allocator]
+static ALLOCATOR: agent::alloc::BlockCache = agent::alloc::BlockCache::new();
+
 fn main() {
     let mut argv = std::env::args_os();
     let argv0 = argv

@@ -67,8 +67,8 @@ const RECV_BATCH: usize = 32;
 const COALESCE: Duration = Duration::from_millis(1);
 const COALESCE_MIN_QUEUE: usize = 2 << 20;
 const NACK_CHECK: Duration = Duration::from_millis(20);
-/// A registration not answered this long ago is sent again at the next announcement (the
-/// master announces every 100 ms while it waits; a lost registration or reply costs this).
+/// A registration not answered this long ago is sent again (a lost registration or reply
+/// costs this, not the wait for the master's next announcement).
 const REGISTER_AGAIN: Duration = Duration::from_millis(150);
 /// Data packets a loss figure is measured over, at least.
 const LOSS_SAMPLE: u64 = 64;
@@ -400,6 +400,18 @@ pub fn run(
     let mut buf = vec![0u8; MAX_PACKET + 1];
     // The latest announcement heard: once the master accepts us, no need to wait for the next.
     let mut last_ann: Option<(SocketAddr, [u8; 32], Announce)> = None;
+    let register = |ctrl: &UdpSocket, to: SocketAddr, digest: [u8; 32]| {
+        let b = Packet {
+            session,
+            digest,
+            body: Body::Register {
+                client: cfg.client_id,
+                name: cfg.device_name.clone(),
+            },
+        }
+        .encode();
+        let _ = ctrl.send_to(&b, to);
+    };
     group
         .set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(|e| net_err("session socket", e))?;
@@ -420,30 +432,27 @@ pub fn run(
                 break (*from, d, a.clone());
             }
         }
+        // A registration or its reply can be lost: register again on our own timer, not only
+        // when an announcement comes (a running master announces only every 0.5 s).
+        if let Some((from, d, a)) = &last_ann {
+            if accepted != Some(*d) {
+                let may = a.state == MasterState::Waiting || a.latejoin || refused != Some(*d);
+                if may && last_register.is_none_or(|t: Instant| t.elapsed() >= REGISTER_AGAIN) {
+                    last_register = Some(Instant::now());
+                    register(&ctrl, *from, *d);
+                }
+            }
+        }
         let Some((pkt, from)) = recv(&group, &mut buf, &session)? else {
             continue;
         };
         let Body::Announce(a) = pkt.body else {
             continue;
         };
-        last_ann = Some((from, pkt.digest, a.clone()));
         if accepted == Some(pkt.digest) {
             break (from, pkt.digest, a);
         }
-        let may = a.state == MasterState::Waiting || a.latejoin || refused != Some(pkt.digest);
-        if may && last_register.is_none_or(|t: Instant| t.elapsed() >= REGISTER_AGAIN) {
-            last_register = Some(Instant::now());
-            let b = Packet {
-                session,
-                digest: pkt.digest,
-                body: Body::Register {
-                    client: cfg.client_id,
-                    name: cfg.device_name.clone(),
-                },
-            }
-            .encode();
-            let _ = ctrl.send_to(&b, from);
-        }
+        last_ann = Some((from, pkt.digest, a));
     };
     notice(Notice::Registered { master });
     notice(Notice::Receiving {
@@ -688,6 +697,10 @@ impl RxCtx {
         // Loss: data packets the master's sequence says were sent, against those that came.
         let (mut prev_seq, mut expected, mut got) = (None::<u16>, 0u64, 0u64);
         let mut loss = 0u16;
+        // The sequence number the current loss window starts at, and the one the reported
+        // figure was measured from (the master steers its rate only on figures measured
+        // from packets it sent after its last rate change).
+        let (mut window_from, mut loss_from) = (None::<u16>, 0u16);
         let _ = self.group.set_read_timeout(Some(Duration::from_millis(20)));
         let mut batch = net::RecvBatch::new(RECV_BATCH, MAX_PACKET + 1);
         let coalesce = net::recv_queue_bytes(&self.group) >= COALESCE_MIN_QUEUE;
@@ -715,10 +728,13 @@ impl RxCtx {
                     match prev_seq.map(|p| d.seq.wrapping_sub(p)) {
                         None => {
                             expected += 1;
+                            window_from.get_or_insert(d.seq);
                             prev_seq = Some(d.seq);
                         }
                         Some(gap) if gap > 0 && gap < 0x8000 => {
                             expected += u64::from(gap);
+                            let first = prev_seq.map_or(d.seq, |p| p.wrapping_add(1));
+                            window_from.get_or_insert(first);
                             prev_seq = Some(d.seq);
                         }
                         // A duplicate or a reordered packet: nothing more expected.
@@ -807,9 +823,10 @@ impl RxCtx {
                 // one on a bad link and serve it apart). Until then the last figure stands.
                 if expected >= LOSS_SAMPLE {
                     loss = (expected.saturating_sub(got) * 1000 / expected).min(1000) as u16;
+                    loss_from = window_from.take().unwrap_or(0);
                     (expected, got) = (0, 0);
                 }
-                self.status(loss, backlog);
+                self.status(loss, loss_from, backlog);
             }
         }
     }
@@ -823,7 +840,7 @@ impl RxCtx {
         cv.notify_all();
     }
 
-    fn status(&self, loss_permille: u16, backlog: bool) {
+    fn status(&self, loss_permille: u16, loss_from: u16, backlog: bool) {
         let now = Instant::now();
         let (needs, nacks) = if backlog {
             (Vec::new(), Vec::new())
@@ -858,6 +875,7 @@ impl RxCtx {
                 bytes_done: self.done.load(Ordering::Relaxed),
                 bytes_total: self.total.load(Ordering::Relaxed),
                 loss_permille,
+                loss_from,
                 window_end,
                 needs: if state == ClientState::Receiving {
                     needs

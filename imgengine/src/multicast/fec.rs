@@ -481,10 +481,11 @@ mod timing {
     #[ignore]
     fn time_encode_decode() {
         use super::*;
-        let d: Vec<u8> = (0..BLOCK_BYTES as usize)
+        const KS: [usize; 4] = [64, 128, 256, 512];
+        let d: Vec<u8> = (0..KS[3] * SYMBOL_SIZE)
             .map(|i| (i * 7 / 3) as u8)
             .collect();
-        for k in [64usize, 128, 256] {
+        for k in KS {
             let t = std::time::Instant::now();
             let plan = Plan::new(k as u32);
             let tp = t.elapsed();

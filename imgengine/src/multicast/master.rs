@@ -99,6 +99,11 @@ pub struct ClientInfo {
     window_end: u32,
     /// Its reported loss, smoothed (per mille).
     loss_avg: f64,
+    /// `loss_avg` was measured wholly on packets sent after the last rate cut: only such
+    /// figures steer the rate. Otherwise a cut is judged on loss from before it took effect
+    /// (packets that waited in a slow link's queue, up to 0.4 s in the bench) and cut again
+    /// and again: a lone slow device once drove the rate from 110 to 0.7 MB/s on a 5 MB/s link.
+    loss_fresh: bool,
     /// It cannot keep pace with the room (far more loss than the others, or it alone held
     /// the carousel back for long): from now on it catches up on later passes and no
     /// longer sizes repairs, holds objects back or slows the rate.
@@ -172,6 +177,8 @@ const NACK_GATHER: Duration = Duration::from_millis(20);
 const ADJUST_EVERY: Duration = Duration::from_millis(250);
 /// The rate is cut at most this often.
 const CUT_EVERY: Duration = Duration::from_millis(100);
+/// A rate cut this old: every loss figure counts again (see `ClientInfo::loss_fresh`).
+const STALE_CUT: Duration = Duration::from_secs(2);
 /// At the start only the image's head and tail go out, until every registered client has
 /// them (or this long has passed), so the whole room takes the chunks from the first pass.
 const WARMUP_MAX: Duration = Duration::from_secs(3);
@@ -214,6 +221,8 @@ pub struct Master {
     /// the rate (a lossy link), against which a rise (congestion) is judged.
     loss_history: VecDeque<f64>,
     last_cut: Instant,
+    /// The first data sequence number sent after the last cut.
+    cut_seq: Option<u16>,
     /// When the rate and the laggards were last reconsidered.
     last_adjust: Instant,
     pub stats: Stats,
@@ -295,6 +304,7 @@ impl Master {
             // on is not taken for the link's usual level.
             loss_history: VecDeque::from([0.0]),
             last_cut: Instant::now(),
+            cut_seq: None,
             last_adjust: Instant::now(),
             stats: Stats {
                 image_bytes: image_len,
@@ -347,19 +357,24 @@ impl Master {
 
     fn send_to(&self, body: Body, to: SocketAddr) {
         let b = self.packet(body);
-        // A full send buffer or an unreachable client is not fatal: they retry.
-        let _ = self.sock.send_to(&b, to);
+        // A full send buffer or an unreachable client is not fatal: they retry. An ICMP
+        // error from another client surfacing here meant nothing was sent: send again.
+        for _ in 0..2 {
+            match self.sock.send_to(&b, to) {
+                Err(e) if net::is_icmp_error(&e) => net::clear_errors(&self.sock),
+                _ => return,
+            }
+        }
     }
 
     fn announce_if_due(&mut self) {
-        if self.last_announce.is_some_and(|t| {
-            t.elapsed()
-                < if self.running {
-                    ANNOUNCE_EVERY
-                } else {
-                    ANNOUNCE_WAITING
-                }
-        }) {
+        // Every 0.5 s while running; every 0.1 s while registrations are taken and during the
+        // warm-up, when a device whose registration or reply was lost is still getting in.
+        let due = self.last_announce.is_none_or(|t| {
+            let e = t.elapsed();
+            e >= ANNOUNCE_EVERY || (e >= ANNOUNCE_WAITING && (!self.running || self.warming()))
+        });
+        if !due {
             return;
         }
         self.last_announce = Some(Instant::now());
@@ -413,13 +428,7 @@ impl Master {
                 }
                 // ICMP from a client that went away (port or host unreachable) surfaces
                 // here, queued by IP_RECVERR: take it and go on.
-                Err(e)
-                    if e.kind() == IoKind::ConnectionRefused
-                        || matches!(
-                            e.raw_os_error(),
-                            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ENOBUFS)
-                        ) =>
-                {
+                Err(e) if net::is_icmp_error(&e) || e.raw_os_error() == Some(libc::ENOBUFS) => {
                     net::clear_errors(&self.sock);
                     continue;
                 }
@@ -501,6 +510,7 @@ impl Master {
                     needs_at: now,
                     window_end: 0,
                     loss_avg: 0.0,
+                    loss_fresh: false,
                     lagging: false,
                     held: Duration::ZERO,
                     held_periods: 0,
@@ -525,6 +535,10 @@ impl Master {
 
     fn status(&mut self, s: Status, from: SocketAddr) -> Option<Event> {
         let running = self.running;
+        // The first data sequence number sent after the last cut (none yet: every figure
+        // counts). Past STALE_CUT any figure counts again, so a sequence number that wrapped
+        // (65,536 packets) never freezes the rate.
+        let cut_seq = self.cut_seq.filter(|_| self.last_cut.elapsed() < STALE_CUT);
         let c = self.clients.iter_mut().find(|c| c.id == s.client)?;
         c.last_seen = Instant::now();
         c.addr = from;
@@ -538,11 +552,14 @@ impl Master {
         c.bytes_done = s.bytes_done;
         c.bytes_total = s.bytes_total;
         c.loss_permille = s.loss_permille;
-        c.loss_avg = if c.needs.is_none() {
+        // The first figure measured wholly after the last cut starts the average afresh.
+        let fresh = cut_seq.is_none_or(|first| s.loss_from.wrapping_sub(first) < 0x8000);
+        c.loss_avg = if c.needs.is_none() || (fresh && !c.loss_fresh) {
             f64::from(s.loss_permille)
         } else {
             0.5 * c.loss_avg + 0.5 * f64::from(s.loss_permille)
         };
+        c.loss_fresh = fresh;
         c.window_end = s.window_end;
         let lagging = c.lagging;
         c.needs = Some(s.needs);
@@ -776,6 +793,10 @@ impl Master {
                     std::thread::sleep(Duration::from_micros(200))
                 }
                 Err(e) if e.kind() == IoKind::Interrupted => {}
+                // A client that exited answered an earlier unicast packet with ICMP: that
+                // error surfaces here and nothing was sent. (It once ended a session whose
+                // slow device was still catching up, as soon as the others had finished.)
+                Err(e) if net::is_icmp_error(&e) => net::clear_errors(&self.sock),
                 Err(e) => {
                     break Err(Error::new(
                         ErrorKind::Network,
@@ -847,17 +868,22 @@ impl Master {
         self.rate = (self.rate * 0.7).max(500_000.0);
         trace(format_args!("master: rate cut to {:.0} B/s", self.rate));
         self.last_cut = Instant::now();
+        self.cut_seq = Some((self.seq as u16).wrapping_add(1));
+        for c in &mut self.clients {
+            c.loss_fresh = false;
+        }
         self.stats.rate_cuts += 1;
         self.stats.min_rate = self.stats.min_rate.min(self.rate);
     }
 
     /// Smoothed losses that steer the rate, ascending: the in-step clients', or everyone's
-    /// when none keeps pace (a lagging client alone, once the room is done).
+    /// when none keeps pace (a lagging client alone, once the room is done); only figures
+    /// measured wholly after the last cut.
     fn rate_losses(&self) -> Vec<f64> {
         let any = self.active().any(|c| self.in_step(c));
         let mut v: Vec<f64> = self
             .active()
-            .filter(|c| c.needs.is_some() && (self.in_step(c) || !any))
+            .filter(|c| c.needs.is_some() && c.loss_fresh && (self.in_step(c) || !any))
             .map(|c| c.loss_avg)
             .collect();
         v.sort_by(f64::total_cmp);
@@ -1125,6 +1151,7 @@ mod tests {
             bytes_done: 0,
             bytes_total: 1,
             loss_permille: 0,
+            loss_from: 0,
             window_end: 0,
             needs,
             nacks,
@@ -1194,6 +1221,7 @@ mod tests {
             bytes_done: 0,
             bytes_total: 1,
             loss_permille: loss,
+            loss_from: 0,
             window_end,
             needs,
             nacks: vec![Nack {
@@ -1268,6 +1296,93 @@ mod tests {
             m.rate < rate,
             "the room reports congestion: the rate is cut"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A lone slow device (the room is done): after a cut, its loss figures measured from
+    /// packets sent before the cut (they waited in its link's queue) do not cut again, even
+    /// once [`CUT_EVERY`] has passed; the first figure measured from packets sent after the
+    /// cut counts, on its own (not averaged with the old ones).
+    #[test]
+    fn a_cut_is_judged_only_on_loss_measured_after_it() {
+        let (mut m, dir) = master("cut");
+        m.handle(
+            Body::Register {
+                client: 1,
+                name: "slow".into(),
+            },
+            from(4001),
+        );
+        m.start();
+        let tail = m.tail_index();
+        let slow = |m: &mut Master, loss, loss_from| {
+            let Body::Status(mut st) = report(1, loss, 4, vec![(1, tail)]) else {
+                unreachable!()
+            };
+            st.loss_from = loss_from;
+            m.last_cut -= CUT_EVERY; // time is never what holds a cut back here
+            m.handle(Body::Status(st), from(4001));
+        };
+        m.seq = 1000;
+        slow(&mut m, 400, 900);
+        assert_eq!(m.stats.rate_cuts, 1, "no cut yet: every figure counts");
+        let after_one = m.rate;
+        assert_eq!(m.cut_seq, Some(1001));
+        // Figures measured from packets 950 and 1000, sent before the cut: no second cut, and
+        // the adjuster ignores them as well.
+        m.seq = 1200;
+        slow(&mut m, 400, 950);
+        slow(&mut m, 400, 1000);
+        m.adjust_rate();
+        assert_eq!(
+            m.rate, after_one,
+            "loss from before the cut does not cut again"
+        );
+        // Measured from packet 1001 on, with little loss: no cut (the old 400 does not
+        // linger in the average); then one still lossy cuts again.
+        slow(&mut m, 5, 1001);
+        assert_eq!(m.clients[0].loss_avg, 5.0);
+        assert_eq!(m.rate, after_one);
+        slow(&mut m, 400, 1100);
+        assert!(m.rate < after_one, "fresh loss after the cut cuts again");
+        assert_eq!((m.stats.rate_cuts, m.cut_seq), (2, Some(1201)));
+        // Across the sequence number's wrap: 65,500 is before 1201 + 32,768, so stale, and
+        // 100 (wrapped past 65,535) after a cut at 65,530 is fresh.
+        let rate = m.rate;
+        slow(&mut m, 400, 65_500);
+        assert_eq!(m.rate, rate);
+        m.cut_seq = Some(65_530);
+        slow(&mut m, 400, 100);
+        assert!(m.rate < rate);
+        // A cut older than STALE_CUT no longer holds any figure back.
+        m.cut_seq = Some(30_000);
+        m.last_cut = Instant::now() - STALE_CUT;
+        let (rate, cuts) = (m.rate, m.stats.rate_cuts);
+        slow(&mut m, 400, 20_000);
+        assert!(m.rate < rate && m.stats.rate_cuts == cuts + 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A client that exited answers the master's last unicast packet to it with ICMP port
+    /// unreachable; IP_RECVERR reports that on the socket's next call. When that call is a
+    /// data send, it is sent again, not taken for the end of the session.
+    #[test]
+    fn an_icmp_error_from_a_client_that_left_does_not_end_the_session() {
+        let (mut m, dir) = master("icmp");
+        let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = gone.local_addr().unwrap();
+        drop(gone);
+        let symbol = [7u8; SYMBOL_SIZE];
+        for _ in 0..3 {
+            m.send_to(Body::Ack { client: 1 }, to);
+            std::thread::sleep(Duration::from_millis(20));
+            // Without the retry: "sending to <group>:9730: Connection refused".
+            m.send_symbol(1, 0, 0, &symbol)
+                .expect("a data send after an ICMP error");
+            m.send_to(Body::Ack { client: 1 }, to);
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(m.drain().is_ok(), "the receive path takes the error too");
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -147,6 +147,18 @@ pub fn bound_send_queue(s: &UdpSocket) {
     }
 }
 
+/// An ICMP error for an earlier unicast packet (a client that exited: port or host
+/// unreachable), which IP_RECVERR reports on the socket's next call, whatever that call is,
+/// even a multicast send. That call did nothing: take the errors (see [`clear_errors`]) and
+/// make it again.
+pub fn is_icmp_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::ConnectionRefused
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH)
+        )
+}
+
 /// Take the errors IP_RECVERR queued on `s` (ICMP from clients that went away): they hold
 /// receive-buffer memory until read.
 pub fn clear_errors(s: &UdpSocket) {

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 /// First four bytes of every packet.
 pub const MAGIC: [u8; 4] = *b"IMGM";
 /// Protocol version; a receiver refuses any other.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Bytes of the control packets' common header.
 pub const HEADER_LEN: usize = 72;
 /// Kind byte of a data packet.
@@ -93,6 +93,9 @@ pub struct Status {
     pub bytes_total: u64,
     /// Data packets lost since the previous status, per mille.
     pub loss_permille: u16,
+    /// The data sequence number the loss figure was measured from (its first packet): the
+    /// master judges a rate cut only on loss measured from packets it sent after the cut.
+    pub loss_from: u16,
     /// The first object this client could not keep now (its window's end; 0 while it
     /// does not know the image's objects yet). The master holds back objects past the
     /// window of the clients that keep pace, so they are not sent for nothing.
@@ -202,6 +205,7 @@ impl Packet {
                 o.extend_from_slice(&s.bytes_done.to_be_bytes());
                 o.extend_from_slice(&s.bytes_total.to_be_bytes());
                 o.extend_from_slice(&s.loss_permille.to_be_bytes());
+                o.extend_from_slice(&s.loss_from.to_be_bytes());
                 o.extend_from_slice(&s.window_end.to_be_bytes());
                 let needs = &s.needs[..s.needs.len().min(MAX_NEEDS)];
                 let nacks = &s.nacks[..s.nacks.len().min(MAX_NACKS)];
@@ -311,6 +315,7 @@ impl Packet {
                 if loss_permille > 1000 {
                     return Err(Error::corrupt("status: loss over 1000 per mille"));
                 }
+                let loss_from = c.u16()?;
                 let window_end = c.u32()?;
                 let n_needs = c.u8()? as usize;
                 let n_nacks = c.u8()? as usize;
@@ -339,6 +344,7 @@ impl Packet {
                     bytes_done,
                     bytes_total,
                     loss_permille,
+                    loss_from,
                     window_end,
                     needs,
                     nacks,
@@ -564,6 +570,7 @@ mod tests {
                 bytes_done: 5,
                 bytes_total: 10,
                 loss_permille: 20,
+                loss_from: 65_000,
                 window_end: 17,
                 needs: vec![(0, 1), (5, 9)],
                 nacks: vec![Nack {

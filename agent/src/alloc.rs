@@ -2,7 +2,7 @@
 //! blocks in front of it.
 //!
 //! Why: musl maps every block above about 128 KiB with its own `mmap` and unmaps it on `free`.
-//! A multicast receiver at 2 % loss decodes nearly every 128-symbol block with RaptorQ, and the
+//! A multicast receiver at 2 % loss decodes nearly every block with RaptorQ, and the
 //! decoder allocates its work areas (a few hundred KiB each) afresh for every block: measured,
 //! about 17,000 of a receiver's 28,000 page faults for a 64 MiB disk, each page mapped, zeroed by
 //! the kernel and unmapped again. A general-purpose allocator (mimalloc) removed them but raised

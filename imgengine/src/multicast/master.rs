@@ -157,9 +157,9 @@ pub struct Stats {
     pub nack_repairs: u64,
 }
 
-/// Encoders kept for repairs: 64 blocks of 184 KB (source and intermediate symbols,
+/// Encoders kept for repairs: 32 blocks of 368 KB (source and intermediate symbols,
 /// about 24 MB). Blocks sent without repairs are never encoded.
-const ENCODER_CACHE: usize = 64;
+const ENCODER_CACHE: usize = 16;
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
 /// While registrations are taken, a device that just started hears of the master sooner.
 const ANNOUNCE_WAITING: Duration = Duration::from_millis(100);

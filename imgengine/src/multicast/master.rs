@@ -157,7 +157,7 @@ pub struct Stats {
     pub nack_repairs: u64,
 }
 
-/// Encoders kept for repairs: 32 blocks of 368 KB (source and intermediate symbols,
+/// Encoders kept for repairs: 16 blocks of 737 KB (source and intermediate symbols,
 /// about 24 MB). Blocks sent without repairs are never encoded.
 const ENCODER_CACHE: usize = 16;
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);

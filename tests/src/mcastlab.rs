@@ -262,6 +262,42 @@ impl McastLab {
         ]));
     }
 
+    /// Turn ARP off on every node's `eth0`: no node can then reach another by unicast (a
+    /// unicast frame goes out to the sender's own hardware address, which the bridge drops),
+    /// while the group's traffic, whose hardware address comes from the group address,
+    /// still flows. Returns what `curl` in the first client says trying the first master's
+    /// address, so a test can show that unicast between them is really gone.
+    pub fn arp_off(&self) -> String {
+        for n in &self.nodes {
+            ip(&["-n", &n.ns, "link", "set", "eth0", "arp", "off"]);
+            ip(&["-n", &n.ns, "neigh", "flush", "dev", "eth0"]);
+        }
+        let (Some(c), Some(m)) = (
+            self.nodes.iter().find(|n| n.name.starts_with('c')),
+            self.nodes.iter().find(|n| n.name.starts_with('m')),
+        ) else {
+            return String::new();
+        };
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.ns,
+                "curl",
+                "-sS",
+                "--connect-timeout",
+                "2",
+            ])
+            .arg(format!("http://{}:9/", m.ip))
+            .output()
+            .expect("running curl");
+        format!(
+            "exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
+
     /// Bytes a node has sent on its `eth0` so far (all protocols, link-layer headers
     /// included), from the kernel's interface statistics.
     pub fn tx_bytes(&self, node: &str) -> u64 {

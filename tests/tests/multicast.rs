@@ -3,7 +3,8 @@
 //! afterwards by fsck.fat and ntfsfix and compared byte for byte with the master's disk.
 //!
 //! What an operator imaging a room relies on:
-//! - every client ends with the master's bytes (2 and 8 clients; with 2 % loss on every port);
+//! - every client ends with the master's bytes (2 and 8 clients; with 2 % loss on every port;
+//!   with no unicast possible between the devices);
 //! - a client killed mid-session (a power cut) and started again ends correct;
 //! - two sessions at once with different names, even forced onto one group address, never mix;
 //! - a device that comes late is refused and queued for the next session, and with
@@ -96,6 +97,54 @@ fn four_clients_with_two_percent_loss_on_every_port_all_finish_correct() {
 #[test]
 fn eight_clients_with_two_percent_loss_on_every_port_all_finish_correct() {
     room(8, 2);
+}
+
+/// Control goes by multicast both ways (registrations and statuses to the group's control
+/// port, replies and acknowledgements to the group): with ARP off on every device, so that
+/// none can reach another by unicast, a room still finishes. (With a unicast control path
+/// this room never got past registration; on a lossy link each lost ARP exchange used to
+/// hold a device back by the kernel's 1 s retry.)
+#[test]
+fn a_room_whose_devices_cannot_reach_each_other_by_unicast_still_finishes() {
+    require_tool("curl");
+    let mut lab = McastLab::new(1, 2);
+    let master = room_disk(lab.dir(), 17);
+    let unicast = lab.arp_off();
+    eprintln!("curl from c0 to the master with ARP off: {unicast}");
+    // A refused connection (exit 7) would mean the frame reached the master: unicast works.
+    assert!(
+        unicast.starts_with("exit Some(28)"),
+        "with ARP off, c0 should not reach the master by unicast at all; curl said {unicast}"
+    );
+    let targets: Vec<PathBuf> = (0..2)
+        .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
+        .collect();
+    let m = spawn(
+        &mut lab,
+        "m0",
+        &master_args(
+            "noarp",
+            &["-clients=2", &format!("-disk={}", master.path.display())],
+        ),
+    );
+    let clients: Vec<Pid> = (0..2)
+        .map(|i| {
+            spawn(
+                &mut lab,
+                &format!("c{i}"),
+                &client_args("noarp", &targets[i], &[]),
+            )
+        })
+        .collect();
+    for (i, c) in clients.iter().enumerate() {
+        expect_ok(&lab.wait(*c, SESSION_TIMEOUT), &format!("client c{i}"));
+    }
+    let fm = lab.wait(m, SESSION_TIMEOUT);
+    expect_ok(&fm, "the master");
+    assert_summary_names(&lab, &fm, &["c0", "c1"]);
+    for (i, t) in targets.iter().enumerate() {
+        assert_same_disk(&master, t, &format!("client c{i}"));
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, ErrorKind as IoKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -385,7 +385,9 @@ pub fn run(
 ) -> Result<DeploySummary> {
     let session = super::name_hash(&cfg.name);
     let group = net::group_socket(cfg.group, cfg.port, cfg.iface)?;
-    let ctrl = net::unicast_socket(cfg.iface, 1)?;
+    let ctrl = net::send_socket(cfg.iface, 1)?;
+    // Registrations and statuses go to the master on the group's control port.
+    let control = SocketAddr::V4(SocketAddrV4::new(cfg.group, super::control_port(cfg.port)));
     group
         .set_read_timeout(Some(Duration::from_millis(100)))
         .map_err(|e| net_err("session socket", e))?;
@@ -400,7 +402,7 @@ pub fn run(
     let mut buf = vec![0u8; MAX_PACKET + 1];
     // The latest announcement heard: once the master accepts us, no need to wait for the next.
     let mut last_ann: Option<(SocketAddr, [u8; 32], Announce)> = None;
-    let register = |ctrl: &UdpSocket, to: SocketAddr, digest: [u8; 32]| {
+    let register = |digest: [u8; 32]| {
         let b = Packet {
             session,
             digest,
@@ -410,23 +412,12 @@ pub fn run(
             },
         }
         .encode();
-        let _ = ctrl.send_to(&b, to);
+        let _ = ctrl.send_to(&b, control);
     };
     group
         .set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(|e| net_err("session socket", e))?;
     let (master, digest, announce) = loop {
-        while let Some((code, msg, d)) = poll_reply(&ctrl, &mut buf, &session, cfg.client_id)? {
-            match code {
-                ReplyCode::Accepted => accepted = Some(d),
-                ReplyCode::Started => {
-                    if refused != Some(d) {
-                        notice(Notice::Queued { message: msg });
-                    }
-                    refused = Some(d);
-                }
-            }
-        }
         if let (Some(d), Some((from, ad, a))) = (accepted, &last_ann) {
             if *ad == d {
                 break (*from, d, a.clone());
@@ -434,25 +425,36 @@ pub fn run(
         }
         // A registration or its reply can be lost: register again on our own timer, not only
         // when an announcement comes (a running master announces only every 0.5 s).
-        if let Some((from, d, a)) = &last_ann {
+        if let Some((_, d, a)) = &last_ann {
             if accepted != Some(*d) {
                 let may = a.state == MasterState::Waiting || a.latejoin || refused != Some(*d);
                 if may && last_register.is_none_or(|t: Instant| t.elapsed() >= REGISTER_AGAIN) {
                     last_register = Some(Instant::now());
-                    register(&ctrl, *from, *d);
+                    register(*d);
                 }
             }
         }
+        // Announcements and the master's replies (to every client: ours names our id).
         let Some((pkt, from)) = recv(&group, &mut buf, &session)? else {
             continue;
         };
-        let Body::Announce(a) = pkt.body else {
-            continue;
-        };
-        if accepted == Some(pkt.digest) {
-            break (from, pkt.digest, a);
+        match pkt.body {
+            Body::Announce(a) => last_ann = Some((from, pkt.digest, a)),
+            Body::Reply {
+                client,
+                code,
+                message,
+            } if client == cfg.client_id => match code {
+                ReplyCode::Accepted => accepted = Some(pkt.digest),
+                ReplyCode::Started => {
+                    if refused != Some(pkt.digest) {
+                        notice(Notice::Queued { message });
+                    }
+                    refused = Some(pkt.digest);
+                }
+            },
+            _ => {}
         }
-        last_ann = Some((from, pkt.digest, a));
     };
     notice(Notice::Registered { master });
     notice(Notice::Receiving {
@@ -502,7 +504,7 @@ pub fn run(
             ctrl,
             session,
             digest,
-            master,
+            control,
             client: cfg.client_id,
             done: done.clone(),
             total: total.clone(),
@@ -648,36 +650,14 @@ fn recv(
     }
 }
 
-fn poll_reply(
-    ctrl: &UdpSocket,
-    buf: &mut [u8],
-    session: &[u8; 32],
-    me: u64,
-) -> Result<Option<(ReplyCode, String, [u8; 32])>> {
-    loop {
-        let Some((p, _)) = recv(ctrl, buf, session)? else {
-            return Ok(None);
-        };
-        if let Body::Reply {
-            client,
-            code,
-            message,
-        } = p.body
-        {
-            if client == me {
-                return Ok(Some((code, message, p.digest)));
-            }
-        }
-    }
-}
-
 struct RxCtx {
     shared: Shared,
     group: UdpSocket,
     ctrl: UdpSocket,
     session: [u8; 32],
     digest: [u8; 32],
-    master: SocketAddr,
+    /// The group's control port: where the master listens.
+    control: SocketAddr,
     client: u64,
     done: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
@@ -688,7 +668,6 @@ struct RxCtx {
 
 impl RxCtx {
     fn run(self) {
-        let mut buf = vec![0u8; MAX_PACKET + 1];
         let mut heard = Instant::now();
         let mut last_status = Instant::now() - STATUS_EVERY;
         let mut last_nack_check = Instant::now();
@@ -759,6 +738,10 @@ impl RxCtx {
                                 // (the Ack itself may have been lost).
                                 self.acked.store(true, Ordering::Relaxed);
                             }
+                        } else if let Body::Ack { client } = p.body {
+                            if client == self.client {
+                                self.acked.store(true, Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -766,14 +749,6 @@ impl RxCtx {
             if !symbols.is_empty() {
                 heard = Instant::now();
                 self.symbols(&symbols);
-            }
-            // Replies on the unicast socket.
-            while let Ok(Some((p, _))) = recv(&self.ctrl, &mut buf, &self.session) {
-                if let Body::Ack { client } = p.body {
-                    if client == self.client {
-                        self.acked.store(true, Ordering::Relaxed);
-                    }
-                }
             }
             if heard.elapsed() > MASTER_SILENCE {
                 self.fail(format!(
@@ -891,7 +866,7 @@ impl RxCtx {
             }),
         }
         .encode();
-        let _ = self.ctrl.send_to(&b, self.master);
+        let _ = self.ctrl.send_to(&b, self.control);
     }
 
     /// Take a batch of symbols under one lock.

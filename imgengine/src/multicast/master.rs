@@ -190,9 +190,18 @@ const ROOM_LOSS_OK: f64 = 50.0;
 /// row (a slow disk) is served on later passes.
 const LAGGING_HELD_PERIODS: u32 = 16;
 
+/// The interface refusing every packet (a full queue) for this long ends the session: a
+/// link that went down does not leave the master waiting for ever.
+const SEND_STALL: Duration = Duration::from_secs(10);
+/// Sends of one data packet that ICMP errors may spoil before it counts as lost.
+const MAX_ICMP_RETRIES: u32 = 16;
+
 pub struct Master {
     cfg: MasterConfig,
+    /// Everything the master sends (to the group's data port) goes from this socket.
     sock: UdpSocket,
+    /// Registrations and statuses: the group's control port.
+    ctrl: UdpSocket,
     dest: SocketAddr,
     session: [u8; 32],
     digest: [u8; 32],
@@ -258,8 +267,11 @@ impl Master {
         let mut digest = [0u8; 32];
         hex::decode_to_slice(head.manifest.digest(), &mut digest)
             .map_err(|_| Error::corrupt("manifest digest"))?;
-        let sock = net::unicast_socket(cfg.iface, cfg.ttl)?;
+        let sock = net::send_socket(cfg.iface, cfg.ttl)?;
         sock.set_nonblocking(true)
+            .map_err(|e| Error::io("making the session socket non-blocking", e))?;
+        let ctrl = net::group_socket(cfg.group, super::control_port(cfg.port), cfg.iface)?;
+        ctrl.set_nonblocking(true)
             .map_err(|e| Error::io("making the session socket non-blocking", e))?;
         net::report_local_drops(&sock);
         net::bound_send_queue(&sock);
@@ -280,6 +292,7 @@ impl Master {
             rate: (cfg.max_rate as f64).max(1e6),
             cfg,
             sock,
+            ctrl,
             digest,
             announce,
             objects,
@@ -357,8 +370,9 @@ impl Master {
 
     fn send_to(&self, body: Body, to: SocketAddr) {
         let b = self.packet(body);
-        // A full send buffer or an unreachable client is not fatal: they retry. An ICMP
-        // error from another client surfacing here meant nothing was sent: send again.
+        // A full send buffer is not fatal: the clients ask again. An ICMP error (stray or
+        // forged: the master sends no unicast) surfacing here meant nothing was sent: send
+        // again, once.
         for _ in 0..2 {
             match self.sock.send_to(&b, to) {
                 Err(e) if net::is_icmp_error(&e) => net::clear_errors(&self.sock),
@@ -415,7 +429,7 @@ impl Master {
         let mut events = Vec::new();
         let mut buf = [0u8; MAX_PACKET + 1];
         loop {
-            match self.sock.recv_from(&mut buf) {
+            match self.ctrl.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Ok(p) = Packet::parse(&buf[..n]) {
                         if p.session == self.session && p.digest == self.digest {
@@ -426,13 +440,7 @@ impl Master {
                 Err(e) if e.kind() == IoKind::WouldBlock || e.kind() == IoKind::Interrupted => {
                     break
                 }
-                // ICMP from a client that went away (port or host unreachable) surfaces
-                // here, queued by IP_RECVERR: take it and go on.
-                Err(e) if net::is_icmp_error(&e) || e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    net::clear_errors(&self.sock);
-                    continue;
-                }
-                Err(e) => return Err(Error::io("receiving on the session socket", e)),
+                Err(e) => return Err(Error::io("receiving on the session's control port", e)),
             }
         }
         let now = Instant::now();
@@ -470,7 +478,7 @@ impl Master {
                             code: ReplyCode::Accepted,
                             message: String::new(),
                         },
-                        from,
+                        self.dest,
                     );
                     return again.then_some(Event::Registered { id: client, again });
                 }
@@ -484,7 +492,7 @@ impl Master {
                                 self.cfg.name
                             ),
                         },
-                        from,
+                        self.dest,
                     );
                     if self.refused.contains(&client) {
                         return None;
@@ -521,7 +529,7 @@ impl Master {
                         code: ReplyCode::Accepted,
                         message: String::new(),
                     },
-                    from,
+                    self.dest,
                 );
                 Some(Event::Registered {
                     id: client,
@@ -545,7 +553,7 @@ impl Master {
         if c.outcome != Outcome::Receiving {
             // A repeated final status: acknowledge again.
             if s.state != ClientState::Receiving {
-                self.send_to(Body::Ack { client: s.client }, from);
+                self.send_to(Body::Ack { client: s.client }, self.dest);
             }
             return None;
         }
@@ -600,7 +608,7 @@ impl Master {
                 c.message = s.message;
                 c.finished = Some(Instant::now());
                 c.needs = Some(Vec::new());
-                self.send_to(Body::Ack { client: id }, from);
+                self.send_to(Body::Ack { client: id }, self.dest);
                 Some(Event::Finished { id })
             }
         }
@@ -782,6 +790,12 @@ impl Master {
         }
         .encode_into(&mut b);
         self.pace(b.len());
+        // Each retry below is bounded: the interface taking nothing for SEND_STALL ends the
+        // session with a message, and errors from outside (ICMP: the master sends no unicast,
+        // so only a stray or forged one) cost at most MAX_ICMP_RETRIES sends of this
+        // packet, which then counts as lost and is repaired like any other loss.
+        let mut stalled: Option<Instant> = None;
+        let mut icmp = 0;
         let r = loop {
             match self.sock.send_to(&b, self.dest) {
                 Ok(_) => break Ok(()),
@@ -790,13 +804,34 @@ impl Master {
                     if e.kind() == IoKind::WouldBlock
                         || e.raw_os_error() == Some(libc::ENOBUFS) =>
                 {
+                    let since = *stalled.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= SEND_STALL {
+                        break Err(Error::new(
+                            ErrorKind::Network,
+                            format!(
+                                "sending to {}: the network interface took no packet for {} s \
+                                 ({e}): check the cable and the link, then start the session again",
+                                self.dest,
+                                SEND_STALL.as_secs()
+                            ),
+                        ));
+                    }
                     std::thread::sleep(Duration::from_micros(200))
                 }
                 Err(e) if e.kind() == IoKind::Interrupted => {}
-                // A client that exited answered an earlier unicast packet with ICMP: that
-                // error surfaces here and nothing was sent. (It once ended a session whose
-                // slow device was still catching up, as soon as the others had finished.)
-                Err(e) if net::is_icmp_error(&e) => net::clear_errors(&self.sock),
+                // An ICMP error surfaces on the socket's next call, whatever it is, and
+                // nothing was sent. (It once ended a session whose slow device was still
+                // catching up, when the control path was unicast and a client had exited.)
+                Err(e) if net::is_icmp_error(&e) => {
+                    net::clear_errors(&self.sock);
+                    icmp += 1;
+                    if icmp >= MAX_ICMP_RETRIES {
+                        super::trace(format_args!(
+                            "master: {icmp} ICMP errors while sending one packet: counted as lost"
+                        ));
+                        break Ok(());
+                    }
+                }
                 Err(e) => {
                     break Err(Error::new(
                         ErrorKind::Network,

@@ -32,8 +32,23 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// UDP port of every session (the group address tells sessions apart).
+/// UDP port of every session (the group address tells sessions apart): the master's packets
+/// go to the group on this port.
 pub const PORT: u16 = 9730;
+
+/// The port on the group that clients send their registrations and statuses to, and only
+/// the master listens on: the data port plus one (minus one for 65535). Control goes by
+/// multicast both ways, so no device needs an ARP exchange with another: on a lossy link a
+/// lost ARP request or reply costs the kernel's 1 s retry, which once held one device of
+/// eight back by a whole second; and devices whose addresses are in different subnets on
+/// one segment still reach each other.
+pub fn control_port(data: u16) -> u16 {
+    if data == u16::MAX {
+        data - 1
+    } else {
+        data + 1
+    }
+}
 /// Longest session name (bytes).
 pub const MAX_NAME: usize = 64;
 

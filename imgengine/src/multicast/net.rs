@@ -1,5 +1,5 @@
-//! Sockets of a session: which interface carries it, the group socket a client listens on,
-//! and the unicast socket both sides use for registration, status and NACKs.
+//! Sockets of a session: which interface carries it, the group sockets (a client listens on
+//! the data port, the master on the control port), and the socket both sides send from.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
@@ -76,8 +76,9 @@ fn default_route_iface() -> Option<String> {
     })
 }
 
-/// The socket a client receives the group's packets on: bound to the group address and
-/// port (so other groups' traffic is not delivered), joined on the interface.
+/// A socket that receives the group's packets to `port` (a client's on the data port, the
+/// master's on the control port): bound to the group address and port (so other groups'
+/// traffic is not delivered), joined on the interface.
 pub fn group_socket(group: Ipv4Addr, port: u16, iface: Ipv4Addr) -> Result<UdpSocket> {
     let what = format!("joining multicast group {group}:{port} on {iface}");
     let s =
@@ -91,10 +92,9 @@ pub fn group_socket(group: Ipv4Addr, port: u16, iface: Ipv4Addr) -> Result<UdpSo
     Ok(s.into())
 }
 
-/// The unicast socket (ephemeral port on the interface's address); the master also sends
-/// the group's packets from it, out of the interface, with TTL `ttl`, looped back to
-/// receivers on the same host.
-pub fn unicast_socket(iface: Ipv4Addr, ttl: u32) -> Result<UdpSocket> {
+/// The socket a device sends to the group from (ephemeral port on the interface's address),
+/// out of the interface, with TTL `ttl`, looped back to receivers on the same host.
+pub fn send_socket(iface: Ipv4Addr, ttl: u32) -> Result<UdpSocket> {
     let what = format!("opening a UDP socket on {iface}");
     let s =
         Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(|e| io(&what, e))?;
@@ -147,9 +147,9 @@ pub fn bound_send_queue(s: &UdpSocket) {
     }
 }
 
-/// An ICMP error for an earlier unicast packet (a client that exited: port or host
-/// unreachable), which IP_RECVERR reports on the socket's next call, whatever that call is,
-/// even a multicast send. That call did nothing: take the errors (see [`clear_errors`]) and
+/// An ICMP error for an earlier packet (port or host unreachable; the master sends no
+/// unicast, so a stray or forged one), which IP_RECVERR reports on the socket's next call,
+/// whatever that call is, even a multicast send. That call did nothing: take the errors (see [`clear_errors`]) and
 /// make it again.
 pub fn is_icmp_error(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::ConnectionRefused
@@ -159,8 +159,7 @@ pub fn is_icmp_error(e: &std::io::Error) -> bool {
         )
 }
 
-/// Take the errors IP_RECVERR queued on `s` (ICMP from clients that went away): they hold
-/// receive-buffer memory until read.
+/// Take the errors IP_RECVERR queued on `s`: they hold receive-buffer memory until read.
 pub fn clear_errors(s: &UdpSocket) {
     use nix::sys::socket::{recv, MsgFlags};
     use std::os::fd::AsRawFd;

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 /// First four bytes of every packet.
 pub const MAGIC: [u8; 4] = *b"IMGM";
 /// Protocol version; a receiver refuses any other.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Bytes of the control packets' common header.
 pub const HEADER_LEN: usize = 72;
 /// Kind byte of a data packet.

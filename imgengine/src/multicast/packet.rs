@@ -83,6 +83,10 @@ pub struct Nack {
     pub object: u32,
     pub block: u8,
     pub missing: u16,
+    /// One past the highest symbol id of the block the client has received (0: none; at
+    /// most [`MAX_ESI`]): whether `missing` was counted before or after the master's
+    /// latest repairs of the block arrived.
+    pub seen: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +223,7 @@ impl Packet {
                     o.extend_from_slice(&n.object.to_be_bytes());
                     o.push(n.block);
                     o.extend_from_slice(&n.missing.to_be_bytes());
+                    o.extend_from_slice(&n.seen.min(MAX_ESI).to_be_bytes()[1..]);
                 }
                 put_text(&mut o, &s.message);
             }
@@ -336,6 +341,7 @@ impl Packet {
                         object: c.u32()?,
                         block: c.u8()?,
                         missing: c.u16()?,
+                        seen: u32::from_be_bytes([0, c.u8()?, c.u8()?, c.u8()?]),
                     });
                 }
                 Body::Status(Status {
@@ -577,12 +583,43 @@ mod tests {
                     object: 5,
                     block: 1,
                     missing: 3,
+                    seen: 70_000,
                 }],
                 message: "disk too small".into(),
             })),
             p(Body::Ack { client: 42 }),
             p(Body::End { aborted: true }),
         ]
+    }
+
+    #[test]
+    fn the_largest_status_fits_one_datagram() {
+        let full = Packet {
+            session: [1; 32],
+            digest: [2; 32],
+            body: Body::Status(Status {
+                client: u64::MAX,
+                state: ClientState::Receiving,
+                bytes_done: u64::MAX,
+                bytes_total: u64::MAX,
+                loss_permille: 1000,
+                loss_from: u16::MAX,
+                window_end: u32::MAX,
+                needs: (0..MAX_NEEDS as u32).map(|i| (2 * i, 2 * i + 1)).collect(),
+                nacks: (0..MAX_NACKS as u32)
+                    .map(|i| Nack {
+                        object: i,
+                        block: 255,
+                        missing: u16::MAX,
+                        seen: MAX_ESI,
+                    })
+                    .collect(),
+                message: "x".repeat(MAX_TEXT),
+            }),
+        };
+        let b = full.encode();
+        assert!(b.len() <= MAX_PACKET, "{} bytes", b.len());
+        assert_eq!(Packet::parse(&b).unwrap(), full);
     }
 
     #[test]

@@ -1329,7 +1329,12 @@ fn send_objects(
         };
         let s = from.max(o.offset) - o.offset;
         let e = to.min(o.offset + o.len) - o.offset;
+        let waited = since.elapsed();
         w.write_all(&data[s as usize..e as usize])?;
+        super::trace(format_args!(
+            "client: object {i} handed to the deploy (waited {} ms for it)",
+            waited.as_millis()
+        ));
         if e == o.len && (from >= head_len || to > crate::format::FIRST_BYTES) {
             // Read to its end by a read of the chunks: the deploy has it; free the memory.
             // (The deploy's first read of the head takes a fixed number of bytes from 0,

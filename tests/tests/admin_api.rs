@@ -8,7 +8,8 @@
 //! under-privileged token, and a device credential; an admin token never acts as a device;
 //! jobs at a time reach only devices checking in inside their window; seed 003's validation
 //! errors keep a device out of a job while warnings do not; validate-only creates nothing;
-//! the audit trail records who did what.
+//! the audit trail records who did what; multicast sessions start, list and stop through the
+//! API as through `imgserver session` (issue 12), refusing bad requests with a reason.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -236,6 +237,19 @@ fn routes() -> Vec<(&'static str, &'static str, &'static str, Option<Value>)> {
         (
             "POST",
             "/api/v1/admin/jobs/999999/rollback",
+            "operator",
+            None,
+        ),
+        ("GET", "/api/v1/admin/sessions", "viewer", None),
+        (
+            "POST",
+            "/api/v1/admin/sessions",
+            "operator",
+            Some(json!({"name": "probe", "image": "nosuchimage:0", "all": true})),
+        ),
+        (
+            "POST",
+            "/api/v1/admin/sessions/nosuchsession/stop",
             "operator",
             None,
         ),
@@ -748,4 +762,209 @@ fn images_register_from_a_url_and_an_upload_and_are_removed_by_an_admin() {
         .map(|r| r["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, vec!["image.remove", "image.add"]);
+}
+
+/// Multicast sessions through the API: an operator starts one for a device (the serving
+/// process becomes its master, here on the loopback interface), a viewer lists it with the
+/// device's pending task, bad requests are refused with a reason and make nothing, and a stop
+/// ends it and cancels the task; every change is audited under the operator's name.
+#[test]
+fn multicast_sessions_start_list_and_stop_through_the_api() {
+    let dir = Scratch::new("admin-api-sessions");
+    let srv = Server::start(&dir.join("data"));
+    let op = srv.token("olga", "operator");
+    let viewer = srv.token("vic", "viewer");
+    let root = srv.token("root", "admin");
+    let img = make_image(&dir, "room", "1");
+    let (s, v) = srv.upload(&root, &img, "");
+    assert_eq!(s, 201, "{v}");
+    let dev = device("52:54:00:00:5e:01", 1 << 30, None);
+    let cred = srv.enrol(&dev);
+    let post =
+        |body: &Value, tok: &str| srv.call("POST", "/api/v1/admin/sessions", Some(tok), Some(body));
+    // Refused with a reason, and nothing made.
+    for (body, status, says) in [
+        (
+            json!({"name": "two words", "image": "room:1", "all": true}),
+            400,
+            "session name",
+        ),
+        (
+            json!({"name": "r", "image": "", "all": true}),
+            400,
+            "needs an image",
+        ),
+        (
+            json!({"name": "r", "image": "room:1"}),
+            400,
+            "MAC addresses",
+        ),
+        (
+            json!({"name": "r", "image": "room:1", "all": true, "macs": ["52:54:00:00:5e:01"]}),
+            400,
+            "not both",
+        ),
+        (
+            json!({"name": "r", "image": "room:1", "macs": ["nope"]}),
+            400,
+            "not a MAC",
+        ),
+        (
+            json!({"name": "r", "image": "room:1", "all": true, "clients": 0}),
+            400,
+            "at least 1",
+        ),
+        (
+            json!({"name": "r", "image": "room:1", "all": true, "addr": "10.0.0.1"}),
+            400,
+            "multicast",
+        ),
+        (
+            json!({"name": "r", "image": "room:9", "all": true}),
+            404,
+            "no image room:9",
+        ),
+    ] {
+        let (s, v) = post(&body, &op);
+        assert_eq!(s, status, "{body}: {v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.contains(says), "{body}: {e}");
+    }
+    // An unknown field is not silently ignored.
+    let (s, v) = post(
+        &json!({"name": "r", "image": "room:1", "all": true, "clinets": 2}),
+        &op,
+    );
+    assert!(s == 400 || s == 422, "{s} {v}");
+    assert!(srv
+        .get("/api/v1/admin/sessions", &viewer)
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(srv
+        .get("/api/v1/admin/jobs", &viewer)
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Started by the operator for one device (MAC in another spelling), on loopback.
+    let req = json!({"name": "room1", "image": "room:1", "macs": ["52-54-00-00-5E-01"],
+                     "interface": "lo", "timeout_min": 30});
+    let (s, made) = post(&req, &viewer);
+    assert_eq!(s, 403, "{made}");
+    let (s, made) = post(&req, &op);
+    assert_eq!(s, 201, "{made}");
+    let job = made["job"].as_u64().unwrap();
+    assert_eq!(made["devices"], "52:54:00:00:5e:01");
+    assert_eq!(made["image"], "room 1");
+    assert!(
+        made["starts"]
+            .as_str()
+            .unwrap()
+            .contains("when 1 device(s) registered"),
+        "{made}"
+    );
+    // The name is held while the session is not over.
+    let (s, v) = post(&req, &op);
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("stop it first"),
+        "{v}"
+    );
+    // Listed for a viewer: the session, its image, its settings and the device's task.
+    let list = srv.get("/api/v1/admin/sessions", &viewer);
+    let one = &list[0];
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(one["name"], "room1");
+    assert_eq!(one["job"].as_u64(), Some(job));
+    assert_eq!(one["image"], "room 1");
+    assert_eq!(one["settings"]["clients"], 1);
+    assert_eq!(one["settings"]["interface"], "lo");
+    assert!(
+        ["waiting", "running"].contains(&one["state"].as_str().unwrap()),
+        "{one}"
+    );
+    assert_eq!(one["tasks"][0]["mac"], "52:54:00:00:5e:01");
+    assert_eq!(one["tasks"][0]["state"], "pending");
+    // The serving process takes it: its master waits for registrations.
+    let taken = wait_for(&srv, &viewer, |s| {
+        s["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("master on lo (127.0.0.1)")
+    });
+    assert_eq!(taken["state"], "waiting", "{taken}");
+    assert!(
+        taken["message"]
+            .as_str()
+            .unwrap()
+            .contains("0 of 1 device(s) registered"),
+        "{taken}"
+    );
+    // Stopped by the operator: the pending task is cancelled, the session ends.
+    let stop = "/api/v1/admin/sessions/room1/stop";
+    let (s, v) = srv.call("POST", stop, Some(&viewer), None);
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = srv.call("POST", stop, Some(&op), None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["job"].as_u64(), Some(job));
+    assert_eq!(v["cancelled"], 1, "{v}");
+    let ended = wait_for(&srv, &viewer, |s| s["state"] == "stopped");
+    assert_eq!(ended["tasks"][0]["state"], "aborted", "{ended}");
+    assert!(
+        ended["message"].as_str().unwrap().contains("administrator"),
+        "{ended}"
+    );
+    assert_eq!(
+        srv.task_for(&dev, &cred),
+        None,
+        "a stopped session hands out no task"
+    );
+    let (s, v) = srv.call("POST", stop, Some(&op), None);
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = srv.call("POST", "/api/v1/admin/sessions/other/stop", Some(&op), None);
+    assert_eq!(s, 404, "{v}");
+    // Audited under the operator's name: the job made and its abort.
+    let audit = srv.get(&format!("/api/v1/admin/audit?target=job:{job}"), &viewer);
+    let seen: Vec<(String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or("").to_string(),
+                e["action"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for action in ["job.create", "job.abort"] {
+        assert!(
+            seen.iter().any(|(a, w)| a == "olga" && w == action),
+            "{action} by olga: {seen:?}"
+        );
+    }
+    // A finished session's name may be used again.
+    let (s, v) = post(
+        &json!({"name": "room1", "image": "room:1", "all": true, "interface": "lo"}),
+        &op,
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = srv.call("POST", stop, Some(&op), None);
+    assert_eq!(s, 200, "{v}");
+}
+
+/// The one session in the list once `ok` holds for it (30 s at most).
+fn wait_for(srv: &Server, token: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let list = srv.get("/api/v1/admin/sessions", token);
+        let s = list[0].clone();
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the session never got there: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -8,6 +8,12 @@
 //! never ignored: if the CA were not trusted, the first page load would fail.
 //!
 //! Screenshots of the main pages go to target/tmp/web-console/ (kept after the test).
+//!
+//! The Sessions page: a viewer sees the multicast sessions but no form; an operator starts
+//! one from the form (the server becomes its master on the loopback interface), a real
+//! `img -session NAME -client` on loopback joins it, and the page shows the device's
+//! progress and result; a bad MAC is refused with the reason; a live session is stopped
+//! after a confirmation question.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -940,4 +946,150 @@ fn console_refuses_forged_posts_and_other_origins() {
     srv.admin(&["admin", "revoke", "olga"]);
     let r = curl(&srv, &jar, &[&url("/")]);
     assert!(r.contains(" 303") && r.contains("location: /login"), "{r}");
+}
+
+#[test]
+fn console_sessions_page_starts_shows_and_stops_multicast_sessions() {
+    tools();
+    let dir = Scratch::new("web-console-sessions");
+    let shots = e2e::workspace_root().join("target/tmp/web-console");
+    let srv = Server::start(&dir.join("srv"));
+    let operator = srv.token("olga", "operator");
+    let viewer = srv.token("vic", "viewer");
+    register_image(&srv, &dir, "1.0");
+    let a = Device::new(&dir, MAC_A, 64);
+    let (code, out) = a.checkin(&srv);
+    assert_eq!(code, Some(0), "{out}");
+    let home = dir.join("browser-home");
+    let driver = Driver::start(&home, &srv.data.join("ca.pem"));
+    let br = Browser::open(&driver, &home, &srv.url, &shots);
+
+    // A viewer sees the page, and no form to start or stop anything.
+    br.sign_in(&viewer);
+    br.go("/sessions");
+    assert!(
+        br.text("main").contains("No session yet"),
+        "{}",
+        br.text("main")
+    );
+    assert_eq!(br.count("#start-session"), 0);
+    br.click_nav("#signout");
+
+    // The operator: a bad MAC is refused with the reason, and nothing is made.
+    br.sign_in(&operator);
+    br.go("/sessions");
+    br.fill("#start-session input[name=name]", "room7");
+    br.fill("#start-session textarea[name=macs]", "nope");
+    br.click_nav("#start-session-button");
+    let said = br.text("main");
+    assert!(said.contains("\"nope\" is not a MAC address"), "{said}");
+    br.go("/sessions");
+    assert!(br.text("main").contains("No session yet"));
+
+    // Started for device A, on the loopback interface, 30 minutes' registration.
+    br.fill("#start-session input[name=name]", "room7");
+    br.fill("#start-session textarea[name=macs]", MAC_A);
+    br.fill("#start-session input[name=timeout]", "30");
+    br.fill("#start-session input[name=interface]", "lo");
+    br.click_nav("#start-session-button");
+    assert!(br.path().starts_with("/sessions?note="), "{}", br.path());
+    let note = br.text(".notice.ok");
+    assert!(
+        note.contains("Session room7 started: os 1.0 for 52:54:00:00:0c:0a")
+            && note.contains("when 1 device(s) registered"),
+        "{note}"
+    );
+    let sec = "section[data-session='room7']";
+    assert!(br.text(&format!("{sec} .tasks")).contains(MAC_A));
+    // The serving process takes it: its master on lo waits for registrations.
+    reload_until(&br, &format!("{sec} .sessmsg"), "master on lo (127.0.0.1)");
+    br.shot("20-session-waiting");
+
+    // A device on loopback joins it by hand, as `img -session room7 -client` on a console.
+    let target = dir.join("client.img");
+    sh(&format!("truncate -s {} {}", 64 * MIB, target.display()));
+    let log = fs::File::create(dir.join("client.log")).unwrap();
+    let mut client = Command::new(e2e::img_bin())
+        .args(["-session", "room7", "-client", "-iface=lo"])
+        .arg(format!("-disk={}", target.display()))
+        .env("IMG_STATE_DIR", dir.join("client-state"))
+        .env("IMG_TRUSTED_DIR", dir.join("no-keys"))
+        .env("IMG_QUIET", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut client, Duration::from_secs(300));
+    let client_log = fs::read_to_string(dir.join("client.log")).unwrap_or_default();
+    assert_eq!(status, Some(0), "the device in the session: {client_log}");
+    // The page shows the device, done at 100 %, and the session done.
+    reload_until(&br, &format!("{sec} h2"), "done");
+    let clients = br.text(&format!("{sec} .clients"));
+    assert!(
+        clients.contains("done") && clients.contains("100 %"),
+        "{clients}"
+    );
+    assert!(clients.contains("127.0.0.1"), "{clients}");
+    assert_eq!(
+        br.count(&format!("{sec} form[action$='/stop']")),
+        0,
+        "a finished session has no stop button"
+    );
+    br.shot("21-session-done");
+
+    // Another session, stopped by the operator after the question.
+    br.fill("#start-session input[name=name]", "room8");
+    br.fill("#start-session textarea[name=macs]", MAC_A);
+    br.fill("#start-session input[name=interface]", "lo");
+    br.click_nav("#start-session-button");
+    let sec8 = "section[data-session='room8']";
+    br.click(&format!("{sec8} form[action$='/stop'] button"));
+    assert!(br.accept_confirm().contains("Stop session room8?"));
+    br.wait_loaded();
+    let note = br.text(".notice.ok");
+    assert!(note.contains("Session room8 stopped"), "{note}");
+    reload_until(&br, &format!("{sec8} h2"), "stopped");
+    assert!(br.text(&format!("{sec8} .tasks")).contains("aborted"));
+    br.shot("22-session-stopped");
+    // The audit trail names the operator.
+    let audit = srv.admin(&["admin", "audit"]);
+    assert!(audit.contains("olga"), "{audit}");
+}
+
+/// Reload the page until the text of `css` contains `want` (60 s at most).
+fn reload_until(br: &Browser, css: &str, want: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        br.go("/sessions");
+        let got = if br.count(css) > 0 {
+            br.text(css)
+        } else {
+            String::new()
+        };
+        if got.contains(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{css} never said {want:?} (last: {got:?})"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Wait for a child process, at most `limit` (killed after): its exit code.
+fn wait_child(c: &mut Child, limit: Duration) -> Option<i32> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() >= end {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

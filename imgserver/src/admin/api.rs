@@ -73,6 +73,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         .route("/api/v1/admin/jobs/{id}/abort", post(abort_job))
         .route("/api/v1/admin/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/admin/jobs/{id}/rollback", post(rollback_job))
+        .route("/api/v1/admin/sessions", get(sessions).post(start_session))
+        .route("/api/v1/admin/sessions/{name}/stop", post(stop_session))
         .route("/api/v1/admin/audit", get(audit))
         .route("/api/v1/admin/tokens", get(tokens).post(add_token))
         .route(
@@ -710,6 +712,30 @@ async fn abort_job(
         })
     })
     .await
+}
+
+async fn sessions(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    call(st, headers, move |a, me| a.sessions(me)).await
+}
+
+async fn start_session(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Json(req): Json<super::sessions::SessionRequest>,
+) -> Response {
+    let mut r = call(st, headers, move |a, me| a.start_session(me, &req)).await;
+    if r.status() == StatusCode::OK {
+        *r.status_mut() = StatusCode::CREATED;
+    }
+    r
+}
+
+async fn stop_session(
+    State(st): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    call(st, headers, move |a, me| a.stop_session(me, &name)).await
 }
 
 async fn retry_job(

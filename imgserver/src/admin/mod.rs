@@ -45,6 +45,7 @@
 
 pub mod api;
 pub mod db;
+pub mod sessions;
 pub mod window;
 
 use std::collections::BTreeMap;

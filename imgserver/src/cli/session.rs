@@ -1,8 +1,9 @@
 //! `imgserver session start|list|stop`: multicast sessions the serving process runs as
-//! master ([`crate::mcast`]). `start` creates the devices' job through the admin core
-//! (validated and audited as `schedule add`) and the session row the server takes;
-//! `list` reads both; `stop` raises the session's stop flag and aborts the job's pending
-//! tasks (audited as `job N --abort`).
+//! master ([`crate::mcast`]). `start` and `stop` go through the admin core
+//! ([`crate::admin::sessions`], as the admin API and the web console do): `start` creates the
+//! devices' job (validated and audited as `schedule add`) and the session row the server
+//! takes; `stop` raises the session's stop flag and aborts the job's pending tasks (audited
+//! as `job N --abort`); `list` reads both.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -10,10 +11,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail};
 
 use super::*;
-use crate::admin::JobRequest;
+use crate::admin::sessions::SessionRequest;
 use crate::mcast::{self, Settings};
-use crate::model::JobOptions;
-use crate::protocol::After;
 
 /// The `session` lines of the usage text, written once: `imgserver` prints them in its whole
 /// usage (`args::USAGE`) and `session` alone prints them when its words are wrong.
@@ -167,90 +166,45 @@ pub fn run(data: &Path, tz: Option<&str>, cmd: SessionCommand) -> anyhow::Result
             image,
             macs,
             all,
-            mut settings,
+            settings,
             disk,
             part,
         } => {
             let admin = open_admin(data)?;
-            let conn = mcast::open_db(data)?;
-            mcast::check_free(&conn, &name)?;
-            let store = open_store(data)?;
-            let img = find_image(&store, &image)?;
-            if img.file.is_none() {
-                bail!(
-                    "image {} {} is registered by URL: the server sends only images in its repository (`imgserver image add FILE`)",
-                    img.name,
-                    img.version
+            let req = SessionRequest {
+                name,
+                image,
+                macs,
+                all,
+                clients: settings.clients,
+                timeout_min: settings.timeout_min,
+                throttle_ms: settings.throttle_ms,
+                latejoin: settings.latejoin,
+                addr: settings.addr,
+                interface: settings.interface,
+                disk,
+                part,
+            };
+            let made = admin.start_session(&Actor::host(), &req)?;
+            for b in &made.blocked {
+                eprintln!(
+                    "imgserver: session {}: {b} is kept out by validation (see `imgserver job {}`)",
+                    made.name, made.job
                 );
             }
-            if settings.clients.is_none() && !all {
-                settings.clients = Some(macs.len());
-            }
-            let target = match (all, macs.as_slice()) {
-                (true, _) => "all".to_string(),
-                (false, [one]) => format!("mac:{one}"),
-                (false, many) => format!("macs:{}", many.join(",")),
-            };
-            let req = JobRequest {
-                target,
-                kind: "session".into(),
-                image: Some(img.id.to_string()),
-                options: JobOptions {
-                    disk,
-                    partition: part,
-                    backup_first: false,
-                    after: After::NoReboot,
-                    on_error: crate::model::OnError::Continue,
-                    session: Some(name.clone()),
-                    session_addr: settings.addr.clone(),
-                    ..Default::default()
-                },
-                note: Some(format!("multicast session {name}")),
-                ..Default::default()
-            };
-            let made = admin.create_job(&Actor::host(), &req)?;
-            let job = made
-                .job
-                .ok_or_else(|| anyhow!("no job was created for session {name}"))?;
-            for b in &made.blocked {
-                eprintln!("imgserver: session {name}: {b} is kept out by validation (see `imgserver job {job}`)");
-            }
-            mcast::insert(&conn, &name, job, img.id, &settings, now())?;
             println!(
-                "session {name}: {} {} for {}; job {job}; the server (imgserver serve) runs the master, starting {}; the devices join at their next check-in; `imgserver session list` shows it",
-                img.name,
-                img.version,
-                if all {
-                    "all devices".to_string()
-                } else {
-                    macs.join(", ")
-                },
-                match settings.clients {
-                    Some(n) => format!(
-                        "when {n} device(s) registered or {} min after the last registration",
-                        settings.timeout_min.unwrap_or(5)
-                    ),
-                    None => format!(
-                        "{} min after the last registration",
-                        settings.timeout_min.unwrap_or(5)
-                    ),
-                }
+                "session {}: {} for {}; job {}; the server (imgserver serve) runs the master, starting {}; the devices join at their next check-in; `imgserver session list` shows it",
+                made.name, made.image, made.devices, made.job, made.starts
             );
             Ok(if made.blocked.is_empty() { 0 } else { 3 })
         }
         SessionCommand::List => list(data, tz),
         SessionCommand::Stop { name } => {
             let admin = open_admin(data)?;
-            let conn = mcast::open_db(data)?;
-            let s = mcast::request_stop(&conn, &name, now())?;
-            let cancelled = match admin.abort_job(&Actor::host(), s.job) {
-                Ok(n) => n,
-                Err(crate::admin::AdminError::NotFound(_)) => 0,
-                Err(e) => return Err(e.into()),
-            };
+            let s = admin.stop_session(&Actor::host(), &name)?;
             println!(
-                "session {}: stopped by the administrator; the master ends it within a second (devices in the session fail: the master ended it); {cancelled} pending task(s) of job {} cancelled",
-                s.name, s.job
+                "session {}: stopped by the administrator; the master ends it within a second (devices in the session fail: the master ended it); {} pending task(s) of job {} cancelled",
+                s.name, s.cancelled, s.job
             );
             Ok(0)
         }

@@ -8,6 +8,7 @@
 //! and the core checks the role again, so a viewer is refused even with a hand-made form.
 
 pub mod manage;
+pub mod multicast;
 pub mod ops;
 pub mod page;
 pub mod session;
@@ -59,6 +60,9 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/tokens/{name}/revoke", post(manage::token_revoke))
         .route("/images/{id}/remove", post(views::image_remove))
         .route("/jobs", get(views::jobs))
+        .route("/sessions", get(multicast::sessions))
+        .route("/sessions/start", post(multicast::start))
+        .route("/sessions/{name}/stop", post(multicast::stop))
         .route(
             "/jobs/new",
             get(views::new_job_form).post(views::new_job_post),

@@ -135,6 +135,7 @@ pub enum Nav {
     Fleet,
     Jobs,
     NewJob,
+    Sessions,
     Images,
     Tokens,
     None,
@@ -160,6 +161,7 @@ pub fn frame(who: Option<&Signed>, nav: Nav, title: &str, body: &str, refresh: b
             (Nav::Fleet, "/", "Fleet", true),
             (Nav::Jobs, "/jobs", "Jobs", true),
             (Nav::NewJob, "/jobs/new", "New job", w.may_schedule()),
+            (Nav::Sessions, "/sessions", "Sessions", true),
             (Nav::Images, "/images", "Images", true),
             (Nav::Tokens, "/tokens", "Tokens", w.may_manage()),
         ] {

@@ -473,3 +473,56 @@ fn with_no_journal_only_the_first_16_mib_of_the_target_are_probed() {
         assert_eq!(probed[0] + probed[1], data_bytes, "{probed:?}");
     }
 }
+
+#[test]
+fn the_probe_finds_chunks_that_start_with_zeros_intact_and_a_changed_one_not() {
+    // 2 MiB chunks over 8 MiB: chunk 0 is 1.5 MiB of zeros then data (leading zeros past
+    // the 1 MiB read piece), chunk 1 data throughout, chunk 2 all zero (a zero chunk),
+    // chunk 3 1 MiB of zeros (exactly one read piece) then data.
+    let d = Dir::new("probe-zeros");
+    let len = 8 << 20;
+    let mut disk = testimg::disk(len);
+    disk[..3 << 19].fill(0);
+    disk[4 << 20..7 << 20].fill(0);
+    let img = d.p("z.img");
+    fs::write(&img, testimg::image(&disk, 2 << 20)).unwrap();
+    let es = entries(&img);
+    let data = es
+        .iter()
+        .filter(|e| e.header.kind == ChunkKind::Data)
+        .count() as u64;
+    assert_eq!(data, 3, "chunks 0, 1 and 3 are data");
+    // A blank target holds nothing intact: every data chunk is written.
+    let tgt = d.p("t.raw");
+    fs::write(&tgt, vec![0u8; len]).unwrap();
+    let s = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &d.opts(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(!s.resumed && s.chunks_skipped == 0, "{s:?}");
+    assert!(fs::read(&tgt).unwrap() == disk);
+    // Again: the chunks that start with zeros are found intact.
+    let s = deploy(
+        &Location::File(img.clone()),
+        &tgt,
+        None,
+        &d.opts(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(
+        s.resumed && s.chunks_skipped == data && s.bytes_written == 0,
+        "{s:?}"
+    );
+    // One byte changed after the leading zeros of chunk 3: that chunk alone is written.
+    let mut t = fs::read(&tgt).unwrap();
+    t[(6 << 20) + (1 << 20) + 5] ^= 0xff;
+    fs::write(&tgt, &t).unwrap();
+    let s = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap();
+    assert_eq!(s.chunks_skipped, data - 1, "{s:?}");
+    assert!(fs::read(&tgt).unwrap() == disk);
+}

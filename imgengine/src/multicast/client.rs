@@ -152,6 +152,9 @@ struct Rx {
     last_data: Instant,
     /// Something the master must hear at once (the image's objects became known).
     status_now: bool,
+    /// When the master last said it had sent everything asked for ([`Body::Idle`]): a block
+    /// whose last symbol came before that will get nothing more unless asked for.
+    idle_at: Option<Instant>,
 }
 
 impl Rx {
@@ -283,6 +286,7 @@ impl Rx {
     /// `dry`: only say whether some NACK is due (at most one returned, nothing recorded).
     fn nacks(&mut self, now: Instant, dry: bool) -> Vec<Nack> {
         let mut out = Vec::new();
+        let idle_at = self.idle_at;
         let lens: HashMap<u32, u64> = self
             .decoding
             .keys()
@@ -311,10 +315,9 @@ impl Rx {
                     None => continue,
                 };
                 let b = b8;
-                let quiet = d
-                    .last_rx
-                    .get(&b)
-                    .is_none_or(|t| now.duration_since(*t) >= NACK_AFTER);
+                let quiet = d.last_rx.get(&b).is_none_or(|t| {
+                    now.duration_since(*t) >= NACK_AFTER || idle_at.is_some_and(|i| *t <= i)
+                });
                 let repeat = d
                     .last_nack
                     .get(&b)
@@ -494,6 +497,7 @@ pub fn run(
             range_error: None,
             last_data: Instant::now(),
             status_now: false,
+            idle_at: None,
         }),
         Condvar::new(),
     ));
@@ -696,6 +700,7 @@ impl RxCtx {
         let mut batch = net::RecvBatch::new(RECV_BATCH, MAX_PACKET + 1);
         let coalesce = net::recv_queue_bytes(&self.group) >= COALESCE_MIN_QUEUE;
         let mut count = 0;
+        let mut idle_heard = false;
         while !self.stop.load(Ordering::Relaxed) {
             if coalesce && count > 0 && count < RECV_BATCH / 2 {
                 std::thread::sleep(COALESCE);
@@ -754,6 +759,13 @@ impl RxCtx {
                             if client == self.client {
                                 self.acked.store(true, Ordering::Relaxed);
                             }
+                        } else if p.body == Body::Idle {
+                            self.shared
+                                .0
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .idle_at = Some(Instant::now());
+                            idle_heard = true;
                         }
                     }
                 }
@@ -779,7 +791,9 @@ impl RxCtx {
             // statuses waited for an empty queue was recognised as slow 0.8 s late.
             let behind = || count == RECV_BATCH && net::backlogged(&self.group);
             let mut due = last_status.elapsed();
-            if due < STATUS_EVERY && last_nack_check.elapsed() >= NACK_CHECK {
+            if due < STATUS_EVERY
+                && (last_nack_check.elapsed() >= NACK_CHECK || std::mem::take(&mut idle_heard))
+            {
                 last_nack_check = Instant::now();
                 let now = Instant::now();
                 let (nack_due, urgent) = {
@@ -1410,4 +1424,73 @@ fn range_fetch(shared: &Shared, i: u32) -> std::io::Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::multicast::packet::SYMBOL_SIZE;
+
+    /// A receiver that knows only the announcement: a 10-symbol head, no chunks, no tail.
+    fn rx() -> Rx {
+        let head = 10 * SYMBOL_SIZE as u64;
+        Rx {
+            announce: Announce {
+                state: MasterState::Running,
+                latejoin: false,
+                chunks: 0,
+                image_len: head,
+                head_len: head,
+                tail_len: 0,
+            },
+            objects: None,
+            manifest: None,
+            head: None,
+            tail: Some(Arc::new(Vec::new())),
+            store: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            decoding: HashMap::new(),
+            active: Vec::new(),
+            abort: None,
+            faults: 0,
+            digest: [0; 32],
+            range: None,
+            range_error: None,
+            last_data: Instant::now(),
+            status_now: false,
+            idle_at: None,
+        }
+    }
+
+    /// A block whose symbols stopped coming is asked for after NACK_AFTER; once the master
+    /// said it has sent everything (Idle, heard after the block's last symbol), at once.
+    #[test]
+    fn after_the_masters_idle_a_block_that_lacks_symbols_is_asked_for_at_once() {
+        let mut r = rx();
+        let sym = [0u8; SYMBOL_SIZE];
+        assert!(!symbol(&mut r, 0, 0, 0, &sym, &[0; 32]));
+        assert!(!symbol(&mut r, 0, 0, 1, &sym, &[0; 32]));
+        let t0 = Instant::now();
+        assert!(
+            r.nacks(t0, false).is_empty(),
+            "the block may still be coming"
+        );
+        // Idle heard before the block's last symbol: nothing changes.
+        r.idle_at = Some(t0 - Duration::from_millis(1));
+        assert!(r.nacks(Instant::now(), false).is_empty());
+        // Idle heard after it: the NACK goes at once, with the count and what was seen.
+        r.idle_at = Some(Instant::now());
+        let n = r.nacks(Instant::now(), false);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!(
+            (n[0].object, n[0].block, n[0].missing, n[0].seen),
+            (0, 0, 8, 2)
+        );
+        // And not again before the NACK's repeat time.
+        assert!(r.nacks(Instant::now(), false).is_empty());
+        // Without Idle, the same block is asked for once it has been quiet for NACK_AFTER.
+        let mut r = rx();
+        assert!(!symbol(&mut r, 0, 0, 3, &sym, &[0; 32]));
+        assert_eq!(r.nacks(Instant::now() + NACK_AFTER, false).len(), 1);
+    }
 }

@@ -224,6 +224,8 @@ pub struct Master {
     pending: BTreeMap<(u32, u8), (u32, Instant)>,
     /// The latest NACK repair round of a block: when, its first symbol id, how many.
     last_repair: HashMap<(u32, u8), (Instant, u32, u32)>,
+    /// A data packet went out since the last [`Body::Idle`].
+    sent_since_idle: bool,
     next_esi: HashMap<(u32, u8), u32>,
     cache: VecDeque<((u32, u8), Rc<BlockEncoder>)>,
     sent_at: HashMap<u32, Instant>,
@@ -312,6 +314,7 @@ impl Master {
             next_send: Instant::now(),
             pending: BTreeMap::new(),
             last_repair: HashMap::new(),
+            sent_since_idle: false,
             next_esi: HashMap::new(),
             cache: VecDeque::new(),
             sent_at: HashMap::new(),
@@ -855,6 +858,7 @@ impl Master {
         };
         self.stats.packets += 1;
         self.stats.wire_bytes += b.len() as u64;
+        self.sent_since_idle = true;
         self.pkt_buf = b;
         r
     }
@@ -1141,7 +1145,14 @@ impl Master {
                         o
                     }
                     Err(h) => {
-                        // Nothing to send now (or nothing the room can keep yet).
+                        // Nothing to send now (or nothing the room can keep yet). Say so
+                        // once after the last packet: a client still lacking symbols of a
+                        // block then asks at once, instead of waiting for the block to go
+                        // quiet (at the end of a session that wait was the room's time).
+                        if self.sent_since_idle && self.pending.is_empty() {
+                            self.sent_since_idle = false;
+                            self.send_to(Body::Idle, self.dest);
+                        }
                         let idle = self.pending.is_empty() && held.or(h).is_none();
                         let wait = Duration::from_millis(if idle { 5 } else { 2 });
                         std::thread::sleep(wait);

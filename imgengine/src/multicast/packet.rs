@@ -139,6 +139,9 @@ pub enum Body {
     End {
         aborted: bool,
     },
+    /// The master has sent everything asked for so far: a block a client still lacks
+    /// symbols of will get none unless it asks, so it asks at once.
+    Idle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +162,7 @@ impl Body {
             Body::Status(_) => 5,
             Body::Ack { .. } => 6,
             Body::End { .. } => 7,
+            Body::Idle => 8,
         }
     }
 }
@@ -229,6 +233,7 @@ impl Packet {
             }
             Body::Ack { client } => o.extend_from_slice(&client.to_be_bytes()),
             Body::End { aborted } => o.push(u8::from(*aborted)),
+            Body::Idle => {}
         }
         o
     }
@@ -359,6 +364,7 @@ impl Packet {
             }
             6 => Body::Ack { client: c.u64()? },
             7 => Body::End { aborted: c.flag()? },
+            8 => Body::Idle,
             k => {
                 return Err(Error::corrupt(format!(
                     "multicast packet: unknown kind {k}"
@@ -589,6 +595,7 @@ mod tests {
             })),
             p(Body::Ack { client: 42 }),
             p(Body::End { aborted: true }),
+            p(Body::Idle),
         ]
     }
 

@@ -1,5 +1,6 @@
 //! An admin API job request (JSON body, with times and a zone name typed by whoever holds a
-//! token): decoding and the time parser must never panic.
+//! token) and a multicast session request: decoding, the time parser and the session's
+//! checks (name, MACs, numbers, group address) must never panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -12,6 +13,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+    }
+    if let Ok(mut req) = serde_json::from_slice::<imgserver::admin::sessions::SessionRequest>(data) {
+        let _ = req.check();
     }
     if let Ok(s) = std::str::from_utf8(data) {
         let utc = jiff::tz::TimeZone::UTC;

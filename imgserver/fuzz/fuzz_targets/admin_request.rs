@@ -7,14 +7,18 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = serde_json::from_slice::<imgserver::admin::JobRequest>(data) {
         if let Ok(tz) = imgserver::admin::window::zone(req.tz.as_deref()) {
-            for t in [req.at.as_deref(), req.until.as_deref()].into_iter().flatten() {
+            for t in [req.at.as_deref(), req.until.as_deref()]
+                .into_iter()
+                .flatten()
+            {
                 if let Ok(secs) = imgserver::admin::window::parse_time(t, &tz, 1_795_930_200) {
                     let _ = imgserver::admin::window::show(secs, &tz);
                 }
             }
         }
     }
-    if let Ok(mut req) = serde_json::from_slice::<imgserver::admin::sessions::SessionRequest>(data) {
+    if let Ok(mut req) = serde_json::from_slice::<imgserver::admin::sessions::SessionRequest>(data)
+    {
         let _ = req.check();
     }
     if let Ok(s) = std::str::from_utf8(data) {

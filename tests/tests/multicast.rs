@@ -32,18 +32,33 @@ use e2e::{require_tool, run};
 /// One master sending its own disk to `n` clients, `loss` % loss on every port.
 fn room(n: usize, loss: u32) {
     let mut lab = McastLab::new(1, n);
-    let master = room_disk(lab.dir(), 1);
     if loss > 0 {
         lab.set_loss_everywhere(loss);
     }
+    run_room(&mut lab, n, "room101", 1);
+    if loss > 0 {
+        let dropped: u64 = lab.dropped_packets().iter().map(|(_, n)| n).sum();
+        assert!(
+            dropped > 0,
+            "the loss rules dropped nothing: the test did not test loss"
+        );
+        eprintln!("packets dropped by the {loss}% loss rules: {dropped}");
+    }
+}
+
+/// In `lab` (one master m0, clients c0..c{n-1}): the master sends its own disk (made from
+/// `seed`) in session `name`; every client and the master end well, the master's summary
+/// names every client, and every client's disk is the master's byte for byte.
+fn run_room(lab: &mut McastLab, n: usize, name: &str, seed: u64) {
+    let master = room_disk(lab.dir(), seed);
     let targets: Vec<PathBuf> = (0..n)
         .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
         .collect();
     let m = spawn(
-        &mut lab,
+        lab,
         "m0",
         &master_args(
-            "room101",
+            name,
             &[
                 &format!("-clients={n}"),
                 &format!("-disk={}", master.path.display()),
@@ -52,8 +67,8 @@ fn room(n: usize, loss: u32) {
     );
     let clients: Vec<Pid> = (0..n)
         .map(|i| {
-            let args = client_args("room101", &targets[i], &[]);
-            spawn(&mut lab, &format!("c{i}"), &args)
+            let args = client_args(name, &targets[i], &[]);
+            spawn(lab, &format!("c{i}"), &args)
         })
         .collect();
     for (i, c) in clients.iter().enumerate() {
@@ -65,17 +80,9 @@ fn room(n: usize, loss: u32) {
     expect_ok(&fm, "the master");
     let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    assert_summary_names(&lab, &fm, &names);
+    assert_summary_names(lab, &fm, &names);
     for (i, t) in targets.iter().enumerate() {
         assert_same_disk(&master, t, &format!("client c{i}"));
-    }
-    if loss > 0 {
-        let dropped: u64 = lab.dropped_packets().iter().map(|(_, n)| n).sum();
-        assert!(
-            dropped > 0,
-            "the loss rules dropped nothing: the test did not test loss"
-        );
-        eprintln!("packets dropped by the {loss}% loss rules: {dropped}");
     }
 }
 
@@ -108,7 +115,6 @@ fn eight_clients_with_two_percent_loss_on_every_port_all_finish_correct() {
 fn a_room_whose_devices_cannot_reach_each_other_by_unicast_still_finishes() {
     require_tool("curl");
     let mut lab = McastLab::new(1, 2);
-    let master = room_disk(lab.dir(), 17);
     let unicast = lab.arp_off();
     eprintln!("curl from c0 to the master with ARP off: {unicast}");
     // A refused connection (exit 7) would mean the frame reached the master: unicast works.
@@ -116,35 +122,7 @@ fn a_room_whose_devices_cannot_reach_each_other_by_unicast_still_finishes() {
         unicast.starts_with("exit Some(28)"),
         "with ARP off, c0 should not reach the master by unicast at all; curl said {unicast}"
     );
-    let targets: Vec<PathBuf> = (0..2)
-        .map(|i| master.blank_like(&lab.dir().join(format!("client{i}.img"))))
-        .collect();
-    let m = spawn(
-        &mut lab,
-        "m0",
-        &master_args(
-            "noarp",
-            &["-clients=2", &format!("-disk={}", master.path.display())],
-        ),
-    );
-    let clients: Vec<Pid> = (0..2)
-        .map(|i| {
-            spawn(
-                &mut lab,
-                &format!("c{i}"),
-                &client_args("noarp", &targets[i], &[]),
-            )
-        })
-        .collect();
-    for (i, c) in clients.iter().enumerate() {
-        expect_ok(&lab.wait(*c, SESSION_TIMEOUT), &format!("client c{i}"));
-    }
-    let fm = lab.wait(m, SESSION_TIMEOUT);
-    expect_ok(&fm, "the master");
-    assert_summary_names(&lab, &fm, &["c0", "c1"]);
-    for (i, t) in targets.iter().enumerate() {
-        assert_same_disk(&master, t, &format!("client c{i}"));
-    }
+    run_room(&mut lab, 2, "noarp", 17);
 }
 
 #[test]

@@ -161,6 +161,30 @@ struct Rx {
 }
 
 impl Rx {
+    /// What a client knows once registered: the announcement, nothing received yet (an
+    /// empty tail is had already).
+    fn new(announce: Announce, digest: [u8; 32], range: Option<Arc<RangeFetcher>>) -> Rx {
+        Rx {
+            tail: (announce.tail_len == 0).then(|| Arc::new(Vec::new())),
+            announce,
+            objects: None,
+            manifest: None,
+            head: None,
+            store: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            decoding: HashMap::new(),
+            active: Vec::new(),
+            abort: None,
+            faults: 0,
+            digest,
+            range,
+            range_error: None,
+            last_data: Instant::now(),
+            status_now: false,
+            idle_at: None,
+        }
+    }
+
     fn tail_index(&self) -> u32 {
         self.announce.chunks + 1
     }
@@ -473,35 +497,12 @@ pub fn run(
         image_len: announce.image_len,
     });
 
-    let tail_empty = announce.tail_len == 0;
     let range = cfg
         .fallback
         .clone()
         .map(|f| Arc::new(RangeFetcher::new(f, announce.image_len)));
     let shared: Shared = Arc::new((
-        Mutex::new(Rx {
-            announce,
-            objects: None,
-            manifest: None,
-            head: None,
-            tail: if tail_empty {
-                Some(Arc::new(Vec::new()))
-            } else {
-                None
-            },
-            store: BTreeMap::new(),
-            wanted: BTreeSet::new(),
-            decoding: HashMap::new(),
-            active: Vec::new(),
-            abort: None,
-            faults: 0,
-            digest,
-            range: range.clone(),
-            range_error: None,
-            last_data: Instant::now(),
-            status_now: false,
-            idle_at: None,
-        }),
+        Mutex::new(Rx::new(announce, digest, range.clone())),
         Condvar::new(),
     ));
     let done = Arc::new(AtomicU64::new(0));
@@ -1455,32 +1456,15 @@ mod tests {
     /// A receiver that knows only the announcement: a 10-symbol head, no chunks, no tail.
     fn rx() -> Rx {
         let head = 10 * SYMBOL_SIZE as u64;
-        Rx {
-            announce: Announce {
-                state: MasterState::Running,
-                latejoin: false,
-                chunks: 0,
-                image_len: head,
-                head_len: head,
-                tail_len: 0,
-            },
-            objects: None,
-            manifest: None,
-            head: None,
-            tail: Some(Arc::new(Vec::new())),
-            store: BTreeMap::new(),
-            wanted: BTreeSet::new(),
-            decoding: HashMap::new(),
-            active: Vec::new(),
-            abort: None,
-            faults: 0,
-            digest: [0; 32],
-            range: None,
-            range_error: None,
-            last_data: Instant::now(),
-            status_now: false,
-            idle_at: None,
-        }
+        let announce = Announce {
+            state: MasterState::Running,
+            latejoin: false,
+            chunks: 0,
+            image_len: head,
+            head_len: head,
+            tail_len: 0,
+        };
+        Rx::new(announce, [0; 32], None)
     }
 
     /// A block whose symbols stopped coming is asked for after NACK_AFTER; once the master

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::ops::{actor, Console, OpError};
 use super::page::{button_form, csrf_field, esc, frame, notice, time, url_enc, Nav};
 use super::session::Signed;
-use super::views::{blocking, error_page, guard, images_with};
+use super::views::{blocking, error_page, guard, images_with, CsrfOnly};
 use crate::admin::{DeviceSummary, Role};
 use crate::api::AppState;
 
@@ -166,12 +166,6 @@ pub async fn device_group(
         Ok(()) => Redirect::to(&format!("/devices/{}", url_enc(&mac))).into_response(),
         Err(e) => error_page(&who, e),
     }
-}
-
-#[derive(Deserialize)]
-pub struct CsrfOnly {
-    #[serde(default)]
-    csrf: String,
 }
 
 /// `approve` or `forget` (admins).

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::ops::{self, Console, OpError};
 use super::page::{badge, button_form, csrf_field, esc, frame, notice, size, time, url_enc, Nav};
 use super::session::Signed;
-use super::views::{blocking, error_page, guard};
+use super::views::{blocking, error_page, guard, CsrfOnly};
 use crate::admin::sessions::{SessionRequest, SessionView};
 use crate::api::AppState;
 use crate::store::ImageRow;
@@ -270,12 +270,6 @@ pub async fn start(
         }
         Err(e) => error_page(&who, e),
     }
-}
-
-#[derive(Deserialize)]
-pub struct CsrfOnly {
-    #[serde(default)]
-    csrf: String,
 }
 
 /// `POST /sessions/{name}/stop`.

@@ -447,10 +447,11 @@ pub async fn device(
     Html(frame(Some(&who), Nav::Fleet, &title, &b, false)).into_response()
 }
 
+/// A form that carries nothing but the CSRF field (one-button changes).
 #[derive(Deserialize)]
 pub struct CsrfOnly {
     #[serde(default)]
-    csrf: String,
+    pub(crate) csrf: String,
 }
 
 pub async fn device_operational(

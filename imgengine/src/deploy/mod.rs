@@ -21,8 +21,10 @@
 //! Raw images (.img, .img.zst, .img.gz, .img.xz) are recognised by their first bytes and
 //! written with holes for zero blocks ([`raw`]).
 //!
-//! [`ChunkSink`] and [`verify_chunk`] are public for receivers that get chunks another way
-//! (multicast): verify each chunk against the manifest, hand it to the sink, finish.
+//! A receiver that gets chunks another way, in any order (multicast), deploys with
+//! [`OpenedImage::deploy_fed`]: steps 1, 2 and 4 as above, and in step 3 the chunks the
+//! target lacks come from its [`ChunkFeed`] as they arrive ([`fed`]). [`ChunkSink`] and
+//! [`verify_chunk`] are public for the same use.
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,7 @@ use crate::sign::VerifyingKey;
 use crate::source::{HttpConfig, Location, Source};
 
 mod chunk;
+mod fed;
 mod head;
 mod journal;
 mod plan;
@@ -47,6 +50,7 @@ mod target;
 mod tests;
 
 pub use chunk::{check_in_manifest, verify_chunk, verify_payload, VerifiedChunk};
+pub use fed::ChunkFeed;
 pub use head::OpenedImage;
 pub use sink::ChunkSink;
 
@@ -139,7 +143,32 @@ impl OpenedImage {
             Content::Raw(image) => {
                 raw::deploy_raw(image, &self.source, target, part, opts, progress)
             }
-            Content::Image(head) => deploy_image(self.source, head, target, part, opts, progress),
+            Content::Image(head) => {
+                deploy_image(self.source, head, target, part, opts, progress, None)
+            }
+        }
+    }
+
+    /// Deploy an image in our format whose manifest was read up front, as
+    /// [`OpenedImage::deploy`] does, except that the chunks the target lacks come from
+    /// `feed`, in any order, instead of from the source.
+    pub fn deploy_fed(
+        self,
+        target: &Path,
+        part: Option<&str>,
+        opts: &DeployOptions,
+        progress: &dyn Progress,
+        feed: &mut dyn ChunkFeed,
+    ) -> Result<DeploySummary> {
+        let loc = self.source.location().clone();
+        match self.content {
+            Content::Image(head) if head.manifest_known => {
+                deploy_image(self.source, head, target, part, opts, progress, Some(feed))
+            }
+            _ => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{loc}: only an image in our format with its manifest up front can be deployed from chunks in any order"),
+            )),
         }
     }
 }
@@ -152,6 +181,7 @@ fn deploy_image(
     part: Option<&str>,
     opts: &DeployOptions,
     progress: &dyn Progress,
+    feed: Option<&mut dyn ChunkFeed>,
 ) -> Result<DeploySummary> {
     let Head {
         head,
@@ -191,14 +221,23 @@ fn deploy_image(
     let total = manifest.map(|m| m.entries.iter().map(|e| e.header.raw_len).sum());
     let mut sink = ChunkSink::new(&t, progress).checking_each(extent_check);
     let intact = resume::intact(&t, manifest, check, threads, progress)?;
-    let result = match (manifest, intact) {
-        (Some(m), Some(intact)) => {
+    let result = match (manifest, intact, feed) {
+        (Some(m), intact, Some(feed)) => {
+            drop(reader);
+            progress.begin("deploying", total);
+            sink.summary.resumed = intact.is_some();
+            fed::deploy_fed(feed, m, intact.as_deref(), threads, &mut sink)
+        }
+        (_, _, Some(_)) => Err(Error::invalid(
+            "chunks in any order need the manifest up front",
+        )),
+        (Some(m), Some(intact), None) => {
             drop(reader);
             progress.begin("deploying", total);
             sink.summary.resumed = true;
             resume::fetch_missing(&source, m, &intact, threads, &mut sink)
         }
-        _ => {
+        (_, _, None) => {
             let mut reader = match reader {
                 Some(r) => r,
                 None => head::reopen(&mut source, &head)?,

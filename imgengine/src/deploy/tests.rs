@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::error::ErrorKind;
-use crate::format::{testimg, ChunkKind, ImageReader, ManifestEntry};
+use crate::format::{self, testimg, ChunkKind, ImageReader, ManifestEntry};
 use crate::io::NoProgress;
 use crate::sign::{self, SigningKey};
 use crate::source::{HttpConfig, Location, Source};
@@ -525,4 +525,162 @@ fn the_probe_finds_chunks_that_start_with_zeros_intact_and_a_changed_one_not() {
     let s = deploy(&Location::File(img), &tgt, None, &d.opts(), &NoProgress).unwrap();
     assert_eq!(s.chunks_skipped, data - 1, "{s:?}");
     assert!(fs::read(&tgt).unwrap() == disk);
+}
+
+/// A feed of records in the order given; records the deploy's `wanted`.
+struct TestFeed {
+    recs: Vec<format::ChunkRecord>,
+    wanted: Option<Vec<bool>>,
+    /// Hand every record over, wanted or not.
+    all: bool,
+}
+
+impl ChunkFeed for TestFeed {
+    fn start(&mut self, wanted: &[bool]) -> Result<()> {
+        self.wanted = Some(wanted.to_vec());
+        Ok(())
+    }
+    fn next(&mut self) -> Result<Option<format::ChunkRecord>> {
+        let w = self.wanted.as_ref().expect("start before next");
+        while !self.recs.is_empty() {
+            let r = self.recs.remove(0);
+            if self.all || w[r.header.index as usize] {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn records(img: &Path) -> Vec<format::ChunkRecord> {
+    let bytes = fs::read(img).unwrap();
+    let mut r = ImageReader::open(&bytes[..]).unwrap();
+    let mut v = Vec::new();
+    while let Some(rec) = r.next_chunk().unwrap() {
+        v.push(rec);
+    }
+    v
+}
+
+fn fed(d: &Dir, img: &Path, tgt: &Path, feed: &mut TestFeed) -> Result<DeploySummary> {
+    OpenedImage::open(&Location::File(img.to_path_buf()), &HttpConfig::default())?.deploy_fed(
+        tgt,
+        None,
+        &d.opts(),
+        &NoProgress,
+        feed,
+    )
+}
+
+#[test]
+fn a_fed_deploy_takes_the_chunks_in_any_order_and_only_those_the_target_lacks() {
+    let d = Dir::new("fed");
+    let key = SigningKey::generate();
+    let (img, disk) = setup(&d, Some(&key));
+    let zero = entries(&img)
+        .iter()
+        .filter(|e| e.header.kind == ChunkKind::Zero)
+        .count();
+    assert!(zero > 0, "the test image has zero chunks");
+    let tgt = d.p("t.raw");
+    // Reversed, and interleaved from both ends: neither is image order.
+    let n = records(&img).len();
+    let reversed: Vec<usize> = (0..n).rev().collect();
+    let mixed: Vec<usize> = (0..n)
+        .map(|i| if i % 2 == 0 { i / 2 } else { n - 1 - i / 2 })
+        .collect();
+    let ordered = |idx: &[usize]| {
+        let mut all: Vec<_> = records(&img).into_iter().map(Some).collect();
+        idx.iter()
+            .map(|&i| all[i].take().unwrap())
+            .collect::<Vec<_>>()
+    };
+    for order in [reversed, mixed] {
+        fs::write(&tgt, vec![0xAAu8; LEN]).unwrap();
+        let mut feed = TestFeed {
+            recs: ordered(&order),
+            wanted: None,
+            all: false,
+        };
+        let s = fed(&d, &img, &tgt, &mut feed).unwrap();
+        assert_eq!(fs::read(&tgt).unwrap(), disk);
+        assert_eq!((s.chunks_written, s.chunks_skipped), (16, 0), "{s:?}");
+        let w = feed.wanted.unwrap();
+        assert_eq!(
+            w.iter().filter(|&&x| !x).count(),
+            zero,
+            "zero chunks need no bytes"
+        );
+    }
+    // The target holds the image but for one chunk: only that one is asked for.
+    let mut t = disk.clone();
+    t[5 * CHUNK + 10] ^= 0xFF;
+    fs::write(&tgt, &t).unwrap();
+    let mut feed = TestFeed {
+        recs: records(&img),
+        wanted: None,
+        all: false,
+    };
+    let s = fed(&d, &img, &tgt, &mut feed).unwrap();
+    assert_eq!(fs::read(&tgt).unwrap(), disk);
+    let w = feed.wanted.unwrap();
+    assert_eq!(
+        w.iter()
+            .enumerate()
+            .filter(|x| *x.1)
+            .map(|x| x.0)
+            .collect::<Vec<_>>(),
+        vec![5]
+    );
+    assert!(
+        s.resumed && s.chunks_skipped == 16 - 1 - zero as u64,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn a_fed_deploy_refuses_a_bad_a_repeated_or_a_missing_chunk() {
+    let d = Dir::new("fedbad");
+    let (img, _) = setup(&d, Some(&SigningKey::generate()));
+    let tgt = d.p("t.raw");
+    let run = |recs: Vec<format::ChunkRecord>, all: bool| {
+        fs::write(&tgt, vec![0xAAu8; LEN]).unwrap();
+        fed(
+            &d,
+            &img,
+            &tgt,
+            &mut TestFeed {
+                recs,
+                wanted: None,
+                all,
+            },
+        )
+        .unwrap_err()
+    };
+    // A flipped payload byte: the CRC32, and nothing of it written.
+    let mut recs = records(&img);
+    recs[3].payload[7] ^= 1;
+    let e = run(recs, false);
+    assert!(e.to_string().contains("CRC32"), "{e}");
+    let t = fs::read(&tgt).unwrap();
+    assert!(t[3 * CHUNK..4 * CHUNK].iter().all(|&b| b == 0xAA));
+    // A chunk at another place in the image.
+    let mut recs = records(&img);
+    recs[2].image_offset += 1;
+    let e = run(recs, false);
+    assert!(e.to_string().contains("does not match the manifest"), "{e}");
+    // The same chunk twice.
+    let mut recs = records(&img);
+    recs.insert(1, records(&img).remove(0));
+    let e = run(recs, false);
+    assert!(e.to_string().contains("given twice"), "{e}");
+    // A zero chunk the deploy did not ask for.
+    let e = run(records(&img), true);
+    assert!(e.to_string().contains("not asked for"), "{e}");
+    // The feed ends early.
+    let mut recs = records(&img);
+    recs.truncate(4);
+    let e = run(recs, false);
+    assert_eq!(e.kind(), ErrorKind::Truncated, "{e}");
+    assert!(e.to_string().contains("still missing"), "{e}");
 }

@@ -1,18 +1,19 @@
 //! A client of a session: finds the master, registers, receives the objects it needs into
-//! a bounded window, and deploys the image with the unicast deploy pipeline, unchanged.
+//! a bounded window, and deploys the image with the unicast deploy's steps, unchanged but
+//! for the order of the chunks.
 //!
-//! The deploy reads the image from a loopback-only HTTP source (`127.0.0.1`, a random
-//! path) that this module serves from the objects as they arrive: a range request blocks
-//! until the objects it covers have been received and checked, and an object leaves
-//! memory as soon as the deploy has read its last byte. Everything deploy does for
-//! `img -restore` therefore happens here too, in the same order: trust check of the
-//! signature before the target is opened, extent checks, tables invalidated, CRC32 and
-//! SHA-256 of every chunk before it is written, partition tables last, and the resume
-//! journal, so a restarted client asks only for the chunks its disk does not hold yet.
+//! The deploy reads the image's head from a loopback-only HTTP source (`127.0.0.1`, a
+//! random path) that this module serves from the objects received, and takes the chunks
+//! from a [`ChunkFeed`] as they arrive, in any order (a chunk is written at its own disk
+//! offset). Everything deploy does for `img -restore` therefore happens here too, in the
+//! same order: trust check of the signature before the target is opened, extent checks,
+//! tables invalidated, CRC32 and SHA-256 of every chunk before it is written, partition
+//! tables last, and the resume journal, so a restarted client asks only for the chunks its
+//! disk does not hold yet. An object leaves memory as soon as the deploy has taken it.
 //!
 //! Memory: objects held or being decoded are bounded by [`WINDOW_BYTES`]; the window is
 //! the start of what the deploy still needs, in image order, so whatever is received is
-//! what will be written next. Objects beyond it are ignored and asked for again on the
+//! written soon. Objects beyond it are ignored and asked for again on the
 //! next pass, which is what makes a slow client never slow the master down.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -30,10 +31,10 @@ use super::packet::{
     Status, MAX_NACKS, MAX_NEEDS, MAX_PACKET, TAG_LEN,
 };
 use super::{net, Object};
-use crate::deploy::{self, DeployOptions, DeploySummary};
+use crate::deploy::{ChunkFeed, DeployOptions, DeploySummary, OpenedImage};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::layout::{ChunkHeader, CHUNK_HEADER_LEN, FOOTER_LEN};
-use crate::format::{ImageReader, Manifest};
+use crate::format::{ChunkRecord, ImageReader, Manifest};
 use crate::io::Progress;
 use crate::source::Location;
 
@@ -345,10 +346,15 @@ impl Rx {
                 let quiet = d.last_rx.get(&b).is_none_or(|t| {
                     now.duration_since(*t) >= NACK_AFTER || idle_at.is_some_and(|i| *t <= i)
                 });
-                let repeat = d
-                    .last_nack
-                    .get(&b)
-                    .is_none_or(|t| now.duration_since(*t) >= NACK_REPEAT);
+                let last_rx = d.last_rx.get(&b).copied();
+                let repeat = d.last_nack.get(&b).is_none_or(|t| {
+                    now.duration_since(*t) >= NACK_REPEAT
+                        // Symbols of the repair round came after this NACK, then the master
+                        // said it had sent everything asked for, and the block is still
+                        // short: part of the round was lost. Ask again now, not after
+                        // NACK_REPEAT (at the end of a session that wait was the room's).
+                        || (idle_at.is_some_and(|i| i > *t) && last_rx.is_some_and(|r| r > *t))
+                });
                 if quiet && repeat && out.len() < MAX_NACKS {
                     if dry {
                         out.push(Nack {
@@ -579,13 +585,13 @@ pub fn run(
             total: total.clone(),
             deploying: AtomicBool::new(false),
         };
-        let r = deploy::deploy(
-            &Location::Url(server.url.clone()),
-            &cfg.target,
-            cfg.part.as_deref(),
-            &opts,
-            &tracked,
-        );
+        // The head through the loopback source, the chunks from the feed as they arrive.
+        let mut feed = SessionFeed {
+            shared: shared.clone(),
+        };
+        let r = OpenedImage::open(&Location::Url(server.url.clone()), &opts.http).and_then(|o| {
+            o.deploy_fed(&cfg.target, cfg.part.as_deref(), &opts, &tracked, &mut feed)
+        });
         server.stop();
         super::trace(format_args!(
             "client: deploy returned ({})",
@@ -603,7 +609,11 @@ pub fn run(
                 format!("fetching the missing chunks by HTTP Range: {why} ({e})"),
             )),
             (Err(e), Some(why), None) => {
-                Err(Error::new(ErrorKind::Network, format!("{why} ({e})")))
+                if e.to_string().contains(&why) {
+                    Err(e)
+                } else {
+                    Err(Error::new(ErrorKind::Network, format!("{why} ({e})")))
+                }
             }
             (Ok(mut s), _, _) => {
                 if let Some(f) = &range {
@@ -1310,6 +1320,98 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
     r
 }
 
+/// The deploy's chunks: the objects the session delivers, each handed over as soon as it
+/// is received and checked (CRC32, and its header against the manifest), whatever its place
+/// in the image. The deploy checks each again, then decompresses it and checks its SHA-256
+/// before writing it.
+struct SessionFeed {
+    shared: Shared,
+}
+
+impl ChunkFeed for SessionFeed {
+    fn start(&mut self, wanted: &[bool]) -> Result<()> {
+        let mut rx = self.shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, &w) in wanted.iter().enumerate() {
+            let o = i as u32 + 1;
+            if w {
+                rx.wanted.insert(o);
+            } else {
+                // On the target already (a resumed deploy), or a zero chunk.
+                rx.wanted.remove(&o);
+                rx.decoding.remove(&o);
+                recycle(rx.store.remove(&o));
+            }
+        }
+        rx.status_now = true;
+        super::trace(format_args!(
+            "client: the deploy wants {} of {} chunks",
+            rx.wanted.len(),
+            wanted.len()
+        ));
+        Ok(())
+    }
+
+    fn next(&mut self) -> Result<Option<ChunkRecord>> {
+        let (m, cv) = (&self.shared.0, &self.shared.1);
+        let since = Instant::now();
+        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let tail = rx.tail_index();
+            let held = rx
+                .store
+                .keys()
+                .copied()
+                .find(|o| *o != tail && rx.wanted.contains(o));
+            if let Some(o) = held {
+                let obj = rx.object(o).expect("a held object is in the table");
+                let data = rx.store.remove(&o).expect("held");
+                rx.wanted.remove(&o);
+                drop(rx);
+                super::trace(format_args!(
+                    "client: object {o} handed to the deploy (waited {} ms)",
+                    since.elapsed().as_millis()
+                ));
+                let mut data = Arc::try_unwrap(data).unwrap_or_else(|a| a.to_vec());
+                let hb: [u8; CHUNK_HEADER_LEN] = data
+                    .get(..CHUNK_HEADER_LEN)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| Error::corrupt(format!("session object {o}: too short")))?;
+                let header = ChunkHeader::decode(&hb, "")?;
+                data.drain(..CHUNK_HEADER_LEN);
+                return Ok(Some(ChunkRecord {
+                    header,
+                    image_offset: obj.offset,
+                    payload: data,
+                }));
+            }
+            if rx.wanted.is_empty() {
+                return Ok(None);
+            }
+            // The carousel is over, or nothing of it has reached this device for a while
+            // (cut off, or its master gone silent): the next missing object from the copy.
+            // A device that still receives waits for the next pass, as the others do.
+            if let Some(f) = rx.range.clone() {
+                let silent = since.elapsed() >= f.after() && rx.last_data.elapsed() >= f.after();
+                if rx.abort.is_some() || silent {
+                    let o = *rx.wanted.iter().next().expect("not empty");
+                    drop(rx);
+                    range_fetch(&self.shared, o)
+                        .map_err(|e| Error::new(ErrorKind::Network, e.to_string()))?;
+                    rx = m.lock().unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+            }
+            if let Some(why) = &rx.abort {
+                return Err(Error::new(ErrorKind::Network, why.clone()));
+            }
+            rx = cv
+                .wait_timeout(rx, Duration::from_millis(500))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 fn send_objects(
     w: &mut TcpStream,
     shared: &Shared,
@@ -1491,8 +1593,24 @@ mod tests {
             (n[0].object, n[0].block, n[0].missing, n[0].seen),
             (0, 0, 8, 2)
         );
-        // And not again before the NACK's repeat time.
+        // And not again before the NACK's repeat time,
+        let pause = || std::thread::sleep(Duration::from_millis(2));
+        pause();
         assert!(r.nacks(Instant::now(), false).is_empty());
+        // not even after another Idle, while nothing of the block came since the NACK (the
+        // Idle may have crossed it: the repair is on its way),
+        r.idle_at = Some(Instant::now());
+        pause();
+        assert!(r.nacks(Instant::now(), false).is_empty());
+        // but once part of the repair came and then the master was idle again: the rest
+        // of the round was lost, asked for at once.
+        assert!(!symbol(&mut r, 0, 0, 9, &sym, &[0; 32]));
+        pause();
+        assert!(r.nacks(Instant::now(), false).is_empty(), "before Idle");
+        r.idle_at = Some(Instant::now());
+        let n = r.nacks(Instant::now(), false);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert_eq!((n[0].missing, n[0].seen), (7, 10));
         // Without Idle, the same block is asked for once it has been quiet for NACK_AFTER.
         let mut r = rx();
         assert!(!symbol(&mut r, 0, 0, 3, &sym, &[0; 32]));

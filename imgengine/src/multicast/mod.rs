@@ -151,6 +151,93 @@ pub fn objects(
     Ok(v)
 }
 
+/// Chunk objects a master orders among themselves at a time (image order between spans):
+/// a client's window, what every client can hold at once.
+pub const SPAN_BYTES: u64 = client::WINDOW_BYTES;
+
+/// The order a master sends `objects` in (as from [`objects`]): the head and the tail, the
+/// chunks that start in the image's first 4 KiB (read with the head), then the others
+/// span by span ([`SPAN_BYTES`] of objects in image order), each span with its
+/// work spread over its wire time. `work[i]` is what chunk `i` costs a receiver: the disk
+/// bytes it decompresses, hashes and writes (0 for a zero chunk, which is never sent).
+///
+/// A receiver deploys each chunk as it arrives. A chunk that decodes to far more disk bytes
+/// than it takes on the wire (text: 4 MiB from 60 KB) is a burst of work in a moment of
+/// wire time; sent in image order, a run of such chunks at the end of an image was a pile
+/// of work after the last byte, and with many receivers on few CPUs that pile was the
+/// room's last tenths of a second. So inside a span the dense chunks (more work per wire
+/// byte than the span's average) are placed before the others, in image order, in shares
+/// proportional to the wire time of the chunk that follows each share, and the span ends
+/// with a chunk that is not dense: its wire time covers the work of the share before it.
+pub fn send_order(objects: &[Object], work: &[u64]) -> Vec<u32> {
+    let n = objects.len() as u32;
+    let mut order: Vec<u32> = vec![0];
+    if n > 1 {
+        order.push(n - 1);
+    }
+    let work_of = |o: u32| work.get(o as usize - 1).copied().unwrap_or(0);
+    // The chunks that start in the image's first bytes come with the head: a deploy reads
+    // the head with those bytes ([`crate::format::FIRST_BYTES`]) before anything else.
+    let chunks = 1..n.saturating_sub(1);
+    let first = chunks
+        .clone()
+        .take_while(|&o| objects[o as usize].offset < crate::format::FIRST_BYTES)
+        .count() as u32;
+    order.extend(1..1 + first);
+    let mut span: Vec<u32> = Vec::new();
+    let mut bytes = 0u64;
+    for o in chunks.skip(first as usize) {
+        let len = objects[o as usize].len;
+        if !span.is_empty() && bytes + len > SPAN_BYTES {
+            spread(&span, objects, &work_of, &mut order);
+            span.clear();
+            bytes = 0;
+        }
+        span.push(o);
+        bytes += len;
+    }
+    spread(&span, objects, &work_of, &mut order);
+    order
+}
+
+/// One span of [`send_order`], appended to `order`.
+fn spread(span: &[u32], objects: &[Object], work_of: &dyn Fn(u32) -> u64, order: &mut Vec<u32>) {
+    let len = |o: u32| objects[o as usize].len.max(1);
+    let (total_work, total_len) = span.iter().fold((0u128, 0u128), |(w, l), &o| {
+        (w + u128::from(work_of(o)), l + u128::from(len(o)))
+    });
+    // Dense: work / len above the span's average (compared without division).
+    let dense = |o: u32| u128::from(work_of(o)) * total_len > total_work * u128::from(len(o));
+    let (heavy, light): (Vec<u32>, Vec<u32>) = span
+        .iter()
+        .filter(|&&o| work_of(o) > 0)
+        .partition(|&&o| dense(o));
+    let heavy_work: u128 = heavy.iter().map(|&o| u128::from(work_of(o))).sum();
+    let light_len: u128 = light.iter().map(|&o| u128::from(len(o))).sum();
+    let mut heavy = heavy.into_iter().peekable();
+    let (mut placed, mut wire) = (0u128, 0u128);
+    for (i, &o) in light.iter().enumerate() {
+        wire += u128::from(len(o));
+        // The dense work due by the end of this chunk's wire time; the last share takes
+        // whatever is left.
+        let due = heavy_work * wire / light_len.max(1);
+        while let Some(&h) = heavy.peek() {
+            let w = u128::from(work_of(h));
+            if i + 1 < light.len() && placed + w / 2 > due {
+                break;
+            }
+            order.push(h);
+            placed += w;
+            heavy.next();
+        }
+        order.push(o);
+    }
+    // No chunk that is not dense (all alike, or all dense): image order.
+    order.extend(heavy);
+    // Zero chunks: never asked for (a deploy writes them without bytes).
+    order.extend(span.iter().filter(|&&o| work_of(o) == 0));
+}
+
 /// Fuzz entry point for everything a receiver parses: packets and FEC symbols.
 pub fn fuzz_receive(data: &[u8]) {
     packet::fuzz_parse(data);
@@ -160,6 +247,92 @@ pub fn fuzz_receive(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn objs(lens: &[u64]) -> Vec<Object> {
+        let mut at = 0;
+        lens.iter()
+            .map(|&len| {
+                let o = Object { offset: at, len };
+                at += len;
+                o
+            })
+            .collect()
+    }
+
+    #[test]
+    fn send_order_spreads_the_dense_chunks_of_a_span_over_the_others() {
+        const M: u64 = 1 << 20;
+        const K: u64 = 60_000;
+        // Head, four incompressible chunks, eight of text (60 KB -> 4 MiB each), tail:
+        // the text's work goes two chunks before each incompressible one, and the span
+        // ends with one of those (its wire time covers the work of the two before it).
+        let o = objs(&[
+            4096,
+            4 * M,
+            4 * M,
+            4 * M,
+            4 * M,
+            K,
+            K,
+            K,
+            K,
+            K,
+            K,
+            K,
+            K,
+            500,
+        ]);
+        let work = [4 * M; 12];
+        assert_eq!(
+            send_order(&o, &work),
+            vec![0, 13, 5, 6, 1, 7, 8, 2, 9, 10, 3, 11, 12, 4]
+        );
+        // Shares follow the wire time of the chunk after them; a zero chunk (no work) goes
+        // last; text at the end of the image still comes before the last chunk.
+        let o = objs(&[4096, 4 * M, 60_000, 4 * M, 60_000, 2 * M, 30_000, 500]);
+        let work = [4 * M, 4 * M, 4 * M, 0, 2 * M, 4 * M];
+        assert_eq!(send_order(&o, &work), vec![0, 7, 2, 1, 6, 3, 5, 4]);
+        // All alike, or all dense: image order.
+        let o = objs(&[4096, 4 * M, 4 * M, 4 * M, 10]);
+        assert_eq!(send_order(&o, &[4 * M; 3]), vec![0, 4, 1, 2, 3]);
+        let o = objs(&[4096, K, K, 10]);
+        assert_eq!(send_order(&o, &[4 * M; 2]), vec![0, 3, 1, 2]);
+    }
+
+    #[test]
+    fn send_order_keeps_image_order_between_spans() {
+        const M: u64 = 1 << 20;
+        // Head, eight 4 MiB chunks (a span is six: 24 MiB), tail.
+        let o = objs(&[
+            4096,
+            4 * M,
+            4 * M,
+            4 * M,
+            4 * M,
+            4 * M,
+            4 * M,
+            4 * M,
+            4 * M,
+            100,
+        ]);
+        let work = [4 * M, 4 * M, 8 * M, 4 * M, 4 * M, 8 * M, 4 * M, 8 * M];
+        assert_eq!(SPAN_BYTES, 24 * M);
+        assert_eq!(send_order(&o, &work), vec![0, 9, 3, 1, 2, 6, 4, 5, 8, 7]);
+        // Every object exactly once, whatever the mix.
+        let mut v = send_order(&o, &[0, 8 * M, 1, 4 * M, 0, 9 * M, 2 * M, 3]);
+        v.sort_unstable();
+        assert_eq!(v, (0..10).collect::<Vec<u32>>());
+        // The chunks that start in the first 4 KiB (a zero chunk's record, a small chunk)
+        // come right after the head and tail, in image order, dense or not.
+        let o = objs(&[100, 76, 3000, 4 * M, 60_000, 500]);
+        assert_eq!(
+            send_order(&o, &[0, 3000, 4 * M, 4 * M]),
+            vec![0, 5, 1, 2, 3, 4]
+        );
+        // An image with no chunks, and one with no tail object beyond the head.
+        assert_eq!(send_order(&objs(&[10, 0]), &[]), vec![0, 1]);
+        assert_eq!(send_order(&objs(&[10]), &[]), vec![0]);
+    }
 
     #[test]
     fn group_addresses_are_stable_documented_and_skip_flooded_ranges() {

@@ -51,14 +51,6 @@ const NACK_AFTER: Duration = Duration::from_millis(60);
 /// repair normally arrives well within this; the master ignores a repeat that comes before
 /// its hold-off (100 ms) is over.
 const NACK_REPEAT: Duration = Duration::from_millis(150);
-/// How often the receiver looks for NACKs that are due: they go out at once in a status
-/// of their own (not at the next 200 ms report), so the NACKs of every client for a block
-/// reach the master together and one repair answers them all.
-/// Objects the deploy skipped (read out of image order, e.g. partition tables written
-/// last) that stay held once received, at most this many bytes.
-const KEEP_SKIPPED: u64 = 1 << 20;
-/// Objects up to this size count as small for [`KEEP_SKIPPED`].
-const KEEP_SMALL: u64 = 64 << 10;
 /// Datagrams taken per system call (and per lock of the receiver's state).
 const RECV_BATCH: usize = 32;
 /// When the last batch was small, the receiver waits this long before the next one, so the
@@ -142,8 +134,6 @@ struct Rx {
     store: BTreeMap<u32, Arc<Vec<u8>>>,
     wanted: BTreeSet<u32>,
     decoding: HashMap<u32, ObjDec>,
-    /// Object spans of the open requests of the deploy.
-    active: Vec<(u32, u32)>,
     abort: Option<String>,
     faults: u64,
     /// The manifest digest every packet names (checks what the fallback fetches).
@@ -174,7 +164,6 @@ impl Rx {
             store: BTreeMap::new(),
             wanted: BTreeSet::new(),
             decoding: HashMap::new(),
-            active: Vec::new(),
             abort: None,
             faults: 0,
             digest,
@@ -1250,74 +1239,21 @@ fn serve(c: TcpStream, shared: &Shared, path: &str) -> std::io::Result<()> {
     if method == "HEAD" || from == to {
         return w.flush();
     }
-    // Which objects this request covers: from now on they are wanted.
-    let m = &shared.0;
+    // The objects this request covers (the deploy reads the head, and with it the chunks
+    // that start in the image's first bytes; the chunks themselves come through the feed).
     let objs: Vec<(u32, Object)> = {
-        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(table) = rx.objects.clone() else {
+        let rx = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(table) = rx.objects.as_ref() else {
             return Ok(());
         };
-        let v: Vec<(u32, Object)> = table
+        table
             .iter()
             .enumerate()
             .filter(|(_, o)| o.offset < to && o.offset + o.len > from)
             .map(|(i, o)| (i as u32, *o))
-            .collect();
-        let tail = rx.tail_index();
-        for &(i, _) in &v {
-            if i != 0 && i != tail && !rx.store.contains_key(&i) {
-                rx.wanted.insert(i);
-            }
-        }
-        // The deploy reads in image order: chunks before this request that no other open
-        // request covers were skipped (intact on the target): forget them.
-        // (Reads of the head and tail, e.g. a streaming manifest, do not count.)
-        let chunks: Vec<u32> = v
-            .iter()
-            .map(|x| x.0)
-            .filter(|&i| i != 0 && i != tail)
-            .collect();
-        if let (Some(&first), Some(&last)) = (chunks.first(), chunks.last()) {
-            rx.active.push((first, last));
-            let floor = rx.active.iter().map(|a| a.0).min().unwrap_or(first);
-            let skipped: Vec<u32> = rx.wanted.range(1..floor.max(1)).copied().collect();
-            // Except small objects already received: the partition-table chunks, which the
-            // deploy reads last (dropping them would cost a whole pass at the end). At most
-            // KEEP_SKIPPED bytes stay held this way.
-            let mut kept: u64 = rx
-                .store
-                .iter()
-                .filter(|(o, _)| !rx.wanted.contains(o))
-                .map(|(_, d)| d.len() as u64)
-                .sum();
-            for o in skipped {
-                rx.wanted.remove(&o);
-                rx.decoding.remove(&o);
-                let len = rx.store.get(&o).map_or(0, |d| d.len() as u64);
-                if len > 0 && len <= KEEP_SMALL && kept + len <= KEEP_SKIPPED {
-                    kept += len;
-                } else {
-                    recycle(rx.store.remove(&o));
-                }
-            }
-        }
-        v
+            .collect()
     };
-    let tail = m.lock().unwrap_or_else(|e| e.into_inner()).tail_index();
-    let chunks: Vec<u32> = objs
-        .iter()
-        .map(|x| x.0)
-        .filter(|&i| i != 0 && i != tail)
-        .collect();
-    let span = (chunks.first().copied(), chunks.last().copied());
-    let r = send_objects(&mut w, shared, objs, from, to);
-    if let (Some(a), Some(z)) = span {
-        let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = rx.active.iter().position(|x| *x == (a, z)) {
-            rx.active.swap_remove(i);
-        }
-    }
-    r
+    send_objects(&mut w, shared, objs, from, to)
 }
 
 /// The deploy's chunks: the objects the session delivers, each handed over as soon as it
@@ -1412,6 +1348,9 @@ impl ChunkFeed for SessionFeed {
     }
 }
 
+/// Write the bytes `from..to` of `objs` to the deploy, each object once it has arrived (or,
+/// when the session is over or silent, fetched from the copy). They stay held: a chunk read
+/// with the head goes to the deploy again through the feed.
 fn send_objects(
     w: &mut TcpStream,
     shared: &Shared,
@@ -1420,11 +1359,6 @@ fn send_objects(
     to: u64,
 ) -> std::io::Result<()> {
     let (m, cv) = (&shared.0, &shared.1);
-    let head_len = m
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .announce
-        .head_len;
     for (i, o) in objs {
         let since = Instant::now();
         let data = {
@@ -1458,7 +1392,6 @@ fn send_objects(
                 if let Some(d) = d {
                     break d;
                 }
-                rx.wanted.insert(i);
                 rx = cv
                     .wait_timeout(rx, Duration::from_millis(500))
                     .unwrap_or_else(|e| e.into_inner())
@@ -1467,39 +1400,7 @@ fn send_objects(
         };
         let s = from.max(o.offset) - o.offset;
         let e = to.min(o.offset + o.len) - o.offset;
-        let waited = since.elapsed();
         w.write_all(&data[s as usize..e as usize])?;
-        super::trace(format_args!(
-            "client: object {i} handed to the deploy (waited {} ms for it)",
-            waited.as_millis()
-        ));
-        if e == o.len && (from >= head_len || to > crate::format::FIRST_BYTES) {
-            // Read to its end by a read of the chunks: the deploy has it; free the memory.
-            // (The deploy's first read of the head takes a fixed number of bytes from 0,
-            // which may cover the first small chunks whole: those are read again with the
-            // chunks, and freeing them here would cost this client a whole pass. A longer
-            // read from the start is the deploy streaming the image: freeing nothing there
-            // filled the window with chunks already written once the image was larger than
-            // the window, and the session stalled.)
-            let mut rx = m.lock().unwrap_or_else(|e| e.into_inner());
-            if i != 0 && i != rx.tail_index() {
-                rx.wanted.remove(&i);
-                // A small object (a partition-table chunk: the deploy reads it again when
-                // it writes the tables, last) stays, within KEEP_SKIPPED bytes in all.
-                let kept: u64 = rx
-                    .store
-                    .iter()
-                    .filter(|(o, _)| !rx.wanted.contains(o) && **o != i)
-                    .map(|(_, d)| d.len() as u64)
-                    .sum();
-                if o.len > KEEP_SMALL || kept + o.len > KEEP_SKIPPED {
-                    let gone = rx.store.remove(&i);
-                    drop(rx);
-                    drop(data);
-                    recycle(gone);
-                }
-            }
-        }
     }
     w.flush()
 }
@@ -1567,6 +1468,75 @@ mod tests {
             tail_len: 0,
         };
         Rx::new(announce, [0; 32], None)
+    }
+
+    /// A routine status goes once, every STATUS_EVERY; an urgent one (here: the image's
+    /// objects just became known) goes twice, REPEAT_URGENT apart, byte for byte: the
+    /// receive loop on real sockets, a master's control socket on loopback.
+    #[test]
+    fn an_urgent_status_goes_twice_and_a_routine_one_once() {
+        let lo = Ipv4Addr::LOCALHOST;
+        let group = Ipv4Addr::new(231, 77, 12, 34);
+        let port = 20_000 + (std::process::id() % 20_000) as u16 * 2;
+        let control = super::super::control_port(port);
+        let master = net::group_socket(group, control, lo).unwrap();
+        master
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let shared: Shared = Arc::new((Mutex::new(rx()), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = RxCtx {
+            shared: shared.clone(),
+            group: net::group_socket(group, port, lo).unwrap(),
+            ctrl: net::send_socket(lo, 1).unwrap(),
+            session: [1; 32],
+            digest: [0; 32],
+            control: SocketAddr::V4(SocketAddrV4::new(group, control)),
+            client: 7,
+            done: Arc::new(AtomicU64::new(0)),
+            total: Arc::new(AtomicU64::new(0)),
+            finished: Arc::new(Mutex::new(None)),
+            acked: Arc::new(AtomicBool::new(false)),
+            stop: stop.clone(),
+        };
+        let t = std::thread::spawn(move || ctx.run());
+        let next = || {
+            let mut b = vec![0u8; MAX_PACKET + 1];
+            let (n, _) = master.recv_from(&mut b).expect("a status");
+            b.truncate(n);
+            let p = Packet::parse(&b).expect("a packet of ours");
+            assert!(
+                matches!(p.body, Body::Status(ref s) if s.client == 7),
+                "{p:?}"
+            );
+            (Instant::now(), b)
+        };
+        // Routine: the first at once, the next STATUS_EVERY later, not a copy 25 ms later.
+        let (t0, _) = next();
+        let (t1, _) = next();
+        assert!(
+            t1 - t0 >= STATUS_EVERY - Duration::from_millis(10),
+            "{:?}",
+            t1 - t0
+        );
+        // Urgent: the status and its copy, then nothing until the next routine one.
+        shared.0.lock().unwrap().status_now = true;
+        let (u0, a) = next();
+        let (u1, b) = next();
+        assert_eq!(a, b, "the copy is the same packet");
+        let gap = u1 - u0;
+        assert!(
+            gap >= REPEAT_URGENT - Duration::from_millis(5) && gap < STATUS_EVERY / 2,
+            "{gap:?}"
+        );
+        let (u2, _) = next();
+        assert!(
+            u2 - u0 >= STATUS_EVERY - Duration::from_millis(10),
+            "{:?}",
+            u2 - u0
+        );
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
     }
 
     /// A block whose symbols stopped coming is asked for after NACK_AFTER; once the master

@@ -218,7 +218,7 @@ fn service_checks_in_survives_the_server_hands_a_deploy_to_the_engine_and_delive
     let log = svc.log();
     assert!(log.contains("enrolled as device"), "{log}");
     assert_eq!(log.matches("enrolled as device").count(), 1, "{log}");
-    assert!(!log.contains("409"), "{log}");
+    assert!(!log.contains("HTTP 409"), "{log}");
     assert!(
         log.contains("priority lowered") && log.contains("I/O class idle, nice 19"),
         "{log}"
@@ -265,7 +265,7 @@ fn service_checks_in_survives_the_server_hands_a_deploy_to_the_engine_and_delive
     svc.wait_for("a check-in after the restart", 180, |l| {
         checkins(l) >= before + 2
     });
-    assert!(!svc.log().contains("409"), "{}", svc.log());
+    assert!(!svc.log().contains("HTTP 409"), "{}", svc.log());
 
     // 3. SIGTERM: exit 0 at once, store committed.
     let (st, took) = svc.terminate();

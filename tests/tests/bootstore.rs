@@ -268,7 +268,7 @@ fn checkin_twice_on_a_disk_image_uses_the_stored_credential() {
         "second check-in (stored credential):\n{}",
         text(&second)
     );
-    assert!(!text(&second).contains("409"), "{}", text(&second));
+    assert!(!text(&second).contains("HTTP 409"), "{}", text(&second));
 
     // The control: the same device without its state is refused, as every second boot was
     // before the store existed.
@@ -283,7 +283,10 @@ fn checkin_twice_on_a_disk_image_uses_the_stored_credential() {
         text(&third)
     );
     let t = text(&third).to_lowercase();
-    assert!(t.contains("409") || t.contains("already enrolled"), "{t}");
+    assert!(
+        t.contains("http 409") || t.contains("already enrolled"),
+        "{t}"
+    );
     // The inventory names the boot-agent partition; the server shows it.
     let device = admin(&data, &["device", "52:54:00:00:08:01"]);
     assert!(device.contains("(boot agent)"), "{device}");

@@ -59,6 +59,9 @@ const RECV_BATCH: usize = 32;
 /// holds far more than this long's worth of datagrams at any rate the master sends.
 const COALESCE: Duration = Duration::from_millis(1);
 const COALESCE_MIN_QUEUE: usize = 2 << 20;
+/// How often the receiver looks for NACKs that are due: they go out at once in a status
+/// of their own (not at the next 200 ms report), so the NACKs of every client for a block
+/// reach the master together and one repair answers them all.
 const NACK_CHECK: Duration = Duration::from_millis(20);
 /// An urgent status (a NACK, the objects just learnt, the result) is sent again this much
 /// later, in case the first was lost.

@@ -25,7 +25,7 @@ use super::packet::{
 };
 use super::{net, trace, Object};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::ChunkKind;
+use crate::format::{ChunkKind, ManifestEntry};
 
 /// How a master runs.
 #[derive(Debug, Clone)]
@@ -212,6 +212,18 @@ const SEND_STALL: Duration = Duration::from_secs(10);
 /// Sends of one data packet that ICMP errors may spoil before it counts as lost.
 const MAX_ICMP_RETRIES: u32 = 16;
 
+/// What each chunk costs a receiver, for [`super::send_order`]: the disk bytes it
+/// decompresses, hashes and writes (none for a zero chunk, which carries no bytes).
+fn chunk_work(entries: &[ManifestEntry]) -> Vec<u64> {
+    entries
+        .iter()
+        .map(|e| match e.header.kind {
+            ChunkKind::Zero => 0,
+            _ => e.header.raw_len,
+        })
+        .collect()
+}
+
 pub struct Master {
     cfg: MasterConfig,
     /// Everything the master sends (to the group's data port) goes from this socket.
@@ -290,13 +302,7 @@ impl Master {
             head.image_len - end,
             entries.iter().map(|e| (e.image_offset, e.record_len())),
         )?;
-        let work: Vec<u64> = entries
-            .iter()
-            .map(|e| match e.header.kind {
-                ChunkKind::Zero => 0,
-                _ => e.header.raw_len,
-            })
-            .collect();
+        let work = chunk_work(entries);
         let mut rank = vec![0u32; objects.len()];
         for (k, &o) in super::send_order(&objects, &work).iter().enumerate() {
             rank[o as usize] = k as u32;
@@ -762,7 +768,8 @@ impl Master {
         best.map(|b| b.1).ok_or(held)
     }
 
-    /// The first needed object at or after `from` (for the tests: ignores hold-back).
+    /// The first needed object from place `from` of the send order on (for the tests:
+    /// ignores hold-back).
     #[cfg(test)]
     fn next_needed(&self, from: u32) -> Option<u32> {
         self.next_object(from).ok()
@@ -1318,13 +1325,7 @@ mod tests {
             cursor = m.rank[o as usize] + 1;
         }
         let entries = &m.source.head().manifest.entries;
-        let work: Vec<u64> = entries
-            .iter()
-            .map(|e| match e.header.kind {
-                ChunkKind::Zero => 0,
-                _ => e.header.raw_len,
-            })
-            .collect();
+        let work = chunk_work(entries);
         let want: Vec<u32> = super::super::send_order(&m.objects, &work)
             .into_iter()
             .filter(|&o| o != 0 && o != tail)
